@@ -1,0 +1,75 @@
+"""What the decoder reports, round by round, and the aggregates computed from it.
+
+The TUI, `ask --json` and `bench` all read these objects; numbers are computed here once.
+Origins of kept tokens: "low" (proposed by the bottom drafter and accepted by both verifiers),
+"mid" (drafted by the retrieval-cache target, accepted by the full target), "target" (produced by
+the full target: a correction, a bonus token, or a plain level-0 step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+ORIGINS = ("low", "mid", "target")
+
+
+@dataclass
+class LowRound:
+    """One inner round at level 2: the bottom drafter proposed, the middle level verified."""
+
+    proposed: list[int]
+    accepted: int
+    next_token: int  # the middle level's correction or bonus after the accepted prefix
+
+
+@dataclass
+class RoundEvent:
+    """One outer round: the middle level drafted, the full target verified (level 0: one step)."""
+
+    index: int
+    tokens: list[int]  # tokens kept this round, in order (accepted drafts then correction/bonus)
+    origins: list[str]  # per kept token, one of ORIGINS
+    text: str  # the decoded text these tokens add to the answer
+    mid_proposed: list[int] = field(default_factory=list)  # the window the full target verified
+    mid_accepted: int = 0
+    low_rounds: list[LowRound] = field(default_factory=list)
+    final_kind: str = "step"  # "step" (level 0) | "correction" | "bonus"
+    timings: dict[str, float] = field(default_factory=dict)  # seconds spent in "low", "mid", "target"
+    wall_s: float = 0.0
+    gamma_mid: int = 0  # the window length chosen for this round (adaptive)
+    gamma_low: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CacheFigures:
+    full_kv_tokens: int = 0
+    full_kv_bytes: int = 0
+    full_kv_allocated_bytes: int = 0
+    context_limit: int = 0
+    retrieval_budget_tokens: int = 0
+    retrieval_budget_fraction: float = 0.0  # of the current context
+    retrieval_chunk_size: int = 0
+    retrieval_chunks_selected: int = 0
+    retrieval_recent_tokens: int = 0
+    retrieval_rebuilds: int = 0
+    drafter: str = "none"
+    drafter_sink_tokens: int = 0
+    drafter_recent_tokens: int = 0
+    ngram_index_entries: int = 0
+    process_rss_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def process_rss_bytes() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except Exception:  # psutil missing or restricted: report nothing rather than fail
+        return 0

@@ -1,0 +1,353 @@
+"""A conversation about documents: token bookkeeping, prefill with progress, one decoder per answer.
+
+The conversation is rendered with the model's own chat template and tokenized; the KV cache is then
+synchronised with those ids by keeping the longest common prefix and prefilling the rest. The same
+mechanism serves the first document load (prefilled before any question is asked), every new turn
+(only the new tokens are prefilled), a stopped answer (the cache ends up exactly as in a fresh
+session given the same transcript) and a document added mid-conversation.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from triforce_chat.decoding.cache import KVCache
+from triforce_chat.decoding.events import CacheFigures, RoundEvent, process_rss_bytes
+from triforce_chat.decoding.loading import LoadedModel
+from triforce_chat.decoding.retrieval import RetrievalView, parse_budget
+from triforce_chat.decoding.sampling import Sampler
+from triforce_chat.decoding.speculative import CostModel, SpecConfig, SpeculativeDecoder
+from triforce_chat.decoding.stats import Stats
+
+_SENTINEL = "\u2063QUESTION\u2063"
+Progress = Callable[[int, int], None]
+
+
+class DocumentError(ValueError):
+    """A document cannot be used (empty, too long, ...); the message is one line for the user."""
+
+
+class ContextOverflow(ValueError):
+    def __init__(self, total: int, limit: int):
+        self.total, self.limit, self.over = total, limit, total - limit
+        super().__init__(
+            f"documents plus question need {total} tokens, {total - limit} over the model's context of {limit}"
+            " (use --truncate to keep the head and tail of the documents, or --context to extend it)"
+        )
+
+
+class PrefillCancelled(RuntimeError):
+    pass
+
+
+@dataclass
+class DecodeConfig:
+    level: int = 2
+    draft: str = "ngram"
+    budget: str = "4096"
+    chunk_size: int = 8
+    gamma_mid: int = 6
+    gamma_low: int = 4
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 512
+    adaptive: bool = True
+    truncate: bool = False
+    prefill_chunk: int = 512
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message for the first invalid value."""
+        if self.level not in (0, 1, 2):
+            raise ValueError(f"level must be 0, 1 or 2, not {self.level}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max-new-tokens must be a positive number, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], not {self.top_p}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk-size must be >= 1, not {self.chunk_size}")
+        if not 1 <= self.gamma_mid <= 64:
+            raise ValueError(f"gamma-mid must be between 1 and 64, not {self.gamma_mid}")
+        if not 1 <= self.gamma_low <= 64:
+            raise ValueError(f"gamma-low must be between 1 and 64, not {self.gamma_low}")
+        tokens, _ = parse_budget(self.budget)
+        if tokens and tokens < 2 * self.chunk_size:
+            raise ValueError(f"budget must be at least two chunks ({2 * self.chunk_size} tokens), not {tokens}")
+        if not self.draft:
+            raise ValueError("draft must be 'ngram' or a model")
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+    n_tokens: int
+
+
+@dataclass
+class Turn:
+    question: str
+    documents: list[Document] = field(default_factory=list)
+    answer: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+
+class Session:
+    def __init__(self, lm: LoadedModel, config: DecodeConfig | None = None, drafter=None):
+        self.lm = lm
+        self.model = lm.model
+        self.tokenizer = lm.tokenizer
+        self.config = config or DecodeConfig()
+        self.config.validate()
+        self.cache = KVCache.for_model(self.model)
+        self.view = RetrievalView(self.cache, self.config.budget, self.config.chunk_size)
+        self._drafter = drafter
+        self._drafter_spec = self.config.draft if drafter is None else getattr(drafter, "name", "custom")
+        self._drafter_ctx: list[int] = []
+        self._costs: dict[int, CostModel] = {}
+        self.eos_ids = lm.eos_ids
+        self.pending_documents: list[Document] = []
+        self.turns: list[Turn] = []
+        self.context: list[int] = []  # the cache holds context[:-1]
+        self.stats = Stats()
+        self.last_prompt_ids: list[int] = []
+        self._stop = threading.Event()
+
+    # -- settings that can change between answers ---------------------------------------------------
+    def set_level(self, level: int) -> None:
+        if level not in (0, 1, 2):
+            raise ValueError(f"level must be 0, 1 or 2, not {level}")
+        self.config.level = level
+
+    def set_gammas(self, gamma_mid: int | None = None, gamma_low: int | None = None) -> None:
+        cfg = DecodeConfig(**{**self.config.__dict__})
+        cfg.gamma_mid = gamma_mid if gamma_mid is not None else cfg.gamma_mid
+        cfg.gamma_low = gamma_low if gamma_low is not None else cfg.gamma_low
+        cfg.validate()
+        self.config.gamma_mid, self.config.gamma_low = cfg.gamma_mid, cfg.gamma_low
+
+    def set_budget(self, budget: str) -> None:
+        tokens, frac = parse_budget(budget)
+        if tokens and tokens < 2 * self.config.chunk_size:
+            raise ValueError(f"budget must be at least two chunks ({2 * self.config.chunk_size} tokens)")
+        self.config.budget = str(budget)
+        self.view.budget_tokens, self.view.budget_fraction = tokens, frac
+        self.view.stale = True
+
+    @property
+    def drafter(self):
+        if self._drafter is None:
+            from triforce_chat.decoding.drafters import make_drafter
+
+            self._drafter = make_drafter(self.config.draft, self.lm)
+        return self._drafter
+
+    def chain_label(self, level: int | None = None) -> str:
+        level = self.config.level if level is None else level
+        budget = self.view.budget_tokens or f"{self.view.budget_fraction:.0%}"
+        parts = {0: ["target"], 1: [f"retrieval({budget})", "target"],
+                 2: [self._drafter_spec, f"retrieval({budget})", "target"]}[level]
+        return " -> ".join(parts)
+
+    @property
+    def max_context(self) -> int:
+        return self.cache.max_len
+
+    @property
+    def context_tokens(self) -> int:
+        return len(self.context)
+
+    # -- documents and prompts -------------------------------------------------------------------------
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def add_document(self, name: str, text: str) -> Document:
+        if not text.strip():
+            raise DocumentError(f"{name}: the document is empty")
+        doc = Document(name, text, self.count_tokens(text))
+        if doc.n_tokens >= self.max_context and not self.config.truncate:
+            raise DocumentError(
+                f"{name}: {doc.n_tokens} tokens, {doc.n_tokens - self.max_context + 1} over the model's context of "
+                f"{self.max_context} (use --truncate to keep head and tail)"
+            )
+        self.pending_documents.append(doc)
+        return doc
+
+    @property
+    def documents(self) -> list[Document]:
+        return [d for t in self.turns for d in t.documents] + self.pending_documents
+
+    @staticmethod
+    def _user_content(documents: list[Document], question: str) -> str:
+        if not documents:
+            return question
+        blocks = [f'Document "{d.name}":\n\n{d.text.strip()}\n\n' for d in documents]
+        return "".join(blocks) + f"Question: {question}"
+
+    def _messages(self, question: str | None) -> list[dict[str, str]]:
+        msgs: list[dict[str, str]] = []
+        for t in self.turns:
+            msgs.append({"role": "user", "content": self._user_content(t.documents, t.question)})
+            msgs.append({"role": "assistant", "content": t.answer})
+        if question is not None:
+            msgs.append({"role": "user", "content": self._user_content(self.pending_documents, question)})
+        return msgs
+
+    def _render(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _tokenize(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self._tokenize(self._render(self._messages(question), True))
+
+    def _documents_only_ids(self) -> list[int]:
+        """Tokens of the conversation up to where the next question will go (documents included)."""
+        text = self._render(self._messages(_SENTINEL), False)
+        return self._tokenize(text[: text.index(_SENTINEL)])
+
+    # -- the cache ---------------------------------------------------------------------------------------
+    def _sync(self, ids: list[int], progress: Progress | None, should_cancel: Callable[[], bool] | None) -> int:
+        """Make the cache hold ids[:-1]; returns how many tokens were prefilled."""
+        if len(ids) + 1 > self.max_context:
+            raise ContextOverflow(len(ids) + 1, self.max_context)
+        n, limit = 0, min(len(self.context), len(ids), self.cache.length)
+        while n < limit and self.context[n] == ids[n]:
+            n += 1
+        self.cache.truncate(min(n, len(ids) - 1))
+        self.context = list(ids)
+        todo = ids[self.cache.length : len(ids) - 1]
+        total = len(todo)
+        step = self.config.prefill_chunk
+        for done in range(0, total, step):
+            if should_cancel and should_cancel():
+                # what is prefilled stays valid: the next sync continues from there
+                self.context = ids[: self.cache.length + 1]
+                raise PrefillCancelled("prefill cancelled")
+            chunk = torch.tensor(todo[done : done + step], device=self.model.device)
+            self.model(chunk, self.cache, logits="none")
+            if progress:
+                progress(min(done + step, total), total)
+        if progress and total == 0:
+            progress(0, 0)
+        return total
+
+    def prefill(
+        self, progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None
+    ) -> tuple[int, float]:
+        """Bring the cache up to date with the documents loaded so far (before any question)."""
+        t0 = time.perf_counter()
+        ids = self._documents_only_ids()
+        if len(ids) + 1 > self.max_context:
+            raise ContextOverflow(len(ids) + 1, self.max_context)
+        n = self._sync(ids, progress, should_cancel)
+        return n, time.perf_counter() - t0
+
+    def _fit_documents(self, question: str) -> None:
+        """--truncate: cut the middle out of the longest pending documents until the prompt and the
+        answer fit, keeping head and tail."""
+        reserve = min(self.config.max_new_tokens, self.max_context // 4)
+        for _ in range(8):
+            over = len(self.prompt_ids(question)) + reserve + 1 - self.max_context
+            if over <= 0 or not self.pending_documents:
+                return
+            doc = max(self.pending_documents, key=lambda d: d.n_tokens)
+            ids = self._tokenize(doc.text)
+            keep = max(0, len(ids) - over - 32)
+            head, tail = ids[: keep // 2], ids[len(ids) - (keep - keep // 2) :] if keep else []
+            omitted = len(ids) - len(head) - len(tail)
+            text = (self.tokenizer.decode(head) + f"\n\n[... {omitted} tokens omitted ...]\n\n"
+                    + self.tokenizer.decode(tail))
+            doc.text, doc.n_tokens = text, self.count_tokens(text)
+
+    # -- answering -----------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+
+    def new_chat(self) -> None:
+        """Forget the turns; documents of earlier turns are kept for the next question."""
+        docs = self.documents
+        self.turns = []
+        self.pending_documents = docs
+
+    def generate(
+        self, question: str, progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None
+    ) -> Iterator[RoundEvent]:
+        """Answer `question`, yielding one RoundEvent per decoding round. `self.stats` is live."""
+        cfg = self.config
+        cfg.validate()
+        self._stop.clear()
+        if not question.strip():
+            raise ValueError("the question is empty")
+        if cfg.truncate:
+            self._fit_documents(question)
+        t0 = time.perf_counter()
+        ids = self.prompt_ids(question)
+        prefilled = self._sync(ids, progress, should_cancel)
+        prefill_s = time.perf_counter() - t0
+        self.last_prompt_ids = list(ids)
+        level = cfg.level
+        self.stats = Stats(level=level, chain=self.chain_label(level), gamma_mid=cfg.gamma_mid if level else 0,
+                           gamma_low=cfg.gamma_low if level == 2 else 0, prefill_tokens=prefilled,
+                           prefill_s=prefill_s)
+        turn = Turn(question=question, documents=self.pending_documents)
+        self.pending_documents = []
+        self.turns.append(turn)
+        self.view.stale = True  # a new question brings a new query: re-select chunks
+        decoder = SpeculativeDecoder(
+            self.model, self.cache, Sampler(cfg.temperature, cfg.top_p, cfg.seed), self.eos_ids,
+            SpecConfig(level=level, gamma_mid=cfg.gamma_mid, gamma_low=cfg.gamma_low, adaptive=cfg.adaptive),
+            view=self.view, drafter=self.drafter if level == 2 else None,
+        )
+        decoder.costs = self._costs.setdefault(level, CostModel())
+        if level == 2:
+            decoder._drafter_ctx = self._drafter_ctx
+        answer_ids: list[int] = []
+        shown = ""
+        try:
+            for ev in decoder.generate(self.context, cfg.max_new_tokens, self._stop.is_set):
+                answer_ids.extend(ev.tokens)
+                text = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # hold back a half-decoded multi-byte character
+                    ev.text, shown = text[len(shown):], text
+                turn.answer, turn.token_ids = shown, list(answer_ids)
+                self.stats.add(ev)
+                self.stats.level0_step_s = decoder.level0_step_s
+                yield ev
+        finally:
+            final = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
+            turn.answer, turn.token_ids = final, list(answer_ids)
+            self.stats.stop_reason = decoder.stop_reason or "stopped"
+            turn.stats = self.stats.to_dict()
+
+    # -- figures -------------------------------------------------------------------------------------------
+    def cache_figures(self) -> CacheFigures:
+        v, c = self.view, self.cache
+        fig = CacheFigures(
+            full_kv_tokens=c.length,
+            full_kv_bytes=c.used_bytes,
+            full_kv_allocated_bytes=c.allocated_bytes,
+            context_limit=c.max_len,
+            retrieval_budget_tokens=v.budget_for(c.length),
+            retrieval_budget_fraction=(v.budget_for(c.length) / c.length) if c.length else 0.0,
+            retrieval_chunk_size=v.chunk_size,
+            retrieval_chunks_selected=v.n_selected_chunks,
+            retrieval_recent_tokens=v.recent_tokens if v.n_selected_chunks else 0,
+            retrieval_rebuilds=v.rebuilds,
+            drafter=self._drafter_spec,
+            process_rss_bytes=process_rss_bytes(),
+        )
+        if self._drafter is not None:
+            for key, value in self._drafter.figures().items():
+                if hasattr(fig, key):
+                    setattr(fig, key, value)
+        return fig

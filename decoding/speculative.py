@@ -1,0 +1,290 @@
+"""The hierarchical speculative decoder: bottom drafter -> retrieval-view target -> full target.
+
+Invariant between rounds: `context` holds every token of the conversation so far; the full cache
+holds all of them but the last (`context[-1]` is the pending token, fed in the next forward).
+
+A round at level 0 feeds the pending token to the full target and samples one token.
+A round at level 1 lets the middle level (the same weights reading the RetrievalView) draft a
+window of γ tokens one at a time; the full target verifies [pending, d1..dγ] in one forward.
+At level 2 the middle level does not draft alone: the bottom drafter proposes up to γ_low tokens,
+the middle level verifies them in one forward (keeping an accepted prefix plus its own correction
+or bonus token), and repeats until the window is full; the full target then verifies as at level 1.
+
+Both verifications use `verify_drafts` (standard speculative sampling; greedy = argmax match), with
+the drafter's own probabilities for every drafted token, so the middle level's output is distributed
+exactly as the retrieval-view model's and the final output exactly as the full target's.
+
+The window length adapts: from the measured acceptance and the measured costs of a middle step and
+of a verification, each round picks the γ in 0..γ_max that maximises expected tokens per second
+(γ = 0 is a plain level-0 step), probing now and then so the estimates stay current. That is what
+keeps level 2 from ever being slower than level 0 where speculation does not pay.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from triforce_chat.decoding.cache import KVCache
+from triforce_chat.decoding.events import LowRound, RoundEvent
+from triforce_chat.decoding.model import Transformer
+from triforce_chat.decoding.retrieval import RetrievalView
+from triforce_chat.decoding.sampling import Sampler, verify_drafts
+
+
+@dataclass
+class SpecConfig:
+    level: int = 2
+    gamma_mid: int = 6
+    gamma_low: int = 4
+    adaptive: bool = True
+    rebuild_below: float = 0.5  # rebuild the retrieval selection when mid acceptance drops below this
+    probe_every: int = 8  # rounds between probes when adaptation chose γ = 0
+
+
+class _Ema:
+    def __init__(self, value: float, weight: float = 0.25):
+        self.value, self.weight, self.n = value, weight, 0
+
+    def update(self, x: float) -> None:
+        self.value = x if self.n == 0 else (1 - self.weight) * self.value + self.weight * x
+        self.n += 1
+
+
+class CostModel:
+    """Running estimates that drive the adaptive window length."""
+
+    def __init__(self) -> None:
+        self.step = _Ema(0.0)  # full target, 1 token
+        self.verify: dict[int, _Ema] = {}  # full target, T tokens
+        self.mid_per_token = _Ema(0.0)  # middle level seconds per drafted token (level 2: bottom included)
+        self.alpha = _Ema(0.8, weight=0.15)  # per-token acceptance of middle drafts by the target
+
+    def verify_cost(self, t: int) -> float:
+        if t in self.verify and self.verify[t].n:
+            return self.verify[t].value
+        known = sorted((k, e.value) for k, e in self.verify.items() if e.n)
+        if not known:
+            return self.step.value * (1 + 0.05 * (t - 1))
+        k, v = min(known, key=lambda kv: abs(kv[0] - t))  # nearest measured window, scaled linearly
+        return self.step.value + (v - self.step.value) * (t - 1) / max(1, k - 1)
+
+    def best_gamma(self, gamma_max: int) -> int:
+        if not self.step.n or not self.mid_per_token.n:
+            return gamma_max
+        a = min(self.alpha.value, 0.999)
+        best, best_rate = 0, 1.0 / self.step.value
+        for g in range(1, gamma_max + 1):
+            expected = (1 - a ** (g + 1)) / (1 - a)
+            rate = expected / (g * self.mid_per_token.value + self.verify_cost(g + 1))
+            if rate > best_rate:
+                best, best_rate = g, rate
+        return best
+
+
+class SpeculativeDecoder:
+    def __init__(
+        self,
+        model: Transformer,
+        cache: KVCache,
+        sampler: Sampler,
+        eos_ids: set[int],
+        config: SpecConfig,
+        view: RetrievalView | None = None,
+        drafter=None,
+    ):
+        self.model, self.cache, self.sampler, self.eos_ids, self.config = model, cache, sampler, eos_ids, config
+        self.view, self.drafter = view, drafter
+        self.costs = CostModel()
+        self._drafter_ctx: list[int] = []  # mirror of what the drafter holds
+        self._rounds_since_probe = 0
+        self._rounds_since_rebuild = 0
+        self.level0_step_s = 0.0
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _sync_drafter(self, context: list[int]) -> None:
+        """Make the drafter's context equal `context` (common prefix kept)."""
+        held = self._drafter_ctx
+        n = 0
+        limit = min(len(held), len(context))
+        while n < limit and held[n] == context[n]:
+            n += 1
+        if n < len(held):
+            self.drafter.truncate(n)
+            del held[n:]
+        if n < len(context):
+            self.drafter.extend(context[n:])
+            held.extend(context[n:])
+
+    def _drafter_truncate(self, length: int) -> None:
+        if length < len(self._drafter_ctx):
+            self.drafter.truncate(length)
+            del self._drafter_ctx[length:]
+
+    def _drafter_extend(self, tokens: list[int]) -> None:
+        if tokens:
+            self.drafter.extend(tokens)
+            self._drafter_ctx.extend(tokens)
+
+    # -- one round per level -----------------------------------------------------------------------------
+    def _target_step(self, pending: int) -> tuple[list[int], list[str]]:
+        logits = self.model(torch.tensor([pending], device=self.model.device), self.cache, logits="last")
+        return [self.sampler.sample(self.sampler.probs(logits[0]))], ["target"]
+
+    def _mid_draft_alone(self, cur: int) -> tuple[int, torch.Tensor]:
+        logits = self.model(torch.tensor([cur], device=self.model.device), self.view, logits="last")
+        q = self.sampler.probs(logits[0])
+        return self.sampler.sample(q), q
+
+    def _mid_window(self, pending: int, context: list[int], gamma: int, level: int, ev: RoundEvent):
+        """Draft up to `gamma` tokens with the middle level (level 2: fed by the bottom drafter).
+        Returns (tokens, q rows [n, V], origins)."""
+        view = self.view
+        view.truncate_scratch(0)
+        tokens: list[int] = []
+        qs: list[torch.Tensor] = []
+        origins: list[str] = []
+        cur = pending
+        base = len(context)
+        t_low = 0.0
+        while len(tokens) < gamma:
+            props: list[int] = []
+            q_low = None
+            if level == 2:
+                t0 = time.perf_counter()
+                want = min(self.config.gamma_low, max(1, gamma - len(tokens)))
+                props, q_low = self.drafter.propose(want, self.sampler)
+                props = list(props)[:want]
+                t_low += time.perf_counter() - t0
+            if not props:
+                tok, q = self._mid_draft_alone(cur)
+                new, new_q, new_o = [tok], [q], ["mid"]
+            else:
+                scratch0 = view.scratch_len
+                window = torch.tensor([cur, *props], device=self.model.device)
+                qm = self.sampler.probs(self.model(window, view, logits="all"))  # [k+1, V]
+                if q_low is not None:
+                    q_low = q_low[: len(props)]
+                a, nxt = verify_drafts(self.sampler, props, q_low, qm)
+                view.truncate_scratch(scratch0 + 1 + a)
+                ev.low_rounds.append(LowRound(proposed=props, accepted=a, next_token=nxt))
+                new = props[:a] + [nxt]
+                new_q = [qm[i] for i in range(a + 1)]
+                new_o = ["low"] * a + ["mid"]
+            tokens.extend(new)
+            qs.extend(new_q)
+            origins.extend(new_o)
+            if level == 2:
+                self._drafter_extend(new)
+            cur = tokens[-1]
+            if cur in self.eos_ids:
+                break
+        if level == 2:
+            self._drafter_truncate(base)
+        ev.timings["low"] = ev.timings.get("low", 0.0) + t_low
+        return tokens, torch.stack(qs), origins
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def generate(
+        self, context: list[int], max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[RoundEvent]:
+        """Yield one RoundEvent per round until EOS, `max_new_tokens`, a full context or a stop.
+        `context` is extended in place with the kept tokens. The cache must hold context[:-1]."""
+        cfg = self.config
+        if self.cache.length != len(context) - 1:
+            raise RuntimeError(f"cache holds {self.cache.length} tokens, expected {len(context) - 1}")
+        level = cfg.level if self.view is not None else 0
+        if level == 2 and self.drafter is None:
+            level = 1
+        if level >= 1 and self.view.needs_rebuild:
+            self.view.rebuild()
+            self._rounds_since_rebuild = 0
+        produced = 0
+        index = 0
+        while produced < max_new_tokens and not should_stop():
+            room = self.cache.max_len - self.cache.length - 1  # tokens the cache can still take after pending
+            if room < 0:
+                self.stop_reason = "context full"
+                return
+            t_start = time.perf_counter()
+            ev = RoundEvent(index=index, tokens=[], origins=[], text="")
+            gamma = 0
+            if level >= 1 and index > 0:  # the first round is a level-0 step: it measures the baseline
+                gamma = self._choose_gamma(min(cfg.gamma_mid, max_new_tokens - produced - 1, room))
+            pending = context[-1]
+            if gamma == 0:
+                t0 = time.perf_counter()
+                kept, origins = self._target_step(pending)
+                dt = time.perf_counter() - t0
+                self.costs.step.update(dt)
+                ev.timings["target"] = dt
+                ev.final_kind = "step"
+            else:
+                if self.view.needs_rebuild:
+                    self.view.rebuild()
+                    self._rounds_since_rebuild = 0
+                if level == 2:
+                    self._sync_drafter(context)
+                t0 = time.perf_counter()
+                drafts, q, d_origins = self._mid_window(pending, context, gamma, level, ev)
+                t_mid = time.perf_counter() - t0
+                self.costs.mid_per_token.update(t_mid / len(drafts))
+                ev.timings["mid"] = t_mid - ev.timings.get("low", 0.0)
+                t0 = time.perf_counter()
+                L0 = self.cache.length
+                window = torch.tensor([pending, *drafts], device=self.model.device)
+                p = self.sampler.probs(self.model(window, self.cache, logits="all"))  # [γ+1, V]
+                a, nxt = verify_drafts(self.sampler, drafts, q, p)
+                self.cache.truncate(L0 + 1 + a)
+                dt = time.perf_counter() - t0
+                self.costs.verify.setdefault(len(drafts) + 1, _Ema(dt)).update(dt)
+                self.costs.alpha.update(a / len(drafts))
+                ev.timings["target"] = dt
+                ev.mid_proposed, ev.mid_accepted = drafts, a
+                ev.final_kind = "bonus" if a == len(drafts) else "correction"
+                kept, origins = drafts[:a] + [nxt], d_origins[:a] + ["target"]
+                self._maybe_rebuild()
+            ev.gamma_mid, ev.gamma_low = gamma, (cfg.gamma_low if level == 2 else 0)
+            # cut at EOS and at the token budget; keep the cache holding all kept tokens but the last
+            cut = min(len(kept), max_new_tokens - produced)
+            for i, tok in enumerate(kept[:cut]):
+                if tok in self.eos_ids:
+                    cut = i + 1
+                    break
+            kept, origins = kept[:cut], origins[:cut]
+            context.extend(kept)
+            self.cache.truncate(min(self.cache.length, len(context) - 1))
+            ev.tokens, ev.origins = kept, origins
+            ev.wall_s = time.perf_counter() - t_start
+            if index == 0:
+                self.level0_step_s = ev.timings["target"]
+            produced += len(kept)
+            index += 1
+            yield ev
+            if kept and kept[-1] in self.eos_ids:
+                self.stop_reason = "eos"
+                return
+        self.stop_reason = "stopped" if produced < max_new_tokens else "max tokens"
+
+    stop_reason = ""
+
+    def _choose_gamma(self, gamma_max: int) -> int:
+        if gamma_max <= 0:
+            return 0
+        if not self.config.adaptive:
+            return gamma_max
+        g = self.costs.best_gamma(gamma_max)
+        if g == 0:
+            self._rounds_since_probe += 1
+            if self._rounds_since_probe >= self.config.probe_every:
+                self._rounds_since_probe = 0
+                return min(2, gamma_max)
+        return g
+
+    def _maybe_rebuild(self) -> None:
+        self._rounds_since_rebuild += 1
+        if self._rounds_since_rebuild >= 8 and self.costs.alpha.value < self.config.rebuild_below:
+            self.view.stale = True
