@@ -1,2 +1,265 @@
+"""Command line: `triforce-chat [--doc F]...` starts the chat UI; `ask` answers headless; `bench`
+measures the speculation levels side by side.
+
+Every option's default comes from the settings file (app/settings.py), and every bad input ends
+in one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+EXIT_USAGE = 2
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Chat with long documents; answers come from a lossless hierarchical speculative decoder.",
+)
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+def fail(message: str) -> None:
+    raise CliError(message)
+
+
+# -- documents ------------------------------------------------------------------------------------------
+def read_document(path: Path, warn=lambda m: print(m, file=sys.stderr)) -> tuple[str, str]:
+    """(name, text) of a text file, or a CliError naming what is wrong with it."""
+    if not path.exists():
+        fail(f"{path}: no such file")
+    if path.is_dir():
+        fail(f"{path}: is a directory, not a text file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        fail(f"{path}: cannot read ({exc.strerror or exc})")
+    if b"\x00" in data[:8192]:
+        fail(f"{path}: looks like a binary file, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = data.decode("utf-8", errors="replace")
+        warn(f"warning: {path} is not valid UTF-8 (first bad byte at offset {exc.start}); "
+             "undecodable bytes were replaced with U+FFFD")
+    if not text.strip():
+        fail(f"{path}: the document is empty")
+    return path.name, text
+
+
+# -- shared option handling ----------------------------------------------------------------------------
+def resolve_settings(config: Path | None, **cli: Any):
+    """Settings from defaults <- config file <- the flags actually given."""
+    from triforce_chat.app.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(config).merged(**{k: v for k, v in cli.items() if v is not None})
+    except SettingsError as exc:
+        fail(str(exc))
+
+
+def pick_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        fail(f"unknown dtype {name!r} (choose auto, float32, bfloat16, float16)")
+    if table[name] == torch.float16 and device == "cpu":
+        fail("float16 is for CUDA; on CPU use float32 or bfloat16")
+    return table[name]
+
+
+def pick_device(name: str) -> str:
+    import torch
+
+    if name not in ("auto", "cpu", "cuda"):
+        fail(f"unknown device {name!r} (choose auto, cpu, cuda)")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda: no CUDA device is available")
+    return name
+
+
+def setup_runtime(settings) -> tuple[str, Any]:
+    import torch
+
+    if settings.threads is not None:
+        if settings.threads < 1:
+            fail(f"threads must be >= 1, not {settings.threads}")
+        torch.set_num_threads(settings.threads)
+    device = pick_device(settings.device)
+    return device, pick_dtype(settings.dtype, device)
+
+
+def decode_config(settings):
+    cfg = settings.decode_config()
+    try:
+        cfg.validate()
+    except ValueError as exc:
+        fail(str(exc))
+    if settings.context is not None and settings.context < 16:
+        fail(f"context must be at least 16 tokens, not {settings.context}")
+    return cfg
+
+
+def load_model_or_fail(settings, device: str, dtype, quiet: bool = False):
+    from triforce_chat.decoding.loading import ModelLoadError, load_model
+
+    try:
+        return load_model(settings.model, dtype=dtype, device=device, context=settings.context,
+                          log=(lambda m: None) if quiet else None)
+    except ModelLoadError as exc:
+        fail(str(exc))
+
+
+# Options shared by the chat and `ask` (names and validation are the same in both)
+DocOpt = Annotated[list[Path] | None, typer.Option("--doc", "-d", help="Text file to put into the context (repeatable).")]
+ModelOpt = Annotated[str | None, typer.Option(help="Default SmolLM2-135M-Instruct; a Hugging Face id or a folder.")]
+LevelOpt = Annotated[int | None, typer.Option(help="Speculation level: 0 plain, 1 retrieval draft, 2 + bottom drafter.")]
+DraftOpt = Annotated[str | None, typer.Option(help="Bottom drafter: 'ngram' or a draft model sharing the tokenizer.")]
+BudgetOpt = Annotated[str | None, typer.Option(help="Retrieval budget: tokens (4096) or a fraction of the context (0.1).")]
+ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", help="Retrieval chunk size in tokens.")]
+GammaMidOpt = Annotated[int | None, typer.Option("--gamma-mid", help="Max tokens the middle level drafts per round.")]
+GammaLowOpt = Annotated[int | None, typer.Option("--gamma-low", help="Max tokens the bottom drafter proposes.")]
+MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Stop after this many tokens.")]
+TempOpt = Annotated[float | None, typer.Option(help="0 is greedy.")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
+SeedOpt = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
+DtypeOpt = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 (CPU/CUDA), float16 (CUDA).")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu or cuda.")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
+ContextOpt = Annotated[int | None, typer.Option(help="Extend the model's positions to this many tokens (YaRN).")]
+TruncateOpt = Annotated[bool, typer.Option("--truncate", help="Keep head and tail of documents too long to fit.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings file (TOML).")]
+
+
+@app.callback(invoke_without_command=True)
+def chat(
+    ctx: typer.Context,
+    doc: DocOpt = None, model: ModelOpt = None, level: LevelOpt = None, draft: DraftOpt = None,
+    budget: BudgetOpt = None, chunk_size: ChunkOpt = None, gamma_mid: GammaMidOpt = None,
+    gamma_low: GammaLowOpt = None, max_new_tokens: MaxNewOpt = None, temperature: TempOpt = None,
+    top_p: TopPOpt = None, seed: SeedOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
+    threads: ThreadsOpt = None, context: ContextOpt = None, truncate: TruncateOpt = False,
+    theme: Annotated[str | None, typer.Option(help="triforce-dark or triforce-light.")] = None,
+    resume: Annotated[str | None, typer.Option(help="Reopen a saved conversation: an id or 'last'.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Start the chat UI (the default command)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    settings = resolve_settings(
+        config, model=model, level=level, draft=draft, budget=budget, chunk_size=chunk_size, gamma_mid=gamma_mid,
+        gamma_low=gamma_low, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        dtype=dtype, device=device, threads=threads, context=context, theme=theme, truncate=truncate or None,
+    )
+    decode_config(settings)
+    for path in doc or []:
+        read_document(path)
+    from triforce_chat.app.tui import run_tui
+
+    raise typer.Exit(run_tui(settings, list(doc or []), resume))
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question (use - to read it from stdin).")],
+    doc: DocOpt = None, model: ModelOpt = None, level: LevelOpt = None, draft: DraftOpt = None,
+    budget: BudgetOpt = None, chunk_size: ChunkOpt = None, gamma_mid: GammaMidOpt = None,
+    gamma_low: GammaLowOpt = None, max_new_tokens: MaxNewOpt = None, temperature: TempOpt = None,
+    top_p: TopPOpt = None, seed: SeedOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
+    threads: ThreadsOpt = None, context: ContextOpt = None, truncate: TruncateOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Answer one question about the documents, streaming the text to stdout."""
+    settings = resolve_settings(
+        config, model=model, level=level, draft=draft, budget=budget, chunk_size=chunk_size, gamma_mid=gamma_mid,
+        gamma_low=gamma_low, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        dtype=dtype, device=device, threads=threads, context=context, truncate=truncate or None,
+    )
+    if question == "-":
+        question = sys.stdin.read()
+    if not question.strip():
+        fail("the question is empty")
+    cfg = decode_config(settings)
+    docs = [read_document(p) for p in doc or []]
+    device_name, torch_dtype = setup_runtime(settings)
+    lm = load_model_or_fail(settings, device_name, torch_dtype, quiet=json_out)
+    result = run_ask(lm, cfg, docs, question, stream=None if json_out else sys.stdout)
+    if json_out:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+
+
+def run_ask(lm, cfg, docs: list[tuple[str, str]], question: str, stream=None) -> dict[str, Any]:
+    """Answer headless; returns the `ask --json` object (also used by bench and tests)."""
+    from triforce_chat.decoding.drafters import DrafterError
+    from triforce_chat.decoding.session import ContextOverflow, DocumentError, Session
+
+    try:
+        session = Session(lm, cfg)
+        for name, text in docs:
+            session.add_document(name, text)
+        token_ids: list[int] = []
+        for ev in session.generate(question):
+            token_ids.extend(ev.tokens)
+            if stream is not None and ev.text:
+                stream.write(ev.text)
+                stream.flush()
+    except (ContextOverflow, DocumentError, DrafterError) as exc:
+        fail(str(exc))
+    stats = session.stats.to_dict()
+    stats["cache"] = session.cache_figures().to_dict()
+    return {
+        "text": session.turns[-1].answer,
+        "token_ids": token_ids,
+        "token_origins": session.stats.token_origins,
+        "prompt_token_ids": session.last_prompt_ids,
+        "level": cfg.level,
+        "model": lm.model_id,
+        "model_path": str(lm.path),
+        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "stats": stats,
+    }
+
+
 def main() -> None:
-    print("placeholder")
+    """Console entry point: user errors become one line and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            print(f"error: {exc.format_message()}", file=sys.stderr)
+            sys.exit(EXIT_USAGE)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -141,11 +141,25 @@ def load_model(
     log: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load weights and tokenizer. `context` > the model's positions extends them with YaRN."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
     model_id, path = resolve_model_path(spec, log)
+    model = load_weights_only(path, dtype, device, context, model_id)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tokenizer, model_id, path, time.perf_counter() - t0)
+
+
+def load_weights_only(
+    path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", context: int | None = None,
+    model_id: str | None = None,
+) -> Transformer:
+    """Our Transformer with the checkpoint's weights from a local folder (no tokenizer)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    path = Path(path)
+    model_id = model_id or str(path)
     try:
         cfg = AutoConfig.from_pretrained(path)
     except Exception as exc:
@@ -167,9 +181,7 @@ def load_model(
         model.load_hf_state_dict(state)
     except (KeyError, ValueError) as exc:
         raise ModelLoadError(f"{model_id}: weights do not match its config ({exc})") from None
-    model.place(device, dtype).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model, tokenizer, model_id, path, time.perf_counter() - t0)
+    return model.place(device, dtype).eval()
 
 
 def extend_context(cfg, context: int) -> None:

@@ -1,0 +1,3 @@
+from triforce_chat.app.cli import main
+
+main()

@@ -1,0 +1,100 @@
+"""Our forward pass and KV cache against transformers, the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import save_random_model
+from transformers import AutoModelForCausalLM
+
+from triforce_chat.decoding.cache import KVCache
+from triforce_chat.decoding.loading import load_weights_only
+from triforce_chat.decoding.model import ModelArgs, UnsupportedArchitecture
+
+ARCHS = [
+    ("llama", {}),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}}),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}}),
+    ("qwen2", {}),
+    ("qwen3", {}),
+]
+
+
+def reference_logits(folder, ids: torch.Tensor) -> torch.Tensor:
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return hf(ids[None]).logits[0]
+
+
+@pytest.mark.parametrize("arch,extra", ARCHS, ids=["llama", "llama3-rope", "yarn", "qwen2", "qwen3"])
+def test_forward_matches_transformers(tmp_path, arch, extra):
+    folder = save_random_model(tmp_path, arch, vocab_size=512, **extra)
+    ours = load_weights_only(folder)
+    ids = torch.randint(0, 512, (700,), generator=torch.Generator().manual_seed(1))
+    ref = reference_logits(folder, ids)
+
+    # prefill in uneven chunks, then incremental decode
+    cache = KVCache.for_model(ours)
+    parts = [ours(ids[:300], cache), ours(ids[300:650], cache)]
+    parts += [ours(ids[i : i + 1], cache) for i in range(650, 700)]
+    got = torch.cat(parts)
+    assert got.shape == ref.shape
+    err = (got - ref).abs().max().item()
+    assert err < 2e-4 * max(1.0, ref.abs().max().item()), err
+
+
+def test_rollback_gives_the_same_logits_as_never_going_there(tmp_path):
+    model = load_weights_only(save_random_model(tmp_path, "llama", vocab_size=256))
+    g = torch.Generator().manual_seed(3)
+    prefix = torch.randint(0, 256, (120,), generator=g)
+    detour = torch.randint(0, 256, (9,), generator=g)
+    follow = torch.randint(0, 256, (5,), generator=g)
+
+    clean = KVCache.for_model(model)
+    model(prefix, clean)
+    want = model(follow, clean)
+
+    cache = KVCache.for_model(model)
+    model(prefix, cache)
+    model(detour, cache)  # speculative tokens that get rejected ...
+    for t in follow[:2]:  # ... and a few single steps, also rejected
+        model(t.view(1), cache)
+    cache.truncate(len(prefix))
+    got = model(follow, cache)
+    assert torch.equal(got, want)
+
+
+def test_unsupported_architecture_is_named():
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedArchitecture, match="unsupported architecture: gpt2"):
+        ModelArgs.from_hf_config(GPT2Config())
+
+
+@pytest.mark.slow
+def test_default_model_matches_transformers(default_model):
+    lm = default_model
+    text = "The lighthouse keeper on Farrow Island is named Amelia Stroud. " * 8
+    ids = torch.tensor(lm.tokenizer(text).input_ids)
+    ref = reference_logits(lm.path, ids)
+    cache = KVCache.for_model(lm.model)
+    got = torch.cat([lm.model(ids[:-4], cache)] + [lm.model(ids[i : i + 1], cache) for i in range(len(ids) - 4, len(ids))])
+    assert (got - ref).abs().max().item() < 1e-3
+
+
+@pytest.mark.slow
+def test_default_model_greedy_equals_transformers_generate(default_model):
+    from triforce_chat.decoding.session import DecodeConfig, Session
+
+    lm = default_model
+    session = Session(lm, DecodeConfig(level=0, max_new_tokens=24))
+    session.add_document("facts.txt", "The boat on Farrow Island is called the Kestrel and it is painted green.")
+    ours = [t for ev in session.generate("What colour is the boat?") for t in ev.tokens]
+
+    hf = AutoModelForCausalLM.from_pretrained(lm.path, dtype=torch.float32).eval()
+    prompt = torch.tensor([session.last_prompt_ids])
+    out = hf.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=sorted(lm.eos_ids))
+    theirs = out[0, prompt.shape[1] :].tolist()
+    assert ours == theirs
+    assert len(ours) > 5
