@@ -89,7 +89,8 @@ def rope_tables(args: ModelArgs, max_len: int) -> tuple[Tensor, Tensor]:
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64, device="cpu") / args.head_dim))
+        exponents = torch.arange(0, args.head_dim, 2, dtype=torch.float64, device="cpu") / args.head_dim
+        inv_freq = 1.0 / (base**exponents)
         scaling = 1.0
     else:
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS

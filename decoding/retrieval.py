@@ -124,7 +124,8 @@ class RetrievalView:
         segments = []
         if self.sel_k:
             segments.append((self.sel_k[layer], self.sel_v[layer]))
-        segments.append((cache.k[layer, :, self.sel_end : cache.length], cache.v[layer, :, self.sel_end : cache.length]))
+        recent = slice(self.sel_end, cache.length)
+        segments.append((cache.k[layer, :, recent], cache.v[layer, :, recent]))
         segments.append((self.scratch_k[layer, :, :e], self.scratch_v[layer, :, :e]))
         return attend_segments(q, segments, cache.scale)
 

@@ -212,7 +212,8 @@ class SpeculativeDecoder:
             t_start = time.perf_counter()
             ev = RoundEvent(index=index, tokens=[], origins=[], text="")
             gamma = 0
-            if level >= 1 and index > 0:  # the first round is a level-0 step: it measures the baseline
+            # adaptive: the first round is a level-0 step, which measures the baseline step time
+            if level >= 1 and (index > 0 or not cfg.adaptive):
                 gamma = self._choose_gamma(min(cfg.gamma_mid, max_new_tokens - produced - 1, room))
             pending = context[-1]
             if gamma == 0:
@@ -259,7 +260,7 @@ class SpeculativeDecoder:
             self.cache.truncate(min(self.cache.length, len(context) - 1))
             ev.tokens, ev.origins = kept, origins
             ev.wall_s = time.perf_counter() - t_start
-            if index == 0:
+            if index == 0 and gamma == 0:
                 self.level0_step_s = ev.timings["target"]
             produced += len(kept)
             index += 1

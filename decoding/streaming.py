@@ -48,6 +48,9 @@ class StreamingCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.length = 0  # tokens of context the cache represents
         self.base = sink  # oldest non-sink position still stored
+        # Oldest non-sink position whose keys/values are known to equal a fresh cache's (raised by
+        # restart(), whose re-prefill sees a truncated past; see ModelDrafter.truncate).
+        self.exact_from = sink
         self.compactions = 0
         self._mask_key: tuple[int, int, int, int] | None = None
         self._mask = torch.empty(0, dtype=torch.bool)
@@ -87,9 +90,9 @@ class StreamingCache:
         need = self._slot(self.length + n - 1) + 1
         if need > self.capacity:
             extra = need - self.capacity + self.headroom
-            pad = torch.empty(*self.k.shape[:2], extra, self.k.shape[3], dtype=self.k.dtype, device=self.k.device)
+            pad = self.k.new_empty(*self.k.shape[:2], extra, self.k.shape[3])
             self.k = torch.cat([self.k, pad], dim=2)
-            self.v = torch.cat([self.v, pad.clone()], dim=2)
+            self.v = torch.cat([self.v, pad], dim=2)
 
     # -- KVStore protocol ----------------------------------------------------------------------------
     def positions(self, n: int) -> Tensor:
@@ -124,7 +127,8 @@ class StreamingCache:
         key = (first, last, lo, n_sink)
         if self._mask_key != key:
             dev = self.k.device
-            kpos = torch.cat([torch.arange(n_sink, device=dev), torch.arange(lo, last + 1, device=dev)])  # [Lk]
+            kpos = torch.cat([torch.arange(n_sink, device=dev), torch.arange(lo, last + 1, device=dev)])
+            # kpos [Lk]: positions of the sink keys, then of lo..last
             qpos = torch.arange(first, last + 1, device=dev).unsqueeze(1)  # [T, 1]
             self._mask = (kpos <= qpos) & ((kpos < self.sink) | (kpos > qpos - self.window))  # [T, Lk]
             self._mask_key = key
@@ -135,33 +139,41 @@ class StreamingCache:
 
     # -- rollback ------------------------------------------------------------------------------------
     def can_truncate(self, length: int) -> bool:
-        """Whether truncating to `length` restores exactly the keys a fresh cache would expose."""
+        """Whether truncating to `length` leaves the query at `length` exactly the keys a fresh
+        cache would give it."""
         if not 0 <= length <= self.length:
             return False
-        return length <= self.sink or self.base == self.sink or length - self.window + 1 >= self.base
+        floor = max(self.base, self.exact_from)
+        return length <= self.sink or floor == self.sink or length - self.window + 1 >= floor
 
     def truncate(self, length: int) -> None:
         """Forget every token at or after `length` (O(1)); raises if evicted keys would be needed."""
         if not self.can_truncate(length):
             raise ValueError(
-                f"cannot roll a streaming cache of {self.length} tokens (oldest kept {self.base}) back to {length}"
+                f"cannot roll a streaming cache of {self.length} tokens back to {length}: "
+                f"keys before position {max(self.base, self.exact_from)} are gone"
             )
         self.length = length
         if length <= self.sink:
-            self.base = self.sink
+            self.base = self.exact_from = self.sink
 
-    def restart(self, start: int) -> None:
+    def restart(self, start: int, approximate: bool = False) -> None:
         """Keep the sink tokens, drop everything else and continue from position `start` as if the
-        tokens between the sinks and `start` had never existed (for an exact re-prefill, see
-        ModelDrafter)."""
+        tokens between the sinks and `start` had never existed.
+
+        Re-prefilling from `start` then gives layer l exact keys/values from position
+        start + l * (window - 1) on (each layer's window reaches one window further back), so a caller
+        that needs exactness at position p restarts at p - n_layers * (window - 1) or earlier.
+        `approximate`: the caller accepts the re-prefilled keys as they come (a cheaper rebuild);
+        later rollbacks may then reach back to `start`."""
         if start <= self.sink:
             self.length = min(start, self.length)
-            self.base = self.sink
+            self.base = self.exact_from = self.sink
             return
         if self.length < self.sink:
             raise ValueError("cannot restart past the sinks before they are filled")
-        self.length = start
-        self.base = start
+        self.length = self.base = start
+        self.exact_from = start if approximate else start + (self.k.shape[0] - 1) * (self.window - 1)
 
     # -- figures ---------------------------------------------------------------------------------------
     def visible(self) -> tuple[int, int]:

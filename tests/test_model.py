@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import save_random_model
 from transformers import AutoModelForCausalLM
 
+from conftest import save_random_model
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.loading import load_weights_only
 from triforce_chat.decoding.model import ModelArgs, UnsupportedArchitecture
@@ -79,7 +79,9 @@ def test_default_model_matches_transformers(default_model):
     ids = torch.tensor(lm.tokenizer(text).input_ids)
     ref = reference_logits(lm.path, ids)
     cache = KVCache.for_model(lm.model)
-    got = torch.cat([lm.model(ids[:-4], cache)] + [lm.model(ids[i : i + 1], cache) for i in range(len(ids) - 4, len(ids))])
+    head = lm.model(ids[:-4], cache)
+    steps = [lm.model(ids[i : i + 1], cache) for i in range(len(ids) - 4, len(ids))]
+    got = torch.cat([head, *steps])
     assert (got - ref).abs().max().item() < 1e-3
 
 

@@ -1,0 +1,361 @@
+"""The bottom level of the speculation hierarchy: cheap proposers for the middle level to verify.
+
+Two kinds, one protocol:
+
+* NGramDrafter (default): prompt lookup. Chats about a long document quote it, and answers repeat
+  their own phrases, so "what followed the last time these n tokens appeared" is a free and often
+  long draft. The index makes every lookup O(1) in the context length.
+* ModelDrafter: a small model sharing the target's tokenizer, over a StreamingLLM cache (sinks plus
+  a recent window), so its per-token cost stays flat however long the document is.
+
+The verifier above accepts or rejects every drafted token, so nothing here can change what the
+chat produces: drafters only change how fast it comes.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import Tensor
+
+from triforce_chat.decoding.sampling import Sampler
+from triforce_chat.decoding.streaming import StreamingCache
+
+if TYPE_CHECKING:
+    from triforce_chat.decoding.loading import LoadedModel
+    from triforce_chat.decoding.model import Transformer
+
+
+class DrafterError(ValueError):
+    """A drafter cannot be built or used as asked; the message is one line meant for the user."""
+
+
+class Drafter(Protocol):
+    name: str
+
+    @property
+    def length(self) -> int: ...
+
+    def extend(self, tokens: Sequence[int]) -> None: ...
+
+    def truncate(self, length: int) -> None: ...
+
+    def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]: ...
+
+    def figures(self) -> dict[str, int]: ...
+
+
+# -- n-gram lookup ------------------------------------------------------------------------------------
+
+
+class NGramDrafter:
+    """Prompt lookup over everything the chat has seen.
+
+    Index, per n in [n_min, n_max]: `head[n]` maps an n-gram (its token ids packed into one int,
+    exact, no hashing) to the end position of its latest occurrence, and `prev[n][e]` links the
+    n-gram ending at e to the previous end position of the same n-gram (-1: none). A lookup needs
+    only prev[n][L-1] (the latest *earlier* occurrence of the context's last n tokens): O(n_max).
+    extend() is one dict update per n and token; truncate() walks the removed positions backwards,
+    restoring each head from its prev link, so the index equals one built from scratch.
+    """
+
+    name = "ngram"
+
+    def __init__(self, n_max: int = 4, n_min: int = 1, vocab_size: int | None = None):
+        if not 1 <= n_min <= n_max:
+            raise ValueError(f"need 1 <= n_min <= n_max, got n_min={n_min}, n_max={n_max}")
+        self.n_min, self.n_max = n_min, n_max
+        self.bits = max(1, (vocab_size - 1).bit_length()) if vocab_size else 20
+        self._tokens = array("i")  # [L] context token ids
+        self._ns = range(n_min, n_max + 1)
+        self._head: dict[int, dict[int, int]] = {n: {} for n in self._ns}
+        self._prev: dict[int, array] = {n: array("i") for n in self._ns}  # each [L]
+
+    @property
+    def length(self) -> int:
+        return len(self._tokens)
+
+    def _key(self, end: int, n: int) -> int:
+        """The n-gram ending at `end`, packed with the most recent token in the low bits."""
+        toks, bits, key = self._tokens, self.bits, 0
+        for i in range(n):
+            key |= toks[end - i] << (bits * i)
+        return key
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        toks, bits, limit = self._tokens, self.bits, 1 << self.bits
+        heads, prevs, n_min, n_max = self._head, self._prev, self.n_min, self.n_max
+        for tok in tokens:
+            tok = int(tok)
+            if not 0 <= tok < limit:
+                raise ValueError(f"token id {tok} is outside the n-gram index's vocabulary of {limit}")
+            end = len(toks)
+            toks.append(tok)
+            key = 0
+            for n in range(1, n_max + 1):
+                if n <= end + 1:
+                    key |= toks[end - n + 1] << (bits * (n - 1))
+                if n < n_min:
+                    continue
+                if n > end + 1:  # no n-gram ends here yet
+                    prevs[n].append(-1)
+                    continue
+                head = heads[n]
+                prevs[n].append(head.get(key, -1))
+                head[key] = end
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= len(self._tokens):
+            raise ValueError(f"cannot truncate {len(self._tokens)} tokens to {length}")
+        for end in range(len(self._tokens) - 1, length - 1, -1):
+            for n in self._ns:
+                if n > end + 1:
+                    continue
+                key, before = self._key(end, n), self._prev[n][end]
+                if before >= 0:
+                    self._head[n][key] = before
+                else:
+                    del self._head[n][key]
+        del self._tokens[length:]
+        for n in self._ns:
+            del self._prev[n][length:]
+
+    def propose(self, k: int, sampler: Sampler | None = None) -> tuple[list[int], Tensor | None]:
+        """Tokens after the latest earlier occurrence of the longest matching suffix (a point mass:
+        q is None). Never reaches past the end of the known context."""
+        L = len(self._tokens)
+        if k <= 0 or L == 0:
+            return [], None
+        for n in range(self.n_max, self.n_min - 1, -1):
+            before = self._prev[n][L - 1]
+            if before >= 0:
+                return self._tokens[before + 1 : min(before + 1 + k, L)].tolist(), None
+        return [], None
+
+    def match_length(self) -> int:
+        """n of the suffix the next proposal would follow (0: none), for tuning and stats."""
+        L = len(self._tokens)
+        for n in range(self.n_max, self.n_min - 1, -1):
+            if L and self._prev[n][L - 1] >= 0:
+                return n
+        return 0
+
+    def figures(self) -> dict[str, int]:
+        return {"ngram_index_entries": sum(len(h) for h in self._head.values())}
+
+    @property
+    def index_bytes(self) -> int:
+        """Approximate memory of the index (dicts, their keys and values, the arrays)."""
+        import sys
+
+        total = sys.getsizeof(self._tokens)
+        for n in self._ns:
+            head = self._head[n]
+            total += sys.getsizeof(head) + sys.getsizeof(self._prev[n])
+            total += sum(sys.getsizeof(key) + sys.getsizeof(pos) for key, pos in head.items())
+        return total
+
+
+# -- small draft model over a StreamingLLM cache -------------------------------------------------------
+
+
+class ModelDrafter:
+    """A small model drafting with a sink + sliding-window cache.
+
+    State: the context token ids, a StreamingCache holding keys/values of cache.length <= length of
+    them (it lags only after a truncate: the missing tokens are run at the next extend or propose,
+    together with whatever comes next), and the logits after the last context token.
+
+    Exactness: keys/values depend only on the token prefix (see streaming.py), so any sequence of
+    extend/truncate gives the same state as a fresh drafter fed the final context. Truncating by up
+    to `slack` tokens (more, until the next compaction) is O(1). A deeper rollback past evicted keys
+    has to re-prefill: rebuild="exact" re-runs the last n_layers * (window - 1) tokens, exactly the
+    reach of a window through the layers (for a 30-layer draft with a 1024 window that is ~30K
+    tokens, tens of seconds on a CPU); rebuild="window" re-runs only the last window + slack tokens, whose
+    deeper layers then saw a shorter past: drafts differ slightly from a fresh drafter's, which
+    costs nothing in correctness since every draft is verified.
+    """
+
+    def __init__(
+        self, model: Transformer, *, name: str = "draft", sink: int = 4, window: int = 1024, slack: int = 64,
+        chunk: int = 256, target_vocab: int | None = None, max_context: int | None = None,
+        headroom: int | None = None, rebuild: str = "exact",
+    ):
+        if rebuild not in ("exact", "window"):
+            raise ValueError(f"rebuild must be 'exact' or 'window', not {rebuild!r}")
+        if max_context is not None and max_context > model.max_len:
+            raise DrafterError(
+                f"draft model {name} covers {model.max_len} positions, fewer than the target's context of "
+                f"{max_context} tokens"
+            )
+        self.model = model
+        self.name = name
+        self.rebuild = rebuild
+        self.chunk = max(1, chunk)
+        self.vocab = model.args.vocab_size
+        self.target_vocab = target_vocab or self.vocab
+        self.cache = StreamingCache.for_model(model, sink=sink, window=window, slack=slack, headroom=headroom)
+        self._tokens = array("i")  # [L]
+        self._logits: Tensor | None = None  # [V_draft] fp32 after the last context token, if current
+
+    @property
+    def length(self) -> int:
+        return len(self._tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        if len(tokens) == 0:
+            return
+        new = [int(t) for t in tokens]
+        if len(self._tokens) + len(new) > self.model.max_len:
+            raise DrafterError(
+                f"draft model {self.name} covers {self.model.max_len} positions; the context would reach "
+                f"{len(self._tokens) + len(new)}"
+            )
+        if min(new) < 0 or max(new) >= self.vocab:
+            raise DrafterError(f"token id outside the draft model {self.name}'s vocabulary of {self.vocab}")
+        self._tokens.extend(new)
+        self._sync()
+
+    def _sync(self) -> None:
+        """Run the model over the context tokens the cache does not hold yet (chunked prefill)."""
+        start, end = self.cache.length, len(self._tokens)
+        if start == end:
+            return
+        dev = self.model.device
+        for lo in range(start, end, self.chunk):
+            hi = min(lo + self.chunk, end)
+            ids = torch.tensor(self._tokens[lo:hi].tolist(), dtype=torch.long, device=dev)  # [T]
+            out = self.model(ids, self.cache, logits="last" if hi == end else "none")
+        self._logits = out[0]  # [V]
+
+    def truncate(self, length: int) -> None:
+        L = len(self._tokens)
+        if not 0 <= length <= L:
+            raise ValueError(f"cannot truncate {L} tokens to {length}")
+        if length == L:
+            return
+        del self._tokens[length:]
+        self._logits = None
+        # keep the cache one token short: the last token is run again (by itself or with the next
+        # extend) to give its logits, instead of storing logits for every rollback point
+        target = max(0, length - 1)
+        if self.cache.length <= target:
+            return
+        if self.cache.can_truncate(target):
+            self.cache.truncate(target)
+        else:
+            window, sink = self.cache.window, self.cache.sink
+            exact = self.rebuild == "exact"
+            # "window": one window plus slack, so rolling back up to slack right after stays O(1)
+            start = target - (self.model.args.n_layers * (window - 1) if exact else window + self.cache.slack)
+            self.cache.restart(start if start > sink else min(sink, target), approximate=not exact)
+
+    def next_logits(self) -> Tensor | None:
+        """Draft logits [V_draft] fp32 after the last context token (None on an empty context)."""
+        if not self._tokens:
+            return None
+        if self._logits is None:
+            self._sync()
+        return self._logits
+
+    def _fit(self, logits: Tensor) -> Tensor:
+        """Draft logits [V_draft] -> [V_target]: models sharing a tokenizer may pad their
+        embedding tables differently; ids past the tokenizer are never proposed."""
+        if self.vocab == self.target_vocab:
+            return logits
+        if self.vocab > self.target_vocab:
+            return logits[: self.target_vocab]
+        pad = logits.new_full((self.target_vocab - self.vocab,), float("-inf"))
+        return torch.cat([logits, pad])
+
+    def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
+        """k autoregressive draft steps; q rows [n, V_target] are sampler.probs of the draft logits
+        (None when greedy: the draft is then a point mass). The cache is rolled back before
+        returning."""
+        L = len(self._tokens)
+        # positions L .. L+k-1 must exist; more than slack + 1 steps could evict keys we roll back to
+        k = min(k, self.model.max_len - L, self.cache.slack + 1)
+        if k <= 0 or L == 0:
+            return [], None
+        logits = self.next_logits()
+        assert logits is not None
+        drafts: list[int] = []
+        rows: list[Tensor] = []
+        dev = self.model.device
+        for i in range(k):
+            row = self._fit(logits)
+            if sampler.greedy:
+                tok = int(row.argmax())
+            else:
+                probs = sampler.probs(row)  # [V_target]
+                tok = sampler.sample(probs)
+                rows.append(probs)
+            drafts.append(tok)
+            if i + 1 < k:
+                logits = self.model(torch.tensor([tok], device=dev), self.cache, logits="last")[0]
+        self.cache.truncate(L)
+        return drafts, (torch.stack(rows) if rows else None)
+
+    def figures(self) -> dict[str, int]:
+        L, sink, window = len(self._tokens), self.cache.sink, self.cache.window
+        if L <= sink:
+            return {"drafter_sink_tokens": L, "drafter_recent_tokens": 0}
+        return {"drafter_sink_tokens": sink, "drafter_recent_tokens": L - max(sink, L - window)}
+
+
+# -- construction ---------------------------------------------------------------------------------------
+
+
+def check_shared_vocab(draft_id: str, draft_tokenizer, target_tokenizer, draft_vocab: int) -> None:
+    """Raise DrafterError unless both tokenizers map every string to the same id and the draft
+    model can embed every id."""
+    a, b = draft_tokenizer.get_vocab(), target_tokenizer.get_vocab()
+    if a != b:
+        if len(a) != len(b):
+            detail = f"{len(a)} vs {len(b)} tokens"
+        else:
+            tok = min((t for t in a if a[t] != b.get(t)), key=a.__getitem__)  # lowest differing id
+            there = f"id {b[tok]}" if tok in b else "absent"
+            detail = f"token {tok!r} is id {a[tok]} in the draft, {there} in the target"
+        raise DrafterError(f"draft model {draft_id} does not share the target's tokenizer: {detail}")
+    top = max(a.values(), default=-1)
+    if top >= draft_vocab:
+        raise DrafterError(
+            f"draft model {draft_id} does not share the target's tokenizer: id {top} is past its "
+            f"embedding table of {draft_vocab}"
+        )
+
+
+def make_drafter(
+    spec: str, target: LoadedModel, *, sink: int = 4, window: int = 1024, slack: int = 256, chunk: int = 256,
+    n_min: int = 1, n_max: int = 4, device: str | None = None, extend_context: bool = True,
+    rebuild: str = "window", log=None,
+) -> Drafter:
+    """"ngram" -> NGramDrafter; anything else is a model spec for load_model (same dtype as the
+    target). extend_context: stretch a draft model with fewer positions than the target's context
+    with YaRN (draft quality only) instead of refusing it. slack 256 keeps regenerating a short
+    reply an O(1) rollback; rebuild="window" bounds the cost of deeper ones (see ModelDrafter)."""
+    if spec == "ngram":
+        vocab = max(target.model.args.vocab_size, len(target.tokenizer))
+        return NGramDrafter(n_max=n_max, n_min=n_min, vocab_size=vocab)
+    from triforce_chat.decoding.loading import load_model
+
+    context = target.model.max_len
+    loaded = load_model(
+        spec, dtype=target.model.dtype, device=device or str(target.model.device),
+        context=context if extend_context else None, log=log,
+    )
+    check_shared_vocab(loaded.model_id, loaded.tokenizer, target.tokenizer, loaded.model.args.vocab_size)
+    return ModelDrafter(
+        loaded.model, name=loaded.model_id, sink=sink, window=window, slack=slack, chunk=chunk,
+        target_vocab=target.model.args.vocab_size, max_context=context, rebuild=rebuild,
+    )
+
+
+__all__ = [
+    "Drafter", "DrafterError", "ModelDrafter", "NGramDrafter", "StreamingCache", "check_shared_vocab",
+    "make_drafter",
+]
