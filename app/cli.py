@@ -51,8 +51,10 @@ def read_document(path: Path, warn=lambda m: print(m, file=sys.stderr)) -> tuple
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         text = data.decode("utf-8", errors="replace")
-        warn(f"warning: {path} is not valid UTF-8 (first bad byte at offset {exc.start}); "
-             "undecodable bytes were replaced with U+FFFD")
+        warn(
+            f"warning: {path} is not valid UTF-8 (first bad byte at offset {exc.start}); "
+            "undecodable bytes were replaced with U+FFFD"
+        )
     if not text.strip():
         fail(f"{path}: the document is empty")
     return path.name, text
@@ -73,7 +75,9 @@ def pick_dtype(name: str, device: str):
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
+        from triforce_chat.decoding.loading import default_dtype
+
+        return default_dtype(device)
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
         fail(f"unknown dtype {name!r} (choose auto, float32, bfloat16, float16)")
@@ -120,21 +124,40 @@ def load_model_or_fail(settings, device: str, dtype, quiet: bool = False):
     from triforce_chat.decoding.loading import ModelLoadError, load_model
 
     try:
-        return load_model(settings.model, dtype=dtype, device=device, context=settings.context,
-                          log=(lambda m: None) if quiet else None)
+        return load_model(
+            settings.model,
+            dtype=dtype,
+            device=device,
+            context=settings.context,
+            log=(lambda m: None) if quiet else None,
+        )
     except ModelLoadError as exc:
         fail(str(exc))
 
 
 # Options shared by the chat and `ask` (names and validation are the same in both)
-DocOpt = Annotated[list[Path] | None, typer.Option("--doc", "-d", help="Text file to put into the context (repeatable).")]
-ModelOpt = Annotated[str | None, typer.Option(help="Default SmolLM2-135M-Instruct; a Hugging Face id or a folder.")]
-LevelOpt = Annotated[int | None, typer.Option(help="Speculation level: 0 plain, 1 retrieval draft, 2 + bottom drafter.")]
-DraftOpt = Annotated[str | None, typer.Option(help="Bottom drafter: 'ngram' or a draft model sharing the tokenizer.")]
-BudgetOpt = Annotated[str | None, typer.Option(help="Retrieval budget: tokens (4096) or a fraction of the context (0.1).")]
+DocOpt = Annotated[
+    list[Path] | None, typer.Option("--doc", "-d", help="Text file to put into the context (repeatable).")
+]
+ModelOpt = Annotated[
+    str | None, typer.Option(help="Default SmolLM2-135M-Instruct; a Hugging Face id or a folder.")
+]
+LevelOpt = Annotated[
+    int | None, typer.Option(help="Speculation level: 0 plain, 1 retrieval draft, 2 + bottom drafter.")
+]
+DraftOpt = Annotated[
+    str | None, typer.Option(help="Bottom drafter: 'ngram' or a draft model sharing the tokenizer.")
+]
+BudgetOpt = Annotated[
+    str | None, typer.Option(help="Retrieval budget: tokens (4096) or a fraction of the context (0.1).")
+]
 ChunkOpt = Annotated[int | None, typer.Option("--chunk-size", help="Retrieval chunk size in tokens.")]
-GammaMidOpt = Annotated[int | None, typer.Option("--gamma-mid", help="Max tokens the middle level drafts per round.")]
-GammaLowOpt = Annotated[int | None, typer.Option("--gamma-low", help="Max tokens the bottom drafter proposes.")]
+GammaMidOpt = Annotated[
+    int | None, typer.Option("--gamma-mid", help="Max tokens the middle level drafts per round.")
+]
+GammaLowOpt = Annotated[
+    int | None, typer.Option("--gamma-low", help="Max tokens the bottom drafter proposes.")
+]
 MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Stop after this many tokens.")]
 TempOpt = Annotated[float | None, typer.Option(help="0 is greedy.")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
@@ -142,19 +165,35 @@ SeedOpt = Annotated[int | None, typer.Option(help="Seed for reproducible samplin
 DtypeOpt = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 (CPU/CUDA), float16 (CUDA).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu or cuda.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
-ContextOpt = Annotated[int | None, typer.Option(help="Extend the model's positions to this many tokens (YaRN).")]
-TruncateOpt = Annotated[bool, typer.Option("--truncate", help="Keep head and tail of documents too long to fit.")]
+ContextOpt = Annotated[
+    int | None, typer.Option(help="Extend the model's positions to this many tokens (YaRN).")
+]
+TruncateOpt = Annotated[
+    bool, typer.Option("--truncate", help="Keep head and tail of documents too long to fit.")
+]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings file (TOML).")]
 
 
 @app.callback(invoke_without_command=True)
 def chat(
     ctx: typer.Context,
-    doc: DocOpt = None, model: ModelOpt = None, level: LevelOpt = None, draft: DraftOpt = None,
-    budget: BudgetOpt = None, chunk_size: ChunkOpt = None, gamma_mid: GammaMidOpt = None,
-    gamma_low: GammaLowOpt = None, max_new_tokens: MaxNewOpt = None, temperature: TempOpt = None,
-    top_p: TopPOpt = None, seed: SeedOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
-    threads: ThreadsOpt = None, context: ContextOpt = None, truncate: TruncateOpt = False,
+    doc: DocOpt = None,
+    model: ModelOpt = None,
+    level: LevelOpt = None,
+    draft: DraftOpt = None,
+    budget: BudgetOpt = None,
+    chunk_size: ChunkOpt = None,
+    gamma_mid: GammaMidOpt = None,
+    gamma_low: GammaLowOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TempOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    context: ContextOpt = None,
+    truncate: TruncateOpt = False,
     theme: Annotated[str | None, typer.Option(help="triforce-dark or triforce-light.")] = None,
     resume: Annotated[str | None, typer.Option(help="Reopen a saved conversation: an id or 'last'.")] = None,
     config: ConfigOpt = None,
@@ -163,9 +202,24 @@ def chat(
     if ctx.invoked_subcommand is not None:
         return
     settings = resolve_settings(
-        config, model=model, level=level, draft=draft, budget=budget, chunk_size=chunk_size, gamma_mid=gamma_mid,
-        gamma_low=gamma_low, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        dtype=dtype, device=device, threads=threads, context=context, theme=theme, truncate=truncate or None,
+        config,
+        model=model,
+        level=level,
+        draft=draft,
+        budget=budget,
+        chunk_size=chunk_size,
+        gamma_mid=gamma_mid,
+        gamma_low=gamma_low,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+        context=context,
+        theme=theme,
+        truncate=truncate or None,
     )
     decode_config(settings)
     for path in doc or []:
@@ -178,19 +232,45 @@ def chat(
 @app.command()
 def ask(
     question: Annotated[str, typer.Argument(help="The question (use - to read it from stdin).")],
-    doc: DocOpt = None, model: ModelOpt = None, level: LevelOpt = None, draft: DraftOpt = None,
-    budget: BudgetOpt = None, chunk_size: ChunkOpt = None, gamma_mid: GammaMidOpt = None,
-    gamma_low: GammaLowOpt = None, max_new_tokens: MaxNewOpt = None, temperature: TempOpt = None,
-    top_p: TopPOpt = None, seed: SeedOpt = None, dtype: DtypeOpt = None, device: DeviceOpt = None,
-    threads: ThreadsOpt = None, context: ContextOpt = None, truncate: TruncateOpt = False,
+    doc: DocOpt = None,
+    model: ModelOpt = None,
+    level: LevelOpt = None,
+    draft: DraftOpt = None,
+    budget: BudgetOpt = None,
+    chunk_size: ChunkOpt = None,
+    gamma_mid: GammaMidOpt = None,
+    gamma_low: GammaLowOpt = None,
+    max_new_tokens: MaxNewOpt = None,
+    temperature: TempOpt = None,
+    top_p: TopPOpt = None,
+    seed: SeedOpt = None,
+    dtype: DtypeOpt = None,
+    device: DeviceOpt = None,
+    threads: ThreadsOpt = None,
+    context: ContextOpt = None,
+    truncate: TruncateOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Answer one question about the documents, streaming the text to stdout."""
     settings = resolve_settings(
-        config, model=model, level=level, draft=draft, budget=budget, chunk_size=chunk_size, gamma_mid=gamma_mid,
-        gamma_low=gamma_low, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-        dtype=dtype, device=device, threads=threads, context=context, truncate=truncate or None,
+        config,
+        model=model,
+        level=level,
+        draft=draft,
+        budget=budget,
+        chunk_size=chunk_size,
+        gamma_mid=gamma_mid,
+        gamma_low=gamma_low,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        threads=threads,
+        context=context,
+        truncate=truncate or None,
     )
     if question == "-":
         question = sys.stdin.read()
@@ -210,10 +290,13 @@ def ask(
 def run_ask(lm, cfg, docs: list[tuple[str, str]], question: str, stream=None) -> dict[str, Any]:
     """Answer headless; returns the `ask --json` object (also used by bench and tests)."""
     from triforce_chat.decoding.drafters import DrafterError
+    from triforce_chat.decoding.loading import ModelLoadError
     from triforce_chat.decoding.session import ContextOverflow, DocumentError, Session
 
     try:
         session = Session(lm, cfg)
+        if cfg.level == 2:
+            session.drafter  # noqa: B018 - load a draft model now, so a bad --draft fails before any prefill
         for name, text in docs:
             session.add_document(name, text)
         token_ids: list[int] = []
@@ -222,7 +305,7 @@ def run_ask(lm, cfg, docs: list[tuple[str, str]], question: str, stream=None) ->
             if stream is not None and ev.text:
                 stream.write(ev.text)
                 stream.flush()
-    except (ContextOverflow, DocumentError, DrafterError) as exc:
+    except (ContextOverflow, DocumentError, DrafterError, ModelLoadError) as exc:
         fail(str(exc))
     stats = session.stats.to_dict()
     stats["cache"] = session.cache_figures().to_dict()
@@ -237,6 +320,52 @@ def run_ask(lm, cfg, docs: list[tuple[str, str]], question: str, stream=None) ->
         "dtype": str(lm.model.dtype).removeprefix("torch."),
         "stats": stats,
     }
+
+
+@app.command()
+def bench(
+    contexts: Annotated[str, typer.Option(help="Comma list of approximate prompt lengths.")] = "1024,7168",
+    levels: Annotated[str, typer.Option(help="Comma list of speculation levels to compare.")] = "0,1,2",
+    doc: Annotated[Path | None, typer.Option("--doc", "-d", help="A file, not the generated report.")] = None,
+    model: ModelOpt = None,
+    budget: BudgetOpt = None,
+    chunk_size: ChunkOpt = None,
+    gamma_mid: GammaMidOpt = None,
+    gamma_low: GammaLowOpt = None,
+    context: ContextOpt = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUDA).")] = "float32",
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (1: stable numbers).")] = 1,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per answer.")] = 128,
+    questions: Annotated[int, typer.Option(help="Prompts per context.")] = 2,
+    no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip the transformers generate baselines.")] = False,
+    reuse_prefill: Annotated[
+        bool, typer.Option("--reuse-prefill", help="Levels after the first reuse its prefilled cache (long contexts).")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Compare levels 0/1/2 and transformers generate on the same prompts; exit 1 if the levels disagree."""
+    from triforce_chat.app.bench import bench_command
+
+    raise typer.Exit(
+        bench_command(
+            contexts=contexts,
+            levels=levels,
+            doc=doc,
+            json_out=json_out,
+            no_hf=no_hf,
+            reuse_prefill=reuse_prefill,
+            questions=questions,
+            max_new_tokens=max_new_tokens,
+            model=model,
+            budget=budget,
+            chunk_size=chunk_size,
+            gamma_mid=gamma_mid,
+            gamma_low=gamma_low,
+            context=context,
+            dtype=dtype,
+            threads=threads,
+        )
+    )
 
 
 def main() -> None:

@@ -16,31 +16,144 @@ from dataclasses import dataclass, field
 # SmolLM2's tokenizer on this text; rough, for sizing: callers that need exact counts cut with a tokenizer
 CHARS_PER_TOKEN = 3.4
 
-_FIRST = ("Amara", "Bruno", "Celia", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Keiko",
-          "Lars", "Mira", "Nikhil", "Olga", "Pavel", "Quentin", "Rosa", "Soren", "Talia", "Umar", "Vera",
-          "Wendell", "Ximena", "Yusuf", "Zofia")
-_LAST = ("Abernathy", "Baptiste", "Castellanos", "Drummond", "Eriksen", "Fairweather", "Galloway", "Hartmann",
-         "Ishikawa", "Jovanovic", "Kowalczyk", "Lindqvist", "Moreau", "Nakamura", "Okonkwo", "Petrov",
-         "Quinlan", "Rasmussen", "Sandoval", "Thorne", "Underwood", "Valdez", "Whitaker", "Yilmaz")
-_SYLLABLES = ("bel", "cor", "dun", "fal", "gar", "hol", "ist", "kel", "lor", "mar", "nor", "ost", "pen",
-              "quar", "ros", "sel", "tam", "vel", "wyn", "zan")
+_FIRST = (
+    "Amara",
+    "Bruno",
+    "Celia",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Keiko",
+    "Lars",
+    "Mira",
+    "Nikhil",
+    "Olga",
+    "Pavel",
+    "Quentin",
+    "Rosa",
+    "Soren",
+    "Talia",
+    "Umar",
+    "Vera",
+    "Wendell",
+    "Ximena",
+    "Yusuf",
+    "Zofia",
+)
+_LAST = (
+    "Abernathy",
+    "Baptiste",
+    "Castellanos",
+    "Drummond",
+    "Eriksen",
+    "Fairweather",
+    "Galloway",
+    "Hartmann",
+    "Ishikawa",
+    "Jovanovic",
+    "Kowalczyk",
+    "Lindqvist",
+    "Moreau",
+    "Nakamura",
+    "Okonkwo",
+    "Petrov",
+    "Quinlan",
+    "Rasmussen",
+    "Sandoval",
+    "Thorne",
+    "Underwood",
+    "Valdez",
+    "Whitaker",
+    "Yilmaz",
+)
+_SYLLABLES = (
+    "bel",
+    "cor",
+    "dun",
+    "fal",
+    "gar",
+    "hol",
+    "ist",
+    "kel",
+    "lor",
+    "mar",
+    "nor",
+    "ost",
+    "pen",
+    "quar",
+    "ros",
+    "sel",
+    "tam",
+    "vel",
+    "wyn",
+    "zan",
+)
 _SUFFIXES = ("ford", "haven", "mere", "port", "stead", "ton", "vale", "wick")
 _FACILITIES = ("depot", "workshop", "laboratory", "warehouse", "field station", "repair yard", "archive")
-_PROJECTS = ("cold storage", "solar roof", "river crossing", "inventory audit", "night shift",
-             "flood barrier", "seed bank", "signal tower", "water filter", "rail spur", "library annex",
-             "bridge survey")
-_ITEMS = ("copper wire", "oak beams", "pressure valves", "canvas tarps", "glass jars", "steel bolts",
-          "rubber hoses", "lamp oil", "wool blankets", "ceramic tiles", "brass fittings", "rope coils",
-          "clay bricks", "paper ledgers", "iron nails", "pine planks", "cotton sacks", "tin buckets")
-_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-           "November", "December")
-_OUTCOMES = ("finished two weeks ahead of schedule", "ran over budget after a late delivery of parts",
-             "was paused during the autumn storms and resumed in spring",
-             "was completed by a volunteer crew working on weekends",
-             "met every milestone agreed with the regional council")
-_RECURRING = ("Note on figures: as in every section of this report, quantities are counted at the end of "
-              "the reporting period, costs are given in crowns, and all numbers were confirmed by the "
-              "regional auditor before publication.")
+_PROJECTS = (
+    "cold storage",
+    "solar roof",
+    "river crossing",
+    "inventory audit",
+    "night shift",
+    "flood barrier",
+    "seed bank",
+    "signal tower",
+    "water filter",
+    "rail spur",
+    "library annex",
+    "bridge survey",
+)
+_ITEMS = (
+    "copper wire",
+    "oak beams",
+    "pressure valves",
+    "canvas tarps",
+    "glass jars",
+    "steel bolts",
+    "rubber hoses",
+    "lamp oil",
+    "wool blankets",
+    "ceramic tiles",
+    "brass fittings",
+    "rope coils",
+    "clay bricks",
+    "paper ledgers",
+    "iron nails",
+    "pine planks",
+    "cotton sacks",
+    "tin buckets",
+)
+_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
+_OUTCOMES = (
+    "finished two weeks ahead of schedule",
+    "ran over budget after a late delivery of parts",
+    "was paused during the autumn storms and resumed in spring",
+    "was completed by a volunteer crew working on weekends",
+    "met every milestone agreed with the regional council",
+)
+_RECURRING = (
+    "Note on figures: as in every section of this report, quantities are counted at the end of "
+    "the reporting period, costs are given in crowns, and all numbers were confirmed by the "
+    "regional auditor before publication."
+)
 
 
 @dataclass(frozen=True)
@@ -85,24 +198,36 @@ def _section(rng: random.Random, k: int, org: str, used: set[str]) -> tuple[str,
     project, month, outcome = rng.choice(_PROJECTS), rng.choice(_MONTHS), rng.choice(_OUTCOMES)
     cost, crew = rng.randint(8, 900) * 1000, rng.randint(3, 40)
     title = f"{place} {facility}"
-    intro = (f"The {title} is led by {lead}, who joined {org} in {year}, with {deputy} as deputy. It "
-             f"employs {staff} staff and handled {shipments:,} shipments in the reporting period, "
-             f"{growth} percent more than in the year before.")
-    story = (f"In {month}, the {title} started the {project} project with a crew of {crew} and a budget "
-             f"of {cost:,} crowns. The project {outcome}. {lead} wrote in the closing memo that the "
-             f"{project} work at {place} should serve as a model for the other sites of {org}.")
+    intro = (
+        f"The {title} is led by {lead}, who joined {org} in {year}, with {deputy} as deputy. It "
+        f"employs {staff} staff and handled {shipments:,} shipments in the reporting period, "
+        f"{growth} percent more than in the year before."
+    )
+    story = (
+        f"In {month}, the {title} started the {project} project with a crew of {crew} and a budget "
+        f"of {cost:,} crowns. The project {outcome}. {lead} wrote in the closing memo that the "
+        f"{project} work at {place} should serve as a model for the other sites of {org}."
+    )
     items = rng.sample(_ITEMS, rng.randint(4, 6))
     rows = [f"| {it} | {rng.randint(5, 2000)} | {rng.randint(1, 300)} |" for it in items]
-    table = "\n".join([f"Table {k}: Stock held at the {title}", "", "| Item | Quantity | Unit cost |",
-                       "|---|---|---|", *rows])
+    table = "\n".join(
+        [f"Table {k}: Stock held at the {title}", "", "| Item | Quantity | Unit cost |", "|---|---|---|", *rows]
+    )
     text = "\n\n".join([f"## Section {k}: The {title}", intro, story, table, _RECURRING])
     questions = [
-        Question(f"Quote, word for word, the paragraph about the {project} project at {place}.", "quote",
-                 story, story, k),
-        Question(f"Who leads the {title}, and how many staff does it employ?", "fact", intro,
-                 f"{lead}; {staff} staff", k),
-        Question(f"List every row of Table {k} (stock held at the {title}) with its quantity and unit cost.",
-                 "table", table, "\n".join(rows), k),
+        Question(
+            f"Quote, word for word, the paragraph about the {project} project at {place}.", "quote", story, story, k
+        ),
+        Question(
+            f"Who leads the {title}, and how many staff does it employ?", "fact", intro, f"{lead}; {staff} staff", k
+        ),
+        Question(
+            f"List every row of Table {k} (stock held at the {title}) with its quantity and unit cost.",
+            "table",
+            table,
+            "\n".join(rows),
+            k,
+        ),
     ]
     return text, questions
 
@@ -111,8 +236,10 @@ def build_report(n_tokens_approx: int, seed: int = 0) -> Report:
     """A report of about `n_tokens_approx` tokens (whole sections; at least one) and its questions."""
     rng = random.Random(seed)
     org = f"the {_place(rng)} Cooperative"
-    head = (f"# Annual Operations Report of {org}\n\nThis report describes each site of {org} in turn: who "
-            "runs it, what it stocks, and the projects it carried out during the reporting period.")
+    head = (
+        f"# Annual Operations Report of {org}\n\nThis report describes each site of {org} in turn: who "
+        "runs it, what it stocks, and the projects it carried out during the reporting period."
+    )
     parts, questions, used = [head], [], set()
     k = 0
     target_chars = n_tokens_approx * CHARS_PER_TOKEN
@@ -139,8 +266,11 @@ def pick_questions(questions: list[Question], n: int) -> list[Question]:
     chosen: list[Question] = []
     for i in range(n):
         depth = sections[min(len(sections) - 1, int((i + 0.5) / n * len(sections)))]
-        pool = [q for q in questions if q.kind == kinds[i % 3] and q not in chosen] or \
-               [q for q in questions if q not in chosen] or questions
+        pool = (
+            [q for q in questions if q.kind == kinds[i % 3] and q not in chosen]
+            or [q for q in questions if q not in chosen]
+            or questions
+        )
         chosen.append(min(pool, key=lambda q: (abs(q.section - depth), q.section)))
     return chosen
 

@@ -34,6 +34,7 @@ class RoundEvent:
     mid_proposed: list[int] = field(default_factory=list)  # the window the full target verified
     mid_accepted: int = 0
     low_rounds: list[LowRound] = field(default_factory=list)
+    route: str = "step"  # "step": plain target step | "mid": middle window | "direct": bottom drafts to target
     final_kind: str = "step"  # "step" (level 0) | "correction" | "bonus"
     timings: dict[str, float] = field(default_factory=dict)  # seconds spent in "low", "mid", "target"
     wall_s: float = 0.0

@@ -62,6 +62,7 @@ class CostModel:
         self.verify: dict[int, _Ema] = {}  # full target, T tokens
         self.mid_per_token = _Ema(0.0)  # middle level seconds per drafted token (level 2: bottom included)
         self.alpha = _Ema(0.8, weight=0.15)  # per-token acceptance of middle drafts by the target
+        self.alpha_direct = _Ema(0.5, weight=0.15)  # ... of bottom drafts verified by the target directly
 
     def verify_cost(self, t: int) -> float:
         if t in self.verify and self.verify[t].n:
@@ -72,17 +73,27 @@ class CostModel:
         k, v = min(known, key=lambda kv: abs(kv[0] - t))  # nearest measured window, scaled linearly
         return self.step.value + (v - self.step.value) * (t - 1) / max(1, k - 1)
 
-    def best_gamma(self, gamma_max: int) -> int:
+    @staticmethod
+    def expected_tokens(alpha: float, k: int) -> float:
+        """Tokens kept by a window of k drafts with per-token acceptance alpha (bonus included)."""
+        a = min(alpha, 0.999)
+        return (1 - a ** (k + 1)) / (1 - a)
+
+    def best_gamma(self, gamma_max: int) -> tuple[int, float]:
+        """(γ, tokens/s) of the best middle-level window; γ = 0 is a plain step."""
         if not self.step.n or not self.mid_per_token.n:
-            return gamma_max
-        a = min(self.alpha.value, 0.999)
+            return gamma_max, float("inf")  # nothing measured yet: try the window
         best, best_rate = 0, 1.0 / self.step.value
         for g in range(1, gamma_max + 1):
-            expected = (1 - a ** (g + 1)) / (1 - a)
-            rate = expected / (g * self.mid_per_token.value + self.verify_cost(g + 1))
+            rate = self.expected_tokens(self.alpha.value, g) / (g * self.mid_per_token.value + self.verify_cost(g + 1))
             if rate > best_rate:
                 best, best_rate = g, rate
-        return best
+        return best, best_rate
+
+    def direct_rate(self, k: int) -> float:
+        if not self.step.n:
+            return float("inf")
+        return self.expected_tokens(self.alpha_direct.value, k) / self.verify_cost(k + 1)
 
 
 class SpeculativeDecoder:
@@ -100,7 +111,7 @@ class SpeculativeDecoder:
         self.view, self.drafter = view, drafter
         self.costs = CostModel()
         self._drafter_ctx: list[int] = []  # mirror of what the drafter holds
-        self._rounds_since_probe = 0
+        self._last_used: dict[str, int] = {}
         self._rounds_since_rebuild = 0
         self.level0_step_s = 0.0
 
@@ -139,9 +150,9 @@ class SpeculativeDecoder:
         q = self.sampler.probs(logits[0])
         return self.sampler.sample(q), q
 
-    def _mid_window(self, pending: int, context: list[int], gamma: int, level: int, ev: RoundEvent):
-        """Draft up to `gamma` tokens with the middle level (level 2: fed by the bottom drafter).
-        Returns (tokens, q rows [n, V], origins)."""
+    def _mid_window(self, pending: int, context: list[int], gamma: int, level: int, ev: RoundEvent, first=None):
+        """Draft up to `gamma` tokens with the middle level (level 2: fed by the bottom drafter,
+        whose first proposal may already be at hand). Returns (tokens, q rows [n, V], origins)."""
         view = self.view
         view.truncate_scratch(0)
         tokens: list[int] = []
@@ -154,11 +165,15 @@ class SpeculativeDecoder:
             props: list[int] = []
             q_low = None
             if level == 2:
-                t0 = time.perf_counter()
                 want = min(self.config.gamma_low, max(1, gamma - len(tokens)))
-                props, q_low = self.drafter.propose(want, self.sampler)
+                if first is not None:
+                    props, q_low = first
+                    first = None
+                else:
+                    t0 = time.perf_counter()
+                    props, q_low = self.drafter.propose(want, self.sampler)
+                    t_low += time.perf_counter() - t0
                 props = list(props)[:want]
-                t_low += time.perf_counter() - t0
             if not props:
                 tok, q = self._mid_draft_alone(cur)
                 new, new_q, new_o = [tok], [q], ["mid"]
@@ -184,7 +199,7 @@ class SpeculativeDecoder:
                 break
         if level == 2:
             self._drafter_truncate(base)
-        ev.timings["low"] = ev.timings.get("low", 0.0) + t_low
+        ev.timings["low_inner"] = t_low
         return tokens, torch.stack(qs), origins
 
     # -- the loop -------------------------------------------------------------------------------------
@@ -199,53 +214,56 @@ class SpeculativeDecoder:
         level = cfg.level if self.view is not None else 0
         if level == 2 and self.drafter is None:
             level = 1
-        if level >= 1 and self.view.needs_rebuild:
-            self.view.rebuild()
-            self._rounds_since_rebuild = 0
         produced = 0
         index = 0
         while produced < max_new_tokens and not should_stop():
-            room = self.cache.max_len - self.cache.length - 1  # tokens the cache can still take after pending
+            room = self.cache.max_len - self.cache.length - 1  # tokens the cache can take after pending
             if room < 0:
                 self.stop_reason = "context full"
                 return
             t_start = time.perf_counter()
             ev = RoundEvent(index=index, tokens=[], origins=[], text="")
-            gamma = 0
-            # adaptive: the first round is a level-0 step, which measures the baseline step time
-            if level >= 1 and (index > 0 or not cfg.adaptive):
-                gamma = self._choose_gamma(min(cfg.gamma_mid, max_new_tokens - produced - 1, room))
             pending = context[-1]
-            if gamma == 0:
+            window_max = min(max_new_tokens - produced - 1, room)  # drafts beyond this are wasted
+            props: list[int] = []
+            q_low = None
+            route, gamma = "step", 0
+            # adaptive: the first round is a level-0 step, which measures the baseline step time
+            if level >= 1 and window_max > 0 and (index > 0 or not cfg.adaptive):
+                if level == 2:
+                    self._sync_drafter(context)
+                    t0 = time.perf_counter()
+                    props, q_low = self.drafter.propose(min(cfg.gamma_mid + cfg.gamma_low, window_max), self.sampler)
+                    props = list(props)
+                    ev.timings["low"] = time.perf_counter() - t0
+                route, gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), props, index)
+            ev.route = route
+            if route == "step":
                 t0 = time.perf_counter()
                 kept, origins = self._target_step(pending)
                 dt = time.perf_counter() - t0
                 self.costs.step.update(dt)
                 ev.timings["target"] = dt
                 ev.final_kind = "step"
+            elif route == "direct":  # bottom drafts verified by the full target itself
+                a, nxt = self._verify(pending, props, q_low, ev)
+                self.costs.alpha_direct.update(a / len(props))
+                ev.low_rounds.append(LowRound(proposed=props, accepted=a, next_token=nxt))
+                kept, origins = props[:a] + [nxt], ["low"] * a + ["target"]
             else:
                 if self.view.needs_rebuild:
                     self.view.rebuild()
                     self._rounds_since_rebuild = 0
-                if level == 2:
-                    self._sync_drafter(context)
                 t0 = time.perf_counter()
-                drafts, q, d_origins = self._mid_window(pending, context, gamma, level, ev)
+                first = (props[: cfg.gamma_low], None if q_low is None else q_low[: cfg.gamma_low])
+                drafts, q, d_origins = self._mid_window(pending, context, gamma, level, ev, first)
                 t_mid = time.perf_counter() - t0
-                self.costs.mid_per_token.update(t_mid / len(drafts))
-                ev.timings["mid"] = t_mid - ev.timings.get("low", 0.0)
-                t0 = time.perf_counter()
-                L0 = self.cache.length
-                window = torch.tensor([pending, *drafts], device=self.model.device)
-                p = self.sampler.probs(self.model(window, self.cache, logits="all"))  # [γ+1, V]
-                a, nxt = verify_drafts(self.sampler, drafts, q, p)
-                self.cache.truncate(L0 + 1 + a)
-                dt = time.perf_counter() - t0
-                self.costs.verify.setdefault(len(drafts) + 1, _Ema(dt)).update(dt)
+                self.costs.mid_per_token.update((t_mid + ev.timings.get("low", 0.0)) / len(drafts))
+                ev.timings["mid"] = t_mid - ev.timings.get("low_inner", 0.0)
+                ev.timings["low"] = ev.timings.get("low", 0.0) + ev.timings.pop("low_inner", 0.0)
+                a, nxt = self._verify(pending, drafts, q, ev)
                 self.costs.alpha.update(a / len(drafts))
-                ev.timings["target"] = dt
                 ev.mid_proposed, ev.mid_accepted = drafts, a
-                ev.final_kind = "bonus" if a == len(drafts) else "correction"
                 kept, origins = drafts[:a] + [nxt], d_origins[:a] + ["target"]
                 self._maybe_rebuild()
             ev.gamma_mid, ev.gamma_low = gamma, (cfg.gamma_low if level == 2 else 0)
@@ -260,7 +278,7 @@ class SpeculativeDecoder:
             self.cache.truncate(min(self.cache.length, len(context) - 1))
             ev.tokens, ev.origins = kept, origins
             ev.wall_s = time.perf_counter() - t_start
-            if index == 0 and gamma == 0:
+            if not self.level0_step_s and route == "step":
                 self.level0_step_s = ev.timings["target"]
             produced += len(kept)
             index += 1
@@ -272,18 +290,45 @@ class SpeculativeDecoder:
 
     stop_reason = ""
 
-    def _choose_gamma(self, gamma_max: int) -> int:
+    def _verify(self, pending: int, drafts: list[int], q, ev: RoundEvent) -> tuple[int, int]:
+        """The full target verifies [pending, *drafts] in one forward; the cache keeps the accepted."""
+        t0 = time.perf_counter()
+        start = self.cache.length
+        window = torch.tensor([pending, *drafts], device=self.model.device)
+        p = self.sampler.probs(self.model(window, self.cache, logits="all"))  # [k+1, V]
+        a, nxt = verify_drafts(self.sampler, drafts, q, p)
+        self.cache.truncate(start + 1 + a)
+        dt = time.perf_counter() - t0
+        self.costs.verify.setdefault(len(drafts) + 1, _Ema(dt)).update(dt)
+        ev.timings["target"] = dt
+        ev.final_kind = "bonus" if a == len(drafts) else "correction"
+        return a, nxt
+
+    def _choose_route(self, level: int, gamma_max: int, props: list[int], index: int) -> tuple[str, int]:
+        """("step", 0) | ("mid", γ) | ("direct", len(props)): the route with the best expected
+        tokens per second under the cost model, with a probe of a neglected route now and then."""
         if gamma_max <= 0:
-            return 0
+            return "step", 0
         if not self.config.adaptive:
-            return gamma_max
-        g = self.costs.best_gamma(gamma_max)
-        if g == 0:
-            self._rounds_since_probe += 1
-            if self._rounds_since_probe >= self.config.probe_every:
-                self._rounds_since_probe = 0
-                return min(2, gamma_max)
-        return g
+            return "mid", gamma_max
+        c = self.costs
+        gamma, rate = c.best_gamma(gamma_max)
+        choice = ("mid", gamma) if gamma else ("step", 0)
+        if props:
+            direct = c.direct_rate(len(props))
+            if direct > rate:
+                choice, rate = ("direct", len(props)), direct
+        # probe the middle level (and a direct window) when adaptation keeps choosing against them,
+        # so that the estimates follow a context that changes as the answer grows
+        for route in ("mid", "direct"):
+            if route == "direct" and not props:
+                continue
+            if choice[0] == route:
+                self._last_used[route] = index
+            elif index - self._last_used.get(route, 0) >= self.config.probe_every:
+                self._last_used[route] = index
+                return (route, min(2, gamma_max)) if route == "mid" else (route, len(props))
+        return choice
 
     def _maybe_rebuild(self) -> None:
         self._rounds_since_rebuild += 1

@@ -47,8 +47,7 @@ class Engine:
                                  view=self.view, drafter=self.drafters[drafter] if level == 2 else None)
         dec._drafter_ctx = self.mirrors[drafter]
         context = list(self.prompt)
-        for _ in dec.generate(context, n):
-            pass
+        dec.routes = [ev.route for ev in dec.generate(context, n)]
         return context[len(self.prompt) :], dec
 
 
@@ -82,6 +81,16 @@ def test_greedy_levels_are_token_identical(small_models, seed, length, budget, g
                                      (1, "ngram", True), (2, "ngram", True)]:
         got, dec = engine.run(level, 60, Sampler(0.0), drafter, gamma_mid, gamma_low, adaptive)
         assert got == want, f"level {level} ({drafter}, adaptive={adaptive}) differs from level 0"
+
+
+def test_adaptive_routes_are_all_exercised_and_lossless(small_models):
+    """Adaptive level 2 mixes plain steps, middle windows and bottom drafts verified directly."""
+    target, _ = small_models
+    engine = Engine(target, repetitive_prompt(4, 300, 64), budget=32, chunk=4)
+    want, _ = engine.run(0, 120, Sampler(0.0))
+    got, dec = engine.run(2, 120, Sampler(0.0), "ngram", gamma_mid=4, gamma_low=3, adaptive=True)
+    assert got == want
+    assert {"step", "mid", "direct"} <= set(dec.routes), dec.routes
 
 
 def test_greedy_identity_is_checked_against_a_verifier_that_matters(small_models, monkeypatch):
@@ -138,10 +147,11 @@ def exact_pair_distribution(model, prompt, sampler) -> dict[tuple[int, int], flo
     return out
 
 
-def chi2_statistic(engine, level, drafter, temperature, top_p, exact) -> float:
+def chi2_statistic(engine, level, drafter, temperature, top_p, exact, adaptive=False) -> float:
     counts = dict.fromkeys(exact, 0)
     for seed in range(DRAWS):
-        got, _ = engine.run(level, 2, Sampler(temperature, top_p, seed=seed), drafter, gamma_mid=3, gamma_low=2)
+        got, _ = engine.run(level, 2, Sampler(temperature, top_p, seed=seed), drafter, gamma_mid=3, gamma_low=2,
+                            adaptive=adaptive)
         counts[tuple(got)] += 1
     # bins with small expectation are pooled so the chi-square approximation holds
     stat, pooled_obs, pooled_exp, df = 0.0, 0, 0.0, -1
@@ -168,13 +178,14 @@ def sampling_setup(tmp_path_factory):
     return Engine(target, prompt, budget=12, chunk=4, draft_model=draft), target, prompt
 
 
-@pytest.mark.parametrize("level,drafter,temperature,top_p", [
-    (1, "ngram", 1.0, 1.0), (2, "ngram", 1.0, 1.0), (2, "model", 1.0, 1.0), (2, "model", 0.8, 0.9),
+@pytest.mark.parametrize("level,drafter,temperature,top_p,adaptive", [
+    (1, "ngram", 1.0, 1.0, False), (2, "ngram", 1.0, 1.0, False), (2, "model", 1.0, 1.0, False),
+    (2, "model", 0.8, 0.9, False), (2, "ngram", 1.0, 1.0, True),
 ])
-def test_sampling_is_distributed_as_the_target(sampling_setup, level, drafter, temperature, top_p):
+def test_sampling_is_distributed_as_the_target(sampling_setup, level, drafter, temperature, top_p, adaptive):
     engine, target, prompt = sampling_setup
     exact = exact_pair_distribution(target, prompt, Sampler(temperature, top_p, seed=0))
-    assert chi2_statistic(engine, level, drafter, temperature, top_p, exact) < 1.0
+    assert chi2_statistic(engine, level, drafter, temperature, top_p, exact, adaptive) < 1.0
 
 
 def test_chi_square_rejects_biased_verifiers(sampling_setup, monkeypatch):

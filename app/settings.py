@@ -1,0 +1,277 @@
+"""One typed settings object: built-in defaults <- config file (TOML) <- command-line flags.
+
+UI-free: the headless `ask` command and the TUI both read it. The config file lives at
+`user_config_dir("triforce-chat")/config.toml` (env TRIFORCE_CHAT_CONFIG overrides the path) and
+holds a default for every option plus a `[keymap]` table mapping binding ids to keys, e.g.
+
+    model = "smollm2-135m-instruct"
+    level = 2
+    budget = "4096"        # tokens, or a fraction of the context such as "0.1" or "10%"
+    theme = "triforce-light"
+
+    [keymap]
+    cycle-level = "ctrl+t"
+    stop = "escape,ctrl+x"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 needs the backport
+    import tomli as tomllib
+
+APP_NAME = "triforce-chat"
+DRAFTS = ("ngram",)  # or a model spec (folder / hub id) for a small draft model
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class SettingsError(ValueError):
+    """A bad config file or option; the message is one line for the user (it names the line)."""
+
+
+def config_path() -> Path:
+    env = os.environ.get("TRIFORCE_CHAT_CONFIG")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir(APP_NAME)) / "config.toml"
+
+
+def data_dir() -> Path:
+    env = os.environ.get("TRIFORCE_CHAT_DATA")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_data_dir
+
+    return Path(user_data_dir(APP_NAME))
+
+
+def parse_budget(budget: str | int | float) -> tuple[int, float]:
+    """'4096' -> (4096, 0.0) tokens; '0.1' or '10%' -> (0, 0.1) of the context. Raises SettingsError."""
+    text = str(budget).strip()
+    bad = SettingsError(
+        "budget must be a token count (e.g. 4096) or a fraction of the context (e.g. 0.1 or 10%), "
+        f"not {budget!r}"
+    )
+    try:
+        if text.endswith("%"):
+            frac = float(text[:-1]) / 100
+        else:
+            value = float(text)
+            if value >= 1:
+                if value != int(value):
+                    raise bad
+                return int(value), 0.0
+            frac = value
+    except ValueError:
+        raise bad from None
+    if not 0 < frac < 1:
+        raise bad
+    return 0, frac
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None = None
+    draft: str = "ngram"
+    level: int = 2
+    budget: str = "4096"
+    chunk_size: int = 8
+    gamma_mid: int = 6
+    gamma_low: int = 4
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 512
+    dtype: str = "auto"
+    device: str = "auto"
+    threads: int | None = None
+    context: int | None = None
+    truncate: bool = False
+    adaptive: bool = True
+    theme: str = "triforce-dark"
+    history: bool = True  # save conversations in the data dir
+    keymap: dict[str, str] = field(default_factory=dict)
+
+    # -- construction -------------------------------------------------------------------------------
+    def merged(self, **overrides: Any) -> Settings:
+        """A copy with the given options replaced; None means "not given" and keeps the current value.
+        `keymap` is merged key by key. Raises SettingsError for unknown names and bad values."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise SettingsError(f"unknown option: {', '.join(unknown)}")
+        changes = {k: v for k, v in overrides.items() if v is not None}
+        if "keymap" in changes:
+            changes["keymap"] = {**self.keymap, **changes["keymap"]}
+        if "budget" in changes:
+            changes["budget"] = str(changes["budget"])
+        new = dataclasses.replace(self, **changes)
+        new.validate()
+        return new
+
+    def validate(self) -> None:
+        """Raise SettingsError with a one-line message for the first invalid value."""
+        if self.level not in (0, 1, 2):
+            raise SettingsError(f"level must be 0, 1 or 2, not {self.level}")
+        parse_budget(self.budget)
+        tokens, _ = parse_budget(self.budget)
+        if tokens and tokens < 2 * self.chunk_size:
+            raise SettingsError(
+                f"budget must be at least two chunks ({2 * self.chunk_size} tokens), not {tokens}"
+            )
+        checks = [
+            (self.chunk_size >= 1, f"chunk-size must be >= 1, not {self.chunk_size}"),
+            (1 <= self.gamma_mid <= 64, f"gamma-mid must be between 1 and 64, not {self.gamma_mid}"),
+            (1 <= self.gamma_low <= 64, f"gamma-low must be between 1 and 64, not {self.gamma_low}"),
+            (self.temperature >= 0, f"temperature must be >= 0, not {self.temperature}"),
+            (0 < self.top_p <= 1, f"top-p must be in (0, 1], not {self.top_p}"),
+            (
+                self.max_new_tokens >= 1,
+                f"max-new-tokens must be a positive number, not {self.max_new_tokens}",
+            ),
+            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}"),
+            (bool(self.device), "device must not be empty"),
+            (self.threads is None or self.threads >= 1, f"threads must be >= 1, not {self.threads}"),
+            (self.context is None or self.context >= 16, f"context must be >= 16 tokens, not {self.context}"),
+            (bool(self.draft), "draft must be 'ngram' or a model"),
+            (bool(self.theme), "theme must not be empty"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+
+    # -- what the decoder and the loader need -----------------------------------------------------
+    def decode_config(self):
+        """The decoding.session.DecodeConfig for these settings (imports torch)."""
+        from triforce_chat.decoding.session import DecodeConfig
+
+        return DecodeConfig(
+            level=self.level,
+            draft=self.draft,
+            budget=self.budget,
+            chunk_size=self.chunk_size,
+            gamma_mid=self.gamma_mid,
+            gamma_low=self.gamma_low,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            max_new_tokens=self.max_new_tokens,
+            adaptive=self.adaptive,
+            truncate=self.truncate,
+        )
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def torch_dtype(self):
+        import torch
+
+        if self.dtype == "auto":
+            from triforce_chat.decoding.loading import default_dtype
+
+            return default_dtype(self.resolved_device())
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "model": (str,),
+    "draft": (str,),
+    "level": (int,),
+    "budget": (str, int, float),
+    "chunk_size": (int,),
+    "gamma_mid": (int,),
+    "gamma_low": (int,),
+    "temperature": (float, int),
+    "top_p": (float, int),
+    "seed": (int,),
+    "max_new_tokens": (int,),
+    "dtype": (str,),
+    "device": (str,),
+    "threads": (int,),
+    "context": (int,),
+    "truncate": (bool,),
+    "adaptive": (bool,),
+    "theme": (str,),
+    "history": (bool,),
+}
+
+
+def _line_of(text: str, key: str) -> int | None:
+    """The 1-based line where `key` (or its dashed spelling) is assigned, if it can be found."""
+    names = {key, key.replace("_", "-")}
+    pattern = re.compile(r'^\s*(?:"([^"]+)"|\'([^\']+)\'|([A-Za-z0-9_\-]+))\s*=')
+    for i, line in enumerate(text.splitlines(), 1):
+        m = pattern.match(line)
+        if m and (m.group(1) or m.group(2) or m.group(3)) in names:
+            return i
+    return None
+
+
+def load_settings(path: Path | None = None, base: Settings | None = None) -> Settings:
+    """Read the config file (default: config_path()); a missing file gives the defaults.
+
+    Raises SettingsError whose message names the file and the line of the problem."""
+    path = Path(path) if path is not None else config_path()
+    base = base or Settings()
+    if not path.exists():
+        return base
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{path}: cannot read the config file ({exc})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{path}: {exc}") from None  # tomllib's message says "(at line N, column M)"
+
+    def where(key: str) -> str:
+        line = _line_of(text, key)
+        return f"{path}, line {line}" if line else str(path)
+
+    values: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = raw_key.replace("-", "_")
+        if key == "keymap":
+            if not isinstance(value, dict):
+                raise SettingsError(f'{where(raw_key)}: keymap must be a table ([keymap] with id = "keys")')
+            keymap: dict[str, str] = {}
+            for bid, keys in value.items():
+                if not isinstance(keys, str) or not keys.strip():
+                    raise SettingsError(
+                        f'{where(bid)}: keymap.{bid} must be a string of keys such as "ctrl+t"'
+                    )
+                keymap[bid] = keys.strip()
+            values["keymap"] = keymap
+            continue
+        if key not in _FIELD_TYPES:
+            raise SettingsError(f"{where(raw_key)}: unknown setting {raw_key!r}")
+        types = _FIELD_TYPES[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            expected = " or ".join(t.__name__ for t in types)
+            raise SettingsError(f"{where(raw_key)}: {raw_key} must be {expected}, not {value!r}")
+        if float in types and int in types and key != "budget":
+            value = float(value)
+        values[key] = value
+    try:
+        return base.merged(**values)
+    except SettingsError as exc:
+        bad = next((k for k in values if k.replace("_", "-") in str(exc) or k in str(exc)), None)
+        raise SettingsError(f"{where(bad) if bad else path}: {exc}") from None

@@ -1,0 +1,86 @@
+"""The conversation bookkeeping: multi-turn without re-prefill, stop, documents that do not fit."""
+
+from __future__ import annotations
+
+import pydoc_data.topics
+import pytest
+
+from triforce_chat.decoding.session import ContextOverflow, DecodeConfig, DocumentError, Session, Turn
+
+DOC = "\n\n".join(list(pydoc_data.topics.topics.values())[:2])[:3000]
+
+
+def answer(session: Session, question: str) -> list[int]:
+    return [t for ev in session.generate(question) for t in ev.tokens]
+
+
+def fresh_with_transcript(lm, level: int, turns: list[Turn], max_new_tokens: int = 12) -> Session:
+    s = Session(lm, DecodeConfig(level=level, max_new_tokens=max_new_tokens, budget="64"))
+    s.turns = [Turn(t.question, t.documents, t.answer) for t in turns]
+    return s
+
+
+@pytest.mark.parametrize("level", [0, 2])
+def test_second_turn_prefills_only_new_tokens_and_matches_a_fresh_session(tiny_model, level):
+    s = Session(tiny_model, DecodeConfig(level=level, max_new_tokens=12, budget="64"))
+    s.add_document("doc.txt", DOC)
+    first = answer(s, "What is this about?")
+    assert s.stats.prefill_tokens == len(s.last_prompt_ids) - 1
+    doc_tokens = s.stats.prefill_tokens
+    second = answer(s, "And then?")
+    assert 0 < s.stats.prefill_tokens < 80 < doc_tokens  # the document is not prefilled again
+    assert len(first) == 12
+
+    fresh = fresh_with_transcript(tiny_model, level, s.turns[:1])
+    assert answer(fresh, "And then?") == second
+    assert fresh.last_prompt_ids == s.last_prompt_ids
+
+
+def test_documents_are_prefilled_before_the_question(tiny_model):
+    s = Session(tiny_model, DecodeConfig(level=0, max_new_tokens=4))
+    s.add_document("doc.txt", DOC)
+    seen = []
+    n, _ = s.prefill(progress=lambda done, total: seen.append((done, total)))
+    assert n > 500 and seen[-1] == (n, n)
+    answer(s, "Summarise.")
+    assert s.stats.prefill_tokens < 40  # only the question and the template around it
+
+
+def test_stop_leaves_the_cache_as_if_the_answer_ended_there(tiny_model):
+    s = Session(tiny_model, DecodeConfig(level=2, max_new_tokens=40, budget="64"))
+    s.add_document("doc.txt", DOC)
+    rounds = 0
+    for _ in s.generate("Tell me everything."):
+        rounds += 1
+        if rounds == 3:
+            s.stop()
+    assert rounds == 3 and s.stats.stop_reason == "stopped"
+    assert 0 < len(s.turns[0].token_ids) < 40
+    follow = answer(s, "Go on.")
+    fresh = fresh_with_transcript(tiny_model, 2, s.turns[:1], max_new_tokens=40)
+    assert answer(fresh, "Go on.") == follow
+
+
+def test_empty_and_oversized_documents(tiny_model):
+    s = Session(tiny_model, DecodeConfig(level=0, max_new_tokens=8))
+    with pytest.raises(DocumentError, match="empty"):
+        s.add_document("blank.txt", " \n\t")
+    big = DOC * 4  # ~3.5K tokens against a 2048-token context
+    with pytest.raises(DocumentError, match=r"\d+ over the model's context of 2048"):
+        s.add_document("big.txt", big)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        s.add_document(name, DOC)
+    with pytest.raises(ContextOverflow, match="over the model's context of 2048.*--truncate"):
+        answer(s, "Compare them.")
+
+
+def test_truncate_keeps_head_and_tail(tiny_model):
+    s = Session(tiny_model, DecodeConfig(level=2, max_new_tokens=8, truncate=True))
+    big = "BEGINNING. " + DOC * 4 + " THE END."
+    s.add_document("big.txt", big)
+    out = answer(s, "How does it end?")
+    assert len(out) == 8
+    text = s.turns[0].documents[0].text
+    assert text.startswith("BEGINNING.") and text.rstrip().endswith("THE END.")
+    assert "tokens omitted" in text
+    assert len(s.last_prompt_ids) + 8 <= s.max_context
