@@ -80,3 +80,11 @@ def tiny_model(tiny_model_dir):
     from triforce_chat.decoding.loading import load_model
 
     return load_model(str(tiny_model_dir), dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def default_model_auto(default_model_dir):
+    """The default model in the dtype users get by default on this machine (bf16 with AMX)."""
+    from triforce_chat.decoding.loading import default_dtype, load_model
+
+    return load_model(None, dtype=default_dtype("cpu"))
