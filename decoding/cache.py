@@ -11,6 +11,13 @@ import torch
 from torch import Tensor
 
 from triforce_chat.kernels.attention import attend
+from triforce_chat.kernels.exact import BLOCK, invariant_attend
+
+# Forwards of up to this many tokens (decode steps and verification windows) use the
+# batch-invariant kernel, so a token's logits are bitwise the same alone or inside a window;
+# longer ones (prefill chunks) use the fastest kernel. 32 is also where oneDNN's bf16 linear layers
+# stop being row-invariant on this CPU (tests/test_model.py checks windows up to this size).
+MAX_WINDOW = 32
 
 
 class KVCache:
@@ -24,9 +31,10 @@ class KVCache:
         self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, scale: float,
         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
     ):
-        shape = (n_layers, n_kv_heads, max_len, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # rounded up to whole blocks of the invariant kernel, zeroed so that the unused tail is finite
+        shape = (n_layers, n_kv_heads, -(-max_len // BLOCK) * BLOCK, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.scale = scale
         self.length = 0
@@ -50,6 +58,8 @@ class KVCache:
         self.k[layer, :, start:end] = k
         self.v[layer, :, start:end] = v
         self.last_query[layer] = q[:, -1].clone()  # [Hq, D]
+        if k.shape[1] <= MAX_WINDOW and q.device.type == "cpu":
+            return invariant_attend(q, self.k[layer], self.v[layer], end, self.scale)
         return attend(q, self.k[layer, :, :end], self.v[layer, :, :end], self.scale)
 
     def advance(self, n: int) -> None:
@@ -79,4 +89,4 @@ class KVCache:
 
     @property
     def allocated_bytes(self) -> int:
-        return self.max_len * self.bytes_per_token
+        return self.k.shape[2] * self.bytes_per_token

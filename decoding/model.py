@@ -114,6 +114,30 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose rows are batch-invariant: a token's output is bitwise the same whether it is
+    computed alone or inside a verification window (see kernels/exact.py for why that matters).
+
+    bf16 on CPU (oneDNN/AMX) already is. fp32 is not: one row goes to a GEMV and several to a GEMM
+    that rounds differently. For fp32 the weight is kept transposed ([in, out]: x @ W^T, whose rows
+    are invariant from two rows up) and a single row is padded to two.
+    """
+
+    transposed = False
+
+    def relayout(self) -> None:
+        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and not self.transposed:
+            self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
+            self.transposed = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.transposed:
+            return F.linear(x, self.weight, self.bias)
+        y = torch.cat([x, x]) @ self.weight if x.shape[0] == 1 else x @ self.weight
+        y = y[: x.shape[0]]
+        return y if self.bias is None else y + self.bias
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -132,8 +156,8 @@ class Attention(nn.Module):
         self.args = args
         qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
         # q, k, v fused into one projection: one GEMM instead of three per layer.
-        self.wqkv = nn.Linear(args.dim, qkv_out, bias=args.attention_bias)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, qkv_out, bias=args.attention_bias)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
@@ -158,8 +182,8 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w13 = nn.Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
-        self.w2 = nn.Linear(args.intermediate_size, args.dim, bias=False)
+        self.w13 = Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
+        self.w2 = Linear(args.intermediate_size, args.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.w13(x).chunk(2, dim=-1)
@@ -187,7 +211,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         # [max_len, D/2] fp32; plain attributes (not buffers) so that casting the weights to bf16
         # leaves the RoPE tables in fp32.
         self.rope_cos, self.rope_sin = rope_tables(args, self.max_len)
@@ -196,15 +220,18 @@ class Transformer(nn.Module):
         """Move weights to `device`/`dtype`; RoPE tables stay fp32."""
         self.to(device=device, dtype=dtype)
         self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.relayout()
         return self
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.output.weight.dtype
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.output.weight.device
+        return self.norm.weight.device
 
     @property
     def scale(self) -> float:
@@ -259,5 +286,5 @@ class Transformer(nn.Module):
         missing, unexpected = self.load_state_dict(own, strict=False, assign=True)
         if missing or unexpected:
             raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if a.tie_word_embeddings:
+        if a.tie_word_embeddings:  # shared until place() transposes the head for fp32
             self.output.weight = self.tok_embeddings.weight

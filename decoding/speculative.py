@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from triforce_chat.decoding.cache import KVCache
+from triforce_chat.decoding.cache import MAX_WINDOW, KVCache
 from triforce_chat.decoding.events import LowRound, RoundEvent
 from triforce_chat.decoding.model import Transformer
 from triforce_chat.decoding.retrieval import RetrievalView
@@ -224,7 +224,8 @@ class SpeculativeDecoder:
             t_start = time.perf_counter()
             ev = RoundEvent(index=index, tokens=[], origins=[], text="")
             pending = context[-1]
-            window_max = min(max_new_tokens - produced - 1, room)  # drafts beyond this are wasted
+            # drafts beyond the answer's budget are wasted; windows stay within the batch-invariant size
+            window_max = min(max_new_tokens - produced - 1, room, MAX_WINDOW - 1)
             props: list[int] = []
             q_low = None
             route, gamma = "step", 0

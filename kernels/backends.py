@@ -1,16 +1,86 @@
-"""CUDA dispatch: flash-attn when installed, PyTorch SDPA otherwise. Imported lazily by
-`kernels.attention` so that nothing here is needed on a CPU machine."""
+"""Which kernel runs where: the one place that looks at the device and at what is installed.
+
+CPU: the PyTorch formulation in `kernels.attention` (nothing optional is imported).
+CUDA:
+  attend (full cache: decode, verification, prefill)   flash-attn `flash_attn_with_kvcache` when
+      installed (bottom-right causal, native GQA, strided cache views), else PyTorch SDPA.
+  attend_segments (retrieval view)                      Triton split-K kernel when installed, else
+      flash-attn per segment + log-sum-exp merge, else SDPA over the concatenated segments.
+  sparse_attend (chunk table over the full cache)       Triton kernel reading the chunks in place,
+      else gather + attend_segments.
+  select_chunks                                         Triton scoring + sort when installed, else torch.
+triton and flash-attn are optional: both are imported lazily, and a failed import only means the
+fallback is used. `TRIFORCE_NO_TRITON=1` / `TRIFORCE_NO_FLASH_ATTN=1` force the fallbacks.
+"""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+@functools.cache
+def triton_available() -> bool:
+    """Triton importable and usable here: on a GPU, or anywhere under TRITON_INTERPRET=1."""
+    if os.environ.get("TRIFORCE_NO_TRITON") == "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _flash_attn():
+    if os.environ.get("TRIFORCE_NO_FLASH_ATTN") == "1":
+        return None
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except Exception:
+        return None
+    return flash_attn_with_kvcache
+
+
+def flash_attn_available() -> bool:
+    return _flash_attn() is not None
+
+
+def _use_triton(x: Tensor) -> bool:
+    return x.device.type == "cuda" and triton_available()
+
+
+def describe(device: torch.device | str = "cpu") -> str:
+    """One line for the stats panel: the kernels used on `device`."""
+    if torch.device(device).type != "cuda":
+        return f"cpu: torch {torch.__version__} GEMM formulation, {torch.get_num_threads()} threads"
+    full = "flash-attn" if flash_attn_available() else "sdpa"
+    sparse = "triton" if triton_available() else full
+    return f"cuda: full={full} sparse={sparse}"
+
+
+# -- full cache --------------------------------------------------------------------------------------
+
+
+def _flash_call(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, lse: bool = False):
+    fn = _flash_attn()
+    out = fn(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+             softmax_scale=scale, causal=causal, return_softmax_lse=lse)
+    if lse:
+        o, l = out
+        return o.squeeze(0).transpose(0, 1), l.squeeze(0).float()  # [Hq, T, D], [Hq, T]
+    return out.squeeze(0).transpose(0, 1)
+
+
 def cuda_attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     """q [Hq, T, D], k/v [Hkv, L, D] -> [Hq, T, D]; causal in the tail."""
     T, L = q.shape[1], k.shape[1]
+    if flash_attn_available() and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash_call(q, k, v, scale, causal=T > 1)
     mask = None
     if T > 1:
         mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
@@ -18,3 +88,50 @@ def cuda_attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True
     )
     return out.squeeze(0)
+
+
+# -- retrieval view ----------------------------------------------------------------------------------
+
+
+def cuda_attend_segments(q: Tensor, segments: list[tuple[Tensor, Tensor]], scale: float) -> Tensor:
+    if _use_triton(q):
+        from .triton import attention as tri
+
+        return tri.attend_segments(q, segments, scale)
+    if flash_attn_available() and q.dtype in (torch.float16, torch.bfloat16):
+        from .attention import merge_partials
+
+        last = len(segments) - 1
+        parts = [_flash_call(q, k, v, scale, causal=i == last and q.shape[1] > 1, lse=True)
+                 for i, (k, v) in enumerate(segments)]
+        return merge_partials([o for o, _ in parts], [l for _, l in parts]).to(q.dtype)
+    k = torch.cat([k for k, _ in segments], dim=1)
+    v = torch.cat([v for _, v in segments], dim=1)
+    return cuda_attend(q, k, v, scale)
+
+
+def sparse_attend(
+    q: Tensor, k_full: Tensor, v_full: Tensor, chunk_idx: Tensor, chunk_size: int,
+    tail: list[tuple[Tensor, Tensor]], scale: float,
+) -> Tensor:
+    """Attention over the chunks `chunk_idx` [Hkv, n] of k_full/v_full [Hkv, L, D] followed by the
+    dense `tail` segments (the last holds the queries' own keys). Any device."""
+    tail = [(k, v) for k, v in tail if k.shape[1] > 0]
+    if _use_triton(q):
+        from .triton import attention as tri
+
+        return tri.sparse_attend(q, k_full, v_full, chunk_idx, chunk_size, tail, scale)
+    from .attention import attend_segments
+    from .retrieval import gather_chunks
+
+    return attend_segments(q, [gather_chunks(k_full, v_full, chunk_idx, chunk_size), *tail], scale)
+
+
+def cuda_select_chunks(query: Tensor, means: Tensor, k: int, always=(0,)) -> Tensor:
+    if _use_triton(means):
+        from .triton import topk
+
+        return topk.select_chunks(query, means, k, always)
+    from .retrieval import select_chunks_torch
+
+    return select_chunks_torch(query, means, k, always)

@@ -3,6 +3,11 @@
 The KV of every layer is cut into chunks of `chunk_size` tokens; each chunk is represented by its
 mean key (per KV head). The middle level attends only to the chunks whose mean key scores highest
 against the current query, plus the attention-sink chunk and the recent tokens.
+
+Costs (see `kernels/bench_cpu.py`): the means are kept incrementally (a decode step that completes
+a chunk averages that one chunk for every layer in one op); scoring is one small batched GEMV per
+layer; gathering copies whole chunks (`chunk_size * D` contiguous elements each) with one indexing
+op per K and V, never an element-wise index.
 """
 
 from __future__ import annotations
@@ -16,9 +21,13 @@ class ChunkMeans:
     appended (only newly completed chunks are computed) and rolled back (a pointer moves)."""
 
     def __init__(self, cache, chunk_size: int):
+        if chunk_size < 1:
+            raise ValueError("chunk size must be >= 1")
         n_layers, hkv, max_len, d = cache.k.shape
         self.chunk_size = chunk_size
-        self._means = torch.zeros(n_layers, hkv, max_len // chunk_size, d, dtype=torch.float32, device=cache.k.device)
+        self._means = torch.zeros(
+            n_layers, hkv, max_len // chunk_size, d, dtype=torch.float32, device=cache.k.device
+        )
         self._n_complete = 0
         cache.listeners.append(self)
         self.on_append(cache, 0, cache.length)
@@ -35,36 +44,68 @@ class ChunkMeans:
         first, last = self._n_complete, end // c
         if last <= first:
             return
-        keys = cache.k[:, :, first * c : last * c].float()  # [n_layers, Hkv, n*c, D]
+        keys = cache.k[:, :, first * c : last * c]  # [n_layers, Hkv, n*c, D], any dtype
         n_layers, hkv, _, d = keys.shape
-        self._means[:, :, first:last] = keys.view(n_layers, hkv, last - first, c, d).mean(3)
+        # fp32 accumulation without materialising an fp32 copy of the keys
+        torch.mean(keys.reshape(n_layers, hkv, last - first, c, d), dim=3, dtype=torch.float32,
+                   out=self._means[:, :, first:last])
         self._n_complete = last
 
     def on_truncate(self, cache, length: int) -> None:
         self._n_complete = min(self._n_complete, length // self.chunk_size)
 
 
+def chunk_scores(query: Tensor, means: Tensor) -> Tensor:
+    """query [Hq, D], means [Hkv, C, D] -> fp32 [Hkv, C]: the scores of a KV head's query heads
+    summed (= the group-summed query dotted with each mean)."""
+    hkv = means.shape[0]
+    g = query.shape[0] // hkv
+    q = query.float().view(hkv, g, -1).sum(1, keepdim=True)  # [Hkv, 1, D]
+    return torch.bmm(q, means.float().transpose(1, 2)).squeeze(1)
+
+
 def select_chunks(query: Tensor, means: Tensor, k: int, always: list[int] | tuple[int, ...] = (0,)) -> Tensor:
     """Top-k chunks per KV head. query [Hq, D]; means [Hkv, C, D] -> LongTensor [Hkv, min(k, C)]
     sorted ascending; the chunks in `always` are always part of the selection."""
+    if means.device.type == "cuda":
+        from .backends import cuda_select_chunks
+
+        return cuda_select_chunks(query, means, k, always)
+    return select_chunks_torch(query, means, k, always)
+
+
+def select_chunks_torch(query: Tensor, means: Tensor, k: int, always=(0,)) -> Tensor:
+    """`select_chunks` in plain PyTorch (any device)."""
     hkv, n_chunks, _ = means.shape
     k = min(k, n_chunks)
     if k <= 0:
         return torch.empty(hkv, 0, dtype=torch.long, device=means.device)
-    g = query.shape[0] // hkv
-    q = query.float().view(hkv, g, -1).sum(1)  # summed scores of a group = group-summed query . key
-    scores = torch.einsum("hd,hcd->hc", q, means)  # [Hkv, C]
-    for idx in always:
-        if idx < n_chunks:
-            scores[:, idx] = float("inf")
-    top = scores.topk(k, dim=-1).indices
+    if k == n_chunks:
+        return torch.arange(n_chunks, device=means.device).expand(hkv, n_chunks).clone()
+    scores = chunk_scores(query, means)
+    forced = [i for i in always if 0 <= i < n_chunks]
+    if forced:
+        scores[:, forced] = float("inf")
+    top = scores.topk(k, dim=-1, sorted=False).indices
     return top.sort(dim=-1).values
 
 
-def gather_chunks(k_layer: Tensor, v_layer: Tensor, chunk_idx: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """k_layer/v_layer [Hkv, L, D], chunk_idx [Hkv, n] -> gathered [Hkv, n*chunk_size, D] each."""
+def gather_chunks(
+    k_layer: Tensor, v_layer: Tensor, chunk_idx: Tensor, chunk_size: int, out: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """k_layer/v_layer [Hkv, L, D], chunk_idx [Hkv, n] -> gathered [Hkv, n*chunk_size, D] each,
+    chunks in the order of `chunk_idx`. With `out`, writes into those [Hkv, n*chunk_size, D]
+    tensors (e.g. views of a preallocated buffer) and returns them."""
     hkv, n = chunk_idx.shape
-    offsets = torch.arange(chunk_size, device=chunk_idx.device)
-    pos = (chunk_idx.unsqueeze(-1) * chunk_size + offsets).reshape(hkv, n * chunk_size)  # [Hkv, n*c]
-    index = pos.unsqueeze(-1).expand(-1, -1, k_layer.shape[-1])
-    return torch.gather(k_layer, 1, index), torch.gather(v_layer, 1, index)
+    _, length, d = k_layer.shape
+    c = chunk_size
+    n_chunks = length // c
+    heads = torch.arange(hkv, device=chunk_idx.device).unsqueeze(1)  # [Hkv, 1]
+    result = []
+    for i, x in enumerate((k_layer, v_layer)):
+        chunks = x[:, : n_chunks * c].unflatten(1, (n_chunks, c))  # [Hkv, C, c, D] view
+        gathered = chunks[heads, chunk_idx].reshape(hkv, n * c, d)  # whole chunks copied
+        if out is not None:
+            gathered = out[i].copy_(gathered)
+        result.append(gathered)
+    return result[0], result[1]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.drafters import DrafterError, ModelDrafter, NGramDrafter, make_drafter
 from triforce_chat.decoding.model import ModelArgs, Transformer
