@@ -9,10 +9,11 @@ context in bf16 that moved logits by up to 0.5 and flipped greedy tokens.
 How: keys are cut into *absolute* blocks of `BLOCK` positions (block b covers positions
 [b*BLOCK, (b+1)*BLOCK)), whatever the query count or cache length. Each block is one fixed-shape
 GEMM (M rows x D x BLOCK, then M x BLOCK x D) whose rows are independent of M for M >= 3 (measured:
-MKL fp32 rounds one and two rows differently; oneDNN bf16 is invariant; fewer rows are padded). Positions past a query are
-masked, so a block contributes exact zeros to queries it does not reach. Blocks are merged with the
-exact global max and a pairwise sum over absolute block indices, so trailing all-zero blocks (a
-longer window's extra keys) leave every sum bitwise unchanged.
+MKL fp32 rounds one and two rows differently; oneDNN bf16 is invariant; fewer rows are padded).
+Positions past a query are masked, so a block contributes exact zeros to queries it does not
+reach. Blocks are merged with the exact global max and a pairwise sum over absolute block
+indices, so trailing all-zero blocks (a longer window's extra keys) leave every sum bitwise
+unchanged.
 
 The cache buffers must be allocated to a multiple of BLOCK and hold finite values past `length`.
 Shapes: q [Hq, T, D] for positions length-T .. length-1; k_buf, v_buf [Hkv, >= nb*BLOCK, D].
