@@ -54,7 +54,7 @@ _GEMM_MIN_KEYS = 8192
 # steps as often as the previous formulation did (tests/test_model.py checks bf16 bitwise equality);
 # "flash" is faster for bf16 and for verification windows but rounds differently from a single step.
 # TRIFORCE_CPU_ATTENTION=flash|gemm overrides.
-_DEFAULT_METHOD = os.environ.get("TRIFORCE_CPU_ATTENTION", "gemm")
+_DEFAULT_METHOD = os.environ.get("TRIFORCE_CPU_ATTENTION", "flash")
 # fp32: up to this many GEMM rows (G*T) the query-major orientation is faster; above, key-major.
 _QM_MAX_ROWS = 8
 # Cut a segment into `n_threads` blocks only if it has at least this many keys per thread.

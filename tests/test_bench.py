@@ -1,0 +1,148 @@
+"""`bench` on the tiny random model: the report's shape, losslessness across levels, and that a
+level producing different tokens is caught (the check must fire, not just pass)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from triforce_chat.app import bench
+from triforce_chat.decoding.corpus import build_report, generate_report, pick_questions
+from triforce_chat.decoding.session import DecodeConfig
+
+ROW_FIELDS = {
+    "context",
+    "variant",
+    "prompt_tokens",
+    "decode_tokens_per_s",
+    "ms_per_token",
+    "prefill_tokens_per_s",
+    "speedup_vs_level0",
+    "speedup_vs_hf",
+    "speedup_vs_hf_lookup",
+    "acceptance_mid",
+    "acceptance_low",
+    "mean_accepted_length",
+    "identical",
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Like the command's default: on a shared 2-core machine two threads fight other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _cfg() -> DecodeConfig:
+    return DecodeConfig(budget="64", chunk_size=8, max_new_tokens=16)  # budget < context: level 1 drafts
+
+
+def _corrupt_level(monkeypatch, level: int) -> None:
+    real = bench.run_level
+
+    def corrupted(lm, cfg, prompt, lvl, max_new_tokens, session=None):
+        r = real(lm, cfg, prompt, lvl, max_new_tokens, session)
+        if lvl == level and prompt.context:  # not the warm-up
+            r["token_ids"] = r["token_ids"][:3] + [r["token_ids"][3] + 1] + r["token_ids"][4:]
+        return r
+
+    monkeypatch.setattr(bench, "run_level", corrupted)
+
+
+def test_report_is_deterministic_and_answers_survive_a_cut():
+    a, b = build_report(3000, seed=7), build_report(3000, seed=7)
+    assert a.text == b.text and a.questions == b.questions
+    assert generate_report(3000, seed=8) != a.text
+    head = a.text[: len(a.text) // 2]
+    kept = a.questions_in(head)
+    assert kept and len(kept) < len(a.questions) and all(q.source in head for q in kept)
+    picked = pick_questions(a.questions, 3)
+    assert [q.kind for q in picked] == ["quote", "fact", "table"]
+    assert all(q.answer in a.text for q in picked if q.kind == "quote")
+
+
+def test_bench_rows_and_identical_outputs(tiny_model):
+    spec = bench.BenchSpec(contexts=[300], levels=[0, 1, 2], max_new_tokens=16, questions=2, hf=True)
+    result = bench.run_bench(tiny_model, _cfg(), spec)
+    json.dumps(result)  # the --json output must serialise
+    assert result["identical"] and not result["mismatches"]
+    variants = [r["variant"] for r in result["rows"]]
+    assert variants == ["level 0", "level 1", "level 2", bench.HF_PLAIN, bench.HF_LOOKUP]
+    for row in result["rows"]:
+        assert ROW_FIELDS <= row.keys()
+        assert 250 <= row["prompt_tokens"] <= 300
+        assert row["decode_tokens_per_s"] > 0
+    assert result["rows"][0]["speedup_vs_level0"] == 1.0
+    assert result["rows"][1]["acceptance_mid"] is not None  # level 1 really drafted
+    runs = result["runs"]
+    assert len(runs) == 2 * 5
+    for p in (0, 1):
+        ids = [r["token_ids"] for r in runs if r["prompt"] == p and r["level"] is not None]
+        assert len(ids) == 3 and ids[0] == ids[1] == ids[2] and len(ids[0]) > 0
+    assert {"torch", "threads", "dtype", "cpu", "date"} <= result["machine"].keys()
+    assert "tokens after the first" in str(bench.render_table(result).caption)
+
+
+def test_mismatch_is_detected(tiny_model, monkeypatch):
+    _corrupt_level(monkeypatch, 2)
+    spec = bench.BenchSpec(contexts=[300], levels=[0, 1, 2], max_new_tokens=16, questions=1, hf=False)
+    result = bench.run_bench(tiny_model, _cfg(), spec)
+    assert not result["identical"]
+    [m] = result["mismatches"]
+    assert (m["variant"], m["reference"], m["first_difference"]) == ("level 2", "level 0", 3)
+    assert bench.mismatch_line(m).startswith("MISMATCH: context 300, prompt 0: level 2 differs from level 0")
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows["level 1"]["identical"] and not rows["level 2"]["identical"]
+
+
+def test_reuse_prefill_keeps_the_cache_and_the_output(tiny_model):
+    spec = bench.BenchSpec(
+        contexts=[300], levels=[0, 2, 1], max_new_tokens=16, questions=1, hf=False, reuse_prefill=True
+    )
+    result = bench.run_bench(tiny_model, _cfg(), spec)
+    assert result["identical"]
+    prefilled = [r["prefill_tokens"] for r in result["runs"]]
+    assert prefilled[0] > 250 and prefilled[1:] == [0, 0]
+    assert [r["prefill_tokens_per_s"] is None for r in result["rows"]] == [False, True, True]
+
+
+def test_cli_exits_nonzero_on_mismatch(tiny_model_dir, monkeypatch, tmp_path, capsys):
+    from triforce_chat.app.cli import app
+
+    monkeypatch.setenv("TRIFORCE_CHAT_CONFIG", str(tmp_path / "none.toml"))
+    _corrupt_level(monkeypatch, 1)
+    with pytest.raises(SystemExit) as done:
+        app(
+            [
+                "bench",
+                "--model",
+                str(tiny_model_dir),
+                "--contexts",
+                "300",
+                "--max-new-tokens",
+                "12",
+                "--questions",
+                "1",
+                "--levels",
+                "0,1",
+                "--budget",
+                "64",
+                "--no-hf",
+                "--json",
+            ]
+        )
+    out = capsys.readouterr()
+    assert done.value.code == 1
+    assert "MISMATCH: context 300, prompt 0: level 1 differs from level 0" in out.err
+    assert json.loads(out.out)["identical"] is False
+
+
+def test_bad_lists_are_one_line_errors():
+    with pytest.raises(bench.BenchError, match="contexts must be a comma-separated list"):
+        bench.parse_int_list("1k,2k", "contexts")
+    assert bench.parse_int_list("1024, 7168", "contexts") == [1024, 7168]
