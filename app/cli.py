@@ -71,6 +71,19 @@ def resolve_settings(config: Path | None, **cli: Any):
         fail(str(exc))
 
 
+SETTING_NAMES = (
+    "model", "level", "draft", "budget", "chunk_size", "gamma_mid", "gamma_low", "max_new_tokens", "temperature",
+    "top_p", "seed", "dtype", "device", "threads", "context", "theme",
+)
+
+
+def given_settings(options: dict[str, Any]) -> dict[str, Any]:
+    """The settings among a command's options; `--truncate` is a flag, so False means "not given"."""
+    out = {k: options[k] for k in SETTING_NAMES if k in options}
+    out["truncate"] = options.get("truncate") or None
+    return out
+
+
 def pick_dtype(name: str, device: str):
     import torch
 
@@ -201,26 +214,7 @@ def chat(
     """Start the chat UI (the default command)."""
     if ctx.invoked_subcommand is not None:
         return
-    settings = resolve_settings(
-        config,
-        model=model,
-        level=level,
-        draft=draft,
-        budget=budget,
-        chunk_size=chunk_size,
-        gamma_mid=gamma_mid,
-        gamma_low=gamma_low,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        dtype=dtype,
-        device=device,
-        threads=threads,
-        context=context,
-        theme=theme,
-        truncate=truncate or None,
-    )
+    settings = resolve_settings(config, **given_settings(locals()))
     decode_config(settings)
     for path in doc or []:
         read_document(path)
@@ -253,25 +247,7 @@ def ask(
     config: ConfigOpt = None,
 ) -> None:
     """Answer one question about the documents, streaming the text to stdout."""
-    settings = resolve_settings(
-        config,
-        model=model,
-        level=level,
-        draft=draft,
-        budget=budget,
-        chunk_size=chunk_size,
-        gamma_mid=gamma_mid,
-        gamma_low=gamma_low,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        seed=seed,
-        dtype=dtype,
-        device=device,
-        threads=threads,
-        context=context,
-        truncate=truncate or None,
-    )
+    settings = resolve_settings(config, **given_settings(locals()))
     if question == "-":
         question = sys.stdin.read()
     if not question.strip():
