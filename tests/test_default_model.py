@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pydoc_data.topics
+
 import pytest
 
 from triforce_chat.decoding.session import DecodeConfig, Session

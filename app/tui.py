@@ -1,0 +1,907 @@
+"""The Textual chat app: `triforce-chat [--doc PATH]...`.
+
+Threads: model loading, document prefill and answering run in `@work(thread=True)` workers (one at
+a time, group "session"); they talk to the UI only by posting messages, throttled to about 10 per
+second so the UI never slows decoding. Every Binding has an id, so keys can be remapped from the
+config file's [keymap] table.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
+from textual.message import Message
+from textual.screen import ModalScreen, Screen
+from textual.widgets import DirectoryTree, Footer, Header, Input, OptionList, Static
+from textual.widgets.option_list import Option
+
+from triforce_chat.app.history import History, Writer, transcript_markdown
+from triforce_chat.app.settings import Settings, data_dir, parse_budget
+from triforce_chat.app.widgets import (
+    AnswerMessage,
+    ChatInput,
+    LoadBar,
+    Pending,
+    StatsPanel,
+    UserMessage,
+    render_cache,
+    render_documents,
+)
+from triforce_chat.decoding.events import CacheFigures, RoundEvent
+from triforce_chat.themes import ORIGIN_DEFAULTS, THEMES
+
+THEME_DIR = Path(__file__).resolve().parent.parent / "themes"
+UI_INTERVAL_S = 0.25  # the most often the answering worker posts streamed text to the UI
+PANEL_INTERVAL_S = 0.5  # the most often the side panels are redrawn while answering
+FIGURES_INTERVAL_S = 1.0  # cache figures (they read process memory) while answering
+PROGRESS_INTERVAL_S = 0.1  # prefill progress
+
+
+def _css_path() -> Path:
+    from importlib.resources import files
+
+    try:
+        path = Path(str(files("triforce_chat.themes").joinpath("triforce.tcss")))
+        if path.exists():
+            return path
+    except (ModuleNotFoundError, NotADirectoryError):
+        pass
+    return THEME_DIR / "triforce.tcss"
+
+
+# -- messages from the workers --------------------------------------------------------------------------
+class ModelReady(Message):
+    def __init__(self, session: Any, load_s: float) -> None:
+        super().__init__()
+        self.session, self.load_s = session, load_s
+
+
+class LoadProgress(Message):
+    def __init__(self, label: str, done: int, total: int | None, rate: float | None) -> None:
+        super().__init__()
+        self.label, self.done, self.total, self.rate = label, done, total, rate
+
+
+class LoadDone(Message):
+    def __init__(self, ok: bool, message: str = "", severity: str = "information") -> None:
+        super().__init__()
+        self.ok, self.message, self.severity = ok, message, severity
+
+
+class DocumentAdded(Message):
+    def __init__(self, name: str, text: str, n_tokens: int, path: str) -> None:
+        super().__init__()
+        self.name, self.text, self.n_tokens, self.path = name, text, n_tokens, path
+
+
+class AnswerBatch(Message):
+    def __init__(
+        self,
+        answer: AnswerMessage,
+        events: list[RoundEvent],
+        stats: dict,
+        rates: list[float],
+        figures: CacheFigures | None,
+    ) -> None:
+        super().__init__()
+        self.answer, self.events, self.stats, self.rates, self.figures = answer, events, stats, rates, figures
+
+
+class AnswerDone(Message):
+    def __init__(
+        self,
+        answer: AnswerMessage,
+        text: str,
+        stats: dict,
+        rates: list[float],
+        figures: CacheFigures | None,
+        error: str = "",
+        wall_s: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.answer, self.text, self.stats, self.rates = answer, text, stats, rates
+        self.figures, self.error, self.wall_s = figures, error, wall_s
+
+
+class Notice(Message):
+    def __init__(self, message: str, severity: str = "information") -> None:
+        super().__init__()
+        self.message, self.severity = message, severity
+
+
+# -- modal screens --------------------------------------------------------------------------------------
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,f1,q", "dismiss", "Close", id="close-help")]
+
+    def __init__(self, rows: list[tuple[str, str, str]]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        lines = [
+            Content.styled('Keys (remap in config.toml under [keymap]: id = "keys")', "bold"),
+            Content(""),
+        ]
+        for keys, description, bid in self.rows:
+            lines.append(Content.assemble((f"{keys:<30} ", "bold $accent"), f"{description:<22}", (bid, "dim")))
+        lines += [
+            Content(""),
+            Content.styled(
+                "Paste keeps newlines; ctrl+p opens the command palette (themes, documents, history).", "dim"
+            ),
+        ]
+        with Vertical(id="help-box"):
+            yield Static("Help", classes="modal-title")
+            with VerticalScroll():
+                yield Static(Content("\n").join(lines), id="help-text")
+
+
+class DocumentScreen(ModalScreen[Path | None]):
+    """A path input with a file tree below it; enter on the input or a file loads it."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel", id="close-document")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="document-box"):
+            yield Static("Load a document", classes="modal-title")
+            yield Input(placeholder="path to a text file (enter loads; or pick below)", id="document-path")
+            yield DirectoryTree(Path.cwd(), id="document-tree")
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+    @on(Input.Submitted, "#document-path")
+    def _submitted(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self.dismiss(Path(event.value.strip()).expanduser())
+
+    @on(DirectoryTree.FileSelected)
+    def _picked(self, event: DirectoryTree.FileSelected) -> None:
+        self.dismiss(event.path)
+
+
+class HistoryScreen(ModalScreen[str | None]):
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel", id="close-history")]
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.items = items
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="history-box"):
+            yield Static("Saved conversations (enter reopens)", classes="modal-title")
+            if self.items:
+                yield OptionList(*[Option(label, id=cid) for cid, label in self.items], id="history-list")
+            else:
+                yield Static("no saved conversations yet", classes="dim")
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+    @on(OptionList.OptionSelected)
+    def _picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+# -- the main screen ------------------------------------------------------------------------------------
+class ChatScreen(Screen):
+    AUTO_FOCUS = "#input"
+
+    def __init__(self, pending: Pending) -> None:
+        super().__init__()
+        self.pending = pending
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False)
+        with Horizontal(id="main"):
+            with Vertical(id="chat"):
+                with VerticalScroll(id="transcript"):
+                    yield Static(WELCOME, id="welcome")
+                yield LoadBar(id="loadbar")
+                yield ChatInput(id="input")
+            with VerticalScroll(id="side"):
+                docs = Static(render_documents([], 0, 0), id="documents")
+                docs.border_title = "Documents"
+                yield docs
+                stats = StatsPanel(self.pending, id="stats")
+                stats.border_title = "Decoding"
+                yield stats
+                cache = Static(render_cache(None), id="cache")
+                cache.border_title = "Cache"
+                yield cache
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.app.call_later(self.app.start)  # type: ignore[attr-defined]
+
+
+WELCOME = Content.assemble(
+    ("triforce-chat", "bold $accent"),
+    " — ask questions about long documents.\n",
+    *[
+        part
+        for key, what in [
+            ("ctrl+o", "load"),
+            ("enter", "send"),
+            ("ctrl+j", "newline"),
+            ("ctrl+t", "level"),
+            ("ctrl+r", "draft view"),
+            ("f1", "all keys"),
+        ]
+        for part in ((key, "bold"), f" {what}   ")
+    ],
+)
+
+
+@dataclass
+class _Job:
+    kind: str  # "model" | "prefill" | "answer"
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class TriforceApp(App[int]):
+    TITLE = "triforce-chat"
+    CSS_PATH = _css_path()
+    BINDINGS = [
+        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
+        Binding("escape", "stop", "Stop", id="stop"),
+        Binding(
+            "ctrl+t",
+            "cycle_level",
+            "Level",
+            id="cycle-level",
+            tooltip="Cycle the speculation level 0 -> 1 -> 2",
+            priority=True,
+        ),
+        Binding("alt+0", "set_level(0)", "Level 0", id="level-0", show=False, priority=True),
+        Binding("alt+1", "set_level(1)", "Level 1", id="level-1", show=False, priority=True),
+        Binding("alt+2", "set_level(2)", "Level 2", id="level-2", show=False, priority=True),
+        Binding("ctrl+up", "gamma(1, 0)", "γ mid +1", id="gamma-up", show=False, priority=True),
+        Binding("ctrl+down", "gamma(-1, 0)", "γ mid -1", id="gamma-down", show=False, priority=True),
+        Binding("alt+up", "gamma(0, 1)", "γ low +1", id="gamma-low-up", show=False, priority=True),
+        Binding("alt+down", "gamma(0, -1)", "γ low -1", id="gamma-low-down", show=False, priority=True),
+        Binding("alt+right", "budget(2)", "Budget ×2", id="budget-up", show=False, priority=True),
+        Binding("alt+left", "budget(0.5)", "Budget ÷2", id="budget-down", show=False, priority=True),
+        Binding("ctrl+r", "toggle_viz", "Draft view", id="toggle-viz", priority=True),
+        Binding("ctrl+o", "load_document", "Load doc", id="load-document", priority=True),
+        Binding("ctrl+n", "new_chat", "New chat", id="new-chat", priority=True),
+        Binding("ctrl+s", "export", "Export", id="export", priority=True),
+        Binding("f4", "history", "History", id="history"),
+        Binding("ctrl+l", "cycle_theme", "Theme", id="theme", show=False, priority=True),
+        Binding("f1", "help", "Help", id="help"),
+    ]
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        docs: Iterable[Path] = (),
+        resume: str | None = None,
+        model: Any = None,
+        history: History | None = None,
+    ) -> None:
+        super().__init__()
+        self.settings = settings or Settings()
+        self.initial_docs = [Path(d) for d in docs]
+        self.resume = resume
+        self.preloaded_model = model
+        self.history = history if history is not None else (History() if self.settings.history else None)
+        s = self.settings
+        self.pending = Pending(s.level, s.draft, s.budget, s.gamma_mid, s.gamma_low)
+        self.session: Any = None
+        self.job: _Job | None = None
+        self.viz = False
+        self.answers: list[AnswerMessage] = []
+        self.conv_id: str | None = None
+        self.writer: Writer | None = None
+        self.last_figures: CacheFigures | None = None
+        self._panels_at = 0.0
+        self.answer_timings: list[dict[str, float]] = []  # per answer: tokens, wall and decode seconds
+        for theme in THEMES:
+            self.register_theme(theme)
+        if self.settings.keymap:
+            self.set_keymap(dict(self.settings.keymap))
+
+    # -- setup ------------------------------------------------------------------------------------------
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        return dict(ORIGIN_DEFAULTS)
+
+    def get_default_screen(self) -> Screen:
+        return ChatScreen(self.pending)
+
+    def on_mount(self) -> None:
+        if self.get_theme(self.settings.theme) is None:
+            self.notify(
+                f"unknown theme {self.settings.theme!r}; using triforce-dark "
+                f"(themes: {', '.join(sorted(self.available_themes))})",
+                severity="warning",
+            )
+            self.theme = "triforce-dark"
+        else:
+            self.theme = self.settings.theme
+
+    def start(self) -> None:
+        """Once the chat screen is up: check the keymap and load the model."""
+        known = {b.id for b in self._all_bindings() if b.id}
+        unknown = sorted(set(self.settings.keymap) - known)
+        if unknown:
+            self.notify(
+                f"keymap: unknown binding id {', '.join(unknown)} (f1 lists the ids)",
+                severity="warning",
+                timeout=10,
+            )
+        self.query_one("#loadbar").display = False
+        self.sub_title = "loading model …"
+        self._show_load("Loading model " + (self.settings.model or "smollm2-135m-instruct"), 0, None, None)
+        self.job = _Job("model")
+        self.load_model()
+
+    def _all_bindings(self) -> list[Binding]:
+        out: list[Binding] = []
+        for group in (
+            self.BINDINGS,
+            ChatInput.BINDINGS,
+            HelpScreen.BINDINGS,
+            DocumentScreen.BINDINGS,
+            HistoryScreen.BINDINGS,
+        ):
+            out += [b for b in group if isinstance(b, Binding)]
+        return out
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Chat actions only act on the chat screen, not under a modal (help, picker, history)."""
+        if action in ("quit", "help", "command_palette") or isinstance(self.screen, ChatScreen):
+            return True
+        return False
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+    def _post(self, message: Message) -> None:
+        """From a worker thread: hand a message to the UI without waiting."""
+        self.post_message(message)
+
+    def _show_load(self, label: str, done: int, total: int | None, rate: float | None) -> None:
+        bar = self.query_one("#loadbar", LoadBar)
+        bar.display = True
+        bar.show(label, done, total, rate)
+
+    def _refresh_panels(self, stats: dict | None = None, rates: list[float] | None = None) -> None:
+        panel = self.query_one("#stats", StatsPanel)
+        panel.pending = self.pending
+        panel.show(stats, rates)
+        if self.session is not None:
+            docs = [(d.name, d.n_tokens) for d in self.session.documents]
+            self.query_one("#documents", Static).update(
+                render_documents(docs, self.session.context_tokens, self.session.max_context)
+            )
+        self.query_one("#cache", Static).update(render_cache(self.last_figures))
+
+    def _error_log(self, exc: BaseException) -> str:
+        """Keep the traceback in a file and return one line for the user."""
+        try:
+            path = data_dir() / "error.log"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a", encoding="utf-8") as f:
+                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + "".join(traceback.format_exception(exc)) + "\n")
+            where = f" (details in {path})"
+        except OSError:
+            where = ""
+        return f"{type(exc).__name__}: {exc}{where}"
+
+    @staticmethod
+    def _rate_tracker(label: str, post: Callable[[Message], None]) -> Callable[[int, int], None]:
+        t0 = time.perf_counter()
+        last = [0.0]
+
+        def progress(done: int, total: int) -> None:
+            now = time.perf_counter()
+            if total and (now - last[0] >= PROGRESS_INTERVAL_S or done >= total):
+                last[0] = now
+                rate = done / (now - t0) if now > t0 else None
+                post(LoadProgress(label, done, total, rate))
+
+        return progress
+
+    # -- workers ----------------------------------------------------------------------------------------
+    @work(thread=True, exclusive=True, group="session")
+    def load_model(self) -> None:
+        try:
+            from triforce_chat.decoding.loading import ModelLoadError, load_model
+            from triforce_chat.decoding.session import Session
+
+            t0 = time.perf_counter()
+            lm = self.preloaded_model
+            if lm is None:
+                if self.settings.threads:
+                    import torch
+
+                    torch.set_num_threads(self.settings.threads)
+                try:
+                    lm = load_model(
+                        self.settings.model,
+                        dtype=self.settings.torch_dtype(),
+                        device=self.settings.resolved_device(),
+                        context=self.settings.context,
+                        log=lambda msg: self._post(LoadProgress(msg, 0, None, None)),
+                    )
+                except ModelLoadError as exc:
+                    self._post(LoadDone(False, f"cannot load the model: {exc}", "error"))
+                    return
+            session = Session(lm, self.settings.decode_config())
+            self._post(ModelReady(session, time.perf_counter() - t0))
+        except Exception as exc:
+            self._post(LoadDone(False, "cannot start the decoder: " + self._error_log(exc), "error"))
+
+    @work(thread=True, exclusive=True, group="session")
+    def prefill_worker(self, job: _Job, paths: list[Path], restore: Any = None) -> None:
+        """Read and add documents (or restore a saved conversation), then prefill with progress."""
+        from triforce_chat.app.cli import CliError, read_document
+        from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled
+
+        session = self.session
+        added = []
+        try:
+            if restore is not None:
+                self._restore_into_session(restore)
+            for path in paths:
+                try:
+                    _, text = read_document(path, warn=lambda m: self._post(Notice(m, "warning")))
+                except CliError as exc:
+                    self._post(Notice(str(exc), "error"))
+                    continue
+                self._post(LoadProgress(f"Tokenizing {path.name}", 0, None, None))
+                try:
+                    doc = session.add_document(path.name, text)
+                except DocumentError as exc:
+                    self._post(Notice(str(exc), "error"))
+                    continue
+                added.append(doc)
+                self._post(DocumentAdded(doc.name, text, doc.n_tokens, str(path)))
+            label = "Prefill " + (", ".join(d.name for d in added) if added else "conversation")
+            try:
+                n, secs = session.prefill(
+                    progress=self._rate_tracker(label, self._post), should_cancel=job.cancel.is_set
+                )
+            except PrefillCancelled:
+                for doc in added:
+                    if doc in session.pending_documents:
+                        session.pending_documents.remove(doc)
+                self._post(
+                    LoadDone(
+                        False,
+                        "loading cancelled" + (f": {', '.join(d.name for d in added)} removed" if added else ""),
+                        "warning",
+                    )
+                )
+                return
+            except ContextOverflow as exc:
+                for doc in added:
+                    if doc in session.pending_documents:
+                        session.pending_documents.remove(doc)
+                self._post(LoadDone(False, str(exc), "error"))
+                return
+            msg = f"prefilled {n:,} tokens in {secs:.1f} s" + (f" ({n / secs:,.0f} tok/s)" if secs > 0 and n else "")
+            self._post(LoadDone(True, msg if n else ""))
+        except Exception as exc:
+            self._post(LoadDone(False, self._error_log(exc), "error"))
+
+    @work(thread=True, exclusive=True, group="session")
+    def answer_worker(self, job: _Job, answer: AnswerMessage, question: str) -> None:
+        from triforce_chat.decoding.session import ContextOverflow
+
+        session = self.session
+        batch: list[RoundEvent] = []
+        last = time.perf_counter()
+        t_first: float | None = None
+        t_last = last
+        last_figures = 0.0
+        error = ""
+        try:
+            progress = self._rate_tracker("Prefill question", self._post)
+            for ev in session.generate(question, progress=progress, should_cancel=job.cancel.is_set):
+                t_last = time.perf_counter()
+                if t_first is None:
+                    t_first = t_last - ev.wall_s  # decoding starts with the first round
+                batch.append(ev)
+                if t_last - last >= UI_INTERVAL_S:
+                    last = t_last
+                    stats = session.stats
+                    figures = None
+                    if t_last - last_figures >= FIGURES_INTERVAL_S:
+                        figures, last_figures = session.cache_figures(), t_last
+                    self._post(AnswerBatch(answer, batch, stats.to_dict(), list(stats.recent_tokens_per_s), figures))
+                    batch = []
+        except ContextOverflow as exc:
+            error = str(exc)
+        except ValueError as exc:
+            error = str(exc)
+        except Exception as exc:
+            error = self._error_log(exc)
+        wall = t_last - t_first if t_first is not None else 0.0
+        if batch:
+            stats = session.stats
+            self._post(AnswerBatch(answer, batch, stats.to_dict(), list(stats.recent_tokens_per_s), None))
+        turn = session.turns[-1] if session.turns else None
+        try:
+            figures = session.cache_figures()
+        except Exception:
+            figures = None
+        self._post(
+            AnswerDone(
+                answer,
+                turn.answer if turn else answer.text,
+                session.stats.to_dict(),
+                list(session.stats.recent_tokens_per_s),
+                figures,
+                error,
+                wall,
+            )
+        )
+
+    def _restore_into_session(self, conv: Any) -> None:
+        """Put a saved conversation's documents and turns into the session (worker thread)."""
+        from triforce_chat.decoding.session import Document, Turn
+
+        session = self.session
+        session.turns, session.pending_documents = [], []
+
+        def docs(saved) -> list:
+            out = []
+            for d in saved:
+                try:
+                    text = self.history.document_text(d.sha)
+                except OSError:
+                    self._post(Notice(f"{d.name}: the saved copy is missing; skipped", "warning"))
+                    continue
+                out.append(Document(d.name, text, d.n_tokens or session.count_tokens(text)))
+            return out
+
+        for t in conv.turns:
+            session.turns.append(Turn(question=t.question, documents=docs(t.documents), answer=t.answer, stats=t.stats))
+        session.pending_documents = docs(conv.pending_documents)
+
+    # -- worker messages --------------------------------------------------------------------------------
+    def on_model_ready(self, message: ModelReady) -> None:
+        self.session = message.session
+        lm = self.session.lm
+        self.sub_title = f"{lm.model_id} · context {self.session.max_context:,}"
+        self.last_figures = self.session.cache_figures()
+        self.job = None
+        self.query_one("#loadbar").display = False
+        self._refresh_panels()
+        if self.resume:
+            self._resume(self.resume)
+        elif self.initial_docs:
+            self._start_prefill(self.initial_docs)
+
+    def on_load_progress(self, message: LoadProgress) -> None:
+        self._show_load(message.label, message.done, message.total, message.rate)
+
+    def on_load_done(self, message: LoadDone) -> None:
+        self.job = None
+        self.query_one("#loadbar").display = False
+        if message.message:
+            self.notify(message.message, severity=message.severity, timeout=8 if not message.ok else 4)
+        if self.session is not None:
+            self.last_figures = self.session.cache_figures()
+        self._refresh_panels()
+
+    def on_notice(self, message: Notice) -> None:
+        self.notify(message.message, severity=message.severity, timeout=8)
+
+    def on_document_added(self, message: DocumentAdded) -> None:
+        if self.history is not None:
+            try:
+                writer = self._writer()
+                sha = self.history.store_document(message.text)
+                writer.document(message.name, sha, message.n_tokens, message.path)
+            except OSError as exc:
+                self.notify(f"history: cannot save ({exc})", severity="warning")
+        self._refresh_panels()
+
+    async def on_answer_batch(self, message: AnswerBatch) -> None:
+        delta = await message.answer.add_events(message.events)
+        if self.writer is not None and delta:
+            try:
+                self.writer.delta(delta)
+            except OSError:
+                pass
+        if message.figures is not None:
+            self.last_figures = message.figures
+        now = time.monotonic()
+        if now - self._panels_at >= PANEL_INTERVAL_S:
+            self._panels_at = now
+            loadbar = self.query_one("#loadbar")
+            if loadbar.display:  # the question's prefill is over once tokens arrive
+                loadbar.display = False
+            self._refresh_panels(message.stats, message.rates)
+        transcript = self.query_one("#transcript", VerticalScroll)
+        if transcript.max_scroll_y - transcript.scroll_y < 6:
+            transcript.scroll_end(animate=False)
+
+    async def on_answer_done(self, message: AnswerDone) -> None:
+        self.job = None
+        self.query_one("#loadbar").display = False
+        s = message.stats
+        if message.error:
+            self.notify(message.error, severity="error", timeout=10)
+        meta = (
+            f"{s.get('new_tokens', 0)} tokens · {s.get('tokens_per_s', 0):.1f} tok/s · level {s.get('level')}"
+            f" · {s.get('stop_reason') or 'error'}"
+        )
+        await message.answer.finish(meta, message.text if not message.error or message.text else None)
+        if self.writer is not None:
+            try:
+                if not message.error:
+                    self.writer.answer(message.text, {**s, "ui_wall_s": round(message.wall_s, 4)})
+                elif not message.text:
+                    self.writer.write({"type": "failed", "error": message.error})
+            except OSError:
+                pass
+        if s.get("new_tokens"):
+            self.answer_timings.append(
+                {"tokens": s["new_tokens"], "decode_s": s.get("decode_s", 0.0), "wall_s": message.wall_s}
+            )
+        if message.figures is not None:
+            self.last_figures = message.figures
+        self._refresh_panels(s, message.rates)
+        self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
+
+    # -- history ----------------------------------------------------------------------------------------
+    def _writer(self) -> Writer:
+        assert self.history is not None
+        if self.writer is None:
+            self.conv_id = self.conv_id or self.history.new_id()
+            self.writer = self.history.open_writer(self.conv_id)
+            self.writer.meta(self.session.lm.model_id if self.session else "")
+        return self.writer
+
+    def _close_writer(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.writer, self.conv_id = None, None
+
+    def _resume(self, ref: str) -> None:
+        if self.history is None:
+            self.notify("history is turned off (history = false)", severity="warning")
+            return
+        try:
+            conv = self.history.load(self.history.resolve(ref))
+        except (KeyError, OSError, ValueError) as exc:
+            self.notify(f"cannot resume {ref!r}: {exc.args[0] if exc.args else exc}", severity="error")
+            return
+        self._close_writer()
+        self.conv_id = conv.id
+        self.writer = self.history.open_writer(conv.id)
+        self._clear_transcript()
+        transcript = self.query_one("#transcript", VerticalScroll)
+        for t in conv.turns:
+            transcript.mount(UserMessage(t.question, [d.name for d in t.documents]))
+            answer = AnswerMessage(self._decode_one, text=t.answer, viz=self.viz)
+            self.answers.append(answer)
+            transcript.mount(answer)
+        self.notify(f"reopened conversation {conv.id} ({len(conv.turns)} turns)")
+        self._start_prefill([], restore=conv)
+
+    # -- actions ----------------------------------------------------------------------------------------
+    def _start_prefill(self, paths: list[Path], restore: Any = None) -> None:
+        self.job = _Job("prefill")
+        self._show_load("Loading " + (", ".join(p.name for p in paths) or "conversation"), 0, None, None)
+        self.prefill_worker(self.job, paths, restore)
+
+    def _decode_one(self, tok: int) -> str:
+        return self.session.tokenizer.decode([tok]) if self.session else str(tok)
+
+    def _apply_pending(self) -> str | None:
+        """Hand the UI's settings to the session before an answer; returns an error line or None."""
+        p = self.pending
+        try:
+            self.session.set_level(p.level)
+            self.session.set_gammas(p.gamma_mid, p.gamma_low)
+            if str(self.session.config.budget) != str(p.budget):
+                self.session.set_budget(p.budget)
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    @on(ChatInput.Submitted)
+    def _send(self, event: ChatInput.Submitted) -> None:
+        question = event.text.strip()
+        if self.session is None:
+            self.notify("the model is still loading; your question stays in the input", severity="warning")
+            return
+        if self.busy:
+            what = "answering" if self.job.kind == "answer" else "loading"
+            self.notify(f"still {what}; press esc to stop, your question stays in the input", severity="warning")
+            return
+        err = self._apply_pending()
+        if err:
+            self.notify(err, severity="error")
+            return
+        event.chat_input.clear()
+        self.query_one("#welcome").display = False
+        transcript = self.query_one("#transcript", VerticalScroll)
+        docs = [d.name for d in self.session.pending_documents]
+        transcript.mount(UserMessage(question, docs))
+        answer = AnswerMessage(self._decode_one, viz=self.viz)
+        self.answers.append(answer)
+        transcript.mount(answer)
+        transcript.scroll_end(animate=False)
+        if self.history is not None:
+            try:
+                self._writer().question(question)
+            except OSError as exc:
+                self.notify(f"history: cannot save ({exc})", severity="warning")
+        self.job = _Job("answer")
+        self.answer_worker(self.job, answer, question)
+
+    def action_stop(self) -> None:
+        if self.job is None:
+            return
+        if self.job.kind == "answer":
+            self.session.stop()
+            self.job.cancel.set()
+            self.notify("stopping after this round", timeout=2)
+        elif self.job.kind == "prefill":
+            self.job.cancel.set()
+            self.notify("cancelling the load", timeout=2)
+
+    def _set_pending(self, **changes: Any) -> None:
+        for k, v in changes.items():
+            setattr(self.pending, k, v)
+        self._refresh_panels()
+        note = " (from the next answer)" if self.job is not None and self.job.kind == "answer" else ""
+        p = self.pending
+        self.notify(f"level {p.level}: {p.chain}  γ mid {p.gamma_mid} low {p.gamma_low}{note}", timeout=2)
+
+    def action_cycle_level(self) -> None:
+        self._set_pending(level=(self.pending.level + 1) % 3)
+
+    def action_set_level(self, level: int) -> None:
+        self._set_pending(level=int(level))
+
+    def action_gamma(self, d_mid: int, d_low: int) -> None:
+        mid = min(64, max(1, self.pending.gamma_mid + int(d_mid)))
+        low = min(64, max(1, self.pending.gamma_low + int(d_low)))
+        self._set_pending(gamma_mid=mid, gamma_low=low)
+
+    def action_budget(self, factor: float) -> None:
+        tokens, frac = parse_budget(self.pending.budget)
+        chunk = self.settings.chunk_size
+        if tokens:
+            limit = self.session.max_context if self.session else 1 << 20
+            new = str(int(min(limit, max(2 * chunk, round(tokens * float(factor) / chunk) * chunk))))
+        else:
+            new = f"{min(0.9, max(0.01, frac * float(factor))):.3g}"
+        self._set_pending(budget=new)
+
+    def action_toggle_viz(self) -> None:
+        self.viz = not self.viz
+        self.screen.set_class(self.viz, "-viz")
+        for answer in self.answers:
+            answer.set_viz(self.viz)
+        self.notify("draft/accept view " + ("on" if self.viz else "off"), timeout=2)
+
+    def action_load_document(self) -> None:
+        if self.session is None:
+            self.notify("the model is still loading", severity="warning")
+            return
+        if self.busy:
+            self.notify("busy: wait for the answer or press esc", severity="warning")
+            return
+
+        def loaded(path: Path | None) -> None:
+            if path is not None:
+                if self.busy:
+                    self.notify("busy: wait for the answer or press esc", severity="warning")
+                    return
+                self._start_prefill([path])
+
+        self.push_screen(DocumentScreen(), loaded)
+
+    def _clear_transcript(self) -> None:
+        for answer in self.answers:
+            answer.remove()
+        self.answers = []
+        self.query(UserMessage).remove()
+        self.query_one("#welcome").display = True
+
+    def action_new_chat(self) -> None:
+        if self.busy:
+            self.notify("busy: press esc first", severity="warning")
+            return
+        if self.session is not None:
+            self.session.new_chat()
+        self._close_writer()
+        self._clear_transcript()
+        if self.session is not None and self.history is not None and self.session.pending_documents:
+            for d in self.session.pending_documents:
+                try:
+                    self._writer().document(d.name, self.history.store_document(d.text), d.n_tokens)
+                except OSError:
+                    pass
+        self._refresh_panels({}, [])
+        self.notify("new chat (documents kept)", timeout=2)
+
+    def transcript_pairs(self) -> list[tuple[str, str]]:
+        if self.session is not None:
+            return [(t.question, t.answer) for t in self.session.turns]
+        return []
+
+    def action_export(self) -> None:
+        pairs = self.transcript_pairs()
+        if not pairs:
+            self.notify("nothing to export yet", severity="warning")
+            return
+        name = f"triforce-chat-{self.conv_id or time.strftime('%Y%m%d-%H%M%S')}.md"
+        path = Path.cwd() / name
+        docs = [d.name for d in self.session.documents] if self.session else []
+        try:
+            path.write_text(
+                transcript_markdown(pairs, docs, title=f"triforce-chat {self.conv_id or ''}".strip()),
+                encoding="utf-8",
+            )
+        except OSError as exc:
+            self.notify(f"cannot export: {exc}", severity="error")
+            return
+        self.notify(f"exported to {path}")
+
+    def action_history(self) -> None:
+        if self.history is None:
+            self.notify("history is turned off", severity="warning")
+            return
+        items = [(c.id, f"{c.id}  {len(c.turns)} turns  {c.title}") for c in self.history.list()]
+
+        def picked(conv_id: str | None) -> None:
+            if conv_id is None:
+                return
+            if self.busy or self.session is None:
+                self.notify("busy: try again when idle", severity="warning")
+                return
+            self.session.new_chat()
+            self._resume(conv_id)
+
+        self.push_screen(HistoryScreen(items), picked)
+
+    def action_cycle_theme(self) -> None:
+        names = [t.name for t in THEMES]
+        nxt = names[(names.index(self.theme) + 1) % len(names)] if self.theme in names else names[0]
+        self.theme = nxt
+        self.notify(f"theme {nxt}", timeout=2)
+
+    def action_help(self) -> None:
+        keymap = self.settings.keymap
+        rows = []
+        for b in self._all_bindings():
+            keys = keymap.get(b.id, b.key) if b.id else b.key
+            rows.append((keys, b.description or b.action, b.id or ""))
+        self.push_screen(HelpScreen(rows))
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Load a document", "Open a text file and prefill it", self.action_load_document)
+        yield SystemCommand("Conversations", "Reopen a saved conversation", self.action_history)
+        yield SystemCommand("Export transcript", "Write the conversation as Markdown", self.action_export)
+        yield SystemCommand("New chat", "Forget the turns, keep the documents", self.action_new_chat)
+        yield SystemCommand("Toggle draft/accept view", "Colour tokens by origin", self.action_toggle_viz)
+        yield SystemCommand("Keys", "All key bindings", self.action_help)
+
+
+def run_tui(settings: Settings, docs: list[Path], resume: str | None = None) -> int:
+    """Entry point for `triforce-chat` (the CLI validated the options already)."""
+    app = TriforceApp(settings, docs, resume)
+    result = app.run()
+    return int(result or 0)

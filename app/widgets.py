@@ -1,0 +1,460 @@
+"""Widgets of the chat screen. Pure rendering: they are fed data, they never touch the decoder.
+
+Rendering helpers (`render_stats`, `render_cache`, `render_rounds`, `render_tokens`) are plain
+functions of the numbers the decoder reported, so they can be tested and snapshotted with recorded
+data.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.content import Content
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Markdown, ProgressBar, Sparkline, Static, TextArea
+
+from triforce_chat.decoding.events import CacheFigures, RoundEvent
+
+ORIGIN_STYLE = {
+    "low": "$origin-low",
+    "mid": "italic $origin-mid",
+    "target": "underline $origin-target",
+}
+REJECT_STYLE = "strike $origin-reject"
+UNVERIFIED_STYLE = "strike dim"
+BLOCKS = " ▁▂▃▄▅▆▇█"
+MIB = 1024 * 1024
+
+
+# -- small formatting helpers -----------------------------------------------------------------------
+def bar(fraction: float | None, width: int = 16) -> str:
+    """A fixed-width bar: full blocks, one partial block, light shade for the rest."""
+    if fraction is None:
+        return "·" * width
+    fraction = min(max(fraction, 0.0), 1.0)
+    eighths = round(fraction * width * 8)
+    full, part = divmod(eighths, 8)
+    text = "█" * full + (BLOCKS[part] if part and full < width else "")
+    return text + "░" * (width - len(text))
+
+
+def pct(value: float | None) -> str:
+    return "  -  " if value is None else f"{100 * value:4.0f}%"
+
+
+def mb(nbytes: int) -> str:
+    return f"{nbytes / MIB:,.1f} MB"
+
+
+def token_label(text: str) -> str:
+    """A token's text made visible in one short cell group."""
+    if text == "":
+        return "∅"
+    if not text.strip():
+        return text.replace("\n", "⏎").replace(" ", "␣").replace("\t", "⇥")
+    return text.strip().replace("\n", "⏎")
+
+
+def chain_label(level: int, draft: str, budget: str) -> str:
+    """The decoding chain for a level, e.g. 'ngram -> retrieval(4096) -> target'."""
+    text = str(budget).strip()
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+        shown = str(int(value)) if value >= 1 else f"{value:.0%}"
+    except ValueError:
+        shown = text
+    parts = {0: ["target"], 1: [f"retrieval({shown})", "target"], 2: [draft, f"retrieval({shown})", "target"]}
+    return " -> ".join(parts[level])
+
+
+# -- the input ------------------------------------------------------------------------------------------
+class ChatInput(TextArea):
+    """A multi-line input: enter sends, ctrl+j (or shift/alt+enter where the terminal reports them)
+    inserts a newline, and a bracketed paste keeps its newlines without sending."""
+
+    BINDINGS = [
+        Binding("enter", "submit", "Send", id="send", priority=True),
+        Binding(
+            "ctrl+j,shift+enter,alt+enter",
+            "newline",
+            "Newline",
+            id="newline",
+            priority=True,
+            key_display="ctrl+j",
+        ),
+    ]
+
+    class Submitted(Message):
+        def __init__(self, chat_input: ChatInput, text: str) -> None:
+            super().__init__()
+            self.chat_input = chat_input
+            self.text = text
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault(
+            "placeholder", "Ask about your documents · enter sends · ctrl+j newline · ctrl+o loads a file"
+        )
+        super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
+
+    def action_submit(self) -> None:
+        if self.text.strip():
+            self.post_message(self.Submitted(self, self.text))
+
+    def action_newline(self) -> None:
+        self.insert("\n")
+
+
+# -- the transcript -------------------------------------------------------------------------------------
+class UserMessage(Static):
+    def __init__(self, question: str, documents: Sequence[str] = ()) -> None:
+        text = Content.assemble(("You", "bold $primary"), "\n", question.rstrip())
+        if documents:
+            text = text + Content.assemble("\n", ("📄 " + ", ".join(documents), "dim"))
+        super().__init__(text, classes="user-message")
+
+
+def render_tokens(pieces: Sequence[str], origins: Sequence[str]) -> Content:
+    """The answer with every token styled by its origin (colour plus italic/underline, so colour is
+    not the only cue)."""
+    parts: list[tuple[str, str] | str] = []
+    for text, origin in zip(pieces, origins, strict=False):
+        parts.append((text, ORIGIN_STYLE.get(origin, "")))
+    return Content.assemble(*parts) if parts else Content("")
+
+
+def legend() -> Content:
+    return Content.assemble(
+        ("low", ORIGIN_STYLE["low"]),
+        " drafter  ",
+        ("mid", ORIGIN_STYLE["mid"]),
+        " retrieval  ",
+        ("target", ORIGIN_STYLE["target"]),
+        " target   ",
+        "✓ accepted  ",
+        ("✗", "$origin-reject"),
+        " rejected  ",
+        ("·", "dim"),
+        " unverified",
+    )
+
+
+def _window(
+    label: str,
+    proposed: Sequence[int],
+    accepted: int,
+    final: int | None,
+    final_kind: str,
+    kept_origins: Sequence[str],
+    decode: Callable[[int], str],
+) -> Content:
+    parts: list[tuple[str, str] | str] = [(f"{label:<6}", "bold")]
+    for i, tok in enumerate(proposed):
+        text = token_label(decode(tok))
+        if i < accepted:
+            style = ORIGIN_STYLE.get(kept_origins[i] if i < len(kept_origins) else "low", "")
+            parts += [" ✓", (text, style)]
+        elif i == accepted:
+            parts += [(" ✗", "$origin-reject"), (text, REJECT_STYLE)]
+        else:
+            parts += [(" ·", "dim"), (text, UNVERIFIED_STYLE)]
+    if final is not None:
+        parts += [
+            " → ",
+            (token_label(decode(final)), ORIGIN_STYLE["target" if label == "mid" else "mid"]),
+            (f" {final_kind}", "dim"),
+        ]
+    parts.append(("  " + f"{accepted}/{len(proposed)}", "dim"))
+    return Content.assemble(*parts)
+
+
+def render_round(ev: RoundEvent, decode: Callable[[int], str]) -> Content:
+    """One outer round: per level, the proposed window with accepted (✓), the rejected token (✗,
+    struck) and the unverified rest (·, struck and dim), then what the verifier put in its place."""
+    header = Content.styled(f"#{ev.index:<3}", "dim")
+    if not ev.mid_proposed:  # level 0: a plain target step
+        tok = ev.tokens[-1] if ev.tokens else None
+        body = Content.assemble(
+            ("target", "bold"),
+            "  → ",
+            (token_label(decode(tok)) if tok is not None else "∅", ORIGIN_STYLE["target"]),
+            (" step", "dim"),
+        )
+        return header + body
+    lines: list[Content] = []
+    for lr in ev.low_rounds:
+        low_origins = ["low"] * lr.accepted
+        lines.append(_window("low", lr.proposed, lr.accepted, lr.next_token, "next", low_origins, decode))
+    final = ev.tokens[-1] if ev.tokens else None
+    lines.append(_window("mid", ev.mid_proposed, ev.mid_accepted, final, ev.final_kind, ev.origins, decode))
+    indent = Content("    ")
+    out = header + lines[0]
+    for line in lines[1:]:
+        out = out + Content("\n") + indent + line
+    return out
+
+
+def render_rounds(events: Sequence[RoundEvent], decode: Callable[[int], str]) -> Content:
+    if not events:
+        return Content.styled("(no rounds yet)", "dim")
+    return Content("\n").join(render_round(ev, decode) for ev in events)
+
+
+class AnswerMessage(Vertical):
+    """The streamed answer: Markdown (batched with MarkdownStream) or, with the visualisation on,
+    the tokens coloured by origin plus a strip of the latest rounds."""
+
+    ROUNDS_SHOWN = 6
+
+    def __init__(self, decode: Callable[[int], str], text: str = "", viz: bool = False) -> None:
+        super().__init__(classes="answer-message")
+        self.decode = decode
+        self._initial = text
+        self.text = text
+        self.token_ids: list[int] = []
+        self.origins: list[str] = []
+        self.rounds: deque[RoundEvent] = deque(maxlen=self.ROUNDS_SHOWN)
+        self._pieces: dict[int, str] = {}
+        self._stream = None
+        self.viz = viz
+        self.finished = bool(text)
+
+    def compose(self):
+        yield Static(Content.styled("Assistant", "bold $secondary"), classes="answer-title")
+        yield Markdown(self._initial, classes="answer-md")
+        yield Static(legend(), classes="answer-legend viz")
+        yield Static("", classes="answer-viz viz")
+        yield Static("", classes="answer-rounds viz")
+        yield Static("", classes="answer-meta")
+
+    def _piece(self, tok: int) -> str:
+        if tok not in self._pieces:
+            self._pieces[tok] = self.decode(tok)
+        return self._pieces[tok]
+
+    async def add_events(self, events: Sequence[RoundEvent]) -> str:
+        """Append a batch of rounds; returns the text added."""
+        delta = "".join(ev.text for ev in events)
+        for ev in events:
+            self.token_ids.extend(ev.tokens)
+            self.origins.extend(ev.origins)
+            self.rounds.append(ev)
+        if delta:
+            self.text += delta
+            if self._stream is None:
+                self._stream = Markdown.get_stream(self.query_one(".answer-md", Markdown))
+            await self._stream.write(delta)
+        if self.viz:
+            self.refresh_viz()
+        return delta
+
+    def refresh_viz(self) -> None:
+        if not self.token_ids:
+            self.query_one(".answer-viz", Static).update(
+                Content.styled(
+                    "(token origins are not kept for restored answers)" if self.finished else "", "dim"
+                )
+            )
+            return
+        pieces = [self._piece(t) for t in self.token_ids]
+        self.query_one(".answer-viz", Static).update(render_tokens(pieces, self.origins))
+        self.query_one(".answer-rounds", Static).update(render_rounds(list(self.rounds), self.decode))
+
+    def set_viz(self, on: bool) -> None:
+        self.viz = on
+        if on:
+            self.refresh_viz()
+
+    async def finish(self, meta: str, text: str | None = None) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        if text is not None and text != self.text:  # the decoder's final text (a held-back character)
+            self.text = text
+            await self.query_one(".answer-md", Markdown).update(text)
+        self.finished = True
+        self.query_one(".answer-meta", Static).update(Content.styled(meta, "dim"))
+        if self.viz:
+            self.refresh_viz()
+
+
+# -- side panels -----------------------------------------------------------------------------------------
+@dataclass
+class Pending:
+    """Decoder settings chosen in the UI; they apply from the next answer."""
+
+    level: int
+    draft: str
+    budget: str
+    gamma_mid: int
+    gamma_low: int
+
+    @property
+    def chain(self) -> str:
+        return chain_label(self.level, self.draft, self.budget)
+
+
+def _hist(values: Sequence[float]) -> str:
+    return " ".join(BLOCKS[max(1, round(v * 8))] if v > 0 else "_" for v in values)
+
+
+def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float | None = None) -> Content:
+    """The decoding panel: settings for the next answer, then the figures of the current/last one."""
+    lines: list[Content] = []
+    s = stats or {}
+    changed = bool(s) and (s.get("level") != pending.level or s.get("chain") != pending.chain)
+    lines.append(
+        Content.assemble(
+            ("Level ", "bold"),
+            (str(pending.level), "bold $accent"),
+            ("  (next answer)" if changed else "", "italic $warning"),
+        )
+    )
+    lines.append(Content(pending.chain))
+    lines.append(
+        Content.assemble(
+            ("γ ", "bold"),
+            f"mid {pending.gamma_mid if pending.level else '-'}  "
+            f"low {pending.gamma_low if pending.level == 2 else '-'}",
+        )
+    )
+    if not s:
+        lines.append(Content.styled("no answer yet", "dim"))
+        return Content("\n").join(lines)
+    if changed:
+        lines.append(Content.styled(f"last answer: level {s.get('level')}  {s.get('chain')}", "dim"))
+    acc = s.get("acceptance") or {}
+    lines.append(Content.assemble(("Acceptance", "bold")))
+    for lvl in ("mid", "low"):
+        lines.append(Content(f" {lvl:<4}{bar(acc.get(lvl), 14)} {pct(acc.get(lvl))}"))
+    lines.append(Content(f"Mean accepted length {s.get('mean_accepted_length', 0):.2f}"))
+    hist = s.get("position_histogram") or {}
+    if any(hist.get(k) for k in ("mid", "low")):
+        n = max(len(hist.get("mid") or []), len(hist.get("low") or []))
+        lines.append(
+            Content.assemble(
+                ("Per position ", "bold"), ("pos " + " ".join(str((i + 1) % 10) for i in range(n)), "dim")
+            )
+        )
+        for lvl in ("mid", "low"):
+            if hist.get(lvl):
+                lines.append(Content(f"             {lvl:<4}{_hist(hist[lvl])}"))
+    now = f"{rate_now:6.1f}" if rate_now is not None else "   -  "
+    lines.append(Content.assemble(("Tokens/s ", "bold"), f"now {now}  avg {s.get('tokens_per_s', 0):6.1f}"))
+    speed = s.get("speedup_vs_level0")
+    lines.append(
+        Content(
+            f"ms/token {s.get('ms_per_token', 0):7.1f}  "
+            + (f"×{speed:.2f}" if speed else "-")
+            + " vs level 0"
+        )
+    )
+    counts = s.get("origin_counts") or {}
+    lines.append(
+        Content.assemble(
+            f"{s.get('new_tokens', 0)} tokens: ",
+            (f"low {counts.get('low', 0)}", ORIGIN_STYLE["low"]),
+            " ",
+            (f"mid {counts.get('mid', 0)}", ORIGIN_STYLE["mid"]),
+            " ",
+            (f"target {counts.get('target', 0)}", ORIGIN_STYLE["target"]),
+        )
+    )
+    if s.get("stop_reason"):
+        lines.append(Content.styled(f"ended: {s['stop_reason']}", "dim"))
+    return Content("\n").join(lines)
+
+
+def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
+    if fig is None:
+        return Content.styled("no model loaded", "dim")
+    lines: list[Content] = []
+    limit = fig.context_limit or 1
+    lines.append(
+        Content.assemble(("Full KV ", "bold"), f"{fig.full_kv_tokens:,} tok  {mb(fig.full_kv_bytes)}")
+    )
+    lines.append(
+        Content(
+            f" {bar(fig.full_kv_tokens / limit, width)} {fig.full_kv_tokens / limit:4.0%}"
+            f" of {fig.context_limit:,}"
+        )
+    )
+    frac = fig.retrieval_budget_fraction
+    share = "all of ctx" if frac >= 1 else f"{frac:.0%} of ctx"
+    lines.append(Content.assemble(("Retrieval ", "bold"), f"{fig.retrieval_budget_tokens:,} tok  {share}"))
+    lines.append(Content(f" {bar(fig.retrieval_budget_fraction, width)} chunk {fig.retrieval_chunk_size}"))
+    lines.append(
+        Content(
+            f" {fig.retrieval_chunks_selected:,} chunks selected  +{fig.retrieval_recent_tokens:,} recent"
+        )
+    )
+    if fig.drafter == "ngram" or fig.ngram_index_entries:
+        drafter = f"{fig.drafter}: index {fig.ngram_index_entries:,} entries"
+    elif fig.drafter_sink_tokens or fig.drafter_recent_tokens:
+        drafter = f"{fig.drafter}: sink {fig.drafter_sink_tokens} + recent {fig.drafter_recent_tokens:,}"
+    else:
+        drafter = fig.drafter
+    lines.append(Content.assemble(("Drafter ", "bold"), drafter))
+    lines.append(Content.assemble(("Process ", "bold"), f"RSS {mb(fig.process_rss_bytes)}"))
+    return Content("\n").join(lines)
+
+
+def render_documents(docs: Sequence[tuple[str, int]], context_tokens: int, max_context: int) -> Content:
+    if not docs:
+        return Content.styled("none yet: ctrl+o loads one", "dim")
+    lines: list[Content] = []
+    limit = max_context or 1
+    for name, n in docs:
+        short = name if len(name) <= 22 else "…" + name[-21:]
+        lines.append(Content.assemble(("📄 ", ""), (f"{short:<22}", "bold"), f" {n:>7,} tok"))
+        lines.append(Content(f"   {bar(n / limit, 16)} {n / limit:4.0%} of {max_context:,}"))
+    lines.append(Content.styled(f"context {context_tokens:,} / {max_context:,} tokens", "dim"))
+    return Content("\n").join(lines)
+
+
+class StatsPanel(Vertical):
+    stats: reactive[dict | None] = reactive(None, always_update=True)
+
+    def __init__(self, pending: Pending, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pending = pending
+        self.rate_now: float | None = None
+        self.rates: list[float] = []
+
+    def compose(self):
+        yield Static(render_stats(None, self.pending), id="stats-body")
+        yield Sparkline([], id="sparkline")
+
+    def show(self, stats: dict | None = None, rates: Sequence[float] | None = None) -> None:
+        if stats is not None:
+            self.stats = stats
+        if rates is not None:
+            self.rates = list(rates)
+            recent = self.rates[-4:]
+            self.rate_now = sum(recent) / len(recent) if recent else None
+            self.query_one(Sparkline).data = self.rates[-200:] or [0.0]
+        self.query_one("#stats-body", Static).update(render_stats(self.stats, self.pending, self.rate_now))
+
+
+class LoadBar(Vertical):
+    """Prefill / model-load progress: tokens done of total, tokens/s and ETA."""
+
+    def compose(self):
+        yield Static("", id="load-label")
+        yield ProgressBar(total=None, show_eta=False, id="load-progress")
+
+    def show(self, label: str, done: int, total: int | None, rate: float | None = None) -> None:
+        parts = [label]
+        if total:
+            parts.append(f"{done:,} / {total:,} tokens")
+            if rate:
+                eta = (total - done) / rate if rate > 0 else 0
+                parts.append(f"{rate:,.0f} tok/s  ETA {eta:,.0f} s")
+        parts.append("esc cancels" if total else "")
+        self.query_one("#load-label", Static).update("  ·  ".join(p for p in parts if p))
+        self.query_one(ProgressBar).update(total=total or None, progress=done)

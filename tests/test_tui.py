@@ -1,0 +1,332 @@
+"""Pilot tests of the chat app with the real Session and a small random-weight model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from textual import events
+from textual.widgets import Static
+
+from triforce_chat.app.history import History
+from triforce_chat.app.settings import Settings
+from triforce_chat.app.tui import TriforceApp
+from triforce_chat.app.widgets import AnswerMessage, ChatInput, UserMessage
+
+SIZE = (160, 48)
+DOC_TEXT = "\n".join(
+    f"Section {i}. The lighthouse keeper on island {i} logs the weather at dawn, "
+    f"and the ferry leaves at {i % 12 + 1}."
+    for i in range(40)
+)
+
+
+@pytest.fixture
+def doc(tmp_path) -> Path:
+    path = tmp_path / "book.txt"
+    path.write_text(DOC_TEXT, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def history(tmp_path, monkeypatch) -> History:
+    monkeypatch.setenv("TRIFORCE_CHAT_DATA", str(tmp_path / "data"))
+    return History(tmp_path / "data")
+
+
+def make_app(tiny_model, history, docs=(), **settings) -> TriforceApp:
+    s = Settings(**{"max_new_tokens": 24, "budget": "256", **settings})
+    return TriforceApp(s, list(docs), model=tiny_model, history=history)
+
+
+async def wait_for(pilot, condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting for the app")
+        await pilot.pause(0.05)
+
+
+def text_of(app, selector: str) -> str:
+    return str(app.query_one(selector, Static).render())
+
+
+def notices(app) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+async def ready(pilot) -> None:
+    app = pilot.app
+    await wait_for(pilot, lambda: app.session is not None and not app.busy)
+
+
+async def ask(pilot, question: str) -> AnswerMessage:
+    app = pilot.app
+    app.query_one(ChatInput).insert(question)
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: app.job is None and app.answers and app.answers[-1].finished)
+    await pilot.pause(0.1)
+    return app.answers[-1]
+
+
+async def test_load_ask_answer_and_panels(tiny_model, history, doc):
+    app = make_app(tiny_model, history, [doc], level=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        session = app.session
+        assert [d.name for d in session.documents] == ["book.txt"]
+        n_tokens = session.documents[0].n_tokens
+        docs_text = text_of(app, "#documents")
+        assert "book.txt" in docs_text and f"{n_tokens:,} tok" in docs_text
+        assert f"of {session.max_context:,}" in docs_text
+        assert session.cache.length > n_tokens  # the document was prefilled before the question
+
+        answer = await ask(pilot, "When does the ferry leave island 3?")
+        turn = session.turns[-1]
+        assert turn.question == "When does the ferry leave island 3?"
+        assert turn.answer and answer.text == turn.answer
+        assert len(app.query(UserMessage)) == 1
+
+        stats = session.stats.to_dict()
+        body = text_of(app, "#stats-body")
+        assert "Level 1" in body and session.chain_label() in body
+        assert f"avg {stats['tokens_per_s']:6.1f}" in body
+        assert f"ms/token {stats['ms_per_token']:7.1f}" in body
+        assert f"Mean accepted length {stats['mean_accepted_length']:.2f}" in body
+        if stats["acceptance"]["mid"] is not None:
+            assert f"{100 * stats['acceptance']['mid']:4.0f}%" in body
+        counts = stats["origin_counts"]
+        assert (
+            f"{stats['new_tokens']} tokens: low {counts['low']} mid {counts['mid']} target {counts['target']}"
+            in body
+        )
+        fig = session.cache_figures()
+        cache = text_of(app, "#cache")
+        assert f"Full KV {fig.full_kv_tokens:,} tok" in cache
+        assert (
+            f"{fig.retrieval_budget_tokens:,} tok" in cache and f"chunk {fig.retrieval_chunk_size}" in cache
+        )
+
+        # multi-turn: the second question only prefills the new tokens
+        before = session.cache.length
+        await ask(pilot, "And island 4?")
+        assert session.stats.prefill_tokens < 80 < before
+        assert len(session.turns) == 2
+
+        # the conversation was saved as it happened
+        conv = history.load(history.resolve("last"))
+        assert [t.question for t in conv.turns] == ["When does the ferry leave island 3?", "And island 4?"]
+        assert conv.turns[0].answer == session.turns[0].answer and conv.turns[0].complete
+        assert [d.name for d in conv.turns[0].documents] == ["book.txt"]
+
+
+async def test_ctrl_t_changes_the_level_shown_and_used(tiny_model, history, doc):
+    app = make_app(tiny_model, history, [doc], level=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await ask(pilot, "Where is the lighthouse?")
+        assert "Level 1" in text_of(app, "#stats-body")
+        await pilot.press("ctrl+t")  # 1 -> 2
+        body = text_of(app, "#stats-body")
+        assert "Level 2  (next answer)" in body and "ngram -> retrieval(256) -> target" in body
+        await pilot.press("ctrl+t")  # 2 -> 0
+        assert "Level 0  (next answer)" in text_of(app, "#stats-body")
+        await pilot.press("ctrl+up", "alt+right")  # γ mid +1, budget x2: shown at once
+        body = text_of(app, "#stats-body")
+        assert "mid -" in body  # level 0 drafts nothing
+        assert app.pending.gamma_mid == 7 and app.pending.budget == "512"
+        await ask(pilot, "Who logs the weather?")
+        assert app.session.stats.level == 0 and app.session.config.budget == "512"
+        body = text_of(app, "#stats-body")
+        assert "Level 0" in body and "(next answer)" not in body
+        assert "target" in body.splitlines()[1]
+
+
+async def test_escape_stops_generation_and_keeps_the_conversation(tiny_model, history, doc, monkeypatch):
+    app = make_app(tiny_model, history, [doc], level=0, max_new_tokens=400)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        forward = tiny_model.model.forward
+
+        def slow_forward(*args, **kwargs):  # make 400 tokens take long enough to be stopped
+            time.sleep(0.02)
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(tiny_model.model, "forward", slow_forward)
+        app.query_one(ChatInput).insert("Tell me everything.")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.answers and len(app.answers[-1].token_ids) >= 3)
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.job is None and app.answers[-1].finished)
+        session = app.session
+        assert session.stats.stop_reason == "stopped"
+        assert 3 <= session.stats.new_tokens < 400
+        turn = session.turns[-1]
+        assert app.answers[-1].text == turn.answer
+        assert session.cache.length == len(session.context) - 1  # as if the answer ended there
+        assert "stopped" in text_of(app, "#stats-body")
+        # the next question works and builds on the stopped answer
+        await ask(pilot, "Short answer please.")
+        assert len(session.turns) == 2 and session.turns[0].answer == turn.answer
+
+
+async def test_escape_cancels_a_slow_prefill(tiny_model, history, doc, monkeypatch):
+    forward = tiny_model.model.forward
+
+    def slow_forward(*args, **kwargs):
+        time.sleep(0.5)
+        return forward(*args, **kwargs)
+
+    app = make_app(tiny_model, history, level=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        monkeypatch.setattr(tiny_model.model, "forward", slow_forward)
+        app.session.config.prefill_chunk = 64
+        app._start_prefill([doc])
+        await wait_for(pilot, lambda: "Prefill book.txt" in text_of(app, "#load-label"))
+        label = text_of(app, "#load-label")
+        assert "/ " in label and "tokens" in label and "tok/s" in label and "ETA" in label
+        assert app.query_one("#loadbar").display
+        await pilot.press("escape")
+        await wait_for(pilot, lambda: app.job is None)
+        assert any("loading cancelled" in m for m in notices(app))
+        assert app.session.documents == [] and not app.query_one("#loadbar").display
+        monkeypatch.setattr(tiny_model.model, "forward", forward)
+        await ask(pilot, "Still there?")  # the session is usable after a cancelled load
+        assert app.session.turns[-1].answer
+
+
+async def test_paste_keeps_newlines_and_does_not_send(tiny_model, history):
+    app = make_app(tiny_model, history, level=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        box = app.query_one(ChatInput)
+        assert app.focused is box
+        app.post_message(events.Paste("first line\nsecond line\n"))
+        await pilot.pause(0.1)
+        assert box.text == "first line\nsecond line\n"
+        assert not app.query(UserMessage) and not app.session.turns and app.job is None
+        await pilot.press("x", "ctrl+j", "y")  # ctrl+j inserts a newline, does not send
+        assert box.text == "first line\nsecond line\nx\ny"
+        assert not app.session.turns
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.job is None and app.session.turns and app.answers[-1].finished)
+        assert app.session.turns[0].question == "first line\nsecond line\nx\ny"
+        assert box.text == ""
+
+
+async def test_bad_inputs_give_notices_not_tracebacks(tiny_model, history, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01\x02" * 100)
+    app = make_app(
+        tiny_model,
+        history,
+        [tmp_path / "missing.txt", empty, binary],
+        level=0,
+        theme="no-such",
+        keymap={"no-such-binding": "f9"},
+    )
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        msgs = " | ".join(notices(app))
+        assert "missing.txt: no such file" in msgs
+        assert "empty.txt: the document is empty" in msgs
+        assert "blob.bin: looks like a binary file" in msgs
+        assert "unknown theme 'no-such'" in msgs and app.theme == "triforce-dark"
+        assert "unknown binding id no-such-binding" in msgs
+        assert app.session.documents == []
+        # the document picker: a bad path is a notice, the app keeps going
+        await pilot.press("ctrl+o")
+        await pilot.pause(0.1)
+        await pilot.click("#document-path")
+        for ch in str(tmp_path / "nope.txt"):
+            await pilot.press(ch)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.job is None and any("nope.txt" in m for m in notices(app)))
+        # an empty question does not send
+        await pilot.press("space", "enter")
+        await pilot.pause(0.1)
+        assert not app.session.turns
+        # export with nothing to export is a notice
+        await pilot.press("ctrl+s")
+        assert "nothing to export yet" in notices(app)[-1]
+        assert app.is_running
+
+
+async def test_keymap_from_settings_remaps_bindings(tiny_model, history):
+    app = make_app(tiny_model, history, level=2, keymap={"cycle-level": "f9", "toggle-viz": "f8"})
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+t")
+        assert app.pending.level == 2  # the default key no longer cycles
+        await pilot.press("f9")
+        assert app.pending.level == 0 and "Level 0" in text_of(app, "#stats-body")
+        await pilot.press("f8")
+        assert app.viz and app.screen.has_class("-viz")
+        await pilot.press("f1")
+        await pilot.pause(0.1)
+        help_text = str(app.screen.query_one("#help-text", Static).render())
+        assert "f9" in help_text and "cycle-level" in help_text and "toggle-viz" in help_text
+
+
+async def test_viz_export_new_chat_and_resume(tiny_model, history, doc, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    app = make_app(tiny_model, history, [doc], level=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await pilot.press("ctrl+r")
+        answer = await ask(pilot, "What does the keeper log?")
+        session = app.session
+        assert answer.origins == session.stats.token_origins
+        viz = str(answer.query_one(".answer-viz", Static).render())
+        assert viz.replace("\ufffd", "").strip() != ""
+        rounds = str(answer.query_one(".answer-rounds", Static).render())
+        assert rounds.startswith("#") and ("mid" in rounds or "target" in rounds)
+        assert answer.query_one(".answer-viz").display and not answer.query_one(".answer-md").display
+        await pilot.press("ctrl+s")
+        exported = list(tmp_path.glob("triforce-chat-*.md"))
+        assert len(exported) == 1
+        md = exported[0].read_text()
+        assert "What does the keeper log?" in md and session.turns[0].answer.strip()[:20] in md
+        first_answer = session.turns[0].answer
+        await pilot.press("ctrl+n")
+        await pilot.pause(0.1)
+        assert not app.query(UserMessage) and session.turns == []
+        assert [d.name for d in session.pending_documents] == ["book.txt"]
+
+    app2 = make_app(tiny_model, history, level=0)
+    app2.resume = "last"
+    async with app2.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app2.session is not None and not app2.busy and app2.answers)
+        await wait_for(pilot, lambda: not app2.busy)
+        s2 = app2.session
+        assert [t.question for t in s2.turns] == ["What does the keeper log?"]
+        assert s2.turns[0].answer == first_answer and app2.answers[0].text == first_answer
+        assert s2.cache.length == len(s2.context) - 1 > 100  # document and turn prefilled again
+        await ask(pilot, "One more?")
+        conv = history.load(app2.conv_id)
+        assert [t.question for t in conv.turns] == ["What does the keeper log?", "One more?"]
+
+
+def test_history_survives_a_crash_mid_answer(history):
+    writer = history.open_writer("c1")
+    writer.meta("m")
+    writer.document("a.txt", history.store_document("hello"), 1)
+    writer.question("q?")
+    writer.delta("partial ")
+    writer.delta("answer")
+    # no answer record, and a torn last line: as after a crash
+    with history.path_of("c1").open("a") as f:
+        f.write('{"type": "delta", "te')
+    conv = history.load("c1")
+    assert conv.turns[0].answer == "partial answer" and not conv.turns[0].complete
+    assert history.document_text(conv.turns[0].documents[0].sha) == "hello"
+    assert history.resolve("last") == "c1" and history.resolve("c") == "c1"
+    with pytest.raises(KeyError):
+        history.resolve("zzz")
+    lines = [json.loads(x) for x in history.path_of("c1").read_text().splitlines()[:-1]]
+    assert [r["type"] for r in lines] == ["meta", "document", "question", "delta", "delta"]

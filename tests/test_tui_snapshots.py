@@ -1,0 +1,174 @@
+"""Snapshots of the main screen (both themes, visualisation on and off) from recorded decoder data.
+
+No model and no timing: recorded RoundEvents, stats and cache figures are fed into the widgets.
+Update with `pytest tests/test_tui_snapshots.py --snapshot-update` and review the SVGs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from triforce_chat.app.settings import Settings
+from triforce_chat.app.tui import TriforceApp
+from triforce_chat.app.widgets import AnswerMessage, StatsPanel, UserMessage, render_cache, render_documents
+from triforce_chat.decoding.events import CacheFigures, LowRound, RoundEvent
+
+VOCAB = {
+    1: "The",
+    2: " ferry",
+    3: " leaves",
+    4: " island",
+    5: " 3",
+    6: " at",
+    7: " 4",
+    8: " o",
+    9: "'clock",
+    10: ",",
+    11: " after",
+    12: " the",
+    13: " keeper",
+    14: " logs",
+    15: " weather",
+    16: ".",
+    17: " dawn",
+    18: " every",
+    19: " morning",
+    20: "\n",
+}
+
+
+def decode(tok: int) -> str:
+    return VOCAB.get(tok, "?")
+
+
+def recorded_events() -> list[RoundEvent]:
+    def ev(i, tokens, origins, mid_proposed=(), mid_accepted=0, low_rounds=(), kind="bonus"):
+        return RoundEvent(
+            index=i,
+            tokens=list(tokens),
+            origins=list(origins),
+            text="".join(decode(t) for t in tokens),
+            mid_proposed=list(mid_proposed),
+            mid_accepted=mid_accepted,
+            low_rounds=list(low_rounds),
+            final_kind=kind,
+        )
+
+    return [
+        ev(0, [1], ["target"], kind="step"),
+        ev(
+            1,
+            [2, 3, 4, 5, 6],
+            ["low", "low", "mid", "low", "target"],
+            [2, 3, 4, 5],
+            4,
+            [LowRound([2, 3, 9], 2, 4), LowRound([5, 11], 1, 6)],
+        ),
+        ev(
+            2,
+            [7, 8, 9, 10],
+            ["mid", "low", "low", "target"],
+            [7, 8, 9, 12, 13],
+            3,
+            [LowRound([8, 9, 12, 13], 4, 16)],
+            kind="correction",
+        ),
+        ev(
+            3,
+            [11, 12, 13, 14],
+            ["low", "low", "low", "target"],
+            [11, 12, 13, 15],
+            3,
+            [LowRound([11, 12, 13, 15], 3, 14)],
+            kind="correction",
+        ),
+        ev(
+            4,
+            [12, 15, 6, 17, 16],
+            ["mid", "mid", "low", "low", "target"],
+            [12, 15, 6, 17],
+            4,
+            [LowRound([18, 19], 0, 12), LowRound([6, 17], 2, 16)],
+        ),
+    ]
+
+
+STATS = {
+    "level": 2,
+    "chain": "ngram -> retrieval(4096) -> target",
+    "gamma_mid": 6,
+    "gamma_low": 4,
+    "prefill_tokens": 12,
+    "prefill_s": 0.05,
+    "new_tokens": 19,
+    "decode_s": 0.5,
+    "tokens_per_s": 38.0,
+    "ms_per_token": 26.3,
+    "rounds": 5,
+    "acceptance": {"mid": 0.8235, "low": 0.6667},
+    "mean_accepted_length": 3.8,
+    "position_histogram": {"mid": [1.0, 1.0, 1.0, 0.75, 0.0], "low": [0.83, 0.67, 0.5, 0.25]},
+    "level0_step_ms": 52.0,
+    "speedup_vs_level0": 1.98,
+    "origin_counts": {"low": 10, "mid": 4, "target": 5},
+    "timings_s": {},
+    "stop_reason": "eos",
+}
+RATES = [19.0, 41.5, 36.2, 44.8, 39.9, 25.0, 47.3, 38.0]
+FIGURES = CacheFigures(
+    full_kv_tokens=6254,
+    full_kv_bytes=6254 * 30 * 2 * 3 * 64 * 4,
+    full_kv_allocated_bytes=0,
+    context_limit=8192,
+    retrieval_budget_tokens=4096,
+    retrieval_budget_fraction=4096 / 6254,
+    retrieval_chunk_size=8,
+    retrieval_chunks_selected=508,
+    retrieval_recent_tokens=32,
+    retrieval_rebuilds=1,
+    drafter="ngram",
+    ngram_index_entries=5873,
+    process_rss_bytes=812 * 1024 * 1024,
+)
+
+
+class RecordedApp(TriforceApp):
+    """The real app and screen, fed recorded data instead of loading a model."""
+
+    def __init__(self, theme: str, viz: bool) -> None:
+        super().__init__(Settings(theme=theme, history=False))
+        self._viz_on = viz
+
+    def start(self) -> None:
+        self.sub_title = "HuggingFaceTB/SmolLM2-135M-Instruct · context 8,192"
+        self.query_one("#loadbar").display = False
+        self.call_later(self._feed)
+
+    async def _feed(self) -> None:
+        self.query_one("#welcome").display = False
+        transcript = self.query_one("#transcript")
+        await transcript.mount(UserMessage("When does the ferry leave island 3?", ["lighthouse.txt"]))
+        answer = AnswerMessage(decode)
+        self.answers.append(answer)
+        await transcript.mount(answer)
+        await answer.add_events(recorded_events())
+        await answer.finish("19 tokens · 38.0 tok/s · level 2 · eos")
+        self.query_one("#documents").update(render_documents([("lighthouse.txt", 6198)], 6254, 8192))
+        self.query_one("#stats", StatsPanel).show(STATS, RATES)
+        self.query_one("#cache").update(render_cache(FIGURES))
+        if self._viz_on:
+            self.action_toggle_viz()
+        self.clear_notifications()
+
+
+async def _settle(pilot) -> None:
+    await pilot.pause(0.3)
+    pilot.app.clear_notifications()
+    await pilot.pause(0.1)
+
+
+@pytest.mark.parametrize(
+    ("theme", "viz"), [("triforce-dark", True), ("triforce-light", True), ("triforce-dark", False)]
+)
+def test_main_screen(snap_compare, theme, viz):
+    assert snap_compare(RecordedApp(theme, viz), terminal_size=(150, 44), run_before=_settle)
