@@ -56,30 +56,6 @@ def data_dir() -> Path:
     return Path(user_data_dir(APP_NAME))
 
 
-def parse_budget(budget: str | int | float) -> tuple[int, float]:
-    """'4096' -> (4096, 0.0) tokens; '0.1' or '10%' -> (0, 0.1) of the context. Raises SettingsError."""
-    text = str(budget).strip()
-    bad = SettingsError(
-        "budget must be a token count (e.g. 4096) or a fraction of the context (e.g. 0.1 or 10%), "
-        f"not {budget!r}"
-    )
-    try:
-        if text.endswith("%"):
-            frac = float(text[:-1]) / 100
-        else:
-            value = float(text)
-            if value >= 1:
-                if value != int(value):
-                    raise bad
-                return int(value), 0.0
-            frac = value
-    except ValueError:
-        raise bad from None
-    if not 0 < frac < 1:
-        raise bad
-    return 0, frac
-
-
 @dataclass(frozen=True)
 class Settings:
     model: str | None = None
@@ -122,29 +98,15 @@ class Settings:
 
     def validate(self) -> None:
         """Raise SettingsError with a one-line message for the first invalid value."""
-        if self.level not in (0, 1, 2):
-            raise SettingsError(f"level must be 0, 1 or 2, not {self.level}")
-        parse_budget(self.budget)
-        tokens, _ = parse_budget(self.budget)
-        if tokens and tokens < 2 * self.chunk_size:
-            raise SettingsError(
-                f"budget must be at least two chunks ({2 * self.chunk_size} tokens), not {tokens}"
-            )
+        try:  # the decoding options are validated where they are used, once
+            self.decode_config().validate()
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
         checks = [
-            (self.chunk_size >= 1, f"chunk-size must be >= 1, not {self.chunk_size}"),
-            (1 <= self.gamma_mid <= 64, f"gamma-mid must be between 1 and 64, not {self.gamma_mid}"),
-            (1 <= self.gamma_low <= 64, f"gamma-low must be between 1 and 64, not {self.gamma_low}"),
-            (self.temperature >= 0, f"temperature must be >= 0, not {self.temperature}"),
-            (0 < self.top_p <= 1, f"top-p must be in (0, 1], not {self.top_p}"),
-            (
-                self.max_new_tokens >= 1,
-                f"max-new-tokens must be a positive number, not {self.max_new_tokens}",
-            ),
             (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}"),
             (bool(self.device), "device must not be empty"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, not {self.threads}"),
             (self.context is None or self.context >= 16, f"context must be >= 16 tokens, not {self.context}"),
-            (bool(self.draft), "draft must be 'ngram' or a model"),
             (bool(self.theme), "theme must not be empty"),
         ]
         for ok, message in checks:

@@ -27,7 +27,7 @@ from textual.widgets import DirectoryTree, Footer, Header, Input, OptionList, St
 from textual.widgets.option_list import Option
 
 from triforce_chat.app.history import History, Writer, transcript_markdown
-from triforce_chat.app.settings import Settings, data_dir, parse_budget
+from triforce_chat.app.settings import Settings, data_dir
 from triforce_chat.app.widgets import (
     AnswerMessage,
     ChatInput,
@@ -39,6 +39,7 @@ from triforce_chat.app.widgets import (
     render_documents,
 )
 from triforce_chat.decoding.events import CacheFigures, RoundEvent
+from triforce_chat.decoding.retrieval import parse_budget
 from triforce_chat.themes import ORIGIN_DEFAULTS, THEMES
 
 THEME_DIR = Path(__file__).resolve().parent.parent / "themes"

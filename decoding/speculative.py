@@ -214,6 +214,9 @@ class SpeculativeDecoder:
         level = cfg.level if self.view is not None else 0
         if level == 2 and self.drafter is None:
             level = 1
+        if level >= 1 and self.view.needs_rebuild:
+            self.view.rebuild()
+            self._rounds_since_rebuild = 0
         produced = 0
         index = 0
         while produced < max_new_tokens and not should_stop():
@@ -313,7 +316,9 @@ class SpeculativeDecoder:
         if not self.config.adaptive:
             return "mid", gamma_max
         c = self.costs
-        gamma, rate = c.best_gamma(gamma_max)
+        # a view that selects nothing is the full cache: the "middle level" would be the target itself
+        mid_useful = self.view.n_selected_chunks > 0
+        gamma, rate = c.best_gamma(gamma_max) if mid_useful else (0, 1.0 / max(c.step.value, 1e-9))
         choice = ("mid", gamma) if gamma else ("step", 0)
         if props:
             direct = c.direct_rate(len(props))
@@ -322,7 +327,7 @@ class SpeculativeDecoder:
         # probe the middle level (and a direct window) when adaptation keeps choosing against them,
         # so that the estimates follow a context that changes as the answer grows
         for route in ("mid", "direct"):
-            if route == "direct" and not props:
+            if (route == "direct" and not props) or (route == "mid" and not mid_useful):
                 continue
             if choice[0] == route:
                 self._last_used[route] = index

@@ -12,8 +12,8 @@ from triforce_chat.app.settings import (
     config_path,
     data_dir,
     load_settings,
-    parse_budget,
 )
+from triforce_chat.decoding.retrieval import parse_budget
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -102,8 +102,10 @@ def test_parse_budget():
     assert parse_budget("0.1") == (0, 0.1)
     assert parse_budget("25%") == (0, 0.25)
     for bad in ("0", "1.5", "abc", "150%", "-3"):
-        with pytest.raises(SettingsError):
+        with pytest.raises(ValueError):
             parse_budget(bad)
+        with pytest.raises(SettingsError, match="budget"):
+            Settings().merged(budget=bad)
 
 
 def test_paths_honour_the_environment(monkeypatch, tmp_path):
