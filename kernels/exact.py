@@ -8,12 +8,14 @@ context in bf16 that moved logits by up to 0.5 and flipped greedy tokens.
 
 How: keys are cut into *absolute* blocks of `BLOCK` positions (block b covers positions
 [b*BLOCK, (b+1)*BLOCK)), whatever the query count or cache length. Each block is one fixed-shape
-GEMM (M rows x D x BLOCK, then M x BLOCK x D) whose rows are independent of M for M >= 3 (measured:
-MKL fp32 rounds one and two rows differently; oneDNN bf16 is invariant; fewer rows are padded).
-Positions past a query are masked, so a block contributes exact zeros to queries it does not
-reach. Blocks are merged with the exact global max and a pairwise sum over absolute block
-indices, so trailing all-zero blocks (a longer window's extra keys) leave every sum bitwise
-unchanged.
+GEMM (M rows x D x BLOCK, then M x BLOCK x D) whose rows are independent of M once M reaches
+MIN_ROWS (fewer rows are padded) and of the number of blocks in the batch. Per (row, block), the
+block max and a softmax over the BLOCK scores (a fused per-row kernel) give the block's normalised
+output; 1 / max(softmax) is the block's sum of exponentials. Only the last one or two blocks can
+hold positions past a query; they alone are masked, so a block contributes an exact zero weight
+to queries it does not reach. Blocks are merged with the exact global max and a pairwise sum over
+absolute block indices, so trailing zero-weight blocks (a longer window's extra keys) leave every
+sum bitwise unchanged. The per-head loop keeps keys/values views of the cache (no copies).
 
 The cache buffers must be allocated to a multiple of BLOCK and hold finite values past `length`.
 Shapes: q [Hq, T, D] for positions length-T .. length-1; k_buf, v_buf [Hkv, >= nb*BLOCK, D].
@@ -27,12 +29,18 @@ import torch
 from torch import Tensor
 
 BLOCK = 256
-MIN_ROWS = 3
+# GEMMs of fewer rows take paths that round differently (measured: MKL fp32 rounds the scores of
+# 1 row, and at head_dim 128 of 2-5 rows, differently from 6+; oneDNN bf16 is invariant): pad.
+MIN_ROWS = {torch.float32: 6}
+MIN_ROWS_DEFAULT = 3
+# Masked scores: finite, so that a block no key of which a row may see gives a uniform softmax
+# (not NaN) whose merge weight exp(NEG - max) is exactly 0.
+NEG = -1e30
 
 
 @functools.lru_cache(maxsize=256)
-def _key_positions(nb: int, device: str) -> Tensor:
-    return torch.arange(nb * BLOCK, device=device).view(1, nb, 1, BLOCK)  # [1, nb, 1, B]
+def _key_positions(start: int, n: int, device: str) -> Tensor:
+    return torch.arange(start * BLOCK, (start + n) * BLOCK, device=device).view(n, 1, BLOCK)
 
 
 def _pairwise_sum(x: Tensor) -> Tensor:
@@ -50,23 +58,31 @@ def invariant_attend(q: Tensor, k_buf: Tensor, v_buf: Tensor, length: int, scale
     hkv = k_buf.shape[0]
     g = hq // hkv
     nb = -(-length // BLOCK)
-    keys = k_buf[:, : nb * BLOCK].view(hkv, nb, BLOCK, d)  # [Hkv, nb, B, D]
-    values = v_buf[:, : nb * BLOCK].view(hkv, nb, BLOCK, d)
-    qg = q.reshape(hkv, 1, g * t, d)  # rows g*T + t
+    # blocks [0, nf) lie wholly at or before every query's position: no mask needed there; only the
+    # last one or two blocks (a window of <= BLOCK queries) are masked
+    nf = (length - t + 1) // BLOCK
+    qg = (q * scale).reshape(hkv, g * t, d)  # rows g*T + t
     qpos = torch.arange(length - t, length, device=q.device).repeat(g)  # [G*T] position of each row
-    pad = max(0, MIN_ROWS - g * t)
-    if pad:  # GEMMs of one or two rows take paths that round differently: repeat the first row
-        qg = torch.cat([qg, qg[:, :, :1].expand(hkv, 1, pad, d)], dim=2)
+    pad = max(0, MIN_ROWS.get(q.dtype, MIN_ROWS_DEFAULT) - g * t)
+    if pad:  # repeat the first row
+        qg = torch.cat([qg, qg[:, :1].expand(hkv, pad, d)], dim=1)
         qpos = torch.cat([qpos, qpos[:1].expand(pad)])
-    m = qg.shape[2]
-    s = torch.matmul(qg, keys.transpose(-1, -2)).float()  # [Hkv, nb, M, B]
-    s.mul_(scale)
-    s.masked_fill_(_key_positions(nb, str(q.device)) > qpos.view(1, 1, m, 1), float("-inf"))
-    m_b = s.amax(-1)  # [Hkv, nb, M]; -inf for blocks past the row
-    e = torch.exp(s - torch.where(torch.isfinite(m_b), m_b, 0.0).unsqueeze(-1))
-    s_b = e.sum(-1)  # [Hkv, nb, M]
-    o_b = torch.matmul(e.to(values.dtype), values).float()  # [Hkv, nb, M, D]
-    w = torch.exp(m_b - m_b.amax(1, keepdim=True))  # [Hkv, nb, M]; 0 for empty blocks
-    total = _pairwise_sum(s_b * w)  # [Hkv, M]
-    out = _pairwise_sum(o_b * w.unsqueeze(-1)) / total.unsqueeze(-1)  # [Hkv, M, D]
+    m = qg.shape[1]
+    mask = _key_positions(nf, nb - nf, str(q.device)) > qpos.view(1, m, 1)  # [nb - nf, M, B]
+    m_b = torch.empty(hkv, nb, m, dtype=q.dtype, device=q.device)  # block max of the scores
+    p_max = torch.empty_like(m_b)  # block max of the softmax = 1 / (block sum of exp(s - m_b))
+    o_b = torch.empty(hkv, nb, m, d, dtype=q.dtype, device=q.device)  # block softmax @ values
+    for h in range(hkv):  # per head: the buffers' [Hkv, max_len] slices are views, never copies
+        keys = k_buf[h, : nb * BLOCK].view(nb, BLOCK, d)
+        values = v_buf[h, : nb * BLOCK].view(nb, BLOCK, d)
+        s = torch.bmm(qg[h].expand(nb, m, d), keys.transpose(1, 2))  # [nb, M, B], q's dtype
+        s[nf:].masked_fill_(mask, NEG)
+        torch.amax(s, -1, out=m_b[h])
+        p = torch.softmax(s, -1)  # one fused pass per row of BLOCK scores
+        torch.amax(p, -1, out=p_max[h])
+        torch.bmm(p, values, out=o_b[h])
+    m_b = m_b.float()
+    w = torch.exp(m_b - m_b.amax(1, keepdim=True)) / p_max.float()  # [Hkv, nb, M]; 0 past the row
+    total = _pairwise_sum(w)  # [Hkv, M]
+    out = _pairwise_sum(o_b.float() * w.unsqueeze(-1)) / total.unsqueeze(-1)  # [Hkv, M, D]
     return out[:, : g * t].reshape(hq, t, d).to(q.dtype)

@@ -44,3 +44,19 @@ def test_window_rows_equal_single_queries_bitwise(dtype, g):
         for i in range(t):
             single = invariant_attend(q[:, i : i + 1], k, v, length - t + i + 1, 0.125)
             assert torch.equal(window[:, i : i + 1], single), (length, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hkv,g,d", [(1, 1, 128), (3, 3, 64), (1, 8, 64), (2, 5, 128)])
+def test_masked_tail_windows_bitwise(dtype, hkv, g, d):
+    """Windows spanning two blocks (T > BLOCK - length % BLOCK), one block, and buffers longer than
+    the used blocks (the cache's views are strided): every row equals its single-step result."""
+    for t, length in [(32, 256 + 5), (32, 2 * 256 + 31), (11, 256 + 3), (32, 3 * 256), (9, 700)]:
+        k, v = buffers(hkv, length + BLOCK, d, dtype, seed=length + t)
+        k[:, length:] = 1e4
+        v[:, length:] = -1e4
+        q = torch.randn(hkv * g, t, d).to(dtype)
+        window = invariant_attend(q, k, v, length, d**-0.5)
+        for i in range(t):
+            single = invariant_attend(q[:, i : i + 1], k, v, length - t + i + 1, d**-0.5)
+            assert torch.equal(window[:, i : i + 1], single), (length, t, i)
