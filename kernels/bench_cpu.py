@@ -8,7 +8,9 @@ every layer's keys are a strided view and the 30 layers together exceed the cach
 context. One "step" = attention of every layer (projections and MLP excluded).
 
 Printed per context length: time per step for
-  ours      kernels.attention.attend (T = 1), default method
+  exact     kernels.exact.invariant_attend (T = 1): what the full-cache target uses for decode
+            and verification (batch-invariant, so greedy speculation stays bitwise lossless)
+  ours      kernels.attention.attend (T = 1), default method (the other caches)
   ours-fl   cpu_attend(method="flash"): torch's CPU flash kernel, GQA folded, LSE merge
   grouped   the previous grouped-GEMM formulation (reference point)
   sdpa-gqa  F.scaled_dot_product_attention(enable_gqa=True)
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attend, attend_segments, cpu_attend
+from .exact import BLOCK, invariant_attend
 from .retrieval import gather_chunks, select_chunks
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     bw = copy_bandwidth()
     print(f"threads={args.threads} dtype={args.dtype}  shape: {LAYERS} layers x {HQ}q/{HKV}kv heads x d{D}")
     print(f"copy bandwidth (read+write): {bw / 1e9:.1f} GB/s")
-    max_len = max(lengths) + 16
+    max_len = (max(lengths) // BLOCK + 2) * BLOCK
     gen = torch.Generator().manual_seed(0)
     K = torch.randn(LAYERS, HKV, max_len, D, generator=gen).to(dtype)
     V = torch.randn(LAYERS, HKV, max_len, D, generator=gen).to(dtype)
@@ -117,12 +120,15 @@ def main(argv: list[str] | None = None) -> None:
     def step(fn, q, n):
         return lambda: [fn(q, K[layer, :, :n], V[layer, :, :n], SCALE) for layer in range(LAYERS)]
 
+    def exact_step(q, n):
+        return lambda: [invariant_attend(q, K[layer], V[layer], n, SCALE) for layer in range(LAYERS)]
+
     header = f"{'context':>8} {'impl':>9} {'ms/step':>9} {'KV GB/s':>8} {'% copy':>7}"
     print(header)
-    ours_t1, flash_t1 = {}, {}
+    ours_t1, flash_t1, exact_t1 = {}, {}, {}
     for n in lengths:
         kv_bytes = 2 * LAYERS * HKV * n * D * K.element_size()
-        rows = [("ours", step(attend, q1, n)), ("ours-fl", step(_flash_method, q1, n))]
+        rows = [("exact", exact_step(q1, n)), ("ours", step(attend, q1, n)), ("ours-fl", step(_flash_method, q1, n))]
         rows += [(b, step(baselines[b], q1, n)) for b in chosen]
         reps = args.reps if n <= 8192 else max(3, args.reps // 2)
         for name, fn in rows:
@@ -131,10 +137,14 @@ def main(argv: list[str] | None = None) -> None:
             t = _time(fn, reps)
             if name == "ours":
                 ours_t1[n] = t
+            if name == "exact":
+                exact_t1[n] = t
             if name == "ours-fl":
                 flash_t1[n] = t
             gbs = kv_bytes / t
             print(f"{n:>8} {name:>9} {t * 1e3:>9.1f} {gbs / 1e9:>8.1f} {100 * gbs / bw:>6.0f}%")
+        t8e = _time(exact_step(q8, n), reps)
+        print(f"{n:>8} {'verify-ex':>9} {t8e * 1e3:>9.1f}   (exact) verify-8 / step-1 = {t8e / exact_t1[n]:.2f}")
         t8 = _time(step(attend, q8, n), reps)
         print(f"{n:>8} {'verify-8':>9} {t8 * 1e3:>9.1f}   verify-8 / step-1 = {t8 / ours_t1[n]:.2f}")
         t8f = _time(step(_flash_method, q8, n), reps)
