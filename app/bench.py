@@ -4,6 +4,9 @@ For every context length and prompt, each level decodes the same prompt greedily
 Session; the generated token ids must be identical across levels (the decoder is lossless, so any
 difference is a bug: the command prints MISMATCH and exits 1). transformers `generate` runs on the
 same prompt ids, weights and dtype, plain and with prompt lookup, as the baselines to beat.
+`--hf-cache static` gives plain `generate` a preallocated StaticCache (SDPA over the whole cache
+with a mask, the configuration kernel targets are stated against); prompt lookup always uses the
+default DynamicCache, since assisted generation crops the cache on rejection.
 
 How time is split (the same rule for every row, so ratios are fair):
 - ours: prefill = syncing the cache with the prompt (all prompt tokens but the last); decode = the
@@ -33,6 +36,7 @@ from typing import Any
 LEVEL_NAMES = {0: "level 0", 1: "level 1", 2: "level 2"}
 HF_PLAIN, HF_LOOKUP = "HF generate", "HF prompt-lookup"
 LOOKUP_TOKENS = 10
+HF_CACHES = ("dynamic", "static")
 GENERIC_QUESTIONS = (
     ("Quote the first paragraph of the document word for word.", "quote"),
     ("What is the document about? Answer in a few sentences.", "fact"),
@@ -53,9 +57,14 @@ class BenchSpec:
     questions: int = 2
     doc: tuple[str, str] | None = None  # (name, text) instead of the generated report
     hf: bool = True
+    hf_cache: str = "dynamic"  # plain generate's cache: "dynamic" (transformers' default) or "static"
     context: int | None = None  # --context: positions extended with YaRN (the baselines need it too)
     reuse_prefill: bool = False  # levels after the first continue the first one's Session (new_chat)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hf_cache not in HF_CACHES:
+            raise BenchError(f"hf-cache must be one of {', '.join(HF_CACHES)}, not {self.hf_cache!r}")
 
 
 @dataclass
@@ -195,7 +204,7 @@ class _Clock:
 class HFBaseline:
     """transformers' own model on the same folder, dtype and (YaRN-extended) positions as ours."""
 
-    def __init__(self, lm, dtype, context: int | None = None):
+    def __init__(self, lm, dtype, context: int | None = None, cache: str = "dynamic"):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -206,6 +215,7 @@ class HFBaseline:
             extend_context(config, context)
         self.model = AutoModelForCausalLM.from_pretrained(lm.path, config=config, dtype=dtype).eval()
         self.eos = sorted(lm.eos_ids)
+        self.cache = cache
         self._torch = torch
 
     def run(self, prompt_ids: list[int], max_new_tokens: int, lookup: int | None = None) -> dict[str, Any]:
@@ -218,6 +228,7 @@ class HFBaseline:
             eos_token_id=self.eos,
             pad_token_id=self.eos[0],
             prompt_lookup_num_tokens=lookup,
+            cache_implementation=None if lookup or self.cache == "dynamic" else self.cache,
         )
         x = torch.tensor([prompt_ids])
         clock = _Clock()
@@ -264,7 +275,7 @@ def run_bench(lm, cfg, spec: BenchSpec, dtype=None, log: Log = lambda m: None) -
             )
     load_start = load_average()
     prompts = make_prompts(lm, spec)
-    hf = HFBaseline(lm, dtype or lm.model.dtype, spec.context) if spec.hf else None
+    hf = HFBaseline(lm, dtype or lm.model.dtype, spec.context, spec.hf_cache) if spec.hf else None
     log("warming up ...")
     warm = Prompt(0, 0, "warm-up.md", "Warm-up text. " * 40, "Repeat the text.", "quote")
     for level in spec.levels:
@@ -315,6 +326,7 @@ def run_bench(lm, cfg, spec: BenchSpec, dtype=None, log: Log = lambda m: None) -
             "context": spec.context,
             "reuse_prefill": spec.reuse_prefill,
             "hf_prompt_lookup_num_tokens": LOOKUP_TOKENS if spec.hf else None,
+            "hf_cache": spec.hf_cache if spec.hf else None,
         },
         "rows": summarize(runs, spec.levels),
         "runs": runs,
@@ -471,6 +483,8 @@ def render_table(result: dict[str, Any]):
 
     m = result["machine"]
     title = f"triforce-chat bench — {m['model']}, {m['dtype']}, {m['threads']} thread(s), {m['cpu']}"
+    if result["settings"].get("hf_cache") == "static":
+        title += "; HF generate with StaticCache"
     table = Table(
         title=title,
         caption="decode = tokens after the first / time after the first token; "
@@ -526,6 +540,7 @@ def bench_command(
     questions: int,
     max_new_tokens: int,
     reuse_prefill: bool = False,
+    hf_cache: str = "dynamic",
     **options: Any,
 ) -> int:
     """`triforce-chat bench`: parse, load, run, print; returns the exit code (1 on a mismatch)."""
@@ -551,6 +566,7 @@ def bench_command(
             hf=not no_hf,
             context=options.get("context"),
             reuse_prefill=reuse_prefill,
+            hf_cache=hf_cache,
         )
     except BenchError as exc:
         fail(str(exc))

@@ -314,6 +314,9 @@ def bench(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per answer.")] = 128,
     questions: Annotated[int, typer.Option(help="Prompts per context.")] = 2,
     no_hf: Annotated[bool, typer.Option("--no-hf", help="Skip the transformers generate baselines.")] = False,
+    hf_cache: Annotated[
+        str, typer.Option("--hf-cache", help="Cache of plain transformers generate: dynamic or static.")
+    ] = "dynamic",
     reuse_prefill: Annotated[
         bool, typer.Option("--reuse-prefill", help="Levels after the first reuse its prefilled cache (long contexts).")
     ] = False,
@@ -329,6 +332,7 @@ def bench(
             doc=doc,
             json_out=json_out,
             no_hf=no_hf,
+            hf_cache=hf_cache,
             reuse_prefill=reuse_prefill,
             questions=questions,
             max_new_tokens=max_new_tokens,

@@ -15,8 +15,8 @@ from triforce_chat.kernels.exact import BLOCK, invariant_attend
 
 # Forwards of up to this many tokens (decode steps and verification windows) use the
 # batch-invariant kernel, so a token's logits are bitwise the same alone or inside a window;
-# longer ones (prefill chunks) use the fastest kernel. 32 is also where oneDNN's bf16 linear layers
-# stop being row-invariant on this CPU (tests/test_model.py checks windows up to this size).
+# longer ones (prefill chunks) use the fastest kernel. The linear layers do the same
+# (`decoding.model.Linear`); tests/test_model.py checks windows up to this size.
 MAX_WINDOW = 32
 
 

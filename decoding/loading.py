@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from triforce_chat.decoding.model import ModelArgs, Transformer, UnsupportedArchitecture
+from triforce_chat.decoding.model import FP32_MAX_THREADS, ModelArgs, Transformer, UnsupportedArchitecture
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_ALIASES = {DEFAULT_MODEL, "default", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -162,6 +162,13 @@ def load_model(
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
+    if device == "cpu" and dtype == torch.float32 and torch.get_num_threads() > FP32_MAX_THREADS:
+        torch.set_num_threads(FP32_MAX_THREADS)
+        if log:
+            log(
+                f"float32 on CPU: using {FP32_MAX_THREADS} threads; with more, the matrix library splits "
+                "its sums differently for windows and single tokens, and greedy speculation would not be exact"
+            )
     model_id, path = resolve_model_path(spec, log)
     model = load_weights_only(path, dtype, device, context, model_id)
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from triforce_chat.decoding.cache import MAX_WINDOW
+
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 
 
@@ -114,15 +116,26 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
+# float32 GEMMs (MKL) stay row-invariant under the scheme below with up to 4 threads; measured with
+# 8 and 16 they split some reductions by row count (`load_model` caps the threads for float32).
+FP32_MAX_THREADS = 4
+
+
 class Linear(nn.Linear):
     """nn.Linear whose rows are batch-invariant: a token's output is bitwise the same whether it is
     computed alone or inside a verification window (see kernels/exact.py for why that matters).
 
-    bf16 on CPU (oneDNN/AMX) already is. fp32 is not: one row goes to a GEMV and several to a GEMM
-    that rounds differently. For fp32 the weight is kept transposed ([in, out]: x @ W^T, whose rows
-    are invariant from two rows up) and a single row is padded to two.
+    A stock GEMM is not: its library picks a kernel, and with several threads a split of the
+    reduction, from the row count (measured here: fp32 one row goes to a GEMV; fp32 at 2+ threads
+    splits the 1536-long reduction from 17 rows up; bf16 at 16 threads from 5 rows up). So every
+    input of up to MAX_WINDOW rows goes through GEMMs of one fixed shape: pieces of ROWS rows, the
+    last one padded. That costs little in bf16 (AMX computes 16 rows for the price of one: about 7%
+    of a step). fp32 cannot afford computing 16 rows per token (2.8x a step): there the weight is
+    kept transposed ([in, out]: x @ W^T, whose rows are invariant from two rows up at 1-8 threads),
+    pieces are 2..ROWS rows and only a single row is padded (to two).
     """
 
+    ROWS = 16
     transposed = False
 
     def relayout(self) -> None:
@@ -130,12 +143,22 @@ class Linear(nn.Linear):
             self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
             self.transposed = True
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.transposed:
-            return F.linear(x, self.weight, self.bias)
-        y = torch.cat([x, x]) @ self.weight if x.shape[0] == 1 else x @ self.weight
-        y = y[: x.shape[0]]
+    def forward(self, x: Tensor) -> Tensor:  # x [T, in] -> [T, out]
+        n = x.shape[0]
+        if n > MAX_WINDOW:  # prefill chunks: every level prefills alike, so the fastest GEMM is fine
+            y = x @ self.weight if self.transposed else F.linear(x, self.weight)
+        elif n <= self.ROWS:
+            y = self._piece(x)
+        else:
+            y = torch.cat([self._piece(x[i : i + self.ROWS]) for i in range(0, n, self.ROWS)])
         return y if self.bias is None else y + self.bias
+
+    def _piece(self, x: Tensor) -> Tensor:
+        n = x.shape[0]
+        rows = (2 if n == 1 else n) if self.transposed else self.ROWS
+        padded = torch.cat([x, x[:1].expand(rows - n, -1)]) if rows > n else x
+        y = padded @ self.weight if self.transposed else F.linear(padded, self.weight)
+        return y[:n]
 
 
 class RMSNorm(nn.Module):

@@ -146,3 +146,28 @@ def test_bad_lists_are_one_line_errors():
     with pytest.raises(bench.BenchError, match="contexts must be a comma-separated list"):
         bench.parse_int_list("1k,2k", "contexts")
     assert bench.parse_int_list("1024, 7168", "contexts") == [1024, 7168]
+
+
+def test_static_cache_baseline_runs_and_agrees(tiny_model, monkeypatch):
+    """--hf-cache static asks generate for a StaticCache (not prompt lookup, which crops its cache)."""
+    seen: list[tuple[str | None, bool]] = []
+    real_generate = None
+
+    def spy(self, *args, **kwargs):
+        out = real_generate(self, *args, **kwargs)
+        gen = kwargs["generation_config"]
+        seen.append((gen.cache_implementation, gen.prompt_lookup_num_tokens is not None))
+        return out
+
+    from transformers import GenerationMixin
+
+    real_generate = GenerationMixin.generate
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    spec = bench.BenchSpec(contexts=[300], levels=[0], max_new_tokens=12, questions=1, hf_cache="static")
+    result = bench.run_bench(tiny_model, _cfg(), spec)
+    assert result["settings"]["hf_cache"] == "static"
+    assert ("static", False) in seen and (None, True) in seen and ("static", True) not in seen
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert rows[bench.HF_PLAIN]["identical"]  # greedy: transformers with a StaticCache agrees with level 0
+    with pytest.raises(bench.BenchError, match="hf-cache must be one of dynamic, static"):
+        bench.BenchSpec(contexts=[300], levels=[0], hf_cache="paged")

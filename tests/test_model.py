@@ -102,11 +102,28 @@ def test_default_model_greedy_equals_transformers_generate(default_model):
     assert len(ours) > 5
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_verification_window_is_bitwise_equal_to_single_steps(tmp_path, dtype):
+def test_verification_window_is_bitwise_equal_to_single_steps(tmp_path, dtype, threads):
     """Greedy losslessness needs the target's logits for a token to be the same whether it is
-    verified inside a window or decoded alone: bitwise, since a near-tie can flip on the last bit."""
-    model = load_weights_only(save_random_model(tmp_path, "llama", vocab_size=512), dtype=dtype)
+    verified inside a window or decoded alone: bitwise, since a near-tie can flip on the last bit.
+    Also with 2 and 4 threads (`ask` and the app use all cores): the libraries' work split must not
+    change a row's reduction order. The default model's widths (576 hidden, 1536 MLP,
+    9 / 3 heads of 64), since tiny matrices are never split between threads."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_windows_against_single_steps(tmp_path, dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_windows_against_single_steps(tmp_path, dtype) -> None:
+    folder = save_random_model(
+        tmp_path, "llama", vocab_size=512, hidden_size=576, intermediate_size=1536,
+        num_attention_heads=9, num_key_value_heads=3,
+    )
+    model = load_weights_only(folder, dtype=dtype)
     ids = torch.randint(0, 512, (700,), generator=torch.Generator().manual_seed(5))
     cache = KVCache.for_model(model)
     model(ids[:250], cache, logits="none")
@@ -118,3 +135,20 @@ def test_verification_window_is_bitwise_equal_to_single_steps(tmp_path, dtype):
         for t in (2, 5, 9, 17, 32):
             cache.truncate(start)
             assert torch.equal(model(ids[start : start + t], cache), singles[:t]), (start, t)
+
+
+def test_float32_threads_are_capped_where_gemms_stay_row_invariant(tiny_model_dir):
+    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.model import FP32_MAX_THREADS
+
+    previous = torch.get_num_threads()
+    said: list[str] = []
+    try:
+        torch.set_num_threads(FP32_MAX_THREADS + 4)
+        load_model(str(tiny_model_dir), dtype=torch.bfloat16, log=said.append)
+        assert torch.get_num_threads() == FP32_MAX_THREADS + 4 and not said  # bf16 keeps every thread
+        load_model(str(tiny_model_dir), dtype=torch.float32, log=said.append)
+        assert torch.get_num_threads() == FP32_MAX_THREADS
+        assert said and f"using {FP32_MAX_THREADS} threads" in said[0]
+    finally:
+        torch.set_num_threads(previous)
