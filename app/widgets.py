@@ -393,6 +393,8 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
             f" {fig.retrieval_chunks_selected:,} chunks selected  +{fig.retrieval_recent_tokens:,} recent"
         )
     )
+    if fig.retrieval_buffer_bytes:
+        lines.append(Content(f" view buffer {mb(fig.retrieval_buffer_bytes)}"))
     if fig.drafter == "ngram" or fig.ngram_index_entries:
         drafter = f"{fig.drafter}: index {fig.ngram_index_entries:,} entries"
     elif fig.drafter_sink_tokens or fig.drafter_recent_tokens:

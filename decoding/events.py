@@ -57,6 +57,7 @@ class CacheFigures:
     retrieval_chunks_selected: int = 0
     retrieval_recent_tokens: int = 0
     retrieval_rebuilds: int = 0
+    retrieval_buffer_bytes: int = 0  # the view's own copy: selected chunks + recent window + scratch
     drafter: str = "none"
     drafter_sink_tokens: int = 0
     drafter_recent_tokens: int = 0

@@ -1,13 +1,18 @@
 """The middle level's KV store: the target's own full cache seen through a chunk selection.
 
-There is one copy of the KV (the full cache). The view holds, per layer, the gathered keys/values
-of the selected chunks (sink chunk + top-scoring chunks, chosen against the latest query), reads the
-tokens that arrived after the selection directly from the full cache (the recent window: generation
-length is not bounded by the budget), and writes the middle level's own drafted tokens into a small
-scratch buffer that is discarded after every verification (the full target's keys/values for the
-accepted tokens then land in the full cache and become part of the recent window).
+The view keeps one small contiguous buffer per layer, so that a middle-level step is a single
+attention call over about `budget` keys, as cheap as a step at that context length (merging
+separate segments cost twice that):
 
-Layout per layer: [ selected chunks | full[sel_end : full.length] | scratch[:scratch_len] ]
+    [ selected chunks | full[sel_end : full.length] | scratch[:scratch_len] ]
+
+- selected chunks: the sink chunk + the top-scoring chunks, chosen against the latest query and
+  gathered from the full cache at each rebuild;
+- the recent window: tokens that arrived after the selection, copied from the full cache as they
+  come (a few per round), so generation length is not bounded by the budget;
+- scratch: the middle level's own drafted tokens, discarded after every verification (the full
+  target's keys/values for the accepted tokens then land in the full cache and are copied in as
+  recent tokens, over the old scratch).
 """
 
 from __future__ import annotations
@@ -15,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from triforce_chat.decoding.cache import KVCache
-from triforce_chat.kernels.attention import attend_segments
+from triforce_chat.decoding.cache import MAX_WINDOW, KVCache
+from triforce_chat.kernels.attention import attend
 from triforce_chat.kernels.retrieval import ChunkMeans, gather_chunks, select_chunks
 
 
@@ -50,15 +55,15 @@ class RetrievalView:
             raise ValueError("chunk size must be >= 1")
         self.cache = cache
         self.chunk_size = chunk_size
+        self.scratch_capacity = scratch
         self.budget_tokens, self.budget_fraction = parse_budget(budget)
         self.chunks = ChunkMeans(cache, chunk_size)
-        n_layers, hkv, _, d = cache.k.shape
-        self.scratch_k = torch.empty(n_layers, hkv, scratch, d, dtype=cache.k.dtype, device=cache.k.device)
-        self.scratch_v = torch.empty_like(self.scratch_k)
+        self.k = self.v = cache.k[:, :, :0]  # [layers, Hkv, capacity, D], allocated at rebuild
         self.scratch_len = 0
-        self.sel_k: list[Tensor] = []
-        self.sel_v: list[Tensor] = []
+        self._scratch_base = 0  # buffer index of scratch[0], set by positions() for the forward
+        self.n_sel = 0  # buffer tokens holding the selected chunks
         self.sel_end = 0  # tokens before sel_end are covered by the selection (or are dropped)
+        self.copied_end = 0  # full-cache tokens in [sel_end, copied_end) are in the buffer
         self.n_selected_chunks = 0
         self.rebuilds = 0
         self.stale = True
@@ -87,47 +92,66 @@ class RetrievalView:
         return self.stale or self.recent_tokens > max(self.recent_window * 2, self.budget_for(self.cache.length) // 2)
 
     def rebuild(self) -> None:
-        """Select chunks against the latest query of every layer and gather them."""
+        """Select chunks against the latest query of every layer and gather them into the buffer."""
         cache, c = self.cache, self.chunk_size
         length = cache.length
         budget = self.budget_for(length)
-        self.sel_k, self.sel_v = [], []
         self.scratch_len = 0
         self.stale = False
         self.rebuilds += 1
-        if length <= budget or cache.last_query[0] is None:
-            self.sel_end = 0  # everything fits: the view is the full cache
-            self.n_selected_chunks = 0
+        self.sel_end = self.copied_end = self.n_sel = self.n_selected_chunks = 0
+        if length <= budget or cache.last_query[0] is None:  # everything fits: the view is the full cache
             return
         recent = self.recent_window
-        self.sel_end = min(self.chunks.n_complete, (length - recent) // c) * c
+        self.sel_end = self.copied_end = min(self.chunks.n_complete, (length - recent) // c) * c
         n_pick = max(1, (budget - (length - self.sel_end)) // c)
         for layer in range(cache.k.shape[0]):
             idx = select_chunks(cache.last_query[layer], self.chunks.means(layer)[:, : self.sel_end // c], n_pick)
-            k, v = gather_chunks(cache.k[layer, :, : self.sel_end], cache.v[layer, :, : self.sel_end], idx, c)
-            self.sel_k.append(k)
-            self.sel_v.append(v)
+            n = idx.shape[1] * c
+            self._reserve(n + length - self.sel_end + 2 * MAX_WINDOW)
+            keys, values = cache.k[layer, :, : self.sel_end], cache.v[layer, :, : self.sel_end]
+            gather_chunks(keys, values, idx, c, out=(self.k[layer, :, :n], self.v[layer, :, :n]))
+        self.n_sel = n
         self.n_selected_chunks = int(idx.shape[1])
+
+    def _reserve(self, tokens: int) -> None:
+        """Room for `tokens` plus the scratch and the recent window's growth up to a rebuild."""
+        budget = self.budget_for(self.cache.length)
+        need = tokens + self.scratch_capacity + max(self.recent_window * 2, budget // 2)
+        if self.k.shape[2] < need:
+            cap = -(-need // 256) * 256
+            old_k, old_v = self.k, self.v
+            self.k = old_k.new_empty(*old_k.shape[:2], cap, old_k.shape[3])
+            self.v = torch.empty_like(self.k)
+            self.k[:, :, : old_k.shape[2]] = old_k
+            self.v[:, :, : old_v.shape[2]] = old_v
+
+    def _sync_recent(self) -> int:
+        """Copy the full cache's tokens that arrived since the last call; returns where scratch starts."""
+        cache = self.cache
+        start = self.n_sel + self.copied_end - self.sel_end
+        base = self.n_sel + cache.length - self.sel_end
+        self._reserve(base + self.scratch_len + MAX_WINDOW - self.scratch_capacity)
+        if cache.length > self.copied_end:
+            full = slice(self.copied_end, cache.length)
+            self.k[:, :, start:base] = cache.k[:, :, full]
+            self.v[:, :, start:base] = cache.v[:, :, full]
+            self.copied_end = cache.length
+        return base
 
     # -- KVStore protocol ------------------------------------------------------------------------
     def positions(self, n: int) -> Tensor:
         start = self.cache.length + self.scratch_len
-        if self.scratch_len + n > self.scratch_k.shape[2]:
+        if self.scratch_len + n > self.scratch_capacity:
             raise ValueError("retrieval scratch overflow: draft window too long")
+        self._scratch_base = self._sync_recent()
         return torch.arange(start, start + n, device=self.cache.k.device)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        s, e = self.scratch_len, self.scratch_len + k.shape[1]
-        self.scratch_k[layer, :, s:e] = k
-        self.scratch_v[layer, :, s:e] = v
-        cache = self.cache
-        segments = []
-        if self.sel_k:
-            segments.append((self.sel_k[layer], self.sel_v[layer]))
-        recent = slice(self.sel_end, cache.length)
-        segments.append((cache.k[layer, :, recent], cache.v[layer, :, recent]))
-        segments.append((self.scratch_k[layer, :, :e], self.scratch_v[layer, :, :e]))
-        return attend_segments(q, segments, cache.scale)
+        end = self._scratch_base + self.scratch_len + k.shape[1]
+        self.k[layer, :, end - k.shape[1] : end] = k
+        self.v[layer, :, end - k.shape[1] : end] = v
+        return attend(q, self.k[layer, :, :end], self.v[layer, :, :end], self.cache.scale)
 
     def advance(self, n: int) -> None:
         self.scratch_len += n
@@ -142,8 +166,14 @@ class RetrievalView:
     def on_truncate(self, cache: KVCache, length: int) -> None:
         if length < self.sel_end:
             self.stale = True
+        self.copied_end = max(self.sel_end, min(self.copied_end, length))
 
     # -- figures ------------------------------------------------------------------------------------
+    @property
+    def buffer_bytes(self) -> int:
+        """Memory of the view's buffers (keys and values, allocated)."""
+        return 2 * self.k.numel() * self.k.element_size()
+
     @property
     def attended_tokens(self) -> int:
         return self.n_selected_chunks * self.chunk_size + self.recent_tokens

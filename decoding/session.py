@@ -343,6 +343,7 @@ class Session:
             retrieval_chunks_selected=v.n_selected_chunks,
             retrieval_recent_tokens=v.recent_tokens if v.n_selected_chunks else 0,
             retrieval_rebuilds=v.rebuilds,
+            retrieval_buffer_bytes=v.buffer_bytes,
             drafter=self._drafter_spec,
             process_rss_bytes=process_rss_bytes(),
         )

@@ -18,9 +18,9 @@ Printed per context length: time per step for
 with the KV bytes read per second and that as a % of the measured copy bandwidth (bytes read +
 written per second by a large tensor copy, the figure quoted in shared/FACTS.md), then
   verify-8 / step-1   ours with T = 8 over the same cache, divided by ours with T = 1
-and at the longest length the retrieval draft step (1K budget: gathered chunks + recent window +
-scratch, through attend_segments) divided by a full step at 1K context, plus the cost of one
-retrieval rebuild (score chunk means, top-k, gather; all layers). Ratios, not pass/fail.
+and at the longest length the retrieval draft step (1K budget: the view's one buffer per layer of
+gathered chunks + recent window + scratch, one attention call) divided by a full step at 1K
+context, plus the cost of one retrieval rebuild (score chunk means, top-k, gather; all layers). Ratios, not pass/fail.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .attention import attend, attend_segments, cpu_attend
+from .attention import attend, cpu_attend
 from .exact import BLOCK, invariant_attend
 from .retrieval import gather_chunks, select_chunks
 
@@ -158,14 +158,23 @@ def main(argv: list[str] | None = None) -> None:
     pick = (budget - recent) // c
     torch.manual_seed(0)
     idx = [select_chunks(torch.randn(HQ, D).to(dtype), torch.randn(HKV, n_chunks, D), pick) for _ in range(LAYERS)]
-    sel = [gather_chunks(K[i, :, : n_chunks * c], V[i, :, : n_chunks * c], idx[i], c) for i in range(LAYERS)]
-    sk = torch.randn(LAYERS, HKV, 16, D).to(dtype)
-    sv = torch.randn(LAYERS, HKV, 16, D).to(dtype)
+    # the view's layout (decoding/retrieval.py): one buffer per layer [selected | recent | scratch],
+    # gathered at the rebuild; a draft step copies the newly accepted token in and attends once
+    buf_k = torch.empty(LAYERS, HKV, budget + 16, D, dtype=dtype)
+    buf_v = torch.empty_like(buf_k)
+    n_sel = idx[0].shape[1] * c  # fewer than `pick` chunks when the context is short
+    for i in range(LAYERS):
+        out = (buf_k[i, :, :n_sel], buf_v[i, :, :n_sel])
+        gather_chunks(K[i, :, : n_chunks * c], V[i, :, : n_chunks * c], idx[i], c, out=out)
+    buf_k[:, :, n_sel : n_sel + recent] = K[:, :, n - recent : n]
+    buf_v[:, :, n_sel : n_sel + recent] = V[:, :, n - recent : n]
+    end = n_sel + recent + scratch
 
     def sparse_step():
+        buf_k[:, :, end - 1 : end] = K[:, :, n - 1 : n]  # the recent window's sync (one token)
+        buf_v[:, :, end - 1 : end] = V[:, :, n - 1 : n]
         for i in range(LAYERS):
-            recent_kv = (K[i, :, n - recent : n], V[i, :, n - recent : n])
-            attend_segments(q1, [sel[i], recent_kv, (sk[i, :, :scratch], sv[i, :, :scratch])], SCALE)
+            attend(q1, buf_k[i, :, :end], buf_v[i, :, :end], SCALE)
 
     full_1k = step(attend, q1, budget)
     t_sparse = _time(sparse_step, args.reps * 2)
