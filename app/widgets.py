@@ -152,6 +152,7 @@ def _window(
     final_kind: str,
     kept_origins: Sequence[str],
     decode: Callable[[int], str],
+    final_origin: str | None = None,
 ) -> Content:
     parts: list[tuple[str, str] | str] = [(f"{label:<6}", "bold")]
     for i, tok in enumerate(proposed):
@@ -166,7 +167,7 @@ def _window(
     if final is not None:
         parts += [
             " → ",
-            (token_label(decode(final)), ORIGIN_STYLE["target" if label == "mid" else "mid"]),
+            (token_label(decode(final)), ORIGIN_STYLE[final_origin or ("target" if label == "mid" else "mid")]),
             (f" {final_kind}", "dim"),
         ]
     parts.append(("  " + f"{accepted}/{len(proposed)}", "dim"))
@@ -175,9 +176,16 @@ def _window(
 
 def render_round(ev: RoundEvent, decode: Callable[[int], str]) -> Content:
     """One outer round: per level, the proposed window with accepted (✓), the rejected token (✗,
-    struck) and the unverified rest (·, struck and dim), then what the verifier put in its place."""
+    struck) and the unverified rest (·, struck and dim), then what the verifier put in its place.
+    A level-2 round whose bottom drafts went straight to the target (route "direct") shows them
+    on one line verified by the target."""
     header = Content.styled(f"#{ev.index:<3}", "dim")
-    if not ev.mid_proposed:  # level 0: a plain target step
+    if ev.route == "direct" and ev.low_rounds:
+        lr = ev.low_rounds[-1]
+        final = ev.tokens[-1] if ev.tokens else None
+        kind = f"{ev.final_kind}, drafts verified by the target"
+        return header + _window("low", lr.proposed, lr.accepted, final, kind, ev.origins, decode, "target")
+    if not ev.mid_proposed:  # a plain target step (level 0, or the route the decoder chose)
         tok = ev.tokens[-1] if ev.tokens else None
         body = Content.assemble(
             ("target", "bold"),

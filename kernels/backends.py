@@ -2,13 +2,15 @@
 
 CPU: the PyTorch formulation in `kernels.attention` (nothing optional is imported).
 CUDA:
-  attend (full cache: decode, verification, prefill)   flash-attn `flash_attn_with_kvcache` when
-      installed (bottom-right causal, native GQA, strided cache views), else PyTorch SDPA.
-  attend_segments (retrieval view)                      Triton split-K kernel when installed, else
-      flash-attn per segment + log-sum-exp merge, else SDPA over the concatenated segments.
-  sparse_attend (chunk table over the full cache)       Triton kernel reading the chunks in place,
-      else gather + attend_segments.
-  select_chunks                                         Triton scoring + sort when installed, else torch.
+- attend: the full cache (decode, verification, prefill) and the retrieval view's contiguous
+  buffer. flash-attn `flash_attn_with_kvcache` when installed (bottom-right causal, native GQA,
+  strided cache views), else PyTorch SDPA.
+- attend_segments: KV split in pieces (the draft model's sink + recent window). The Triton split-K
+  kernel when installed, else flash-attn per segment + log-sum-exp merge, else SDPA over the
+  concatenated segments.
+- sparse_attend: a chunk table over the full cache. The Triton kernel reading the chunks in place,
+  else gather + attend_segments.
+- select_chunks: Triton scoring + sort when installed, else torch.
 triton and flash-attn are optional: both are imported lazily, and a failed import only means the
 fallback is used. `TRIFORCE_NO_TRITON=1` / `TRIFORCE_NO_FLASH_ATTN=1` force the fallbacks.
 """

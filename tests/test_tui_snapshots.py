@@ -172,3 +172,21 @@ async def _settle(pilot) -> None:
 )
 def test_main_screen(snap_compare, theme, viz):
     assert snap_compare(RecordedApp(theme, viz), terminal_size=(150, 44), run_before=_settle)
+
+
+def test_direct_round_shows_the_bottom_drafts_verified_by_the_target():
+    """Level 2 may send the bottom drafter's proposal straight to the target (route "direct"):
+    the strip must show those drafts, not a plain step."""
+    from triforce_chat.app.widgets import render_round, token_label
+
+    ev = RoundEvent(
+        index=7, tokens=[2, 3, 14], origins=["low", "low", "target"], text="", route="direct",
+        low_rounds=[LowRound([2, 3, 9], 2, 14)], final_kind="correction",
+    )
+    text = render_round(ev, decode).plain
+    assert text.startswith("#7  low")
+    a, b, c, d = (token_label(decode(t)) for t in (2, 3, 9, 14))
+    assert f"✓{a} ✓{b} ✗{c} → {d}" in text
+    assert "drafts verified by the target" in text and "2/3" in text
+    step = RoundEvent(index=8, tokens=[5], origins=["target"], text="", route="step")
+    assert "step" in render_round(step, decode).plain
