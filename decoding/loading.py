@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from triforce_chat.decoding.model import FP32_MAX_THREADS, ModelArgs, Transformer, UnsupportedArchitecture
+from triforce_chat.decoding.model import (
+    FP32_MAX_THREADS,
+    ModelArgs,
+    Transformer,
+    UnsupportedArchitecture,
+    ensure_row_invariance,
+)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_ALIASES = {DEFAULT_MODEL, "default", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -171,6 +177,13 @@ def load_model(
             )
     model_id, path = resolve_model_path(spec, log)
     model = load_weights_only(path, dtype, device, context, model_id)
+    slow = ensure_row_invariance(model)
+    if slow and log:
+        log(
+            "this machine's matrix library rounds a row differently inside a window, for "
+            + ", ".join(slow)
+            + "; those layers verify windows row by row (exact, slower speculation)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoadedModel(model, tokenizer, model_id, path, time.perf_counter() - t0)
 

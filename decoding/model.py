@@ -133,10 +133,15 @@ class Linear(nn.Linear):
     of a step). fp32 cannot afford computing 16 rows per token (2.8x a step): there the weight is
     kept transposed ([in, out]: x @ W^T, whose rows are invariant from two rows up at 1-8 threads),
     pieces are 2..ROWS rows and only a single row is padded (to two).
+
+    Measured is not guaranteed on another CPU or library build, so `load_model` probes every shape
+    once (`rows_are_invariant`); a shape that fails runs windows row by row (`row_by_row`): exact,
+    at the cost of reading the weights once per row.
     """
 
     ROWS = 16
     transposed = False
+    row_by_row = False
 
     def relayout(self) -> None:
         if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and not self.transposed:
@@ -147,6 +152,8 @@ class Linear(nn.Linear):
         n = x.shape[0]
         if n > MAX_WINDOW:  # prefill chunks: every level prefills alike, so the fastest GEMM is fine
             y = x @ self.weight if self.transposed else F.linear(x, self.weight)
+        elif self.row_by_row and n > 1:
+            y = torch.cat([self._piece(x[i : i + 1]) for i in range(n)])
         elif n <= self.ROWS:
             y = self._piece(x)
         else:
@@ -159,6 +166,32 @@ class Linear(nn.Linear):
         padded = torch.cat([x, x[:1].expand(rows - n, -1)]) if rows > n else x
         y = padded @ self.weight if self.transposed else F.linear(padded, self.weight)
         return y[:n]
+
+    @torch.no_grad()
+    def rows_are_invariant(self, seed: int = 0) -> bool:
+        """Random rows through windows of every piece shape (2..ROWS+1 rows, and MAX_WINDOW: every
+        row position of a full piece) equal the same rows done one by one."""
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(MAX_WINDOW, self.in_features, generator=g).to(self.weight.device, self.weight.dtype)
+        singles = torch.cat([self(x[i : i + 1]) for i in range(MAX_WINDOW)])
+        sizes = sorted({*range(2, min(self.ROWS + 2, MAX_WINDOW + 1)), MAX_WINDOW})
+        return all(torch.equal(self(x[:m]), singles[:m]) for m in sizes)
+
+
+def ensure_row_invariance(model: nn.Module) -> list[str]:
+    """Probe each distinct Linear shape once; shapes that fail go row by row. Returns their names."""
+    verdicts: dict[tuple, bool] = {}
+    failed: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, Linear):
+            continue
+        shape = (module.in_features, module.out_features, module.bias is not None, module.transposed)
+        if shape not in verdicts:
+            verdicts[shape] = module.rows_are_invariant()
+            if not verdicts[shape]:
+                failed.append(f"{name} ({module.in_features}x{module.out_features})")
+        module.row_by_row = not verdicts[shape]
+    return failed
 
 
 class RMSNorm(nn.Module):

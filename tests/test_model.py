@@ -152,3 +152,36 @@ def test_float32_threads_are_capped_where_gemms_stay_row_invariant(tiny_model_di
         assert said and f"using {FP32_MAX_THREADS} threads" in said[0]
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_machine_whose_gemms_are_not_row_invariant_falls_back_to_rows(tiny_model_dir, monkeypatch):
+    """The probe at load time must catch a GEMM whose rows depend on the row count (simulated here)
+    and make those layers exact by going row by row."""
+    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.model import Linear
+
+    real_piece = Linear._piece
+
+    def row_count_dependent(self, x):
+        return real_piece(self, x) + (x.shape[0] - 1) * 1e-3
+
+    monkeypatch.setattr(Linear, "_piece", row_count_dependent)
+    said: list[str] = []
+    lm = load_model(str(tiny_model_dir), dtype=torch.float32, log=said.append)
+    assert said and "row by row" in said[-1] and "output" in said[-1]
+    linears = [m for m in lm.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.row_by_row for m in linears)
+    cache = KVCache.for_model(lm.model)
+    ids = torch.arange(3, 40)
+    lm.model(ids[:20], cache, logits="none")
+    singles = torch.cat([lm.model(ids[i : i + 1], cache) for i in range(20, 29)])
+    cache.truncate(20)
+    assert torch.equal(lm.model(ids[20:29], cache), singles)
+
+
+def test_row_invariance_probe_passes_here(tmp_path):
+    from triforce_chat.decoding.model import ensure_row_invariance
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = load_weights_only(save_random_model(tmp_path / str(dtype), "llama", vocab_size=512), dtype=dtype)
+        assert ensure_row_invariance(model) == []  # this CPU needs no fallback (the fast path is exact)
