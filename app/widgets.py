@@ -183,7 +183,7 @@ def render_round(ev: RoundEvent, decode: Callable[[int], str]) -> Content:
     if ev.route == "direct" and ev.low_rounds:
         lr = ev.low_rounds[-1]
         final = ev.tokens[-1] if ev.tokens else None
-        kind = f"{ev.final_kind}, drafts verified by the target"
+        kind = f"{ev.final_kind}, target-verified"
         return header + _window("low", lr.proposed, lr.accepted, final, kind, ev.origins, decode, "target")
     if not ev.mid_proposed:  # a plain target step (level 0, or the route the decoder chose)
         tok = ev.tokens[-1] if ev.tokens else None

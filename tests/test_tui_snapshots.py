@@ -187,6 +187,6 @@ def test_direct_round_shows_the_bottom_drafts_verified_by_the_target():
     assert text.startswith("#7  low")
     a, b, c, d = (token_label(decode(t)) for t in (2, 3, 9, 14))
     assert f"✓{a} ✓{b} ✗{c} → {d}" in text
-    assert "drafts verified by the target" in text and "2/3" in text
+    assert "correction, target-verified" in text and "2/3" in text
     step = RoundEvent(index=8, tokens=[5], origins=["target"], text="", route="step")
     assert "step" in render_round(step, decode).plain
