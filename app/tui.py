@@ -43,8 +43,8 @@ from triforce_chat.decoding.retrieval import parse_budget
 from triforce_chat.themes import ORIGIN_DEFAULTS, THEMES
 
 THEME_DIR = Path(__file__).resolve().parent.parent / "themes"
-UI_INTERVAL_S = 0.25  # the most often the answering worker posts streamed text to the UI
-PANEL_INTERVAL_S = 0.5  # the most often the side panels are redrawn while answering
+UI_INTERVAL_S = 0.5  # the most often the answering worker posts streamed text to the UI (see README)
+PANEL_INTERVAL_S = 1.0  # the most often the side panels are redrawn while answering
 FIGURES_INTERVAL_S = 1.0  # cache figures (they read process memory) while answering
 PROGRESS_INTERVAL_S = 0.1  # prefill progress
 

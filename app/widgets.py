@@ -103,6 +103,12 @@ class ChatInput(TextArea):
         super().__init__(soft_wrap=True, show_line_numbers=False, tab_behavior="focus", **kwargs)
 
     def action_submit(self) -> None:
+        # A priority binding runs as soon as the app sees the key, possibly before this widget has
+        # handled the characters typed just before it (a script, or a fast burst): queue the send
+        # behind them, so the question is the whole text.
+        self.call_later(self._submit_now)
+
+    def _submit_now(self) -> None:
         if self.text.strip():
             self.post_message(self.Submitted(self, self.text))
 

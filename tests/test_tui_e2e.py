@@ -90,7 +90,8 @@ def test_chat_in_tmux_with_the_default_model(tmp_path, default_model_dir):
         # the question went through the input as typed (it may have scrolled out of view by now)
         files = (data / "conversations").glob("*.jsonl")
         saved = [json.loads(line) for f in files for line in f.read_text().splitlines() if line.strip()]
-        assert any(r.get("text") == QUESTION for r in saved if r["type"] == "question")
+        asked = [r.get("text") for r in saved if r["type"] == "question"]
+        assert QUESTION in asked, asked
         assert f"avg {stats['tokens_per_s']:6.1f}" in screen
         assert f"Mean accepted length {stats['mean_accepted_length']:.2f}" in screen
         assert "Acceptance" in screen and "Retrieval" in screen and "Drafter ngram" in screen
