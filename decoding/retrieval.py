@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from triforce_chat.decoding.cache import MAX_WINDOW, KVCache
+from triforce_chat.decoding.cache import KVCache
 from triforce_chat.kernels.attention import attend
 from triforce_chat.kernels.retrieval import ChunkMeans, gather_chunks, select_chunks
 
@@ -105,33 +105,33 @@ class RetrievalView:
         recent = self.recent_window
         self.sel_end = self.copied_end = min(self.chunks.n_complete, (length - recent) // c) * c
         n_pick = max(1, (budget - (length - self.sel_end)) // c)
+        n = min(n_pick, self.sel_end // c) * c  # select_chunks picks at most the chunks there are
+        # room for the selection, the recent window as it grows until the next rebuild, the scratch
+        growth = max(self.recent_window * 2, budget // 2)
+        self._reserve(n + growth + self.scratch_capacity, keep=False)
         for layer in range(cache.k.shape[0]):
             idx = select_chunks(cache.last_query[layer], self.chunks.means(layer)[:, : self.sel_end // c], n_pick)
-            n = idx.shape[1] * c
-            self._reserve(n + length - self.sel_end + 2 * MAX_WINDOW)
             keys, values = cache.k[layer, :, : self.sel_end], cache.v[layer, :, : self.sel_end]
             gather_chunks(keys, values, idx, c, out=(self.k[layer, :, :n], self.v[layer, :, :n]))
         self.n_sel = n
         self.n_selected_chunks = int(idx.shape[1])
 
-    def _reserve(self, tokens: int) -> None:
-        """Room for `tokens` plus the scratch and the recent window's growth up to a rebuild."""
-        budget = self.budget_for(self.cache.length)
-        need = tokens + self.scratch_capacity + max(self.recent_window * 2, budget // 2)
+    def _reserve(self, need: int, keep: bool = True) -> None:
+        """A buffer of at least `need` tokens; `keep` copies what it held."""
         if self.k.shape[2] < need:
-            cap = -(-need // 256) * 256
             old_k, old_v = self.k, self.v
-            self.k = old_k.new_empty(*old_k.shape[:2], cap, old_k.shape[3])
+            self.k = old_k.new_empty(*old_k.shape[:2], -(-need // 256) * 256, old_k.shape[3])
             self.v = torch.empty_like(self.k)
-            self.k[:, :, : old_k.shape[2]] = old_k
-            self.v[:, :, : old_v.shape[2]] = old_v
+            if keep:
+                self.k[:, :, : old_k.shape[2]] = old_k
+                self.v[:, :, : old_v.shape[2]] = old_v
 
     def _sync_recent(self) -> int:
         """Copy the full cache's tokens that arrived since the last call; returns where scratch starts."""
         cache = self.cache
         start = self.n_sel + self.copied_end - self.sel_end
         base = self.n_sel + cache.length - self.sel_end
-        self._reserve(base + self.scratch_len + MAX_WINDOW - self.scratch_capacity)
+        self._reserve(base + self.scratch_capacity)  # grows only if a rebuild's headroom ran out
         if cache.length > self.copied_end:
             full = slice(self.copied_end, cache.length)
             self.k[:, :, start:base] = cache.k[:, :, full]
