@@ -10,6 +10,7 @@ Shapes in comments: T new tokens, D head_dim, Hq query heads, Hkv key/value head
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -121,6 +122,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 FP32_MAX_THREADS = 4
 
 
+@functools.cache
+def onednn_packing_available() -> bool:
+    """Whether this torch build can pre-pack bf16 linear weights for oneDNN (and run them)."""
+    try:
+        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+            return False
+        w = torch.ones(4, 8, dtype=torch.bfloat16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=torch.bfloat16), packed, None, "none", [], "")
+        return bool((y == 8).all())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 class Linear(nn.Linear):
     """nn.Linear whose rows are batch-invariant: a token's output is bitwise the same whether it is
     computed alone or inside a verification window (see kernels/exact.py for why that matters).
@@ -134,6 +149,11 @@ class Linear(nn.Linear):
     kept transposed ([in, out]: x @ W^T, whose rows are invariant from two rows up at 1-8 threads),
     pieces are 2..ROWS rows and only a single row is padded (to two).
 
+    bf16 weights on CPU are stored pre-packed in oneDNN's blocked layout (`packed`): the stock path
+    re-packs the whole weight on every call, so a decode step read the weights at ~6.9 GB/s; packed
+    once, at ~9.9 (measured with the default model's shapes, 1 thread: 39 -> 27 ms per step for all
+    linear layers). Same kernel, same results bitwise (checked by `rows_are_invariant` and the tests).
+
     Measured is not guaranteed on another CPU or library build, so `load_model` probes every shape
     once (`rows_are_invariant`); a shape that fails runs windows row by row (`row_by_row`): exact,
     at the cost of reading the weights once per row.
@@ -141,17 +161,31 @@ class Linear(nn.Linear):
 
     ROWS = 16
     transposed = False
+    packed = False
     row_by_row = False
 
     def relayout(self) -> None:
-        if self.weight.dtype == torch.float32 and self.weight.device.type == "cpu" and not self.transposed:
-            self.weight = nn.Parameter(self.weight.detach().t().contiguous(), requires_grad=False)
+        """Store the weight in the layout its CPU GEMM reads fastest (once, after loading)."""
+        w = self.weight
+        if w.device.type != "cpu" or self.transposed or self.packed:
+            return
+        if w.dtype == torch.float32:
+            self.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=False)
             self.transposed = True
+        elif w.dtype == torch.bfloat16 and onednn_packing_available():
+            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.ROWS)
+            self.weight = nn.Parameter(packed, requires_grad=False)
+            self.packed = True
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
+        return x @ self.weight if self.transposed else F.linear(x, self.weight)
 
     def forward(self, x: Tensor) -> Tensor:  # x [T, in] -> [T, out]
         n = x.shape[0]
         if n > MAX_WINDOW:  # prefill chunks: every level prefills alike, so the fastest GEMM is fine
-            y = x @ self.weight if self.transposed else F.linear(x, self.weight)
+            y = self._matmul(x)
         elif self.row_by_row and n > 1:
             y = torch.cat([self._piece(x[i : i + 1]) for i in range(n)])
         elif n <= self.ROWS:
@@ -164,7 +198,7 @@ class Linear(nn.Linear):
         n = x.shape[0]
         rows = (2 if n == 1 else n) if self.transposed else self.ROWS
         padded = torch.cat([x, x[:1].expand(rows - n, -1)]) if rows > n else x
-        y = padded @ self.weight if self.transposed else F.linear(padded, self.weight)
+        y = self._matmul(padded)
         return y[:n]
 
     @torch.no_grad()

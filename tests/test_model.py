@@ -185,3 +185,28 @@ def test_row_invariance_probe_passes_here(tmp_path):
     for dtype in (torch.float32, torch.bfloat16):
         model = load_weights_only(save_random_model(tmp_path / str(dtype), "llama", vocab_size=512), dtype=dtype)
         assert ensure_row_invariance(model) == []  # this CPU needs no fallback (the fast path is exact)
+
+
+def test_packed_bf16_weights_give_the_stock_gemm_results_bitwise(tmp_path, monkeypatch):
+    """bf16 linear weights are pre-packed for oneDNN at load (a speed change only): the logits of
+    prefill, single steps and windows must be bitwise those of the stock, unpacked GEMM."""
+    from triforce_chat.decoding import model as model_module
+
+    folder = save_random_model(tmp_path, "llama", vocab_size=512, hidden_size=576, intermediate_size=1536,
+                               num_attention_heads=9, num_key_value_heads=3)
+    packed = load_weights_only(folder, dtype=torch.bfloat16)
+    can_pack = model_module.onednn_packing_available()  # True on the x86 CPUs we run on
+    monkeypatch.setattr(model_module, "onednn_packing_available", lambda: False)
+    stock = load_weights_only(folder, dtype=torch.bfloat16)
+    linears = [m for m in packed.modules() if isinstance(m, model_module.Linear)]
+    assert linears and all(m.packed == can_pack for m in linears)
+    assert not any(m.packed for m in stock.modules() if isinstance(m, model_module.Linear))
+    ids = torch.randint(0, 512, (300,), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in (packed, stock):
+        cache = KVCache.for_model(model)
+        head = model(ids[:280], cache)  # prefill: more rows than a window
+        steps = [model(ids[i : i + 1], cache) for i in range(280, 285)]
+        window = model(ids[285:300], cache)
+        results.append(torch.cat([head, *steps, window]))
+    assert torch.equal(results[0], results[1])
