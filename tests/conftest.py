@@ -18,6 +18,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine's other load does not make every matmul wait for a busy core.
 torch.set_num_threads(1)
 
+
+
+@pytest.fixture(params=[1, 2, 4], ids=lambda n: f"{n}-threads")
+def threads(request):
+    """Run the test at 1, 2 and 4 torch threads (`ask` and the app use every core, and the
+    libraries split work between threads by shape), then restore the single thread."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
