@@ -144,10 +144,11 @@ class Linear(nn.Linear):
     reduction, from the row count (measured here: fp32 one row goes to a GEMV; fp32 at 2+ threads
     splits the 1536-long reduction from 17 rows up; bf16 at 16 threads from 5 rows up). So every
     input of up to MAX_WINDOW rows goes through GEMMs of one fixed shape: pieces of ROWS rows, the
-    last one padded. That costs little in bf16 (AMX computes 16 rows for the price of one: about 7%
-    of a step). fp32 cannot afford computing 16 rows per token (2.8x a step): there the weight is
-    kept transposed ([in, out]: x @ W^T, whose rows are invariant from two rows up at 1-8 threads),
-    pieces are 2..ROWS rows and only a single row is padded (to two).
+    last one padded. That costs little in bf16 (AMX computes 16 rows for about the price of one;
+    about 7% of a step when measured, before the weights were pre-packed). fp32 cannot afford
+    computing 16 rows per token (2.8x a step): there the weight is kept transposed ([in, out]:
+    x @ W^T, whose rows are invariant from two rows up at 1-8 threads), pieces are 2..ROWS rows
+    and only a single row is padded (to two).
 
     bf16 weights on CPU are stored pre-packed in oneDNN's blocked layout (`packed`): the stock path
     re-packs the whole weight on every call, so a decode step read the weights at ~6.9 GB/s; packed

@@ -102,6 +102,13 @@ def test_default_model_greedy_equals_transformers_generate(default_model):
     assert len(ours) > 5
 
 
+# A random model with the default model's widths (2 layers, a small vocabulary): big enough that the
+# matrix libraries split work between threads as they do for the real model.
+DEFAULT_MODEL_WIDTHS = dict(
+    vocab_size=512, hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_verification_window_is_bitwise_equal_to_single_steps(tmp_path, dtype, threads):
     """Greedy losslessness needs the target's logits for a token to be the same whether it is
@@ -109,10 +116,7 @@ def test_verification_window_is_bitwise_equal_to_single_steps(tmp_path, dtype, t
     Also with 2 and 4 threads (`ask` and the app use all cores): the libraries' work split must not
     change a row's reduction order. The default model's widths (576 hidden, 1536 MLP,
     9 / 3 heads of 64), since tiny matrices are never split between threads."""
-    folder = save_random_model(
-        tmp_path, "llama", vocab_size=512, hidden_size=576, intermediate_size=1536,
-        num_attention_heads=9, num_key_value_heads=3,
-    )
+    folder = save_random_model(tmp_path, "llama", **DEFAULT_MODEL_WIDTHS)
     model = load_weights_only(folder, dtype=dtype)
     ids = torch.randint(0, 512, (700,), generator=torch.Generator().manual_seed(5))
     cache = KVCache.for_model(model)
@@ -182,8 +186,7 @@ def test_packed_bf16_weights_give_the_stock_gemm_results_bitwise(tmp_path, monke
     prefill, single steps and windows must be bitwise those of the stock, unpacked GEMM."""
     from triforce_chat.decoding import model as model_module
 
-    folder = save_random_model(tmp_path, "llama", vocab_size=512, hidden_size=576, intermediate_size=1536,
-                               num_attention_heads=9, num_key_value_heads=3)
+    folder = save_random_model(tmp_path, "llama", **DEFAULT_MODEL_WIDTHS)
     packed = load_weights_only(folder, dtype=torch.bfloat16)
     can_pack = model_module.onednn_packing_available()  # True on the x86 CPUs we run on
     monkeypatch.setattr(model_module, "onednn_packing_available", lambda: False)
