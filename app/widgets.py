@@ -398,6 +398,8 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
             f" of {fig.context_limit:,}"
         )
     )
+    if fig.attention_scratch_bytes:
+        lines.append(Content(f" attention scratch {mb(fig.attention_scratch_bytes)}"))
     frac = fig.retrieval_budget_fraction
     share = "all of ctx" if frac >= 1 else f"{frac:.0%} of ctx"
     lines.append(Content.assemble(("Retrieval ", "bold"), f"{fig.retrieval_budget_tokens:,} tok  {share}"))

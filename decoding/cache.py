@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from triforce_chat.kernels.attention import attend
-from triforce_chat.kernels.exact import BLOCK, invariant_attend
+from triforce_chat.kernels.exact import BLOCK, Workspace, invariant_attend
 
 # Forwards of up to this many tokens (decode steps and verification windows) use the
 # batch-invariant kernel, so a token's logits are bitwise the same alone or inside a window;
@@ -40,6 +40,7 @@ class KVCache:
         self.length = 0
         self.last_query: list[Tensor | None] = [None] * n_layers
         self.listeners: list = []  # objects with on_append(cache, start, end) / on_truncate(cache, length)
+        self.workspace = Workspace()  # the exact kernel's scores, reused from step to step
 
     @classmethod
     def for_model(cls, model, max_len: int | None = None) -> KVCache:
@@ -59,7 +60,7 @@ class KVCache:
         self.v[layer, :, start:end] = v
         self.last_query[layer] = q[:, -1].clone()  # [Hq, D]
         if k.shape[1] <= MAX_WINDOW and q.device.type == "cpu":
-            return invariant_attend(q, self.k[layer], self.v[layer], end, self.scale)
+            return invariant_attend(q, self.k[layer], self.v[layer], end, self.scale, self.workspace)
         return attend(q, self.k[layer, :, :end], self.v[layer, :, :end], self.scale)
 
     def advance(self, n: int) -> None:
@@ -90,3 +91,8 @@ class KVCache:
     @property
     def allocated_bytes(self) -> int:
         return self.k.shape[2] * self.bytes_per_token
+
+    @property
+    def scratch_bytes(self) -> int:
+        """The attention kernel's reused scratch (grows with the context and the window length)."""
+        return self.workspace.nbytes

@@ -50,6 +50,7 @@ class CacheFigures:
     full_kv_tokens: int = 0
     full_kv_bytes: int = 0
     full_kv_allocated_bytes: int = 0
+    attention_scratch_bytes: int = 0  # the exact kernel's scores, kept between steps
     context_limit: int = 0
     retrieval_budget_tokens: int = 0
     retrieval_budget_fraction: float = 0.0  # of the current context

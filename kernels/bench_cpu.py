@@ -9,7 +9,8 @@ context. One "step" = attention of every layer (projections and MLP excluded).
 
 Printed per context length: time per step for
   exact     kernels.exact.invariant_attend (T = 1): what the full-cache target uses for decode
-            and verification (batch-invariant, so greedy speculation stays bitwise lossless)
+            and verification (batch-invariant, so greedy speculation stays bitwise lossless),
+            with one Workspace reused across calls like the cache does
   ours      kernels.attention.attend (T = 1), default method (the other caches)
   ours-fl   cpu_attend(method="flash"): torch's CPU flash kernel, GQA folded, LSE merge
   grouped   the previous grouped-GEMM formulation (reference point)
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import attend, cpu_attend
-from .exact import BLOCK, invariant_attend
+from .exact import BLOCK, Workspace, invariant_attend
 from .retrieval import gather_chunks, select_chunks
 
 LAYERS, HQ, HKV, D = 30, 9, 3, 64
@@ -120,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     def step(fn, q, n):
         return lambda: [fn(q, K[layer, :, :n], V[layer, :, :n], SCALE) for layer in range(LAYERS)]
 
+    workspace = Workspace()  # reused across calls, as `decoding.cache.KVCache` does
+
     def exact_step(q, n):
-        return lambda: [invariant_attend(q, K[layer], V[layer], n, SCALE) for layer in range(LAYERS)]
+        return lambda: [invariant_attend(q, K[layer], V[layer], n, SCALE, workspace) for layer in range(LAYERS)]
 
     header = f"{'context':>8} {'impl':>9} {'ms/step':>9} {'KV GB/s':>8} {'% copy':>7}"
     print(header)

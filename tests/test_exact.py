@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from triforce_chat.kernels.attention import reference_attention
-from triforce_chat.kernels.exact import BLOCK, invariant_attend
+from triforce_chat.kernels.exact import BLOCK, Workspace, invariant_attend
 
 
 def buffers(hkv: int, length: int, d: int, dtype, seed: int):
@@ -62,3 +62,25 @@ def test_masked_tail_windows_bitwise(dtype, hkv, g, d):
         for i in range(t):
             single = invariant_attend(q[:, i : i + 1], k, v, length - t + i + 1, d**-0.5)
             assert torch.equal(window[:, i : i + 1], single), (length, t, i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reused_workspace_gives_fresh_results_and_returns_no_views_of_it(dtype):
+    """The cache reuses one Workspace for every call: after larger and smaller calls, and with its
+    buffers poisoned in between, a call must equal one with a fresh workspace (every scratch element
+    it reads was written by that call), and an earlier result must not change (no aliasing)."""
+    ws = Workspace()
+    hkv, g, d = 3, 3, 64
+    calls = [(9, 1030), (1, 1030), (4, 300), (9, 2000), (1, 5), (32, 777)]
+    returned, copies = [], []
+    for t, length in calls:
+        k, v = buffers(hkv, length, d, dtype, seed=length + t)
+        q = torch.randn(hkv * g, t, d).to(dtype)
+        got = invariant_attend(q, k, v, length, d**-0.5, ws)
+        assert torch.equal(got, invariant_attend(q, k, v, length, d**-0.5)), (t, length)
+        returned.append(got)
+        copies.append(got.clone())
+        for buf in ws._buffers.values():
+            buf.fill_(float("nan"))
+        assert all(torch.equal(a, b) for a, b in zip(returned, copies, strict=True)), "a result aliases the workspace"
+    assert ws.nbytes > 0
