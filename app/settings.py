@@ -29,6 +29,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 needs the backport
     import tomli as tomllib
 
+from triforce_chat.decoding.config import DecodeConfig
+
 APP_NAME = "triforce-chat"
 DRAFTS = ("ngram",)  # or a model spec (folder / hub id) for a small draft model
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -59,22 +61,24 @@ def data_dir() -> Path:
 @dataclass(frozen=True)
 class Settings:
     model: str | None = None
-    draft: str = "ngram"
-    level: int = 2
-    budget: str = "4096"
-    chunk_size: int = 8
-    gamma_mid: int = 6
-    gamma_low: int = 4
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 512
+    # the decoding options: same names as DecodeConfig, whose defaults are the only ones
+    draft: str = DecodeConfig.draft
+    level: int = DecodeConfig.level
+    budget: str = DecodeConfig.budget
+    chunk_size: int = DecodeConfig.chunk_size
+    gamma_mid: int = DecodeConfig.gamma_mid
+    gamma_low: int = DecodeConfig.gamma_low
+    temperature: float = DecodeConfig.temperature
+    top_p: float = DecodeConfig.top_p
+    seed: int | None = DecodeConfig.seed
+    max_new_tokens: int = DecodeConfig.max_new_tokens
+    truncate: bool = DecodeConfig.truncate
+    adaptive: bool = DecodeConfig.adaptive
+    # loading and the app
     dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
     context: int | None = None
-    truncate: bool = False
-    adaptive: bool = True
     theme: str = "triforce-dark"
     history: bool = True  # save conversations in the data dir
     keymap: dict[str, str] = field(default_factory=dict)
@@ -114,24 +118,10 @@ class Settings:
                 raise SettingsError(message)
 
     # -- what the decoder and the loader need -----------------------------------------------------
-    def decode_config(self):
-        """The decoding.session.DecodeConfig for these settings (imports torch)."""
-        from triforce_chat.decoding.session import DecodeConfig
-
-        return DecodeConfig(
-            level=self.level,
-            draft=self.draft,
-            budget=self.budget,
-            chunk_size=self.chunk_size,
-            gamma_mid=self.gamma_mid,
-            gamma_low=self.gamma_low,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            max_new_tokens=self.max_new_tokens,
-            adaptive=self.adaptive,
-            truncate=self.truncate,
-        )
+    def decode_config(self) -> DecodeConfig:
+        """The DecodeConfig for these settings: every option the two share, by name."""
+        shared = {f.name for f in fields(DecodeConfig)} & {f.name for f in fields(self)}
+        return DecodeConfig(**{name: getattr(self, name) for name in shared})
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -38,8 +38,8 @@ from triforce_chat.app.widgets import (
     render_cache,
     render_documents,
 )
+from triforce_chat.decoding.config import parse_budget
 from triforce_chat.decoding.events import CacheFigures, RoundEvent
-from triforce_chat.decoding.retrieval import parse_budget
 from triforce_chat.themes import ORIGIN_DEFAULTS, THEMES
 
 THEME_DIR = Path(__file__).resolve().parent.parent / "themes"

@@ -21,30 +21,9 @@ import torch
 from torch import Tensor
 
 from triforce_chat.decoding.cache import KVCache
+from triforce_chat.decoding.config import parse_budget
 from triforce_chat.kernels.attention import attend
 from triforce_chat.kernels.retrieval import ChunkMeans, gather_chunks, select_chunks
-
-
-def parse_budget(budget: str | int | float) -> tuple[int, float]:
-    """'4096' -> (4096 tokens, 0.0); '0.1' or '10%' -> (0, 0.1 of the context)."""
-    text = str(budget).strip()
-    try:
-        if text.endswith("%"):
-            frac = float(text[:-1]) / 100
-        else:
-            value = float(text)
-            if value >= 1:
-                if value != int(value):
-                    raise ValueError
-                return int(value), 0.0
-            frac = value
-    except ValueError:
-        raise ValueError(
-            f"budget must be a token count (e.g. 4096) or a fraction of the context (e.g. 0.1 or 10%): {budget}"
-        ) from None
-    if not 0 < frac < 1:
-        raise ValueError(f"budget fraction must be between 0 and 1: {budget}")
-    return 0, frac
 
 
 class RetrievalView:

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 import torch
 
 from triforce_chat.decoding.cache import KVCache
+from triforce_chat.decoding.config import DecodeConfig, parse_budget
 from triforce_chat.decoding.events import CacheFigures, RoundEvent, process_rss_bytes
 from triforce_chat.decoding.loading import LoadedModel
-from triforce_chat.decoding.retrieval import RetrievalView, parse_budget
+from triforce_chat.decoding.retrieval import RetrievalView
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.speculative import CostModel, SpecConfig, SpeculativeDecoder
 from triforce_chat.decoding.stats import Stats
@@ -43,45 +44,6 @@ class ContextOverflow(ValueError):
 
 class PrefillCancelled(RuntimeError):
     pass
-
-
-@dataclass
-class DecodeConfig:
-    level: int = 2
-    draft: str = "ngram"
-    budget: str = "4096"
-    chunk_size: int = 8
-    gamma_mid: int = 6
-    gamma_low: int = 4
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    max_new_tokens: int = 512
-    adaptive: bool = True
-    truncate: bool = False
-    prefill_chunk: int = 512
-
-    def validate(self) -> None:
-        """Raise ValueError with a one-line message for the first invalid value."""
-        if self.level not in (0, 1, 2):
-            raise ValueError(f"level must be 0, 1 or 2, not {self.level}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max-new-tokens must be a positive number, not {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1], not {self.top_p}")
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk-size must be >= 1, not {self.chunk_size}")
-        if not 1 <= self.gamma_mid <= 64:
-            raise ValueError(f"gamma-mid must be between 1 and 64, not {self.gamma_mid}")
-        if not 1 <= self.gamma_low <= 64:
-            raise ValueError(f"gamma-low must be between 1 and 64, not {self.gamma_low}")
-        tokens, _ = parse_budget(self.budget)
-        if tokens and tokens < 2 * self.chunk_size:
-            raise ValueError(f"budget must be at least two chunks ({2 * self.chunk_size} tokens), not {tokens}")
-        if not self.draft:
-            raise ValueError("draft must be 'ngram' or a model")
 
 
 @dataclass

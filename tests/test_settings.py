@@ -13,7 +13,7 @@ from triforce_chat.app.settings import (
     data_dir,
     load_settings,
 )
-from triforce_chat.decoding.retrieval import parse_budget
+from triforce_chat.decoding.config import parse_budget
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -122,3 +122,21 @@ def test_decode_config_carries_every_decoder_field():
     cfg = Settings(level=1, budget="0.2", gamma_mid=5, seed=7, max_new_tokens=9).decode_config()
     assert (cfg.level, cfg.budget, cfg.gamma_mid, cfg.seed, cfg.max_new_tokens) == (1, "0.2", 5, 7, 9)
     cfg.validate()
+
+
+def test_settings_import_no_torch_and_share_the_decoder_defaults():
+    """Bad flags must fail before torch loads (a second or more): settings may only import the
+    torch-free decoding config, whose defaults they take rather than repeat."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from triforce_chat.app.settings import Settings; "
+        "Settings().merged(level=1).validate(); print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+    from triforce_chat.decoding.config import DecodeConfig
+
+    assert Settings().decode_config() == DecodeConfig()

@@ -1,0 +1,71 @@
+"""What a decoder is asked to do: the decoding options and their validation, without torch.
+
+Torch-free on purpose: the settings (`app/settings.py`) take their defaults from `DecodeConfig` and
+validate command-line flags and config files before anything heavy is imported, so a bad flag
+fails in a blink with one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def parse_budget(budget: str | int | float) -> tuple[int, float]:
+    """'4096' -> (4096 tokens, 0.0); '0.1' or '10%' -> (0, 0.1 of the context)."""
+    text = str(budget).strip()
+    try:
+        if text.endswith("%"):
+            frac = float(text[:-1]) / 100
+        else:
+            value = float(text)
+            if value >= 1:
+                if value != int(value):
+                    raise ValueError
+                return int(value), 0.0
+            frac = value
+    except ValueError:
+        raise ValueError(
+            f"budget must be a token count (e.g. 4096) or a fraction of the context (e.g. 0.1 or 10%): {budget}"
+        ) from None
+    if not 0 < frac < 1:
+        raise ValueError(f"budget fraction must be between 0 and 1: {budget}")
+    return 0, frac
+
+
+@dataclass
+class DecodeConfig:
+    level: int = 2
+    draft: str = "ngram"
+    budget: str = "4096"
+    chunk_size: int = 8
+    gamma_mid: int = 6
+    gamma_low: int = 4
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    max_new_tokens: int = 512
+    adaptive: bool = True
+    truncate: bool = False
+    prefill_chunk: int = 512
+
+    def validate(self) -> None:
+        """Raise ValueError with a one-line message for the first invalid value."""
+        if self.level not in (0, 1, 2):
+            raise ValueError(f"level must be 0, 1 or 2, not {self.level}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max-new-tokens must be a positive number, not {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top-p must be in (0, 1], not {self.top_p}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk-size must be >= 1, not {self.chunk_size}")
+        if not 1 <= self.gamma_mid <= 64:
+            raise ValueError(f"gamma-mid must be between 1 and 64, not {self.gamma_mid}")
+        if not 1 <= self.gamma_low <= 64:
+            raise ValueError(f"gamma-low must be between 1 and 64, not {self.gamma_low}")
+        tokens, _ = parse_budget(self.budget)
+        if tokens and tokens < 2 * self.chunk_size:
+            raise ValueError(f"budget must be at least two chunks ({2 * self.chunk_size} tokens), not {tokens}")
+        if not self.draft:
+            raise ValueError("draft must be 'ngram' or a model")
