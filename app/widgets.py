@@ -49,7 +49,8 @@ def pct(value: float | None) -> str:
 
 
 def mb(nbytes: int) -> str:
-    return f"{nbytes / MIB:,.1f} MB"
+    """Bytes in binary megabytes, labelled as such (MiB, not the 5% smaller MB)."""
+    return f"{nbytes / MIB:,.1f} MiB"
 
 
 def token_label(text: str) -> str:
