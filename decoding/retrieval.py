@@ -65,10 +65,15 @@ class RetrievalView:
         return self.cache.length - self.sel_end
 
     @property
+    def recent_limit(self) -> int:
+        """Recent tokens held before a rebuild re-selects; the buffer keeps this much headroom."""
+        return max(self.recent_window * 2, self.budget_for(self.cache.length) // 2)
+
+    @property
     def needs_rebuild(self) -> bool:
         """Stale after a rollback below the selection, or when the recent part has grown past half
         the budget (generation is long: re-score so that the budget stays the cost)."""
-        return self.stale or self.recent_tokens > max(self.recent_window * 2, self.budget_for(self.cache.length) // 2)
+        return self.stale or self.recent_tokens > self.recent_limit
 
     def rebuild(self) -> None:
         """Select chunks against the latest query of every layer and gather them into the buffer."""
@@ -86,8 +91,7 @@ class RetrievalView:
         n_pick = max(1, (budget - (length - self.sel_end)) // c)
         n = min(n_pick, self.sel_end // c) * c  # select_chunks picks at most the chunks there are
         # room for the selection, the recent window as it grows until the next rebuild, the scratch
-        growth = max(self.recent_window * 2, budget // 2)
-        self._reserve(n + growth + self.scratch_capacity, keep=False)
+        self._reserve(n + self.recent_limit + self.scratch_capacity, keep=False)
         for layer in range(cache.k.shape[0]):
             idx = select_chunks(cache.last_query[layer], self.chunks.means(layer)[:, : self.sel_end // c], n_pick)
             keys, values = cache.k[layer, :, : self.sel_end], cache.v[layer, :, : self.sel_end]

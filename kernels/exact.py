@@ -61,9 +61,9 @@ class Workspace:
 
     Why: a call's scores take ~10 MB per head for an 8-token window at 32K. Allocated afresh, glibc
     returns those pages to the OS on free and the next call faults them in again: 43,000 minor page
-    faults per window (all 30 layers), which made a window 20% slower and its time swing from 300
-    to 420 ms (measured at 32K, bf16, 1 thread). Reused: ~600 faults, 295 ms, steady. Not
-    thread-safe: one per cache, used by the thread that decodes with it.
+    faults per window (all 30 layers), and its time swung from 292 to 404 ms (measured at 32K, bf16,
+    1 thread). Reused: ~80 faults, 286-292 ms. Not thread-safe: one per cache, used by the thread
+    that decodes with it.
     """
 
     def __init__(self) -> None:
