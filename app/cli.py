@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
+from triforce_chat.app.models_cmd import models_app
+
 EXIT_USAGE = 2
 
 app = typer.Typer(
@@ -24,6 +26,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Chat with long documents; answers come from a lossless hierarchical speculative decoder.",
 )
+
+
+app.add_typer(models_app, name="models")
 
 
 class CliError(Exception):
