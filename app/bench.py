@@ -210,10 +210,14 @@ class HFBaseline:
 
         from triforce_chat.decoding.loading import extend_context
 
-        config = AutoConfig.from_pretrained(lm.path)
+        # a GGUF file: transformers dequantizes it (slow to load, then plain dense weights)
+        where = {"pretrained_model_name_or_path": lm.path}
+        if lm.path.suffix == ".gguf":
+            where = {"pretrained_model_name_or_path": lm.path.parent, "gguf_file": lm.path.name}
+        config = AutoConfig.from_pretrained(**where)
         if context and context > config.max_position_embeddings:
             extend_context(config, context)
-        self.model = AutoModelForCausalLM.from_pretrained(lm.path, config=config, dtype=dtype).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(**where, config=config, dtype=dtype).eval()
         self.eos = sorted(lm.eos_ids)
         self.cache = cache
         self._torch = torch
@@ -275,6 +279,7 @@ def run_bench(lm, cfg, spec: BenchSpec, dtype=None, log: Log = lambda m: None) -
             )
     load_start = load_average()
     prompts = make_prompts(lm, spec)
+    # weights as shipped: transformers gets float32 (the dtype our activations use)
     hf = HFBaseline(lm, dtype or lm.model.dtype, spec.context, spec.hf_cache) if spec.hf else None
     log("warming up ...")
     warm = Prompt(0, 0, "warm-up.md", "Warm-up text. " * 40, "Repeat the text.", "quote")
@@ -465,7 +470,7 @@ def machine_info(lm, spec: BenchSpec, load_start: list[float]) -> dict[str, Any]
         "transformers": transformers.__version__,
         "python": sys.version.split()[0],
         "model": lm.model_id,
-        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "dtype": lm.model.weights_label,
         "device": str(lm.model.device),
         "positions": lm.model.max_len,
         "load_average_start": load_start,

@@ -78,7 +78,7 @@ def resolve_settings(config: Path | None, **cli: Any):
 
 SETTING_NAMES = (
     "model", "level", "draft", "budget", "chunk_size", "gamma_mid", "gamma_low", "max_new_tokens", "temperature",
-    "top_p", "seed", "dtype", "device", "threads", "context", "theme",
+    "top_p", "seed", "weights", "kv_dtype", "device", "threads", "context", "theme",
 )
 
 
@@ -90,17 +90,12 @@ def given_settings(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def pick_dtype(name: str, device: str):
+    """--weights: None keeps the weights as shipped; a float dtype converts them at load."""
     import torch
 
-    if name == "auto":
-        from triforce_chat.decoding.loading import default_dtype
-
-        return default_dtype(device)
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    table = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name not in table:
-        fail(f"unknown dtype {name!r} (choose auto, float32, bfloat16, float16)")
-    if table[name] == torch.float16 and device == "cpu":
-        fail("float16 is for CUDA; on CPU use float32 or bfloat16")
+        fail(f"unknown weights {name!r} (choose auto, float32, bfloat16, float16)")
     return table[name]
 
 
@@ -124,7 +119,7 @@ def setup_runtime(settings) -> tuple[str, Any]:
             fail(f"threads must be >= 1, not {settings.threads}")
         torch.set_num_threads(settings.threads)
     device = pick_device(settings.device)
-    return device, pick_dtype(settings.dtype, device)
+    return device, pick_dtype(settings.weights, device)
 
 
 def decode_config(settings):
@@ -142,15 +137,20 @@ def load_model_or_fail(settings, device: str, dtype, quiet: bool = False):
     from triforce_chat.decoding.loading import ModelLoadError, load_model
 
     try:
-        return load_model(
+        lm = load_model(
             settings.model,
             dtype=dtype,
             device=device,
             context=settings.context,
             log=(lambda m: None) if quiet else None,
+            kv_dtype=settings.torch_kv_dtype(),
         )
     except ModelLoadError as exc:
         fail(str(exc))
+    if not quiet:
+        for notice in lm.notices:
+            print(f"notice: {notice}", file=sys.stderr)
+    return lm
 
 
 # Options shared by the chat and `ask` (names and validation are the same in both)
@@ -158,7 +158,8 @@ DocOpt = Annotated[
     list[Path] | None, typer.Option("--doc", "-d", help="Text file to put into the context (repeatable).")
 ]
 ModelOpt = Annotated[
-    str | None, typer.Option(help="Default SmolLM2-135M-Instruct; a Hugging Face id or a folder.")
+    str | None,
+    typer.Option(help="A catalogue name (default qwen2.5-coder-0.5b; see 'models'), a .gguf file or a model folder."),
 ]
 LevelOpt = Annotated[
     int | None, typer.Option(help="Speculation level: 0 plain, 1 retrieval draft, 2 + bottom drafter.")
@@ -180,7 +181,13 @@ MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="S
 TempOpt = Annotated[float | None, typer.Option(help="0 is greedy.")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
-DtypeOpt = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 (CPU/CUDA), float16 (CUDA).")]
+WeightsOpt = Annotated[
+    str | None,
+    typer.Option("--weights", "--dtype", help="auto (as shipped: GGUF blocks); float32/bfloat16/float16: dequantized."),
+]
+KvDtypeOpt = Annotated[
+    str | None, typer.Option("--kv-dtype", help="KV cache storage: auto (float16 on CPU), float16, bfloat16, float32.")
+]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu or cuda.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
 ContextOpt = Annotated[
@@ -207,7 +214,8 @@ def chat(
     temperature: TempOpt = None,
     top_p: TopPOpt = None,
     seed: SeedOpt = None,
-    dtype: DtypeOpt = None,
+    weights: WeightsOpt = None,
+    kv_dtype: KvDtypeOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     context: ContextOpt = None,
@@ -243,7 +251,8 @@ def ask(
     temperature: TempOpt = None,
     top_p: TopPOpt = None,
     seed: SeedOpt = None,
-    dtype: DtypeOpt = None,
+    weights: WeightsOpt = None,
+    kv_dtype: KvDtypeOpt = None,
     device: DeviceOpt = None,
     threads: ThreadsOpt = None,
     context: ContextOpt = None,
@@ -298,7 +307,8 @@ def run_ask(lm, cfg, docs: list[tuple[str, str]], question: str, stream=None) ->
         "level": cfg.level,
         "model": lm.model_id,
         "model_path": str(lm.path),
-        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "weights": lm.model.weights_label,
+        "kv_dtype": str(session.cache.k.dtype).removeprefix("torch."),
         "stats": stats,
     }
 
@@ -314,7 +324,9 @@ def bench(
     gamma_mid: GammaMidOpt = None,
     gamma_low: GammaLowOpt = None,
     context: ContextOpt = None,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (float16 on CUDA).")] = "float32",
+    weights: Annotated[
+        str, typer.Option("--weights", "--dtype", help="auto (as shipped), float32, bfloat16, float16.")
+    ] = "auto",
     threads: Annotated[int, typer.Option(help="CPU threads for torch (1: stable numbers).")] = 1,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per answer.")] = 128,
     questions: Annotated[int, typer.Option(help="Prompts per context.")] = 2,
@@ -347,7 +359,7 @@ def bench(
             gamma_mid=gamma_mid,
             gamma_low=gamma_low,
             context=context,
-            dtype=dtype,
+            weights=weights,
             threads=threads,
         )
     )

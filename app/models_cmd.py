@@ -153,6 +153,7 @@ def models_pull(
     path = catalog.installed_path(entry)
     if path is not None:
         print(f"{entry.name} is already installed", file=sys.stderr)
+        _prepare_tokenizer(path)
         print(path)
         return
     print(f"pulling {entry.display_name} ({entry.size_label}, {len(entry.pieces)} pieces) into "
@@ -165,7 +166,26 @@ def models_pull(
     except catalog.CatalogError as exc:
         _fail(str(exc))
     print(f"{entry.name}: verified sha256 {entry.sha256[:16]}...", file=sys.stderr)
+    _prepare_tokenizer(path)
     print(path)
+
+
+def _prepare_tokenizer(path) -> None:
+    """Convert the file's tokenizer now (tens of seconds, once), so the first chat starts quickly.
+    A file without one (or that is no GGUF) is left to the loader, which says what is wrong."""
+    from triforce_chat.decoding.gguf_file import GGUFError, GGUFFile
+
+    try:
+        if "tokenizer.ggml.tokens" not in GGUFFile(path).metadata:
+            return
+    except GGUFError:
+        return
+    from triforce_chat.decoding.loading import ModelLoadError, gguf_tokenizer
+
+    try:
+        gguf_tokenizer(path, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ModelLoadError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
 
 
 @models_app.command("rm")

@@ -33,7 +33,9 @@ from triforce_chat.decoding.config import DecodeConfig
 
 APP_NAME = "triforce-chat"
 DRAFTS = ("ngram",)  # or a model spec (folder / hub id) for a small draft model
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# weights: "auto" keeps them as shipped (GGUF blocks, or a checkpoint's own float dtype)
+WEIGHTS = ("auto", "float32", "bfloat16", "float16")
+KV_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
 class SettingsError(ValueError):
@@ -75,7 +77,8 @@ class Settings:
     truncate: bool = DecodeConfig.truncate
     adaptive: bool = DecodeConfig.adaptive
     # loading and the app
-    dtype: str = "auto"
+    weights: str = "auto"
+    kv_dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
     context: int | None = None
@@ -107,7 +110,8 @@ class Settings:
         except ValueError as exc:
             raise SettingsError(str(exc)) from None
         checks = [
-            (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}"),
+            (self.weights in WEIGHTS, f"weights must be one of {', '.join(WEIGHTS)}, not {self.weights!r}"),
+            (self.kv_dtype in KV_DTYPES, f"kv-dtype must be one of {', '.join(KV_DTYPES)}, not {self.kv_dtype!r}"),
             (bool(self.device), "device must not be empty"),
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, not {self.threads}"),
             (self.context is None or self.context >= 16, f"context must be >= 16 tokens, not {self.context}"),
@@ -131,13 +135,16 @@ class Settings:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def torch_dtype(self):
+        """The dtype the weights are converted to at load; None keeps them as shipped."""
         import torch
 
-        if self.dtype == "auto":
-            from triforce_chat.decoding.loading import default_dtype
+        return None if self.weights == "auto" else getattr(torch, self.weights)
 
-            return default_dtype(self.resolved_device())
-        return getattr(torch, self.dtype)
+    def torch_kv_dtype(self):
+        """The KV cache's storage dtype; None lets the loader choose (16-bit with the native kernels)."""
+        import torch
+
+        return None if self.kv_dtype == "auto" else getattr(torch, self.kv_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -155,7 +162,8 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "top_p": (float, int),
     "seed": (int,),
     "max_new_tokens": (int,),
-    "dtype": (str,),
+    "weights": (str,),
+    "kv_dtype": (str,),
     "device": (str,),
     "threads": (int,),
     "context": (int,),
@@ -201,6 +209,8 @@ def load_settings(path: Path | None = None, base: Settings | None = None) -> Set
     values: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
+        if key == "dtype":  # the name of `weights` before GGUF weights were computed as shipped
+            key = "weights"
         if key == "keymap":
             if not isinstance(value, dict):
                 raise SettingsError(f'{where(raw_key)}: keymap must be a table ([keymap] with id = "keys")')

@@ -343,7 +343,7 @@ class TriforceApp(App[int]):
             )
         self.query_one("#loadbar").display = False
         self.sub_title = "loading model …"
-        self._show_load("Loading model " + (self.settings.model or "smollm2-135m-instruct"), 0, None, None)
+        self._show_load("Loading model " + (self.settings.model or "qwen2.5-coder-0.5b"), 0, None, None)
         self.job = _Job("model")
         self.load_model()
 
@@ -437,10 +437,13 @@ class TriforceApp(App[int]):
                         device=self.settings.resolved_device(),
                         context=self.settings.context,
                         log=lambda msg: self._post(LoadProgress(msg, 0, None, None)),
+                        kv_dtype=self.settings.torch_kv_dtype(),
                     )
                 except ModelLoadError as exc:
                     self._post(LoadDone(False, f"cannot load the model: {exc}", "error"))
                     return
+            for notice in lm.notices:
+                self._post(Notice(notice, "warning"))
             session = Session(lm, self.settings.decode_config())
             self._post(ModelReady(session, time.perf_counter() - t0))
         except Exception as exc:

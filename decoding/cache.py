@@ -3,6 +3,9 @@
 Speculative decoding writes keys/values for drafted tokens and then rejects some of them; with a
 length pointer, rejecting k tokens is `truncate(length - k)`: O(1) and exact (the stale entries
 past the pointer are never read and are overwritten by the next write).
+
+Storage is 16-bit on CPU when the native kernels are there (float16: half the bytes a step reads;
+the kernels convert to fp32 in registers and compute in fp32), else float32.
 """
 
 from __future__ import annotations
@@ -10,14 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from triforce_chat.kernels.attention import attend
-from triforce_chat.kernels.exact import BLOCK, Workspace, invariant_attend
-
-# Forwards of up to this many tokens (decode steps and verification windows) use the
-# batch-invariant kernel, so a token's logits are bitwise the same alone or inside a window;
-# longer ones (prefill chunks) use the fastest kernel. The linear layers do the same
-# (`decoding.model.Linear`); tests/test_model.py checks windows up to this size.
-MAX_WINDOW = 32
+from triforce_chat.decoding.model import MAX_WINDOW  # noqa: F401  (re-exported for callers)
+from triforce_chat.kernels.backends import attend_tokens
 
 
 class KVCache:
@@ -27,12 +24,13 @@ class KVCache:
     (post-RoPE) query of the most recent token, which the retrieval level scores chunks against.
     """
 
+    exact_windows = True  # the target verifies windows on this store: they must equal single steps
+
     def __init__(
         self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, scale: float,
         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
     ):
-        # rounded up to whole blocks of the invariant kernel, zeroed so that the unused tail is finite
-        shape = (n_layers, n_kv_heads, -(-max_len // BLOCK) * BLOCK, head_dim)
+        shape = (n_layers, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
@@ -40,13 +38,12 @@ class KVCache:
         self.length = 0
         self.last_query: list[Tensor | None] = [None] * n_layers
         self.listeners: list = []  # objects with on_append(cache, start, end) / on_truncate(cache, length)
-        self.workspace = Workspace()  # the exact kernel's scores, reused from step to step
 
     @classmethod
-    def for_model(cls, model, max_len: int | None = None) -> KVCache:
+    def for_model(cls, model, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         a = model.args
         return cls(a.n_layers, a.n_kv_heads, a.head_dim, max_len or model.max_len, model.scale,
-                   dtype=model.dtype, device=model.device)
+                   dtype=dtype or getattr(model, "kv_dtype", torch.float32), device=model.device)
 
     # -- KVStore protocol --------------------------------------------------------------------------
     def positions(self, n: int) -> Tensor:
@@ -55,13 +52,12 @@ class KVCache:
         return torch.arange(self.length, self.length + n, device=self.k.device)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        start, end = self.length, self.length + k.shape[1]
-        self.k[layer, :, start:end] = k
-        self.v[layer, :, start:end] = v
-        self.last_query[layer] = q[:, -1].clone()  # [Hq, D]
-        if k.shape[1] <= MAX_WINDOW and q.device.type == "cpu":
-            return invariant_attend(q, self.k[layer], self.v[layer], end, self.scale, self.workspace)
-        return attend(q, self.k[layer, :, :end], self.v[layer, :, :end], self.scale)
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
+        start, end = self.length, self.length + k.shape[0]
+        self.k[layer, :, start:end] = k.transpose(0, 1)
+        self.v[layer, :, start:end] = v.transpose(0, 1)
+        self.last_query[layer] = q[-1].float().clone()  # [Hq, D]
+        return attend_tokens(q, self.k[layer], self.v[layer], end, self.scale)
 
     def advance(self, n: int) -> None:
         start = self.length
@@ -94,5 +90,5 @@ class KVCache:
 
     @property
     def scratch_bytes(self) -> int:
-        """The attention kernel's reused scratch (grows with the context and the window length)."""
-        return self.workspace.nbytes
+        """The attention kernel's scratch is per thread inside the extension (a few MB at most)."""
+        return 0

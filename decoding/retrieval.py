@@ -22,12 +22,14 @@ from torch import Tensor
 
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.config import parse_budget
-from triforce_chat.kernels.attention import attend
-from triforce_chat.kernels.retrieval import ChunkMeans, gather_chunks, select_chunks
+from triforce_chat.kernels.backends import attend_tokens, select_chunks
+from triforce_chat.kernels.retrieval import ChunkMeans, gather_chunks
 
 
 class RetrievalView:
     """A KVStore for the middle level (see module docstring)."""
+
+    exact_windows = False  # a drafter: its windows need not equal its single steps
 
     def __init__(self, cache: KVCache, budget: str | int = 4096, chunk_size: int = 8, scratch: int = 256):
         if chunk_size < 1:
@@ -131,10 +133,11 @@ class RetrievalView:
         return torch.arange(start, start + n, device=self.cache.k.device)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        end = self._scratch_base + self.scratch_len + k.shape[1]
-        self.k[layer, :, end - k.shape[1] : end] = k
-        self.v[layer, :, end - k.shape[1] : end] = v
-        return attend(q, self.k[layer, :, :end], self.v[layer, :, :end], self.cache.scale)
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D] over the buffer (causal in its tail)."""
+        end = self._scratch_base + self.scratch_len + k.shape[0]
+        self.k[layer, :, end - k.shape[0] : end] = k.transpose(0, 1)
+        self.v[layer, :, end - k.shape[0] : end] = v.transpose(0, 1)
+        return attend_tokens(q, self.k[layer], self.v[layer], end, self.cache.scale)
 
     def advance(self, n: int) -> None:
         self.scratch_len += n

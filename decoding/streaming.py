@@ -23,11 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from triforce_chat.kernels.attention import attend, attend_segments
+from triforce_chat.kernels.backends import attend, attend_segments
 
 
 class StreamingCache:
     """Sink + sliding-window KV store with exact rollback of up to `slack` tokens (see module doc)."""
+
+    exact_windows = False  # the bottom drafter's cache
 
     def __init__(
         self, n_layers: int, n_kv_heads: int, head_dim: int, scale: float, *,
@@ -58,8 +60,9 @@ class StreamingCache:
     @classmethod
     def for_model(cls, model, **kwargs) -> StreamingCache:
         a = model.args
-        return cls(a.n_layers, a.n_kv_heads, a.head_dim, model.scale, dtype=model.dtype, device=model.device,
-                   **kwargs)
+        # float32 on CPU: the drafter's short cache goes through PyTorch's masked attention
+        dtype = model.dtype
+        return cls(a.n_layers, a.n_kv_heads, a.head_dim, model.scale, dtype=dtype, device=model.device, **kwargs)
 
     # -- layout ------------------------------------------------------------------------------------
     @property
@@ -100,6 +103,12 @@ class StreamingCache:
         return torch.arange(self.length, self.length + n, device=self.k.device)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
+        T, hq, d = q.shape
+        out = self._attend_heads(layer, q.transpose(0, 1).to(self.k.dtype), k.transpose(0, 1), v.transpose(0, 1))
+        return out.transpose(0, 1).reshape(T, hq * d).to(q.dtype)
+
+    def _attend_heads(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q [Hq, T, D]; k, v [Hkv, T, D] -> [Hq, T, D]
         T = k.shape[1]
         first, last = self.length, self.length + T - 1  # positions of the new tokens

@@ -1,4 +1,4 @@
-"""One attention entry point for every cache in `decoding/`.
+"""Attention in PyTorch operations: the portable path (`backends` chooses the native or CUDA kernels).
 
 `attend(q, k, v, scale)`: T new queries against L keys/values of which the last T belong to the
 queries themselves (causal among them; every earlier key is visible). GQA is handled by grouping
@@ -64,11 +64,7 @@ Segments = list[tuple[Tensor, Tensor]]
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """Causal-in-the-tail attention over one contiguous K/V range."""
-    if q.device.type == "cuda":
-        from .backends import cuda_attend
-
-        return cuda_attend(q, k, v, scale)
+    """Causal-in-the-tail attention over one contiguous K/V range (PyTorch operations)."""
     if q.shape[1] >= _SDPA_MIN_QUERIES:
         return _sdpa_attend(q, k, v, scale)
     return cpu_attend(q, [(k, v)], scale)
@@ -84,10 +80,6 @@ def attend_segments(q: Tensor, segments: Segments, scale: float) -> Tensor:
         raise ValueError("the last segment must hold the queries' own keys")
     if len(segments) == 1:
         return attend(q, *segments[0], scale)
-    if q.device.type == "cuda":
-        from .backends import cuda_attend_segments
-
-        return cuda_attend_segments(q, segments, scale)
     if q.shape[1] >= _SDPA_MIN_QUERIES:
         outs, lses = [], []
         for i, (k, v) in enumerate(segments):

@@ -1,16 +1,11 @@
 """Which kernel runs where: the one place that looks at the device and at what is installed.
 
-CPU: the PyTorch formulation in `kernels.attention` (nothing optional is imported).
-CUDA:
-- attend: the full cache (decode, verification, prefill) and the retrieval view's contiguous
-  buffer. flash-attn `flash_attn_with_kvcache` when installed (bottom-right causal, native GQA,
-  strided cache views), else PyTorch SDPA.
-- attend_segments: KV split in pieces (the draft model's sink + recent window). The Triton split-K
-  kernel when installed, else flash-attn per segment + log-sum-exp merge, else SDPA over the
-  concatenated segments.
-- sparse_attend: a chunk table over the full cache. The Triton kernel reading the chunks in place,
-  else gather + attend_segments.
-- select_chunks: Triton scoring + sort when installed, else torch.
+Callers in `decoding/` use the entry points here; the modules below it do not import it back:
+- `native` (kernels/cpu, the C++ extension) on CPU when it built: exact attention for the full
+  cache and the retrieval view (`attend_tokens`);
+- `attention` / `retrieval`: PyTorch formulations, the CPU fallback and the reference;
+- CUDA: flash-attn `flash_attn_with_kvcache` for full-cache attention when installed, else SDPA;
+  the Triton split-K and sparse kernels and top-k for the retrieval level when Triton is there.
 triton and flash-attn are optional: both are imported lazily, and a failed import only means the
 fallback is used. `TRIFORCE_NO_TRITON=1` / `TRIFORCE_NO_FLASH_ATTN=1` force the fallbacks.
 """
@@ -23,6 +18,9 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import attention, native, retrieval
+from .attention import merge_partials
 
 
 @functools.cache
@@ -59,7 +57,10 @@ def _use_triton(x: Tensor) -> bool:
 def describe(device: torch.device | str = "cpu") -> str:
     """One line for the stats panel: the kernels used on `device`."""
     if torch.device(device).type != "cuda":
-        return f"cpu: torch {torch.__version__} GEMM formulation, {torch.get_num_threads()} threads"
+        st = native.status()
+        if st.available:
+            return f"cpu: native {st.isa} kernels, {torch.get_num_threads()} threads"
+        return f"cpu: PyTorch {torch.__version__} ({st.reason}), {torch.get_num_threads()} threads"
     full = "flash-attn" if flash_attn_available() else "sdpa"
     sparse = "triton" if triton_available() else full
     return f"cuda: full={full} sparse={sparse}"
@@ -101,8 +102,6 @@ def cuda_attend_segments(q: Tensor, segments: list[tuple[Tensor, Tensor]], scale
 
         return tri.attend_segments(q, segments, scale)
     if flash_attn_available() and q.dtype in (torch.float16, torch.bfloat16):
-        from .attention import merge_partials
-
         last = len(segments) - 1
         parts = [_flash_call(q, k, v, scale, causal=i == last and q.shape[1] > 1, lse=True)
                  for i, (k, v) in enumerate(segments)]
@@ -123,17 +122,45 @@ def sparse_attend(
         from .triton import attention as tri
 
         return tri.sparse_attend(q, k_full, v_full, chunk_idx, chunk_size, tail, scale)
-    from .attention import attend_segments
-    from .retrieval import gather_chunks
-
-    return attend_segments(q, [gather_chunks(k_full, v_full, chunk_idx, chunk_size), *tail], scale)
+    return attend_segments(q, [retrieval.gather_chunks(k_full, v_full, chunk_idx, chunk_size), *tail], scale)
 
 
-def cuda_select_chunks(query: Tensor, means: Tensor, k: int, always=(0,)) -> Tensor:
+def select_chunks(query: Tensor, means: Tensor, k: int, always=(0,)) -> Tensor:
+    """Top-k chunks per KV head (see retrieval.select_chunks_torch): Triton on CUDA when there."""
     if _use_triton(means):
         from .triton import topk
 
         return topk.select_chunks(query, means, k, always)
-    from .retrieval import select_chunks_torch
+    return retrieval.select_chunks_torch(query, means, k, always)
 
-    return select_chunks_torch(query, means, k, always)
+
+# -- entry points for decoding/ ----------------------------------------------------------------------
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """q [Hq, T, D] over k/v [Hkv, L, D], causal in the last T keys."""
+    if q.device.type == "cuda":
+        return cuda_attend(q, k, v, scale)
+    return attention.attend(q, k, v, scale)
+
+
+def attend_segments(q: Tensor, segments: list[tuple[Tensor, Tensor]], scale: float) -> Tensor:
+    """q [Hq, T, D] over the union of K/V segments; the queries' own keys end the last one."""
+    if q.device.type == "cuda":
+        segments = [(k, v) for k, v in segments if k.shape[1] > 0]
+        if len(segments) == 1:
+            return cuda_attend(q, *segments[0], scale)
+        return cuda_attend_segments(q, segments, scale)
+    return attention.attend_segments(q, segments, scale)
+
+
+def attend_tokens(q: Tensor, k_buf: Tensor, v_buf: Tensor, length: int, scale: float) -> Tensor:
+    """Token-major attention for the KV stores: q [T, Hq, D] (the last T of `length` positions)
+    over k_buf/v_buf [Hkv, >= length, D] -> [T, Hq * D]. The native kernel reads 16-bit buffers
+    directly and is exact for windows; the fallbacks use PyTorch on the buffer's dtype."""
+    t, hq, d = q.shape
+    if q.device.type == "cpu" and native.available():
+        return native.ops().attention(q, k_buf, v_buf, length, scale).view(t, hq * d)
+    qh = q.transpose(0, 1).to(k_buf.dtype)  # [Hq, T, D]
+    out = attend(qh, k_buf[:, :length], v_buf[:, :length], scale)
+    return out.transpose(0, 1).reshape(t, hq * d).to(q.dtype)

@@ -64,18 +64,10 @@ def chunk_scores(query: Tensor, means: Tensor) -> Tensor:
     return torch.bmm(q, means.float().transpose(1, 2)).squeeze(1)
 
 
-def select_chunks(query: Tensor, means: Tensor, k: int, always: list[int] | tuple[int, ...] = (0,)) -> Tensor:
-    """Top-k chunks per KV head. query [Hq, D]; means [Hkv, C, D] -> LongTensor [Hkv, min(k, C)]
-    sorted ascending; the chunks in `always` are always part of the selection."""
-    if means.device.type == "cuda":
-        from .backends import cuda_select_chunks
-
-        return cuda_select_chunks(query, means, k, always)
-    return select_chunks_torch(query, means, k, always)
-
-
 def select_chunks_torch(query: Tensor, means: Tensor, k: int, always=(0,)) -> Tensor:
-    """`select_chunks` in plain PyTorch (any device)."""
+    """Top-k chunks per KV head in plain PyTorch (any device; `backends.select_chunks` dispatches).
+    query [Hq, D]; means [Hkv, C, D] -> LongTensor [Hkv, min(k, C)] sorted ascending; the chunks
+    in `always` are always part of the selection."""
     hkv, n_chunks, _ = means.shape
     k = min(k, n_chunks)
     if k <= 0:
@@ -88,6 +80,9 @@ def select_chunks_torch(query: Tensor, means: Tensor, k: int, always=(0,)) -> Te
         scores[:, forced] = float("inf")
     top = scores.topk(k, dim=-1, sorted=False).indices
     return top.sort(dim=-1).values
+
+
+select_chunks = select_chunks_torch
 
 
 def gather_chunks(

@@ -68,17 +68,30 @@ def save_random_model(folder: Path, arch: str = "llama", seed: int = 0, tokenize
 
 
 @pytest.fixture(scope="session")
-def default_model_dir() -> Path:
-    from triforce_chat.decoding.loading import ensure_default_model
+def smollm2_path() -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF file (Q4_1 / Q8_0 blocks)."""
+    from triforce_chat.decoding import catalog
 
-    return ensure_default_model()
+    return catalog.resolve("smollm2-135m")
 
 
 @pytest.fixture(scope="session")
-def default_model(default_model_dir):
+def default_model_dir(tmp_path_factory, smollm2_path) -> Path:
+    """A folder with SmolLM2's tokenizer files (converted once from its GGUF, then cached), for
+    the random models that borrow a real tokenizer."""
+    from triforce_chat.decoding.loading import gguf_tokenizer
+
+    folder = tmp_path_factory.mktemp("smollm2-tokenizer")
+    gguf_tokenizer(smollm2_path, log=lambda m: None).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def default_model(smollm2_path):
+    """The real SmolLM2 GGUF, computed as shipped (the model CI always has)."""
     from triforce_chat.decoding.loading import load_model
 
-    return load_model(None, dtype=torch.float32)
+    return load_model("smollm2-135m", log=lambda m: None)
 
 
 @pytest.fixture(scope="session")
@@ -88,15 +101,7 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    """A 2-layer random Llama with the default model's tokenizer (vocab 49152): fast, real text I/O."""
+    """A 2-layer random Llama with SmolLM2's tokenizer (vocab 49152): fast, real text I/O."""
     from triforce_chat.decoding.loading import load_model
 
-    return load_model(str(tiny_model_dir), dtype=torch.float32)
-
-
-@pytest.fixture(scope="session")
-def default_model_auto(default_model_dir):
-    """The default model in the dtype users get by default on this machine (bf16 with AMX)."""
-    from triforce_chat.decoding.loading import default_dtype, load_model
-
-    return load_model(None, dtype=default_dtype("cpu"))
+    return load_model(str(tiny_model_dir), log=lambda m: None)

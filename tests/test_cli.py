@@ -83,7 +83,8 @@ def bad_inputs(tmp_path):
         (["--gamma-mid", "0", "q"], "gamma-mid"),
         (["--chunk-size", "0", "q"], "chunk-size"),
         (["--threads", "0", "q"], "threads"),
-        (["--dtype", "float16", "--device", "cpu", "q"], "float16"),
+        (["--weights", "int4", "q"], "weights must be one of"),
+        (["--kv-dtype", "int8", "q"], "kv-dtype must be one of"),
         (["--draft", str(tmp_path), "q"], "not a model folder"),
         (["  "], "question is empty"),
     ]
@@ -129,3 +130,26 @@ def test_model_errors_are_one_line(monkeypatch, capsys, tmp_path):
         code, out, err = run_cli(monkeypatch, capsys, "ask", *args, "q")
         assert code == 2 and message in err, (args, err)
         assert "Traceback" not in err
+
+
+def test_gguf_and_catalogue_errors_are_one_line(monkeypatch, capsys, tmp_path):
+    from gguf_models import write_gguf
+
+    unsupported = write_gguf(tmp_path / "q2k.gguf", qtype="Q4_0", qtypes={"attn_q": "Q2_K"})
+    whole = write_gguf(tmp_path / "whole.gguf", qtype="Q4_0").read_bytes()
+    (tmp_path / "cut-data.gguf").write_bytes(whole[: len(whole) - 1000])
+    (tmp_path / "cut-header.gguf").write_bytes(whole[:200])
+    (tmp_path / "notgguf.gguf").write_bytes(b"PK\x03\x04 not a model at all")
+    monkeypatch.setenv("TRIFORCE_MODELS_DIR", str(tmp_path / "models"))
+    cases = [
+        (str(unsupported), "unsupported GGUF weight type Q2_K (tensor blk.0.attn_q.weight); supported: F32, F16, Q4_0"),
+        (str(tmp_path / "cut-data.gguf"), "truncated GGUF file"),
+        (str(tmp_path / "cut-header.gguf"), "truncated GGUF file"),
+        (str(tmp_path / "notgguf.gguf"), "not a GGUF file"),
+        ("qwen2.5-coder-1.5b", "not installed: run 'triforce-chat models pull qwen2.5-coder-1.5b'"),
+        ("no-such-model", "known models: smollm2-135m, qwen2.5-coder-0.5b"),
+    ]
+    for model, message in cases:
+        code, out, err = run_cli(monkeypatch, capsys, "ask", "--model", model, "q")
+        assert code == 2 and message in err, (model, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, (model, err)

@@ -26,10 +26,10 @@ def answers(lm, level: int, draft: str = "ngram") -> list[list[int]]:
     return out
 
 
-def test_levels_are_identical_on_the_default_model(default_model_auto, tiny_model_dir):
-    want = answers(default_model_auto, 0)
+def test_levels_are_identical_on_the_default_model(default_model, tiny_model_dir):
+    want = answers(default_model, 0)
     assert all(len(a) > 10 for a in want)
-    assert answers(default_model_auto, 1) == want
-    assert answers(default_model_auto, 2) == want
+    assert answers(default_model, 1) == want
+    assert answers(default_model, 2) == want
     # a draft model sharing the tokenizer (random weights: nearly every draft is rejected)
-    assert answers(default_model_auto, 2, draft=str(tiny_model_dir)) == want
+    assert answers(default_model, 2, draft=str(tiny_model_dir)) == want

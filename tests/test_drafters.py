@@ -126,9 +126,11 @@ class BandReference:
     def positions(self, n):
         return torch.arange(self.length, self.length + n)
 
-    def attend(self, layer, q, k, v):
-        self.k[layer].append(k)
-        self.v[layer].append(v)
+    def attend(self, layer, q, k, v):  # token-major in and out, like the stores
+        t, hq, d = q.shape
+        q = q.transpose(0, 1)
+        self.k[layer].append(k.transpose(0, 1))
+        self.v[layer].append(v.transpose(0, 1))
         K, V = torch.cat(self.k[layer], 1).double(), torch.cat(self.v[layer], 1).double()  # [Hkv, L, D]
         G = q.shape[0] // K.shape[0]
         K, V = K.repeat_interleave(G, 0), V.repeat_interleave(G, 0)
@@ -136,7 +138,8 @@ class BandReference:
         qpos = torch.arange(self.length, self.length + q.shape[1]).unsqueeze(1)
         kpos = torch.arange(K.shape[1])
         visible = (kpos <= qpos) & ((kpos < self.sink) | (kpos > qpos - self.window))
-        return (torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ V).to(q.dtype)
+        out = (torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ V).to(q.dtype)  # [Hq, T, D]
+        return out.transpose(0, 1).reshape(t, hq * d)
 
     def advance(self, n):
         self.length += n
@@ -294,7 +297,7 @@ def test_streaming_cache_refuses_inexact_truncate():
     c = StreamingCache(1, 1, 4, 0.5, sink=2, window=4, slack=1, headroom=2)
     for _ in range(20):
         c.positions(1)
-        c.attend(0, torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.randn(1, 1, 4))
+        c.attend(0, torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.randn(1, 1, 4))  # [T, H, D]
         c.advance(1)
     assert c.base > c.sink
     assert c.can_truncate(19) and not c.can_truncate(10)

@@ -99,15 +99,18 @@ def test_view_attention_equals_reference_over_its_keys(tmp_path):
     hq, d = model.args.n_heads, model.args.head_dim
     hkv = cache.k.shape[1]
     gen = torch.Generator().manual_seed(1)
-    q, k, v = (torch.randn(n, 3, d, generator=gen) for n in (hq, hkv, hkv))
+    q, k, v = (torch.randn(3, n, d, generator=gen) for n in (hq, hkv, hkv))  # token-major, as the model passes
     view.positions(3)
     layer = 1
-    got = view.attend(layer, q, k, v)
+    got = view.attend(layer, q, k, v).view(3, hq, d).transpose(0, 1)  # [Hq, T, D]
+    q = q.transpose(0, 1)
+    new = slice(view._scratch_base + 2, view._scratch_base + 5)
+    k, v = view.k[layer, :, new], view.v[layer, :, new]  # as stored (float16 in the view's buffer)
     keys = torch.cat([view.k[layer, :, : view.n_sel], cache.k[layer, :, view.sel_end : cache.length]], 1)
     values = torch.cat([view.v[layer, :, : view.n_sel], cache.v[layer, :, view.sel_end : cache.length]], 1)
     scratch = view.n_sel + cache.length - view.sel_end
     keys = torch.cat([keys, view.k[layer, :, scratch : scratch + 2], k], 1)
     values = torch.cat([values, view.v[layer, :, scratch : scratch + 2], v], 1)
-    want = reference_attention(q, keys, values, cache.scale)
+    want = reference_attention(q, keys.float(), values.float(), cache.scale)
     err = ((got.double() - want).norm() / want.norm()).item()
     assert err < 1e-5, err

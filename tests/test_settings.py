@@ -26,7 +26,7 @@ def test_defaults_match_the_contract():
     s = Settings()
     assert (s.model, s.draft, s.level, s.budget, s.chunk_size) == (None, "ngram", 2, "4096", 8)
     assert (s.gamma_mid, s.gamma_low, s.temperature, s.top_p, s.seed) == (6, 4, 0.0, 1.0, None)
-    assert (s.max_new_tokens, s.dtype, s.device, s.threads, s.context) == (512, "auto", "auto", None, None)
+    assert (s.max_new_tokens, s.weights, s.device, s.threads, s.context) == (512, "auto", "auto", None, None)
     assert s.theme == "triforce-dark" and s.keymap == {}
 
 
@@ -87,7 +87,7 @@ def test_bad_values_name_the_line(tmp_path, text, line, words):
         {"budget": "8"},
         {"budget": "2.5"},
         {"max_new_tokens": 0},
-        {"dtype": "int4"},
+        {"weights": "int4"},
         {"nonsense": 1},
     ],
 )

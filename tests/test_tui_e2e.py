@@ -1,4 +1,4 @@
-"""End to end: the real CLI in tmux with the default model on a real document (Python's own docs)."""
+"""End to end: the real CLI in tmux with SmolLM2 (bundled) on a real document (Python's own docs)."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def answers(data: Path) -> list[dict]:
     return [r for r in recs if r["type"] == "answer"]
 
 
-def test_chat_in_tmux_with_the_default_model(tmp_path, default_model_dir):
+def test_chat_in_tmux_with_smollm2(tmp_path, default_model_dir):
     doc = tmp_path / "python-docs.txt"
     doc.write_text(pydoc_text(), encoding="utf-8")
     data = tmp_path / "data"
@@ -61,7 +61,7 @@ def test_chat_in_tmux_with_the_default_model(tmp_path, default_model_dir):
     cmd = (
         "sleep 1; "
         f"TRIFORCE_CHAT_DATA={data} TRIFORCE_CHAT_CONFIG={tmp_path / 'none.toml'} "
-        f"{exe} --doc {doc} --max-new-tokens 40 --threads 2; sleep 10"
+        f"{exe} --model smollm2-135m --doc {doc} --max-new-tokens 40 --threads 2; sleep 10"
     )
     tmux("new-session", "-d", "-s", name, "-x", "160", "-y", "48", cmd)
     try:

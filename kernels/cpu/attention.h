@@ -1,0 +1,36 @@
+// Causal attention of T queries (the last T of `length` positions) over a KV buffer, for decode
+// steps, verification windows, prefill chunks and the retrieval view's buffer alike.
+//
+// Exact by construction: keys are cut into absolute segments of kSegment positions and, inside a
+// segment, absolute blocks of kBlock. The query at position p reads exactly the blocks holding keys
+// 0..p, block by block in order, with an online softmax in fp32 (running max, running sum, running
+// weighted sum of values); its segments are then merged in segment order. That sequence depends on
+// p and the keys alone: not on how many queries share the call (a window or a single step), nor
+// on the thread count (threads take whole (KV head, segment) items; each writes its own partials).
+// The query heads of one KV head share every block read: K and V are converted once per block.
+#pragma once
+
+#include <cstdint>
+
+namespace tf {
+
+constexpr int64_t kSegment = 256;
+constexpr int64_t kBlock = 32;
+
+enum KvType : int { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+
+struct AttentionArgs {
+  const float* q;  // [T, Hq, D] with strides q_st, q_sh (elements); inner dim contiguous
+  int64_t q_st, q_sh;
+  const void* k;  // [Hkv, >= length, D] with strides k_sh, k_sp; inner dim contiguous
+  const void* v;
+  int64_t k_sh, k_sp, v_sh, v_sp;
+  int kv_type;
+  int64_t T, Hq, Hkv, D, length;
+  float scale;
+  float* out;  // [T, Hq, D] contiguous
+};
+
+void attention(const AttentionArgs& a);
+
+}  // namespace tf

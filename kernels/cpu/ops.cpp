@@ -1,0 +1,146 @@
+// torch.ops.triforce.*: argument checks and the glue between tensors and the kernels.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "attention.h"
+#include "linear.h"
+#include "quant.h"
+#include "rowwise.h"
+#include "simd.h"
+
+namespace {
+
+using at::Tensor;
+
+void check_f32_rows(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, name, " must be 2-D with contiguous rows");
+}
+
+int dense_type_of(const Tensor& w) {
+  switch (w.scalar_type()) {
+    case at::kFloat: return tf::F32;
+    case at::kHalf: return tf::F16;
+    case at::kBFloat16: return tf::BF16;
+    default: return -1;
+  }
+}
+
+tf::WeightSpec weight_spec(const Tensor& w, int64_t type, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), "weights must be contiguous 2-D CPU tensors");
+  const int be = tf::block_elems(int(type)), bb = tf::block_bytes(int(type));
+  TORCH_CHECK(be > 0, "unsupported weight type ", type);
+  TORCH_CHECK(K % be == 0 && K % tf::kGroup == 0 || tf::is_dense(int(type)), "K = ", K,
+              " is not a multiple of the block size ", be);
+  if (tf::is_dense(int(type))) {
+    TORCH_CHECK(dense_type_of(w) == type && w.size(1) == K, "dense weight of the wrong dtype or width");
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kByte && w.size(1) == K / be * bb, "quantized weight rows must hold ",
+                K / be * bb, " bytes, not ", w.size(1));
+  }
+  return tf::WeightSpec{static_cast<const uint8_t*>(w.data_ptr()), int(type), w.size(0), w.size(1) * w.element_size()};
+}
+
+Tensor linear(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, const std::optional<Tensor>& bias) {
+  check_f32_rows(x, "x");
+  TORCH_CHECK(weights.size() == types.size() && !weights.empty(), "one type per weight");
+  const int64_t K = x.size(1);
+  std::vector<tf::WeightSpec> specs;
+  int64_t n = 0;
+  for (size_t i = 0; i < weights.size(); i++) {
+    specs.push_back(weight_spec(weights[i], types[i], K));
+    n += specs.back().n;
+  }
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n, "bias must be float32 [N]");
+    b = bias->data_ptr<float>();
+  }
+  Tensor y = at::empty({x.size(0), n}, x.options());
+  tf::linear(x.data_ptr<float>(), x.size(0), x.stride(0), K, specs, b, y.data_ptr<float>(), n);
+  return y;
+}
+
+Tensor dequantize(const Tensor& w, int64_t type, int64_t K, const Tensor& rows) {
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1, "rows must be int64 [n]");
+  Tensor r = rows.contiguous();
+  const tf::WeightSpec spec = weight_spec(w, type, K);
+  const int64_t* idx = r.data_ptr<int64_t>();
+  for (int64_t i = 0; i < r.numel(); i++) TORCH_CHECK(idx[i] >= 0 && idx[i] < spec.n, "row ", idx[i], " out of range");
+  Tensor out = at::empty({r.numel(), K}, at::kFloat);
+  tf::dequantize_rows(spec, K, idx, r.numel(), out.data_ptr<float>());
+  return out;
+}
+
+// All rows of w, dequantized into out [n, K] (float32, rows contiguous): prefill's GEMM operand.
+void dequantize_into(const Tensor& w, int64_t type, int64_t K, const Tensor& out) {
+  const tf::WeightSpec spec = weight_spec(w, type, K);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.size(0) == spec.n && out.size(1) == K &&
+                  out.stride(1) == 1 && out.stride(0) == K,
+              "out must be a contiguous float32 [n, K]");
+  std::vector<int64_t> rows(spec.n);
+  for (int64_t i = 0; i < spec.n; i++) rows[i] = i;
+  tf::dequantize_rows(spec, K, rows.data(), spec.n, out.data_ptr<float>());
+}
+
+Tensor rmsnorm(const Tensor& x, const Tensor& weight, double eps) {
+  check_f32_rows(x, "x");
+  TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.is_contiguous() && weight.numel() == x.size(1),
+              "norm weight must be float32 [dim]");
+  Tensor out = at::empty({x.size(0), x.size(1)}, x.options());
+  tf::rmsnorm(x.data_ptr<float>(), x.size(0), x.stride(0), x.size(1), weight.data_ptr<float>(), float(eps),
+              out.data_ptr<float>());
+  return out;
+}
+
+Tensor swiglu(const Tensor& gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.dim() == 2 && gate_up.is_contiguous() &&
+                  gate_up.size(1) % 2 == 0,
+              "gate_up must be contiguous float32 [T, 2I]");
+  const int64_t I = gate_up.size(1) / 2;
+  Tensor out = at::empty({gate_up.size(0), I}, gate_up.options());
+  tf::swiglu(gate_up.data_ptr<float>(), gate_up.size(0), I, out.data_ptr<float>());
+  return out;
+}
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be float32 [T, Hq, D]");
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1, "k, v must be [Hkv, L, D]");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(0);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(2) == D && v.size(2) == D && v.size(0) == Hkv, "head shapes");
+  TORCH_CHECK(length >= T && length <= k.size(1) && length <= v.size(1), "length ", length, " out of range");
+  int kv_type;
+  switch (k.scalar_type()) {
+    case at::kFloat: kv_type = tf::KV_F32; break;
+    case at::kHalf: kv_type = tf::KV_F16; break;
+    case at::kBFloat16: kv_type = tf::KV_BF16; break;
+    default: TORCH_CHECK(false, "k/v must be float32, float16 or bfloat16");
+  }
+  Tensor out = at::empty({T, Hq, D}, q.options());
+  tf::AttentionArgs a{q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
+                      k.stride(1), v.stride(0), v.stride(1), kv_type, T, Hq, Hkv, D, length, float(scale),
+                      out.data_ptr<float>()};
+  tf::attention(a);
+  return out;
+}
+
+std::string isa() { return tf::isa_name(); }
+
+void set_row_skew(bool on) { tf::set_row_skew(on); }
+
+}  // namespace
+
+TORCH_LIBRARY(triforce, m) {
+  m.def("linear(Tensor x, Tensor[] weights, int[] types, Tensor? bias) -> Tensor", &linear);
+  m.def("dequantize(Tensor w, int type, int K, Tensor rows) -> Tensor", &dequantize);
+  m.def("dequantize_into(Tensor w, int type, int K, Tensor(a!) out) -> ()", &dequantize_into);
+  m.def("rmsnorm(Tensor x, Tensor weight, float eps) -> Tensor", &rmsnorm);
+  m.def("swiglu(Tensor gate_up) -> Tensor", &swiglu);
+  m.def("attention(Tensor q, Tensor k, Tensor v, int length, float scale) -> Tensor", &attention);
+  m.def("isa() -> str", &isa);
+  m.def("set_row_skew(bool on) -> ()", &set_row_skew);
+}

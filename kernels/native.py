@@ -1,0 +1,161 @@
+"""The CPU extension (kernels/cpu/*.cpp): built on first use with the system compiler, cached, optional.
+
+Why native code: a verification window must compute each token's logits with exactly the
+arithmetic of a single-token step, on any CPU and at any thread count. Vendor GEMMs pick kernels
+and reduction splits by shape, so that cannot rest on them; these kernels fix every output's order
+of operations by construction (see the headers). They also read GGUF blocks as shipped.
+
+The build goes through torch's own `cpp_extension` (ninja + the system C++ compiler), with
+`-march=native` so the host's SIMD is used (AVX-512, AVX2, or the portable scalar path), into
+`<cache>/ext/<key>`: the key covers the sources, the flags, torch's version and the CPU's flags, so
+a home directory shared by two machines never loads a build for the wrong CPU. It takes ~30-60 s
+once. Without a compiler (or with TRIFORCE_NO_NATIVE=1) `status()` says why, and the model falls
+back to PyTorch operations with windows verified token by token (exact, slower speculation).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import platform
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SOURCE_DIR = Path(__file__).parent / "cpu"
+SOURCES = ("ops.cpp", "linear.cpp", "attention.cpp", "rowwise.cpp")
+HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "attention.h", "rowwise.h")
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-Wno-unused-function"]
+
+
+@dataclass(frozen=True)
+class NativeStatus:
+    available: bool
+    isa: str  # "avx512", "avx2", "scalar" when available
+    reason: str  # why not, when unavailable (one line)
+    build_dir: Path | None = None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build_key(flags: list[str]) -> str:
+    h = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        h.update((SOURCE_DIR / name).read_bytes())
+    h.update(" ".join(flags).encode())
+    h.update(torch.__version__.encode())
+    h.update(platform.machine().encode())
+    h.update(_cpu_flags().encode())
+    return h.hexdigest()[:16]
+
+
+def _openmp_link_flags() -> list[str]:
+    """Link against torch's own OpenMP runtime: two runtimes in one process would each start a pool."""
+    lib = Path(torch.__file__).parent / "lib"
+    bundled = sorted(lib.glob("libgomp*.so*"))
+    if bundled:
+        return [f"-L{lib}", f"-l:{bundled[0].name}", f"-Wl,-rpath,{lib}"]
+    return ["-fopenmp"]
+
+
+def _cache_root() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(os.environ.get("TRIFORCE_CHAT_CACHE") or user_cache_dir("triforce-chat"))
+
+
+# TRIFORCE_NATIVE_ISA picks another path than the host's best (to test every path on one machine).
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}
+
+
+def _build(native_arch: bool) -> NativeStatus:
+    from torch.utils import cpp_extension
+
+    isa = os.environ.get("TRIFORCE_NATIVE_ISA", "native")
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"TRIFORCE_NATIVE_ISA must be one of {', '.join(ISA_FLAGS)}, not {isa!r}")
+    flags = CFLAGS + (ISA_FLAGS[isa] if native_arch else [])
+    key = _build_key(flags)
+    build_dir = _cache_root() / "ext" / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=f"triforce_cpu_{key}",
+        sources=[str(SOURCE_DIR / s) for s in SOURCES],
+        extra_cflags=flags,
+        extra_ldflags=_openmp_link_flags(),
+        extra_include_paths=[str(SOURCE_DIR)],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=os.environ.get("TRIFORCE_NATIVE_VERBOSE") == "1",
+    )
+    return NativeStatus(True, torch.ops.triforce.isa(), "", build_dir)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    errors = [line for line in text if re.search(r"error", line, re.I)]
+    return (errors or text or [type(exc).__name__])[0][:200]
+
+
+@functools.cache
+def status() -> NativeStatus:
+    """Build (once per process; cached on disk across processes) and load the extension."""
+    if os.environ.get("TRIFORCE_NO_NATIVE") == "1":
+        return NativeStatus(False, "", "disabled by TRIFORCE_NO_NATIVE=1")
+    if hasattr(torch.ops, "triforce") and hasattr(torch.ops.triforce, "isa"):
+        return NativeStatus(True, torch.ops.triforce.isa(), "")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None and shutil.which("g++") is None:
+        return NativeStatus(False, "", "no C++ compiler found (install g++ or clang++)")
+    if shutil.which("ninja") is None:
+        try:
+            import ninja  # noqa: F401
+        except ImportError:
+            return NativeStatus(False, "", "ninja is not installed (pip install ninja)")
+    first_error = None
+    for native_arch in (True, False):  # -march=native first; a compiler that refuses it gets the portable path
+        try:
+            return _build(native_arch)
+        except Exception as exc:  # a failed build must never stop the app: fall back
+            first_error = first_error or exc
+    return NativeStatus(False, "", f"building the CPU extension failed: {_one_line(first_error)}")
+
+
+def build_key() -> str:
+    """A short hash of the kernels' sources and build flags (with the CPU's flags and torch's version)."""
+    isa = os.environ.get("TRIFORCE_NATIVE_ISA", "native")
+    return _build_key(CFLAGS + ISA_FLAGS.get(isa, []))
+
+
+def available() -> bool:
+    return status().available
+
+
+def ops():
+    """torch.ops.triforce (after a successful `status()`)."""
+    return torch.ops.triforce
+
+
+def set_row_skew(on: bool) -> None:
+    """Test hook: make the linear kernel row-count dependent on purpose (one ulp off in windows)."""
+    torch.ops.triforce.set_row_skew(on)
+
+
+if __name__ == "__main__":  # `python -m triforce_chat.kernels.native`: build now, say what was built
+    st = status()
+    if st.available:
+        print(f"native CPU kernels: {st.isa} ({st.build_dir or 'loaded'})")
+    else:
+        print(f"native CPU kernels unavailable: {st.reason}; the PyTorch fallback will be used")
