@@ -261,6 +261,7 @@ class DocCache:
         self._entry: Entry | None = None
         self._entry_written = False
         self._next_save = 0
+        self._keep = False
         self._report = SyncReport()
         cache.listeners.append(self)
 
@@ -277,7 +278,8 @@ class DocCache:
         self._keys = chain_keys(self.fp, self._ids, self.chunk_tokens)
         self._tail_key = tail_key(self.fp, self._keys, self._ids, self.chunk_tokens)
         self._report = report
-        report.saving = self.saving
+        self._keep = bool(documents)  # a chat without documents is not worth keeping
+        report.saving = self.saving and self._keep
         self._entry = Entry(
             id=entry_id(self.fp, self._ids), model=self.model_name, documents=list(documents), tokens=target,
             chunk_tokens=self.chunk_tokens, chunks=list(self._keys), tail=self._tail_key,
@@ -425,6 +427,8 @@ class DocCache:
         aligned = start == self.canonical_end and start % self.step == 0
         if aligned and end - start == self.step:
             self.canonical_end = end
+        if not self._keep:
+            return
         C = self.chunk_tokens
         while (self._next_save + 1) * C <= self.canonical_end and self._next_save < len(self._keys):
             j = self._next_save

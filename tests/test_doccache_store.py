@@ -91,6 +91,16 @@ def test_a_restore_marks_its_entry_used(tiny_model, tmp_path):
     assert entries[0].last_used == 1_000_003 and entries[0].created == 1_000_001
 
 
+def test_a_chat_without_documents_saves_nothing(tiny_model, tmp_path):
+    from triforce_chat.decoding.session import DecodeConfig, Session
+
+    store = DocumentStore(tmp_path, chunk_tokens=64)
+    s = Session(tiny_model, DecodeConfig(level=0, max_new_tokens=4, prefill_chunk=64), store=store)
+    list(s.generate("Tell me a long story about a lighthouse keeper and the weather at dawn. " * 8))
+    assert s.last_sync.computed > 64 and s.last_sync.saved == 0
+    assert store.usage() == 0 and store.entries() == ([], [])
+
+
 def test_the_cap_stops_saving_with_a_notice_and_the_answer_is_unchanged(tiny_model, tmp_path):
     from triforce_chat.decoding.session import DecodeConfig, Session
 
