@@ -2,7 +2,10 @@
 document cache; the files, manifests and the size cap are in `decoding/docstore.py`).
 
 What is stored: the full KV cache of the prompt tokens, in the cache's own dtype, in chunks of
-`chunk_tokens` tokens named by a hash chain over (fingerprint, the token ids up to the chunk's end).
+`chunk_tokens` tokens named by a hash chain over (fingerprint, the token ids up to the chunk's end),
+and, once a whole document set is prefilled, a *tail*: the tokens after its last complete chunk
+plus `KVCache.last_query` (the query of its last token, what the retrieval level scores chunks
+against), so that reopening exactly that set computes nothing. Only sessions with documents save.
 What is not stored, because it is rebuilt exactly and cheaply:
 - the retrieval level's chunk means (`kernels.retrieval.ChunkMeans`): they listen to the cache's
   appends, and a restore appends through the same `KVCache.advance` calls, in the same steps as a
@@ -12,8 +15,8 @@ What is not stored, because it is rebuilt exactly and cheaply:
   token ids at the first level-2 answer, after a restore exactly as after a prefill. (The draft
   model therefore still runs over the document once, on its first answer; storing its cache would
   need its own fingerprint and is left for later.)
-- `KVCache.last_query` (what the retrieval level scores chunks against): a restore always stops at
-  least one token short of the end, so the last prefill step sets it as it would have.
+- `KVCache.last_query` when there is no tail: the restore then stops at least one token short of
+  the end, so the last prefill step sets it as it would have.
 
 Exactness. A restored answer must be token-identical to one after a fresh prefill, so a restore
 must give the same bits a fresh prefill gives. Prefill chunks use the fastest kernels, whose bits
@@ -21,7 +24,8 @@ depend on the rows in a chunk; a session therefore only saves tokens computed by
 full `prefill_chunk`-token steps starting at multiples of `prefill_chunk`, from token 0 on (a fresh
 prefill of a document set). The store's chunk size is a multiple of `prefill_chunk`, so a restore
 ends at a step boundary and the prefill that continues from there takes the same steps a fresh
-one would. The fingerprint keys everything else that determines the bits (`model_fingerprint`).
+one would; the tail is the last (short) step of that same fresh prefill. The fingerprint keys
+everything else that determines the bits (`model_fingerprint`).
 
 Restoring maps each chunk file (`torch.from_file`, a private read-only mapping: no read into a
 buffer first), checks its CRC-32 over the mapped payload, then makes the one copy into the

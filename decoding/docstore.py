@@ -7,7 +7,8 @@ Layout (under `TRIFORCE_KV_CACHE_DIR`, else `<cache root>/kv`):
 
     chunks/ab/ab12….kv   the keys/values of `chunk_tokens` consecutive tokens, content-addressed:
                          the name is a hash chain over (model fingerprint, every token id up to
-                         the chunk's end), so equal names mean equal bytes
+                         the chunk's end), so equal names mean equal bytes; a document set's
+                         tail (its last tokens and last query) is a file of the same kind
     entries/<id>.json    one manifest per prefilled token sequence (a document set): its documents,
                          model, token count and the names of its chunks, plus when it was last used
 
