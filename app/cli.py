@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
+from triforce_chat.app.cache_cmd import cache_app
 from triforce_chat.app.models_cmd import models_app
 
 EXIT_USAGE = 2
@@ -26,6 +27,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Chat with long documents; answers come from a lossless hierarchical speculative decoder.",
 )
+app.add_typer(cache_app, name="cache")
 
 
 app.add_typer(models_app, name="models")
@@ -83,9 +85,11 @@ SETTING_NAMES = (
 
 
 def given_settings(options: dict[str, Any]) -> dict[str, Any]:
-    """The settings among a command's options; `--truncate` is a flag, so False means "not given"."""
+    """The settings among a command's options; `--truncate` is a flag, so False means "not given"
+    (and `--no-doc-cache` turns the document cache off, or leaves the setting)."""
     out = {k: options[k] for k in SETTING_NAMES if k in options}
     out["truncate"] = options.get("truncate") or None
+    out["doc_cache"] = False if options.get("no_doc_cache") else None
     return out
 
 
@@ -197,6 +201,9 @@ TruncateOpt = Annotated[
     bool, typer.Option("--truncate", help="Keep head and tail of documents too long to fit.")
 ]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings file (TOML).")]
+NoDocCacheOpt = Annotated[
+    bool, typer.Option("--no-doc-cache", help="Neither restore nor save prefilled documents (see `cache ls`).")
+]
 
 
 @app.callback(invoke_without_command=True)
@@ -222,6 +229,7 @@ def chat(
     truncate: TruncateOpt = False,
     theme: Annotated[str | None, typer.Option(help="triforce-dark or triforce-light.")] = None,
     resume: Annotated[str | None, typer.Option(help="Reopen a saved conversation: an id or 'last'.")] = None,
+    no_doc_cache: NoDocCacheOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Start the chat UI (the default command)."""
@@ -258,6 +266,7 @@ def ask(
     context: ContextOpt = None,
     truncate: TruncateOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
+    no_doc_cache: NoDocCacheOpt = False,
     config: ConfigOpt = None,
 ) -> None:
     """Answer one question about the documents, streaming the text to stdout."""
@@ -270,25 +279,36 @@ def ask(
     docs = [read_document(p) for p in doc or []]
     device_name, torch_dtype = setup_runtime(settings)
     lm = load_model_or_fail(settings, device_name, torch_dtype, quiet=json_out)
-    result = run_ask(lm, cfg, docs, question, stream=None if json_out else sys.stdout)
+    from triforce_chat.app.cache_cmd import store_for
+
+    result = run_ask(lm, cfg, docs, question, stream=None if json_out else sys.stdout, store=store_for(settings))
     if json_out:
         print(json.dumps(result, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
 
 
-def run_ask(lm, cfg, docs: list[tuple[str, str]], question: str, stream=None) -> dict[str, Any]:
-    """Answer headless; returns the `ask --json` object (also used by bench and tests)."""
+def run_ask(
+    lm, cfg, docs: list[tuple[str, str]], question: str, stream=None, store=None,
+    warn=lambda m: print(m, file=sys.stderr),
+) -> dict[str, Any]:
+    """Answer headless; returns the `ask --json` object (also used by bench and tests). The
+    documents are prefilled before the question, as in the chat, so that the document cache
+    (`store`) keeps them for any later question."""
     from triforce_chat.decoding.drafters import DrafterError
     from triforce_chat.decoding.loading import ModelLoadError
     from triforce_chat.decoding.session import ContextOverflow, DocumentError, Session
 
     try:
-        session = Session(lm, cfg)
+        session = Session(lm, cfg, store=store)
         if cfg.level == 2:
             session.drafter  # noqa: B018 - load a draft model now, so a bad --draft fails before any prefill
         for name, text in docs:
             session.add_document(name, text)
+        if docs and not cfg.truncate:  # --truncate cuts documents to fit the question: at generate()
+            session.prefill()
+            for notice in session.take_notices():
+                warn(f"warning: {notice}")
         token_ids: list[int] = []
         for ev in session.generate(question):
             token_ids.extend(ev.tokens)
@@ -297,6 +317,8 @@ def run_ask(lm, cfg, docs: list[tuple[str, str]], question: str, stream=None) ->
                 stream.flush()
     except (ContextOverflow, DocumentError, DrafterError, ModelLoadError) as exc:
         fail(str(exc))
+    for notice in session.take_notices():
+        warn(f"warning: {notice}")
     stats = session.stats.to_dict()
     stats["cache"] = session.cache_figures().to_dict()
     return {
@@ -369,7 +391,7 @@ def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a `typer.Exit(n)` comes back as n in this mode
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
@@ -381,10 +403,13 @@ def main() -> None:
     except Exception as exc:  # click usage errors and the like
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
+        # typer >= 0.20 raises its own copy of click's exceptions (typer.TyperException)
+        if isinstance(exc, (click.exceptions.ClickException, typer.TyperException)) and hasattr(exc, "format_message"):
             print(f"error: {exc.format_message()}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

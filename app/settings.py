@@ -12,6 +12,10 @@ holds a default for every option plus a `[keymap]` table mapping binding ids to 
     [keymap]
     cycle-level = "ctrl+t"
     stop = "escape,ctrl+x"
+
+    [cache]
+    max_gb = 8             # the document cache's size cap (least recently used documents go first)
+    enabled = true         # false: never save or restore prefilled documents (--no-doc-cache)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import dataclasses
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ else:  # pragma: no cover - Python 3.10 needs the backport
     import tomli as tomllib
 
 from triforce_chat.decoding.config import DecodeConfig
+from triforce_chat.decoding.docstore import DEFAULT_MAX_GB
 
 APP_NAME = "triforce-chat"
 DRAFTS = ("ngram",)  # or a model spec (folder / hub id) for a small draft model
@@ -84,6 +90,8 @@ class Settings:
     context: int | None = None
     theme: str = "triforce-dark"
     history: bool = True  # save conversations in the data dir
+    doc_cache: bool = True  # save prefilled documents and restore them next time ([cache] enabled)
+    cache_max_gb: float = DEFAULT_MAX_GB  # [cache] max_gb
     keymap: dict[str, str] = field(default_factory=dict)
 
     # -- construction -------------------------------------------------------------------------------
@@ -116,6 +124,7 @@ class Settings:
             (self.threads is None or self.threads >= 1, f"threads must be >= 1, not {self.threads}"),
             (self.context is None or self.context >= 16, f"context must be >= 16 tokens, not {self.context}"),
             (bool(self.theme), "theme must not be empty"),
+            (self.cache_max_gb > 0, f"cache.max_gb must be a positive number of GB, not {self.cache_max_gb}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -185,6 +194,33 @@ def _line_of(text: str, key: str) -> int | None:
     return None
 
 
+_CACHE_KEYS: dict[str, tuple[str, tuple[type, ...]]] = {
+    "max_gb": ("cache_max_gb", (float, int)),
+    "enabled": ("doc_cache", (bool,)),
+}
+
+
+def _cache_table(table: Any, where: Callable[[str], str]) -> dict[str, Any]:
+    """The [cache] table: max_gb (the document cache's cap) and enabled."""
+    if not isinstance(table, dict):
+        raise SettingsError(f"{where('cache')}: cache must be a table ([cache] with max_gb = 8)")
+    out: dict[str, Any] = {}
+    for raw_key, value in table.items():
+        key = raw_key.replace("-", "_")
+        if key not in _CACHE_KEYS:
+            raise SettingsError(f"{where(raw_key)}: unknown setting cache.{raw_key} (known: max_gb, enabled)")
+        name, types = _CACHE_KEYS[key]
+        if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+            expected = " or ".join(t.__name__ for t in types)
+            raise SettingsError(f"{where(raw_key)}: cache.{raw_key} must be {expected}, not {value!r}")
+        if name == "cache_max_gb":
+            if value <= 0:
+                raise SettingsError(f"{where(raw_key)}: cache.max_gb must be a positive number of GB, not {value}")
+            value = float(value)
+        out[name] = value
+    return out
+
+
 def load_settings(path: Path | None = None, base: Settings | None = None) -> Settings:
     """Read the config file (default: config_path()); a missing file gives the defaults.
 
@@ -222,6 +258,9 @@ def load_settings(path: Path | None = None, base: Settings | None = None) -> Set
                     )
                 keymap[bid] = keys.strip()
             values["keymap"] = keymap
+            continue
+        if key == "cache":
+            values.update(_cache_table(value, where))
             continue
         if key not in _FIELD_TYPES:
             raise SettingsError(f"{where(raw_key)}: unknown setting {raw_key!r}")

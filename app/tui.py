@@ -115,6 +115,14 @@ class AnswerDone(Message):
         self.figures, self.error, self.wall_s = figures, error, wall_s
 
 
+class CacheStatus(Message):
+    """The document cache's line for the Documents panel (restored / prefilled / resuming)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+
 class Notice(Message):
     def __init__(self, message: str, severity: str = "information") -> None:
         super().__init__()
@@ -290,12 +298,15 @@ class TriforceApp(App[int]):
         resume: str | None = None,
         model: Any = None,
         history: History | None = None,
+        store: Any = None,
     ) -> None:
         super().__init__()
         self.settings = settings or Settings()
         self.initial_docs = [Path(d) for d in docs]
         self.resume = resume
         self.preloaded_model = model
+        self.store = store  # a DocumentStore; None: the settings' ([cache], --no-doc-cache)
+        self.doc_cache_status = ""
         self.history = history if history is not None else (History() if self.settings.history else None)
         s = self.settings
         self.pending = Pending(s.level, s.draft, s.budget, s.gamma_mid, s.gamma_low)
@@ -386,7 +397,7 @@ class TriforceApp(App[int]):
         if self.session is not None:
             docs = [(d.name, d.n_tokens) for d in self.session.documents]
             self.query_one("#documents", Static).update(
-                render_documents(docs, self.session.context_tokens, self.session.max_context)
+                render_documents(docs, self.session.context_tokens, self.session.max_context, self.doc_cache_status)
             )
         self.query_one("#cache", Static).update(render_cache(self.last_figures))
 
@@ -403,7 +414,8 @@ class TriforceApp(App[int]):
         return f"{type(exc).__name__}: {exc}{where}"
 
     @staticmethod
-    def _rate_tracker(label: str, post: Callable[[Message], None]) -> Callable[[int, int], None]:
+    def _rate_tracker(label: str | Callable[[], str], post: Callable[[Message], None]) -> Callable[[int, int], None]:
+        """Progress posted at most every PROGRESS_INTERVAL_S; `label` may change (a callable)."""
         t0 = time.perf_counter()
         last = [0.0]
 
@@ -412,7 +424,7 @@ class TriforceApp(App[int]):
             if total and (now - last[0] >= PROGRESS_INTERVAL_S or done >= total):
                 last[0] = now
                 rate = done / (now - t0) if now > t0 else None
-                post(LoadProgress(label, done, total, rate))
+                post(LoadProgress(label() if callable(label) else label, done, total, rate))
 
         return progress
 
@@ -444,7 +456,14 @@ class TriforceApp(App[int]):
                     return
             for notice in lm.notices:
                 self._post(Notice(notice, "warning"))
-            session = Session(lm, self.settings.decode_config())
+            store = self.store
+            if store is None:
+                from triforce_chat.app.cache_cmd import store_for
+
+                store = store_for(self.settings)
+            session = Session(lm, self.settings.decode_config(), store=store)
+            for notice in session.take_notices():
+                self._post(Notice(notice, "warning"))
             self._post(ModelReady(session, time.perf_counter() - t0))
         except Exception as exc:
             self._post(LoadDone(False, "cannot start the decoder: " + self._error_log(exc), "error"))
@@ -453,6 +472,7 @@ class TriforceApp(App[int]):
     def prefill_worker(self, job: _Job, paths: list[Path], restore: Any = None) -> None:
         """Read and add documents (or restore a saved conversation), then prefill with progress."""
         from triforce_chat.app.cli import CliError, read_document
+        from triforce_chat.decoding.doccache import describe, resuming_line
         from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled
 
         session = self.session
@@ -474,12 +494,27 @@ class TriforceApp(App[int]):
                     continue
                 added.append(doc)
                 self._post(DocumentAdded(doc.name, text, doc.n_tokens, str(path)))
-            label = "Prefill " + (", ".join(d.name for d in added) if added else "conversation")
+            names = ", ".join(d.name for d in added) if added else "conversation"
+            label = ["Prefill " + names]
+
+            def restored(report) -> None:  # the document cache had part or all of it
+                if report.kept + report.restored < report.target:
+                    label[0] = f"Prefill {names}: {resuming_line(report)}"
+                    self._post(CacheStatus(resuming_line(report)))
+                    self._post(LoadProgress(label[0], 0, None, None))
+
             try:
                 n, secs = session.prefill(
-                    progress=self._rate_tracker(label, self._post), should_cancel=job.cancel.is_set
+                    progress=self._rate_tracker(lambda: label[0], self._post), should_cancel=job.cancel.is_set,
+                    on_restore=restored,
                 )
             except PrefillCancelled:
+                report = session.last_sync
+                done = session.cache.length
+                kept = " (the saved part resumes next time)" if report.saved or report.restored else ""
+                self._post(CacheStatus(f"stopped at {done:,} of {report.target:,} tokens{kept}"))
+                for notice in session.take_notices():
+                    self._post(Notice(notice, "warning"))
                 for doc in added:
                     if doc in session.pending_documents:
                         session.pending_documents.remove(doc)
@@ -497,8 +532,14 @@ class TriforceApp(App[int]):
                         session.pending_documents.remove(doc)
                 self._post(LoadDone(False, str(exc), "error"))
                 return
-            msg = f"prefilled {n:,} tokens in {secs:.1f} s" + (f" ({n / secs:,.0f} tok/s)" if secs > 0 and n else "")
-            self._post(LoadDone(True, msg if n else ""))
+            report = session.last_sync
+            line = describe(report)
+            for notice in session.take_notices():
+                self._post(Notice(notice, "warning"))
+            if line:
+                self._post(CacheStatus(line))
+            msg = line + (f" ({n / report.seconds:,.0f} tok/s)" if report.seconds > 0 and n else "")
+            self._post(LoadDone(True, msg))
         except Exception as exc:
             self._post(LoadDone(False, self._error_log(exc), "error"))
 
@@ -534,6 +575,8 @@ class TriforceApp(App[int]):
             error = str(exc)
         except Exception as exc:
             error = self._error_log(exc)
+        for notice in session.take_notices():
+            self._post(Notice(notice, "warning"))
         wall = t_last - t_first if t_first is not None else 0.0
         if batch:
             stats = session.stats
@@ -601,6 +644,10 @@ class TriforceApp(App[int]):
             self.notify(message.message, severity=message.severity, timeout=8 if not message.ok else 4)
         if self.session is not None:
             self.last_figures = self.session.cache_figures()
+        self._refresh_panels()
+
+    def on_cache_status(self, message: CacheStatus) -> None:
+        self.doc_cache_status = message.text
         self._refresh_panels()
 
     def on_notice(self, message: Notice) -> None:

@@ -423,7 +423,11 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
     return Content("\n").join(lines)
 
 
-def render_documents(docs: Sequence[tuple[str, int]], context_tokens: int, max_context: int) -> Content:
+def render_documents(
+    docs: Sequence[tuple[str, int]], context_tokens: int, max_context: int, cache_status: str = ""
+) -> Content:
+    """Each document against the context, then the context line and what the document cache did
+    ("restored 29,009 tokens in 0.4 s", "prefilled ... (saved for next time)", "resuming at ...")."""
     if not docs:
         return Content.styled("none yet: ctrl+o loads one", "dim")
     lines: list[Content] = []
@@ -433,6 +437,8 @@ def render_documents(docs: Sequence[tuple[str, int]], context_tokens: int, max_c
         lines.append(Content.assemble(("📄 ", ""), (f"{short:<22}", "bold"), f" {n:>7,} tok"))
         lines.append(Content(f"   {bar(n / limit, 16)} {n / limit:4.0%} of {max_context:,}"))
     lines.append(Content.styled(f"context {context_tokens:,} / {max_context:,} tokens", "dim"))
+    if cache_status:
+        lines.append(Content.styled(cache_status, "italic"))
     return Content("\n").join(lines)
 
 

@@ -52,6 +52,7 @@ class LoadedModel:
     load_s: float
     notices: list[str] = field(default_factory=list)  # things the user should see once (self-check, fallbacks)
     generation_defaults: dict = field(default_factory=dict)
+    weights_sha256: str | None = None  # known for catalogue files (the document cache keys on it)
 
     @property
     def eos_ids(self) -> set[int]:
@@ -88,6 +89,7 @@ class ModelSource:
     model_id: str
     path: Path  # a .gguf file or a Hugging Face folder
     generation_defaults: tuple = ()  # (key, value) pairs
+    sha256: str | None = None
 
     @property
     def is_gguf(self) -> bool:
@@ -114,7 +116,7 @@ def resolve_model(spec: str | None) -> ModelSource:
             path = catalog.resolve(spec)
         except catalog.CatalogError as exc:
             raise ModelLoadError(str(exc)) from None
-        return ModelSource(entry.name, Path(path), sampling_defaults(entry))
+        return ModelSource(entry.name, Path(path), sampling_defaults(entry), entry.sha256)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
@@ -181,7 +183,8 @@ def load_model(
                 f"self-check: {problem}; verification windows now run token by token (exact, slower speculation)"
             )
     defaults = dict(source.generation_defaults) or generation_config_defaults(source.path)
-    return LoadedModel(model, tokenizer, source.model_id, source.path, time.perf_counter() - t0, notices, defaults)
+    return LoadedModel(model, tokenizer, source.model_id, source.path, time.perf_counter() - t0, notices, defaults,
+                       source.sha256)
 
 
 def generation_config_defaults(path: Path) -> dict:

@@ -5,6 +5,10 @@ synchronised with those ids by keeping the longest common prefix and prefilling 
 mechanism serves the first document load (prefilled before any question is asked), every new turn
 (only the new tokens are prefilled), a stopped answer (the cache ends up exactly as in a fresh
 session given the same transcript) and a document added mid-conversation.
+
+With a document store (`Session(..., store=DocumentStore(...))`, see decoding/doccache.py), a sync
+first restores the saved keys/values of the longest saved prefix of the ids and prefills only the
+rest, saving chunks as the prefill passes their ends; without one it behaves exactly as before.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.config import DecodeConfig, parse_budget
+from triforce_chat.decoding.doccache import DocCache, SyncReport
+from triforce_chat.decoding.docstore import DocumentStore
 from triforce_chat.decoding.events import CacheFigures, RoundEvent, process_rss_bytes
 from triforce_chat.decoding.loading import LoadedModel
 from triforce_chat.decoding.retrieval import RetrievalView
@@ -27,6 +33,7 @@ from triforce_chat.decoding.stats import Stats
 
 _SENTINEL = "\u2063QUESTION\u2063"
 Progress = Callable[[int, int], None]
+OnRestore = Callable[[SyncReport], None]
 
 
 class DocumentError(ValueError):
@@ -63,7 +70,9 @@ class Turn:
 
 
 class Session:
-    def __init__(self, lm: LoadedModel, config: DecodeConfig | None = None, drafter=None):
+    def __init__(
+        self, lm: LoadedModel, config: DecodeConfig | None = None, drafter=None, store: DocumentStore | None = None
+    ):
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
@@ -82,6 +91,16 @@ class Session:
         self.stats = Stats()
         self.last_prompt_ids: list[int] = []
         self._stop = threading.Event()
+        # what the syncs since the last answer did (an answer's stats count its documents' prefill)
+        self.last_sync = SyncReport()
+        self._since_answer = SyncReport()
+        self._answer_base = 0  # cache tokens kept from before this answer's syncs
+        self.doc_cache: DocCache | None = None
+        if store is not None:
+            try:
+                self.doc_cache = DocCache(store, lm, self.cache, self.config.prefill_chunk)
+            except OSError as exc:  # the weights cannot be identified: run without the store
+                self._since_answer.notices.append(f"document cache off: {exc}")
 
     # -- settings that can change between answers ---------------------------------------------------
     def set_level(self, level: int) -> None:
@@ -178,41 +197,87 @@ class Session:
         return self._tokenize(text[: text.index(_SENTINEL)])
 
     # -- the cache ---------------------------------------------------------------------------------------
-    def _sync(self, ids: list[int], progress: Progress | None, should_cancel: Callable[[], bool] | None) -> int:
-        """Make the cache hold ids[:-1]; returns how many tokens were prefilled."""
+    def _sync(
+        self, ids: list[int], progress: Progress | None, should_cancel: Callable[[], bool] | None,
+        on_restore: OnRestore | None = None,
+    ) -> SyncReport:
+        """Make the cache hold ids[:-1] (restoring what the document store has, prefilling the rest);
+        returns what was done (also `self.last_sync`)."""
         if len(ids) + 1 > self.max_context:
             raise ContextOverflow(len(ids) + 1, self.max_context)
+        t0 = time.perf_counter()
         n, limit = 0, min(len(self.context), len(ids), self.cache.length)
         while n < limit and self.context[n] == ids[n]:
             n += 1
         self.cache.truncate(min(n, len(ids) - 1))
         self.context = list(ids)
-        todo = ids[self.cache.length : len(ids) - 1]
-        total = len(todo)
-        step = self.config.prefill_chunk
-        for done in range(0, total, step):
-            if should_cancel and should_cancel():
-                # what is prefilled stays valid: the next sync continues from there
-                self.context = ids[: self.cache.length + 1]
-                raise PrefillCancelled("prefill cancelled")
-            chunk = torch.tensor(todo[done : done + step], device=self.model.device)
-            self.model(chunk, self.cache, logits="none")
-            if progress:
-                progress(min(done + step, total), total)
-        if progress and total == 0:
-            progress(0, 0)
-        return total
+        target = len(ids) - 1
+        report = self.last_sync = SyncReport(target=target, kept=self.cache.length)
+        dc = self.doc_cache
+        if dc is not None and dc.step != self.config.prefill_chunk:  # other steps, other bits: other keys
+            dc.detach()
+            dc = self.doc_cache = DocCache(dc.store, self.lm, self.cache, self.config.prefill_chunk)
+        try:
+            if dc is not None:
+                dc.begin(ids, target, [d.name for d in self.documents], report)
+                dc.restore()
+                report.kept = self.cache.length - report.restored
+                if report.restored and on_restore:
+                    on_restore(report)
+            todo = ids[self.cache.length : target]
+            total = len(todo)
+            step = self.config.prefill_chunk
+            for done in range(0, total, step):
+                if should_cancel and should_cancel():
+                    # what is prefilled stays valid: the next sync continues from there
+                    self.context = ids[: self.cache.length + 1]
+                    raise PrefillCancelled("prefill cancelled")
+                start = self.cache.length
+                chunk = torch.tensor(todo[done : done + step], device=self.model.device)
+                self.model(chunk, self.cache, logits="none")
+                report.computed += self.cache.length - start
+                if dc is not None:
+                    dc.prefilled(start, self.cache.length)  # saves the chunks this step completed
+                if progress:
+                    progress(min(done + step, total), total)
+            if progress and total == 0:
+                progress(0, 0)
+        finally:
+            if dc is not None:
+                dc.finish()
+            report.seconds = time.perf_counter() - t0
+            self._account(report)
+        return report
+
+    def _account(self, report: SyncReport) -> None:
+        acc = self._since_answer
+        acc.restored += report.restored
+        acc.computed += report.computed
+        acc.seconds += report.seconds
+        acc.restore_s += report.restore_s
+        acc.saved += report.saved
+        acc.save_s += report.save_s
+        acc.write_s += report.write_s
+        acc.notices += report.notices
+        self._answer_base = min(self._answer_base, report.kept)
+
+    def take_notices(self) -> list[str]:
+        """Document-cache notices (damaged files, a full cache) not shown yet."""
+        out, self._since_answer.notices = self._since_answer.notices, []
+        return out
 
     def prefill(
-        self, progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None
+        self, progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
+        on_restore: OnRestore | None = None,
     ) -> tuple[int, float]:
-        """Bring the cache up to date with the documents loaded so far (before any question)."""
+        """Bring the cache up to date with the documents loaded so far (before any question).
+        Returns (tokens prefilled by the model, seconds); `self.last_sync` has the details."""
         t0 = time.perf_counter()
         ids = self._documents_only_ids()
         if len(ids) + 1 > self.max_context:
             raise ContextOverflow(len(ids) + 1, self.max_context)
-        n = self._sync(ids, progress, should_cancel)
-        return n, time.perf_counter() - t0
+        report = self._sync(ids, progress, should_cancel, on_restore)
+        return report.computed, time.perf_counter() - t0
 
     def _fit_documents(self, question: str) -> None:
         """--truncate: cut the middle out of the longest pending documents until the prompt and the
@@ -242,9 +307,15 @@ class Session:
         self.pending_documents = docs
 
     def generate(
-        self, question: str, progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None
+        self, question: str, progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
+        on_restore: OnRestore | None = None,
     ) -> Iterator[RoundEvent]:
-        """Answer `question`, yielding one RoundEvent per decoding round. `self.stats` is live."""
+        """Answer `question`, yielding one RoundEvent per decoding round. `self.stats` is live.
+
+        stats.prefill_tokens: prompt tokens this answer put into the cache (its documents' prefill
+        included; for a first answer, the whole prompt in context), restored or computed;
+        stats.restored_tokens: those that came from the document store; stats.prefill_s: the wall
+        time of both."""
         cfg = self.config
         cfg.validate()
         self._stop.clear()
@@ -254,13 +325,17 @@ class Session:
             self._fit_documents(question)
         t0 = time.perf_counter()
         ids = self.prompt_ids(question)
-        prefilled = self._sync(ids, progress, should_cancel)
-        prefill_s = time.perf_counter() - t0
+        report = self._sync(ids, progress, should_cancel, on_restore)
+        acc = self._since_answer
+        prefill_tokens = len(ids) - 1 - self._answer_base
+        prefill_s = time.perf_counter() - t0 + acc.seconds - report.seconds  # + the documents' prefill
         self.last_prompt_ids = list(ids)
         level = cfg.level
         self.stats = Stats(level=level, chain=self.chain_label(level), gamma_mid=cfg.gamma_mid if level else 0,
-                           gamma_low=cfg.gamma_low if level == 2 else 0, prefill_tokens=prefilled,
-                           prefill_s=prefill_s)
+                           gamma_low=cfg.gamma_low if level == 2 else 0, prefill_tokens=prefill_tokens,
+                           prefill_s=prefill_s, restored_tokens=min(acc.restored, prefill_tokens),
+                           restore_s=acc.restore_s, saved_tokens=acc.saved, save_s=acc.save_s)
+        self._since_answer = SyncReport(notices=acc.notices)
         turn = Turn(question=question, documents=self.pending_documents)
         self.pending_documents = []
         self.turns.append(turn)
@@ -286,6 +361,7 @@ class Session:
                 self.stats.level0_step_s = decoder.level0_step_s
                 yield ev
         finally:
+            self._answer_base = self.cache.length  # the next answer counts what it adds after this
             final = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
             turn.answer, turn.token_ids = final, list(answer_ids)
             self.stats.stop_reason = decoder.stop_reason or "stopped"

@@ -1,6 +1,10 @@
 """Aggregates over the rounds of one answer: what `ask --json`, `bench` and the TUI panels show.
 
 Definitions (one place, so every view of a number agrees):
+- prefill_tokens: prompt tokens this answer put into the cache, since the previous answer (the
+  documents prefilled before the question included): for a first answer, every prompt token in
+  context; restored_tokens: those of them read from the document cache; prefill_s: the wall time
+  of restoring and prefilling them.
 - acceptance["mid"]: drafted tokens the full target accepted / drafted tokens it verified.
 - acceptance["low"]: bottom-drafter tokens the middle level accepted / proposed.
 - mean_accepted_length: tokens kept per target verification round, the correction or bonus token
@@ -24,8 +28,12 @@ class Stats:
     chain: str = "target"
     gamma_mid: int = 0
     gamma_low: int = 0
-    prefill_tokens: int = 0
-    prefill_s: float = 0.0
+    prefill_tokens: int = 0  # prompt tokens this answer put into the cache (restored or computed)
+    prefill_s: float = 0.0  # wall time of restoring and prefilling them
+    restored_tokens: int = 0  # of prefill_tokens, those read from the document cache
+    restore_s: float = 0.0
+    saved_tokens: int = 0  # tokens written to the document cache meanwhile
+    save_s: float = 0.0  # prefill time spent on saving them
     new_tokens: int = 0
     decode_s: float = 0.0
     rounds: int = 0
@@ -115,6 +123,10 @@ class Stats:
             "gamma_low": self.gamma_low,
             "prefill_tokens": self.prefill_tokens,
             "prefill_s": round(self.prefill_s, 4),
+            "restored_tokens": self.restored_tokens,
+            "restore_s": round(self.restore_s, 4),
+            "saved_tokens": self.saved_tokens,
+            "save_s": round(self.save_s, 4),
             "new_tokens": self.new_tokens,
             "decode_s": round(self.decode_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),

@@ -19,6 +19,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _document_cache_in_a_temporary_folder(tmp_path_factory, monkeypatch):
+    """`ask` and the app save prefilled documents by default: never into the user's cache, and
+    each test starts with an empty one (no test restores what another one saved)."""
+    monkeypatch.setenv("TRIFORCE_KV_CACHE_DIR", str(tmp_path_factory.mktemp("kv-cache")))
+
 
 @pytest.fixture(params=[1, 2, 4], ids=lambda n: f"{n}-threads")
 def threads(request):

@@ -66,6 +66,11 @@ def test_syntax_error_names_the_line(tmp_path):
         ("[keymap]\nstop = 3\n", 2, "keymap.stop must be a string"),
         ("truncate = 1\n", 1, "truncate must be bool"),
         ("level = true\n", 1, "level must be int"),
+        ("level = 1\n[cache]\nmax_gb = -2\n", 3, "cache.max_gb must be a positive number"),
+        ('[cache]\nmax_gb = "big"\n', 2, "cache.max_gb must be float or int"),
+        ("[cache]\nsize = 3\n", 2, "unknown setting cache.size"),
+        ("[cache]\nenabled = 1\n", 2, "cache.enabled must be bool"),
+        ("cache = 3\n", 1, "cache must be a table"),
     ],
 )
 def test_bad_values_name_the_line(tmp_path, text, line, words):
@@ -89,6 +94,7 @@ def test_bad_values_name_the_line(tmp_path, text, line, words):
         {"max_new_tokens": 0},
         {"weights": "int4"},
         {"nonsense": 1},
+        {"cache_max_gb": 0},
     ],
 )
 def test_merged_validates(overrides):
@@ -140,3 +146,15 @@ def test_settings_import_no_torch_and_share_the_decoder_defaults():
     from triforce_chat.decoding.config import DecodeConfig
 
     assert Settings().decode_config() == DecodeConfig()
+
+
+def test_the_document_cache_settings(tmp_path):
+    assert (Settings().doc_cache, Settings().cache_max_gb) == (True, 8.0)
+    s = load_settings(write(tmp_path, "[cache]\nmax_gb = 2\nenabled = false\n"))
+    assert (s.doc_cache, s.cache_max_gb) == (False, 2.0) and isinstance(s.cache_max_gb, float)
+    assert load_settings(write(tmp_path, "cache.max_gb = 0.5\n")).cache_max_gb == 0.5  # dotted key
+
+    from triforce_chat.app.cli import given_settings
+
+    assert given_settings({"no_doc_cache": True})["doc_cache"] is False
+    assert given_settings({"no_doc_cache": False})["doc_cache"] is None  # not given: the config decides

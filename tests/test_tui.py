@@ -330,3 +330,41 @@ def test_history_survives_a_crash_mid_answer(history):
         history.resolve("zzz")
     lines = [json.loads(x) for x in history.path_of("c1").read_text().splitlines()[:-1]]
     assert [r["type"] for r in lines] == ["meta", "document", "question", "delta", "delta"]
+
+
+async def test_documents_panel_says_what_the_document_cache_did(tiny_model, history, doc, tmp_path):
+    import itertools
+
+    from triforce_chat.decoding.docstore import DocumentStore
+    from triforce_chat.decoding.session import PrefillCancelled, Session
+
+    store = DocumentStore(tmp_path / "kv", chunk_tokens=128)
+    settings = Settings(max_new_tokens=24, budget="256")
+    # an earlier start that was stopped after its first prefill step
+    earlier = Session(tiny_model, settings.decode_config(), store=store)
+    earlier.add_document(doc.name, doc.read_text())
+    calls = itertools.count()
+    with pytest.raises(PrefillCancelled):
+        earlier.prefill(should_cancel=lambda: next(calls) >= 1)
+    saved = earlier.last_sync.saved
+    assert saved > 0
+
+    async def start(**kw) -> tuple[str, list[str], int]:
+        app = TriforceApp(kw.pop("settings", settings), [doc], model=tiny_model, history=history, **kw)
+        labels: list[str] = []
+        show = app._show_load
+        app._show_load = lambda label, *rest: (labels.append(label), show(label, *rest))
+        async with app.run_test(size=SIZE) as pilot:
+            await ready(pilot)
+            return text_of(app, "#documents"), labels, app.session.last_sync.target
+
+    panel, labels, target = await start(store=store)
+    assert any(f"resuming at {saved:,} of {target:,} tokens" in label for label in labels)
+    assert f"restored {saved:,} + prefilled {target - saved:,} tokens in" in panel
+    assert panel.rstrip().endswith("(saved for next time)")
+
+    panel, _, _ = await start(store=store)
+    assert f"restored {target:,} tokens in" in panel and "prefilled" not in panel
+
+    panel, _, _ = await start(settings=Settings(max_new_tokens=24, budget="256", doc_cache=False))
+    assert f"prefilled {target:,} tokens in" in panel and "saved" not in panel
