@@ -8,6 +8,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from triforce_chat.decoding.docstore import DATA_OFFSET, DocumentStore, Entry, write_chunk_file
 
@@ -107,7 +108,7 @@ def test_the_cap_stops_saving_with_a_notice_and_the_answer_is_unchanged(tiny_mod
     text = "Section {i}. The lighthouse keeper on island {i} logs the weather at dawn.\n"
     doc = "".join(text.format(i=i) for i in range(60))
     per_chunk = DATA_OFFSET + 128 * tiny_model.model.args.n_layers * 2 * tiny_model.model.args.n_kv_heads * \
-        tiny_model.model.args.head_dim * 4
+        tiny_model.model.args.head_dim * torch.empty(0, dtype=tiny_model.model.kv_dtype).element_size()
     store = DocumentStore(tmp_path, max_bytes=int(3.5 * per_chunk), chunk_tokens=128)
 
     def session(with_store: bool) -> Session:
