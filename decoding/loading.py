@@ -13,7 +13,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,6 +43,8 @@ class LoadedModel:
     model_id: str
     path: Path
     load_s: float
+    # the model's recommended sampling settings (temperature, top_p, top_k, repetition_penalty)
+    generation_defaults: dict = field(default_factory=dict)
 
     @property
     def eos_ids(self) -> set[int]:
@@ -185,7 +187,19 @@ def load_model(
             + "; those layers verify windows row by row (exact, slower speculation)"
         )
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoadedModel(model, tokenizer, model_id, path, time.perf_counter() - t0)
+    return LoadedModel(model, tokenizer, model_id, path, time.perf_counter() - t0, read_generation_defaults(path))
+
+
+def read_generation_defaults(path: Path) -> dict:
+    """The sampling settings in a folder's generation_config.json ({} when there is none or it
+    cannot be read: a model's metadata never stops it from loading)."""
+    from triforce_chat.decoding.config import generation_defaults
+
+    try:
+        data = json.loads((Path(path) / "generation_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return generation_defaults(data) if isinstance(data, dict) else {}
 
 
 def load_weights_only(
@@ -256,5 +270,5 @@ def eos_token_ids(tokenizer, path: Path | None = None) -> set[int]:
 
 __all__ = [
     "DEFAULT_MODEL", "LoadedModel", "ModelLoadError", "UnsupportedArchitecture", "ensure_default_model",
-    "load_model", "resolve_model_path", "extend_context", "eos_token_ids",
+    "load_model", "resolve_model_path", "extend_context", "eos_token_ids", "read_generation_defaults",
 ]
