@@ -73,7 +73,8 @@ def resolve_settings(config: Path | None, **cli: Any):
 
 SETTING_NAMES = (
     "model", "level", "draft", "budget", "chunk_size", "gamma_mid", "gamma_low", "max_new_tokens", "temperature",
-    "top_p", "seed", "dtype", "device", "threads", "context", "theme",
+    "top_p", "top_k", "repetition_penalty", "repetition_window", "stop_on_repetition", "seed", "dtype", "device",
+    "threads", "context", "theme",
 )
 
 
@@ -174,6 +175,20 @@ GammaLowOpt = Annotated[
 MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Stop after this many tokens.")]
 TempOpt = Annotated[float | None, typer.Option(help="0 is greedy.")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Sample among the k likeliest tokens (0: off).")]
+RepPenaltyOpt = Annotated[
+    float | None,
+    typer.Option("--repetition-penalty", help="Penalty for tokens among the recent ones (1: off; also in greedy)."),
+]
+RepWindowOpt = Annotated[
+    int | None,
+    typer.Option("--repetition-window", help="Recent tokens the penalty looks at (0: the whole context)."),
+]
+LoopStopOpt = Annotated[
+    bool | None,
+    typer.Option("--stop-on-repetition/--no-stop-on-repetition",
+                 help="Stop an answer that keeps repeating the same span (on by default)."),
+]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
 DtypeOpt = Annotated[str | None, typer.Option(help="auto, float32, bfloat16 (CPU/CUDA), float16 (CUDA).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu or cuda.")]
@@ -201,6 +216,10 @@ def chat(
     max_new_tokens: MaxNewOpt = None,
     temperature: TempOpt = None,
     top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepPenaltyOpt = None,
+    repetition_window: RepWindowOpt = None,
+    stop_on_repetition: LoopStopOpt = None,
     seed: SeedOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -237,6 +256,10 @@ def ask(
     max_new_tokens: MaxNewOpt = None,
     temperature: TempOpt = None,
     top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepPenaltyOpt = None,
+    repetition_window: RepWindowOpt = None,
+    stop_on_repetition: LoopStopOpt = None,
     seed: SeedOpt = None,
     dtype: DtypeOpt = None,
     device: DeviceOpt = None,
@@ -256,11 +279,18 @@ def ask(
     docs = [read_document(p) for p in doc or []]
     device_name, torch_dtype = setup_runtime(settings)
     lm = load_model_or_fail(settings, device_name, torch_dtype, quiet=json_out)
+    cfg = decode_config(settings.with_model_defaults(lm.generation_defaults))
     result = run_ask(lm, cfg, docs, question, stream=None if json_out else sys.stdout)
     if json_out:
         print(json.dumps(result, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+        if result["stats"]["stop_reason"] == "repetition":
+            print("stopped: repetition (the answer kept repeating itself; --no-stop-on-repetition lets it go on)",
+                  file=sys.stderr)
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "repetition_window", "seed")
 
 
 def run_ask(lm, cfg, docs: list[tuple[str, str]], question: str, stream=None) -> dict[str, Any]:
@@ -294,6 +324,7 @@ def run_ask(lm, cfg, docs: list[tuple[str, str]], question: str, stream=None) ->
         "model": lm.model_id,
         "model_path": str(lm.path),
         "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "sampling": {key: getattr(cfg, key) for key in SAMPLING_KEYS},
         "stats": stats,
     }
 
@@ -364,7 +395,8 @@ def main() -> None:
     except Exception as exc:  # click usage errors and the like
         import click
 
-        if isinstance(exc, click.exceptions.ClickException):
+        # typer vendors its own click: its usage errors (a bad number, say) are TyperExceptions
+        if isinstance(exc, click.exceptions.ClickException | typer.TyperException) and hasattr(exc, "format_message"):
             print(f"error: {exc.format_message()}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         raise

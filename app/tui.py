@@ -37,6 +37,7 @@ from triforce_chat.app.widgets import (
     UserMessage,
     render_cache,
     render_documents,
+    stop_label,
 )
 from triforce_chat.decoding.config import parse_budget
 from triforce_chat.decoding.events import CacheFigures, RoundEvent
@@ -441,7 +442,8 @@ class TriforceApp(App[int]):
                 except ModelLoadError as exc:
                     self._post(LoadDone(False, f"cannot load the model: {exc}", "error"))
                     return
-            session = Session(lm, self.settings.decode_config())
+            # a flag or the config file > the model's recommended sampling > the built-in defaults
+            session = Session(lm, self.settings.with_model_defaults(lm.generation_defaults).decode_config())
             self._post(ModelReady(session, time.perf_counter() - t0))
         except Exception as exc:
             self._post(LoadDone(False, "cannot start the decoder: " + self._error_log(exc), "error"))
@@ -641,7 +643,7 @@ class TriforceApp(App[int]):
             self.notify(message.error, severity="error", timeout=10)
         meta = (
             f"{s.get('new_tokens', 0)} tokens · {s.get('tokens_per_s', 0):.1f} tok/s · level {s.get('level')}"
-            f" · {s.get('stop_reason') or 'error'}"
+            f" · {stop_label(s.get('stop_reason'))}"
         )
         await message.answer.finish(meta, message.text if not message.error or message.text else None)
         if self.writer is not None:

@@ -6,6 +6,7 @@ as safetensors with the default model's tokenizer, and loaded through our own lo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -146,3 +147,18 @@ def save_looping_model(folder: Path, successor: dict[int, int], vocab_size: int 
     their embedding leans to."""
     return save_bigram_model(folder, {(a, b): 8.0 for a, b in successor.items()}, vocab_size, seed,
                              tokenizer_from)
+
+
+# the sampling settings Qwen2.5-Coder's generation_config.json recommends
+QWEN_LIKE = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
+
+
+@pytest.fixture(scope="session")
+def looping_chat_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A model that loops for certain (after a few tokens, 1003..1006 for ever), with the default
+    model's tokenizer and Qwen's recommended sampling settings in its generation_config.json."""
+    folder = tmp_path_factory.mktemp("looping-chat")
+    successor = {1000 + i: 1001 + i for i in range(6)} | {1006: 1003}
+    save_looping_model(folder, successor, vocab_size=49152, tokenizer_from=default_model_dir)
+    (folder / "generation_config.json").write_text(json.dumps({**QWEN_LIKE, "eos_token_id": 2}))
+    return folder
