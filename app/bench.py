@@ -148,7 +148,9 @@ def run_level(lm, cfg, prompt: Prompt, level: int, max_new_tokens: int, session=
     from triforce_chat.decoding.drafters import DrafterError
     from triforce_chat.decoding.session import ContextOverflow, DocumentError, Session
 
-    cfg = dataclasses.replace(cfg, level=level, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens)
+    # plain greedy to the token budget, as the transformers baselines decode (no penalty, no loop stop)
+    cfg = dataclasses.replace(cfg, level=level, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                              stop_on_repetition=False, max_new_tokens=max_new_tokens)
     try:
         if session is None:
             session = Session(lm, cfg)

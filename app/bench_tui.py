@@ -44,7 +44,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     doc = Path(tempfile.mkdtemp()) / "python-docs.txt"
     doc.write_text("\n\n".join(f"## {k}\n\n{topics[k]}" for k in ("if", "while", "for", "try")))
-    settings = Settings(level=args.level, max_new_tokens=args.tokens)
+    # plain greedy, given explicitly so that a model's recommended sampling does not replace it in the app
+    settings = Settings(level=args.level, max_new_tokens=args.tokens).merged(
+        temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0
+    )
     lm = load_model(None, dtype=settings.torch_dtype())
     app = TriforceApp(settings, [doc], model=lm, history=History(Path(tempfile.mkdtemp())))
     rates: dict[str, list[float]] = {"ask": [], "app": []}

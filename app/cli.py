@@ -80,7 +80,8 @@ def resolve_settings(config: Path | None, **cli: Any):
 
 SETTING_NAMES = (
     "model", "level", "draft", "budget", "chunk_size", "gamma_mid", "gamma_low", "max_new_tokens", "temperature",
-    "top_p", "seed", "weights", "kv_dtype", "device", "threads", "context", "theme",
+    "top_p", "top_k", "repetition_penalty", "repetition_window", "stop_on_repetition", "seed", "weights", "kv_dtype",
+    "device", "threads", "context", "theme",
 )
 
 
@@ -184,6 +185,20 @@ GammaLowOpt = Annotated[
 MaxNewOpt = Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="Stop after this many tokens.")]
 TempOpt = Annotated[float | None, typer.Option(help="0 is greedy.")]
 TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass, in (0, 1].")]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Sample among the k likeliest tokens (0: off).")]
+RepPenaltyOpt = Annotated[
+    float | None,
+    typer.Option("--repetition-penalty", help="Penalty for tokens among the recent ones (1: off; also in greedy)."),
+]
+RepWindowOpt = Annotated[
+    int | None,
+    typer.Option("--repetition-window", help="Recent tokens the penalty looks at (0: the whole context)."),
+]
+LoopStopOpt = Annotated[
+    bool | None,
+    typer.Option("--stop-on-repetition/--no-stop-on-repetition",
+                 help="Stop an answer that keeps repeating the same span (on by default)."),
+]
 SeedOpt = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
 WeightsOpt = Annotated[
     str | None,
@@ -220,6 +235,10 @@ def chat(
     max_new_tokens: MaxNewOpt = None,
     temperature: TempOpt = None,
     top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepPenaltyOpt = None,
+    repetition_window: RepWindowOpt = None,
+    stop_on_repetition: LoopStopOpt = None,
     seed: SeedOpt = None,
     weights: WeightsOpt = None,
     kv_dtype: KvDtypeOpt = None,
@@ -258,6 +277,10 @@ def ask(
     max_new_tokens: MaxNewOpt = None,
     temperature: TempOpt = None,
     top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: RepPenaltyOpt = None,
+    repetition_window: RepWindowOpt = None,
+    stop_on_repetition: LoopStopOpt = None,
     seed: SeedOpt = None,
     weights: WeightsOpt = None,
     kv_dtype: KvDtypeOpt = None,
@@ -281,11 +304,18 @@ def ask(
     lm = load_model_or_fail(settings, device_name, torch_dtype, quiet=json_out)
     from triforce_chat.app.cache_cmd import store_for
 
+    cfg = decode_config(settings.with_model_defaults(lm.generation_defaults))
     result = run_ask(lm, cfg, docs, question, stream=None if json_out else sys.stdout, store=store_for(settings))
     if json_out:
         print(json.dumps(result, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+        if result["stats"]["stop_reason"] == "repetition":
+            print("stopped: repetition (the answer kept repeating itself; --no-stop-on-repetition lets it go on)",
+                  file=sys.stderr)
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "repetition_window", "seed")
 
 
 def run_ask(
@@ -331,6 +361,7 @@ def run_ask(
         "model_path": str(lm.path),
         "weights": lm.model.weights_label,
         "kv_dtype": str(session.cache.k.dtype).removeprefix("torch."),
+        "sampling": {key: getattr(cfg, key) for key in SAMPLING_KEYS},
         "stats": stats,
     }
 
@@ -403,8 +434,8 @@ def main() -> None:
     except Exception as exc:  # click usage errors and the like
         import click
 
-        # typer >= 0.20 raises its own copy of click's exceptions (typer.TyperException)
-        if isinstance(exc, (click.exceptions.ClickException, typer.TyperException)) and hasattr(exc, "format_message"):
+        # typer vendors its own click: its usage errors (a bad number, say) are TyperExceptions
+        if isinstance(exc, click.exceptions.ClickException | typer.TyperException) and hasattr(exc, "format_message"):
             print(f"error: {exc.format_message()}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
         raise

@@ -8,6 +8,8 @@ holds a default for every option plus a `[keymap]` table mapping binding ids to 
     level = 2
     budget = "4096"        # tokens, or a fraction of the context such as "0.1" or "10%"
     theme = "triforce-light"
+    repetition-penalty = 1.1
+    stop-on-repetition = false
 
     [keymap]
     cycle-level = "ctrl+t"
@@ -16,6 +18,12 @@ holds a default for every option plus a `[keymap]` table mapping binding ids to 
     [cache]
     max_gb = 8             # the document cache's size cap (least recently used documents go first)
     enabled = true         # false: never save or restore prefilled documents (--no-doc-cache)
+
+The sampling settings a model recommends (its generation config: temperature, top_p, top_k,
+repetition_penalty) sit between the built-in defaults and the file: a flag > the config file > the
+model's defaults > the built-in defaults. The model is known only once it is loaded, so `Settings`
+remembers which options the file or the flags gave (`given`), and `with_model_defaults` fills the
+others in afterwards.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 needs the backport
     import tomli as tomllib
 
-from triforce_chat.decoding.config import DecodeConfig
+from triforce_chat.decoding.config import MODEL_DEFAULT_KEYS, DecodeConfig
 from triforce_chat.decoding.docstore import DEFAULT_MAX_GB
 
 APP_NAME = "triforce-chat"
@@ -78,10 +86,17 @@ class Settings:
     gamma_low: int = DecodeConfig.gamma_low
     temperature: float = DecodeConfig.temperature
     top_p: float = DecodeConfig.top_p
+    top_k: int = DecodeConfig.top_k
+    repetition_penalty: float = DecodeConfig.repetition_penalty
+    repetition_window: int = DecodeConfig.repetition_window
     seed: int | None = DecodeConfig.seed
     max_new_tokens: int = DecodeConfig.max_new_tokens
     truncate: bool = DecodeConfig.truncate
     adaptive: bool = DecodeConfig.adaptive
+    stop_on_repetition: bool = DecodeConfig.stop_on_repetition
+    loop_repeats: int = DecodeConfig.loop_repeats
+    loop_min_tokens: int = DecodeConfig.loop_min_tokens
+    loop_max_span: int = DecodeConfig.loop_max_span
     # loading and the app
     weights: str = "auto"
     kv_dtype: str = "auto"
@@ -93,12 +108,14 @@ class Settings:
     doc_cache: bool = True  # save prefilled documents and restore them next time ([cache] enabled)
     cache_max_gb: float = DEFAULT_MAX_GB  # [cache] max_gb
     keymap: dict[str, str] = field(default_factory=dict)
+    # the options the config file or the flags gave (so a model's defaults do not override them)
+    given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     # -- construction -------------------------------------------------------------------------------
     def merged(self, **overrides: Any) -> Settings:
         """A copy with the given options replaced; None means "not given" and keeps the current value.
         `keymap` is merged key by key. Raises SettingsError for unknown names and bad values."""
-        known = {f.name for f in fields(self)}
+        known = {f.name for f in fields(self)} - {"given"}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise SettingsError(f"unknown option: {', '.join(unknown)}")
@@ -107,8 +124,28 @@ class Settings:
             changes["keymap"] = {**self.keymap, **changes["keymap"]}
         if "budget" in changes:
             changes["budget"] = str(changes["budget"])
-        new = dataclasses.replace(self, **changes)
+        new = dataclasses.replace(self, **changes, given=self.given | set(changes))
         new.validate()
+        return new
+
+    def with_model_defaults(self, defaults: dict[str, Any]) -> Settings:
+        """A copy taking the loaded model's recommended sampling settings (temperature, top_p,
+        top_k, repetition_penalty) for every one of them that neither the config file nor a flag
+        gave. A value these settings would refuse is skipped, so a model's odd metadata never
+        stops the app."""
+        new = self
+        for key in MODEL_DEFAULT_KEYS:
+            if key not in defaults or key in self.given:
+                continue
+            value = defaults[key]
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            candidate = dataclasses.replace(new, **{key: int(value) if key == "top_k" else float(value)})
+            try:
+                candidate.validate()
+            except SettingsError:
+                continue
+            new = candidate
         return new
 
     def validate(self) -> None:
@@ -156,7 +193,9 @@ class Settings:
         return None if self.kv_dtype == "auto" else getattr(torch, self.kv_dtype)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        out.pop("given")
+        return out
 
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
@@ -169,6 +208,9 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "gamma_low": (int,),
     "temperature": (float, int),
     "top_p": (float, int),
+    "top_k": (int,),
+    "repetition_penalty": (float, int),
+    "repetition_window": (int,),
     "seed": (int,),
     "max_new_tokens": (int,),
     "weights": (str,),
@@ -178,6 +220,10 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "context": (int,),
     "truncate": (bool,),
     "adaptive": (bool,),
+    "stop_on_repetition": (bool,),
+    "loop_repeats": (int,),
+    "loop_min_tokens": (int,),
+    "loop_max_span": (int,),
     "theme": (str,),
     "history": (bool,),
 }

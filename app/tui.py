@@ -37,6 +37,7 @@ from triforce_chat.app.widgets import (
     UserMessage,
     render_cache,
     render_documents,
+    stop_label,
 )
 from triforce_chat.decoding.config import parse_budget
 from triforce_chat.decoding.events import CacheFigures, RoundEvent
@@ -461,7 +462,9 @@ class TriforceApp(App[int]):
                 from triforce_chat.app.cache_cmd import store_for
 
                 store = store_for(self.settings)
-            session = Session(lm, self.settings.decode_config(), store=store)
+            # a flag or the config file > the model's recommended sampling > the built-in defaults
+            cfg = self.settings.with_model_defaults(lm.generation_defaults).decode_config()
+            session = Session(lm, cfg, store=store)
             for notice in session.take_notices():
                 self._post(Notice(notice, "warning"))
             self._post(ModelReady(session, time.perf_counter() - t0))
@@ -691,7 +694,7 @@ class TriforceApp(App[int]):
             self.notify(message.error, severity="error", timeout=10)
         meta = (
             f"{s.get('new_tokens', 0)} tokens · {s.get('tokens_per_s', 0):.1f} tok/s · level {s.get('level')}"
-            f" · {s.get('stop_reason') or 'error'}"
+            f" · {stop_label(s.get('stop_reason'))}"
         )
         await message.answer.finish(meta, message.text if not message.error or message.text else None)
         if self.writer is not None:

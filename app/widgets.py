@@ -318,6 +318,13 @@ def _hist(values: Sequence[float]) -> str:
     return " ".join(BLOCKS[max(1, round(v * 8))] if v > 0 else "_" for v in values)
 
 
+def stop_label(reason: str | None) -> str:
+    """How the end of an answer reads: an answer cut short because it looped says so plainly."""
+    if not reason:
+        return "error"
+    return "stopped: repetition" if reason == "repetition" else reason
+
+
 def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float | None = None) -> Content:
     """The decoding panel: settings for the next answer, then the figures of the current/last one."""
     lines: list[Content] = []
@@ -381,7 +388,8 @@ def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float
         )
     )
     if s.get("stop_reason"):
-        lines.append(Content.styled(f"ended: {s['stop_reason']}", "dim"))
+        reason = s["stop_reason"]
+        lines.append(Content.styled(stop_label(reason) if reason == "repetition" else f"ended: {reason}", "dim"))
     return Content("\n").join(lines)
 
 

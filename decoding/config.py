@@ -8,6 +8,12 @@ fails in a blink with one line.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from triforce_chat.decoding.loops import LoopRule
+
+# the sampling settings a model may recommend (Hugging Face generation_config.json, a catalogue)
+MODEL_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
 def parse_budget(budget: str | int | float) -> tuple[int, float]:
@@ -42,11 +48,24 @@ class DecodeConfig:
     gamma_low: int = 4
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    repetition_window: int = 64  # previous tokens the penalty reads (llama.cpp's repeat_last_n); 0: all
     seed: int | None = None
     max_new_tokens: int = 512
     adaptive: bool = True
     truncate: bool = False
     prefill_chunk: int = 512
+    stop_on_repetition: bool = True  # stop an answer that ends in a loop (see decoding/loops.py)
+    loop_repeats: int = LoopRule.min_repeats
+    loop_min_tokens: int = LoopRule.min_tokens
+    loop_max_span: int = LoopRule.max_span
+
+    def loop_rule(self) -> LoopRule | None:
+        """The repetition stop, or None when it is off."""
+        if not self.stop_on_repetition:
+            return None
+        return LoopRule(self.loop_repeats, self.loop_min_tokens, self.loop_max_span)
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message for the first invalid value."""
@@ -58,6 +77,13 @@ class DecodeConfig:
             raise ValueError(f"temperature must be >= 0, not {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], not {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top-k must be >= 0 (0 is off), not {self.top_k}")
+        if not 0 < self.repetition_penalty <= 10:
+            raise ValueError(f"repetition-penalty must be in (0, 10] (1 is off), not {self.repetition_penalty}")
+        if self.repetition_window < 0:
+            raise ValueError(f"repetition-window must be >= 0 (0 is the whole context), not {self.repetition_window}")
+        LoopRule(self.loop_repeats, self.loop_min_tokens, self.loop_max_span).validate()
         if self.chunk_size < 1:
             raise ValueError(f"chunk-size must be >= 1, not {self.chunk_size}")
         if not 1 <= self.gamma_mid <= 64:
@@ -69,3 +95,25 @@ class DecodeConfig:
             raise ValueError(f"budget must be at least two chunks ({2 * self.chunk_size} tokens), not {tokens}")
         if not self.draft:
             raise ValueError("draft must be 'ngram' or a model")
+
+
+def generation_defaults(config: dict[str, Any]) -> dict[str, float | int]:
+    """A model's recommended sampling settings from its Hugging Face generation config (the parsed
+    generation_config.json): temperature, top_p, top_k, repetition_penalty, values that DecodeConfig
+    accepts only. Like transformers, the sampling ones count only with `do_sample: true` (without
+    it transformers decodes greedily); the repetition penalty applies either way."""
+    out: dict[str, float | int] = {}
+    sample = config.get("do_sample") is True
+    for key in MODEL_DEFAULT_KEYS:
+        value = config.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if key != "repetition_penalty" and not sample:
+            continue
+        value = int(value) if key == "top_k" else float(value)
+        try:
+            DecodeConfig(**{key: value}).validate()
+        except ValueError:
+            continue
+        out[key] = value
+    return out

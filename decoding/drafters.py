@@ -272,9 +272,10 @@ class ModelDrafter:
         return torch.cat([logits, pad])
 
     def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
-        """k autoregressive draft steps; q rows [n, V_target] are sampler.probs of the draft logits
-        (None when greedy: the draft is then a point mass). The cache is rolled back before
-        returning."""
+        """k autoregressive draft steps; q rows [n, V_target] are sampler.probs of the draft logits,
+        each row processed with its own prefix (the sampler's history, then the drafts before it),
+        as the verifiers process theirs (None when greedy: the draft is then a point mass at the
+        argmax of the penalized logits). The cache is rolled back before returning."""
         L = len(self._tokens)
         # positions L .. L+k-1 must exist; more than slack + 1 steps could evict keys we roll back to
         k = min(k, self.model.max_len - L, self.cache.slack + 1)
@@ -288,9 +289,9 @@ class ModelDrafter:
         for i in range(k):
             row = self._fit(logits)
             if sampler.greedy:
-                tok = int(row.argmax())
+                tok = int(sampler.scores(row, drafts).argmax())
             else:
-                probs = sampler.probs(row)  # [V_target]
+                probs = sampler.probs(row, drafts)  # [V_target]
                 tok = sampler.sample(probs)
                 rows.append(probs)
             drafts.append(tok)

@@ -51,6 +51,7 @@ class LoadedModel:
     path: Path
     load_s: float
     notices: list[str] = field(default_factory=list)  # things the user should see once (self-check, fallbacks)
+    # the model's recommended sampling settings (temperature, top_p, top_k, repetition_penalty)
     generation_defaults: dict = field(default_factory=dict)
     weights_sha256: str | None = None  # known for catalogue files (the document cache keys on it)
 
@@ -182,22 +183,23 @@ def load_model(
             notices.append(
                 f"self-check: {problem}; verification windows now run token by token (exact, slower speculation)"
             )
-    defaults = dict(source.generation_defaults) or generation_config_defaults(source.path)
+    defaults = dict(source.generation_defaults) or read_generation_defaults(source.path)
     return LoadedModel(model, tokenizer, source.model_id, source.path, time.perf_counter() - t0, notices, defaults,
                        source.sha256)
 
 
-def generation_config_defaults(path: Path) -> dict:
-    """Recommended sampling settings from a Hugging Face folder's generation_config.json."""
-    file = path / "generation_config.json" if path.is_dir() else None
-    if file is None or not file.exists():
+def read_generation_defaults(path: Path) -> dict:
+    """The sampling settings in a folder's generation_config.json ({} when there is none or it
+    cannot be read: a model's metadata never stops it from loading)."""
+    from triforce_chat.decoding.config import generation_defaults
+
+    if not Path(path).is_dir():
         return {}
     try:
-        cfg = json.loads(file.read_text())
+        data = json.loads((Path(path) / "generation_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    keys = ("temperature", "top_p", "top_k", "repetition_penalty")
-    return {k: cfg[k] for k in keys if isinstance(cfg.get(k), int | float) and not isinstance(cfg.get(k), bool)}
+    return generation_defaults(data) if isinstance(data, dict) else {}
 
 
 def load_weights_only(
@@ -438,5 +440,5 @@ def eos_token_ids(tokenizer, path: Path | None = None) -> set[int]:
 
 __all__ = [
     "LoadedModel", "ModelLoadError", "ModelSource", "UnsupportedArchitecture", "load_model", "resolve_model",
-    "extend_context", "eos_token_ids", "self_check",
+    "extend_context", "eos_token_ids", "self_check", "read_generation_defaults",
 ]

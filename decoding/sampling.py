@@ -1,16 +1,27 @@
 """Turning logits into tokens, and the speculative accept/resample rule that keeps drafts lossless.
 
-Every level of the hierarchy goes through `Sampler.probs` with the same temperature and top-p, so
-p (verifier) and q (drafter) are shaped identically, which is what the min(1, p/q) rule assumes.
-Greedy (temperature 0) is the limit: q and p are one-hot at their argmax.
+Every level of the hierarchy goes through `Sampler.probs` with the same processors (repetition
+penalty, temperature, top-k, top-p, in transformers' order: see processors.py), row by row with
+each row's own prefix, so p (verifier) and q (drafter) are shaped identically, which is what the
+min(1, p/q) rule assumes. Greedy (temperature 0) is the limit: q and p are one-hot at the argmax of
+the penalized logits (transformers' greedy search also applies its logits processors first);
+top-k and top-p never remove the argmax, and with the penalty at 1.0 greedy is plain argmax.
+
+The sampler carries the token history the penalty reads (`reset`, `extend`, `truncate`): the
+decoder keeps it equal to the sequence before the next position to sample, drafts of the current
+window included, so a drafter that only gets the sampler (ModelDrafter.propose) sees the same
+prefix as the verifiers. With the penalty at 1.0 the history is not kept at all.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from triforce_chat.decoding.processors import TokenHistory, apply_repetition_penalty, top_k_filter, top_p_filter
 
 
 @dataclass
@@ -18,12 +29,20 @@ class Sampler:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    repetition_window: int = 64  # previous tokens the penalty looks at; 0: the whole sequence
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top-p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top-k must be >= 0")
+        if not self.repetition_penalty > 0:
+            raise ValueError("repetition penalty must be > 0")
+        self.history = TokenHistory(self.repetition_window)
         self.generator = torch.Generator()
         if self.seed is not None:
             self.generator.manual_seed(self.seed)
@@ -34,21 +53,44 @@ class Sampler:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def probs(self, logits: Tensor) -> Tensor:
-        """logits [..., V] -> probabilities [..., V] fp32 after temperature and top-p.
-        Greedy: one-hot at the argmax (ties go to the lowest id, like torch.argmax)."""
+    @property
+    def penalizes(self) -> bool:
+        return self.repetition_penalty != 1.0
+
+    # -- the prefix the repetition penalty reads -----------------------------------------------------
+    def reset(self, tokens: Sequence[int]) -> None:
+        """The sequence so far (the prompt and the answer up to the next position)."""
+        if self.penalizes:
+            self.history.reset(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        if self.penalizes:
+            self.history.extend(tokens)
+
+    def truncate(self, length: int) -> None:
+        if self.penalizes:
+            self.history.truncate(length)
+
+    # -- processing -----------------------------------------------------------------------------------
+    def scores(self, logits: Tensor, extra: Sequence[int] = ()) -> Tensor:
+        """logits [..., V] -> fp32 logits after the repetition penalty. Rows of a [T, V] input follow
+        consecutive positions: the last row the history plus all of `extra`, each row before it one
+        token less (for a window [pending, d1..dk] pass extra = d1..dk)."""
         logits = logits.float()
+        if not self.penalizes:
+            return logits
+        rows = logits.reshape(-1, logits.shape[-1])
+        return apply_repetition_penalty(rows, self.repetition_penalty, self.history, extra).reshape(logits.shape)
+
+    def probs(self, logits: Tensor, extra: Sequence[int] = ()) -> Tensor:
+        """logits [..., V] -> probabilities [..., V] fp32 after the repetition penalty, temperature,
+        top-k and top-p (rows and `extra` as in `scores`). Greedy: one-hot at the argmax of the
+        penalized logits (ties go to the lowest id, like torch.argmax)."""
+        scores = self.scores(logits, extra)
         if self.greedy:
-            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        probs = torch.softmax(logits / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_p, order = probs.sort(dim=-1, descending=True)
-            # keep the smallest prefix whose mass reaches top_p (the token crossing it included)
-            drop = sorted_p.cumsum(-1) - sorted_p >= self.top_p
-            sorted_p = sorted_p.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-            probs = probs / probs.sum(-1, keepdim=True)
-        return probs
+            return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).float()
+        scores = top_k_filter(scores / self.temperature, self.top_k)
+        return top_p_filter(torch.softmax(scores, dim=-1), self.top_p)
 
     def sample(self, probs: Tensor) -> int:
         """One token from probs [V]."""

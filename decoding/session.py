@@ -341,8 +341,12 @@ class Session:
         self.turns.append(turn)
         self.view.stale = True  # a new question brings a new query: re-select chunks
         decoder = SpeculativeDecoder(
-            self.model, self.cache, Sampler(cfg.temperature, cfg.top_p, cfg.seed), self.eos_ids,
-            SpecConfig(level=level, gamma_mid=cfg.gamma_mid, gamma_low=cfg.gamma_low, adaptive=cfg.adaptive),
+            self.model, self.cache,
+            Sampler(cfg.temperature, cfg.top_p, cfg.seed, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
+                    repetition_window=cfg.repetition_window),
+            self.eos_ids,
+            SpecConfig(level=level, gamma_mid=cfg.gamma_mid, gamma_low=cfg.gamma_low, adaptive=cfg.adaptive,
+                       loop=cfg.loop_rule()),
             view=self.view, drafter=self.drafter if level == 2 else None,
         )
         decoder.costs = self._costs.setdefault(level, CostModel())

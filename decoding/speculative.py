@@ -12,7 +12,14 @@ or bonus token), and repeats until the window is full; the full target then veri
 
 Both verifications use `verify_drafts` (standard speculative sampling; greedy = argmax match), with
 the drafter's own probabilities for every drafted token, so the middle level's output is distributed
-exactly as the retrieval-view model's and the final output exactly as the full target's.
+exactly as the retrieval-view model's and the final output exactly as the full target's. The logits
+processors (repetition penalty, temperature, top-k, top-p) are part of those distributions: every
+row of every level is processed with its own prefix, the drafts before it included (the sampler's
+history holds the context plus the window's tokens so far; `extra` adds a forward's own drafts).
+
+An answer that ends in a loop (the same span repeated back to back, see loops.py) stops with the
+reason "repetition": the rule reads the kept tokens one by one, so every level stops at the same
+token even when a round keeps several.
 
 The window length adapts: from the measured acceptance and the measured costs of a middle step and
 of a verification, each round picks the γ in 0..γ_max that maximises expected tokens per second
@@ -30,6 +37,7 @@ import torch
 
 from triforce_chat.decoding.cache import MAX_WINDOW, KVCache
 from triforce_chat.decoding.events import LowRound, RoundEvent
+from triforce_chat.decoding.loops import LoopDetector, LoopRule
 from triforce_chat.decoding.model import Transformer
 from triforce_chat.decoding.retrieval import RetrievalView
 from triforce_chat.decoding.sampling import Sampler, verify_drafts
@@ -43,6 +51,7 @@ class SpecConfig:
     adaptive: bool = True
     rebuild_below: float = 0.5  # rebuild the retrieval selection when mid acceptance drops below this
     probe_every: int = 8  # rounds between probes when adaptation chose γ = 0
+    loop: LoopRule | None = None  # stop an answer that ends in a loop (None: never)
 
 
 class _Ema:
@@ -146,6 +155,7 @@ class SpeculativeDecoder:
         return [self.sampler.sample(self.sampler.probs(logits[0]))], ["target"]
 
     def _mid_draft_alone(self, cur: int) -> tuple[int, torch.Tensor]:
+        """One middle-level token after `cur`; the sampler's history holds everything up to `cur`."""
         logits = self.model(torch.tensor([cur], device=self.model.device), self.view, logits="last")
         q = self.sampler.probs(logits[0])
         return self.sampler.sample(q), q
@@ -180,7 +190,7 @@ class SpeculativeDecoder:
             else:
                 scratch0 = view.scratch_len
                 window = torch.tensor([cur, *props], device=self.model.device)
-                qm = self.sampler.probs(self.model(window, view, logits="all"))  # [k+1, V]
+                qm = self.sampler.probs(self.model(window, view, logits="all"), props)  # [k+1, V]
                 if q_low is not None:
                     q_low = q_low[: len(props)]
                 a, nxt = verify_drafts(self.sampler, props, q_low, qm)
@@ -192,6 +202,7 @@ class SpeculativeDecoder:
             tokens.extend(new)
             qs.extend(new_q)
             origins.extend(new_o)
+            self.sampler.extend(new)  # the next rows (and the bottom drafter) follow these tokens
             if level == 2:
                 self._drafter_extend(new)
             cur = tokens[-1]
@@ -199,6 +210,7 @@ class SpeculativeDecoder:
                 break
         if level == 2:
             self._drafter_truncate(base)
+        self.sampler.truncate(base)
         ev.timings["low_inner"] = t_low
         return tokens, torch.stack(qs), origins
 
@@ -219,6 +231,8 @@ class SpeculativeDecoder:
             self._rounds_since_rebuild = 0
         produced = 0
         index = 0
+        self.sampler.reset(context)
+        loops = LoopDetector(cfg.loop) if cfg.loop is not None else None
         while produced < max_new_tokens and not should_stop():
             room = self.cache.max_len - self.cache.length - 1  # tokens the cache can take after pending
             if room < 0:
@@ -271,14 +285,19 @@ class SpeculativeDecoder:
                 kept, origins = drafts[:a] + [nxt], d_origins[:a] + ["target"]
                 self._maybe_rebuild()
             ev.gamma_mid, ev.gamma_low = gamma, (cfg.gamma_low if level == 2 else 0)
-            # cut at EOS and at the token budget; keep the cache holding all kept tokens but the last
+            # cut at EOS, at a loop and at the token budget; keep the cache holding all kept tokens but the last
             cut = min(len(kept), max_new_tokens - produced)
+            looped = False
             for i, tok in enumerate(kept[:cut]):
                 if tok in self.eos_ids:
                     cut = i + 1
                     break
+                if loops is not None and loops.push(tok):
+                    cut, looped = i + 1, True
+                    break
             kept, origins = kept[:cut], origins[:cut]
             context.extend(kept)
+            self.sampler.extend(kept)
             self.cache.truncate(min(self.cache.length, len(context) - 1))
             ev.tokens, ev.origins = kept, origins
             ev.wall_s = time.perf_counter() - t_start
@@ -290,6 +309,9 @@ class SpeculativeDecoder:
             if kept and kept[-1] in self.eos_ids:
                 self.stop_reason = "eos"
                 return
+            if looped:
+                self.stop_reason = "repetition"
+                return
         self.stop_reason = "stopped" if produced < max_new_tokens else "max tokens"
 
     stop_reason = ""
@@ -299,7 +321,7 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         start = self.cache.length
         window = torch.tensor([pending, *drafts], device=self.model.device)
-        p = self.sampler.probs(self.model(window, self.cache, logits="all"))  # [k+1, V]
+        p = self.sampler.probs(self.model(window, self.cache, logits="all"), drafts)  # [k+1, V]
         a, nxt = verify_drafts(self.sampler, drafts, q, p)
         self.cache.truncate(start + 1 + a)
         dt = time.perf_counter() - t0

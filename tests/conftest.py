@@ -6,6 +6,7 @@ as safetensors with the default model's tokenizer, and loaded through our own lo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -111,3 +112,64 @@ def tiny_model(tiny_model_dir):
     from triforce_chat.decoding.loading import load_model
 
     return load_model(str(tiny_model_dir), log=lambda m: None)
+
+
+def save_bigram_model(folder: Path, edges: dict[tuple[int, int], float], vocab_size: int = 64, seed: int = 0,
+                      tokenizer_from: Path | None = None, mix: float = 0.0) -> Path:
+    """A Llama built by hand, not trained, whose next-token logits follow a table of bigrams: after
+    token a, the logit of b is about 8 * edges[(a, b)] (b without an edge from a: about 0).
+
+    The attention and MLP outputs are zero (mix = 0), so the residual stream is the token's
+    embedding, a random unit vector; the output row of b is the sum of w * embedding(a) over its
+    edges (a, b, w), every other row small noise; the final norm scales by sqrt(64) = 8. Random
+    unit vectors are nearly orthogonal, so a logit strays from 8 * w by about w. `mix` > 0 gives
+    the attention and MLP outputs random weights of that scale, so the logits also depend a little
+    on the context."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", vocab_size=vocab_size), dtype=torch.float32)
+    with torch.no_grad():
+        emb = torch.nn.functional.normalize(torch.randn(vocab_size, 64), dim=1)
+        model.model.embed_tokens.weight.copy_(emb)
+        for layer in model.model.layers:
+            for p in layer.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.2)
+            for p in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
+                p.normal_(0, mix) if mix else p.zero_()
+        head = torch.randn(vocab_size, 64) * 0.02
+        for b in {b for _, b in edges}:
+            head[b] = sum(w * emb[a] for (a, b2), w in edges.items() if b2 == b)
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(folder)
+    if tokenizer_from is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer_from / name).exists():
+                shutil.copy(tokenizer_from / name, folder / name)
+    return folder
+
+
+def save_looping_model(folder: Path, successor: dict[int, int], vocab_size: int = 64, seed: int = 0,
+                       tokenizer_from: Path | None = None) -> Path:
+    """A model whose greedy next token is successor[token] for the ids in `successor`, by a margin
+    no rounding moves (a logit of about 64 against at most about 20): a chain that ends in a cycle
+    makes a model that loops for certain. Tokens outside `successor` lead to whichever successor
+    their embedding leans to."""
+    return save_bigram_model(folder, {(a, b): 8.0 for a, b in successor.items()}, vocab_size, seed,
+                             tokenizer_from)
+
+
+# the sampling settings Qwen2.5-Coder's generation_config.json recommends
+QWEN_LIKE = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}
+
+
+@pytest.fixture(scope="session")
+def looping_chat_model_dir(tmp_path_factory, default_model_dir) -> Path:
+    """A model that loops for certain (after a few tokens, 1003..1006 for ever), with the default
+    model's tokenizer and Qwen's recommended sampling settings in its generation_config.json."""
+    folder = tmp_path_factory.mktemp("looping-chat")
+    successor = {1000 + i: 1001 + i for i in range(6)} | {1006: 1003}
+    save_looping_model(folder, successor, vocab_size=49152, tokenizer_from=default_model_dir)
+    (folder / "generation_config.json").write_text(json.dumps({**QWEN_LIKE, "eos_token_id": 2}))
+    return folder

@@ -1,9 +1,13 @@
 """Losslessness of the speculative decoder.
 
-Greedy: levels 1 and 2 (both drafters) produce exactly the tokens of level 0.
+Greedy: levels 1 and 2 (both drafters) produce exactly the tokens of level 0, with and without the
+repetition penalty.
 Sampling: the first tokens at levels 1 and 2 are distributed exactly as the full target's (a
 chi-square goodness-of-fit test against the target's exact distribution, with fixed seeds so the
-test is deterministic), and the same test rejects two deliberately broken verifiers.
+test is deterministic), and the same test rejects two deliberately broken verifiers. With top-k and
+the repetition penalty the exact distribution comes from a naive reference of those processors
+(each position penalized by the tokens before it), and the test rejects a sampler whose window
+rows see one drafted token too few, and one that skips top-k on drafted positions.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ import pytest
 import torch
 
 import triforce_chat.decoding.speculative as spec
-from conftest import save_random_model
+from conftest import save_bigram_model, save_random_model
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.drafters import ModelDrafter, NGramDrafter
 from triforce_chat.decoding.loading import load_weights_only
+from triforce_chat.decoding.loops import LoopRule
 from triforce_chat.decoding.retrieval import RetrievalView
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.speculative import SpecConfig, SpeculativeDecoder
@@ -38,16 +43,19 @@ class Engine:
         model(torch.tensor(prompt[:-1]), self.cache, logits="none")
 
     def run(self, level: int, n: int, sampler: Sampler, drafter: str = "ngram", gamma_mid: int = 4,
-            gamma_low: int = 3, adaptive: bool = False, eos: set[int] = frozenset()
+            gamma_low: int = 3, adaptive: bool = False, eos: set[int] = frozenset(), loop: LoopRule | None = None
             ) -> tuple[list[int], SpeculativeDecoder]:
         self.cache.truncate(len(self.prompt) - 1)
         self.view.stale = True
         dec = SpeculativeDecoder(self.model, self.cache, sampler, set(eos),
-                                 SpecConfig(level=level, gamma_mid=gamma_mid, gamma_low=gamma_low, adaptive=adaptive),
+                                 SpecConfig(level=level, gamma_mid=gamma_mid, gamma_low=gamma_low, adaptive=adaptive,
+                                            loop=loop),
                                  view=self.view, drafter=self.drafters[drafter] if level == 2 else None)
         dec._drafter_ctx = self.mirrors[drafter]
         context = list(self.prompt)
-        dec.routes = [ev.route for ev in dec.generate(context, n)]
+        events = list(dec.generate(context, n))
+        dec.routes = [ev.route for ev in events]
+        dec.kept = [list(ev.tokens) for ev in events]  # the tokens each round kept
         return context[len(self.prompt) :], dec
 
 
@@ -147,16 +155,19 @@ def exact_pair_distribution(model, prompt, sampler) -> dict[tuple[int, int], flo
     return out
 
 
-def chi2_statistic(engine, level, drafter, temperature, top_p, exact, adaptive=False) -> float:
+def chi2_statistic(engine, level, drafter, temperature, top_p, exact, adaptive=False, make_sampler=None,
+                   draws: int = DRAWS) -> float:
+    """Chi-square of the first two tokens over `draws` seeds against `exact`, divided by its 0.1%
+    critical value. make_sampler(seed) replaces Sampler(temperature, top_p, seed=seed)."""
+    make_sampler = make_sampler or (lambda seed: Sampler(temperature, top_p, seed=seed))
     counts = dict.fromkeys(exact, 0)
-    for seed in range(DRAWS):
-        got, _ = engine.run(level, 2, Sampler(temperature, top_p, seed=seed), drafter, gamma_mid=3, gamma_low=2,
-                            adaptive=adaptive)
+    for seed in range(draws):
+        got, _ = engine.run(level, 2, make_sampler(seed), drafter, gamma_mid=3, gamma_low=2, adaptive=adaptive)
         counts[tuple(got)] += 1
     # bins with small expectation are pooled so the chi-square approximation holds
     stat, pooled_obs, pooled_exp, df = 0.0, 0, 0.0, -1
     for key in sorted(exact, key=exact.get, reverse=True):
-        e = exact[key] * DRAWS
+        e = exact[key] * draws
         if e >= 5:
             stat += (counts[key] - e) ** 2 / e
             df += 1
@@ -212,3 +223,166 @@ def test_exact_distribution_helper_sums_to_one(sampling_setup):
     exact = exact_pair_distribution(target, prompt, Sampler(1.0, 1.0, seed=0))
     assert abs(sum(exact.values()) - 1) < 1e-5
     assert set(exact) == set(itertools.product(range(VOCAB), repeat=2))
+
+
+# -- sampling with top-k and the repetition penalty ------------------------------------------------------
+PVOCAB = 8
+PDRAWS = 600  # the planted biases below score 5x the critical value and more with this many
+PROCESSED = {  # two settings: the penalty over the whole context, and over a 3-token window
+    "whole": dict(temperature=1.0, top_p=1.0, top_k=3, repetition_penalty=3.0, repetition_window=0),
+    "window3": dict(temperature=0.9, top_p=0.9, top_k=0, repetition_penalty=3.0, repetition_window=3),
+}
+
+
+def reference_probs(logits: torch.Tensor, prefix: list[int], temperature: float, top_p: float, top_k: int,
+                    repetition_penalty: float, repetition_window: int) -> list[float]:
+    """The processed distribution written out plainly for one position: penalty over the ids among
+    the last `repetition_window` tokens of its prefix, temperature, top-k, top-p."""
+    x = logits.double().tolist()
+    for t in set(prefix[-repetition_window:] if repetition_window else prefix):
+        x[t] = x[t] / repetition_penalty if x[t] > 0 else x[t] * repetition_penalty
+    x = [v / temperature for v in x]
+    if top_k:
+        kth = sorted(x, reverse=True)[top_k - 1]
+        x = [v if v >= kth else float("-inf") for v in x]
+    top = max(x)
+    e = [0.0 if v == float("-inf") else torch.tensor(v - top).exp().item() for v in x]
+    p = [v / sum(e) for v in e]
+    kept, mass = set(), 0.0
+    for i in sorted(range(len(p)), key=lambda i: -p[i]):
+        if mass >= top_p:
+            break
+        kept.add(i)
+        mass += p[i]
+    p = [v if i in kept else 0.0 for i, v in enumerate(p)]
+    return [v / sum(p) for v in p]
+
+
+def reference_pair_distribution(model, prompt, settings) -> dict[tuple[int, int], float]:
+    cache = KVCache.for_model(model)
+    p1 = reference_probs(model(torch.tensor(prompt), cache, logits="last")[0], prompt, **settings)
+    out = {}
+    for a in range(PVOCAB):
+        cache.truncate(len(prompt))
+        p2 = reference_probs(model(torch.tensor([a]), cache, logits="last")[0], prompt + [a], **settings)
+        for b in range(PVOCAB):
+            out[(a, b)] = p1[a] * p2[b]
+    return out
+
+
+@pytest.fixture(scope="module")
+def processed_setup(tmp_path_factory):
+    """A target that likes to repeat its last token (logit about 2.5 against about 0 for the
+    others, plus a little context), over a prompt of ids 0 and 1 in a vocabulary of 8: whether
+    the next token repeats depends on the penalty, and ids 2..7 are penalized only once drafted,
+    so the penalty changes from one position of a window to the next. The draft model is random."""
+    target = load_weights_only(save_bigram_model(tmp_path_factory.mktemp("pt"), {(t, t): 0.4 for t in range(PVOCAB)},
+                                                 vocab_size=PVOCAB, seed=11, mix=0.003))
+    draft = load_weights_only(save_random_model(tmp_path_factory.mktemp("pd"), "llama", vocab_size=PVOCAB,
+                                                seed=12, num_hidden_layers=1))
+    prompt = torch.randint(0, 2, (96,), generator=torch.Generator().manual_seed(3)).tolist()
+    engine = Engine(target, prompt, budget=12, chunk=4, draft_model=draft)
+    exact = {name: reference_pair_distribution(target, prompt, st) for name, st in PROCESSED.items()}
+    return engine, exact
+
+
+def processed_sampler(name: str, cls=Sampler):
+    st = PROCESSED[name]
+    return lambda seed: cls(st["temperature"], st["top_p"], seed, top_k=st["top_k"],
+                            repetition_penalty=st["repetition_penalty"], repetition_window=st["repetition_window"])
+
+
+@pytest.mark.parametrize("level,drafter,setting,adaptive", [
+    (1, "ngram", "whole", False), (2, "model", "whole", False), (2, "model", "window3", False),
+    (2, "ngram", "window3", True),
+])
+def test_sampling_with_top_k_and_penalty_is_distributed_as_the_target(processed_setup, level, drafter, setting,
+                                                                      adaptive):
+    engine, exact = processed_setup
+    stat = chi2_statistic(engine, level, drafter, None, None, exact[setting], adaptive,
+                          make_sampler=processed_sampler(setting), draws=PDRAWS)
+    assert stat < 1.0
+
+
+class PrefixOffByOne(Sampler):
+    """Planted bias: the rows of a window after the first see one drafted token too few."""
+
+    def scores(self, logits, extra=()):
+        if logits.dim() == 1 or logits.shape[0] == 1:
+            return super().scores(logits, extra)
+        rows, extra = logits.shape[0], list(extra)
+        offset = len(extra) - (rows - 1)
+        return torch.stack([super(PrefixOffByOne, self).scores(logits[j], extra[: max(0, offset + j - 1)])
+                            for j in range(rows)])
+
+
+class TopKOnFirstRowOnly(Sampler):
+    """Planted bias: top-k applied at the first position of a window only, not at drafted ones."""
+
+    def probs(self, logits, extra=()):
+        p = super().probs(logits, extra)
+        if logits.dim() == 2 and logits.shape[0] > 1:
+            k, self.top_k = self.top_k, 0
+            p[1:] = super().probs(logits, extra)[1:]
+            self.top_k = k
+        return p
+
+
+def test_processed_chi_square_rejects_planted_biases(processed_setup):
+    """Both bugs leave the first token right and bias the second, in the verifier and the middle
+    level alike; the test has the power to see it."""
+    engine, exact = processed_setup
+    off_by_one = chi2_statistic(engine, 1, "ngram", None, None, exact["whole"],
+                                make_sampler=processed_sampler("whole", PrefixOffByOne), draws=PDRAWS)
+    assert off_by_one > 1.0
+    no_top_k = chi2_statistic(engine, 2, "model", None, None, exact["whole"],
+                              make_sampler=processed_sampler("whole", TopKOnFirstRowOnly), draws=PDRAWS)
+    assert no_top_k > 1.0
+
+
+def test_reference_pair_distribution_sums_to_one_and_feels_the_penalty(processed_setup):
+    engine, exact = processed_setup
+    for dist in exact.values():
+        assert abs(sum(dist.values()) - 1) < 1e-9
+    plain = reference_pair_distribution(engine.model, engine.prompt, {**PROCESSED["whole"], "repetition_penalty": 1.0})
+    assert max(abs(plain[k] - exact["whole"][k]) for k in plain) > 0.02  # the penalty is not a no-op here
+
+
+@pytest.fixture(scope="module")
+def walker(tmp_path_factory):
+    """After token t this model prefers t again (logit about 4) to t + 1 (about 2.4), unless t is
+    penalized (4 / 3 < 2.4): with the penalty it walks to ids it has not seen, and the position
+    after a drafted new id is where a penalty missing that id changes the greedy token."""
+    vocab = 64
+    edges = {(t, t): 0.5 for t in range(vocab)} | {(t, (t + 1) % vocab): 0.3 for t in range(vocab)}
+    return load_weights_only(save_bigram_model(tmp_path_factory.mktemp("walk"), edges, vocab_size=vocab, seed=5,
+                                               mix=0.003))
+
+
+@pytest.mark.parametrize("case", ["random-window16", "walker-whole"])
+def test_greedy_with_the_penalty_is_token_identical(small_models, walker, case):
+    """Greedy applies the penalty (as transformers' greedy search does) at every level alike: a
+    random model with the penalty over the last 16 tokens, and the walker with the penalty over
+    the whole context, where the identity test also rejects a window whose rows miss a draft."""
+    target, draft = small_models
+    if case == "random-window16":
+        engine = Engine(target, repetitive_prompt(6, 200, 64), budget=32, chunk=4, draft_model=draft)
+        settings = dict(top_k=5, repetition_penalty=1.5, repetition_window=16)
+    else:
+        engine = Engine(walker, repetitive_prompt(6, 200, 16), budget=32, chunk=4, draft_model=draft)
+        settings = dict(top_k=5, repetition_penalty=3.0, repetition_window=0)
+    n = 40
+
+    def sampler(cls=Sampler):
+        return cls(0.0, **settings)
+
+    want, _ = engine.run(0, n, sampler())
+    plain, _ = engine.run(0, n, Sampler(0.0))
+    assert want != plain  # the penalty changes the answer
+    for level, drafter, adaptive in [(1, "ngram", False), (2, "ngram", False), (2, "model", False),
+                                     (2, "ngram", True)]:
+        got, _ = engine.run(level, n, sampler(), drafter, 4, 3, adaptive)
+        assert got == want, f"level {level} ({drafter}, adaptive={adaptive}) differs from level 0"
+    if case == "walker-whole":
+        broken, _ = engine.run(1, n, sampler(PrefixOffByOne))
+        assert broken != want
