@@ -345,9 +345,10 @@ def make_drafter(
     from triforce_chat.decoding.loading import load_model
 
     context = target.model.max_len
+    # weights as shipped (a GGUF draft keeps its blocks); no self-check: drafts are always verified
     loaded = load_model(
-        spec, dtype=target.model.dtype, device=device or str(target.model.device),
-        context=context if extend_context else None, log=log,
+        spec, dtype=None, device=device or str(target.model.device),
+        context=context if extend_context else None, log=log, check=False,
     )
     check_shared_vocab(loaded.model_id, loaded.tokenizer, target.tokenizer, loaded.model.args.vocab_size)
     return ModelDrafter(
