@@ -210,8 +210,8 @@ def load_weights_only(
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{model_id}: no .safetensors weights in {path}")
-    with torch.device("meta"):
-        model = Transformer(args)
+    with torch.device("meta"):  # a context below the model's positions makes the KV cache smaller
+        model = Transformer(args, max_len=context if context and context < args.max_position_embeddings else None)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
