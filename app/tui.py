@@ -720,7 +720,8 @@ class TriforceApp(App[int]):
         memory): the transcript and the history forget it, as the session did, and it goes back to
         the input so nothing typed is lost."""
         if message.error:
-            self.notify(f"{message.error}; your question is back in the input", severity="error", timeout=10)
+            severity = "warning" if message.error.startswith("stopped") else "error"
+            self.notify(f"{message.error}; your question is back in the input", severity=severity, timeout=10)
         if message.answer in self.answers:
             self.answers.remove(message.answer)
         users = self.query(UserMessage)

@@ -450,7 +450,7 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
     lines.append(Content.assemble(("Drafter ", "bold"), one_line(drafter)))
     lines.append(Content.assemble(("Process ", "bold"), f"RSS {mb(fig.process_rss_bytes)}"))
     if fig.memory_estimate_bytes:  # the memory guard's figure, next to what is measured
-        lines.append(Content(f" estimate {mb(fig.memory_estimate_bytes)} (model + caches, full context)"))
+        lines.append(Content(f" estimate {mb(fig.memory_estimate_bytes)} at full context"))
     if fig.memory_available_bytes:
         lines.append(Content(f" available {fig.memory_available_bytes / GIB:,.1f} GiB"))
     return Content("\n").join(lines)

@@ -9,6 +9,7 @@ session given the same transcript) and a document added mid-conversation.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -134,6 +135,12 @@ class Session:
     def add_document(self, name: str, text: str) -> Document:
         if not text.strip():
             raise DocumentError(f"{name}: the document is empty")
+        at_least = len(text) // self._longest_token
+        if at_least >= self.max_context and not self.config.truncate:  # no need to tokenize megabytes to know
+            raise DocumentError(
+                f"{name}: {len(text):,} characters, at least {at_least:,} tokens: over the model's context of "
+                f"{self.max_context} (use --truncate to keep head and tail)"
+            )
         doc = Document(name, text, self.count_tokens(text))
         if doc.n_tokens >= self.max_context and not self.config.truncate:
             raise DocumentError(
@@ -142,6 +149,14 @@ class Session:
             )
         self.pending_documents.append(doc)
         return doc
+
+    @functools.cached_property
+    def _longest_token(self) -> int:
+        """Characters in the tokenizer's longest token, times 4: a text of n characters has at least
+        n / this many tokens. (A token's vocabulary string is never shorter than the text it stands
+        for; the 4 covers a normalizer composing characters, such as NFKC turning Hangul jamo or
+        a letter and its accent into one character.)"""
+        return 4 * max(1, max((len(t) for t in self.tokenizer.get_vocab()), default=1))
 
     @property
     def documents(self) -> list[Document]:
