@@ -303,9 +303,12 @@ class Writer:
             pass
 
     def close(self) -> None:
-        if self._fd >= 0:
+        if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
             self._fd = -1
+
+    def __del__(self) -> None:  # a writer dropped without close() does not leak its descriptor
+        self.close()
 
 
 def transcript_markdown(

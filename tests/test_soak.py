@@ -108,8 +108,8 @@ async def test_many_turns_in_the_app_keep_widgets_threads_and_files_bounded(tiny
     async with app.run_test(size=(160, 48)) as pilot:
         await ready(pilot)
         counts: dict[int, tuple[int, int, int]] = {}
-        for turn in range(30):
-            if turn and turn % 10 == 0:
+        for turn in range(24):
+            if turn and turn % 8 == 0:
                 await pilot.press("ctrl+n")  # new chat: the transcript's widgets go
                 await pilot.pause(0.05)
             if turn % 3 == 2:
@@ -117,17 +117,17 @@ async def test_many_turns_in_the_app_keep_widgets_threads_and_files_bounded(tiny
             await ask(pilot, f"Question {turn}?")
             session = app.session
             check_invariants(session)
-            if turn in (9, 19, 29):
+            if turn in (7, 15, 23):
                 await pilot.pause(0.2)
                 counts[turn] = (len(list(app.query("*"))), threading.active_count(), open_files())
-        assert app.answers_done == 30 and len(app.answer_timings) == 30
-        assert len(app.answers) == 10 and len(session.turns) == 10
-        widgets9, threads9, files9 = counts[9]
-        for turn in (19, 29):
+        assert app.answers_done == 24 and len(app.answer_timings) == 24
+        assert len(app.answers) == 8 and len(session.turns) == 8
+        widgets0, threads0, files0 = counts[7]
+        for turn in (15, 23):
             widgets, threads, files = counts[turn]
-            assert widgets <= widgets9 + 5, counts  # each chat of 10 turns needs the same widgets
-            assert threads <= threads9 + 1, counts  # workers end with their answer
-            assert files <= files9, counts  # one history file open at a time
+            assert widgets <= widgets0 + 5, counts  # each chat of 8 turns needs the same widgets
+            assert threads <= threads0 + 1, counts  # workers end with their answer
+            assert files <= files0, counts  # one history file open at a time
         deadline = time.monotonic() + 10
         while len(app._notifications) > 20 and time.monotonic() < deadline:
             await pilot.pause(0.2)
