@@ -347,7 +347,8 @@ class Session:
 
     def _memory_figures(self, fig: CacheFigures) -> None:
         """The memory guard's estimate at the full context and the memory available, for the panel."""
-        from triforce_chat.decoding.memory import available_memory, session_estimate
+        from triforce_chat.decoding.footprint import session_estimate
+        from triforce_chat.decoding.memory import available_memory
 
         try:
             fig.memory_estimate_bytes = session_estimate(self).total

@@ -1,5 +1,6 @@
-"""The memory guard: available memory from cgroups or /proc/meminfo, the estimate against what a
-model really allocates, and refusals that say what would fit (ask: exit 2; the app: a notice)."""
+"""The memory guard: available memory from cgroups or /proc/meminfo, the estimate
+(decoding/footprint.py) against what a model really allocates, and refusals that say what would
+fit (ask: exit 2; the app: a notice)."""
 
 from __future__ import annotations
 
@@ -13,16 +14,14 @@ from pathlib import Path
 import pytest
 
 from triforce_chat.decoding import memory
+from triforce_chat.decoding.footprint import MIB, ModelShape, view_buffer_bytes, weight_files
 from triforce_chat.decoding.memory import (
-    MIB,
     Available,
     MemoryShortage,
-    ModelShape,
     available_memory,
     cgroup_available,
     check_before_load,
     meminfo_available,
-    weight_files,
 )
 from triforce_chat.decoding.session import DecodeConfig, Session
 
@@ -89,9 +88,9 @@ def test_view_buffer_estimate_bounds_the_real_buffer(tiny_model):
     list(s.generate("Who keeps the light?"))
     assert s.view.n_selected_chunks > 0  # the view was built over a context longer than its budget
     shape = ModelShape.from_args(tiny_model.model.args)
-    estimated = memory.view_buffer_bytes(shape, s.cache.length, "64", 8, 4)
+    estimated = view_buffer_bytes(shape, s.cache.length, "64", 8, 4)
     assert s.view.buffer_bytes <= estimated <= s.view.buffer_bytes + 512 * shape.kv_bytes_per_token(4)
-    assert memory.view_buffer_bytes(shape, 60, "64", 8, 4) == 0  # a budget covering the context: no buffer
+    assert view_buffer_bytes(shape, 60, "64", 8, 4) == 0  # a budget covering the context: no buffer
 
 
 def test_the_estimate_is_close_to_what_a_model_really_allocates(tmp_path, default_model_dir):
