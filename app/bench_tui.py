@@ -63,7 +63,7 @@ def main() -> None:
         return time.thread_time()
 
     def run_app() -> list[int]:
-        done = len(app.answer_timings)
+        done = app.answers_done
         ui0 = app.call_from_thread(ui_clock)
 
         def submit() -> None:
@@ -73,7 +73,7 @@ def main() -> None:
             box.action_submit()
 
         app.call_from_thread(submit)
-        while len(app.answer_timings) == done:
+        while app.answers_done == done:
             time.sleep(0.1)
         timing = app.answer_timings[-1]
         ui_cpu.append((app.call_from_thread(ui_clock) - ui0) / timing["wall_s"])

@@ -7,7 +7,6 @@ in one line on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from triforce_chat.app.cache_cmd import cache_app
 from triforce_chat.app.models_cmd import models_app
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped with ctrl-c
 
 app = typer.Typer(
     add_completion=False,
@@ -41,8 +41,16 @@ def fail(message: str) -> None:
     raise CliError(message)
 
 
+def say(message: str) -> None:
+    """A line for the user on stderr, with any control characters from file names or documents
+    shown as visible pictures (app/safe_text.py)."""
+    from triforce_chat.app.safe_text import one_line
+
+    print(one_line(message), file=sys.stderr)
+
+
 # -- documents ------------------------------------------------------------------------------------------
-def read_document(path: Path, warn=lambda m: print(m, file=sys.stderr)) -> tuple[str, str]:
+def read_document(path: Path, warn=say) -> tuple[str, str]:
     """(name, text) of a text file, or a CliError naming what is wrong with it."""
     if not path.exists():
         fail(f"{path}: no such file")
@@ -62,18 +70,23 @@ def read_document(path: Path, warn=lambda m: print(m, file=sys.stderr)) -> tuple
             f"warning: {path} is not valid UTF-8 (first bad byte at offset {exc.start}); "
             "undecodable bytes were replaced with U+FFFD"
         )
+    nuls = text.count("\x00")
+    if nuls:  # past the first 8 KiB (else it was called binary above): shown like undecodable bytes
+        text = text.replace("\x00", "\ufffd")
+        warn(f"warning: {path} contains {nuls} NUL byte{'s' if nuls > 1 else ''}; replaced with U+FFFD")
     if not text.strip():
         fail(f"{path}: the document is empty")
     return path.name, text
 
 
 # -- shared option handling ----------------------------------------------------------------------------
-def resolve_settings(config: Path | None, **cli: Any):
-    """Settings from defaults <- config file <- the flags actually given."""
+def resolve_settings(config: Path | None, warn=None, **cli: Any):
+    """Settings from defaults <- config file <- the flags actually given. With `warn`, problems in
+    the config file are passed to it (the defaults stand in for what is wrong); bad flags fail."""
     from triforce_chat.app.settings import SettingsError, load_settings
 
     try:
-        return load_settings(config).merged(**{k: v for k, v in cli.items() if v is not None})
+        return load_settings(config, warn=warn).merged(**{k: v for k, v in cli.items() if v is not None})
     except SettingsError as exc:
         fail(str(exc))
 
@@ -210,7 +223,8 @@ KvDtypeOpt = Annotated[
 DeviceOpt = Annotated[str | None, typer.Option(help="auto, cpu or cuda.")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch.")]
 ContextOpt = Annotated[
-    int | None, typer.Option(help="Extend the model's positions to this many tokens (YaRN).")
+    int | None,
+    typer.Option(help="Context in tokens: more than the model's positions extends them (YaRN), fewer saves memory."),
 ]
 TruncateOpt = Annotated[
     bool, typer.Option("--truncate", help="Keep head and tail of documents too long to fit.")
@@ -254,13 +268,14 @@ def chat(
     """Start the chat UI (the default command)."""
     if ctx.invoked_subcommand is not None:
         return
-    settings = resolve_settings(config, **given_settings(locals()))
+    notices: list[str] = []
+    settings = resolve_settings(config, warn=notices.append, **given_settings(locals()))
     decode_config(settings)
     for path in doc or []:
         read_document(path)
     from triforce_chat.app.tui import run_tui
 
-    raise typer.Exit(run_tui(settings, list(doc or []), resume))
+    raise typer.Exit(run_tui(settings, list(doc or []), resume, notices=notices))
 
 
 @app.command()
@@ -292,8 +307,16 @@ def ask(
     no_doc_cache: NoDocCacheOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Answer one question about the documents, streaming the text to stdout."""
-    settings = resolve_settings(config, **given_settings(locals()))
+    """Answer one question about the documents, streaming the text to stdout.
+
+    Ctrl-C ends the answer at the last token printed: the text so far (or, with --json, the object
+    with stop_reason "interrupted"), then "interrupted" on stderr and exit code 130."""
+    import threading
+
+    from triforce_chat.app.interrupt import first_sigint_stops
+    from triforce_chat.app.safe_text import json_text
+
+    settings = resolve_settings(config, warn=lambda m: say(f"warning: {m}"), **given_settings(locals()))
     if question == "-":
         question = sys.stdin.read()
     if not question.strip():
@@ -301,61 +324,94 @@ def ask(
     cfg = decode_config(settings)
     docs = [read_document(p) for p in doc or []]
     device_name, torch_dtype = setup_runtime(settings)
+    guard_memory(settings, device_name, torch_dtype, cfg)
     lm = load_model_or_fail(settings, device_name, torch_dtype, quiet=json_out)
     from triforce_chat.app.cache_cmd import store_for
 
     cfg = decode_config(settings.with_model_defaults(lm.generation_defaults))
-    result = run_ask(lm, cfg, docs, question, stream=None if json_out else sys.stdout, store=store_for(settings))
+    interrupted = threading.Event()
+    with first_sigint_stops(interrupted.set):
+        result = run_ask(lm, cfg, docs, question, stream=None if json_out else sys.stdout, store=store_for(settings),
+                         should_stop=interrupted.is_set)
+    if interrupted.is_set():
+        result["stats"]["stop_reason"] = "interrupted"
     if json_out:
-        print(json.dumps(result, ensure_ascii=False))
+        print(json_text(result))  # model text may hold escape sequences: written as \u escapes
     else:
         sys.stdout.write("\n")
         if result["stats"]["stop_reason"] == "repetition":
-            print("stopped: repetition (the answer kept repeating itself; --no-stop-on-repetition lets it go on)",
-                  file=sys.stderr)
+            say("stopped: repetition (the answer kept repeating itself; --no-stop-on-repetition lets it go on)")
+    if interrupted.is_set():
+        sys.stdout.flush()
+        say("interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def guard_memory(settings, device: str, dtype, cfg) -> None:
+    """Refuse (exit 2, one line) a model and context that the memory guard says will not fit."""
+    from triforce_chat.decoding.memory import MemoryShortage, check_before_load
+
+    try:
+        check_before_load(settings.model, dtype=dtype, device=device, context=settings.context, config=cfg,
+                          kv_dtype=settings.torch_kv_dtype())
+    except MemoryShortage as exc:
+        fail(str(exc))
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "repetition_window", "seed")
 
 
 def run_ask(
-    lm, cfg, docs: list[tuple[str, str]], question: str, stream=None, store=None,
-    warn=lambda m: print(m, file=sys.stderr),
+    lm, cfg, docs: list[tuple[str, str]], question: str, stream=None, store=None, should_stop=None,
+    warn=lambda m: say(m),
 ) -> dict[str, Any]:
-    """Answer headless; returns the `ask --json` object (also used by bench and tests). The
-    documents are prefilled before the question, as in the chat, so that the document cache
-    (`store`) keeps them for any later question."""
+    """Answer headless; returns the `ask --json` object (also used by bench and tests).
+    `stream` gets the answer as it comes, made safe for a terminal; `should_stop()` ends it early
+    (during the prefill: an empty answer). The documents are prefilled before the question, as in
+    the chat, so that the document cache (`store`) keeps them for any later question."""
+    from triforce_chat.app.safe_text import terminal_text
     from triforce_chat.decoding.drafters import DrafterError
     from triforce_chat.decoding.loading import ModelLoadError
-    from triforce_chat.decoding.session import ContextOverflow, DocumentError, Session
+    from triforce_chat.decoding.memory import MemoryShortage
+    from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled, Session
 
+    shown = ""
     try:
         session = Session(lm, cfg, store=store)
         if cfg.level == 2:
             session.drafter  # noqa: B018 - load a draft model now, so a bad --draft fails before any prefill
         for name, text in docs:
             session.add_document(name, text)
-        if docs and not cfg.truncate:  # --truncate cuts documents to fit the question: at generate()
-            session.prefill()
-            for notice in session.take_notices():
-                warn(f"warning: {notice}")
         token_ids: list[int] = []
-        for ev in session.generate(question):
-            token_ids.extend(ev.tokens)
-            if stream is not None and ev.text:
-                stream.write(ev.text)
-                stream.flush()
-    except (ContextOverflow, DocumentError, DrafterError, ModelLoadError) as exc:
+        try:
+            if docs and not cfg.truncate:  # --truncate cuts documents to fit the question: at generate()
+                session.prefill(should_cancel=should_stop)
+                for notice in session.take_notices():
+                    warn(f"warning: {notice}")
+            for ev in session.generate(question, should_cancel=should_stop):
+                token_ids.extend(ev.tokens)
+                if stream is not None and ev.text:
+                    stream.write(terminal_text(ev.text))
+                    stream.flush()
+                    shown += ev.text
+        except PrefillCancelled:
+            pass  # stopped before the first token: no answer
+    except (ContextOverflow, DocumentError, DrafterError, ModelLoadError, MemoryShortage) as exc:
         fail(str(exc))
     for notice in session.take_notices():
         warn(f"warning: {notice}")
+    answered = bool(session.turns) and session.turns[-1].question == question
+    text = session.turns[-1].answer if answered else ""
+    if stream is not None and text.startswith(shown) and len(text) > len(shown):
+        stream.write(terminal_text(text[len(shown):]))  # a character held back until it was whole
+        stream.flush()
     stats = session.stats.to_dict()
     stats["cache"] = session.cache_figures().to_dict()
     return {
-        "text": session.turns[-1].answer,
+        "text": text,
         "token_ids": token_ids,
         "token_origins": session.stats.token_origins,
-        "prompt_token_ids": session.last_prompt_ids,
+        "prompt_token_ids": session.last_prompt_ids if answered else [],
         "level": cfg.level,
         "model": lm.model_id,
         "model_path": str(lm.path),
@@ -421,22 +477,28 @@ def bench(
 def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for stream in (sys.stdout, sys.stderr):  # a terminal that cannot show a character gets an escape, not a crash
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
     try:
         code = app(standalone_mode=False)  # a `typer.Exit(n)` comes back as n in this mode
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}")
         sys.exit(EXIT_USAGE)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        say("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as exc:  # click usage errors and the like
         import click
 
         # typer vendors its own click: its usage errors (a bad number, say) are TyperExceptions
         if isinstance(exc, click.exceptions.ClickException | typer.TyperException) and hasattr(exc, "format_message"):
-            print(f"error: {exc.format_message()}", file=sys.stderr)
+            say(f"error: {exc.format_message()}")
             sys.exit(EXIT_USAGE)
         raise
     if isinstance(code, int) and code:

@@ -50,6 +50,8 @@ DRAFTS = ("ngram",)  # or a model spec (folder / hub id) for a small draft model
 # weights: "auto" keeps them as shipped (GGUF blocks, or a checkpoint's own float dtype)
 WEIGHTS = ("auto", "float32", "bfloat16", "float16")
 KV_DTYPES = ("auto", "float16", "bfloat16", "float32")
+MAX_CONTEXT = 1 << 24  # 16M tokens: beyond any model's positions, and a bound for a mistyped number
+MAX_THREADS = 1024
 
 
 class SettingsError(ValueError):
@@ -110,12 +112,15 @@ class Settings:
     keymap: dict[str, str] = field(default_factory=dict)
     # the options the config file or the flags gave (so a model's defaults do not override them)
     given: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+    # where each value from the config file was set ("setting" or "keymap.<id>" -> "<file>, line N"),
+    # so that problems found later (a keymap clash, in the app) can name the line
+    origin: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     # -- construction -------------------------------------------------------------------------------
     def merged(self, **overrides: Any) -> Settings:
         """A copy with the given options replaced; None means "not given" and keeps the current value.
         `keymap` is merged key by key. Raises SettingsError for unknown names and bad values."""
-        known = {f.name for f in fields(self)} - {"given"}
+        known = {f.name for f in fields(self)} - {"given", "origin"}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise SettingsError(f"unknown option: {', '.join(unknown)}")
@@ -158,8 +163,10 @@ class Settings:
             (self.weights in WEIGHTS, f"weights must be one of {', '.join(WEIGHTS)}, not {self.weights!r}"),
             (self.kv_dtype in KV_DTYPES, f"kv-dtype must be one of {', '.join(KV_DTYPES)}, not {self.kv_dtype!r}"),
             (bool(self.device), "device must not be empty"),
-            (self.threads is None or self.threads >= 1, f"threads must be >= 1, not {self.threads}"),
-            (self.context is None or self.context >= 16, f"context must be >= 16 tokens, not {self.context}"),
+            (self.threads is None or 1 <= self.threads <= MAX_THREADS,
+             f"threads must be between 1 and {MAX_THREADS}, not {self.threads}"),
+            (self.context is None or 16 <= self.context <= MAX_CONTEXT,
+             f"context must be between 16 and {MAX_CONTEXT:,} tokens, not {self.context}"),
             (bool(self.theme), "theme must not be empty"),
             (self.cache_max_gb > 0, f"cache.max_gb must be a positive number of GB, not {self.cache_max_gb}"),
         ]
@@ -195,6 +202,7 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out.pop("given")
+        out.pop("origin")
         return out
 
 
@@ -229,13 +237,20 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _line_of(text: str, key: str) -> int | None:
-    """The 1-based line where `key` (or its dashed spelling) is assigned, if it can be found."""
-    names = {key, key.replace("_", "-")}
-    pattern = re.compile(r'^\s*(?:"([^"]+)"|\'([^\']+)\'|([A-Za-z0-9_\-]+))\s*=')
+def _line_of(text: str, key: str, section: str | None = None) -> int | None:
+    """The 1-based line where `key` (or its dashed/underscored spelling) is assigned in the table
+    `section` (None: the top level, before any [table]), if it can be found."""
+    names = {key, key.replace("_", "-"), key.replace("-", "_")}
+    assign = re.compile(r'^\s*(?:"([^"]+)"|\'([^\']+)\'|([A-Za-z0-9_\-]+))\s*=')
+    header = re.compile(r'^\s*\[\s*(?:"([^"]+)"|([A-Za-z0-9_\-.]+))\s*\]')
+    current: str | None = None
     for i, line in enumerate(text.splitlines(), 1):
-        m = pattern.match(line)
-        if m and (m.group(1) or m.group(2) or m.group(3)) in names:
+        h = header.match(line)
+        if h:
+            current = h.group(1) or h.group(2)
+            continue
+        m = assign.match(line)
+        if m and current == section and (m.group(1) or m.group(2) or m.group(3)) in names:
             return i
     return None
 
@@ -267,58 +282,106 @@ def _cache_table(table: Any, where: Callable[[str], str]) -> dict[str, Any]:
     return out
 
 
-def load_settings(path: Path | None = None, base: Settings | None = None) -> Settings:
+def load_settings(
+    path: Path | None = None, base: Settings | None = None, warn: Callable[[str], None] | None = None
+) -> Settings:
     """Read the config file (default: config_path()); a missing file gives the defaults.
 
-    Raises SettingsError whose message names the file and the line of the problem."""
+    Every message names the file, the line and the key. Without `warn`, the first problem raises
+    SettingsError. With `warn`, every problem is passed to it and what is wrong keeps `base`'s
+    value (the defaults): a mistyped key, a wrong type or a huge number never keeps the app from
+    starting, and the rest of the file still applies. The file itself is never changed."""
     path = Path(path) if path is not None else config_path()
     base = base or Settings()
     if not path.exists():
         return base
+    lenient = warn is not None
+
+    def report(message: str, fallback: str) -> None:
+        if not lenient:
+            raise SettingsError(message)
+        warn(f"{message} ({fallback})")
+
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"{path}: cannot read the config file ({exc})") from None
+        report(f"{path}: cannot read the config file ({exc})", "using the defaults")
+        return base
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise SettingsError(f"{path}: {exc}") from None  # tomllib's message says "(at line N, column M)"
+        # tomllib's message says "(at line N, column M)"
+        report(f"{path}: {exc}", "the whole file is ignored until this is fixed; using the defaults")
+        return base
 
-    def where(key: str) -> str:
-        line = _line_of(text, key)
+    def where(key: str, section: str | None = None) -> str:
+        line = _line_of(text, key, section)
         return f"{path}, line {line}" if line else str(path)
 
+    def default_of(key: str) -> str:
+        return f"using the default, {getattr(base, key)!r}"
+
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     for raw_key, value in data.items():
         key = raw_key.replace("-", "_")
         if key == "dtype":  # the name of `weights` before GGUF weights were computed as shipped
             key = "weights"
         if key == "keymap":
             if not isinstance(value, dict):
-                raise SettingsError(f'{where(raw_key)}: keymap must be a table ([keymap] with id = "keys")')
+                report(f'{where(raw_key)}: keymap must be a table ([keymap] with id = "keys")', "keymap ignored")
+                continue
             keymap: dict[str, str] = {}
             for bid, keys in value.items():
                 if not isinstance(keys, str) or not keys.strip():
-                    raise SettingsError(
-                        f'{where(bid)}: keymap.{bid} must be a string of keys such as "ctrl+t"'
+                    report(
+                        f'{where(bid, raw_key)}: keymap.{bid} must be a string of keys such as "ctrl+t", not {keys!r}',
+                        "that binding keeps its default key",
                     )
+                    continue
                 keymap[bid] = keys.strip()
+                origin[f"keymap.{bid}"] = where(bid, raw_key)
             values["keymap"] = keymap
             continue
         if key == "cache":
-            values.update(_cache_table(value, where))
+            try:
+                values.update(_cache_table(value, lambda k: where(k, "cache") if k != "cache" else where(k)))
+            except SettingsError as exc:
+                report(str(exc), "the [cache] table keeps its defaults")
             continue
         if key not in _FIELD_TYPES:
-            raise SettingsError(f"{where(raw_key)}: unknown setting {raw_key!r}")
+            report(f"{where(raw_key)}: unknown setting {raw_key!r}", "ignored")
+            continue
         types = _FIELD_TYPES[key]
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
             expected = " or ".join(t.__name__ for t in types)
-            raise SettingsError(f"{where(raw_key)}: {raw_key} must be {expected}, not {value!r}")
+            report(f"{where(raw_key)}: {raw_key} must be {expected}, not {value!r}", default_of(key))
+            continue
         if float in types and int in types and key != "budget":
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an int too large for a float
+                report(f"{where(raw_key)}: {raw_key} is out of range: {value}", default_of(key))
+                continue
+        if lenient:  # each value on its own first, so that one bad value names its own line
+            try:
+                base.merged(**{key: value})
+            except SettingsError as exc:
+                report(f"{where(raw_key)}: {exc}", default_of(key))
+                continue
         values[key] = value
-    try:
-        return base.merged(**values)
-    except SettingsError as exc:
-        bad = next((k for k in values if k.replace("_", "-") in str(exc) or k in str(exc)), None)
-        raise SettingsError(f"{where(bad) if bad else path}: {exc}") from None
+        origin[key] = where(raw_key)
+    while True:  # then together: some values are only wrong in combination (budget and chunk size)
+        try:
+            merged = base.merged(**values)
+            break
+        except SettingsError as exc:
+            bad = next((k for k in values if k != "keymap" and (k.replace("_", "-") in str(exc) or k in str(exc))),
+                       None)
+            if bad is None:
+                bad = next((k for k in reversed(values) if k != "keymap"), None)
+            if bad is None:
+                raise
+            report(f"{where(bad)}: {exc}", default_of(bad))
+            del values[bad]
+    return dataclasses.replace(merged, origin=origin)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from textual.widgets import DirectoryTree, Footer, Header, Input, OptionList, St
 from textual.widgets.option_list import Option
 
 from triforce_chat.app.history import History, Writer, transcript_markdown
+from triforce_chat.app.keymap import check_keymap
+from triforce_chat.app.safe_text import one_line
 from triforce_chat.app.settings import Settings, data_dir
 from triforce_chat.app.widgets import (
     AnswerMessage,
@@ -110,10 +113,15 @@ class AnswerDone(Message):
         figures: CacheFigures | None,
         error: str = "",
         wall_s: float = 0.0,
+        started: bool = True,
+        question: str = "",
     ) -> None:
         super().__init__()
         self.answer, self.text, self.stats, self.rates = answer, text, stats, rates
         self.figures, self.error, self.wall_s = figures, error, wall_s
+        # started: the question reached the model (a turn exists); if not, the question goes back
+        # to the input and the transcript forgets it, as the session did
+        self.started, self.question = started, question
 
 
 class CacheStatus(Message):
@@ -144,7 +152,9 @@ class HelpScreen(ModalScreen[None]):
             Content(""),
         ]
         for keys, description, bid in self.rows:
-            lines.append(Content.assemble((f"{keys:<30} ", "bold $accent"), f"{description:<22}", (bid, "dim")))
+            lines.append(
+                Content.assemble((f"{one_line(keys, 30):<30} ", "bold $accent"), f"{description:<22}", (bid, "dim"))
+            )
         lines += [
             Content(""),
             Content.styled(
@@ -192,7 +202,8 @@ class HistoryScreen(ModalScreen[str | None]):
         with Vertical(id="history-box"):
             yield Static("Saved conversations (enter reopens)", classes="modal-title")
             if self.items:
-                yield OptionList(*[Option(label, id=cid) for cid, label in self.items], id="history-list")
+                options = [Option(Content(one_line(label, 120)), id=cid) for cid, label in self.items]
+                yield OptionList(*options, id="history-list")
             else:
                 yield Static("no saved conversations yet", classes="dim")
 
@@ -254,6 +265,9 @@ WELCOME = Content.assemble(
 )
 
 
+MODAL_SAFE_ACTIONS = ("quit", "help", "command_palette")  # actions that also work over a modal screen
+
+
 @dataclass
 class _Job:
     kind: str  # "model" | "prefill" | "answer"
@@ -300,8 +314,10 @@ class TriforceApp(App[int]):
         model: Any = None,
         history: History | None = None,
         store: Any = None,
+        notices: Sequence[str] = (),
     ) -> None:
         super().__init__()
+        self.startup_notices = list(notices)  # e.g. config file problems found by the CLI
         self.settings = settings or Settings()
         self.initial_docs = [Path(d) for d in docs]
         self.resume = resume
@@ -319,11 +335,18 @@ class TriforceApp(App[int]):
         self.writer: Writer | None = None
         self.last_figures: CacheFigures | None = None
         self._panels_at = 0.0
-        self.answer_timings: list[dict[str, float]] = []  # per answer: tokens, wall and decode seconds
+        # per answer: tokens, wall and decode seconds (the latest ones: a week-long session stays flat)
+        self.answer_timings: deque[dict[str, float]] = deque(maxlen=256)
+        self.answers_done = 0
         for theme in THEMES:
             self.register_theme(theme)
+        self.keymap_problems: list[str] = []
         if self.settings.keymap:
-            self.set_keymap(dict(self.settings.keymap))
+            origin = self.settings.origin
+            keymap, self.keymap_problems = check_keymap(
+                dict(self.settings.keymap), self._binding_scopes(), lambda bid: origin.get(f"keymap.{bid}", "keymap")
+            )
+            self.set_keymap(keymap)
 
     # -- setup ------------------------------------------------------------------------------------------
     def get_theme_variable_defaults(self) -> dict[str, str]:
@@ -344,15 +367,9 @@ class TriforceApp(App[int]):
             self.theme = self.settings.theme
 
     def start(self) -> None:
-        """Once the chat screen is up: check the keymap and load the model."""
-        known = {b.id for b in self._all_bindings() if b.id}
-        unknown = sorted(set(self.settings.keymap) - known)
-        if unknown:
-            self.notify(
-                f"keymap: unknown binding id {', '.join(unknown)} (f1 lists the ids)",
-                severity="warning",
-                timeout=10,
-            )
+        """Once the chat screen is up: report config and keymap problems, and load the model."""
+        for problem in [*self.startup_notices, *self.keymap_problems]:
+            self.notify(problem, severity="warning", timeout=12)
         self.query_one("#loadbar").display = False
         self.sub_title = "loading model …"
         self._show_load("Loading model " + (self.settings.model or "qwen2.5-coder-0.5b"), 0, None, None)
@@ -371,9 +388,25 @@ class TriforceApp(App[int]):
             out += [b for b in group if isinstance(b, Binding)]
         return out
 
+    def _binding_scopes(self) -> list[list[Binding]]:
+        """Bindings active at the same time: the chat screen (the app's and the input's), and each
+        modal screen with the app's bindings that stay active over it (see check_action)."""
+        over_modals = [b for b in self.BINDINGS if isinstance(b, Binding) and b.action in MODAL_SAFE_ACTIONS]
+        scopes = [[*self.BINDINGS, *ChatInput.BINDINGS]]
+        for screen in (HelpScreen, DocumentScreen, HistoryScreen):
+            scopes.append([*screen.BINDINGS, *over_modals])
+        return scopes
+
+    def notify(self, message: str, *, title: str = "", severity: str = "information",
+               timeout: float | None = None, markup: bool = False) -> None:
+        """Every notice shown safely: file names, model output and config values may hold escape
+        sequences or [markup]; they are shown as text (app/safe_text.py)."""
+        super().notify(one_line(message, 2000), title=one_line(title, 200), severity=severity,
+                       timeout=timeout, markup=markup)
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         """Chat actions only act on the chat screen, not under a modal (help, picker, history)."""
-        if action in ("quit", "help", "command_palette") or isinstance(self.screen, ChatScreen):
+        if action in MODAL_SAFE_ACTIONS or isinstance(self.screen, ChatScreen):
             return True
         return False
 
@@ -443,6 +476,17 @@ class TriforceApp(App[int]):
                     import torch
 
                     torch.set_num_threads(self.settings.threads)
+                from triforce_chat.decoding.memory import MemoryShortage, check_before_load
+
+                try:
+                    check_before_load(
+                        self.settings.model, dtype=self.settings.torch_dtype(), device=self.settings.resolved_device(),
+                        context=self.settings.context, config=self.settings.decode_config(),
+                        kv_dtype=self.settings.torch_kv_dtype(),
+                    )
+                except MemoryShortage as exc:
+                    self._post(LoadDone(False, str(exc), "error"))
+                    return
                 try:
                     lm = load_model(
                         self.settings.model,
@@ -476,6 +520,7 @@ class TriforceApp(App[int]):
         """Read and add documents (or restore a saved conversation), then prefill with progress."""
         from triforce_chat.app.cli import CliError, read_document
         from triforce_chat.decoding.doccache import describe, resuming_line
+        from triforce_chat.decoding.memory import MemoryShortage
         from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled
 
         session = self.session
@@ -529,7 +574,7 @@ class TriforceApp(App[int]):
                     )
                 )
                 return
-            except ContextOverflow as exc:
+            except (ContextOverflow, MemoryShortage) as exc:
                 for doc in added:
                     if doc in session.pending_documents:
                         session.pending_documents.remove(doc)
@@ -548,9 +593,10 @@ class TriforceApp(App[int]):
 
     @work(thread=True, exclusive=True, group="session")
     def answer_worker(self, job: _Job, answer: AnswerMessage, question: str) -> None:
-        from triforce_chat.decoding.session import ContextOverflow
+        from triforce_chat.decoding.session import ContextOverflow, PrefillCancelled
 
         session = self.session
+        turns_before = len(session.turns)
         batch: list[RoundEvent] = []
         last = time.perf_counter()
         t_first: float | None = None
@@ -572,9 +618,11 @@ class TriforceApp(App[int]):
                         figures, last_figures = session.cache_figures(), t_last
                     self._post(AnswerBatch(answer, batch, stats.to_dict(), list(stats.recent_tokens_per_s), figures))
                     batch = []
+        except PrefillCancelled:
+            error = "stopped before the answer began"
         except ContextOverflow as exc:
             error = str(exc)
-        except ValueError as exc:
+        except ValueError as exc:  # MemoryShortage among others: one line, the conversation kept
             error = str(exc)
         except Exception as exc:
             error = self._error_log(exc)
@@ -584,7 +632,8 @@ class TriforceApp(App[int]):
         if batch:
             stats = session.stats
             self._post(AnswerBatch(answer, batch, stats.to_dict(), list(stats.recent_tokens_per_s), None))
-        turn = session.turns[-1] if session.turns else None
+        started = len(session.turns) > turns_before
+        turn = session.turns[-1] if started else None
         try:
             figures = session.cache_figures()
         except Exception:
@@ -598,6 +647,8 @@ class TriforceApp(App[int]):
                 figures,
                 error,
                 wall,
+                started,
+                question,
             )
         )
 
@@ -613,7 +664,7 @@ class TriforceApp(App[int]):
             for d in saved:
                 try:
                     text = self.history.document_text(d.sha)
-                except OSError:
+                except (OSError, ValueError):  # missing, or not UTF-8 any more
                     self._post(Notice(f"{d.name}: the saved copy is missing; skipped", "warning"))
                     continue
                 out.append(Document(d.name, text, d.n_tokens or session.count_tokens(text)))
@@ -627,7 +678,7 @@ class TriforceApp(App[int]):
     def on_model_ready(self, message: ModelReady) -> None:
         self.session = message.session
         lm = self.session.lm
-        self.sub_title = f"{lm.model_id} · context {self.session.max_context:,}"
+        self.sub_title = one_line(f"{lm.model_id} · context {self.session.max_context:,}", 120)
         self.last_figures = self.session.cache_figures()
         self.job = None
         self.query_one("#loadbar").display = False
@@ -690,6 +741,9 @@ class TriforceApp(App[int]):
         self.job = None
         self.query_one("#loadbar").display = False
         s = message.stats
+        if not message.started:
+            await self._unsend(message)
+            return
         if message.error:
             self.notify(message.error, severity="error", timeout=10)
         meta = (
@@ -709,10 +763,37 @@ class TriforceApp(App[int]):
             self.answer_timings.append(
                 {"tokens": s["new_tokens"], "decode_s": s.get("decode_s", 0.0), "wall_s": message.wall_s}
             )
+            self.answers_done += 1
         if message.figures is not None:
             self.last_figures = message.figures
         self._refresh_panels(s, message.rates)
         self.query_one("#transcript", VerticalScroll).scroll_end(animate=False)
+
+    async def _unsend(self, message: AnswerDone) -> None:
+        """The question never reached the model (stopped during its prefill, too long, not enough
+        memory): the transcript and the history forget it, as the session did, and it goes back to
+        the input so nothing typed is lost."""
+        if message.error:
+            severity = "warning" if message.error.startswith("stopped") else "error"
+            self.notify(f"{message.error}; your question is back in the input", severity=severity, timeout=10)
+        if message.answer in self.answers:
+            self.answers.remove(message.answer)
+        users = self.query(UserMessage)
+        if users:
+            await users.last().remove()
+        await message.answer.remove()
+        if not self.answers:
+            self.query_one("#welcome").display = True
+        box = self.query_one(ChatInput)
+        if not box.text.strip():
+            box.load_text(message.question)
+            box.move_cursor(box.document.end)
+        if self.writer is not None:
+            try:
+                self.writer.write({"type": "failed", "error": message.error or "stopped"})
+            except OSError:
+                pass
+        self._refresh_panels()
 
     # -- history ----------------------------------------------------------------------------------------
     def _writer(self) -> Writer:
@@ -722,6 +803,12 @@ class TriforceApp(App[int]):
             self.writer = self.history.open_writer(self.conv_id)
             self.writer.meta(self.session.lm.model_id if self.session else "")
         return self.writer
+
+    def _history_problems(self) -> None:
+        """Damaged history files found while reading: each one reported (path, line, where it went)."""
+        if self.history is not None:
+            for problem in self.history.take_problems():
+                self.notify(problem, severity="warning", timeout=15)
 
     def _close_writer(self) -> None:
         if self.writer is not None:
@@ -735,11 +822,13 @@ class TriforceApp(App[int]):
         try:
             conv = self.history.load(self.history.resolve(ref))
         except (KeyError, OSError, ValueError) as exc:
+            self._history_problems()
             self.notify(f"cannot resume {ref!r}: {exc.args[0] if exc.args else exc}", severity="error")
             return
         self._close_writer()
         self.conv_id = conv.id
         self.writer = self.history.open_writer(conv.id)
+        self._history_problems()
         self._clear_transcript()
         transcript = self.query_one("#transcript", VerticalScroll)
         for t in conv.turns:
@@ -918,6 +1007,7 @@ class TriforceApp(App[int]):
             self.notify("history is turned off", severity="warning")
             return
         items = [(c.id, f"{c.id}  {len(c.turns)} turns  {c.title}") for c in self.history.list()]
+        self._history_problems()
 
         def picked(conv_id: str | None) -> None:
             if conv_id is None:
@@ -954,8 +1044,8 @@ class TriforceApp(App[int]):
         yield SystemCommand("Keys", "All key bindings", self.action_help)
 
 
-def run_tui(settings: Settings, docs: list[Path], resume: str | None = None) -> int:
+def run_tui(settings: Settings, docs: list[Path], resume: str | None = None, notices: Sequence[str] = ()) -> int:
     """Entry point for `triforce-chat` (the CLI validated the options already)."""
-    app = TriforceApp(settings, docs, resume)
+    app = TriforceApp(settings, docs, resume, notices=notices)
     result = app.run()
     return int(result or 0)

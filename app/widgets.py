@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from textual import events
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.content import Content
@@ -19,6 +20,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Markdown, ProgressBar, Sparkline, Static, TextArea
 
+from triforce_chat.app.safe_text import one_line, terminal_text
 from triforce_chat.decoding.events import CacheFigures, RoundEvent
 
 ORIGIN_STYLE = {
@@ -30,6 +32,9 @@ REJECT_STYLE = "strike $origin-reject"
 UNVERIFIED_STYLE = "strike dim"
 BLOCKS = " ▁▂▃▄▅▆▇█"
 MIB = 1024 * 1024
+GIB = 1024 * MIB
+QUESTION_SHOWN = 4000  # characters of a question shown in the transcript (all of it is sent and saved)
+LARGE_PASTE = 100_000  # characters: a paste this long gets a notice suggesting ctrl+o
 
 
 # -- small formatting helpers -----------------------------------------------------------------------
@@ -54,12 +59,12 @@ def mb(nbytes: int) -> str:
 
 
 def token_label(text: str) -> str:
-    """A token's text made visible in one short cell group."""
+    """A token's text made visible in one short cell group (controls shown, never sent raw)."""
     if text == "":
         return "∅"
     if not text.strip():
-        return text.replace("\n", "⏎").replace(" ", "␣").replace("\t", "⇥")
-    return text.strip().replace("\n", "⏎")
+        return one_line(text.replace("\n", "⏎").replace(" ", "␣").replace("\t", "⇥"))
+    return one_line(text.strip())
 
 
 def chain_label(level: int, draft: str, budget: str) -> str:
@@ -116,13 +121,37 @@ class ChatInput(TextArea):
     def action_newline(self) -> None:
         self.insert("\n")
 
+    async def _on_paste(self, event: events.Paste) -> None:
+        """Pasted control characters and escape sequences are inserted as their visible pictures
+        (a pasted ESC[31m reads ␛[31m), so the input never sends them to the terminal; a very
+        long paste is kept whole, with a notice."""
+        event.prevent_default()  # TextArea's own handler would insert the raw text as well
+        text = terminal_text(event.text.replace("\r\n", "\n").replace("\r", "\n"))  # terminals paste CR lines
+        if len(text) >= LARGE_PASTE:
+            self.notify(
+                f"pasted {len(text):,} characters; long text works best as a document (ctrl+o), "
+                "which is prefilled once and kept across questions",
+                timeout=6,
+            )
+        await super()._on_paste(events.Paste(text))
+
 
 # -- the transcript -------------------------------------------------------------------------------------
+def question_preview(question: str, limit: int = QUESTION_SHOWN) -> str:
+    """A question as the transcript shows it: safe for the terminal, and cut after `limit`
+    characters (a megabyte of pasted text would take seconds to lay out)."""
+    text = terminal_text(question.rstrip())
+    if len(text) <= limit:
+        return text
+    return text[:limit] + f"\n… ({len(text) - limit:,} more characters, sent and saved in full)"
+
+
 class UserMessage(Static):
     def __init__(self, question: str, documents: Sequence[str] = ()) -> None:
-        text = Content.assemble(("You", "bold $primary"), "\n", question.rstrip())
+        text = Content.assemble(("You", "bold $primary"), "\n", question_preview(question))
         if documents:
-            text = text + Content.assemble("\n", ("📄 " + ", ".join(documents), "dim"))
+            names = ", ".join(one_line(d, 60) for d in documents)
+            text = text + Content.assemble("\n", ("📄 " + names, "dim"))
         super().__init__(text, classes="user-message")
 
 
@@ -131,7 +160,7 @@ def render_tokens(pieces: Sequence[str], origins: Sequence[str]) -> Content:
     not the only cue)."""
     parts: list[tuple[str, str] | str] = []
     for text, origin in zip(pieces, origins, strict=False):
-        parts.append((text, ORIGIN_STYLE.get(origin, "")))
+        parts.append((terminal_text(text), ORIGIN_STYLE.get(origin, "")))
     return Content.assemble(*parts) if parts else Content("")
 
 
@@ -241,7 +270,7 @@ class AnswerMessage(Vertical):
 
     def compose(self):
         yield Static(Content.styled("Assistant", "bold $secondary"), classes="answer-title")
-        yield Markdown(self._initial, classes="answer-md")
+        yield Markdown(terminal_text(self._initial), classes="answer-md")
         yield Static(legend(), classes="answer-legend viz")
         yield Static("", classes="answer-viz viz")
         yield Static("", classes="answer-rounds viz")
@@ -263,7 +292,7 @@ class AnswerMessage(Vertical):
             self.text += delta
             if self._stream is None:
                 self._stream = Markdown.get_stream(self.query_one(".answer-md", Markdown))
-            await self._stream.write(delta)
+            await self._stream.write(terminal_text(delta))
         if self.viz:
             self.refresh_viz()
         return delta
@@ -291,7 +320,7 @@ class AnswerMessage(Vertical):
             self._stream = None
         if text is not None and text != self.text:  # the decoder's final text (a held-back character)
             self.text = text
-            await self.query_one(".answer-md", Markdown).update(text)
+            await self.query_one(".answer-md", Markdown).update(terminal_text(text))
         self.finished = True
         self.query_one(".answer-meta", Static).update(Content.styled(meta, "dim"))
         if self.viz:
@@ -337,7 +366,7 @@ def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float
             ("  (next answer)" if changed else "", "italic $warning"),
         )
     )
-    lines.append(Content(pending.chain))
+    lines.append(Content(one_line(pending.chain)))
     lines.append(
         Content.assemble(
             ("γ ", "bold"),
@@ -349,7 +378,7 @@ def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float
         lines.append(Content.styled("no answer yet", "dim"))
         return Content("\n").join(lines)
     if changed:
-        lines.append(Content.styled(f"last answer: level {s.get('level')}  {s.get('chain')}", "dim"))
+        lines.append(Content.styled(one_line(f"last answer: level {s.get('level')}  {s.get('chain')}"), "dim"))
     acc = s.get("acceptance") or {}
     lines.append(Content.assemble(("Acceptance", "bold")))
     for lvl in ("mid", "low"):
@@ -426,8 +455,12 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
         drafter = f"{fig.drafter}: sink {fig.drafter_sink_tokens} + recent {fig.drafter_recent_tokens:,}"
     else:
         drafter = fig.drafter
-    lines.append(Content.assemble(("Drafter ", "bold"), drafter))
+    lines.append(Content.assemble(("Drafter ", "bold"), one_line(drafter)))
     lines.append(Content.assemble(("Process ", "bold"), f"RSS {mb(fig.process_rss_bytes)}"))
+    if fig.memory_estimate_bytes:  # the memory guard's figure, next to what is measured
+        lines.append(Content(f" estimate {mb(fig.memory_estimate_bytes)} at full context"))
+    if fig.memory_available_bytes:
+        lines.append(Content(f" available {fig.memory_available_bytes / GIB:,.1f} GiB"))
     return Content("\n").join(lines)
 
 
@@ -441,6 +474,7 @@ def render_documents(
     lines: list[Content] = []
     limit = max_context or 1
     for name, n in docs:
+        name = one_line(name)
         short = name if len(name) <= 22 else "…" + name[-21:]
         lines.append(Content.assemble(("📄 ", ""), (f"{short:<22}", "bold"), f" {n:>7,} tok"))
         lines.append(Content(f"   {bar(n / limit, 16)} {n / limit:4.0%} of {max_context:,}"))
@@ -482,7 +516,7 @@ class LoadBar(Vertical):
         yield ProgressBar(total=None, show_eta=False, id="load-progress")
 
     def show(self, label: str, done: int, total: int | None, rate: float | None = None) -> None:
-        parts = [label]
+        parts = [one_line(label, 200)]
         if total:
             parts.append(f"{done:,} / {total:,} tokens")
             if rate:

@@ -7,6 +7,7 @@ fails in a blink with one line.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,13 +30,16 @@ def parse_budget(budget: str | int | float) -> tuple[int, float]:
                     raise ValueError
                 return int(value), 0.0
             frac = value
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: "inf" is a float but no token count
         raise ValueError(
             f"budget must be a token count (e.g. 4096) or a fraction of the context (e.g. 0.1 or 10%): {budget}"
         ) from None
     if not 0 < frac < 1:
         raise ValueError(f"budget fraction must be between 0 and 1: {budget}")
     return 0, frac
+
+
+MAX_CHUNK = 4096  # a retrieval chunk longer than this selects nothing useful from any context
 
 
 @dataclass
@@ -73,8 +77,8 @@ class DecodeConfig:
             raise ValueError(f"level must be 0, 1 or 2, not {self.level}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max-new-tokens must be a positive number, not {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, not {self.temperature}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, not {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top-p must be in (0, 1], not {self.top_p}")
         if self.top_k < 0:
@@ -84,8 +88,10 @@ class DecodeConfig:
         if self.repetition_window < 0:
             raise ValueError(f"repetition-window must be >= 0 (0 is the whole context), not {self.repetition_window}")
         LoopRule(self.loop_repeats, self.loop_min_tokens, self.loop_max_span).validate()
-        if self.chunk_size < 1:
-            raise ValueError(f"chunk-size must be >= 1, not {self.chunk_size}")
+        if not 1 <= self.chunk_size <= MAX_CHUNK:
+            raise ValueError(f"chunk-size must be between 1 and {MAX_CHUNK}, not {self.chunk_size}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, not {self.seed}")
         if not 1 <= self.gamma_mid <= 64:
             raise ValueError(f"gamma-mid must be between 1 and 64, not {self.gamma_mid}")
         if not 1 <= self.gamma_low <= 64:

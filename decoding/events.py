@@ -64,6 +64,8 @@ class CacheFigures:
     drafter_recent_tokens: int = 0
     ngram_index_entries: int = 0
     process_rss_bytes: int = 0
+    memory_estimate_bytes: int = 0  # the memory guard's estimate: model and caches at the full context
+    memory_available_bytes: int = 0  # what the process can still take (cgroup limit or MemAvailable)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -224,7 +224,8 @@ def load_weights_only(
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{model_id}: no .safetensors weights in {path}")
-    model = Transformer(args)
+    # a context below the model's positions makes the KV cache smaller
+    model = Transformer(args, max_len=context if context and context < args.max_position_embeddings else None)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
@@ -310,7 +311,7 @@ def load_gguf_weights(
     except UnsupportedArchitecture as exc:
         raise ModelLoadError(str(exc)) from None
     args.rope_interleaved = gf.architecture in ("llama", "mistral")  # q/k rows permuted by llama.cpp's converter
-    model = Transformer(args)
+    model = Transformer(args, max_len=context if context and context < args.max_position_embeddings else None)
     try:
         _install_gguf_tensors(model, gf)
     except (UnsupportedQuantType, GGUFError) as exc:

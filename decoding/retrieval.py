@@ -26,6 +26,26 @@ from triforce_chat.kernels.backends import attend_tokens, select_chunks
 from triforce_chat.kernels.retrieval import ChunkMeans, gather_chunks
 
 
+def recent_window_for(budget: int, chunk_size: int) -> int:
+    """Tokens at the end of the context always kept, for a budget of `budget` tokens."""
+    return max(chunk_size, min(256, budget // 8) // chunk_size * chunk_size)
+
+
+def recent_limit_for(budget: int, chunk_size: int) -> int:
+    """Recent tokens held before a rebuild re-selects; the buffer keeps this much headroom."""
+    return max(recent_window_for(budget, chunk_size) * 2, budget // 2)
+
+
+def view_buffer_tokens(context: int, budget: int, chunk_size: int, scratch: int = 256) -> int:
+    """The most tokens the buffer reserves at a rebuild over `context` tokens: the selection (at
+    most the budget), the recent headroom and the scratch, in whole 256-token steps; 0 when the
+    budget covers the context (the view is then the full cache). The memory guard's figure."""
+    if context <= budget:
+        return 0
+    need = min(budget, context) + recent_limit_for(budget, chunk_size) + scratch
+    return -(-need // 256) * 256
+
+
 class RetrievalView:
     """A KVStore for the middle level (see module docstring)."""
 
@@ -59,8 +79,7 @@ class RetrievalView:
     @property
     def recent_window(self) -> int:
         """Tokens at the end of the context always kept (read from the full cache as they are)."""
-        budget = self.budget_for(self.cache.length)
-        return max(self.chunk_size, min(256, budget // 8) // self.chunk_size * self.chunk_size)
+        return recent_window_for(self.budget_for(self.cache.length), self.chunk_size)
 
     @property
     def recent_tokens(self) -> int:
@@ -69,7 +88,7 @@ class RetrievalView:
     @property
     def recent_limit(self) -> int:
         """Recent tokens held before a rebuild re-selects; the buffer keeps this much headroom."""
-        return max(self.recent_window * 2, self.budget_for(self.cache.length) // 2)
+        return recent_limit_for(self.budget_for(self.cache.length), self.chunk_size)
 
     @property
     def needs_rebuild(self) -> bool:

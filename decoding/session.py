@@ -13,6 +13,7 @@ rest, saving chunks as the prefill passes their ends; without one it behaves exa
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -153,6 +154,12 @@ class Session:
     def add_document(self, name: str, text: str) -> Document:
         if not text.strip():
             raise DocumentError(f"{name}: the document is empty")
+        at_least = len(text) // self._longest_token
+        if at_least >= self.max_context and not self.config.truncate:  # no need to tokenize megabytes to know
+            raise DocumentError(
+                f"{name}: {len(text):,} characters, at least {at_least:,} tokens: over the model's context of "
+                f"{self.max_context} (use --truncate to keep head and tail)"
+            )
         doc = Document(name, text, self.count_tokens(text))
         if doc.n_tokens >= self.max_context and not self.config.truncate:
             raise DocumentError(
@@ -161,6 +168,14 @@ class Session:
             )
         self.pending_documents.append(doc)
         return doc
+
+    @functools.cached_property
+    def _longest_token(self) -> int:
+        """Characters in the tokenizer's longest token, times 4: a text of n characters has at least
+        n / this many tokens. (A token's vocabulary string is never shorter than the text it stands
+        for; the 4 covers a normalizer composing characters, such as NFKC turning Hangul jamo or
+        a letter and its accent into one character.)"""
+        return 4 * max(1, max((len(t) for t in self.tokenizer.get_vocab()), default=1))
 
     @property
     def documents(self) -> list[Document]:
@@ -276,6 +291,7 @@ class Session:
         ids = self._documents_only_ids()
         if len(ids) + 1 > self.max_context:
             raise ContextOverflow(len(ids) + 1, self.max_context)
+        self.check_memory(len(ids))
         report = self._sync(ids, progress, should_cancel, on_restore)
         return report.computed, time.perf_counter() - t0
 
@@ -299,6 +315,13 @@ class Session:
     # -- answering -----------------------------------------------------------------------------------------
     def stop(self) -> None:
         self._stop.set()
+
+    def check_memory(self, tokens: int) -> None:
+        """Raise MemoryShortage (a ValueError) if growing to `tokens` of context would not fit in the
+        memory available; the conversation is untouched (decoding/memory.py)."""
+        from triforce_chat.decoding.memory import check_session
+
+        check_session(self, tokens)
 
     def new_chat(self) -> None:
         """Forget the turns; documents of earlier turns are kept for the next question."""
@@ -325,6 +348,8 @@ class Session:
             self._fit_documents(question)
         t0 = time.perf_counter()
         ids = self.prompt_ids(question)
+        if len(ids) + 1 <= self.max_context:  # (a prompt that does not fit is ContextOverflow, below)
+            self.check_memory(min(len(ids) + cfg.max_new_tokens, self.max_context))
         report = self._sync(ids, progress, should_cancel, on_restore)
         acc = self._since_answer
         prefill_tokens = len(ids) - 1 - self._answer_base
@@ -354,8 +379,11 @@ class Session:
             decoder._drafter_ctx = self._drafter_ctx
         answer_ids: list[int] = []
         shown = ""
+        def should_stop() -> bool:  # a cancel asked for before this answer cleared the stop flag counts too
+            return self._stop.is_set() or (should_cancel is not None and should_cancel())
+
         try:
-            for ev in decoder.generate(self.context, cfg.max_new_tokens, self._stop.is_set):
+            for ev in decoder.generate(self.context, cfg.max_new_tokens, should_stop):
                 answer_ids.extend(ev.tokens)
                 text = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
                 if not text.endswith("\ufffd"):  # hold back a half-decoded multi-byte character
@@ -384,14 +412,27 @@ class Session:
             retrieval_budget_fraction=(v.budget_for(c.length) / c.length) if c.length else 0.0,
             retrieval_chunk_size=v.chunk_size,
             retrieval_chunks_selected=v.n_selected_chunks,
-            retrieval_recent_tokens=v.recent_tokens if v.n_selected_chunks else 0,
+            retrieval_recent_tokens=max(0, v.recent_tokens) if v.n_selected_chunks and not v.stale else 0,
             retrieval_rebuilds=v.rebuilds,
             retrieval_buffer_bytes=v.buffer_bytes,
             drafter=self._drafter_spec,
             process_rss_bytes=process_rss_bytes(),
         )
+        self._memory_figures(fig)
         if self._drafter is not None:
             for key, value in self._drafter.figures().items():
                 if hasattr(fig, key):
                     setattr(fig, key, value)
         return fig
+
+    def _memory_figures(self, fig: CacheFigures) -> None:
+        """The memory guard's estimate at the full context and the memory available, for the panel."""
+        from triforce_chat.decoding.footprint import session_estimate
+        from triforce_chat.decoding.memory import available_memory
+
+        try:
+            fig.memory_estimate_bytes = session_estimate(self).total
+            avail = available_memory()
+            fig.memory_available_bytes = avail.bytes if avail is not None else 0
+        except Exception:  # figures are never worth a failed answer
+            pass

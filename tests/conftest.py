@@ -19,6 +19,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine's other load does not make every matmul wait for a busy core.
 torch.set_num_threads(1)
 
+try:  # property-based tests: reproducible in CI (derandomized: the same examples every run)
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "ci", derandomize=True, deadline=None, max_examples=60, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    settings.register_profile("dev", deadline=None, max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+except ImportError:  # pragma: no cover - hypothesis is in the dev extra
+    pass
 
 @pytest.fixture(autouse=True)
 def _document_cache_in_a_temporary_folder(tmp_path_factory, monkeypatch):

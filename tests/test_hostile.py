@@ -1,0 +1,203 @@
+"""Hostile documents, names, model output and pastes: each is handled with a clear notice or shown
+safely (no raw control character or escape sequence reaches the terminal), and nothing is lost
+(the model and the history get the text as it was)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from textual import events
+from textual.widgets import Markdown, Static
+
+from triforce_chat.app.history import History, transcript_markdown
+from triforce_chat.app.safe_text import file_name, json_text, one_line, terminal_text
+from triforce_chat.app.widgets import ChatInput, UserMessage
+from triforce_chat.decoding.session import DecodeConfig, Session
+
+ESCAPES = "\x1b]0;pwned\x07\x1b[31mred\x1b[0m\x9b2J\x1bP+q\x1b\\\r"
+RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+RTL_EMOJI = "שלום עולם مرحبا 👩‍👩‍👧 e\u0301 Z\u0336\u0337 ﷽"
+
+
+def raw_controls(text: str) -> list[str]:
+    return RAW.findall(text)
+
+
+# -- the sanitizer ---------------------------------------------------------------------------------------
+def test_terminal_text_shows_every_control_and_keeps_text():
+    shown = terminal_text("a\tb\nc" + ESCAPES + "\u202eevil\u2066x\u2069" + RTL_EMOJI)
+    assert raw_controls(shown) == []
+    assert "a\tb\nc" in shown and "␛]0;pwned␇␛[31mred␛[0m<U+009B>2J␛P+q␛\\␍" in shown
+    assert "<U+202E>evil<U+2066>x<U+2069>" in shown
+    assert shown.endswith(RTL_EMOJI)  # right-to-left letters, emoji and combining marks are text
+    assert terminal_text("line\r\nnext") == "line\nnext"
+    assert terminal_text(shown) == shown  # idempotent
+    assert terminal_text("plain text") == "plain text"
+
+
+def test_one_line_names_and_json():
+    assert one_line("a\nb\x1b[2Jc\t") == "a⏎b␛[2Jc "
+    assert one_line("x" * 50, 11) == "xxxxx…xxxxx"
+    name = os.fsdecode(b"caf\xe9-\x1b[31m.txt")  # a name that is not UTF-8, with an escape in it
+    assert file_name(Path("/tmp") / name) == "caf\\xe9-␛[31m.txt"
+    obj = {"text": "\x1b[31m\x7f\x9b\u202e\udcff", "n": 1}
+    text = json_text(obj)
+    assert raw_controls(text) == [] and json.loads(text) == obj  # same data, escaped
+
+
+# -- documents --------------------------------------------------------------------------------------------
+def test_nul_bytes_and_invalid_utf8_get_a_warning_and_the_rest_is_kept(tmp_path):
+    from triforce_chat.app.cli import CliError, read_document
+
+    body = b"ok text " * 2000  # 16 KB: a NUL past the binary sniff is a stray byte in a text file
+    path = tmp_path / "stray.txt"
+    path.write_bytes(body + b"\x00\x00 tail \xff\xfe end")
+    warnings: list[str] = []
+    name, text = read_document(path, warn=warnings.append)
+    assert "\x00" not in text and text.endswith("\ufffd\ufffd tail \ufffd\ufffd end")
+    assert text.startswith(body.decode())
+    assert any("not valid UTF-8" in w for w in warnings) and any("2 NUL bytes" in w for w in warnings)
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01" * 100)
+    with pytest.raises(CliError, match="looks like a binary file"):
+        read_document(binary)
+
+
+def test_right_to_left_emoji_and_combining_marks_reach_the_model_unchanged(tiny_model):
+    s = Session(tiny_model, DecodeConfig(level=2, max_new_tokens=4, budget="64"))
+    s.add_document(RTL_EMOJI + ".txt", (RTL_EMOJI + ESCAPES + "\n") * 20)
+    prompt = tiny_model.tokenizer.decode(s.prompt_ids("מה?"))
+    assert (RTL_EMOJI + ESCAPES) in prompt and "מה?" in prompt  # the model reads the text as it is
+    tokens = [t for ev in s.generate("מה?") for t in ev.tokens]
+    assert len(tokens) == 4
+
+
+def test_a_5mb_single_line_is_refused_with_one_line(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    from test_cli import run_cli
+
+    path = tmp_path / "one-line.txt"
+    path.write_bytes(b"word," * (5 * 1024 * 1024 // 5))  # 5 MiB, no newline at all
+    code, out, err = run_cli(monkeypatch, capsys, "ask", "--model", str(tiny_model_dir), "--dtype", "float32",
+                             "-d", str(path), "What?")
+    assert code == 2 and out == ""
+    [line] = err.strip().splitlines()
+    assert "one-line.txt: 5,242,880 characters, at least" in line and "over the model's context of 2048" in line
+    assert "--truncate" in line
+
+
+def test_escape_sequences_in_names_never_reach_stderr_raw(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    from test_cli import run_cli
+
+    path = tmp_path / "\x1b]0;pwned\x07\x1b[2J.txt"
+    path.write_text("   \n")  # empty: the error message names the file
+    code, out, err = run_cli(monkeypatch, capsys, "ask", "--model", str(tiny_model_dir), "-d", str(path), "q")
+    assert code == 2 and raw_controls(err) == []
+    assert "␛]0;pwned␇␛[2J.txt: the document is empty" in err
+
+
+def hostile_decode(tokenizer, monkeypatch):
+    """Make the model's text full of escape sequences, as a document quoted back would be."""
+    decode = tokenizer.decode
+
+    def decode_with_escapes(ids, *args, **kwargs):
+        text = decode(ids, *args, **kwargs)
+        return "".join(ESCAPES[i % len(ESCAPES)] + ch for i, ch in enumerate(text)) if text else text
+
+    monkeypatch.setattr(tokenizer, "decode", decode_with_escapes)
+
+
+def test_model_output_with_escapes_is_shown_safely_by_ask(monkeypatch, capsys, tiny_model, tmp_path):
+    from test_cli import run_cli
+    from triforce_chat.app import cli
+
+    monkeypatch.setattr(cli, "load_model_or_fail", lambda *a, **k: tiny_model)
+    hostile_decode(tiny_model.tokenizer, monkeypatch)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(("Escapes: " + ESCAPES + "\n") * 20)
+    code, out, err = run_cli(monkeypatch, capsys, "ask", "-d", str(doc), "-n", "12", "Quote it.")
+    assert code == 0, err
+    assert raw_controls(out.removesuffix("\n")) == [] and "␛" in out
+    code, out, err = run_cli(monkeypatch, capsys, "ask", "-d", str(doc), "-n", "12", "--json", "Quote it.")
+    assert code == 0 and raw_controls(out.removesuffix("\n")) == []
+    text = json.loads(out)["text"]
+    assert "\x1b" in text and "\x9b" in text  # the JSON carries the exact text, escaped
+
+
+async def test_the_app_shows_hostile_names_output_and_export_safely(tiny_model, tmp_path, monkeypatch):
+    from test_tui import ask, make_app, ready
+
+    monkeypatch.setenv("TRIFORCE_CHAT_DATA", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    name = "\x1b]0;pwned\x07" + RTL_EMOJI + "\u202e.txt"
+    doc = tmp_path / name
+    doc.write_text(("The keeper logs " + ESCAPES + " at dawn.\n") * 30)
+    empty = tmp_path / "\x1b[31mempty.txt"
+    empty.write_text(" ")
+    history = History(tmp_path / "data")
+    app = make_app(tiny_model, history, [doc, empty], level=2, max_new_tokens=12)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(pilot)
+        hostile_decode(tiny_model.tokenizer, monkeypatch)
+        answer = await ask(pilot, "Quote the log " + ESCAPES)
+        await pilot.press("ctrl+r")  # the draft view renders every token
+        await pilot.pause(0.2)
+        session = app.session
+        assert "\x1b" in session.turns[0].answer  # what the session and the history keep is exact
+        shown = [
+            answer.query_one(Markdown).source,
+            *(str(w.render()) for w in app.query(Static)),
+            *(n.message for n in app._notifications),
+            app.sub_title,
+        ]
+        for text in shown:
+            assert raw_controls(text) == [], text
+        docs_panel = str(app.query_one("#documents").render())
+        assert "<U+202E>.txt" in docs_panel  # (the panel shows the end of a long name)
+        assert any("␛[31mempty.txt: the document is empty" in n.message for n in app._notifications)
+        assert raw_controls(app.export_screenshot()) == []
+        await pilot.press("ctrl+s")
+        [exported] = list(tmp_path.glob("triforce-chat-*.md"))
+        md = exported.read_text()
+        assert raw_controls(md) == [] and "␛" in md and RTL_EMOJI in md
+    conv = history.load(history.resolve("last"))
+    assert conv.turns[0].documents[0].name == name and conv.turns[0].answer == session.turns[0].answer
+
+
+async def test_a_1mb_paste_is_kept_whole_and_an_overlong_question_comes_back(tiny_model, tmp_path, monkeypatch):
+    from test_tui import make_app, ready, wait_for
+
+    monkeypatch.setenv("TRIFORCE_CHAT_DATA", str(tmp_path / "data"))
+    app = make_app(tiny_model, History(tmp_path / "data"), level=2)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await ready(pilot)
+        box = app.query_one(ChatInput)
+        paste = ("lorem ipsum dolor sit amet " * 40 + "\n") * 930 + "\x1b[2Jend"
+        app.post_message(events.Paste(paste))
+        await wait_for(pilot, lambda: box.text.endswith("end"))
+        assert box.text == paste.replace("\x1b", "␛")  # all of it, controls shown as pictures
+        assert any(f"pasted {len(paste):,} characters" in n.message for n in app._notifications)
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.job is None and any("over the model's context" in n.message
+                                                              for n in app._notifications), timeout=120)
+        await pilot.pause(0.2)
+        assert box.text == paste.replace("\x1b", "␛")  # the question is back in the input: nothing lost
+        assert not app.session.turns and not app.answers and not app.query(UserMessage)
+        assert app.query_one("#welcome").display
+
+
+def test_long_questions_are_previewed_in_the_transcript():
+    from triforce_chat.app.widgets import QUESTION_SHOWN, question_preview
+
+    text = "x" * (QUESTION_SHOWN + 5000)
+    shown = question_preview(text)
+    assert shown.startswith("x" * QUESTION_SHOWN) and "5,000 more characters, sent and saved in full" in shown
+    assert question_preview("short \x1b[2J") == "short ␛[2J"
+
+
+def test_markdown_export_is_safe_and_keeps_the_text():
+    md = transcript_markdown([("q " + ESCAPES, "a " + RTL_EMOJI + ESCAPES)], ["\x1b]0;x\x07.txt"], title="t\x1b")
+    assert raw_controls(md) == [] and RTL_EMOJI in md and "␛]0;x␇.txt" in md
