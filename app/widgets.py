@@ -427,8 +427,13 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
         return Content.styled("no model loaded", "dim")
     lines: list[Content] = []
     limit = fig.context_limit or 1
+    if fig.model:
+        lines.append(Content.assemble(("Model ", "bold"), one_line(fig.model)))
+        lines.append(Content(one_line(f" {fig.weights}  {mb(fig.weight_bytes)}")))
+        lines.append(Content.styled(one_line(f" {fig.kernels}"), "dim"))
     lines.append(
-        Content.assemble(("Full KV ", "bold"), f"{fig.full_kv_tokens:,} tok  {mb(fig.full_kv_bytes)}")
+        Content.assemble(("Full KV ", "bold"), f"{fig.full_kv_tokens:,} tok  {mb(fig.full_kv_bytes)}"
+                         + (f"  {fig.kv_dtype}" if fig.kv_dtype else ""))
     )
     lines.append(
         Content(
@@ -456,6 +461,8 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
     else:
         drafter = fig.drafter
     lines.append(Content.assemble(("Drafter ", "bold"), one_line(drafter)))
+    if fig.drafter_cache_bytes or fig.drafter_weight_bytes:
+        lines.append(Content(f" weights {mb(fig.drafter_weight_bytes)}  cache {mb(fig.drafter_cache_bytes)}"))
     lines.append(Content.assemble(("Process ", "bold"), f"RSS {mb(fig.process_rss_bytes)}"))
     if fig.memory_estimate_bytes:  # the memory guard's figure, next to what is measured
         lines.append(Content(f" estimate {mb(fig.memory_estimate_bytes)} at full context"))

@@ -302,9 +302,11 @@ class ModelDrafter:
 
     def figures(self) -> dict[str, int]:
         L, sink, window = len(self._tokens), self.cache.sink, self.cache.window
+        sizes = {"drafter_cache_bytes": self.cache.allocated_bytes,
+                 "drafter_weight_bytes": getattr(self.model, "weight_bytes", 0)}
         if L <= sink:
-            return {"drafter_sink_tokens": L, "drafter_recent_tokens": 0}
-        return {"drafter_sink_tokens": sink, "drafter_recent_tokens": L - max(sink, L - window)}
+            return {"drafter_sink_tokens": L, "drafter_recent_tokens": 0, **sizes}
+        return {"drafter_sink_tokens": sink, "drafter_recent_tokens": L - max(sink, L - window), **sizes}
 
 
 # -- construction ---------------------------------------------------------------------------------------

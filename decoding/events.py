@@ -59,9 +59,16 @@ class CacheFigures:
     retrieval_recent_tokens: int = 0
     retrieval_rebuilds: int = 0
     retrieval_buffer_bytes: int = 0  # the view's own copy: selected chunks + recent window + scratch
+    model: str = ""  # the target: its name, how its weights are held, their bytes, the KV dtype
+    weights: str = ""
+    weight_bytes: int = 0
+    kv_dtype: str = ""
+    kernels: str = ""  # e.g. "native avx512" or "PyTorch (no compiler)"
     drafter: str = "none"
     drafter_sink_tokens: int = 0
     drafter_recent_tokens: int = 0
+    drafter_cache_bytes: int = 0  # a draft model's StreamingLLM cache (allocated)
+    drafter_weight_bytes: int = 0
     ngram_index_entries: int = 0
     process_rss_bytes: int = 0
     memory_estimate_bytes: int = 0  # the memory guard's estimate: model and caches at the full context

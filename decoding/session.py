@@ -415,6 +415,11 @@ class Session:
             retrieval_recent_tokens=max(0, v.recent_tokens) if v.n_selected_chunks and not v.stale else 0,
             retrieval_rebuilds=v.rebuilds,
             retrieval_buffer_bytes=v.buffer_bytes,
+            model=self.lm.model_id,
+            weights=getattr(self.model, "weights_label", ""),
+            weight_bytes=getattr(self.model, "weight_bytes", 0),
+            kv_dtype=str(c.k.dtype).removeprefix("torch."),
+            kernels=kernels_label(self.model.device),
             drafter=self._drafter_spec,
             process_rss_bytes=process_rss_bytes(),
         )
@@ -436,3 +441,13 @@ class Session:
             fig.memory_available_bytes = avail.bytes if avail is not None else 0
         except Exception:  # figures are never worth a failed answer
             pass
+
+
+def kernels_label(device) -> str:
+    """Which kernels the target runs on, for the Cache panel: "native avx512", "PyTorch (why)"."""
+    from triforce_chat.kernels import native
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return "cuda"
+    st = native.status()
+    return f"native {st.isa}" if st.available else f"PyTorch ({st.reason})"
