@@ -31,10 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from triforce_chat.decoding.cache import MAX_WINDOW
 from triforce_chat.decoding.config import parse_budget
 from triforce_chat.decoding.retrieval import view_buffer_tokens
-from triforce_chat.kernels.exact import BLOCK
 
 GIB = 1024**3
 MIB = 1024**2
@@ -244,19 +242,20 @@ def view_buffer_bytes(shape: ModelShape, context: int, budget: str | int | float
 
 def scratch_bytes(shape: ModelShape, context: int, dtype_size: int, gamma_mid: int = 6, gamma_low: int = 4,
                   ngram: bool = True) -> int:
-    """Workspace of the exact attention kernel at this context, RoPE tables, prefill activations,
-    the n-gram index and a fixed allowance."""
-    t = min(gamma_mid + gamma_low + 1, MAX_WINDOW)
+    """The attention kernel's partials at this context (kernels/cpu/attention.cpp: per KV head and
+    256-key segment, one row per query head of up to 64 queries), the float32 copy of the largest
+    matrix a prefill chunk dequantizes, RoPE tables, prefill activations, the n-gram index and a
+    fixed allowance. (`dtype_size`, the KV element size, no longer changes the kernel's scratch.)"""
     g = max(1, shape.n_heads // shape.n_kv_heads)
-    m = max(g * t, 6)
-    nb = -(-context // BLOCK)
-    workspace = (shape.n_kv_heads * nb * m * (8 + shape.head_dim * dtype_size)  # block maxima, outputs
-                 + nb * BLOCK * m * (dtype_size + 8 + (0 if dtype_size == 4 else dtype_size)))  # scores
+    segments = -(-context // 256)
+    partials = shape.n_kv_heads * segments * g * 64 * (shape.head_dim + 2) * 4
+    widest = max(2 * shape.intermediate_size, (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim)
+    dequantized = widest * shape.dim * 4
     rope = 2 * shape.max_positions * (shape.head_dim // 2) * 4
     qkv = (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim
     activations = PREFILL_CHUNK * (4 * shape.dim + qkv + 3 * shape.intermediate_size) * 4
     index = NGRAM_BYTES_PER_TOKEN * context if ngram else 0
-    return workspace + rope + activations + index + FIXED_OVERHEAD
+    return partials + dequantized + rope + activations + index + FIXED_OVERHEAD
 
 
 def streaming_cache_bytes(shape: ModelShape, dtype_size: int, sink: int = 4, window: int = 1024,
@@ -288,7 +287,7 @@ def estimate(
     context = context or shape.max_positions
     size = dtype_bytes(dtype) if dtype is not None else 4  # activations (and a draft's cache) are float32
     kv_size = dtype_bytes(kv_dtype if kv_dtype is not None else (dtype or "float32"))
-    kv = -(-context // BLOCK) * BLOCK * shape.kv_bytes_per_token(kv_size)
+    kv = context * shape.kv_bytes_per_token(kv_size)
     parts = {"weights": weights_bytes, "loading": transient_bytes, "kv_cache": kv}
     parts["retrieval_view"] = view_buffer_bytes(shape, context, budget, chunk_size, kv_size) if level >= 1 else 0
     if level == 2 and draft != "ngram":
