@@ -183,10 +183,10 @@ def weight_files(path: Path, dtype: Any, device: str = "cpu", context: int | Non
     tensors: dict[str, tuple[int, int]] = {}
     for f in files:
         tensors.update(_safetensors_numel(f))
-    if dtype is None:  # as stored: each tensor at its own element size
-        loaded = sum(n * b for n, b in tensors.values())
-    else:
-        loaded = sum(n for n, _ in tensors.values()) * dtype_bytes(dtype)
+    if dtype is None or all(b == dtype_bytes(dtype) for _, b in tensors.values()):
+        # as stored: the tensors read from the files are the weights (no conversion, no second copy)
+        return WeightFiles(sum(n * b for n, b in tensors.values()), 0, shape, path)
+    loaded = sum(n for n, _ in tensors.values()) * dtype_bytes(dtype)
     transient = sum(f.stat().st_size for f in files)  # the file's tensors, held until they are converted
     return WeightFiles(loaded, transient, shape, path)
 

@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from triforce_chat.decoding import memory
 from triforce_chat.decoding.footprint import MIB, ModelShape, view_buffer_bytes, weight_files
@@ -75,10 +76,12 @@ def test_meminfo_and_the_tighter_of_both(tmp_path, monkeypatch):
 def test_weights_from_safetensors_headers(tiny_model_dir, tiny_model):
     f32 = weight_files(tiny_model_dir, "float32")
     bf16 = weight_files(tiny_model_dir, "bfloat16")
-    params = sum(p.numel() for p in tiny_model.model.parameters())
+    norms = sum(n.weight.numel() for n in tiny_model.model.norms())
+    params = tiny_model.model.weight_bytes // 4 + norms  # the file's float32 tensors, norms included
     assert f32.loaded_bytes == 4 * params  # untied head: exactly the parameters, at the load dtype
     assert bf16.loaded_bytes == 2 * params
-    assert f32.transient_bytes == sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))
+    assert f32.transient_bytes == 0  # the file's float32 tensors are the weights: nothing converted
+    assert bf16.transient_bytes == sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors"))
     assert f32.shape == ModelShape.from_args(tiny_model.model.args)
 
 
@@ -125,7 +128,10 @@ def test_the_estimate_is_close_to_what_a_model_really_allocates(tmp_path, defaul
     result = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = result["grown"] / result["estimate"]
     assert 0.5 <= ratio <= 1.5, result
-    assert result["parts"]["weights"] > 90 * MIB and result["parts"]["kv_cache"] == 2 * 2 * 2 * 8192 * 64 * 4
+    from triforce_chat.decoding.loading import default_kv_dtype
+
+    kv_size = torch.empty(0, dtype=default_kv_dtype("cpu")).element_size()  # 16-bit with the native kernels
+    assert result["parts"]["weights"] > 90 * MIB and result["parts"]["kv_cache"] == 2 * 2 * 2 * 8192 * 64 * kv_size
 
 
 @pytest.fixture
@@ -144,7 +150,7 @@ def test_ask_refuses_a_model_that_does_not_fit(monkeypatch, capsys, tiny_model_d
     monkeypatch.setattr("triforce_chat.decoding.loading.load_model", lambda *a, **k: loaded.append(1))
     short_memory(48 * MIB)
     code, out, err = run_cli(monkeypatch, capsys, "ask", "--model", str(tiny_model_dir), "--dtype", "float32",
-                             "-d", str(doc), "Who?")
+                             "--kv-dtype", "float32", "-d", str(doc), "Who?")
     assert code == 2 and not loaded and out == ""
     [line] = err.strip().splitlines()
     assert line.startswith("error: not enough memory for") and "48 MiB is available (cgroup v2 limit)" in line
@@ -152,13 +158,13 @@ def test_ask_refuses_a_model_that_does_not_fit(monkeypatch, capsys, tiny_model_d
     # a context that does not fit, where a smaller --context would
     short_memory(700 * MIB)
     code, out, err = run_cli(monkeypatch, capsys, "ask", "--model", str(tiny_model_dir), "--dtype", "float32",
-                             "--context", "1000000", "-d", str(doc), "Who?")
+                             "--kv-dtype", "float32", "--context", "1000000", "-d", str(doc), "Who?")
     assert code == 2 and not loaded
     line = err.strip()
     assert "at 1,000,000 tokens" in line and "700 MiB is available" in line
     suggested = int(line.split("--context ")[1].split()[0])
     fits = check_before_load(str(tiny_model_dir), dtype="float32", device="cpu", context=suggested,
-                             config=DecodeConfig(), available=Available(700 * MIB, "test"))
+                             config=DecodeConfig(), available=Available(700 * MIB, "test"), kv_dtype="float32")
     assert 512 <= suggested < 1_000_000 and fits.total <= 700 * MIB and fits.context == suggested
     assert "KV cache 488 MiB" in line  # 1M tokens x 2 layers x 2 KV heads x 16 x 2 (K and V) x 4 bytes
 
@@ -225,7 +231,7 @@ async def test_the_app_shows_a_notice_and_keeps_the_question(tiny_model, tmp_pat
 def test_a_smaller_budget_is_suggested_when_the_retrieval_buffer_is_what_does_not_fit(tiny_model_dir):
     def est(budget: str, available: Available | None = None):
         return check_before_load(str(tiny_model_dir), dtype="float32", device="cpu", context=200_000,
-                                 config=DecodeConfig(level=1, budget=budget), available=available)
+                                 config=DecodeConfig(level=1, budget=budget), available=available, kv_dtype="float32")
 
     big, small = est("0.5").total, est("256").total
     assert big - small > 50 * MIB  # half of 200K tokens, plus headroom, in the view's own buffer

@@ -54,7 +54,6 @@ def growth_sizes(s: Session) -> dict[str, int]:
     return {
         "cost_tables": sum(len(c.verify) for c in s._costs.values()) + len(s._costs),
         "view_buffer": s.view.buffer_bytes,
-        "workspace": s.cache.workspace.nbytes,
         "drafter_ctx": len(s._drafter_ctx),
         "token_origins": len(s.stats.token_origins),
         "rates": len(s.stats.recent_tokens_per_s),

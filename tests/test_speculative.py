@@ -91,6 +91,28 @@ def test_greedy_levels_are_token_identical(small_models, seed, length, budget, g
         assert got == want, f"level {level} ({drafter}, adaptive={adaptive}) differs from level 0"
 
 
+@pytest.fixture(scope="module")
+def qwen2_gguf_pair(tmp_path_factory):
+    """A quantized Qwen2-layout target and a smaller quantized draft sharing its vocabulary, as
+    GGUF files computed as shipped (the Qwen2.5-Coder 1.5B / 0.5B pair in miniature)."""
+    from gguf_models import load, write_gguf
+
+    d = tmp_path_factory.mktemp("qwen2-pair")
+    target = load(write_gguf(d / "target.gguf", "qwen2", vocab=64, qtype="Q5_0", seed=1,
+                             qtypes={"attn_v": "Q8_0", "ffn_down": "Q6_K", "output": "Q8_0"}))
+    draft = load(write_gguf(d / "draft.gguf", "qwen2", vocab=64, n_layers=1, qtype="Q4_K", seed=2))
+    return target, draft
+
+
+def test_greedy_levels_are_token_identical_with_a_quantized_qwen2_pair(qwen2_gguf_pair):
+    target, draft = qwen2_gguf_pair
+    engine = Engine(target, repetitive_prompt(5, 280, 64), budget=48, chunk=4, draft_model=draft)
+    want, _ = engine.run(0, 60, Sampler(0.0))
+    for level, drafter, adaptive in [(1, "ngram", False), (2, "model", False), (2, "model", True)]:
+        got, _ = engine.run(level, 60, Sampler(0.0), drafter, 5, 3, adaptive)
+        assert got == want, f"level {level} ({drafter}, adaptive={adaptive}) differs from level 0"
+
+
 def test_adaptive_routes_are_all_exercised_and_lossless(small_models):
     """Adaptive level 2 mixes plain steps, middle windows and bottom drafts verified directly."""
     target, _ = small_models
