@@ -248,7 +248,7 @@ def _cfg() -> DecodeConfig:
     return DecodeConfig(budget="64", chunk_size=8)  # budget < context: level 1 really drafts
 
 
-def test_side_by_side_alternates_engines_on_the_same_prompt_ids(tiny_model):
+def test_side_by_side_runs_each_thread_count_on_the_same_prompt_ids_and_levels_agree(tiny_model):
     engines: list[Replay] = []
 
     def make(threads):
@@ -256,38 +256,41 @@ def test_side_by_side_alternates_engines_on_the_same_prompt_ids(tiny_model):
         return engines[-1]
 
     threads_before = torch.get_num_threads()
-    result = bl.run_side_by_side(tiny_model, _cfg(), _spec(threads=[1, 2]), make)
+    result = bl.run_side_by_side(tiny_model, _cfg(), _spec(threads=[1, 2], reps=1), make)
     assert torch.get_num_threads() == threads_before
     assert [e.threads for e in engines] == [1, 2] and all(e.calls[-1] == ("close",) for e in engines)
     runs = result["runs"]
-    # per thread count: ours (prefill, L0, L1, L2) then the baseline (prefill, decode), rep after rep
-    order = [(r["threads"], r["rep"], r["engine"], r["phase"]) for r in runs]
-    one_rep = ["ours"] * 4 + ["llama"] * 2
-    assert [o[2] for o in order] == one_rep * 4
-    assert [(o[0], o[1]) for o in order[::6]] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    # per thread count: ours (prefill, L0, L1, L2) then the baseline (prefill, decode)
+    assert [(r["threads"], r["engine"], r["phase"]) for r in runs] == [
+        (t, e, ph) for t in (1, 2) for e, ph in [("ours", "prefill")] + [("ours", "decode")] * 3
+        + [("llama", "prefill"), ("llama", "decode")]
+    ]
     # the same prompt ids: both prefill all prompt tokens but the last, and the baseline decodes from the last
     n_prompt = runs[0]["prompt_tokens"]
     assert 200 < n_prompt <= 300
     assert {r["tokens"] for r in runs if r["phase"] == "prefill"} == {n_prompt - 1}
-    for e in engines:  # after the warm-up: two reps of (prefill the prompt but its last id, decode 8 from it)
-        assert [c[0] for c in e.calls[2:]] == ["prefill", "decode"] * 2 + ["close"]
-        assert all(c[1] == n_prompt - 1 for c in e.calls[2:] if c[0] == "prefill")
-        assert all(c[2] == 8 for c in e.calls[2:] if c[0] == "decode")
-    # lossless: every level equals level 0, and the replayed baseline is level 0 itself
+    for e in engines:  # after the warm-up: prefill the prompt but its last id, decode 8 from it
+        assert e.calls[2:] == [("prefill", n_prompt - 1), ("decode", e.calls[3][1], 8), ("close",)]
+    # lossless: every level equals level 0, and the replayed baseline (level 0 itself) agrees to the end,
+    # which it can only do when handed the very prompt ids our side decoded from
     assert result["identical"] and not result["mismatches"]
     for row in result["rows"]:
-        assert row["levels_identical"] and row["common_prefix"] == row["compared_tokens"] > 0
+        assert row["levels_identical"] and row["common_prefix"] == row["compared_tokens"] == 8
         assert set(row["decode_tokens_per_s"]) == {"level 0", "level 1", "level 2", bl.LLAMA}
         assert row["prefill_tokens_per_s"][bl.LLAMA] == pytest.approx((n_prompt - 1) / 0.5, abs=1e-3)
+        assert row["decode_tokens_per_s"][bl.LLAMA] == pytest.approx(8 / 0.25)
     assert result["baseline"] == {1: {"engine": "replay", "threads": 1}, 2: {"engine": "replay", "threads": 2}}
     assert "How time is split" not in result["method"] and "prefill =" in result["method"]
 
 
-def test_a_baseline_that_diverges_is_information_not_failure(tiny_model):
-    result = bl.run_side_by_side(tiny_model, _cfg(), _spec(reps=1, levels=[0]),
+def test_engines_alternate_rep_by_rep_and_a_diverging_baseline_is_information(tiny_model):
+    result = bl.run_side_by_side(tiny_model, _cfg(), _spec(reps=3, levels=[0]),
                                  lambda t: Replay(tiny_model, t, diverge_at=3))
+    assert [(r["rep"], r["engine"]) for r in result["runs"][::2]] == [(0, "ours"), (0, "llama"), (1, "ours"),
+                                                                      (1, "llama"), (2, "ours"), (2, "llama")]
     (row,) = result["rows"]
-    assert result["identical"] and row["common_prefix"] == 3 and row["compared_tokens"] >= 4
+    assert row["reps"] == 3 and row["llama_reps_identical"]
+    assert result["identical"] and row["common_prefix"] == 3 and row["compared_tokens"] == 8
 
 
 def test_a_level_that_differs_fails_the_run(tiny_model, monkeypatch):
@@ -301,7 +304,7 @@ def test_a_level_that_differs_fails_the_run(tiny_model, monkeypatch):
         return ids, records
 
     monkeypatch.setattr(bl, "run_ours", corrupted)
-    result = bl.run_side_by_side(tiny_model, _cfg(), _spec(reps=1), lambda t: Replay(tiny_model, t))
+    result = bl.run_side_by_side(tiny_model, _cfg(), _spec(reps=1, levels=[0, 2]), lambda t: Replay(tiny_model, t))
     assert not result["identical"]
     assert [(m["variant"], m["first_difference"]) for m in result["mismatches"]] == [("level 2", 2)]
     assert not result["rows"][0]["levels_identical"]
