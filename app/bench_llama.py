@@ -572,7 +572,7 @@ def render_table(result: dict[str, Any]):
     m, model = result["machine"], result["model"]
     levels = result["settings"]["levels"]
     table = Table(
-        title=f"ours vs llama.cpp — {model['gguf']}, {model['positions']} positions — {m['cpu']}",
+        title=f"ours vs llama.cpp — {Path(model['gguf']).name}, {model['positions']} positions — {m['cpu']}",
         caption=f"medians of {result['settings']['reps']} alternating repetitions; ratios are ours / llama.cpp; "
         f"same = greedy tokens equal to llama.cpp's for the first n; ours: {model['ours_weights']}",
     )
@@ -698,7 +698,7 @@ def bench_llama_command(
     if json_out:
         print(json.dumps(result, ensure_ascii=False))
     else:
-        console = Console() if Console().width >= 150 else Console(width=150)
+        console = Console() if Console().width >= 180 else Console(width=180)  # a pipe: wrap, do not squeeze
         console.print(render_table(result))
     for m in result["mismatches"]:
         print(mismatch_line(m), file=sys.stderr)
