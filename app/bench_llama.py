@@ -130,7 +130,7 @@ def default_gguf() -> Path:
 
 
 def resolve_gguf(model: str | None) -> Path:
-    """--model: a .gguf path, a name from the model catalogue (when that module exists), or the default."""
+    """--model: a .gguf path, a name from the model catalogue, or (None) the bundled SmolLM2 file."""
     if model is None:
         return default_gguf()
     path = Path(model).expanduser()
@@ -144,52 +144,41 @@ def resolve_gguf(model: str | None) -> Path:
         return path
     if model.endswith(".gguf") or "/" in model or model.startswith((".", "~")):
         raise BenchError(f"{model}: no such file")
+    from triforce_chat.decoding import catalog
+
     try:
-        from triforce_chat.decoding.catalog import resolve
-    except ImportError:
-        raise BenchError(f"{model}: no such file (give the path of a .gguf file)") from None
-    try:
-        return Path(resolve(model))
-    except ValueError as exc:  # the catalogue's errors are one line for the user
+        return Path(catalog.resolve(model))
+    except catalog.CatalogError as exc:  # unknown name, or not pulled yet: one line naming the fix
         raise BenchError(str(exc)) from None
 
 
 def gguf_positions(path: Path) -> int:
-    """The trained context length recorded in a GGUF file's metadata."""
-    import gguf
+    """The trained context length recorded in a GGUF file's metadata (read with our own GGUF reader)."""
+    from triforce_chat.decoding.gguf_file import GGUFError, GGUFFile
 
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # noqa: BLE001 - any failure to parse untrusted bytes is the same one line
+        gf = GGUFFile(path)
+    except (GGUFError, OSError) as exc:
         raise BenchError(f"{path.name}: not a readable GGUF file ({exc})") from None
-    try:
-        arch = reader.fields["general.architecture"].contents()
-        return int(reader.fields[f"{arch}.context_length"].contents())
-    except (KeyError, ValueError) as exc:
-        raise BenchError(f"{path.name}: cannot read its context length from the GGUF metadata ({exc})") from None
+    value = gf.get(f"{gf.architecture}.context_length")
+    if not isinstance(value, int) or value < 1:
+        raise BenchError(f"{path.name}: no context length in its GGUF metadata ({gf.architecture}.context_length)")
+    return value
 
 
-def load_ours(gguf_path: Path, dtype, positions: int, log: Log) -> tuple[Any, str]:
-    """Our engine on the benchmark's GGUF file: (LoadedModel, a line saying which weights it computes with).
-
-    The one place to change when our loader's GGUF support changes. It tries the file itself first;
-    an engine that cannot load GGUF yet falls back, for the bundled SmolLM2 file only, to the
-    converted copy made from that same file (its weights dequantized), and says so in the output."""
+def load_ours(gguf_path: Path, weights, positions: int, kv_dtype, log: Log) -> tuple[Any, str]:
+    """Our engine on the benchmark's GGUF file: (LoadedModel, a line saying what it computes with).
+    `weights` None computes the file's quantized blocks as shipped (what llama.cpp does too); a float
+    dtype dequantizes them at load. The one place where the benchmark loads our side."""
     from triforce_chat.decoding.loading import ModelLoadError, load_model
 
     try:
-        lm = load_model(str(gguf_path), dtype=dtype, context=positions, log=log)
-        return lm, f"{gguf_path.name} as loaded by our engine ({str(lm.model.dtype).removeprefix('torch.')})"
+        lm = load_model(str(gguf_path), dtype=weights, context=positions, log=log, kv_dtype=kv_dtype)
     except ModelLoadError as exc:
-        reason = str(exc)
-    if gguf_path.resolve() != default_gguf().resolve():
-        raise BenchError(f"our engine cannot load {gguf_path.name} yet ({reason})")
-    try:
-        lm = load_model(None, dtype=dtype, context=positions, log=log)
-    except ModelLoadError as exc:
-        raise BenchError(str(exc)) from None
-    dt = str(lm.model.dtype).removeprefix("torch.")
-    return lm, f"the converted copy of {gguf_path.name} (weights dequantized to {dt}; our GGUF loader is not in yet)"
+        raise BenchError(f"our engine cannot load {gguf_path.name} ({exc})") from None
+    label = getattr(lm.model, "weights_label", None) or str(lm.model.dtype).removeprefix("torch.")
+    kv = str(getattr(lm.model, "kv_dtype", "")).removeprefix("torch.")
+    return lm, f"weights {label}, KV {kv}" if kv else f"weights {label}"
 
 
 # -- the engines -------------------------------------------------------------------------------------------
@@ -329,9 +318,9 @@ def run_ours(lm, cfg, prompt: Prompt, levels: Sequence[int], new_tokens: int) ->
             for ev in session.generate(prompt.question):
                 out.extend(ev.tokens)
             wall = time.perf_counter() - t0
-            st = session.stats
-            if st.prefill_tokens:
-                raise BenchError(f"internal: level {level} prefilled {st.prefill_tokens} tokens again")
+            st, sync = session.stats, session.last_sync
+            if sync.computed or sync.restored:
+                raise BenchError(f"internal: level {level} put {sync.computed + sync.restored} prompt tokens again")
             records.append({
                 "engine": "ours", "phase": "decode", "variant": level_name(level), "level": level,
                 "tokens": len(out), "seconds": wall - st.prefill_s, "token_ids": out,
@@ -633,7 +622,7 @@ def bench_llama_command(
     reps: int,
     context: int | None,
     doc: Path | None,
-    dtype: str,
+    weights: str,
     llama_flash_attn: bool,
     kernels: bool,
     json_out: bool,
@@ -654,7 +643,7 @@ def bench_llama_command(
         fail(f"context must be at least 16 tokens, not {context}")
     settings = resolve_settings(None, max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, **options)
     cfg = decode_config(settings)
-    torch_dtype = pick_dtype(dtype, "cpu")
+    torch_weights = pick_dtype(weights, "cpu")
     if doc is not None:
         spec.doc = read_document(doc)
     if kernels and not kernel_figures_available():
@@ -674,7 +663,9 @@ def bench_llama_command(
         out.print(machine_line(machine), highlight=False)
         if positions > native:
             log(f"positions: {native} in the file, extended to {positions} with YaRN on both sides for this run")
-        lm, ours_weights = load_ours(gguf_path, torch_dtype, positions, log)
+        lm, ours_weights = load_ours(gguf_path, torch_weights, positions, settings.torch_kv_dtype(), log)
+        for notice in lm.notices:  # e.g. no native kernels, or a failed self-check: figures to read with care
+            err.print(f"notice: {notice}", highlight=False)
         result = run_side_by_side(
             lm, cfg, spec,
             lambda t: LlamaCpp(gguf_path, t, positions, native, flash_attn=llama_flash_attn),
@@ -691,7 +682,7 @@ def bench_llama_command(
         "positions": positions,
         "ours_model_id": lm.model_id,
         "ours_weights": ours_weights,
-        "ours_dtype": str(lm.model.dtype).removeprefix("torch."),
+        "ours_notices": list(lm.notices),
     }
     if kernels:
         result["kernels"] = kernel_figures(spec.threads, spec.contexts)

@@ -430,7 +430,10 @@ def bench_llama(
     reps: Annotated[int, typer.Option(help="Alternating repetitions per context (medians are shown).")] = 3,
     context: ContextOpt = None,
     doc: Annotated[Path | None, typer.Option("--doc", "-d", help="A file, not the generated report.")] = None,
-    dtype: Annotated[str, typer.Option(help="Our dtype: float32 or bfloat16.")] = "float32",
+    weights: Annotated[
+        str, typer.Option("--weights", "--dtype", help="Ours: auto (the file's blocks, as shipped), float32, bfloat16.")
+    ] = "auto",
+    kv_dtype: KvDtypeOpt = None,
     budget: BudgetOpt = None,
     chunk_size: ChunkOpt = None,
     gamma_mid: GammaMidOpt = None,

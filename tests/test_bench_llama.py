@@ -86,6 +86,9 @@ def test_model_argument_takes_gguf_files_only(tmp_path):
     good = tmp_path / "m.gguf"
     good.write_bytes(b"GGUF" + bytes(20))
     assert bl.resolve_gguf(str(good)) == good
+    with pytest.raises(BenchError, match="unknown model 'no-such-model'"):  # a name goes to the catalogue
+        bl.resolve_gguf("no-such-model")
+    assert bl.resolve_gguf("smollm2") == bl.resolve_gguf(None)  # the catalogue's name for the bundled file
 
 
 def _write_gguf(path, context_length: int | None):
@@ -106,7 +109,7 @@ def test_default_model_is_the_bundled_gguf_and_positions_come_from_the_metadata(
     with path.open("rb") as f:
         assert path.suffix == ".gguf" and f.read(4) == b"GGUF"
     assert bl.gguf_positions(bl.resolve_gguf(str(_write_gguf(tmp_path / "a.gguf", 4096)))) == 4096
-    with pytest.raises(BenchError, match="b.gguf: cannot read its context length"):
+    with pytest.raises(BenchError, match=r"b.gguf: no context length in its GGUF metadata \(llama.context_length\)"):
         bl.gguf_positions(_write_gguf(tmp_path / "b.gguf", None))
     cut = tmp_path / "cut.gguf"
     cut.write_bytes((tmp_path / "a.gguf").read_bytes()[:40])
@@ -115,11 +118,11 @@ def test_default_model_is_the_bundled_gguf_and_positions_come_from_the_metadata(
     assert "\n" not in str(info.value)
 
 
-def test_load_ours_on_a_foreign_gguf_that_our_engine_cannot_read_is_one_line(tmp_path):
+def test_load_ours_on_a_gguf_our_engine_cannot_read_is_one_line(tmp_path):
     fake = tmp_path / "other.gguf"
     fake.write_bytes(b"GGUF" + bytes(20))  # a truncated file: no loader may accept it
     with pytest.raises(BenchError, match="our engine cannot load other.gguf") as info:
-        bl.load_ours(fake, torch.float32, 2048, log=lambda m: None)
+        bl.load_ours(fake, None, 2048, None, log=lambda m: None)
     assert "\n" not in str(info.value)
 
 
@@ -325,7 +328,7 @@ def test_contexts_beyond_the_positions_are_refused_before_any_work(tiny_model):
         (("--contexts", "1024,abc"), "error: contexts must be a comma-separated list"),
         (("--reps", "0"), "error: reps must be >= 1, not 0"),
         (("--contexts", "1024", "--context", "8"), "error: --context 8 is too small"),
-        (("--dtype", "float16"), "error: float16 is for CUDA"),
+        (("--weights", "int8"), "error: unknown weights 'int8'"),
         (("--budget", "abc"), "error: budget must be a token count"),
     ],
 )
