@@ -295,8 +295,10 @@ def run_ours(lm, cfg, prompt: Prompt, levels: Sequence[int], new_tokens: int) ->
     from triforce_chat.decoding.drafters import DrafterError
     from triforce_chat.decoding.session import ContextOverflow, DocumentError, Session
 
+    # plain greedy to the token budget, as llama.cpp decodes here (no top-k, no penalty, no loop stop)
     cfg = dataclasses.replace(
-        cfg, level=levels[0], temperature=0.0, top_p=1.0, max_new_tokens=new_tokens, prefill_chunk=PREFILL_CHUNK
+        cfg, level=levels[0], temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, stop_on_repetition=False,
+        max_new_tokens=new_tokens, prefill_chunk=PREFILL_CHUNK,
     )
     records: list[dict] = []
     try:

@@ -248,7 +248,10 @@ def _spec(**kw) -> bl.SideBySideSpec:
 
 
 def _cfg() -> DecodeConfig:
-    return DecodeConfig(budget="64", chunk_size=8)  # budget < context: level 1 really drafts
+    """budget < context: level 1 really drafts. The sampling settings are what a config file or a model's
+    recommendation may bring; the benchmark must still decode plain greedy, as llama.cpp does here."""
+    return DecodeConfig(budget="64", chunk_size=8, temperature=0.7, top_k=5, repetition_penalty=1.5,
+                        stop_on_repetition=True)
 
 
 def test_side_by_side_runs_each_thread_count_on_the_same_prompt_ids_and_levels_agree(tiny_model):
