@@ -1,5 +1,5 @@
 """Command line: `triforce-chat [--doc F]...` starts the chat UI; `ask` answers headless; `bench`
-measures the speculation levels side by side.
+measures the speculation levels side by side; `bench-llama` puts them next to llama.cpp.
 
 Every option's default comes from the settings file (app/settings.py), and every bad input ends
 in one line on stderr and exit code 2, never a traceback.
@@ -472,6 +472,39 @@ def bench(
             threads=threads,
         )
     )
+
+
+@app.command("bench-llama")
+def bench_llama(
+    model: Annotated[
+        str | None, typer.Option(help="A .gguf file run by both engines; default the bundled SmolLM2 GGUF.")
+    ] = None,
+    contexts: Annotated[str, typer.Option(help="Comma list of approximate prompt lengths.")] = "1024,7168,29000",
+    threads: Annotated[str, typer.Option(help="Comma list of thread counts, the same for both engines.")] = "1,2",
+    levels: Annotated[str, typer.Option(help="Comma list of our speculation levels to run.")] = "0,1,2",
+    new_tokens: Annotated[int, typer.Option("--new-tokens", "-n", help="Greedy tokens decoded per run.")] = 64,
+    reps: Annotated[int, typer.Option(help="Alternating repetitions per context (medians are shown).")] = 3,
+    context: ContextOpt = None,
+    doc: Annotated[Path | None, typer.Option("--doc", "-d", help="A file, not the generated report.")] = None,
+    weights: Annotated[
+        str, typer.Option("--weights", "--dtype", help="Ours: auto (the file's blocks, as shipped), float32, bfloat16.")
+    ] = "auto",
+    kv_dtype: KvDtypeOpt = None,
+    budget: BudgetOpt = None,
+    chunk_size: ChunkOpt = None,
+    gamma_mid: GammaMidOpt = None,
+    gamma_low: GammaLowOpt = None,
+    llama_flash_attn: Annotated[
+        bool, typer.Option("--llama-flash-attn/--no-llama-flash-attn", help="llama.cpp's flash attention.")
+    ] = True,
+    kernels: Annotated[bool, typer.Option("--kernels", help="Add kernel figures (kernels/bench_cpu.py).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Our engine next to llama.cpp on the same GGUF file, prompt ids and threads (needs the 'bench' extra)."""
+    options = dict(locals())
+    from triforce_chat.app.bench_llama import bench_llama_command
+
+    raise typer.Exit(bench_llama_command(**options))
 
 
 def main() -> None:
