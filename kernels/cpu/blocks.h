@@ -20,6 +20,11 @@ inline __m128i low_nibbles(__m128i x) { return _mm_and_si128(x, _mm_set1_epi8(0x
 inline __m128i high_nibbles(__m128i x) { return _mm_and_si128(_mm_srli_epi16(x, 4), _mm_set1_epi8(0x0F)); }
 
 // 16 bits -> 16 bytes holding 0x10 where the bit is set (bit i -> byte i).
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+inline __m128i bits_to_0x10(uint32_t bits16) {  // one masked move
+  return _mm_maskz_mov_epi8(__mmask16(bits16 & 0xFFFF), _mm_set1_epi8(0x10));
+}
+#else
 inline __m128i bits_to_0x10(uint32_t bits16) {
   __m128i v = _mm_set1_epi16(short(bits16 & 0xFFFF));
   v = _mm_shuffle_epi8(v, _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
@@ -27,6 +32,7 @@ inline __m128i bits_to_0x10(uint32_t bits16) {
   v = _mm_cmpeq_epi8(_mm_and_si128(v, mask), mask);
   return _mm_and_si128(v, _mm_set1_epi8(0x10));
 }
+#endif
 
 // bytes holding 0x10 where (h & u) != 0
 inline __m128i flag_0x10(__m128i h, int u) {
