@@ -250,11 +250,12 @@ def qa_set_info(sets: list[DocSet]) -> dict[str, Any]:
     }
 
 
-def cpu_line() -> str:
-    """The CPU's model name and the SIMD flags the kernels care about."""
-    from triforce_chat.kernels.bench_cpu import cpu_line as line
+def machine(load_start: list[float]) -> dict[str, Any]:
+    """bench-llama's machine description (the CPU's SIMD flags included) with bench's software versions
+    and thread count."""
+    from triforce_chat.app.bench_llama import machine_info
 
-    return line()
+    return {**machine_info(), **host_info(load_start)}
 
 
 def mismatch_line(m: dict[str, Any]) -> str:
@@ -317,7 +318,7 @@ def run_bench_qa(load: Callable[[str], Any], spec: QASpec, cfg, log: Log = lambd
         gc.collect()
     mismatches = [x for m in models for x in m["mismatches"]]
     return {
-        "machine": {**host_info(load_start), "cpu_line": cpu_line()},
+        "machine": machine(load_start),
         "method": __doc__.split("What is reported:", 1)[1].strip(),
         "settings": {"models": spec.models, "threads": spec.threads, "levels": spec.levels,
                      "max_new_tokens": spec.max_new_tokens, "limit": spec.limit, "budget": cfg.budget,
@@ -337,6 +338,7 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
     from rich.console import Console
     from rich.markup import escape
 
+    from triforce_chat.app.bench_llama import machine_line
     from triforce_chat.app.cli import (
         decode_config,
         fail,
@@ -383,8 +385,7 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
         if console.width < 150:  # a pipe or a narrow terminal: wrap lines rather than squeeze the columns
             console = Console(width=150)
         m = result["machine"]
-        console.print(f"CPU: {m['cpu_line']}; {m['cpu_count']} cores; torch {m['torch']}; Python {m['python']}",
-                      highlight=False, markup=False)
+        console.print(f"{machine_line(m)} | torch {m['torch']} | Python {m['python']}", highlight=False, markup=False)
         console.print(render_table(result))
     for s in skipped:
         say(f"skipped {s['model']}: {s['reason']}")
