@@ -389,6 +389,10 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
         console.print(render_table(result))
     for s in skipped:
         say(f"skipped {s['model']}: {s['reason']}")
+    for m in result["models"]:
+        if m["thread_differences"]:
+            say(f"note: {m['model']}: {len(m['thread_differences'])} answer(s) differ between thread counts "
+                "(a sum rounded differently; the levels agree at each thread count)")
     for x in result["mismatches"]:
         print(mismatch_line(x), file=sys.stderr)
     return 0 if result["identical"] else 1
