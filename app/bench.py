@@ -267,6 +267,16 @@ class HFBaseline:
 
 
 # -- the whole benchmark ------------------------------------------------------------------------------------
+WARM_UP = Prompt(0, 0, "warm-up.md", "Warm-up text. " * 40, "Repeat the text.", "quote")
+
+
+def warm_up(lm, cfg, levels: list[int]) -> None:
+    """One short untimed answer per level: the first call at a level (and at a thread count) pays
+    one-off set-up costs that would otherwise land in the first timed answer."""
+    for level in levels:
+        run_level(lm, cfg, WARM_UP, level, 8)
+
+
 def run_bench(lm, cfg, spec: BenchSpec, dtype=None, log: Log = lambda m: None) -> dict[str, Any]:
     """Every prompt at every level (+ baselines); returns the `bench --json` object."""
     for level in spec.levels:
@@ -284,11 +294,9 @@ def run_bench(lm, cfg, spec: BenchSpec, dtype=None, log: Log = lambda m: None) -
     # weights as shipped: transformers gets float32 (the dtype our activations use)
     hf = HFBaseline(lm, dtype or lm.model.dtype, spec.context, spec.hf_cache) if spec.hf else None
     log("warming up ...")
-    warm = Prompt(0, 0, "warm-up.md", "Warm-up text. " * 40, "Repeat the text.", "quote")
-    for level in spec.levels:
-        run_level(lm, cfg, warm, level, 8)
+    warm_up(lm, cfg, spec.levels)
     if hf is not None:
-        ids = run_level(lm, cfg, warm, 0, 1)["prompt_ids"]
+        ids = run_level(lm, cfg, WARM_UP, 0, 1)["prompt_ids"]
         hf.run(ids, 8)
         hf.run(ids, 8, LOOKUP_TOKENS)
     runs: list[dict[str, Any]] = []
@@ -346,9 +354,15 @@ def _rate(r: dict[str, Any]) -> float:
     return r["decode_tokens"] / r["decode_s"] if r["decode_s"] > 0 else 0.0
 
 
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first token where `a` and `b` differ (the shorter length when one is a prefix
+    of the other; then the longer one's token there is the difference)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 def _mismatch(run: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
     a, b = run["token_ids"], ref["token_ids"]
-    i = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    i = first_difference(a, b)
     return {
         "context": run["context"],
         "prompt": run["prompt"],
@@ -392,11 +406,11 @@ def summarize(runs: list[dict[str, Any]], levels: list[int]) -> list[dict[str, A
                     "decode_s": round(tot["decode_s"], 4),
                     "decode_tokens_per_s": round(rate, 3),
                     "ms_per_token": round(1000 / rate, 2) if rate else None,
-                    "prefill_tokens_per_s": _ratio(tot["prefill_tokens"], tot["prefill_s"], 1)
+                    "prefill_tokens_per_s": ratio(tot["prefill_tokens"], tot["prefill_s"], 1)
                     if tot["prefill_tokens"]
                     else None,  # --reuse-prefill: nothing prefilled
-                    "acceptance_mid": _ratio(tot["mid_accepted"], tot["mid_proposed"]),
-                    "acceptance_low": _ratio(tot["low_accepted"], tot["low_proposed"]),
+                    "acceptance_mid": ratio(tot["mid_accepted"], tot["mid_proposed"]),
+                    "acceptance_low": ratio(tot["low_accepted"], tot["low_proposed"]),
                     "mean_accepted_length": _mean_len(variant, tot),
                     "timings_s": timings,
                     "identical": all(r["identical"] for r in rs),
@@ -428,7 +442,8 @@ _SUMMED = (
 )
 
 
-def _ratio(a: float, b: float, digits: int = 4) -> float | None:
+def ratio(a: float, b: float, digits: int = 4) -> float | None:
+    """a / b rounded, or None when b is 0 (nothing measured): totals over runs, not a mean of rates."""
     return round(a / b, digits) if b else None
 
 
@@ -459,7 +474,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(lm, spec: BenchSpec, load_start: list[float]) -> dict[str, Any]:
+def host_info(load_start: list[float]) -> dict[str, Any]:
+    """The machine and software a measurement ran on, with the load average before and now (the
+    machine may be shared: a high load makes the figures doubtful)."""
     import torch
     import transformers
 
@@ -471,12 +488,18 @@ def machine_info(lm, spec: BenchSpec, load_start: list[float]) -> dict[str, Any]
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": sys.version.split()[0],
+        "load_average_start": load_start,
+        "load_average_end": load_average(),
+    }
+
+
+def machine_info(lm, spec: BenchSpec, load_start: list[float]) -> dict[str, Any]:
+    return {
+        **host_info(load_start),
         "model": lm.model_id,
         "dtype": lm.model.weights_label,
         "device": str(lm.model.device),
         "positions": lm.model.max_len,
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
     }
 
 

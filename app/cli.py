@@ -1,5 +1,6 @@
 """Command line: `triforce-chat [--doc F]...` starts the chat UI; `ask` answers headless; `bench`
-measures the speculation levels side by side; `bench-llama` puts them next to llama.cpp.
+measures the speculation levels side by side; `bench-llama` puts them next to llama.cpp; `bench-qa`
+scores answers on a document-QA set.
 
 Every option's default comes from the settings file (app/settings.py), and every bad input ends
 in one line on stderr and exit code 2, never a traceback.
@@ -505,6 +506,27 @@ def bench_llama(
     from triforce_chat.app.bench_llama import bench_llama_command
 
     raise typer.Exit(bench_llama_command(**options))
+
+
+@app.command("bench-qa")
+def bench_qa(
+    models: Annotated[
+        str | None,
+        typer.Option(help="Comma list of models (default: smollm2-135m,qwen2.5-coder-0.5b,qwen2.5-coder-1.5b)."),
+    ] = None,
+    threads: Annotated[str, typer.Option(help="Comma list of CPU thread counts.")] = "1,2",
+    levels: Annotated[str, typer.Option(help="Comma list of levels (0 always runs: it gives the answers).")] = "0,2",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per answer at most.")] = 64,
+    limit: Annotated[int | None, typer.Option(help="Ask only the first N questions of each document.")] = None,
+    context: ContextOpt = None,
+    weights: WeightsOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object, every answer included.")] = False,
+) -> None:
+    """Right answers on the document-QA set, and decode tok/s per level and thread count; exit 1 if levels disagree."""
+    from triforce_chat.app.bench_qa import bench_qa_command
+
+    raise typer.Exit(bench_qa_command(models=models, threads=threads, levels=levels, max_new_tokens=max_new_tokens,
+                                      limit=limit, json_out=json_out, context=context, weights=weights))
 
 
 def main() -> None:

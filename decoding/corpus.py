@@ -168,10 +168,32 @@ class Question:
     section: int
 
 
+@dataclass(frozen=True)
+class Site:
+    """The facts one section states, as drawn (for questions with short answers, e.g. the QA benchmark)."""
+
+    section: int
+    place: str
+    title: str  # "<place> <facility>", as the section heading names it
+    lead: str
+    deputy: str
+    joined: int  # the year the lead joined the organisation
+    staff: int
+    shipments: int
+    growth: int  # percent
+    project: str
+    month: str
+    crew: int
+    budget: int  # crowns
+    stock: tuple[tuple[str, int, int], ...]  # (item, quantity, unit cost) rows of the section's table
+
+
 @dataclass
 class Report:
     text: str
     questions: list[Question] = field(default_factory=list)
+    sites: list[Site] = field(default_factory=list)
+    organisation: str = ""
 
     def questions_in(self, text: str) -> list[Question]:
         """The questions whose source passage is wholly inside `text` (e.g. a cut of the report)."""
@@ -187,7 +209,7 @@ def _person(rng: random.Random) -> str:
     return f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
 
 
-def _section(rng: random.Random, k: int, org: str, used: set[str]) -> tuple[str, list[Question]]:
+def _section(rng: random.Random, k: int, org: str, used: set[str]) -> tuple[str, list[Question], Site]:
     place = _place(rng)
     while place in used:  # one site per place name, so every question has one answer
         place = _place(rng) if len(used) < 2000 else f"{_place(rng)} {k}"
@@ -209,7 +231,8 @@ def _section(rng: random.Random, k: int, org: str, used: set[str]) -> tuple[str,
         f"{project} work at {place} should serve as a model for the other sites of {org}."
     )
     items = rng.sample(_ITEMS, rng.randint(4, 6))
-    rows = [f"| {it} | {rng.randint(5, 2000)} | {rng.randint(1, 300)} |" for it in items]
+    stock = tuple((it, rng.randint(5, 2000), rng.randint(1, 300)) for it in items)
+    rows = [f"| {it} | {qty} | {unit} |" for it, qty, unit in stock]
     table = "\n".join(
         [f"Table {k}: Stock held at the {title}", "", "| Item | Quantity | Unit cost |", "|---|---|---|", *rows]
     )
@@ -229,7 +252,8 @@ def _section(rng: random.Random, k: int, org: str, used: set[str]) -> tuple[str,
             k,
         ),
     ]
-    return text, questions
+    site = Site(k, place, title, lead, deputy, year, staff, shipments, growth, project, month, crew, cost, stock)
+    return text, questions, site
 
 
 def build_report(n_tokens_approx: int, seed: int = 0) -> Report:
@@ -240,15 +264,16 @@ def build_report(n_tokens_approx: int, seed: int = 0) -> Report:
         f"# Annual Operations Report of {org}\n\nThis report describes each site of {org} in turn: who "
         "runs it, what it stocks, and the projects it carried out during the reporting period."
     )
-    parts, questions, used = [head], [], set()
+    parts, questions, sites, used = [head], [], [], set()
     k = 0
     target_chars = n_tokens_approx * CHARS_PER_TOKEN
     while k == 0 or sum(len(p) + 2 for p in parts) < target_chars:
         k += 1
-        text, qs = _section(rng, k, org, used)
+        text, qs, site = _section(rng, k, org, used)
         parts.append(text)
         questions.extend(qs)
-    return Report("\n\n".join(parts) + "\n", questions)
+        sites.append(site)
+    return Report("\n\n".join(parts) + "\n", questions, sites, org)
 
 
 def generate_report(n_tokens_approx: int, seed: int = 0) -> str:
@@ -275,4 +300,4 @@ def pick_questions(questions: list[Question], n: int) -> list[Question]:
     return chosen
 
 
-__all__ = ["Question", "Report", "build_report", "generate_report", "pick_questions"]
+__all__ = ["Question", "Report", "Site", "build_report", "generate_report", "pick_questions"]

@@ -1,0 +1,398 @@
+"""`triforce-chat bench-qa`: the share of right answers on the document-QA set (app/qa_set.py), and
+the decode speed of each model at each speculation level and thread count.
+
+How it runs: each model is loaded once. At each thread count, one short untimed answer per level
+warms up (app/bench.py `warm_up`); then each document gets one Session and one prefill, and at each
+level every question is asked in a new chat (`Session.new_chat()`: the document stays in the KV
+cache, only the question is prefilled). Answers are greedy and exact: temperature 0, no top-p or
+top-k, no repetition penalty, the repetition stop on (as `ask` by default), at most
+`--max-new-tokens` tokens. No document cache: every prefill is computed.
+
+What is reported:
+- right answers: level 0 at the first thread count, scored by app/qa_score.py. Greedy output is
+  the same at every level by construction, so every other level's token ids are compared with
+  level 0's at the same thread count: a difference is printed as MISMATCH and the command exits 1.
+  (Across thread counts a sum may round differently and change an answer; that is reported in
+  `thread_differences`, not a failure.) Level 0 always runs, since it gives the reference answers.
+- decode tok/s per level and thread count: tokens / seconds totalled over the questions, from the
+  session's stats (`new_tokens`, `decode_s`: the question's own prefill is not in them).
+- prefill tok/s per thread count: the documents' prefill, tokens / seconds totalled over the
+  documents (the same prefill serves every level).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from triforce_chat.app.bench import (
+    BenchError,
+    first_difference,
+    host_info,
+    load_average,
+    parse_int_list,
+    ratio,
+    warm_up,
+)
+from triforce_chat.app.qa_score import is_right
+from triforce_chat.app.qa_set import ASK_SUFFIX, DocSet, QAItem, qa_set
+
+DEFAULT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+Log = Callable[[str], None]
+
+
+@dataclass
+class QASpec:
+    models: list[str]
+    threads: list[int]
+    levels: list[int]  # level 0 first, always there
+    max_new_tokens: int = 64
+    limit: int | None = None  # the first N questions of each document
+
+    def __post_init__(self) -> None:
+        for level in self.levels:
+            if level not in (0, 1, 2):
+                raise BenchError(f"levels must be among 0, 1, 2, not {level}")
+        self.levels = [0, *dict.fromkeys(v for v in self.levels if v != 0)]
+        self.threads = list(dict.fromkeys(self.threads))
+        if min(self.threads) < 1:
+            raise BenchError(f"threads must be >= 1, not {min(self.threads)}")
+        if self.max_new_tokens < 1:
+            raise BenchError(f"max-new-tokens must be >= 1, not {self.max_new_tokens}")
+        if self.limit is not None and self.limit < 1:
+            raise BenchError(f"limit must be >= 1, not {self.limit}")
+        if not self.models:
+            raise BenchError("models must not be empty")
+
+
+def parse_models(text: str | None) -> list[str]:
+    if text is None:
+        return list(DEFAULT_MODELS)
+    return list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+
+
+def limited(sets: list[DocSet], limit: int | None) -> list[DocSet]:
+    """Each document with its first `limit` questions (all of them without a limit)."""
+    return [dataclasses.replace(d, items=d.items[:limit]) for d in sets] if limit else sets
+
+
+def split_installed(models: list[str]) -> tuple[list[str], list[dict[str, str]]]:
+    """(models to run, models skipped with the reason): a catalogue model that is not installed is
+    skipped with the command that installs it; any other name that does not resolve to a model
+    is a BenchError, before anything is loaded."""
+    from triforce_chat.decoding import catalog
+    from triforce_chat.decoding.loading import ModelLoadError, resolve_model
+
+    run, skipped = [], []
+    for name in models:
+        entry = catalog.find(name)
+        if entry is not None:
+            try:
+                catalog.resolve(name)
+            except catalog.ModelNotInstalled as exc:
+                skipped.append({"model": entry.name, "reason": str(exc)})
+                continue
+        try:
+            resolve_model(name)
+        except ModelLoadError as exc:
+            raise BenchError(str(exc)) from None
+        run.append(name)
+    return run, skipped
+
+
+# -- one model ---------------------------------------------------------------------------------------------
+def ask_in_new_chat(session, item: QAItem, level: int) -> dict[str, Any]:
+    """Ask `item` at `level` in a new chat over the session's documents; the run's record."""
+    session.new_chat()
+    session.set_level(level)
+    ids: list[int] = []
+    for ev in session.generate(item.question + ASK_SUFFIX):
+        ids.extend(ev.tokens)
+    st = session.stats
+    return {
+        "token_ids": ids,
+        "text": session.turns[-1].answer,
+        "new_tokens": st.new_tokens,
+        "decode_s": st.decode_s,
+        "stop_reason": st.stop_reason,
+        "mid_proposed": st.mid_proposed,
+        "mid_accepted": st.mid_accepted,
+        "low_proposed": st.low_proposed,
+        "low_accepted": st.low_accepted,
+    }
+
+
+def run_model(lm, cfg, spec: QASpec, sets: list[DocSet], log: Log = lambda m: None) -> dict[str, Any]:
+    """Every question of `sets` at every thread count and level; the model's record (see the
+    module docstring for what is measured)."""
+    import torch
+
+    from triforce_chat.decoding.drafters import DrafterError
+    from triforce_chat.decoding.memory import MemoryShortage
+    from triforce_chat.decoding.session import ContextOverflow, DocumentError, Session
+
+    cfg = dataclasses.replace(cfg, level=0, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                              stop_on_repetition=True, max_new_tokens=spec.max_new_tokens)
+    previous = torch.get_num_threads()
+    runs: list[dict[str, Any]] = []
+    prefill: list[dict[str, Any]] = []
+    try:
+        for threads in spec.threads:
+            torch.set_num_threads(threads)
+            warm_up(lm, cfg, spec.levels)
+            tokens = seconds = 0.0
+            for doc in sets:
+                try:
+                    session = Session(lm, dataclasses.replace(cfg))
+                    session.add_document(doc.name, doc.text)
+                    n, s = session.prefill()
+                    tokens, seconds = tokens + n, seconds + s
+                    log(f"{lm.model_id}, {threads} thread(s): {doc.name} prefilled, {n} tokens in {s:.1f} s")
+                    for level in spec.levels:
+                        for i, item in enumerate(doc.items):
+                            r = ask_in_new_chat(session, item, level)
+                            r.update(threads=threads, level=level, document=doc.name, index=i)
+                            runs.append(r)
+                            rate = ratio(r["new_tokens"], r["decode_s"], 2)
+                            log(f"{lm.model_id}, {threads} thread(s), level {level}, {doc.name} #{i}: "
+                                f"{r['new_tokens']} tokens, {rate} tok/s, {r['stop_reason']}")
+                except (ContextOverflow, DocumentError, DrafterError, MemoryShortage) as exc:
+                    raise BenchError(f"{lm.model_id}: {doc.name}: {exc}") from None
+            prefill.append({"threads": threads, "tokens": int(tokens), "seconds": round(seconds, 4),
+                            "tokens_per_s": ratio(tokens, seconds, 1)})
+    finally:
+        torch.set_num_threads(previous)
+    return summarize_model(lm, spec, sets, runs, prefill)
+
+
+def summarize_model(lm, spec: QASpec, sets: list[DocSet], runs: list[dict[str, Any]],
+                    prefill: list[dict[str, Any]]) -> dict[str, Any]:
+    """Score level 0 at the first thread count, check every level against level 0 at its thread
+    count, and total the speeds."""
+    ref = {(r["threads"], r["document"], r["index"]): r for r in runs if r["level"] == 0}
+    mismatches = []
+    for r in runs:
+        base = ref[r["threads"], r["document"], r["index"]]
+        r["identical"] = r["token_ids"] == base["token_ids"]
+        if not r["identical"]:
+            i = first_difference(r["token_ids"], base["token_ids"])
+            mismatches.append({
+                "model": lm.model_id, "threads": r["threads"], "level": r["level"], "document": r["document"],
+                "question": r["index"], "first_difference": i,
+                "got": r["token_ids"][i] if i < len(r["token_ids"]) else None,
+                "expected": base["token_ids"][i] if i < len(base["token_ids"]) else None,
+            })
+    first = spec.threads[0]
+    items = {(d.name, i): item for d in sets for i, item in enumerate(d.items)}
+    answers = []
+    for (threads, name, i), r in ref.items():
+        if threads == first:
+            item = items[name, i]
+            answers.append({"document": name, "index": i, "question": item.question, "accepted": list(item.accepted),
+                            "answer": r["text"], "right": is_right(r["text"], item.accepted),
+                            "token_ids": r["token_ids"], "stop_reason": r["stop_reason"]})
+    thread_differences = [
+        {"threads": t, "document": name, "index": i}
+        for (t, name, i), r in ref.items()
+        if t != first and r["token_ids"] != ref[first, name, i]["token_ids"]
+    ]
+    right = sum(a["right"] for a in answers)
+    return {
+        "model": lm.model_id,
+        "path": str(lm.path),
+        "weights": lm.model.weights_label,
+        "positions": lm.model.max_len,
+        "load_s": round(lm.load_s, 2),
+        "accuracy": {"right": right, "total": len(answers), "share": ratio(right, len(answers))},
+        "speed": speed_rows(runs, spec),
+        "prefill": prefill,
+        "answers": answers,
+        "runs": [{k: v for k, v in r.items() if k not in ("text", "token_ids")} for r in runs],
+        "identical": not mismatches,
+        "mismatches": mismatches,
+        "thread_differences": thread_differences,
+    }
+
+
+def speed_rows(runs: list[dict[str, Any]], spec: QASpec) -> list[dict[str, Any]]:
+    """One row per thread count and level: totals over its questions (tokens / seconds, not a mean of rates)."""
+    rows = []
+    for threads in spec.threads:
+        for level in spec.levels:
+            rs = [r for r in runs if r["threads"] == threads and r["level"] == level]
+            tot = {k: sum(r[k] for r in rs) for k in
+                   ("new_tokens", "decode_s", "mid_proposed", "mid_accepted", "low_proposed", "low_accepted")}
+            rows.append({
+                "threads": threads,
+                "level": level,
+                "questions": len(rs),
+                "new_tokens": tot["new_tokens"],
+                "decode_s": round(tot["decode_s"], 4),
+                "decode_tokens_per_s": ratio(tot["new_tokens"], tot["decode_s"], 3),
+                "acceptance_mid": ratio(tot["mid_accepted"], tot["mid_proposed"]),
+                "acceptance_low": ratio(tot["low_accepted"], tot["low_proposed"]),
+            })
+    return rows
+
+
+# -- the whole benchmark ------------------------------------------------------------------------------------
+def qa_set_info(sets: list[DocSet]) -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "questions": sum(len(d.items) for d in sets),
+        "ask_suffix": ASK_SUFFIX,
+        "documents": [{"name": d.name, "source": d.source, "characters": len(d.text), "questions": len(d.items)}
+                      for d in sets],
+    }
+
+
+def machine(load_start: list[float]) -> dict[str, Any]:
+    """bench-llama's machine description (the CPU's SIMD flags included) with bench's software versions
+    and thread count."""
+    from triforce_chat.app.bench_llama import machine_info
+
+    return {**machine_info(), **host_info(load_start)}
+
+
+def mismatch_line(m: dict[str, Any]) -> str:
+    return (
+        f"MISMATCH: {m['model']}, {m['threads']} thread(s), {m['document']} question {m['question']}: level "
+        f"{m['level']} differs from level 0 at new token {m['first_difference']} "
+        f"(got {m['got']}, expected {m['expected']})"
+    )
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else f"{value:{spec}}"
+
+
+def render_table(result: dict[str, Any]):
+    """The Rich table: one row per model."""
+    from rich.table import Table
+
+    s, qa = result["settings"], result["qa_set"]
+    table = Table(
+        title=f"triforce-chat bench-qa — {qa['questions']} questions over {len(qa['documents'])} documents, "
+        f"greedy, at most {s['max_new_tokens']} new tokens",
+        caption="right: level 0 answers at the first thread count; L0 1thr: level 0 on 1 thread; decode: tokens / "
+        "decode seconds over all questions; prefill: the documents' prefill",
+    )
+    table.add_column("model", justify="left", overflow="fold")
+    table.add_column("right", justify="right")
+    table.add_column("accuracy", justify="right")
+    for t in s["threads"]:
+        for level in s["levels"]:
+            table.add_column(f"L{level} {t}thr\ndecode tok/s", justify="right")
+    for t in s["threads"]:
+        table.add_column(f"{t}thr\nprefill tok/s", justify="right")
+    table.add_column("levels agree", justify="right")
+    for m in result["models"]:
+        acc = m["accuracy"]
+        speed = {(r["threads"], r["level"]): r["decode_tokens_per_s"] for r in m["speed"]}
+        pre = {p["threads"]: p["tokens_per_s"] for p in m["prefill"]}
+        table.add_row(
+            m["model"],
+            f"{acc['right']}/{acc['total']}",
+            _fmt(acc["share"], ".0%"),
+            *(_fmt(speed.get((t, level)), ".2f") for t in s["threads"] for level in s["levels"]),
+            *(_fmt(pre.get(t), ".0f") for t in s["threads"]),
+            "✓" if m["identical"] else "[bold red]✗ MISMATCH[/bold red]",
+        )
+    return table
+
+
+def run_bench_qa(load: Callable[[str], Any], spec: QASpec, cfg, log: Log = lambda m: None,
+                 skipped: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """Every model of `spec` (loaded by `load(name)`, released after); the `bench-qa --json` object."""
+    load_start = load_average()
+    sets = limited(qa_set(), spec.limit)
+    models = []
+    for name in spec.models:
+        lm = load(name)
+        models.append(run_model(lm, cfg, spec, sets, log))
+        del lm
+        gc.collect()
+    mismatches = [x for m in models for x in m["mismatches"]]
+    return {
+        "machine": machine(load_start),
+        "method": __doc__.split("What is reported:", 1)[1].strip(),
+        "settings": {"models": spec.models, "threads": spec.threads, "levels": spec.levels,
+                     "max_new_tokens": spec.max_new_tokens, "limit": spec.limit, "budget": cfg.budget,
+                     "draft": cfg.draft, "gamma_mid": cfg.gamma_mid, "gamma_low": cfg.gamma_low},
+        "qa_set": qa_set_info(sets),
+        "models": models,
+        "skipped": skipped or [],
+        "identical": not mismatches,
+        "mismatches": mismatches,
+    }
+
+
+# -- the command --------------------------------------------------------------------------------------------
+def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_tokens: int, limit: int | None,
+                     json_out: bool, **options: Any) -> int:
+    """`triforce-chat bench-qa`: parse, check the models, run, print; the exit code (1 on a mismatch)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from triforce_chat.app.bench_llama import machine_line
+    from triforce_chat.app.cli import (
+        decode_config,
+        fail,
+        guard_memory,
+        load_model_or_fail,
+        resolve_settings,
+        say,
+        setup_runtime,
+    )
+    from triforce_chat.app.safe_text import json_text
+
+    try:
+        spec = QASpec(models=parse_models(models), threads=parse_int_list(threads, "threads"),
+                      levels=parse_int_list(levels, "levels"), max_new_tokens=max_new_tokens, limit=limit)
+        runnable, skipped = split_installed(spec.models)
+    except BenchError as exc:
+        fail(str(exc))
+    for s in skipped:
+        say(f"skipped {s['model']}: {s['reason']}")
+    if not runnable:
+        fail("no model to run: " + "; ".join(s["reason"] for s in skipped))
+    spec.models = runnable
+    given = dict(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                 stop_on_repetition=True, level=0, **options)
+    settings = resolve_settings(None, **given)
+    cfg = decode_config(settings)
+    device, dtype = setup_runtime(settings)
+
+    def load(name: str):
+        model_settings = resolve_settings(None, **given, model=name)
+        guard_memory(model_settings, device, dtype, cfg)
+        return load_model_or_fail(model_settings, device, dtype, quiet=json_out)
+
+    err = Console(stderr=True, soft_wrap=True)  # one line per answer, also in a log file
+    try:
+        result = run_bench_qa(load, spec, cfg, log=lambda m: err.print(f"[dim]{escape(m)}[/dim]", highlight=False),
+                              skipped=skipped)
+    except BenchError as exc:
+        fail(str(exc))
+    if json_out:
+        print(json_text(result))
+    else:
+        console = Console()
+        if console.width < 150:  # a pipe or a narrow terminal: wrap lines rather than squeeze the columns
+            console = Console(width=150)
+        m = result["machine"]
+        console.print(f"{machine_line(m)} | torch {m['torch']} | Python {m['python']}", highlight=False, markup=False)
+        console.print(render_table(result))
+    for s in skipped:
+        say(f"skipped {s['model']}: {s['reason']}")
+    for m in result["models"]:
+        if m["thread_differences"]:
+            say(f"note: {m['model']}: {len(m['thread_differences'])} answer(s) differ between thread counts "
+                "(a sum rounded differently; the levels agree at each thread count)")
+    for x in result["mismatches"]:
+        print(mismatch_line(x), file=sys.stderr)
+    return 0 if result["identical"] else 1
