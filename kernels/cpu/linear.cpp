@@ -152,13 +152,32 @@ inline void dequant_row(int type, const uint8_t* row, int64_t K, float* dst) {
   }
 }
 constexpr bool kRegisterDecode = true;
-constexpr int kWeightRows = 4;                  // weight rows per register tile
-constexpr int kInputRows = V::W == 16 ? 4 : 2;  // input rows per register tile (AVX2 has 16 registers)
+// Register tiles (weight rows x input rows), chosen by the number of input rows: one decode of a
+// weight group serves every input row of the tile. AVX2 has 16 registers, AVX-512 32.
+constexpr int kWeightRows = 4;
+constexpr int kInputRows = V::W == 16 ? 4 : 2;
+constexpr int kWideInputRows = 8;  // windows of 8+ rows: decode each group once for 8 rows
+constexpr int kWideWeightRows = V::W == 16 ? 2 : 1;
+
+// One tile of nr weight rows x r input rows (the shapes above; any other runs as 1 x 1 tiles).
+inline void dot_tile(int type, int nr, int r, const uint8_t* const* rows, int64_t K, const float* const* xs,
+                     float* out) {
+  if (nr == kWeightRows && r == kInputRows) return dot_blocks<kWeightRows, kInputRows>(type, rows, K, xs, out);
+  if (nr == kWeightRows && r == 1) return dot_blocks<kWeightRows, 1>(type, rows, K, xs, out);
+  if (nr == kWideWeightRows && r == kWideInputRows)
+    return dot_blocks<kWideWeightRows, kWideInputRows>(type, rows, K, xs, out);
+  if (nr == kWideWeightRows && r == kInputRows) return dot_blocks<kWideWeightRows, kInputRows>(type, rows, K, xs, out);
+  if (nr == kWideWeightRows && r == 1) return dot_blocks<kWideWeightRows, 1>(type, rows, K, xs, out);
+  if (nr == 1 && r == kWideInputRows) return dot_blocks<1, kWideInputRows>(type, rows, K, xs, out);
+  if (nr == 1 && r == kInputRows) return dot_blocks<1, kInputRows>(type, rows, K, xs, out);
+  return dot_blocks<1, 1>(type, rows, K, xs, out);
+}
 #else
-template <int NR, int R>
-inline void dot_blocks(int, const uint8_t* const*, int64_t, const float* const*, float*) {}
 constexpr int kWeightRows = 1;
 constexpr int kInputRows = 1;
+constexpr int kWideInputRows = 1;
+constexpr int kWideWeightRows = 1;
+inline void dot_tile(int, int, int, const uint8_t* const*, int64_t, const float* const*, float*) {}
 inline void dequant_row(int, const uint8_t*, int64_t, float*) {}
 constexpr bool kRegisterDecode = false;
 #endif
@@ -190,29 +209,24 @@ void linear(const float* x, int64_t T, int64_t ldx, int64_t K, const std::vector
     thread_local Unpacked un;
     un.reserve(K);
     size_t wi = 0;
-    const float* xs[4];
-    float out[16];
+    const float* xs[8];
+    float out[32];
     const uint8_t* rows[kWeightRows];
     for (int64_t n = begin; n < end;) {
       while (n >= starts[wi + 1]) wi++;
       const WeightSpec& w = weights[wi];
       const uint8_t* row = w.data + (n - starts[wi]) * w.row_bytes;
       const bool dense = is_dense(w.type);
-      if (!dense && kRegisterDecode) {  // tiles of kWeightRows x kInputRows outputs
-        const int nr = std::min(end, starts[wi + 1]) - n >= kWeightRows ? kWeightRows : 1;
+      if (!dense && kRegisterDecode) {
+        const bool wide = T >= kWideInputRows;
+        const int nrb = wide ? kWideWeightRows : kWeightRows;
+        const int nr = std::min(end, starts[wi + 1]) - n >= nrb ? nrb : 1;
         for (int i = 0; i < nr; i++) rows[i] = row + i * w.row_bytes;
         int64_t t = 0;
         while (t < T) {
-          const int r_tile = T - t >= kInputRows ? kInputRows : 1;
+          const int r_tile = wide && T - t >= kWideInputRows ? kWideInputRows : (T - t >= kInputRows ? kInputRows : 1);
           for (int r = 0; r < r_tile; r++) xs[r] = x + (t + r) * ldx;
-          if (nr == kWeightRows && r_tile == kInputRows)
-            dot_blocks<kWeightRows, kInputRows>(w.type, rows, K, xs, out);
-          else if (nr == kWeightRows)
-            dot_blocks<kWeightRows, 1>(w.type, rows, K, xs, out);
-          else if (r_tile == kInputRows)
-            dot_blocks<1, kInputRows>(w.type, rows, K, xs, out);
-          else
-            dot_blocks<1, 1>(w.type, rows, K, xs, out);
+          dot_tile(w.type, nr, r_tile, rows, K, xs, out);
           for (int i = 0; i < nr; i++)
             for (int r = 0; r < r_tile; r++)
               y[(t + r) * ldy + n + i] = bias ? out[i * r_tile + r] + bias[n + i] : out[i * r_tile + r];
