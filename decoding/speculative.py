@@ -104,6 +104,11 @@ class CostModel:
             return float("inf")
         return self.expected_tokens(self.alpha_direct.value, k) / self.verify_cost(k + 1)
 
+    def best_direct(self, n: int) -> tuple[int, float]:
+        """(k, tokens/s) of the best prefix of n bottom drafts to verify directly: a window costs
+        more per row than it saves once acceptance has fallen off (any prefix is a valid draft)."""
+        return max(((k, self.direct_rate(k)) for k in range(1, n + 1)), key=lambda kr: kr[1])
+
 
 class SpeculativeDecoder:
     def __init__(
@@ -121,6 +126,7 @@ class SpeculativeDecoder:
         self.costs = CostModel()
         self._drafter_ctx: list[int] = []  # mirror of what the drafter holds
         self._last_used: dict[str, int] = {}
+        self._probe_gap: dict[str, int] = {}
         self._rounds_since_rebuild = 0
         self.level0_step_s = 0.0
 
@@ -263,7 +269,9 @@ class SpeculativeDecoder:
                 self.costs.step.update(dt)
                 ev.timings["target"] = dt
                 ev.final_kind = "step"
-            elif route == "direct":  # bottom drafts verified by the full target itself
+            elif route == "direct":  # bottom drafts (a prefix of them) verified by the full target itself
+                props = props[:gamma]
+                q_low = None if q_low is None else q_low[:gamma]
                 a, nxt = self._verify(pending, props, q_low, ev)
                 self.costs.alpha_direct.update(a / len(props))
                 ev.low_rounds.append(LowRound(proposed=props, accepted=a, next_token=nxt))
@@ -343,19 +351,24 @@ class SpeculativeDecoder:
         gamma, rate = c.best_gamma(gamma_max) if mid_useful else (0, 1.0 / max(c.step.value, 1e-9))
         choice = ("mid", gamma) if gamma else ("step", 0)
         if props:
-            direct = c.direct_rate(len(props))
+            k, direct = c.best_direct(len(props))
             if direct > rate:
-                choice, rate = ("direct", len(props)), direct
-        # probe the middle level (and a direct window) when adaptation keeps choosing against them,
-        # so that the estimates follow a context that changes as the answer grows
+                choice, rate = ("direct", k), direct
+        # probe the middle level (and a short direct window) when adaptation keeps choosing against
+        # them, so that the estimates follow a context that changes as the answer grows; a probe
+        # that keeps losing waits twice as long each time (up to 8x), so probes cost little where
+        # speculation does not pay
         for route in ("mid", "direct"):
             if (route == "direct" and not props) or (route == "mid" and not mid_useful):
                 continue
+            gap = self._probe_gap.get(route, self.config.probe_every)
             if choice[0] == route:
                 self._last_used[route] = index
-            elif index - self._last_used.get(route, 0) >= self.config.probe_every:
+                self._probe_gap[route] = self.config.probe_every
+            elif index - self._last_used.get(route, 0) >= gap:
                 self._last_used[route] = index
-                return (route, min(2, gamma_max)) if route == "mid" else (route, len(props))
+                self._probe_gap[route] = min(2 * gap, 8 * self.config.probe_every)
+                return (route, min(2, gamma_max)) if route == "mid" else (route, min(3, len(props)))
         return choice
 
     def _maybe_rebuild(self) -> None:

@@ -66,6 +66,15 @@ def tiny_config(arch: str = "llama", vocab_size: int = 49152, **overrides):
     return cls(**common)
 
 
+def copy_tokenizer(source: Path | None, folder: Path) -> Path:
+    """Give a saved random model a real tokenizer (the files of `source`, when given)."""
+    if source is not None:
+        for name in TOKENIZER_FILES:
+            if (source / name).exists():
+                shutil.copy(source / name, folder / name)
+    return folder
+
+
 def save_random_model(folder: Path, arch: str = "llama", seed: int = 0, tokenizer_from: Path | None = None,
                       **overrides) -> Path:
     """A random-weight model of `arch` saved as safetensors (+ tokenizer files when given)."""
@@ -78,11 +87,7 @@ def save_random_model(folder: Path, arch: str = "llama", seed: int = 0, tokenize
             if p.dim() == 2:
                 p.normal_(0, 0.2)
     model.save_pretrained(folder)
-    if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer_from / name).exists():
-                shutil.copy(tokenizer_from / name, folder / name)
-    return folder
+    return copy_tokenizer(tokenizer_from, folder)
 
 
 @pytest.fixture(scope="session")
@@ -154,11 +159,7 @@ def save_bigram_model(folder: Path, edges: dict[tuple[int, int], float], vocab_s
             head[b] = sum(w * emb[a] for (a, b2), w in edges.items() if b2 == b)
         model.lm_head.weight.copy_(head)
     model.save_pretrained(folder)
-    if tokenizer_from is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer_from / name).exists():
-                shutil.copy(tokenizer_from / name, folder / name)
-    return folder
+    return copy_tokenizer(tokenizer_from, folder)
 
 
 def save_looping_model(folder: Path, successor: dict[int, int], vocab_size: int = 64, seed: int = 0,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from triforce_chat.app.cli import main
+from test_cli import run_cli
 from triforce_chat.decoding import catalog
 
 CHUNK = 40_000
@@ -407,18 +407,6 @@ def test_http_errors_are_one_line(fake, models_dir, http_index):
 
 
 # -- the CLI ---------------------------------------------------------------------------------------------
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["triforce-chat", *args])
-    monkeypatch.setenv("TRIFORCE_CHAT_CONFIG", "/nonexistent/config.toml")
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_unknown_name_is_one_line(monkeypatch, capsys, models_dir):
     for cmd in ("pull", "rm", "path"):
         code, out, err = run_cli(monkeypatch, capsys, "models", cmd, "llama-70b")

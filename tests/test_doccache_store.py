@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
+from test_cli import run_cli
 from triforce_chat.decoding.docstore import DATA_OFFSET, DocumentStore, Entry, write_chunk_file
 
 PAYLOAD = 1000
@@ -131,19 +131,6 @@ def test_the_cap_stops_saving_with_a_notice_and_the_answer_is_unchanged(tiny_mod
 
 
 # -- the commands ------------------------------------------------------------------------------------------
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from triforce_chat.app.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["triforce-chat", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.fixture
 def kv_dir(tmp_path, monkeypatch):
     folder = tmp_path / "kv"
