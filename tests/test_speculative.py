@@ -25,7 +25,7 @@ from triforce_chat.decoding.loading import load_weights_only
 from triforce_chat.decoding.loops import LoopRule
 from triforce_chat.decoding.retrieval import RetrievalView
 from triforce_chat.decoding.sampling import Sampler
-from triforce_chat.decoding.speculative import SpecConfig, SpeculativeDecoder
+from triforce_chat.decoding.speculative import FIRST_WINDOW, CostModel, SpecConfig, SpeculativeDecoder, _Ema
 
 
 class Engine:
@@ -408,3 +408,33 @@ def test_greedy_with_the_penalty_is_token_identical(small_models, walker, case):
     if case == "walker-whole":
         broken, _ = engine.run(1, n, sampler(PrefixOffByOne))
         assert broken != want
+
+
+def _measured_costs(step: float, mid: float, verify3: float, alpha: float) -> CostModel:
+    c = CostModel()
+    c.step.update(step)
+    c.mid_per_token.update(mid)
+    c.verify[3] = _Ema(verify3)
+    c.verify[3].update(verify3)
+    c.alpha.update(alpha)
+    return c
+
+
+def test_cost_model_first_window_is_short_and_routes_follow_the_measured_costs():
+    # before anything is measured: a short window, not the longest (a losing long one costs steps)
+    assert CostModel().best_gamma(6) == (FIRST_WINDOW, float("inf"))
+    assert FIRST_WINDOW <= 2
+    # drafts accepted 90% of the time, but a middle step costs 0.8 of a target step and windows are
+    # dear: plain steps win
+    assert _measured_costs(step=0.05, mid=0.04, verify3=0.12, alpha=0.9).best_gamma(6)[0] == 0
+    # the same acceptance with a cheap middle level and cheap windows: the longest window wins
+    gamma, rate = _measured_costs(step=0.05, mid=0.005, verify3=0.06, alpha=0.9).best_gamma(6)
+    assert gamma == 6 and rate > 1 / 0.05
+    # bottom drafts verified directly: with 18% acceptance no prefix beats a step; with 90%, all do
+    low = _measured_costs(step=0.05, mid=0.04, verify3=0.07, alpha=0.9)
+    low.alpha_direct.update(0.18)
+    assert low.best_direct(4)[1] < 1 / 0.05
+    low.alpha_direct = _Ema(0.9)
+    low.alpha_direct.update(0.9)
+    k, rate = low.best_direct(4)
+    assert k == 4 and rate > 1 / 0.05
