@@ -186,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", type=Path, help="a text file (default: Python's documentation topics)")
     parser.add_argument("--tokens", type=int, help="cut the document to about this many tokens")
     parser.add_argument("--model", default=None)
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--weights", "--dtype", dest="weights", default="auto",
+                        choices=["auto", "float32", "bfloat16", "float16"],
+                        help="auto keeps the weights as shipped (GGUF blocks); a float dtype converts them")
+    parser.add_argument("--kv-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--context", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--level", type=int, default=2)
@@ -204,10 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     from triforce_chat.decoding.loading import load_model
 
     torch.set_num_threads(args.threads)
-    settings = Settings(model=args.model, dtype=args.dtype, context=args.context, level=args.level,
-                        max_new_tokens=args.max_new_tokens)
+    settings = Settings(model=args.model, weights=args.weights, kv_dtype=args.kv_dtype, context=args.context,
+                        level=args.level, max_new_tokens=args.max_new_tokens)
     lm = load_model(args.model, dtype=settings.torch_dtype(), context=args.context,
-                    log=lambda m: print(m, file=sys.stderr))
+                    log=lambda m: print(m, file=sys.stderr), kv_dtype=settings.torch_kv_dtype())
     if args.doc:
         name, text = args.doc.name, args.doc.read_text(encoding="utf-8", errors="replace")
     else:

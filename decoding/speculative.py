@@ -142,10 +142,13 @@ class SpeculativeDecoder:
     def _sync_drafter(self, context: list[int]) -> None:
         """Make the drafter's context equal `context` (common prefix kept)."""
         held = self._drafter_ctx
-        n = 0
         limit = min(len(held), len(context))
-        while n < limit and held[n] == context[n]:
-            n += 1
+        if held[:limit] == context[:limit]:  # the usual case, compared in C: no per-token loop at 30K tokens
+            n = limit
+        else:
+            n = 0
+            while held[n] == context[n]:
+                n += 1
         if n < len(held):
             self.drafter.truncate(n)
             del held[n:]

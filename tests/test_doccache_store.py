@@ -235,3 +235,16 @@ def test_the_benchmark_reports_restore_against_prefill(tiny_model, tmp_path):
     for words in ("file size", "prefill (no store)", "save overhead", "restore (warm page cache)",
                   "restore (pages dropped)", "GB/s", "identical to the answer after prefill: yes"):
         assert words in text
+
+
+def test_the_benchmark_command_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
+    """`python -m triforce_chat.app.bench_doccache` itself: its options reach Settings and the loader."""
+    from triforce_chat.app.bench_doccache import main
+
+    doc = tmp_path / "book.txt"
+    doc.write_text("".join(f"Section {i}. The ferry leaves island {i} at {i % 12 + 1}.\n" for i in range(60)))
+    code = main(["--model", str(tiny_model_dir), "--doc", str(doc), "--tokens", "400", "--context", "1024",
+                 "--weights", "float32", "--kv-dtype", "float32", "--max-new-tokens", "4", "--store",
+                 str(tmp_path / "store"), "--no-cold", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert code == 0 and r["identical"] and r["answer_tokens"] == 4 and r["saved_tokens"] == r["tokens"] > 0
