@@ -79,6 +79,11 @@ class CostModel:
         self.mid_per_token = _Ema(0.0)  # middle level seconds per drafted token (level 2: bottom included)
         self.alpha = _Ema(0.8, weight=0.15)  # per-token acceptance of middle drafts by the target
         self.alpha_direct = _Ema(0.5, weight=0.15)  # ... of bottom drafts verified by the target directly
+        # probes of a route adaptation keeps choosing against: rounds counted across the answers of a
+        # session (the Session keeps one CostModel per level), so a losing probe's back-off carries over
+        self.rounds = 0
+        self.last_used: dict[str, int] = {}
+        self.probe_gap: dict[str, int] = {}
 
     def verify_cost(self, t: int) -> float:
         if t in self.verify and self.verify[t].n:
@@ -133,8 +138,6 @@ class SpeculativeDecoder:
         self.view, self.drafter = view, drafter
         self.costs = CostModel()
         self._drafter_ctx: list[int] = []  # mirror of what the drafter holds
-        self._last_used: dict[str, int] = {}
-        self._probe_gap: dict[str, int] = {}
         self._rounds_since_rebuild = 0
         self.level0_step_s = 0.0
 
@@ -271,7 +274,7 @@ class SpeculativeDecoder:
                     props, q_low = self.drafter.propose(min(cfg.gamma_mid + cfg.gamma_low, window_max), self.sampler)
                     props = list(props)
                     ev.timings["low"] = time.perf_counter() - t0
-                route, gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), props, index)
+                route, gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), props)
             ev.route = route
             if route == "step":
                 t0 = time.perf_counter()
@@ -349,7 +352,7 @@ class SpeculativeDecoder:
         ev.final_kind = "bonus" if a == len(drafts) else "correction"
         return a, nxt
 
-    def _choose_route(self, level: int, gamma_max: int, props: list[int], index: int) -> tuple[str, int]:
+    def _choose_route(self, level: int, gamma_max: int, props: list[int]) -> tuple[str, int]:
         """("step", 0) | ("mid", γ) | ("direct", len(props)): the route with the best expected
         tokens per second under the cost model, with a probe of a neglected route now and then."""
         if gamma_max <= 0:
@@ -357,6 +360,7 @@ class SpeculativeDecoder:
         if not self.config.adaptive:
             return "mid", gamma_max
         c = self.costs
+        c.rounds += 1
         # a view that selects nothing is the full cache: the "middle level" would be the target itself
         mid_useful = self.view.n_selected_chunks > 0
         gamma, rate = c.best_gamma(gamma_max) if mid_useful else (0, 1.0 / max(c.step.value, 1e-9))
@@ -372,13 +376,13 @@ class SpeculativeDecoder:
         for route in ("mid", "direct"):
             if (route == "direct" and not props) or (route == "mid" and not mid_useful):
                 continue
-            gap = self._probe_gap.get(route, self.config.probe_every)
+            gap = c.probe_gap.get(route, self.config.probe_every)
             if choice[0] == route:
-                self._last_used[route] = index
-                self._probe_gap[route] = self.config.probe_every
-            elif index - self._last_used.get(route, 0) >= gap:
-                self._last_used[route] = index
-                self._probe_gap[route] = min(2 * gap, 8 * self.config.probe_every)
+                c.last_used[route] = c.rounds
+                c.probe_gap[route] = self.config.probe_every
+            elif c.rounds - c.last_used.get(route, 0) >= gap:
+                c.last_used[route] = c.rounds
+                c.probe_gap[route] = min(2 * gap, 8 * self.config.probe_every)
                 return (route, min(2, gamma_max)) if route == "mid" else (route, min(3, len(props)))
         return choice
 

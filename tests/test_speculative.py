@@ -438,3 +438,28 @@ def test_cost_model_first_window_is_short_and_routes_follow_the_measured_costs()
     low.alpha_direct.update(0.9)
     k, rate = low.best_direct(4)
     assert k == 4 and rate > 1 / 0.05
+
+
+def test_losing_probes_back_off_and_the_back_off_carries_over_to_the_next_answer():
+    from types import SimpleNamespace
+
+    costs = _measured_costs(step=0.05, mid=0.04, verify3=0.12, alpha=0.9)  # the middle level loses
+    config = SpecConfig(level=1, probe_every=8)
+
+    def decoder():  # a new answer: a new decoder on the session's cost model
+        dec = object.__new__(SpeculativeDecoder)
+        dec.costs, dec.config, dec.view = costs, config, SimpleNamespace(n_selected_chunks=4)
+        return dec
+
+    probes, dec = [], decoder()
+    for i in range(1, 301):
+        if i == 150:
+            dec = decoder()
+        route, gamma = dec._choose_route(1, 6, [])
+        if route == "mid":
+            probes.append(i)
+            assert gamma == 2
+        else:
+            assert (route, gamma) == ("step", 0)
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert probes[0] == 8 and gaps[:3] == [16, 32, 64] and set(gaps[3:]) == {64}, probes
