@@ -107,7 +107,7 @@ def run(
     prefill_s = plain.seconds
     return {
         "model": lm.model_id,
-        "dtype": str(lm.model.dtype).removeprefix("torch."),
+        "dtype": str(getattr(lm.model, "weights_label", lm.model.dtype)).removeprefix("torch."),  # weights as loaded
         "kv_dtype": str(fresh.cache.k.dtype).removeprefix("torch."),
         "threads": _threads(),
         "tokens": plain.target,
