@@ -55,7 +55,7 @@ class SpecConfig:
 
 
 # The adaptive route's priors, before anything is measured: the first middle-level window drafts
-# this many tokens, and a window of t tokens is assumed to cost 1 + slope (t - 1) steps (on CPUs
+# this many tokens (so does a probe of it), and a window of t tokens is assumed to cost 1 + slope (t - 1) steps (on CPUs
 # measured here, 8 rows cost 1.7-2.8 steps for the matrix products and more for attention).
 FIRST_WINDOW = 2
 VERIFY_PRIOR_SLOPE = 0.15
@@ -353,7 +353,7 @@ class SpeculativeDecoder:
         return a, nxt
 
     def _choose_route(self, level: int, gamma_max: int, props: list[int]) -> tuple[str, int]:
-        """("step", 0) | ("mid", γ) | ("direct", len(props)): the route with the best expected
+        """("step", 0) | ("mid", γ) | ("direct", k drafts of props): the route with the best expected
         tokens per second under the cost model, with a probe of a neglected route now and then."""
         if gamma_max <= 0:
             return "step", 0
@@ -383,7 +383,7 @@ class SpeculativeDecoder:
             elif c.rounds - c.last_used.get(route, 0) >= gap:
                 c.last_used[route] = c.rounds
                 c.probe_gap[route] = min(2 * gap, 8 * self.config.probe_every)
-                return (route, min(2, gamma_max)) if route == "mid" else (route, min(3, len(props)))
+                return (route, min(FIRST_WINDOW, gamma_max)) if route == "mid" else (route, min(3, len(props)))
         return choice
 
     def _maybe_rebuild(self) -> None:
