@@ -10,7 +10,7 @@ import pytest
 
 from triforce_chat.app.settings import Settings
 from triforce_chat.app.tui import TriforceApp
-from triforce_chat.app.widgets import AnswerMessage, StatsPanel, UserMessage, render_cache, render_documents
+from triforce_chat.app.widgets import AnswerMessage, ChatInput, StatsPanel, UserMessage, render_cache, render_documents
 from triforce_chat.decoding.events import CacheFigures, LowRound, RoundEvent
 
 VOCAB = {
@@ -138,10 +138,13 @@ class RecordedApp(TriforceApp):
     def __init__(self, theme: str, viz: bool) -> None:
         super().__init__(Settings(theme=theme, history=False))
         self._viz_on = viz
+        self.fed = False
 
     def start(self) -> None:
         self.sub_title = "HuggingFaceTB/SmolLM2-135M-Instruct · context 8,192"
         self.query_one("#loadbar").display = False
+        # A blinking cursor is drawn or not depending on when the picture is taken.
+        self.query_one(ChatInput).cursor_blink = False
         self.call_later(self._feed)
 
     async def _feed(self) -> None:
@@ -159,10 +162,18 @@ class RecordedApp(TriforceApp):
         if self._viz_on:
             self.action_toggle_viz()
         self.clear_notifications()
+        self.fed = True
 
 
 async def _settle(pilot) -> None:
-    await pilot.pause(0.3)
+    """Wait for the recorded feed itself, not a fixed time: on a loaded machine the feed can
+    finish after any fixed pause, and its toast would then be in the picture."""
+    for _ in range(400):
+        if pilot.app.fed:
+            break
+        await pilot.pause(0.05)
+    assert pilot.app.fed, "the recorded feed did not finish in 20 s"
+    await pilot.wait_for_scheduled_animations()
     pilot.app.clear_notifications()
     await pilot.pause(0.1)
 
