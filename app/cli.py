@@ -429,6 +429,7 @@ def bench(
     levels: Annotated[str, typer.Option(help="Comma list of speculation levels to compare.")] = "0,1,2",
     doc: Annotated[Path | None, typer.Option("--doc", "-d", help="A file, not the generated report.")] = None,
     model: ModelOpt = None,
+    draft: DraftOpt = None,
     budget: BudgetOpt = None,
     chunk_size: ChunkOpt = None,
     gamma_mid: GammaMidOpt = None,
@@ -445,7 +446,11 @@ def bench(
         str, typer.Option("--hf-cache", help="Cache of plain transformers generate: dynamic or static.")
     ] = "dynamic",
     reuse_prefill: Annotated[
-        bool, typer.Option("--reuse-prefill", help="Levels after the first reuse its prefilled cache (long contexts).")
+        bool,
+        typer.Option(
+            "--reuse-prefill",
+            help="One prefill per context: later levels and questions keep its cache (long contexts).",
+        ),
     ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
@@ -464,6 +469,7 @@ def bench(
             questions=questions,
             max_new_tokens=max_new_tokens,
             model=model,
+            draft=draft,
             budget=budget,
             chunk_size=chunk_size,
             gamma_mid=gamma_mid,

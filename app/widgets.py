@@ -454,13 +454,18 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
     )
     if fig.retrieval_buffer_bytes:
         lines.append(Content(f" view buffer {mb(fig.retrieval_buffer_bytes)}"))
-    if fig.drafter == "ngram" or fig.ngram_index_entries:
-        drafter = f"{fig.drafter}: index {fig.ngram_index_entries:,} entries"
-    elif fig.drafter_sink_tokens or fig.drafter_recent_tokens:
-        drafter = f"{fig.drafter}: sink {fig.drafter_sink_tokens} + recent {fig.drafter_recent_tokens:,}"
+    lookup = f"index {fig.ngram_index_entries:,} entries" if fig.drafter == "ngram" or fig.ngram_index_entries else ""
+    window = (f"sink {fig.drafter_sink_tokens} + recent {fig.drafter_recent_tokens:,}"
+              if fig.drafter_sink_tokens or fig.drafter_recent_tokens else "")
+    if lookup and window:  # ngram+model: the lookup's index, the model's window, who drafted how often
+        lines.append(Content.assemble(("Drafter ", "bold"), one_line(fig.drafter)))
+        lines.append(Content(f" lookup {lookup}"))
+        lines.append(Content(f" model {window}"))
+        lines.append(Content(f" drafted by lookup {fig.drafter_lookup_rounds:,}, model {fig.drafter_model_rounds:,}"))
     else:
-        drafter = fig.drafter
-    lines.append(Content.assemble(("Drafter ", "bold"), one_line(drafter)))
+        detail = lookup or window
+        label = f"{fig.drafter}: {detail}" if detail else fig.drafter
+        lines.append(Content.assemble(("Drafter ", "bold"), one_line(label)))
     if fig.drafter_cache_bytes or fig.drafter_weight_bytes:
         lines.append(Content(f" weights {mb(fig.drafter_weight_bytes)}  cache {mb(fig.drafter_cache_bytes)}"))
     lines.append(Content.assemble(("Process ", "bold"), f"RSS {mb(fig.process_rss_bytes)}"))

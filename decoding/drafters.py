@@ -7,6 +7,8 @@ Two kinds, one protocol:
   long draft. The index makes every lookup O(1) in the context length.
 * ModelDrafter: a small model sharing the target's tokenizer, over a StreamingLLM cache (sinks plus
   a recent window), so its per-token cost stays flat however long the document is.
+* LookupFirstDrafter (what `--draft MODEL` builds): both. The lookup proposes where the context
+  repeats itself (quotes: free and long), the model everywhere else.
 
 The verifier above accepts or rejects every drafted token, so nothing here can change what the
 chat produces: drafters only change how fast it comes.
@@ -15,7 +17,7 @@ chat produces: drafters only change how fast it comes.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -205,7 +207,9 @@ class ModelDrafter:
     def length(self) -> int:
         return len(self._tokens)
 
-    def extend(self, tokens: Sequence[int]) -> None:
+    def extend(self, tokens: Sequence[int], run: bool = True) -> None:
+        """Append context tokens. run=False only records them: the model runs over them at the
+        next propose or catch_up, all at once (a chunked prefill instead of many small forwards)."""
         if len(tokens) == 0:
             return
         new = [int(t) for t in tokens]
@@ -217,7 +221,14 @@ class ModelDrafter:
         if min(new) < 0 or max(new) >= self.vocab:
             raise DrafterError(f"token id outside the draft model {self.name}'s vocabulary of {self.vocab}")
         self._tokens.extend(new)
-        self._sync()
+        if run:
+            self._sync()
+        else:
+            self._logits = None
+
+    def catch_up(self) -> None:
+        """Run the model over the tokens recorded but not run yet."""
+        self.next_logits()
 
     def _sync(self) -> None:
         """Run the model over the context tokens the cache does not hold yet (chunked prefill)."""
@@ -309,6 +320,98 @@ class ModelDrafter:
         return {"drafter_sink_tokens": sink, "drafter_recent_tokens": L - max(sink, L - window), **sizes}
 
 
+# -- both bottoms ---------------------------------------------------------------------------------------
+
+
+class LookupFirstDrafter:
+    """The n-gram lookup where the context repeats itself, the draft model everywhere else.
+
+    Why: quoting a document, the lookup proposes long runs that are right at no cost, and a small
+    model would spend a forward per token to propose the same; on new prose the lookup's guesses
+    are poor and the model's are good. A lookup needs the context's last `min_match` tokens to have
+    occurred before (1-gram matches say little about what comes next).
+
+    Exactness: which proposer drafts is a function of the context alone, so each round's proposal
+    distribution is fixed before the verifier looks at it (the lookup's is a point mass): the
+    speculative-sampling argument holds round by round. The model records context tokens without
+    running them (extend run=False) and catches up, in chunks, when it is next asked to draft: a
+    quote of 200 tokens costs it one prefill of 200 tokens, not 200 forwards.
+    """
+
+    def __init__(self, lookup: NGramDrafter, model: ModelDrafter, min_match: int = 2):
+        self.lookup, self.model, self.min_match = lookup, model, min_match
+        self.name = f"ngram+{model.name}"
+        self.rounds = {"lookup": 0, "model": 0}
+
+    @property
+    def length(self) -> int:
+        return self.lookup.length
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.lookup.extend(tokens)
+        self.model.extend(tokens, run=False)
+
+    def truncate(self, length: int) -> None:
+        self.lookup.truncate(length)
+        self.model.truncate(length)
+
+    def catch_up(self) -> None:
+        self.model.catch_up()
+
+    def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
+        if self.lookup.match_length() >= self.min_match:
+            drafts, q = self.lookup.propose(k, sampler)
+            if drafts:
+                self.rounds["lookup"] += 1
+                return drafts, q
+        self.rounds["model"] += 1
+        return self.model.propose(k, sampler)
+
+    def figures(self) -> dict[str, int]:
+        return {**self.lookup.figures(), **self.model.figures(),
+                "drafter_lookup_rounds": self.rounds["lookup"], "drafter_model_rounds": self.rounds["model"]}
+
+
+def draft_model_of(drafter: object) -> ModelDrafter | None:
+    """The draft model part of a bottom drafter (None for the lookup alone): what costs memory."""
+    if isinstance(drafter, LookupFirstDrafter):
+        return drafter.model
+    return drafter if isinstance(drafter, ModelDrafter) else None
+
+
+def sync_context(
+    drafter: Drafter, held: list[int], context: list[int], step: int | None = None,
+    progress: Callable[[int, int], None] | None = None, should_cancel: Callable[[], bool] | None = None,
+) -> None:
+    """Make the drafter hold `context`, keeping the common prefix with `held` (its mirror, updated
+    in place). step: feed the new tokens in pieces of that many and run them (a draft model's
+    prefill, with progress and cancel between pieces); returns early, consistent, on a cancel."""
+    limit = min(len(held), len(context))
+    if held[:limit] == context[:limit]:  # the usual case, compared in C: no per-token loop at 30K tokens
+        n = limit
+    else:
+        n = 0
+        while held[n] == context[n]:
+            n += 1
+    if n < len(held):
+        drafter.truncate(n)
+        del held[n:]
+    todo = context[n:]
+    pieces = range(0, len(todo), step) if step else ([0] if todo else [])
+    for done in pieces:
+        if should_cancel is not None and should_cancel():
+            return
+        piece = todo[done : done + step] if step else todo
+        drafter.extend(piece)
+        held.extend(piece)
+        if step:
+            catch_up = getattr(drafter, "catch_up", None)
+            if catch_up is not None:
+                catch_up()
+            if progress is not None:
+                progress(done + len(piece), len(todo))
+
+
 # -- construction ---------------------------------------------------------------------------------------
 
 
@@ -338,9 +441,10 @@ def make_drafter(
     rebuild: str = "window", log=None,
 ) -> Drafter:
     """"ngram" -> NGramDrafter; anything else is a model spec for load_model (same dtype as the
-    target). extend_context: stretch a draft model with fewer positions than the target's context
-    with YaRN (draft quality only) instead of refusing it. slack 256 keeps regenerating a short
-    reply an O(1) rollback; rebuild="window" bounds the cost of deeper ones (see ModelDrafter)."""
+    target), drafting behind an n-gram lookup (LookupFirstDrafter). extend_context: stretch a
+    draft model with fewer positions than the target's context with YaRN (draft quality only)
+    instead of refusing it. slack 256 keeps regenerating a short reply an O(1) rollback;
+    rebuild="window" bounds the cost of deeper ones (see ModelDrafter)."""
     if spec == "ngram":
         vocab = max(target.model.args.vocab_size, len(target.tokenizer))
         return NGramDrafter(n_max=n_max, n_min=n_min, vocab_size=vocab)
@@ -353,13 +457,15 @@ def make_drafter(
         context=context if extend_context else None, log=log, check=False,
     )
     check_shared_vocab(loaded.model_id, loaded.tokenizer, target.tokenizer, loaded.model.args.vocab_size)
-    return ModelDrafter(
+    model = ModelDrafter(
         loaded.model, name=loaded.model_id, sink=sink, window=window, slack=slack, chunk=chunk,
         target_vocab=target.model.args.vocab_size, max_context=context, rebuild=rebuild,
     )
+    vocab = max(target.model.args.vocab_size, len(target.tokenizer))
+    return LookupFirstDrafter(NGramDrafter(n_max=n_max, n_min=n_min, vocab_size=vocab), model)
 
 
 __all__ = [
-    "Drafter", "DrafterError", "ModelDrafter", "NGramDrafter", "StreamingCache", "check_shared_vocab",
-    "make_drafter",
+    "Drafter", "DrafterError", "LookupFirstDrafter", "ModelDrafter", "NGramDrafter", "StreamingCache",
+    "check_shared_vocab", "draft_model_of", "make_drafter", "sync_context",
 ]

@@ -70,6 +70,8 @@ class CacheFigures:
     drafter_cache_bytes: int = 0  # a draft model's StreamingLLM cache (allocated)
     drafter_weight_bytes: int = 0
     ngram_index_entries: int = 0
+    drafter_lookup_rounds: int = 0  # ngram+model: rounds the lookup drafted / the model drafted
+    drafter_model_rounds: int = 0
     process_rss_bytes: int = 0
     memory_estimate_bytes: int = 0  # the memory guard's estimate: model and caches at the full context
     memory_available_bytes: int = 0  # what the process can still take (cgroup limit or MemAvailable)

@@ -334,9 +334,11 @@ def session_estimate(session: Any, context: int | None = None) -> MemoryEstimate
     weights = _weights_of[model]
     level = cfg.level
     draft_bytes, draft_shape = 0, None
-    drafter = getattr(session, "_drafter", None)
+    from triforce_chat.decoding.drafters import draft_model_of
+
+    drafter = draft_model_of(getattr(session, "_drafter", None))
     if level == 2 and cfg.draft != "ngram":
-        if drafter is not None and hasattr(drafter, "model"):
+        if drafter is not None:
             dm = drafter.model
             draft_bytes = getattr(dm, "weight_bytes", None) or tensor_bytes(dm)
             draft_shape = ModelShape.from_args(dm.args)

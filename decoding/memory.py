@@ -277,8 +277,10 @@ def check_before_load(
 def _held_now(session: Any) -> dict[str, int]:
     """What the parts that grow hold already."""
     held = {"retrieval_view": session.view.buffer_bytes, "scratch": session.cache.scratch_bytes}
-    drafter = getattr(session, "_drafter", None)
-    if drafter is not None and hasattr(drafter, "model"):
+    from triforce_chat.decoding.drafters import draft_model_of
+
+    drafter = draft_model_of(getattr(session, "_drafter", None))
+    if drafter is not None:
         held["draft"] = tensor_bytes(drafter.model) + drafter.cache.allocated_bytes
     return held
 

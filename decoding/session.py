@@ -293,7 +293,23 @@ class Session:
             raise ContextOverflow(len(ids) + 1, self.max_context)
         self.check_memory(len(ids))
         report = self._sync(ids, progress, should_cancel, on_restore)
+        if self.config.level == 2:
+            t1 = time.perf_counter()
+            self._prefill_drafter(ids, progress, should_cancel)
+            self._since_answer.seconds += time.perf_counter() - t1  # the next answer's prefill_s counts it
         return report.computed, time.perf_counter() - t0
+
+    def _prefill_drafter(
+        self, ids: list[int], progress: Progress | None, should_cancel: Callable[[], bool] | None
+    ) -> None:
+        """Bring the bottom drafter up to `ids` now, in chunks with progress: a draft model reading a
+        29K-token book takes minutes, which belong to the prefill, not to the first answer's first
+        round. A cancel leaves it consistent (it holds a prefix; the rest follows later)."""
+        from triforce_chat.decoding.drafters import sync_context
+
+        sync_context(self.drafter, self._drafter_ctx, ids, self.config.prefill_chunk, progress, should_cancel)
+        if should_cancel is not None and should_cancel() and self._drafter_ctx != ids:
+            raise PrefillCancelled("prefill cancelled")
 
     def _fit_documents(self, question: str) -> None:
         """--truncate: cut the middle out of the longest pending documents until the prompt and the
@@ -351,6 +367,8 @@ class Session:
         if len(ids) + 1 <= self.max_context:  # (a prompt that does not fit is ContextOverflow, below)
             self.check_memory(min(len(ids) + cfg.max_new_tokens, self.max_context))
         report = self._sync(ids, progress, should_cancel, on_restore)
+        if cfg.level == 2:
+            self._prefill_drafter(ids, progress, should_cancel)
         acc = self._since_answer
         prefill_tokens = len(ids) - 1 - self._answer_base
         prefill_s = time.perf_counter() - t0 + acc.seconds - report.seconds  # + the documents' prefill

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from triforce_chat.decoding.cache import MAX_WINDOW, KVCache
+from triforce_chat.decoding.drafters import sync_context
 from triforce_chat.decoding.events import LowRound, RoundEvent
 from triforce_chat.decoding.loops import LoopDetector, LoopRule
 from triforce_chat.decoding.model import Transformer
@@ -144,20 +145,7 @@ class SpeculativeDecoder:
     # -- helpers -------------------------------------------------------------------------------------
     def _sync_drafter(self, context: list[int]) -> None:
         """Make the drafter's context equal `context` (common prefix kept)."""
-        held = self._drafter_ctx
-        limit = min(len(held), len(context))
-        if held[:limit] == context[:limit]:  # the usual case, compared in C: no per-token loop at 30K tokens
-            n = limit
-        else:
-            n = 0
-            while held[n] == context[n]:
-                n += 1
-        if n < len(held):
-            self.drafter.truncate(n)
-            del held[n:]
-        if n < len(context):
-            self.drafter.extend(context[n:])
-            held.extend(context[n:])
+        sync_context(self.drafter, self._drafter_ctx, context)
 
     def _drafter_truncate(self, length: int) -> None:
         if length < len(self._drafter_ctx):

@@ -101,14 +101,21 @@ def test_mismatch_is_detected(tiny_model, monkeypatch):
 
 
 def test_reuse_prefill_keeps_the_cache_and_the_output(tiny_model):
+    """One prefill per context: the other levels and the second question keep its cache."""
     spec = bench.BenchSpec(
-        contexts=[300], levels=[0, 2, 1], max_new_tokens=16, questions=1, hf=False, reuse_prefill=True
+        contexts=[300], levels=[0, 2, 1], max_new_tokens=16, questions=2, hf=False, reuse_prefill=True
     )
     result = bench.run_bench(tiny_model, _cfg(), spec)
     assert result["identical"]
     prefilled = [r["prefill_tokens"] for r in result["runs"]]
-    assert prefilled[0] > 250 and prefilled[1:] == [0, 0]
+    assert prefilled[0] > 250 and prefilled[1:3] == [0, 0]
+    assert 0 < prefilled[3] < 40 and prefilled[4:] == [0, 0]  # the second question: only itself
+    assert [r["reused"] for r in result["runs"]] == [False] + [True] * 5
     assert [r["prefill_tokens_per_s"] is None for r in result["rows"]] == [False, True, True]
+    # each answer is the one a fresh session gives
+    for run in result["runs"][3:4]:
+        fresh = bench.run_level(tiny_model, _cfg(), bench.make_prompts(tiny_model, spec)[1], 0, 16)
+        assert run["token_ids"] == fresh["token_ids"]
 
 
 def test_cli_exits_nonzero_on_mismatch(tiny_model_dir, monkeypatch, tmp_path, capsys):

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from triforce_chat.decoding.cache import KVCache
-from triforce_chat.decoding.drafters import DrafterError, ModelDrafter, NGramDrafter, make_drafter
+from triforce_chat.decoding.drafters import (
+    DrafterError,
+    LookupFirstDrafter,
+    ModelDrafter,
+    NGramDrafter,
+    make_drafter,
+    sync_context,
+)
 from triforce_chat.decoding.model import ModelArgs, Transformer
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.streaming import StreamingCache
@@ -333,7 +340,8 @@ def test_make_drafter_checks_the_tokenizer(tiny, tmp_path: Path):
 
     target = LoadedModel(tiny, word_tokenizer(words), "target", tmp_path, 0.0)
     d = make_drafter(str(draft_dir), target, window=32)
-    assert isinstance(d, ModelDrafter) and d.name == str(draft_dir)
+    assert isinstance(d, LookupFirstDrafter) and d.name == f"ngram+{draft_dir}"
+    assert isinstance(d.model, ModelDrafter) and d.model.name == str(draft_dir)
     d.extend([3, 4, 5, 6])
     assert len(d.propose(3, Sampler())[0]) == 3
 
@@ -347,3 +355,54 @@ def test_make_drafter_checks_the_tokenizer(tiny, tmp_path: Path):
         make_drafter(str(draft_dir), smaller)
 
     assert isinstance(make_drafter("ngram", target), NGramDrafter)
+
+
+def test_lookup_first_drafter_takes_the_lookup_on_a_repeat_and_the_model_elsewhere(tiny):
+    """On a repeated span the lookup's continuation, else the model's drafts; the model records the
+    tokens without running them and, when asked, drafts exactly as a model fed them eagerly."""
+    phrase = random_tokens(10, seed=11)
+    tokens = random_tokens(30, seed=12) + phrase + random_tokens(20, seed=13) + phrase[:3]
+    both = LookupFirstDrafter(NGramDrafter(n_max=4, n_min=1), drafter(tiny, chunk=8))
+    eager = drafter(tiny, chunk=8)
+    both.extend(tokens[:40])
+    both.extend(tokens[40:])
+    eager.extend(tokens)
+    assert both.model.cache.length == 0  # recorded, not run
+    got, q = both.propose(5, Sampler())
+    assert got == phrase[3:8] and q is None
+    assert both.rounds == {"lookup": 1, "model": 0}
+    both.extend([phrase[3], (phrase[4] + 1) % VOCAB])  # the repeat breaks off: no 2-gram match
+    eager.extend([phrase[3], (phrase[4] + 1) % VOCAB])
+    assert both.lookup.match_length() < 2
+    got, _ = both.propose(4, Sampler())
+    assert got == eager.propose(4, Sampler())[0]
+    assert both.rounds == {"lookup": 1, "model": 1}
+    same_state(both.model, eager)
+    both.truncate(50)
+    eager.truncate(50)
+    same_state(both.model, eager)
+    assert both.length == 50 and both.lookup.length == 50
+    figures = both.figures()
+    assert figures["drafter_lookup_rounds"] == 1 and figures["drafter_model_rounds"] == 1
+    assert "ngram_index_entries" in figures and "drafter_cache_bytes" in figures
+
+
+def test_sync_context_keeps_the_common_prefix_and_prefills_in_pieces_with_progress(tiny):
+    both = LookupFirstDrafter(NGramDrafter(n_max=3, n_min=1), drafter(tiny, chunk=8))
+    held: list[int] = []
+    tokens = random_tokens(45, seed=21)
+    seen: list[tuple[int, int]] = []
+    sync_context(both, held, tokens, step=20, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(20, 45), (40, 45), (45, 45)]
+    assert held == tokens and both.length == 45
+    assert both.model.cache.length == 45  # run piece by piece: nothing left for the first round
+    other = tokens[:30] + random_tokens(5, seed=22)
+    sync_context(both, held, other)
+    assert held == other and both.length == 35
+    ref = drafter(tiny, chunk=8)
+    ref.extend(other)
+    same_state(both.model, ref)
+    # a cancel between pieces leaves the drafter holding a prefix, mirrored exactly
+    stop = iter([False, True])
+    sync_context(both, held, tokens, step=10, should_cancel=lambda: next(stop))
+    assert held == tokens[:40] and both.length == 40

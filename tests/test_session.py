@@ -87,3 +87,31 @@ def test_truncate_keeps_head_and_tail(tiny_model):
     assert text.startswith("BEGINNING.") and text.rstrip().endswith("THE END.")
     assert "tokens omitted" in text
     assert len(s.last_prompt_ids) + 8 <= s.max_context
+
+
+def test_a_draft_model_reads_the_documents_during_the_prefill_not_the_first_answer(tiny_model):
+    """At level 2 the bottom drafter is brought up to the documents by prefill() (with progress,
+    cancellable), so the first round of the first answer does not stall on it; the answer is
+    still level 0's."""
+    from triforce_chat.decoding.drafters import LookupFirstDrafter, ModelDrafter, NGramDrafter
+    from triforce_chat.decoding.session import PrefillCancelled
+
+    def both() -> LookupFirstDrafter:
+        return LookupFirstDrafter(NGramDrafter(), ModelDrafter(tiny_model.model, window=64, slack=16))
+
+    plain = Session(tiny_model, DecodeConfig(level=0, max_new_tokens=16))
+    plain.add_document("doc.txt", DOC)
+    want = answer(plain, "Summarise.")
+
+    s = Session(tiny_model, DecodeConfig(level=2, max_new_tokens=16, budget="64", prefill_chunk=128),
+                drafter=both())
+    s.add_document("doc.txt", DOC)
+    with pytest.raises(PrefillCancelled):  # cancelled inside the drafter's part (after the cache's)
+        s.prefill(should_cancel=lambda: len(s._drafter_ctx) > 0)
+    held = len(s._drafter_ctx)
+    seen = []
+    n, _ = s.prefill(progress=lambda done, total: seen.append((done, total)))
+    ids = s._documents_only_ids()
+    assert s.drafter.model.cache.length == len(ids) == len(s._drafter_ctx) > held
+    assert seen[-1] == (len(ids) - held, len(ids) - held)  # the drafter's part, resumed where it stopped
+    assert answer(s, "Summarise.") == want

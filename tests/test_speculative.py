@@ -20,7 +20,7 @@ import torch
 import triforce_chat.decoding.speculative as spec
 from conftest import save_bigram_model, save_random_model
 from triforce_chat.decoding.cache import KVCache
-from triforce_chat.decoding.drafters import ModelDrafter, NGramDrafter
+from triforce_chat.decoding.drafters import LookupFirstDrafter, ModelDrafter, NGramDrafter
 from triforce_chat.decoding.loading import load_weights_only
 from triforce_chat.decoding.loops import LoopRule
 from triforce_chat.decoding.retrieval import RetrievalView
@@ -39,6 +39,8 @@ class Engine:
         self.drafters = {"ngram": NGramDrafter(n_max=3, n_min=1)}
         if draft_model is not None:
             self.drafters["model"] = ModelDrafter(draft_model, sink=2, window=8)
+            self.drafters["both"] = LookupFirstDrafter(NGramDrafter(n_max=3, n_min=1),
+                                                       ModelDrafter(draft_model, sink=2, window=8))
         self.mirrors: dict[str, list[int]] = {name: [] for name in self.drafters}
         model(torch.tensor(prompt[:-1]), self.cache, logits="none")
 
@@ -86,9 +88,11 @@ def test_greedy_levels_are_token_identical(small_models, seed, length, budget, g
     want, _ = engine.run(0, 60, Sampler(0.0))
     assert len(want) == 60
     for level, drafter, adaptive in [(1, "ngram", False), (2, "ngram", False), (2, "model", False),
-                                     (1, "ngram", True), (2, "ngram", True)]:
+                                     (2, "both", False), (1, "ngram", True), (2, "ngram", True), (2, "both", True)]:
         got, dec = engine.run(level, 60, Sampler(0.0), drafter, gamma_mid, gamma_low, adaptive)
         assert got == want, f"level {level} ({drafter}, adaptive={adaptive}) differs from level 0"
+    rounds = engine.drafters["both"].rounds
+    assert rounds["lookup"] > 0 and rounds["model"] > 0, rounds  # both bottoms were tested
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +112,8 @@ def test_greedy_levels_are_token_identical_with_a_quantized_qwen2_pair(qwen2_ggu
     target, draft = qwen2_gguf_pair
     engine = Engine(target, repetitive_prompt(5, 280, 64), budget=48, chunk=4, draft_model=draft)
     want, _ = engine.run(0, 60, Sampler(0.0))
-    for level, drafter, adaptive in [(1, "ngram", False), (2, "model", False), (2, "model", True)]:
+    for level, drafter, adaptive in [(1, "ngram", False), (2, "model", False), (2, "model", True),
+                                     (2, "both", True)]:
         got, _ = engine.run(level, 60, Sampler(0.0), drafter, 5, 3, adaptive)
         assert got == want, f"level {level} ({drafter}, adaptive={adaptive}) differs from level 0"
 
@@ -213,7 +218,7 @@ def sampling_setup(tmp_path_factory):
 
 @pytest.mark.parametrize("level,drafter,temperature,top_p,adaptive", [
     (1, "ngram", 1.0, 1.0, False), (2, "ngram", 1.0, 1.0, False), (2, "model", 1.0, 1.0, False),
-    (2, "model", 0.8, 0.9, False), (2, "ngram", 1.0, 1.0, True),
+    (2, "model", 0.8, 0.9, False), (2, "ngram", 1.0, 1.0, True), (2, "both", 1.0, 1.0, False),
 ])
 def test_sampling_is_distributed_as_the_target(sampling_setup, level, drafter, temperature, top_p, adaptive):
     engine, target, prompt = sampling_setup
@@ -316,7 +321,7 @@ def processed_sampler(name: str, cls=Sampler):
 
 @pytest.mark.parametrize("level,drafter,setting,adaptive", [
     (1, "ngram", "whole", False), (2, "model", "whole", False), (2, "model", "window3", False),
-    (2, "ngram", "window3", True),
+    (2, "ngram", "window3", True), (2, "both", "window3", True),
 ])
 def test_sampling_with_top_k_and_penalty_is_distributed_as_the_target(processed_setup, level, drafter, setting,
                                                                       adaptive):
@@ -402,7 +407,7 @@ def test_greedy_with_the_penalty_is_token_identical(small_models, walker, case):
     plain, _ = engine.run(0, n, Sampler(0.0))
     assert want != plain  # the penalty changes the answer
     for level, drafter, adaptive in [(1, "ngram", False), (2, "ngram", False), (2, "model", False),
-                                     (2, "ngram", True)]:
+                                     (2, "both", False), (2, "ngram", True)]:
         got, _ = engine.run(level, n, sampler(), drafter, 4, 3, adaptive)
         assert got == want, f"level {level} ({drafter}, adaptive={adaptive}) differs from level 0"
     if case == "walker-whole":

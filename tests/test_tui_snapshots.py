@@ -201,3 +201,21 @@ def test_direct_round_shows_the_bottom_drafts_verified_by_the_target():
     assert "correction, target-verified" in text and "2/3" in text
     step = RoundEvent(index=8, tokens=[5], origins=["target"], text="", route="step")
     assert "step" in render_round(step, decode).plain
+
+
+def test_cache_panel_names_both_bottoms_of_a_lookup_first_drafter():
+    """ngram+model: the panel shows the lookup's index, the model's window and who drafted."""
+    import dataclasses
+
+    from triforce_chat.app.widgets import render_cache
+
+    fig = dataclasses.replace(
+        FIGURES, drafter="ngram+qwen2.5-coder-0.5b", drafter_sink_tokens=4, drafter_recent_tokens=1024,
+        drafter_lookup_rounds=31, drafter_model_rounds=12, drafter_weight_bytes=400 << 20,
+        drafter_cache_bytes=12 << 20,
+    )
+    text = render_cache(fig).plain
+    assert "Drafter ngram+qwen2.5-coder-0.5b" in text
+    assert "lookup index 5,873 entries" in text and "model sink 4 + recent 1,024" in text
+    assert "drafted by lookup 31, model 12" in text
+    assert "Drafter ngram: index 5,873 entries" in render_cache(FIGURES).plain
