@@ -61,6 +61,7 @@ class BenchSpec:
     hf_cache: str = "dynamic"  # plain generate's cache: "dynamic" (transformers' default) or "static"
     context: int | None = None  # --context: positions extended with YaRN (the baselines need it too)
     reuse_prefill: bool = False  # levels after the first continue the first one's Session (new_chat)
+    store: Any = None  # --doc-cache: a DocumentStore; the first session of a context restores/saves there
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -142,7 +143,9 @@ def _prompt_len(session, name: str, text: str, question: str) -> int:
 
 
 # -- our levels -----------------------------------------------------------------------------------------
-def run_level(lm, cfg, prompt: Prompt, level: int, max_new_tokens: int, session=None) -> dict[str, Any]:
+def run_level(
+    lm, cfg, prompt: Prompt, level: int, max_new_tokens: int, session=None, store=None
+) -> dict[str, Any]:
     """Decode `prompt` greedily at `level`; one result record. In a fresh Session unless one is given:
     then the answer it holds is dropped (new_chat) and the prompt's cache is kept, not prefilled again;
     `record["session"]` is the Session either way."""
@@ -154,7 +157,7 @@ def run_level(lm, cfg, prompt: Prompt, level: int, max_new_tokens: int, session=
                               stop_on_repetition=False, max_new_tokens=max_new_tokens)
     try:
         if session is None:
-            session = Session(lm, cfg)
+            session = Session(lm, cfg, store=store)
             session.add_document(prompt.doc_name, prompt.doc_text)
         else:
             session.new_chat()
@@ -177,6 +180,7 @@ def run_level(lm, cfg, prompt: Prompt, level: int, max_new_tokens: int, session=
         "decode_tokens": len(ids),
         "decode_s": wall - st.prefill_s,
         "prefill_tokens": st.prefill_tokens,
+        "restored_tokens": st.restored_tokens,
         "prefill_s": st.prefill_s,
         "rounds": st.rounds,
         "mid_proposed": st.mid_proposed,
@@ -306,7 +310,7 @@ def run_bench(lm, cfg, spec: BenchSpec, dtype=None, log: Log = lambda m: None) -
         ours: list[dict[str, Any]] = []
         for level in spec.levels:
             shared = sessions.get(p.context) if spec.reuse_prefill else None
-            r = run_level(lm, cfg, p, level, spec.max_new_tokens, shared)
+            r = run_level(lm, cfg, p, level, spec.max_new_tokens, shared, spec.store)
             r["reused"] = shared is not None
             sessions[p.context] = r["session"]
             log(f"context {p.context} prompt {p.index} {r['variant']}: {_rate(r):.2f} tok/s, {r['new_tokens']} tokens")
@@ -344,6 +348,7 @@ def run_bench(lm, cfg, spec: BenchSpec, dtype=None, log: Log = lambda m: None) -
             "draft": cfg.draft,
             "context": spec.context,
             "reuse_prefill": spec.reuse_prefill,
+            "doc_cache": spec.store is not None,
             "hf_prompt_lookup_num_tokens": LOOKUP_TOKENS if spec.hf else None,
             "hf_cache": spec.hf_cache if spec.hf else None,
         },
@@ -580,6 +585,7 @@ def bench_command(
     max_new_tokens: int,
     reuse_prefill: bool = False,
     hf_cache: str = "dynamic",
+    doc_cache: bool = False,
     **options: Any,
 ) -> int:
     """`triforce-chat bench`: parse, load, run, print; returns the exit code (1 on a mismatch)."""
@@ -615,6 +621,10 @@ def bench_command(
     cfg = decode_config(settings)
     if doc is not None:
         spec.doc = read_document(doc)
+    if doc_cache:  # restore prefills saved by an earlier run (the prefill rates are then restores)
+        from triforce_chat.app.cache_cmd import store_for
+
+        spec.store = store_for(dataclasses.replace(settings, doc_cache=True))
     device, dtype = setup_runtime(settings)
     lm = load_model_or_fail(settings, device, dtype, quiet=json_out)
     err = Console(stderr=True)

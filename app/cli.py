@@ -452,6 +452,10 @@ def bench(
             help="One prefill per context: later levels and questions keep its cache (long contexts).",
         ),
     ] = False,
+    doc_cache: Annotated[
+        bool,
+        typer.Option("--doc-cache", help="Restore/save the documents' prefill in the document cache (reruns)."),
+    ] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Compare levels 0/1/2 and transformers generate on the same prompts; exit 1 if the levels disagree."""
@@ -466,6 +470,7 @@ def bench(
             no_hf=no_hf,
             hf_cache=hf_cache,
             reuse_prefill=reuse_prefill,
+            doc_cache=doc_cache,
             questions=questions,
             max_new_tokens=max_new_tokens,
             model=model,

@@ -358,14 +358,22 @@ class LookupFirstDrafter:
     def catch_up(self) -> None:
         self.model.catch_up()
 
-    def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
-        if self.lookup.match_length() >= self.min_match:
-            drafts, q = self.lookup.propose(k, sampler)
-            if drafts:
-                self.rounds["lookup"] += 1
-                return drafts, q
+    def propose_lookup(self, k: int) -> tuple[list[int], Tensor | None]:
+        """The lookup's drafts when the context's last min_match tokens occurred before, else none."""
+        if self.lookup.match_length() < self.min_match:
+            return [], None
+        drafts, q = self.lookup.propose(k)
+        if drafts:
+            self.rounds["lookup"] += 1
+        return drafts, q
+
+    def propose_model(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
         self.rounds["model"] += 1
         return self.model.propose(k, sampler)
+
+    def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
+        drafts, q = self.propose_lookup(k)
+        return (drafts, q) if drafts else self.propose_model(k, sampler)
 
     def figures(self) -> dict[str, int]:
         return {**self.lookup.figures(), **self.model.figures(),

@@ -82,7 +82,10 @@ class Session:
         self.cache = KVCache.for_model(self.model)
         self.view = RetrievalView(self.cache, self.config.budget, self.config.chunk_size)
         self._drafter = drafter
-        self._drafter_spec = self.config.draft if drafter is None else getattr(drafter, "name", "custom")
+        spec = self.config.draft
+        # a draft model drafts behind the n-gram lookup (drafters.LookupFirstDrafter): name both
+        self._drafter_spec = (spec if spec == "ngram" else f"ngram+{spec}") if drafter is None \
+            else getattr(drafter, "name", "custom")
         self._drafter_ctx: list[int] = []
         self._costs: dict[int, CostModel] = {}
         self.eos_ids = lm.eos_ids

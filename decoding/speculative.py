@@ -80,6 +80,10 @@ class CostModel:
         self.mid_per_token = _Ema(0.0)  # middle level seconds per drafted token (level 2: bottom included)
         self.alpha = _Ema(0.8, weight=0.15)  # per-token acceptance of middle drafts by the target
         self.alpha_direct = _Ema(0.5, weight=0.15)  # ... of bottom drafts verified by the target directly
+        # a draft model behind the lookup (LookupFirstDrafter): its seconds per drafted token and the
+        # acceptance of its drafts verified directly (the lookup's are free and counted above)
+        self.model_per_token = _Ema(0.0)
+        self.alpha_model = _Ema(0.5, weight=0.15)
         # probes of a route adaptation keeps choosing against: rounds counted across the answers of a
         # session (the Session keeps one CostModel per level), so a losing probe's back-off carries over
         self.rounds = 0
@@ -113,15 +117,24 @@ class CostModel:
                 best, best_rate = g, rate
         return best, best_rate
 
-    def direct_rate(self, k: int) -> float:
+    def direct_rate(self, k: int, alpha: _Ema | None = None, draft_cost: float = 0.0) -> float:
+        """Tokens/s of verifying k bottom drafts directly; draft_cost: seconds per draft still to pay."""
         if not self.step.n:
             return float("inf")
-        return self.expected_tokens(self.alpha_direct.value, k) / self.verify_cost(k + 1)
+        alpha = alpha or self.alpha_direct
+        return self.expected_tokens(alpha.value, k) / (k * draft_cost + self.verify_cost(k + 1))
 
-    def best_direct(self, n: int) -> tuple[int, float]:
+    def best_direct(self, n: int, alpha: _Ema | None = None) -> tuple[int, float]:
         """(k, tokens/s) of the best prefix of n bottom drafts to verify directly: a window costs
         more per row than it saves once acceptance has fallen off (any prefix is a valid draft)."""
-        return max(((k, self.direct_rate(k)) for k in range(1, n + 1)), key=lambda kr: kr[1])
+        return max(((k, self.direct_rate(k, alpha)) for k in range(1, n + 1)), key=lambda kr: kr[1])
+
+    def model_drafts_pay(self, k: int) -> bool:
+        """Whether up to k draft-model tokens, paid now, verified directly, beat a plain step."""
+        if not self.step.n or not self.model_per_token.n:
+            return True  # not measured yet
+        best = max(self.direct_rate(j, self.alpha_model, self.model_per_token.value) for j in range(1, k + 1))
+        return best > 1.0 / self.step.value
 
 
 class SpeculativeDecoder:
@@ -253,16 +266,15 @@ class SpeculativeDecoder:
             window_max = min(max_new_tokens - produced - 1, room, MAX_WINDOW - 1)
             props: list[int] = []
             q_low = None
-            route, gamma = "step", 0
+            route, gamma, source = "step", 0, "low"
             # adaptive: the first round is a level-0 step, which measures the baseline step time
             if level >= 1 and window_max > 0 and (index > 0 or not cfg.adaptive):
                 if level == 2:
                     self._sync_drafter(context)
                     t0 = time.perf_counter()
-                    props, q_low = self.drafter.propose(min(cfg.gamma_mid + cfg.gamma_low, window_max), self.sampler)
-                    props = list(props)
+                    props, q_low, source = self._bottom_proposal(min(cfg.gamma_mid + cfg.gamma_low, window_max))
                     ev.timings["low"] = time.perf_counter() - t0
-                route, gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), props)
+                route, gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), props, source)
             ev.route = route
             if route == "step":
                 t0 = time.perf_counter()
@@ -275,7 +287,7 @@ class SpeculativeDecoder:
                 props = props[:gamma]
                 q_low = None if q_low is None else q_low[:gamma]
                 a, nxt = self._verify(pending, props, q_low, ev)
-                self.costs.alpha_direct.update(a / len(props))
+                (self.costs.alpha_model if source == "model" else self.costs.alpha_direct).update(a / len(props))
                 ev.low_rounds.append(LowRound(proposed=props, accepted=a, next_token=nxt))
                 kept, origins = props[:a] + [nxt], ["low"] * a + ["target"]
             else:
@@ -340,7 +352,41 @@ class SpeculativeDecoder:
         ev.final_kind = "bonus" if a == len(drafts) else "correction"
         return a, nxt
 
-    def _choose_route(self, level: int, gamma_max: int, props: list[int]) -> tuple[str, int]:
+    def _bottom_proposal(self, k: int) -> tuple[list[int], torch.Tensor | None, str]:
+        """The bottom drafter's proposal for this round and who made it ("low", or with a draft
+        model behind a lookup: "lookup" or "model"). A draft model pays a forward per token, so it
+        drafts only when the cost model expects its drafts to pay (or to probe), and no more than
+        γ_low tokens; the lookup's drafts are free and may be longer."""
+        d = self.drafter
+        if not hasattr(d, "propose_lookup"):
+            props, q = d.propose(k, self.sampler)
+            return list(props), q, "low"
+        props, q = d.propose_lookup(k)
+        if props:
+            return list(props), q, "lookup"
+        k, c = min(k, self.config.gamma_low), self.costs
+        if not self.config.adaptive or c.model_drafts_pay(k):
+            c.last_used["model"], c.probe_gap["model"] = c.rounds, self.config.probe_every
+        elif not self._probe_due("model"):
+            return [], None, "none"
+        t0 = time.perf_counter()
+        props, q = d.propose_model(k, self.sampler)
+        if props:
+            self.costs.model_per_token.update((time.perf_counter() - t0) / len(props))
+        return list(props), q, "model"
+
+    def _probe_due(self, route: str) -> bool:
+        """A route adaptation keeps choosing against is tried again now and then, each losing probe
+        waiting twice as long as the last (up to 8x probe_every); True when one is due now."""
+        c = self.costs
+        gap = c.probe_gap.get(route, self.config.probe_every)
+        if c.rounds - c.last_used.get(route, 0) < gap:
+            return False
+        c.last_used[route] = c.rounds
+        c.probe_gap[route] = min(2 * gap, 8 * self.config.probe_every)
+        return True
+
+    def _choose_route(self, level: int, gamma_max: int, props: list[int], source: str = "low") -> tuple[str, int]:
         """("step", 0) | ("mid", γ) | ("direct", k drafts of props): the route with the best expected
         tokens per second under the cost model, with a probe of a neglected route now and then."""
         if gamma_max <= 0:
@@ -354,7 +400,7 @@ class SpeculativeDecoder:
         gamma, rate = c.best_gamma(gamma_max) if mid_useful else (0, 1.0 / max(c.step.value, 1e-9))
         choice = ("mid", gamma) if gamma else ("step", 0)
         if props:
-            k, direct = c.best_direct(len(props))
+            k, direct = c.best_direct(len(props), c.alpha_model if source == "model" else None)
             if direct > rate:
                 choice, rate = ("direct", k), direct
         # probe the middle level (and a short direct window) when adaptation keeps choosing against
@@ -364,13 +410,10 @@ class SpeculativeDecoder:
         for route in ("mid", "direct"):
             if (route == "direct" and not props) or (route == "mid" and not mid_useful):
                 continue
-            gap = c.probe_gap.get(route, self.config.probe_every)
             if choice[0] == route:
                 c.last_used[route] = c.rounds
                 c.probe_gap[route] = self.config.probe_every
-            elif c.rounds - c.last_used.get(route, 0) >= gap:
-                c.last_used[route] = c.rounds
-                c.probe_gap[route] = min(2 * gap, 8 * self.config.probe_every)
+            elif self._probe_due(route):
                 return (route, min(FIRST_WINDOW, gamma_max)) if route == "mid" else (route, min(3, len(props)))
         return choice
 

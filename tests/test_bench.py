@@ -45,8 +45,8 @@ def _cfg() -> DecodeConfig:
 def _corrupt_level(monkeypatch, level: int) -> None:
     real = bench.run_level
 
-    def corrupted(lm, cfg, prompt, lvl, max_new_tokens, session=None):
-        r = real(lm, cfg, prompt, lvl, max_new_tokens, session)
+    def corrupted(lm, cfg, prompt, lvl, max_new_tokens, session=None, store=None):
+        r = real(lm, cfg, prompt, lvl, max_new_tokens, session, store)
         if lvl == level and prompt.context:  # not the warm-up
             r["token_ids"] = r["token_ids"][:3] + [r["token_ids"][3] + 1] + r["token_ids"][4:]
         return r
@@ -178,3 +178,20 @@ def test_static_cache_baseline_runs_and_agrees(tiny_model, monkeypatch):
     assert rows[bench.HF_PLAIN]["identical"]  # greedy: transformers with a StaticCache agrees with level 0
     with pytest.raises(bench.BenchError, match="hf-cache must be one of dynamic, static"):
         bench.BenchSpec(contexts=[300], levels=[0], hf_cache="paged")
+
+
+def test_doc_cache_makes_a_rerun_restore_the_prefill(tiny_model, tmp_path):
+    """bench --doc-cache: a second run restores the documents a first run prefilled (long-context
+    reruns in seconds), with the same tokens; prefill rates then count restores."""
+    from triforce_chat.decoding.docstore import DocumentStore
+
+    def run():
+        spec = bench.BenchSpec(contexts=[300], levels=[0, 2], max_new_tokens=12, questions=1, hf=False,
+                               reuse_prefill=True, store=DocumentStore(tmp_path / "store", chunk_tokens=64))
+        return bench.run_bench(tiny_model, _cfg(), spec)
+
+    first, second = run(), run()
+    assert first["settings"]["doc_cache"] and first["identical"] and second["identical"]
+    assert first["runs"][0]["restored_tokens"] == 0
+    assert second["runs"][0]["restored_tokens"] >= 192  # whole 64-token chunks of the ~290-token prompt
+    assert [r["token_ids"] for r in second["runs"]] == [r["token_ids"] for r in first["runs"]]

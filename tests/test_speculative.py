@@ -468,3 +468,50 @@ def test_losing_probes_back_off_and_the_back_off_carries_over_to_the_next_answer
             assert (route, gamma) == ("step", 0)
     gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
     assert probes[0] == 8 and gaps[:3] == [16, 32, 64] and set(gaps[3:]) == {64}, probes
+
+
+def test_a_draft_model_drafts_only_where_its_drafts_pay_and_probes_otherwise():
+    """Behind a lookup, a draft model costs a forward per token: the round asks it only when the
+    cost model expects its drafts, verified directly, to beat a step (or when a probe is due), and
+    for at most γ_low tokens; the lookup's drafts are always taken (they are free)."""
+    from types import SimpleNamespace
+
+    costs = _measured_costs(step=0.05, mid=0.04, verify3=0.07, alpha=0.9)
+    assert costs.model_drafts_pay(4)  # its cost is not measured yet: try it
+    costs.model_per_token.update(0.04)  # each model draft costs 0.8 of a step
+    costs.alpha_model.update(0.9)
+    assert not costs.model_drafts_pay(4)  # 0.8 step per draft is more than the drafts save
+    cheap = _measured_costs(step=0.05, mid=0.04, verify3=0.07, alpha=0.9)
+    cheap.model_per_token.update(0.002)
+    cheap.alpha_model = _Ema(0.9)
+    cheap.alpha_model.update(0.9)
+    assert cheap.model_drafts_pay(4)
+
+    class Bottom:
+        def __init__(self):
+            self.lookup_hits, self.model_calls = [], []
+
+        def propose_lookup(self, k):
+            return ([7] * k, None) if self.lookup_hits.pop(0) else ([], None)
+
+        def propose_model(self, k, sampler):  # measured: ~0.05 s per draft, as dear as a step
+            import time
+
+            self.model_calls.append(k)
+            time.sleep(0.05 * k)
+            return [5] * k, None
+
+    bottom = Bottom()
+    dec = object.__new__(SpeculativeDecoder)
+    dec.costs, dec.config = costs, SpecConfig(level=2, gamma_low=4, probe_every=8)
+    dec.drafter, dec.sampler = bottom, None
+    dec.view = SimpleNamespace(n_selected_chunks=0)
+    sources = []
+    for i in range(1, 121):
+        bottom.lookup_hits.append(i % 5 == 0)
+        props, _, source = dec._bottom_proposal(10)
+        sources.append(source)
+        assert props == {"lookup": [7] * 10, "model": [5] * 4, "none": []}[source]
+        dec._choose_route(2, 6, props, source)
+    assert sources.count("lookup") == 24  # every lookup hit is used, at full length
+    assert 1 <= len(bottom.model_calls) <= 6 and set(bottom.model_calls) == {4}  # probes only, backing off
