@@ -125,16 +125,37 @@ class NGramDrafter:
         for n in self._ns:
             del self._prev[n][length:]
 
+    # Among the CANDIDATES latest earlier occurrences of the matched n-gram, follow the one whose match
+    # reaches furthest back (up to REACH tokens). Why: documents repeat templates ("X is led by Y,
+    # who joined in Z"); the latest "who joined in" continues another paragraph than the one being
+    # quoted, while the occurrence that also matches the names before it continues the right one.
+    CANDIDATES = 16
+    REACH = 32
+
     def propose(self, k: int, sampler: Sampler | None = None) -> tuple[list[int], Tensor | None]:
-        """Tokens after the latest earlier occurrence of the longest matching suffix (a point mass:
-        q is None). Never reaches past the end of the known context."""
-        L = len(self._tokens)
+        """Tokens after the earlier occurrence of the longest matching suffix (n <= n_max) whose match
+        extends furthest back, the latest on ties (a point mass: q is None). Never reaches past the
+        end of the known context."""
+        toks = self._tokens
+        L = len(toks)
         if k <= 0 or L == 0:
             return [], None
         for n in range(self.n_max, self.n_min - 1, -1):
-            before = self._prev[n][L - 1]
-            if before >= 0:
-                return self._tokens[before + 1 : min(before + 1 + k, L)].tolist(), None
+            prev = self._prev[n]
+            end = prev[L - 1]
+            if end < 0:
+                continue
+            best, best_len = end, -1
+            for _ in range(self.CANDIDATES):
+                m = n
+                while m < self.REACH and end - m >= 0 and toks[end - m] == toks[L - 1 - m]:
+                    m += 1
+                if m > best_len:
+                    best, best_len = end, m
+                end = prev[end]
+                if end < 0 or best_len >= self.REACH:
+                    break
+            return toks[best + 1 : min(best + 1 + k, L)].tolist(), None
         return [], None
 
     def match_length(self) -> int:

@@ -29,13 +29,24 @@ VOCAB = 101
 
 
 def reference_ngram(tokens: list[int], k: int, n_min: int, n_max: int) -> list[int]:
-    """Scan backwards for the latest earlier occurrence of the longest matching suffix."""
+    """Scan backwards for the earlier occurrences of the longest matching suffix; of the latest
+    CANDIDATES, the one whose match reaches furthest back (up to REACH), the latest on ties."""
     L = len(tokens)
     for n in range(min(n_max, L), n_min - 1, -1):
         suffix = tokens[L - n :]
-        for end in range(L - 2, n - 2, -1):
-            if tokens[end - n + 1 : end + 1] == suffix:
-                return tokens[end + 1 : min(end + 1 + k, L)]
+        ends = [end for end in range(L - 2, n - 2, -1) if tokens[end - n + 1 : end + 1] == suffix]
+        if not ends:
+            continue
+
+        def reach(end: int) -> int:
+            m = 0
+            while m < NGramDrafter.REACH and end - m >= 0 and tokens[end - m] == tokens[L - 1 - m]:
+                m += 1
+            return m
+
+        ends = ends[: NGramDrafter.CANDIDATES]
+        best = max(ends, key=lambda e: (reach(e), e))
+        return tokens[best + 1 : min(best + 1 + k, L)]
     return []
 
 
@@ -81,6 +92,19 @@ def test_ngram_prefers_longest_then_most_recent():
     d.extend([5, 3])  # only "3" matches now: the most recent earlier "3" is the one at index 9
     assert d.propose(2, Sampler())[0] == [5, 3]
     assert d.match_length() == 1
+
+
+def test_ngram_follows_the_occurrence_that_matches_furthest_back():
+    """A repeated template: the latest "who joined in" belongs to another paragraph than the one
+    being quoted; the occurrence whose match also covers the name before it is followed."""
+    d = NGramDrafter(n_max=4, n_min=1, vocab_size=4096)
+    template = [10, 11, 12, 13]  # "who joined the cooperative in"
+    d.extend([50, 51, *template, 1998, 60] + [52, 53, *template, 2004, 61] + [7, 8])
+    d.extend([50, 51, *template])  # quoting the first paragraph again
+    assert d.propose(2, Sampler())[0] == [1998, 60]
+    d.truncate(d.length - 6)
+    d.extend([99, 98, *template])  # a paragraph never seen: the matches tie, the latest wins
+    assert d.propose(2, Sampler())[0] == [2004, 61]
 
 
 def test_ngram_rejects_ids_outside_vocab():
