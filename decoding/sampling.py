@@ -92,6 +92,13 @@ class Sampler:
         scores = top_k_filter(scores / self.temperature, self.top_k)
         return top_p_filter(torch.softmax(scores, dim=-1), self.top_p)
 
+    def next_token(self, logits: Tensor) -> int:
+        """sample(probs(logits)) for one row [V]; greedy takes the argmax of the processed scores
+        directly (the same token, without a one-hot row of the vocabulary's size per step)."""
+        if self.greedy:
+            return int(self.scores(logits).argmax())
+        return self.sample(self.probs(logits))
+
     def sample(self, probs: Tensor) -> int:
         """One token from probs [V]."""
         if self.greedy:

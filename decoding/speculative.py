@@ -173,7 +173,7 @@ class SpeculativeDecoder:
     # -- one round per level -----------------------------------------------------------------------------
     def _target_step(self, pending: int) -> tuple[list[int], list[str]]:
         logits = self.model(torch.tensor([pending], device=self.model.device), self.cache, logits="last")
-        return [self.sampler.sample(self.sampler.probs(logits[0]))], ["target"]
+        return [self.sampler.next_token(logits[0])], ["target"]
 
     def _mid_draft_alone(self, cur: int) -> tuple[int, torch.Tensor]:
         """One middle-level token after `cur`; the sampler's history holds everything up to `cur`."""
