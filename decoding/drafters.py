@@ -47,6 +47,8 @@ class Drafter(Protocol):
 
     def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]: ...
 
+    def catch_up(self) -> None: ...
+
     def figures(self) -> dict[str, int]: ...
 
 
@@ -165,6 +167,9 @@ class NGramDrafter:
             if L and self._prev[n][L - 1] >= 0:
                 return n
         return 0
+
+    def catch_up(self) -> None:
+        """Nothing to run: the index is current after every extend."""
 
     def figures(self) -> dict[str, int]:
         return {"ngram_index_entries": sum(len(h) for h in self._head.values())}
@@ -352,8 +357,9 @@ class LookupFirstDrafter:
     are poor and the model's are good. A lookup needs the context's last `min_match` tokens to have
     occurred before (1-gram matches say little about what comes next).
 
-    Exactness: which proposer drafts is a function of the context alone, so each round's proposal
-    distribution is fixed before the verifier looks at it (the lookup's is a point mass): the
+    Exactness: which proposer drafts is decided before the verifier looks at anything (here by the
+    context alone; the decoder may also skip the model on its cost model's timings), so each
+    round's proposal distribution is fixed before its draws (the lookup's is a point mass): the
     speculative-sampling argument holds round by round. The model records context tokens without
     running them (extend run=False) and catches up, in chunks, when it is next asked to draft: a
     quote of 200 tokens costs it one prefill of 200 tokens, not 200 forwards.
@@ -361,7 +367,7 @@ class LookupFirstDrafter:
 
     def __init__(self, lookup: NGramDrafter, model: ModelDrafter, min_match: int = 2):
         self.lookup, self.model, self.min_match = lookup, model, min_match
-        self.name = f"ngram+{model.name}"
+        self.name = lookup_first_name(model.name)
         self.rounds = {"lookup": 0, "model": 0}
 
     @property
@@ -401,6 +407,11 @@ class LookupFirstDrafter:
                 "drafter_lookup_rounds": self.rounds["lookup"], "drafter_model_rounds": self.rounds["model"]}
 
 
+def lookup_first_name(model: str) -> str:
+    """How the chain and the panels name a draft model drafting behind the lookup."""
+    return f"ngram+{model}"
+
+
 def draft_model_of(drafter: object) -> ModelDrafter | None:
     """The draft model part of a bottom drafter (None for the lookup alone): what costs memory."""
     if isinstance(drafter, LookupFirstDrafter):
@@ -411,10 +422,11 @@ def draft_model_of(drafter: object) -> ModelDrafter | None:
 def sync_context(
     drafter: Drafter, held: list[int], context: list[int], step: int | None = None,
     progress: Callable[[int, int], None] | None = None, should_cancel: Callable[[], bool] | None = None,
-) -> None:
+) -> bool:
     """Make the drafter hold `context`, keeping the common prefix with `held` (its mirror, updated
-    in place). step: feed the new tokens in pieces of that many and run them (a draft model's
-    prefill, with progress and cancel between pieces); returns early, consistent, on a cancel."""
+    in place). step: feed the new tokens in pieces of that many and run each (a draft model's
+    prefill, with progress and cancel between pieces). Returns False when a cancel stopped it
+    early, the drafter then holding a prefix of `context`, mirrored exactly."""
     limit = min(len(held), len(context))
     if held[:limit] == context[:limit]:  # the usual case, compared in C: no per-token loop at 30K tokens
         n = limit
@@ -426,19 +438,18 @@ def sync_context(
         drafter.truncate(n)
         del held[n:]
     todo = context[n:]
-    pieces = range(0, len(todo), step) if step else ([0] if todo else [])
-    for done in pieces:
+    size = step or max(1, len(todo))
+    for done in range(0, len(todo), size):
         if should_cancel is not None and should_cancel():
-            return
-        piece = todo[done : done + step] if step else todo
+            return False
+        piece = todo[done : done + size]
         drafter.extend(piece)
         held.extend(piece)
         if step:
-            catch_up = getattr(drafter, "catch_up", None)
-            if catch_up is not None:
-                catch_up()
+            drafter.catch_up()
             if progress is not None:
                 progress(done + len(piece), len(todo))
+    return True
 
 
 # -- construction ---------------------------------------------------------------------------------------
@@ -496,5 +507,5 @@ def make_drafter(
 
 __all__ = [
     "Drafter", "DrafterError", "LookupFirstDrafter", "ModelDrafter", "NGramDrafter", "StreamingCache",
-    "check_shared_vocab", "draft_model_of", "make_drafter", "sync_context",
+    "check_shared_vocab", "draft_model_of", "lookup_first_name", "make_drafter", "sync_context",
 ]

@@ -82,9 +82,10 @@ class Session:
         self.cache = KVCache.for_model(self.model)
         self.view = RetrievalView(self.cache, self.config.budget, self.config.chunk_size)
         self._drafter = drafter
-        spec = self.config.draft
-        # a draft model drafts behind the n-gram lookup (drafters.LookupFirstDrafter): name both
-        self._drafter_spec = (spec if spec == "ngram" else f"ngram+{spec}") if drafter is None \
+        from triforce_chat.decoding.drafters import lookup_first_name
+
+        spec = self.config.draft  # a draft model drafts behind the n-gram lookup: name both
+        self._drafter_spec = (spec if spec == "ngram" else lookup_first_name(spec)) if drafter is None \
             else getattr(drafter, "name", "custom")
         self._drafter_ctx: list[int] = []
         self._costs: dict[int, CostModel] = {}
@@ -310,8 +311,7 @@ class Session:
         round. A cancel leaves it consistent (it holds a prefix; the rest follows later)."""
         from triforce_chat.decoding.drafters import sync_context
 
-        sync_context(self.drafter, self._drafter_ctx, ids, self.config.prefill_chunk, progress, should_cancel)
-        if should_cancel is not None and should_cancel() and self._drafter_ctx != ids:
+        if not sync_context(self.drafter, self._drafter_ctx, ids, self.config.prefill_chunk, progress, should_cancel):
             raise PrefillCancelled("prefill cancelled")
 
     def _fit_documents(self, question: str) -> None:

@@ -56,8 +56,9 @@ class SpecConfig:
 
 
 # The adaptive route's priors, before anything is measured: the first middle-level window drafts
-# this many tokens (so does a probe of it), and a window of t tokens is assumed to cost 1 + slope (t - 1) steps (on CPUs
-# measured here, 8 rows cost 1.7-2.8 steps for the matrix products and more for attention).
+# this many tokens (so does a probe of it), and a window of t tokens is assumed to cost
+# 1 + slope (t - 1) steps (on CPUs measured here, 8 rows cost 1.7-2.8 steps for the matrix products
+# and more for attention).
 FIRST_WINDOW = 2
 VERIFY_PRIOR_SLOPE = 0.15
 
@@ -247,6 +248,11 @@ class SpeculativeDecoder:
         level = cfg.level if self.view is not None else 0
         if level == 2 and self.drafter is None:
             level = 1
+        if level == 2:
+            # once per answer: from here on only this loop changes the context (it grows) and the
+            # drafter's mirror (extended, and truncated back to the context), so the mirror stays a
+            # prefix of the context and each round only appends the tokens kept since
+            self._sync_drafter(context)
         if level >= 1 and self.view.needs_rebuild:
             self.view.rebuild()
             self._rounds_since_rebuild = 0
@@ -270,7 +276,7 @@ class SpeculativeDecoder:
             # adaptive: the first round is a level-0 step, which measures the baseline step time
             if level >= 1 and window_max > 0 and (index > 0 or not cfg.adaptive):
                 if level == 2:
-                    self._sync_drafter(context)
+                    self._drafter_extend(context[len(self._drafter_ctx) :])
                     t0 = time.perf_counter()
                     props, q_low, source = self._bottom_proposal(min(cfg.gamma_mid + cfg.gamma_low, window_max))
                     ev.timings["low"] = time.perf_counter() - t0
@@ -372,7 +378,7 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         props, q = d.propose_model(k, self.sampler)
         if props:
-            self.costs.model_per_token.update((time.perf_counter() - t0) / len(props))
+            c.model_per_token.update((time.perf_counter() - t0) / len(props))
         return list(props), q, "model"
 
     def _probe_due(self, route: str) -> bool:
