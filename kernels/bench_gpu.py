@@ -92,8 +92,8 @@ def _bench_shape(hq: int, hkv: int, d: int, n: int, dtype, c: int, bw: float, ha
                                                                 enable_gqa=True), n)
     if not have_triton:
         return
-    from .triton import attention as tri
-    from .triton import topk as tri_topk
+    from .gpu import attention as tri
+    from .gpu import topk as tri_topk
 
     row("triton dense T=1", lambda: tri.attend_segments(q1, [(k, v)], scale), n)
     row("triton dense T=8", lambda: tri.attend_segments(q8, [(k, v)], scale), n)

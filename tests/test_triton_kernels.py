@@ -1,4 +1,4 @@
-"""kernels/triton/: the same checks as tests/test_kernels.py, run by Triton's interpreter on a CPU
+"""kernels/gpu/: the same checks as tests/test_kernels.py, run by Triton's interpreter on a CPU
 machine (on a real GPU when one is present). Skipped when triton is not installed.
 
 TRITON_INTERPRET must be set before `@triton.jit` decorates the kernels, i.e. before the kernel
@@ -26,8 +26,8 @@ _saved = os.environ.get("TRITON_INTERPRET")
 if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before triton itself is imported: tl.* helpers are jit too
 try:
-    from triforce_chat.kernels.triton import attention as tri
-    from triforce_chat.kernels.triton import topk as tri_topk
+    from triforce_chat.kernels.gpu import attention as tri
+    from triforce_chat.kernels.gpu import topk as tri_topk
 finally:
     if _saved is None:
         os.environ.pop("TRITON_INTERPRET", None)

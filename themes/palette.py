@@ -9,7 +9,7 @@ to ORIGIN_DEFAULTS).
 
 from __future__ import annotations
 
-from importlib.resources import files
+from pathlib import Path
 
 from textual.theme import Theme
 
@@ -69,6 +69,5 @@ TRIFORCE_LIGHT = Theme(
 THEMES = (TRIFORCE_DARK, TRIFORCE_LIGHT)
 
 
-def stylesheet() -> str:
-    """The layout stylesheet's text, read as package data."""
-    return files(__name__).joinpath("triforce.tcss").read_text(encoding="utf-8")
+STYLESHEET = Path(__file__).with_name("triforce.tcss")
+"""The layout stylesheet, package data beside this module (in a checkout and in a wheel alike)."""
