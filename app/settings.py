@@ -43,7 +43,7 @@ else:  # pragma: no cover - Python 3.10 needs the backport
     import tomli as tomllib
 
 from triforce_chat.decoding.config import MODEL_DEFAULT_KEYS, DecodeConfig
-from triforce_chat.decoding.docstore import DEFAULT_MAX_GB
+from triforce_chat.decoding.store.docstore import DEFAULT_MAX_GB
 
 APP_NAME = "triforce-chat"
 DRAFTS = ("ngram",)  # or a model spec (folder / hub id) for a small draft model

@@ -27,8 +27,8 @@ from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.streaming import StreamingCache
 
 if TYPE_CHECKING:
-    from triforce_chat.decoding.loading import LoadedModel
     from triforce_chat.decoding.model import Transformer
+    from triforce_chat.decoding.models.loading import LoadedModel
 
 
 class DrafterError(ValueError):
@@ -488,7 +488,7 @@ def make_drafter(
     if spec == "ngram":
         vocab = max(target.model.args.vocab_size, len(target.tokenizer))
         return NGramDrafter(n_max=n_max, n_min=n_min, vocab_size=vocab)
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.models.loading import load_model
 
     context = target.model.max_len
     # weights as shipped (a GGUF draft keeps its blocks); no self-check: drafts are always verified

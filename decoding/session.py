@@ -6,7 +6,7 @@ mechanism serves the first document load (prefilled before any question is asked
 (only the new tokens are prefilled), a stopped answer (the cache ends up exactly as in a fresh
 session given the same transcript) and a document added mid-conversation.
 
-With a document store (`Session(..., store=DocumentStore(...))`, see decoding/doccache.py), a sync
+With a document store (`Session(..., store=DocumentStore(...))`, see decoding/store/doccache.py), a sync
 first restores the saved keys/values of the longest saved prefix of the ids and prefills only the
 rest, saving chunks as the prefill passes their ends; without one it behaves exactly as before.
 """
@@ -23,14 +23,14 @@ import torch
 
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.config import DecodeConfig, parse_budget
-from triforce_chat.decoding.doccache import DocCache, SyncReport
-from triforce_chat.decoding.docstore import DocumentStore
 from triforce_chat.decoding.events import CacheFigures, RoundEvent, process_rss_bytes
-from triforce_chat.decoding.loading import LoadedModel
+from triforce_chat.decoding.models.loading import LoadedModel
 from triforce_chat.decoding.retrieval import RetrievalView
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.speculative import CostModel, SpecConfig, SpeculativeDecoder
 from triforce_chat.decoding.stats import Stats
+from triforce_chat.decoding.store.doccache import DocCache, SyncReport
+from triforce_chat.decoding.store.docstore import DocumentStore
 
 _SENTINEL = "\u2063QUESTION\u2063"
 Progress = Callable[[int, int], None]
@@ -337,8 +337,8 @@ class Session:
 
     def check_memory(self, tokens: int) -> None:
         """Raise MemoryShortage (a ValueError) if growing to `tokens` of context would not fit in the
-        memory available; the conversation is untouched (decoding/memory.py)."""
-        from triforce_chat.decoding.memory import check_session
+        memory available; the conversation is untouched (decoding/memory/guard.py)."""
+        from triforce_chat.decoding.memory.guard import check_session
 
         check_session(self, tokens)
 
@@ -453,8 +453,8 @@ class Session:
 
     def _memory_figures(self, fig: CacheFigures) -> None:
         """The memory guard's estimate at the full context and the memory available, for the panel."""
-        from triforce_chat.decoding.footprint import session_estimate
-        from triforce_chat.decoding.memory import available_memory
+        from triforce_chat.decoding.memory.footprint import session_estimate
+        from triforce_chat.decoding.memory.guard import available_memory
 
         try:
             fig.memory_estimate_bytes = session_estimate(self).total

@@ -71,8 +71,8 @@ def cpu_line() -> str:
 
 
 def _load(spec: str | None):
-    from triforce_chat.decoding import catalog
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.models import catalog
+    from triforce_chat.decoding.models.loading import load_model
 
     if spec is None:
         spec = catalog.DEFAULT_MODEL_NAME

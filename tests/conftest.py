@@ -93,7 +93,7 @@ def save_random_model(folder: Path, arch: str = "llama", seed: int = 0, tokenize
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The bundled SmolLM2-135M-Instruct GGUF file (Q4_1 / Q8_0 blocks)."""
-    from triforce_chat.decoding import catalog
+    from triforce_chat.decoding.models import catalog
 
     return catalog.resolve("smollm2-135m")
 
@@ -102,7 +102,7 @@ def smollm2_path() -> Path:
 def default_model_dir(tmp_path_factory, smollm2_path) -> Path:
     """A folder with SmolLM2's tokenizer files (converted once from its GGUF, then cached), for
     the random models that borrow a real tokenizer."""
-    from triforce_chat.decoding.loading import gguf_tokenizer
+    from triforce_chat.decoding.models.loading import gguf_tokenizer
 
     folder = tmp_path_factory.mktemp("smollm2-tokenizer")
     gguf_tokenizer(smollm2_path, log=lambda m: None).save_pretrained(folder)
@@ -112,7 +112,7 @@ def default_model_dir(tmp_path_factory, smollm2_path) -> Path:
 @pytest.fixture(scope="session")
 def default_model(smollm2_path):
     """The real SmolLM2 GGUF, computed as shipped (the model CI always has)."""
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.models.loading import load_model
 
     return load_model("smollm2-135m", log=lambda m: None)
 
@@ -125,7 +125,7 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     """A 2-layer random Llama with SmolLM2's tokenizer (vocab 49152): fast, real text I/O."""
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.models.loading import load_model
 
     return load_model(str(tiny_model_dir), log=lambda m: None)
 

@@ -18,9 +18,9 @@ import torch
 
 async def main(model_dir: str, doc: str, question: str) -> None:
     from triforce_chat.app.settings import Settings
-    from triforce_chat.app.tui import TriforceApp
-    from triforce_chat.app.widgets import ChatInput
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.app.ui.app import TriforceApp
+    from triforce_chat.app.ui.widgets import ChatInput
+    from triforce_chat.decoding.models.loading import load_model
 
     torch.set_num_threads(1)
     lm = load_model(model_dir, dtype=torch.float32)

@@ -111,7 +111,7 @@ def write_gguf(
 
 def load(path: Path, **kwargs):
     """Our model over the file's blocks (no tokenizer, no self-check)."""
-    from triforce_chat.decoding.loading import load_gguf_weights
+    from triforce_chat.decoding.models.loading import load_gguf_weights
 
     return load_gguf_weights(path, **kwargs)
 

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from triforce_chat.app import bench
-from triforce_chat.decoding.corpus import build_report, generate_report, pick_questions
+from triforce_chat.app.bench import levels as bench
+from triforce_chat.app.bench.corpus import build_report, generate_report, pick_questions
 from triforce_chat.decoding.session import DecodeConfig
 
 ROW_FIELDS = {
@@ -119,7 +119,7 @@ def test_reuse_prefill_keeps_the_cache_and_the_output(tiny_model):
 
 
 def test_cli_exits_nonzero_on_mismatch(tiny_model_dir, monkeypatch, tmp_path, capsys):
-    from triforce_chat.app.cli import app
+    from triforce_chat.app.cli.main import app
 
     monkeypatch.setenv("TRIFORCE_CHAT_CONFIG", str(tmp_path / "none.toml"))
     _corrupt_level(monkeypatch, 1)
@@ -183,7 +183,7 @@ def test_static_cache_baseline_runs_and_agrees(tiny_model, monkeypatch):
 def test_doc_cache_makes_a_rerun_restore_the_prefill(tiny_model, tmp_path):
     """bench --doc-cache: a second run restores the documents a first run prefilled (long-context
     reruns in seconds), with the same tokens; prefill rates then count restores."""
-    from triforce_chat.decoding.docstore import DocumentStore
+    from triforce_chat.decoding.store.docstore import DocumentStore
 
     def run():
         spec = bench.BenchSpec(contexts=[300], levels=[0, 2], max_new_tokens=12, questions=1, hf=False,

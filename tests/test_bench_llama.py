@@ -13,8 +13,8 @@ import torch
 from rich.console import Console
 
 from test_cli import run_cli
-from triforce_chat.app import bench_llama as bl
-from triforce_chat.app.bench import BenchError
+from triforce_chat.app.bench import llama as bl
+from triforce_chat.app.bench.levels import BenchError
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.session import DecodeConfig
 

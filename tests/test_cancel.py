@@ -151,8 +151,8 @@ def test_stop_from_another_thread_at_random_times(tiny_model, monkeypatch):
 
 async def test_escape_in_the_app_at_random_points(tiny_model, tmp_path, monkeypatch):
     from test_tui import ask, make_app, ready, wait_for
-    from triforce_chat.app.history import History
-    from triforce_chat.app.widgets import ChatInput
+    from triforce_chat.app.ui.history import History
+    from triforce_chat.app.ui.widgets import ChatInput
 
     monkeypatch.setenv("TRIFORCE_CHAT_DATA", str(tmp_path / "data"))
     doc = tmp_path / "doc.txt"
@@ -192,7 +192,7 @@ async def test_escape_in_the_app_at_random_points(tiny_model, tmp_path, monkeypa
 # -- ask: ctrl-c --------------------------------------------------------------------------------------
 def run_ask_in_process(monkeypatch, capsys, tiny_model, doc_path, *extra: str, sigint_at: int | None = None):
     """`main()` for ask, with the tiny model, raising SIGINT at the n-th forward call."""
-    from triforce_chat.app import cli
+    from triforce_chat.app.cli import main as cli
 
     monkeypatch.setattr(cli, "load_model_or_fail", lambda *a, **k: tiny_model)
     monkeypatch.setattr(cli, "guard_memory", lambda *a, **k: None)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from test_cli import run_cli
-from triforce_chat.decoding import catalog
+from triforce_chat.decoding.models import catalog
 
 CHUNK = 40_000
 TOTAL = 3 * CHUNK + 17_000
@@ -463,7 +463,7 @@ def test_cli_pull_failures_are_one_line(monkeypatch, capsys, fake, models_dir):
 
 
 def test_plain_progress_lines(capsys):
-    from triforce_chat.app.models_cmd import _PlainProgress
+    from triforce_chat.app.cli.models import _PlainProgress
 
     progress = _PlainProgress("m")
     for done in range(0, 1_000_001, 50_000):
@@ -476,7 +476,7 @@ def test_plain_progress_lines(capsys):
 def test_catalog_imports_without_torch():
     import subprocess
 
-    code = ("import sys; import triforce_chat.decoding.catalog, triforce_chat.app.models_cmd; "
+    code = ("import sys; import triforce_chat.decoding.models.catalog, triforce_chat.app.cli.models; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

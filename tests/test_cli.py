@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from triforce_chat.app.cli import main
+from triforce_chat.app.cli.main import main
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from triforce_chat.app.cli import CliError, read_document
-from triforce_chat.app.keymap import check_keymap, key_problem
+from triforce_chat.app.cli.main import CliError, read_document
 from triforce_chat.app.safe_text import json_text, terminal_text
 from triforce_chat.app.settings import _FIELD_TYPES, Settings, SettingsError, load_settings
+from triforce_chat.app.ui.keymap import check_keymap, key_problem
 
 RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
@@ -127,7 +127,7 @@ def test_key_names():
 
 
 def test_the_apps_own_bindings_do_not_clash():
-    from triforce_chat.app.tui import TriforceApp
+    from triforce_chat.app.ui.app import TriforceApp
 
     app = TriforceApp(Settings())
     assert check_keymap({}, app._binding_scopes(), str) == ({}, [])
@@ -137,7 +137,7 @@ def test_the_apps_own_bindings_do_not_clash():
 
 async def test_keymap_mistakes_are_notices_and_the_app_starts_with_defaults(tiny_model, tmp_path, monkeypatch):
     from test_tui import make_app, notices, ready, text_of
-    from triforce_chat.app.history import History
+    from triforce_chat.app.ui.history import History
 
     monkeypatch.setenv("TRIFORCE_CHAT_DATA", str(tmp_path / "data"))
     config = write(tmp_path, "\n".join([
@@ -225,7 +225,7 @@ def test_fuzz_the_config_loader(tmp_path_factory, top, keymap, noise, use_noise)
         assert warning.startswith(str(path)) and "\n" not in warning.strip()
     if not warnings:  # a clean file loads the same strictly
         assert load_settings(path) == settings
-    from triforce_chat.app.tui import TriforceApp
+    from triforce_chat.app.ui.app import TriforceApp
 
     clean, problems = check_keymap(settings.keymap, TriforceApp(Settings())._binding_scopes(), str)
     assert all(key_problem(k) is None for keys in clean.values() for k in keys.split(","))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from triforce_chat.app.history import History, drop_torn_tail
 from triforce_chat.app.settings import Settings, load_settings
+from triforce_chat.app.ui.history import History, drop_torn_tail
 
 QUESTION = "Tell me about the lighthouse, at length."
 DRIVER = Path(__file__).with_name("crash_driver.py")

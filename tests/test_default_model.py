@@ -10,7 +10,7 @@ import pydoc_data.topics
 
 import pytest
 
-from triforce_chat.decoding import catalog
+from triforce_chat.decoding.models import catalog
 from triforce_chat.decoding.session import DecodeConfig, Session
 
 pytestmark = pytest.mark.slow
@@ -48,7 +48,7 @@ def test_levels_are_identical_on_smollm2(default_model, tiny_model_dir):
 
 
 def test_levels_are_identical_on_the_default_model():
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.models.loading import load_model
 
     installed(catalog.DEFAULT_MODEL_NAME)
     lm = load_model(catalog.DEFAULT_MODEL_NAME, context=4096, log=lambda m: None)
@@ -60,7 +60,7 @@ def test_levels_are_identical_on_the_default_model():
 
 def test_the_three_level_chain_with_a_real_draft_model():
     """Qwen2.5-Coder-1.5B over its full cache, over the retrieval view, and the 0.5B at the bottom."""
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.models.loading import load_model
 
     installed("qwen2.5-coder-1.5b")
     installed("qwen2.5-coder-0.5b")

@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from triforce_chat.decoding.doccache import (
+from triforce_chat.decoding.session import DecodeConfig, PrefillCancelled, Session
+from triforce_chat.decoding.store.doccache import (
     SyncReport,
     describe,
     model_fingerprint,
     query_state,
     resuming_line,
 )
-from triforce_chat.decoding.docstore import (
+from triforce_chat.decoding.store.docstore import (
     DATA_OFFSET,
     STALE_TEMP_S,
     DocumentStore,
@@ -33,7 +34,6 @@ from triforce_chat.decoding.docstore import (
     read_chunk_header,
     write_chunk_file,
 )
-from triforce_chat.decoding.session import DecodeConfig, PrefillCancelled, Session
 
 TOPICS = list(pydoc_data.topics.topics.values())
 DOC_A = "\n\n".join(TOPICS[:6])[:5000]  # ~1,180 tokens
@@ -260,7 +260,7 @@ def test_a_store_of_other_settings_is_not_served(tiny_model, reference, tmp_path
 
 def test_the_fingerprint_covers_what_determines_the_bytes(tiny_model, tiny_model_dir, tmp_path):
     from triforce_chat.decoding.cache import KVCache
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.models.loading import load_model
 
     cache = KVCache.for_model(tiny_model.model)
 
@@ -297,7 +297,7 @@ def test_a_writer_killed_during_a_save_leaves_the_old_file(tmp_path):
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
-        from triforce_chat.decoding.docstore import write_chunk_file
+        from triforce_chat.decoding.store.docstore import write_chunk_file
 
         def blocks():
             yield b"\\x02" * 1_000_000

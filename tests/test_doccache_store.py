@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from test_cli import run_cli
-from triforce_chat.decoding.docstore import DATA_OFFSET, DocumentStore, Entry, write_chunk_file
+from triforce_chat.decoding.store.docstore import DATA_OFFSET, DocumentStore, Entry, write_chunk_file
 
 PAYLOAD = 1000
 FILE = DATA_OFFSET + PAYLOAD  # the size of every chunk file here
@@ -217,7 +217,7 @@ def test_ask_json_restores_its_documents_the_second_time(kv_dir, monkeypatch, ca
 
 def test_the_benchmark_reports_restore_against_prefill(tiny_model, tmp_path):
     """The figures the lead runs the benchmark for (no timing is asserted here)."""
-    from triforce_chat.app.bench_doccache import format_report, run
+    from triforce_chat.app.bench.doccache import format_report, run
     from triforce_chat.decoding.session import DecodeConfig
 
     doc = "".join(f"Section {i}. The ferry leaves island {i} at {i % 12 + 1}.\n" for i in range(80))
@@ -238,8 +238,8 @@ def test_the_benchmark_reports_restore_against_prefill(tiny_model, tmp_path):
 
 
 def test_the_benchmark_command_runs_end_to_end(tiny_model_dir, tmp_path, capsys):
-    """`python -m triforce_chat.app.bench_doccache` itself: its options reach Settings and the loader."""
-    from triforce_chat.app.bench_doccache import main
+    """`python -m triforce_chat.app.bench.doccache` itself: its options reach Settings and the loader."""
+    from triforce_chat.app.bench.doccache import main
 
     doc = tmp_path / "book.txt"
     doc.write_text("".join(f"Section {i}. The ferry leaves island {i} at {i % 12 + 1}.\n" for i in range(60)))

@@ -354,7 +354,7 @@ def word_tokenizer(words: list[str]):
 
 
 def test_make_drafter_checks_the_tokenizer(tiny, tmp_path: Path):
-    from triforce_chat.decoding.loading import LoadedModel
+    from triforce_chat.decoding.models.loading import LoadedModel
 
     words = [f"w{i}" for i in range(VOCAB)]
     _, hf = tiny_llama_hf(seed=7)

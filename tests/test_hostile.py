@@ -13,9 +13,9 @@ import pytest
 from textual import events
 from textual.widgets import Markdown, Static
 
-from triforce_chat.app.history import History, transcript_markdown
 from triforce_chat.app.safe_text import file_name, json_text, one_line, terminal_text
-from triforce_chat.app.widgets import ChatInput, UserMessage
+from triforce_chat.app.ui.history import History, transcript_markdown
+from triforce_chat.app.ui.widgets import ChatInput, UserMessage
 from triforce_chat.decoding.session import DecodeConfig, Session
 
 ESCAPES = "\x1b]0;pwned\x07\x1b[31mred\x1b[0m\x9b2J\x1bP+q\x1b\\\r"
@@ -51,7 +51,7 @@ def test_one_line_names_and_json():
 
 # -- documents --------------------------------------------------------------------------------------------
 def test_nul_bytes_and_invalid_utf8_get_a_warning_and_the_rest_is_kept(tmp_path):
-    from triforce_chat.app.cli import CliError, read_document
+    from triforce_chat.app.cli.main import CliError, read_document
 
     body = b"ok text " * 2000  # 16 KB: a NUL past the binary sniff is a stray byte in a text file
     path = tmp_path / "stray.txt"
@@ -112,7 +112,7 @@ def hostile_decode(tokenizer, monkeypatch):
 
 def test_model_output_with_escapes_is_shown_safely_by_ask(monkeypatch, capsys, tiny_model, tmp_path):
     from test_cli import run_cli
-    from triforce_chat.app import cli
+    from triforce_chat.app.cli import main as cli
 
     monkeypatch.setattr(cli, "load_model_or_fail", lambda *a, **k: tiny_model)
     hostile_decode(tiny_model.tokenizer, monkeypatch)
@@ -190,7 +190,7 @@ async def test_a_1mb_paste_is_kept_whole_and_an_overlong_question_comes_back(tin
 
 
 def test_long_questions_are_previewed_in_the_transcript():
-    from triforce_chat.app.widgets import QUESTION_SHOWN, question_preview
+    from triforce_chat.app.ui.widgets import QUESTION_SHOWN, question_preview
 
     text = "x" * (QUESTION_SHOWN + 5000)
     shown = question_preview(text)

@@ -12,8 +12,8 @@ import torch
 from conftest import QWEN_LIKE, save_looping_model, save_random_model
 from test_speculative import Engine
 from triforce_chat.decoding.config import DecodeConfig
-from triforce_chat.decoding.loading import load_model, load_weights_only
 from triforce_chat.decoding.loops import LoopDetector, LoopRule, find_loop
+from triforce_chat.decoding.models.loading import load_model, load_weights_only
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.session import Session
 
@@ -197,9 +197,9 @@ def test_session_stops_with_the_reason_and_the_setting_turns_it_off(looping_mode
 
 async def test_app_shows_the_stop_and_uses_the_model_defaults(looping_model, tmp_path, monkeypatch):
     from test_tui import SIZE, ask, ready, text_of
-    from triforce_chat.app.history import History
     from triforce_chat.app.settings import Settings
-    from triforce_chat.app.tui import TriforceApp
+    from triforce_chat.app.ui.app import TriforceApp
+    from triforce_chat.app.ui.history import History
 
     monkeypatch.setenv("TRIFORCE_CHAT_DATA", str(tmp_path / "data"))
     settings = Settings().merged(max_new_tokens=200, top_k=5)  # a flag or the config file gave top_k

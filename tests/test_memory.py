@@ -1,5 +1,5 @@
 """The memory guard: available memory from cgroups or /proc/meminfo, the estimate
-(decoding/footprint.py) against what a model really allocates, and refusals that say what would
+(decoding/memory/footprint.py) against what a model really allocates, and refusals that say what would
 fit (ask: exit 2; the app: a notice)."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from triforce_chat.decoding import memory
-from triforce_chat.decoding.footprint import MIB, ModelShape, view_buffer_bytes, weight_files
-from triforce_chat.decoding.memory import (
+from triforce_chat.decoding.memory import guard as memory
+from triforce_chat.decoding.memory.footprint import MIB, ModelShape, view_buffer_bytes, weight_files
+from triforce_chat.decoding.memory.guard import (
     Available,
     MemoryShortage,
     available_memory,
@@ -109,8 +109,8 @@ def test_the_estimate_is_close_to_what_a_model_really_allocates(tmp_path, defaul
         torch.set_num_threads(1)
         import transformers, safetensors.torch  # the libraries every process has loaded before
         from triforce_chat.decoding.config import DecodeConfig
-        from triforce_chat.decoding.loading import load_model
-        from triforce_chat.decoding.memory import check_before_load
+        from triforce_chat.decoding.models.loading import load_model
+        from triforce_chat.decoding.memory.guard import check_before_load
         from triforce_chat.decoding.session import Session
         cfg = DecodeConfig(level=2, budget="256", max_new_tokens=16)
         gc.collect()
@@ -128,7 +128,7 @@ def test_the_estimate_is_close_to_what_a_model_really_allocates(tmp_path, defaul
     result = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = result["grown"] / result["estimate"]
     assert 0.5 <= ratio <= 1.5, result
-    from triforce_chat.decoding.loading import default_kv_dtype
+    from triforce_chat.decoding.models.loading import default_kv_dtype
 
     kv_size = torch.empty(0, dtype=default_kv_dtype("cpu")).element_size()  # 16-bit with the native kernels
     assert result["parts"]["weights"] > 90 * MIB and result["parts"]["kv_cache"] == 2 * 2 * 2 * 8192 * 64 * kv_size
@@ -147,7 +147,7 @@ def test_ask_refuses_a_model_that_does_not_fit(monkeypatch, capsys, tiny_model_d
 
     doc = write(tmp_path / "doc.txt", DOC)
     loaded = []
-    monkeypatch.setattr("triforce_chat.decoding.loading.load_model", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("triforce_chat.decoding.models.loading.load_model", lambda *a, **k: loaded.append(1))
     short_memory(48 * MIB)
     code, out, err = run_cli(monkeypatch, capsys, "ask", "--model", str(tiny_model_dir), "--dtype", "float32",
                              "--kv-dtype", "float32", "-d", str(doc), "Who?")
@@ -201,8 +201,8 @@ def test_session_refuses_a_prefill_that_does_not_fit_and_keeps_the_conversation(
 
 async def test_the_app_shows_a_notice_and_keeps_the_question(tiny_model, tmp_path, monkeypatch, short_memory):
     from test_tui import ask, make_app, ready, wait_for
-    from triforce_chat.app.history import History
-    from triforce_chat.app.widgets import ChatInput
+    from triforce_chat.app.ui.history import History
+    from triforce_chat.app.ui.widgets import ChatInput
 
     monkeypatch.setenv("TRIFORCE_CHAT_DATA", str(tmp_path / "data"))
     doc = write(tmp_path / "doc.txt", DOC)

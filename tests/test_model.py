@@ -10,8 +10,8 @@ from conftest import save_random_model
 from gguf_models import load as load_gguf
 from gguf_models import random_ids, write_gguf
 from triforce_chat.decoding.cache import KVCache
-from triforce_chat.decoding.loading import load_weights_only
 from triforce_chat.decoding.model import MAX_WINDOW, ModelArgs, UnsupportedArchitecture
+from triforce_chat.decoding.models.loading import load_weights_only
 
 ARCHS = [
     ("llama", {}),
@@ -82,7 +82,7 @@ def test_unsupported_architecture_is_named():
 def test_default_model_matches_transformers(smollm2_path):
     """SmolLM2's GGUF computed as shipped against transformers' dequantization of the same file:
     logits within rounding, and the same greedy answer (float32 KV, transformers' precision)."""
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.models.loading import load_model
     from triforce_chat.decoding.session import DecodeConfig, Session
 
     lm = load_model("smollm2-135m", kv_dtype=torch.float32, log=lambda m: None)
@@ -192,7 +192,7 @@ def test_self_check_catches_a_row_count_dependent_kernel(tiny_model_dir):
     """The load-time self-check must catch a kernel whose rows depend on the row count (the native
     linear kernel nudged by one ulp in windows, a test hook) and switch the full cache to
     token-by-token verification, which stays exact; the notice says so."""
-    from triforce_chat.decoding.loading import load_model, self_check
+    from triforce_chat.decoding.models.loading import load_model, self_check
     from triforce_chat.kernels import native
 
     if not native.available():
@@ -218,7 +218,7 @@ def test_self_check_catches_a_row_count_dependent_kernel(tiny_model_dir):
 
 FALLBACK_SCRIPT = """
 import sys, torch
-from triforce_chat.decoding.loading import load_model
+from triforce_chat.decoding.models.loading import load_model
 from triforce_chat.decoding.session import DecodeConfig, Session
 lm = load_model(sys.argv[1], log=lambda m: None)
 assert lm.model.sequential_windows and any("native CPU kernels unavailable" in n for n in lm.notices), lm.notices

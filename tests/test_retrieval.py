@@ -12,7 +12,7 @@ import torch
 
 from conftest import save_random_model
 from triforce_chat.decoding.cache import KVCache
-from triforce_chat.decoding.loading import load_weights_only
+from triforce_chat.decoding.models.loading import load_weights_only
 from triforce_chat.decoding.retrieval import RetrievalView
 from triforce_chat.kernels.attention import reference_attention
 from triforce_chat.kernels.retrieval import chunk_scores

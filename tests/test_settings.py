@@ -154,7 +154,7 @@ def test_the_document_cache_settings(tmp_path):
     assert (s.doc_cache, s.cache_max_gb) == (False, 2.0) and isinstance(s.cache_max_gb, float)
     assert load_settings(write(tmp_path, "cache.max_gb = 0.5\n")).cache_max_gb == 0.5  # dotted key
 
-    from triforce_chat.app.cli import given_settings
+    from triforce_chat.app.cli.main import given_settings
 
     assert given_settings({"no_doc_cache": True})["doc_cache"] is False
     assert given_settings({"no_doc_cache": False})["doc_cache"] is None  # not given: the config decides

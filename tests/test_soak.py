@@ -98,7 +98,7 @@ def test_a_hundred_turns_stay_flat(tiny_model):
 
 async def test_many_turns_in_the_app_keep_widgets_threads_and_files_bounded(tiny_model, tmp_path, monkeypatch):
     from test_tui import ask, make_app, ready
-    from triforce_chat.app.history import History
+    from triforce_chat.app.ui.history import History
 
     monkeypatch.setenv("TRIFORCE_CHAT_DATA", str(tmp_path / "data"))
     doc = tmp_path / "doc.txt"

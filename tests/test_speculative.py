@@ -21,8 +21,8 @@ import triforce_chat.decoding.speculative as spec
 from conftest import save_bigram_model, save_random_model
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.drafters import LookupFirstDrafter, ModelDrafter, NGramDrafter
-from triforce_chat.decoding.loading import load_weights_only
 from triforce_chat.decoding.loops import LoopRule
+from triforce_chat.decoding.models.loading import load_weights_only
 from triforce_chat.decoding.retrieval import RetrievalView
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.speculative import FIRST_WINDOW, CostModel, SpecConfig, SpeculativeDecoder, _Ema

@@ -10,10 +10,10 @@ import pytest
 from textual import events
 from textual.widgets import Static
 
-from triforce_chat.app.history import History
 from triforce_chat.app.settings import Settings
-from triforce_chat.app.tui import TriforceApp
-from triforce_chat.app.widgets import AnswerMessage, ChatInput, UserMessage
+from triforce_chat.app.ui.app import TriforceApp
+from triforce_chat.app.ui.history import History
+from triforce_chat.app.ui.widgets import AnswerMessage, ChatInput, UserMessage
 
 SIZE = (160, 48)
 DOC_TEXT = "\n".join(
@@ -335,8 +335,8 @@ def test_history_survives_a_crash_mid_answer(history):
 async def test_documents_panel_says_what_the_document_cache_did(tiny_model, history, doc, tmp_path):
     import itertools
 
-    from triforce_chat.decoding.docstore import DocumentStore
     from triforce_chat.decoding.session import PrefillCancelled, Session
+    from triforce_chat.decoding.store.docstore import DocumentStore
 
     store = DocumentStore(tmp_path / "kv", chunk_tokens=128)
     settings = Settings(max_new_tokens=24, budget="256")

@@ -9,8 +9,15 @@ from __future__ import annotations
 import pytest
 
 from triforce_chat.app.settings import Settings
-from triforce_chat.app.tui import TriforceApp
-from triforce_chat.app.widgets import AnswerMessage, ChatInput, StatsPanel, UserMessage, render_cache, render_documents
+from triforce_chat.app.ui.app import TriforceApp
+from triforce_chat.app.ui.widgets import (
+    AnswerMessage,
+    ChatInput,
+    StatsPanel,
+    UserMessage,
+    render_cache,
+    render_documents,
+)
 from triforce_chat.decoding.events import CacheFigures, LowRound, RoundEvent
 
 VOCAB = {
@@ -188,7 +195,7 @@ def test_main_screen(snap_compare, theme, viz):
 def test_direct_round_shows_the_bottom_drafts_verified_by_the_target():
     """Level 2 may send the bottom drafter's proposal straight to the target (route "direct"):
     the strip must show those drafts, not a plain step."""
-    from triforce_chat.app.widgets import render_round, token_label
+    from triforce_chat.app.ui.widgets import render_round, token_label
 
     ev = RoundEvent(
         index=7, tokens=[2, 3, 14], origins=["low", "low", "target"], text="", route="direct",
@@ -207,7 +214,7 @@ def test_cache_panel_names_both_bottoms_of_a_lookup_first_drafter():
     """ngram+model: the panel shows the lookup's index, the model's window and who drafted."""
     import dataclasses
 
-    from triforce_chat.app.widgets import render_cache
+    from triforce_chat.app.ui.widgets import render_cache
 
     fig = dataclasses.replace(
         FIGURES, drafter="ngram+qwen2.5-coder-0.5b", drafter_sink_tokens=4, drafter_recent_tokens=1024,

@@ -6,6 +6,6 @@ a regular top-level package: run from the repository root, `import kernels` (as 
 when Hugging Face's `kernels` package is installed) finds that package, never our folder.
 """
 
-from triforce_chat.app.cli import main
+from triforce_chat.app.cli.main import main
 
 main()

@@ -3,7 +3,7 @@
 Why: the kernel's OOM killer ends the process without a word, and a 32K-position model with its
 preallocated cache, a retrieval buffer and a draft model outgrows a laptop quickly. The CLI and the
 TUI check before loading a model (`check_before_load`), the Session before each prefill
-(`check_session`); the bytes come from decoding/footprint.py.
+(`check_session`); the bytes come from decoding/memory/footprint.py.
 
 Available memory: the cgroup's limit minus its usage (v2 `memory.max`/`memory.current`, v1
 `memory.limit_in_bytes`/`memory.usage_in_bytes`, reclaimable file cache not counted as used) where a
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from triforce_chat.decoding.footprint import (
+from triforce_chat.decoding.memory.footprint import (
     FIXED_OVERHEAD,
     RUNTIME_BYTES,
     MemoryEstimate,
@@ -230,7 +230,7 @@ def check_before_load(
     if device != "cpu":
         return None
     if kv_dtype is None:
-        from triforce_chat.decoding.loading import default_kv_dtype
+        from triforce_chat.decoding.models.loading import default_kv_dtype
 
         kv_dtype = default_kv_dtype(device)
     path = locate_model_files(spec)

@@ -5,7 +5,7 @@ One process, one loaded model, the same document and question, greedy: the headl
 machine falls on both alike. Prints decode tokens/s of each, the app/ask ratio per pair and the UI
 thread's CPU share. Run it inside a real terminal, e.g.
 
-    tmux new -d -x 160 -y 48 'python -m triforce_chat.app.bench_tui --reps 6 --threads 1 > /tmp/ui.txt'
+    tmux new -d -x 160 -y 48 'python -m triforce_chat.app.bench.tui --reps 6 --threads 1 > /tmp/ui.txt'
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ def main() -> None:
 
     import torch
 
-    from triforce_chat.app.history import History
     from triforce_chat.app.settings import Settings
-    from triforce_chat.app.tui import TriforceApp
-    from triforce_chat.app.widgets import ChatInput
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.app.ui.app import TriforceApp
+    from triforce_chat.app.ui.history import History
+    from triforce_chat.app.ui.widgets import ChatInput
+    from triforce_chat.decoding.models.loading import load_model
     from triforce_chat.decoding.session import Session
 
     torch.set_num_threads(args.threads)

@@ -1,5 +1,5 @@
 """The document-QA set of `triforce-chat bench-qa`: four documents of 3K-5K tokens, 38 questions with
-short answers that can be checked (app/qa_score.py says how).
+short answers that can be checked (app/bench/qa_score.py says how).
 
 - Three documents are Python's own reference documentation, read at run time from the standard
   library's `pydoc_data.topics` (real prose and code, on every machine, nothing shipped): the
@@ -7,7 +7,7 @@ short answers that can be checked (app/qa_score.py says how).
   code model may not know by heart (which exception an empty `return` raises in an asynchronous
   generator, the version that allowed `from None`) or for the documentation's own words ("nothing
   happens", "testing the expression").
-- The fourth is the benchmark's generated operations report (decoding/corpus.py, fixed seed): every
+- The fourth is the benchmark's generated operations report (app/bench/corpus.py, fixed seed): every
   name and number in it is invented, so a right answer can only come from reading the document.
 
 Every accepted answer occurs in its document (the tests check it on the Python that runs them).
@@ -153,10 +153,10 @@ def _report_items(report) -> tuple[QAItem, ...]:
 
 
 def report_set() -> DocSet:
-    from triforce_chat.decoding.corpus import build_report
+    from triforce_chat.app.bench.corpus import build_report
 
     report = build_report(REPORT_TOKENS, REPORT_SEED)
-    return DocSet("operations-report.md", f"decoding/corpus.py build_report({REPORT_TOKENS}, seed={REPORT_SEED})",
+    return DocSet("operations-report.md", f"app/bench/corpus.py build_report({REPORT_TOKENS}, seed={REPORT_SEED})",
                   report.text, _report_items(report))
 
 

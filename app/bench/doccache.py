@@ -16,7 +16,7 @@ thread's own time spent saving, which does not depend on the machine's other loa
 29K-token figure (without --doc, the document is Python's documentation topics, as in the README's
 29K table):
 
-    python -m triforce_chat.app.bench_doccache --tokens 29000 --context 32768 --dtype bfloat16 --threads 1
+    python -m triforce_chat.app.bench.doccache --tokens 29000 --context 32768 --dtype bfloat16 --threads 1
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ def run(
     question: str = QUESTION, cold: bool = True, log=lambda m: None,
 ) -> dict[str, Any]:
     """The five steps of the module docstring; returns every figure (seconds, bytes, tokens)."""
-    from triforce_chat.decoding.docstore import DEFAULT_CHUNK_TOKENS, DocumentStore
     from triforce_chat.decoding.drafters import NGramDrafter
     from triforce_chat.decoding.session import Session
+    from triforce_chat.decoding.store.docstore import DEFAULT_CHUNK_TOKENS, DocumentStore
     from triforce_chat.kernels.retrieval import ChunkMeans
 
     store = DocumentStore(store_root, max_bytes=2**50, chunk_tokens=chunk_tokens or DEFAULT_CHUNK_TOKENS)
@@ -203,8 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from triforce_chat.app.settings import Settings
-    from triforce_chat.decoding.docstore import default_root
-    from triforce_chat.decoding.loading import load_model
+    from triforce_chat.decoding.models.loading import load_model
+    from triforce_chat.decoding.store.docstore import default_root
 
     torch.set_num_threads(args.threads)
     settings = Settings(model=args.model, weights=args.weights, kv_dtype=args.kv_dtype, context=args.context,

@@ -15,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from triforce_chat.app.cache_cmd import cache_app
-from triforce_chat.app.models_cmd import models_app
+from triforce_chat.app.cli.cache import cache_app
+from triforce_chat.app.cli.models import models_app
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped with ctrl-c
@@ -153,7 +153,7 @@ def decode_config(settings):
 
 
 def load_model_or_fail(settings, device: str, dtype, quiet: bool = False):
-    from triforce_chat.decoding.loading import ModelLoadError, load_model
+    from triforce_chat.decoding.models.loading import ModelLoadError, load_model
 
     try:
         lm = load_model(
@@ -274,7 +274,7 @@ def chat(
     decode_config(settings)
     for path in doc or []:
         read_document(path)
-    from triforce_chat.app.tui import run_tui
+    from triforce_chat.app.ui.app import run_tui
 
     raise typer.Exit(run_tui(settings, list(doc or []), resume, notices=notices))
 
@@ -314,7 +314,7 @@ def ask(
     with stop_reason "interrupted"), then "interrupted" on stderr and exit code 130."""
     import threading
 
-    from triforce_chat.app.interrupt import first_sigint_stops
+    from triforce_chat.app.cli.interrupt import first_sigint_stops
     from triforce_chat.app.safe_text import json_text
 
     settings = resolve_settings(config, warn=lambda m: say(f"warning: {m}"), **given_settings(locals()))
@@ -327,7 +327,7 @@ def ask(
     device_name, torch_dtype = setup_runtime(settings)
     guard_memory(settings, device_name, torch_dtype, cfg)
     lm = load_model_or_fail(settings, device_name, torch_dtype, quiet=json_out)
-    from triforce_chat.app.cache_cmd import store_for
+    from triforce_chat.app.cli.cache import store_for
 
     cfg = decode_config(settings.with_model_defaults(lm.generation_defaults))
     interrupted = threading.Event()
@@ -350,7 +350,7 @@ def ask(
 
 def guard_memory(settings, device: str, dtype, cfg) -> None:
     """Refuse (exit 2, one line) a model and context that the memory guard says will not fit."""
-    from triforce_chat.decoding.memory import MemoryShortage, check_before_load
+    from triforce_chat.decoding.memory.guard import MemoryShortage, check_before_load
 
     try:
         check_before_load(settings.model, dtype=dtype, device=device, context=settings.context, config=cfg,
@@ -372,8 +372,8 @@ def run_ask(
     the chat, so that the document cache (`store`) keeps them for any later question."""
     from triforce_chat.app.safe_text import terminal_text
     from triforce_chat.decoding.drafters import DrafterError
-    from triforce_chat.decoding.loading import ModelLoadError
-    from triforce_chat.decoding.memory import MemoryShortage
+    from triforce_chat.decoding.memory.guard import MemoryShortage
+    from triforce_chat.decoding.models.loading import ModelLoadError
     from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled, Session
 
     shown = ""
@@ -459,7 +459,7 @@ def bench(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Compare levels 0/1/2 and transformers generate on the same prompts; exit 1 if the levels disagree."""
-    from triforce_chat.app.bench import bench_command
+    from triforce_chat.app.bench.levels import bench_command
 
     raise typer.Exit(
         bench_command(
@@ -514,7 +514,7 @@ def bench_llama(
 ) -> None:
     """Our engine next to llama.cpp on the same GGUF file, prompt ids and threads (needs the 'bench' extra)."""
     options = dict(locals())
-    from triforce_chat.app.bench_llama import bench_llama_command
+    from triforce_chat.app.bench.llama import bench_llama_command
 
     raise typer.Exit(bench_llama_command(**options))
 
@@ -534,7 +534,7 @@ def bench_qa(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object, every answer included.")] = False,
 ) -> None:
     """Right answers on the document-QA set, and decode tok/s per level and thread count; exit 1 if levels disagree."""
-    from triforce_chat.app.bench_qa import bench_qa_command
+    from triforce_chat.app.bench.qa import bench_qa_command
 
     raise typer.Exit(bench_qa_command(models=models, threads=threads, levels=levels, max_new_tokens=max_new_tokens,
                                       limit=limit, json_out=json_out, context=context, weights=weights))

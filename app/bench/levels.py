@@ -104,7 +104,7 @@ def fit_text(tokenizer, text: str, n_tokens: int) -> str:
 def make_prompts(lm, spec: BenchSpec) -> list[Prompt]:
     """Per context: the document cut so that template + document + question is about that many tokens,
     and `spec.questions` questions whose answers survived the cut."""
-    from triforce_chat.decoding.corpus import build_report, pick_questions
+    from triforce_chat.app.bench.corpus import build_report, pick_questions
     from triforce_chat.decoding.session import DecodeConfig, Session
 
     counter = Session(lm, DecodeConfig(level=0))
@@ -215,7 +215,7 @@ class HFBaseline:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from triforce_chat.decoding.loading import extend_context
+        from triforce_chat.decoding.models.loading import extend_context
 
         # a GGUF file: transformers dequantizes it (slow to load, then plain dense weights)
         where = {"pretrained_model_name_or_path": lm.path}
@@ -593,7 +593,7 @@ def bench_command(
 
     from rich.console import Console
 
-    from triforce_chat.app.cli import (
+    from triforce_chat.app.cli.main import (
         decode_config,
         fail,
         load_model_or_fail,
@@ -622,7 +622,7 @@ def bench_command(
     if doc is not None:
         spec.doc = read_document(doc)
     if doc_cache:  # restore prefills saved by an earlier run (the prefill rates are then restores)
-        from triforce_chat.app.cache_cmd import store_for
+        from triforce_chat.app.cli.cache import store_for
 
         spec.store = store_for(dataclasses.replace(settings, doc_cache=True))
     device, dtype = setup_runtime(settings)

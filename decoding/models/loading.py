@@ -24,8 +24,6 @@ from pathlib import Path
 
 import torch
 
-from triforce_chat.decoding import catalog
-from triforce_chat.decoding.gguf_file import GGUFError, GGUFFile
 from triforce_chat.decoding.model import (
     MAX_WINDOW,
     ModelArgs,
@@ -33,6 +31,8 @@ from triforce_chat.decoding.model import (
     UnsupportedArchitecture,
     quant_summary,
 )
+from triforce_chat.decoding.models import catalog
+from triforce_chat.decoding.models.gguf_file import GGUFError, GGUFFile
 from triforce_chat.kernels import native
 from triforce_chat.kernels.quant import UnsupportedQuantType
 

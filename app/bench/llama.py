@@ -41,7 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from triforce_chat.app.bench import BenchError, BenchSpec, Prompt, cpu_model, load_average, make_prompts, parse_int_list
+from triforce_chat.app.bench.levels import (
+    BenchError,
+    BenchSpec,
+    Prompt,
+    cpu_model,
+    load_average,
+    make_prompts,
+    parse_int_list,
+)
 
 DEFAULT_CONTEXTS = "1024,7168,29000"
 DEFAULT_THREADS = "1,2"
@@ -144,7 +152,7 @@ def resolve_gguf(model: str | None) -> Path:
         return path
     if model.endswith(".gguf") or "/" in model or model.startswith((".", "~")):
         raise BenchError(f"{model}: no such file")
-    from triforce_chat.decoding import catalog
+    from triforce_chat.decoding.models import catalog
 
     try:
         return Path(catalog.resolve(model))
@@ -154,7 +162,7 @@ def resolve_gguf(model: str | None) -> Path:
 
 def gguf_positions(path: Path) -> int:
     """The trained context length recorded in a GGUF file's metadata (read with our own GGUF reader)."""
-    from triforce_chat.decoding.gguf_file import GGUFError, GGUFFile
+    from triforce_chat.decoding.models.gguf_file import GGUFError, GGUFFile
 
     try:
         gf = GGUFFile(path)
@@ -170,7 +178,7 @@ def load_ours(gguf_path: Path, weights, positions: int, kv_dtype, log: Log) -> t
     """Our engine on the benchmark's GGUF file: (LoadedModel, a line saying what it computes with).
     `weights` None computes the file's quantized blocks as shipped (what llama.cpp does too); a float
     dtype dequantizes them at load. The one place where the benchmark loads our side."""
-    from triforce_chat.decoding.loading import ModelLoadError, load_model
+    from triforce_chat.decoding.models.loading import ModelLoadError, load_model
 
     try:
         lm = load_model(str(gguf_path), dtype=weights, context=positions, log=log, kv_dtype=kv_dtype)
@@ -635,7 +643,7 @@ def bench_llama_command(
 
     from rich.console import Console
 
-    from triforce_chat.app.cli import decode_config, fail, pick_dtype, read_document, resolve_settings
+    from triforce_chat.app.cli.main import decode_config, fail, pick_dtype, read_document, resolve_settings
 
     try:
         spec = parse_spec(contexts, threads, levels, new_tokens, reps, context)

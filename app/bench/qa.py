@@ -1,15 +1,15 @@
-"""`triforce-chat bench-qa`: the share of right answers on the document-QA set (app/qa_set.py), and
+"""`triforce-chat bench-qa`: the share of right answers on the document-QA set (app/bench/qa_set.py), and
 the decode speed of each model at each speculation level and thread count.
 
 How it runs: each model is loaded once. At each thread count, one short untimed answer per level
-warms up (app/bench.py `warm_up`); then each document gets one Session and one prefill, and at each
+warms up (app/bench/levels.py `warm_up`); then each document gets one Session and one prefill, and at each
 level every question is asked in a new chat (`Session.new_chat()`: the document stays in the KV
 cache, only the question is prefilled). Answers are greedy and exact: temperature 0, no top-p or
 top-k, no repetition penalty, the repetition stop on (as `ask` by default), at most
 `--max-new-tokens` tokens. No document cache: every prefill is computed.
 
 What is reported:
-- right answers: level 0 at the first thread count, scored by app/qa_score.py. Greedy output is
+- right answers: level 0 at the first thread count, scored by app/bench/qa_score.py. Greedy output is
   the same at every level by construction, so every other level's token ids are compared with
   level 0's at the same thread count: a difference is printed as MISMATCH and the command exits 1.
   (Across thread counts a sum may round differently and change an answer; that is reported in
@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from triforce_chat.app.bench import (
+from triforce_chat.app.bench.levels import (
     BenchError,
     first_difference,
     host_info,
@@ -38,8 +38,8 @@ from triforce_chat.app.bench import (
     ratio,
     warm_up,
 )
-from triforce_chat.app.qa_score import is_right
-from triforce_chat.app.qa_set import ASK_SUFFIX, DocSet, QAItem, qa_set
+from triforce_chat.app.bench.qa_score import is_right
+from triforce_chat.app.bench.qa_set import ASK_SUFFIX, DocSet, QAItem, qa_set
 
 DEFAULT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 Log = Callable[[str], None]
@@ -84,8 +84,8 @@ def split_installed(models: list[str]) -> tuple[list[str], list[dict[str, str]]]
     """(models to run, models skipped with the reason): a catalogue model that is not installed is
     skipped with the command that installs it; any other name that does not resolve to a model
     is a BenchError, before anything is loaded."""
-    from triforce_chat.decoding import catalog
-    from triforce_chat.decoding.loading import ModelLoadError, resolve_model
+    from triforce_chat.decoding.models import catalog
+    from triforce_chat.decoding.models.loading import ModelLoadError, resolve_model
 
     run, skipped = [], []
     for name in models:
@@ -132,7 +132,7 @@ def run_model(lm, cfg, spec: QASpec, sets: list[DocSet], log: Log = lambda m: No
     import torch
 
     from triforce_chat.decoding.drafters import DrafterError
-    from triforce_chat.decoding.memory import MemoryShortage
+    from triforce_chat.decoding.memory.guard import MemoryShortage
     from triforce_chat.decoding.session import ContextOverflow, DocumentError, Session
 
     cfg = dataclasses.replace(cfg, level=0, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
@@ -253,7 +253,7 @@ def qa_set_info(sets: list[DocSet]) -> dict[str, Any]:
 def machine(load_start: list[float]) -> dict[str, Any]:
     """bench-llama's machine description (the CPU's SIMD flags included) with bench's software versions
     and thread count."""
-    from triforce_chat.app.bench_llama import machine_info
+    from triforce_chat.app.bench.llama import machine_info
 
     return {**machine_info(), **host_info(load_start)}
 
@@ -338,8 +338,8 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
     from rich.console import Console
     from rich.markup import escape
 
-    from triforce_chat.app.bench_llama import machine_line
-    from triforce_chat.app.cli import (
+    from triforce_chat.app.bench.llama import machine_line
+    from triforce_chat.app.cli.main import (
         decode_config,
         fail,
         guard_memory,

@@ -1,7 +1,7 @@
 """The document cache on disk: where it lives, its file format, its entries and its size cap.
 
 Torch-free on purpose: `triforce-chat cache ls/rm/clear` read and prune the store in a blink,
-without loading torch. The tensors themselves are written and read by `decoding/doccache.py`.
+without loading torch. The tensors themselves are written and read by `decoding/store/doccache.py`.
 
 Layout (under `TRIFORCE_KV_CACHE_DIR`, else `<cache root>/kv`):
 

@@ -1,5 +1,5 @@
 """Save a prefill's keys/values and restore them instead of prefilling again (the torch side of the
-document cache; the files, manifests and the size cap are in `decoding/docstore.py`).
+document cache; the files, manifests and the size cap are in `decoding/store/docstore.py`).
 
 What is stored: the full KV cache of the prompt tokens, in the cache's own dtype, in chunks of
 `chunk_tokens` tokens named by a hash chain over (fingerprint, the token ids up to the chunk's end),
@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from triforce_chat.decoding.docstore import (
+from triforce_chat.decoding.store.docstore import (
     DATA_OFFSET,
     DamagedFile,
     DocumentStore,
@@ -66,7 +66,7 @@ from triforce_chat.decoding.docstore import (
 
 if TYPE_CHECKING:
     from triforce_chat.decoding.cache import KVCache
-    from triforce_chat.decoding.loading import LoadedModel
+    from triforce_chat.decoding.models.loading import LoadedModel
 
 MAX_LOAD_THREADS = 4
 MAX_WRITES_IN_FLIGHT = 2  # chunk copies waiting for the writer (memory: this many chunks)

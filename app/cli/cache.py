@@ -1,7 +1,7 @@
 """`triforce-chat cache ls | rm ID | clear`: what the document cache holds, and pruning it.
 
-Torch-free (the store's files are read by decoding/docstore.py), so these commands answer at once.
-Errors are one line and exit code 2, like every other command (`fail` here does what app/cli.py's
+Torch-free (the store's files are read by decoding/store/docstore.py), so these commands answer at once.
+Errors are one line and exit code 2, like every other command (`fail` here does what app/cli/main.py's
 does, without importing it: cli.py registers this sub-app).
 """
 
@@ -37,7 +37,7 @@ def store_for(settings, root: Path | str | None = None):
     """The settings' document store, or None when `[cache] enabled = false` / --no-doc-cache."""
     if not settings.doc_cache:
         return None
-    from triforce_chat.decoding.docstore import DocumentStore
+    from triforce_chat.decoding.store.docstore import DocumentStore
 
     return DocumentStore.from_gb(settings.cache_max_gb, root)
 
@@ -50,7 +50,7 @@ def fail(message: str) -> None:
 
 def _store(config: Path | None):
     from triforce_chat.app.settings import SettingsError, load_settings
-    from triforce_chat.decoding.docstore import DocumentStore
+    from triforce_chat.decoding.store.docstore import DocumentStore
 
     try:
         settings = load_settings(config)

@@ -1,8 +1,8 @@
 """`triforce-chat models [pull|rm|path]`: list the known models, fetch one, remove one, print its path.
 
-The work is in decoding/catalog.py; this module only talks to the user: a table, a progress bar on a
+The work is in decoding/models/catalog.py; this module only talks to the user: a table, a progress bar on a
 terminal (plain periodic lines in CI or when the output is piped), and one line plus exit code 2 for
-every error, through `fail()` of app/cli.py.
+every error, through `fail()` of app/cli/main.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from triforce_chat.decoding import catalog
+from triforce_chat.decoding.models import catalog
 
 models_app = typer.Typer(
     add_completion=False,
@@ -24,8 +24,8 @@ models_app = typer.Typer(
 
 
 def _fail(message: str) -> NoReturn:
-    # app/cli.py imports this module to register it, so fail() is taken when an error happens.
-    from triforce_chat.app.cli import fail
+    # app/cli/main.py imports this module to register it, so fail() is taken when an error happens.
+    from triforce_chat.app.cli.main import fail
 
     fail(message)
     raise AssertionError("unreachable")  # fail() always raises
@@ -173,14 +173,14 @@ def models_pull(
 def _prepare_tokenizer(path) -> None:
     """Convert the file's tokenizer now (tens of seconds, once), so the first chat starts quickly.
     A file without one (or that is no GGUF) is left to the loader, which says what is wrong."""
-    from triforce_chat.decoding.gguf_file import GGUFError, GGUFFile
+    from triforce_chat.decoding.models.gguf_file import GGUFError, GGUFFile
 
     try:
         if "tokenizer.ggml.tokens" not in GGUFFile(path).metadata:
             return
     except GGUFError:
         return
-    from triforce_chat.decoding.loading import ModelLoadError, gguf_tokenizer
+    from triforce_chat.decoding.models.loading import ModelLoadError, gguf_tokenizer
 
     try:
         gguf_tokenizer(path, log=lambda m: print(m, file=sys.stderr, flush=True))

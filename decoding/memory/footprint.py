@@ -2,7 +2,7 @@
 
 Everything here is arithmetic over shapes known before a byte is allocated (file headers,
 config.json or GGUF metadata, the requested context), so a model can be refused before it is
-loaded (decoding/memory.py decides; this module only counts).
+loaded (decoding/memory/guard.py decides; this module only counts).
 
 What is counted (each part is named in `MemoryEstimate.parts`):
 - weights as loaded: safetensors tensors at the dtype they are loaded in (an untied copy of a tied
@@ -101,7 +101,7 @@ class ModelShape:
     @classmethod
     def from_gguf(cls, path: Path) -> ModelShape:
         """From a GGUF file's metadata (llama.block_count, llama.embedding_length, ...)."""
-        from triforce_chat.decoding.gguf_file import GGUFFile
+        from triforce_chat.decoding.models.gguf_file import GGUFFile
 
         gf = GGUFFile(path)
         arch = gf.architecture
@@ -201,7 +201,7 @@ def locate_model_files(spec: str | None) -> Path | None:
     """The folder or .gguf file a --model value will load, without converting or downloading
     anything; None when that cannot be known yet (then the check waits until after loading)."""
     try:
-        from triforce_chat.decoding import loading
+        from triforce_chat.decoding.models import loading
     except ImportError:  # pragma: no cover
         return None
     try:

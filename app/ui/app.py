@@ -27,11 +27,11 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DirectoryTree, Footer, Header, Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from triforce_chat.app.history import History, Writer, transcript_markdown
-from triforce_chat.app.keymap import check_keymap
 from triforce_chat.app.safe_text import one_line
 from triforce_chat.app.settings import Settings, data_dir
-from triforce_chat.app.widgets import (
+from triforce_chat.app.ui.history import History, Writer, transcript_markdown
+from triforce_chat.app.ui.keymap import check_keymap
+from triforce_chat.app.ui.widgets import (
     AnswerMessage,
     ChatInput,
     LoadBar,
@@ -453,7 +453,7 @@ class TriforceApp(App[int]):
     @work(thread=True, exclusive=True, group="session")
     def load_model(self) -> None:
         try:
-            from triforce_chat.decoding.loading import ModelLoadError, load_model
+            from triforce_chat.decoding.models.loading import ModelLoadError, load_model
             from triforce_chat.decoding.session import Session
 
             t0 = time.perf_counter()
@@ -463,7 +463,7 @@ class TriforceApp(App[int]):
                     import torch
 
                     torch.set_num_threads(self.settings.threads)
-                from triforce_chat.decoding.memory import MemoryShortage, check_before_load
+                from triforce_chat.decoding.memory.guard import MemoryShortage, check_before_load
 
                 try:
                     check_before_load(
@@ -490,7 +490,7 @@ class TriforceApp(App[int]):
                 self._post(Notice(notice, "warning"))
             store = self.store
             if store is None:
-                from triforce_chat.app.cache_cmd import store_for
+                from triforce_chat.app.cli.cache import store_for
 
                 store = store_for(self.settings)
             # a flag or the config file > the model's recommended sampling > the built-in defaults
@@ -505,10 +505,10 @@ class TriforceApp(App[int]):
     @work(thread=True, exclusive=True, group="session")
     def prefill_worker(self, job: _Job, paths: list[Path], restore: Any = None) -> None:
         """Read and add documents (or restore a saved conversation), then prefill with progress."""
-        from triforce_chat.app.cli import CliError, read_document
-        from triforce_chat.decoding.doccache import describe, resuming_line
-        from triforce_chat.decoding.memory import MemoryShortage
+        from triforce_chat.app.cli.main import CliError, read_document
+        from triforce_chat.decoding.memory.guard import MemoryShortage
         from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled
+        from triforce_chat.decoding.store.doccache import describe, resuming_line
 
         session = self.session
         added = []

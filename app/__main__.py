@@ -1,3 +1,0 @@
-from triforce_chat.app.cli import main
-
-main()
