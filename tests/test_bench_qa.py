@@ -11,8 +11,8 @@ import pytest
 from transformers import AutoTokenizer
 
 from test_cli import run_cli  # the suite's one way to run the command line
-from triforce_chat.app.bench.corpus import build_report
 from triforce_chat.app.bench import qa as bench_qa
+from triforce_chat.app.bench.corpus import build_report
 from triforce_chat.app.bench.qa import QASpec
 from triforce_chat.app.bench.qa_score import contains_answer, is_right, normalize
 from triforce_chat.app.bench.qa_set import ASK_SUFFIX, REPORT_SEED, REPORT_TOKENS, DocSet, QAItem, qa_set

@@ -192,10 +192,10 @@ async def test_escape_in_the_app_at_random_points(tiny_model, tmp_path, monkeypa
 # -- ask: ctrl-c --------------------------------------------------------------------------------------
 def run_ask_in_process(monkeypatch, capsys, tiny_model, doc_path, *extra: str, sigint_at: int | None = None):
     """`main()` for ask, with the tiny model, raising SIGINT at the n-th forward call."""
+    from triforce_chat.app import runtime
     from triforce_chat.app.cli import main as cli
 
-    monkeypatch.setattr(cli, "load_model_or_fail", lambda *a, **k: tiny_model)
-    monkeypatch.setattr(cli, "guard_memory", lambda *a, **k: None)
+    monkeypatch.setattr(runtime, "open_model", lambda *a, **k: tiny_model)
     forward = type(tiny_model.model).forward
     calls = [0]
 

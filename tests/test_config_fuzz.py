@@ -13,10 +13,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from triforce_chat.app.cli.main import CliError, read_document
+from triforce_chat.app.runtime import read_document
 from triforce_chat.app.safe_text import json_text, terminal_text
 from triforce_chat.app.settings import _FIELD_TYPES, Settings, SettingsError, load_settings
 from triforce_chat.app.ui.keymap import check_keymap, key_problem
+from triforce_chat.decoding.session import DocumentError
 
 RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
@@ -245,7 +246,7 @@ def test_fuzz_the_document_reader(tmp_path_factory, data, pad):
     warnings: list[str] = []
     try:
         name, text = read_document(path, warn=warnings.append)
-    except CliError as exc:
+    except DocumentError as exc:
         assert str(exc).startswith(str(path)) and "\n" not in str(exc)
         return
     assert name == "doc.txt" and text.strip()

@@ -51,7 +51,8 @@ def test_one_line_names_and_json():
 
 # -- documents --------------------------------------------------------------------------------------------
 def test_nul_bytes_and_invalid_utf8_get_a_warning_and_the_rest_is_kept(tmp_path):
-    from triforce_chat.app.cli.main import CliError, read_document
+    from triforce_chat.app.runtime import read_document
+    from triforce_chat.decoding.session import DocumentError
 
     body = b"ok text " * 2000  # 16 KB: a NUL past the binary sniff is a stray byte in a text file
     path = tmp_path / "stray.txt"
@@ -63,7 +64,7 @@ def test_nul_bytes_and_invalid_utf8_get_a_warning_and_the_rest_is_kept(tmp_path)
     assert any("not valid UTF-8" in w for w in warnings) and any("2 NUL bytes" in w for w in warnings)
     binary = tmp_path / "blob.bin"
     binary.write_bytes(b"\x00\x01" * 100)
-    with pytest.raises(CliError, match="looks like a binary file"):
+    with pytest.raises(DocumentError, match="looks like a binary file"):
         read_document(binary)
 
 
@@ -112,9 +113,9 @@ def hostile_decode(tokenizer, monkeypatch):
 
 def test_model_output_with_escapes_is_shown_safely_by_ask(monkeypatch, capsys, tiny_model, tmp_path):
     from test_cli import run_cli
-    from triforce_chat.app.cli import main as cli
+    from triforce_chat.app import runtime
 
-    monkeypatch.setattr(cli, "load_model_or_fail", lambda *a, **k: tiny_model)
+    monkeypatch.setattr(runtime, "open_model", lambda *a, **k: tiny_model)
     hostile_decode(tiny_model.tokenizer, monkeypatch)
     doc = tmp_path / "doc.txt"
     doc.write_text(("Escapes: " + ESCAPES + "\n") * 20)

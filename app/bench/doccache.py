@@ -200,17 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    import torch
 
+    from triforce_chat.app.runtime import open_model
     from triforce_chat.app.settings import Settings
-    from triforce_chat.decoding.models.loading import load_model
     from triforce_chat.decoding.store.docstore import default_root
 
-    torch.set_num_threads(args.threads)
     settings = Settings(model=args.model, weights=args.weights, kv_dtype=args.kv_dtype, context=args.context,
-                        level=args.level, max_new_tokens=args.max_new_tokens)
-    lm = load_model(args.model, dtype=settings.torch_dtype(), context=args.context,
-                    log=lambda m: print(m, file=sys.stderr), kv_dtype=settings.torch_kv_dtype())
+                        level=args.level, max_new_tokens=args.max_new_tokens, threads=args.threads)
+    lm = open_model(settings, log=lambda m: print(m, file=sys.stderr))
     if args.doc:
         name, text = args.doc.name, args.doc.read_text(encoding="utf-8", errors="replace")
     else:

@@ -593,14 +593,8 @@ def bench_command(
 
     from rich.console import Console
 
-    from triforce_chat.app.cli.main import (
-        decode_config,
-        fail,
-        load_model_or_fail,
-        read_document,
-        resolve_settings,
-        setup_runtime,
-    )
+    from triforce_chat.app import runtime
+    from triforce_chat.app.cli.main import fail, read_documents_or_fail, resolve_settings
 
     try:
         spec = BenchSpec(
@@ -618,15 +612,16 @@ def bench_command(
     if questions < 1:
         fail(f"questions must be >= 1, not {questions}")
     settings = resolve_settings(None, max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, **options)
-    cfg = decode_config(settings)
+    cfg = settings.decode_config()
     if doc is not None:
-        spec.doc = read_document(doc)
+        spec.doc = read_documents_or_fail([doc])[0]
     if doc_cache:  # restore prefills saved by an earlier run (the prefill rates are then restores)
-        from triforce_chat.app.cli.cache import store_for
-
-        spec.store = store_for(dataclasses.replace(settings, doc_cache=True))
-    device, dtype = setup_runtime(settings)
-    lm = load_model_or_fail(settings, device, dtype, quiet=json_out)
+        spec.store = runtime.store_for(dataclasses.replace(settings, doc_cache=True))
+    dtype = settings.torch_dtype()
+    try:
+        lm = runtime.open_model(settings, log=(lambda m: None) if json_out else None)
+    except runtime.StartupError as exc:
+        fail(str(exc))
     err = Console(stderr=True)
     try:
         result = run_bench(lm, cfg, spec, dtype, log=lambda m: err.print(f"[dim]{m}[/dim]", highlight=False))

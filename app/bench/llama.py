@@ -643,7 +643,7 @@ def bench_llama_command(
 
     from rich.console import Console
 
-    from triforce_chat.app.cli.main import decode_config, fail, pick_dtype, read_document, resolve_settings
+    from triforce_chat.app.cli.main import fail, read_documents_or_fail, resolve_settings
 
     try:
         spec = parse_spec(contexts, threads, levels, new_tokens, reps, context)
@@ -651,11 +651,12 @@ def bench_llama_command(
         fail(str(exc))
     if context is not None and context < 16:
         fail(f"context must be at least 16 tokens, not {context}")
-    settings = resolve_settings(None, max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, **options)
-    cfg = decode_config(settings)
-    torch_weights = pick_dtype(weights, "cpu")
+    settings = resolve_settings(None, max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, weights=weights,
+                                **options)
+    cfg = settings.decode_config()
+    torch_weights = settings.torch_dtype()
     if doc is not None:
-        spec.doc = read_document(doc)
+        spec.doc = read_documents_or_fail([doc])[0]
     if kernels and not kernel_figures_available():
         fail("--kernels: kernels/bench_cpu.py does not provide side_by_side() yet")
     err = Console(stderr=True)

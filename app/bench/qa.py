@@ -338,16 +338,9 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
     from rich.console import Console
     from rich.markup import escape
 
+    from triforce_chat.app import runtime
     from triforce_chat.app.bench.llama import machine_line
-    from triforce_chat.app.cli.main import (
-        decode_config,
-        fail,
-        guard_memory,
-        load_model_or_fail,
-        resolve_settings,
-        say,
-        setup_runtime,
-    )
+    from triforce_chat.app.cli.main import fail, resolve_settings, say
     from triforce_chat.app.safe_text import json_text
 
     try:
@@ -364,13 +357,15 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
     given = dict(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                  stop_on_repetition=True, level=0, **options)
     settings = resolve_settings(None, **given)
-    cfg = decode_config(settings)
-    device, dtype = setup_runtime(settings)
+    cfg = settings.decode_config()
+    runtime.apply_threads(settings)
 
     def load(name: str):
-        model_settings = resolve_settings(None, **given, model=name)
-        guard_memory(model_settings, device, dtype, cfg)
-        return load_model_or_fail(model_settings, device, dtype, quiet=json_out)
+        try:
+            return runtime.open_model(resolve_settings(None, **given, model=name),
+                                      log=(lambda m: None) if json_out else None)
+        except runtime.StartupError as exc:
+            fail(str(exc))
 
     err = Console(stderr=True, soft_wrap=True)  # one line per answer, also in a log file
     try:

@@ -32,23 +32,20 @@ def main() -> None:
 
     from pydoc_data.topics import topics
 
-    import torch
-
+    from triforce_chat.app.runtime import open_model
     from triforce_chat.app.settings import Settings
     from triforce_chat.app.ui.app import TriforceApp
     from triforce_chat.app.ui.history import History
     from triforce_chat.app.ui.widgets import ChatInput
-    from triforce_chat.decoding.models.loading import load_model
     from triforce_chat.decoding.session import Session
 
-    torch.set_num_threads(args.threads)
     doc = Path(tempfile.mkdtemp()) / "python-docs.txt"
     doc.write_text("\n\n".join(f"## {k}\n\n{topics[k]}" for k in ("if", "while", "for", "try")))
     # plain greedy, given explicitly so that a model's recommended sampling does not replace it in the app
     settings = Settings(level=args.level, max_new_tokens=args.tokens).merged(
-        temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0
+        temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, threads=args.threads
     )
-    lm = load_model(None, dtype=settings.torch_dtype())
+    lm = open_model(settings)
     app = TriforceApp(settings, [doc], model=lm, history=History(Path(tempfile.mkdtemp())))
     rates: dict[str, list[float]] = {"ask": [], "app": []}
     ui_cpu: list[float] = []

@@ -33,15 +33,6 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings file 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def store_for(settings, root: Path | str | None = None):
-    """The settings' document store, or None when `[cache] enabled = false` / --no-doc-cache."""
-    if not settings.doc_cache:
-        return None
-    from triforce_chat.decoding.store.docstore import DocumentStore
-
-    return DocumentStore.from_gb(settings.cache_max_gb, root)
-
-
 def fail(message: str) -> None:
     """One line on stderr and exit code 2, as every command of the CLI does."""
     print(f"error: {message}", file=sys.stderr)

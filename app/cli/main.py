@@ -50,36 +50,6 @@ def say(message: str) -> None:
     print(one_line(message), file=sys.stderr)
 
 
-# -- documents ------------------------------------------------------------------------------------------
-def read_document(path: Path, warn=say) -> tuple[str, str]:
-    """(name, text) of a text file, or a CliError naming what is wrong with it."""
-    if not path.exists():
-        fail(f"{path}: no such file")
-    if path.is_dir():
-        fail(f"{path}: is a directory, not a text file")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        fail(f"{path}: cannot read ({exc.strerror or exc})")
-    if b"\x00" in data[:8192]:
-        fail(f"{path}: looks like a binary file, not text")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        text = data.decode("utf-8", errors="replace")
-        warn(
-            f"warning: {path} is not valid UTF-8 (first bad byte at offset {exc.start}); "
-            "undecodable bytes were replaced with U+FFFD"
-        )
-    nuls = text.count("\x00")
-    if nuls:  # past the first 8 KiB (else it was called binary above): shown like undecodable bytes
-        text = text.replace("\x00", "\ufffd")
-        warn(f"warning: {path} contains {nuls} NUL byte{'s' if nuls > 1 else ''}; replaced with U+FFFD")
-    if not text.strip():
-        fail(f"{path}: the document is empty")
-    return path.name, text
-
-
 # -- shared option handling ----------------------------------------------------------------------------
 def resolve_settings(config: Path | None, warn=None, **cli: Any):
     """Settings from defaults <- config file <- the flags actually given. With `warn`, problems in
@@ -108,68 +78,19 @@ def given_settings(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def pick_dtype(name: str, device: str):
-    """--weights: None keeps the weights as shipped; a float dtype converts them at load."""
-    import torch
-
-    table = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        fail(f"unknown weights {name!r} (choose auto, float32, bfloat16, float16)")
-    return table[name]
+def startup_or_fail(error: BaseException) -> None:
+    """A startup or document problem (app/runtime.py) as the CLI shows every bad input: one line, exit 2."""
+    fail(str(error))
 
 
-def pick_device(name: str) -> str:
-    import torch
-
-    if name not in ("auto", "cpu", "cuda"):
-        fail(f"unknown device {name!r} (choose auto, cpu, cuda)")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda: no CUDA device is available")
-    return name
-
-
-def setup_runtime(settings) -> tuple[str, Any]:
-    import torch
-
-    if settings.threads is not None:
-        if settings.threads < 1:
-            fail(f"threads must be >= 1, not {settings.threads}")
-        torch.set_num_threads(settings.threads)
-    device = pick_device(settings.device)
-    return device, pick_dtype(settings.weights, device)
-
-
-def decode_config(settings):
-    cfg = settings.decode_config()
-    try:
-        cfg.validate()
-    except ValueError as exc:
-        fail(str(exc))
-    if settings.context is not None and settings.context < 16:
-        fail(f"context must be at least 16 tokens, not {settings.context}")
-    return cfg
-
-
-def load_model_or_fail(settings, device: str, dtype, quiet: bool = False):
-    from triforce_chat.decoding.models.loading import ModelLoadError, load_model
+def read_documents_or_fail(paths: list[Path] | None) -> list[tuple[str, str]]:
+    from triforce_chat.app.runtime import read_document
+    from triforce_chat.decoding.session import DocumentError
 
     try:
-        lm = load_model(
-            settings.model,
-            dtype=dtype,
-            device=device,
-            context=settings.context,
-            log=(lambda m: None) if quiet else None,
-            kv_dtype=settings.torch_kv_dtype(),
-        )
-    except ModelLoadError as exc:
+        return [read_document(p, warn=say) for p in paths or []]
+    except DocumentError as exc:
         fail(str(exc))
-    if not quiet:
-        for notice in lm.notices:
-            print(f"notice: {notice}", file=sys.stderr)
-    return lm
 
 
 # Options shared by the chat and `ask` (names and validation are the same in both)
@@ -271,9 +192,7 @@ def chat(
         return
     notices: list[str] = []
     settings = resolve_settings(config, warn=notices.append, **given_settings(locals()))
-    decode_config(settings)
-    for path in doc or []:
-        read_document(path)
+    read_documents_or_fail(doc)  # a bad path fails here, before the UI starts
     from triforce_chat.app.ui.app import run_tui
 
     raise typer.Exit(run_tui(settings, list(doc or []), resume, notices=notices))
@@ -322,17 +241,19 @@ def ask(
         question = sys.stdin.read()
     if not question.strip():
         fail("the question is empty")
-    cfg = decode_config(settings)
-    docs = [read_document(p) for p in doc or []]
-    device_name, torch_dtype = setup_runtime(settings)
-    guard_memory(settings, device_name, torch_dtype, cfg)
-    lm = load_model_or_fail(settings, device_name, torch_dtype, quiet=json_out)
-    from triforce_chat.app.cli.cache import store_for
+    docs = read_documents_or_fail(doc)
+    from triforce_chat.app import runtime
 
-    cfg = decode_config(settings.with_model_defaults(lm.generation_defaults))
+    try:
+        session = runtime.open_session(settings, log=(lambda m: None) if json_out else None)
+    except runtime.StartupError as exc:
+        fail(str(exc))
+    if not json_out:
+        for notice in session.lm.notices:
+            say(f"notice: {notice}")
     interrupted = threading.Event()
     with first_sigint_stops(interrupted.set):
-        result = run_ask(lm, cfg, docs, question, stream=None if json_out else sys.stdout, store=store_for(settings),
+        result = run_ask(session, docs, question, stream=None if json_out else sys.stdout,
                          should_stop=interrupted.is_set)
     if interrupted.is_set():
         result["stats"]["stop_reason"] = "interrupted"
@@ -348,39 +269,23 @@ def ask(
         raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def guard_memory(settings, device: str, dtype, cfg) -> None:
-    """Refuse (exit 2, one line) a model and context that the memory guard says will not fit."""
-    from triforce_chat.decoding.memory.guard import MemoryShortage, check_before_load
-
-    try:
-        check_before_load(settings.model, dtype=dtype, device=device, context=settings.context, config=cfg,
-                          kv_dtype=settings.torch_kv_dtype())
-    except MemoryShortage as exc:
-        fail(str(exc))
-
-
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "repetition_window", "seed")
 
 
 def run_ask(
-    lm, cfg, docs: list[tuple[str, str]], question: str, stream=None, store=None, should_stop=None,
-    warn=lambda m: say(m),
+    session, docs: list[tuple[str, str]], question: str, stream=None, should_stop=None, warn=lambda m: say(m),
 ) -> dict[str, Any]:
-    """Answer headless; returns the `ask --json` object (also used by bench and tests).
-    `stream` gets the answer as it comes, made safe for a terminal; `should_stop()` ends it early
-    (during the prefill: an empty answer). The documents are prefilled before the question, as in
-    the chat, so that the document cache (`store`) keeps them for any later question."""
+    """Answer headless in a session from `runtime.open_session`; returns the `ask --json` object (also
+    used by bench and tests). `stream` gets the answer as it comes, made safe for a terminal;
+    `should_stop()` ends it early (during the prefill: an empty answer). The documents are prefilled
+    before the question, as in the chat, so that the document cache keeps them for any later question."""
     from triforce_chat.app.safe_text import terminal_text
-    from triforce_chat.decoding.drafters import DrafterError
     from triforce_chat.decoding.memory.guard import MemoryShortage
-    from triforce_chat.decoding.models.loading import ModelLoadError
-    from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled, Session
+    from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled
 
+    cfg, lm = session.config, session.lm
     shown = ""
     try:
-        session = Session(lm, cfg, store=store)
-        if cfg.level == 2:
-            session.drafter  # noqa: B018 - load a draft model now, so a bad --draft fails before any prefill
         for name, text in docs:
             session.add_document(name, text)
         token_ids: list[int] = []
@@ -397,7 +302,7 @@ def run_ask(
                     shown += ev.text
         except PrefillCancelled:
             pass  # stopped before the first token: no answer
-    except (ContextOverflow, DocumentError, DrafterError, ModelLoadError, MemoryShortage) as exc:
+    except (ContextOverflow, DocumentError, MemoryShortage) as exc:
         fail(str(exc))
     for notice in session.take_notices():
         warn(f"warning: {notice}")

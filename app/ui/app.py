@@ -453,49 +453,19 @@ class TriforceApp(App[int]):
     @work(thread=True, exclusive=True, group="session")
     def load_model(self) -> None:
         try:
-            from triforce_chat.decoding.models.loading import ModelLoadError, load_model
-            from triforce_chat.decoding.session import Session
+            from triforce_chat.app import runtime
 
             t0 = time.perf_counter()
-            lm = self.preloaded_model
-            if lm is None:
-                if self.settings.threads:
-                    import torch
-
-                    torch.set_num_threads(self.settings.threads)
-                from triforce_chat.decoding.memory.guard import MemoryShortage, check_before_load
-
-                try:
-                    check_before_load(
-                        self.settings.model, dtype=self.settings.torch_dtype(), device=self.settings.resolved_device(),
-                        context=self.settings.context, config=self.settings.decode_config(),
-                        kv_dtype=self.settings.torch_kv_dtype(),
-                    )
-                except MemoryShortage as exc:
-                    self._post(LoadDone(False, str(exc), "error"))
-                    return
-                try:
-                    lm = load_model(
-                        self.settings.model,
-                        dtype=self.settings.torch_dtype(),
-                        device=self.settings.resolved_device(),
-                        context=self.settings.context,
-                        log=lambda msg: self._post(LoadProgress(msg, 0, None, None)),
-                        kv_dtype=self.settings.torch_kv_dtype(),
-                    )
-                except ModelLoadError as exc:
-                    self._post(LoadDone(False, f"cannot load the model: {exc}", "error"))
-                    return
-            for notice in lm.notices:
+            try:
+                session = runtime.open_session(
+                    self.settings, lm=self.preloaded_model, store=self.store if self.store is not None else
+                    runtime.store_for(self.settings), log=lambda msg: self._post(LoadProgress(msg, 0, None, None)),
+                )
+            except runtime.StartupError as exc:
+                self._post(LoadDone(False, f"cannot load the model: {exc}", "error"))
+                return
+            for notice in session.lm.notices:
                 self._post(Notice(notice, "warning"))
-            store = self.store
-            if store is None:
-                from triforce_chat.app.cli.cache import store_for
-
-                store = store_for(self.settings)
-            # a flag or the config file > the model's recommended sampling > the built-in defaults
-            cfg = self.settings.with_model_defaults(lm.generation_defaults).decode_config()
-            session = Session(lm, cfg, store=store)
             for notice in session.take_notices():
                 self._post(Notice(notice, "warning"))
             self._post(ModelReady(session, time.perf_counter() - t0))
@@ -505,7 +475,7 @@ class TriforceApp(App[int]):
     @work(thread=True, exclusive=True, group="session")
     def prefill_worker(self, job: _Job, paths: list[Path], restore: Any = None) -> None:
         """Read and add documents (or restore a saved conversation), then prefill with progress."""
-        from triforce_chat.app.cli.main import CliError, read_document
+        from triforce_chat.app.runtime import read_document
         from triforce_chat.decoding.memory.guard import MemoryShortage
         from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled
         from triforce_chat.decoding.store.doccache import describe, resuming_line
@@ -518,7 +488,7 @@ class TriforceApp(App[int]):
             for path in paths:
                 try:
                     _, text = read_document(path, warn=lambda m: self._post(Notice(m, "warning")))
-                except CliError as exc:
+                except DocumentError as exc:
                     self._post(Notice(str(exc), "error"))
                     continue
                 self._post(LoadProgress(f"Tokenizing {path.name}", 0, None, None))

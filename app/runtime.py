@@ -1,0 +1,143 @@
+"""The one way in: settings -> a loaded model -> a Session, for the TUI, `ask`, the benchmarks and tests.
+
+Everything that turns settings into running objects happens here, once: the thread count, the device
+and the weights' dtype, the memory guard, the model (catalogue name, .gguf file or folder), the
+model's own sampling defaults, the document cache and the draft model. Front ends only map
+`StartupError` (one line for the user) to their own way of showing it: exit code 2 in the CLI, an
+error notice in the chat UI.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from triforce_chat.app.settings import Settings
+    from triforce_chat.decoding.models.loading import LoadedModel
+    from triforce_chat.decoding.session import Session
+    from triforce_chat.decoding.store.docstore import DocumentStore
+
+Log = Callable[[str], None]
+
+
+class StartupError(ValueError):
+    """The settings cannot give a running session (no such model, no CUDA, not enough memory, a bad
+    draft model, ...); the message is one line for the user."""
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# -- documents --------------------------------------------------------------------------------------------
+def read_document(path: Path, warn: Log = _stderr) -> tuple[str, str]:
+    """(name, text) of a text file, or a DocumentError naming what is wrong with it. Any path a shell
+    hands over works: a pipe (`--doc <(cmd)`) is read once, as a file is."""
+    from triforce_chat.decoding.session import DocumentError
+
+    if not path.exists():
+        raise DocumentError(f"{path}: no such file")
+    if path.is_dir():
+        raise DocumentError(f"{path}: is a directory, not a text file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DocumentError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if b"\x00" in data[:8192]:
+        raise DocumentError(f"{path}: looks like a binary file, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = data.decode("utf-8", errors="replace")
+        warn(
+            f"warning: {path} is not valid UTF-8 (first bad byte at offset {exc.start}); "
+            "undecodable bytes were replaced with U+FFFD"
+        )
+    nuls = text.count("\x00")
+    if nuls:  # past the first 8 KiB (else it was called binary above): shown like undecodable bytes
+        text = text.replace("\x00", "\ufffd")
+        warn(f"warning: {path} contains {nuls} NUL byte{'s' if nuls > 1 else ''}; replaced with U+FFFD")
+    if not text.strip():
+        raise DocumentError(f"{path}: the document is empty")
+    return path.name, text
+
+
+# -- the machine ------------------------------------------------------------------------------------------
+def apply_threads(settings: Settings) -> None:
+    """torch's thread count from the settings (None: torch's own default, every core)."""
+    if settings.threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+
+
+def resolve_device(settings: Settings) -> str:
+    """"cpu" or "cuda" for the settings' device ("auto": CUDA when there is one)."""
+    import torch
+
+    if settings.device not in ("auto", "cpu", "cuda"):
+        raise StartupError(f"unknown device {settings.device!r} (choose auto, cpu, cuda)")
+    if settings.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise StartupError("--device cuda: no CUDA device is available")
+    return settings.device
+
+
+def store_for(settings: Settings, root: Path | str | None = None) -> DocumentStore | None:
+    """The settings' document store, or None when `[cache] enabled = false` / --no-doc-cache."""
+    if not settings.doc_cache:
+        return None
+    from triforce_chat.decoding.store.docstore import DocumentStore
+
+    return DocumentStore.from_gb(settings.cache_max_gb, root)
+
+
+# -- the model and the session ----------------------------------------------------------------------------
+def open_model(settings: Settings, log: Log | None = None) -> LoadedModel:
+    """Load the settings' model after the memory guard agreed that it and its context fit.
+    `log` gets progress lines (None: the loader's own, on stderr)."""
+    from triforce_chat.decoding.memory.guard import MemoryShortage, check_before_load
+    from triforce_chat.decoding.models.loading import ModelLoadError, load_model
+
+    apply_threads(settings)
+    device = resolve_device(settings)
+    try:
+        check_before_load(settings.model, dtype=settings.torch_dtype(), device=device, context=settings.context,
+                          config=settings.decode_config(), kv_dtype=settings.torch_kv_dtype())
+        return load_model(settings.model, dtype=settings.torch_dtype(), device=device, context=settings.context,
+                          log=log, kv_dtype=settings.torch_kv_dtype())
+    except (MemoryShortage, ModelLoadError) as exc:
+        raise StartupError(str(exc)) from None
+
+
+_FROM_SETTINGS = object()
+
+
+def open_session(
+    settings: Settings, lm: LoadedModel | None = None, log: Log | None = None, store=_FROM_SETTINGS,
+) -> Session:
+    """A Session for the settings: the model loaded (or `lm`, already loaded, shared between sessions),
+    sampling defaults taken from the model where the settings did not give them, the document cache
+    (`store`: the settings' own unless given, None for none), and at level 2 a draft model loaded now,
+    so that a bad `--draft` fails here rather than after a long prefill."""
+    from triforce_chat.decoding.drafters import DrafterError
+    from triforce_chat.decoding.memory.guard import MemoryShortage
+    from triforce_chat.decoding.models.loading import ModelLoadError
+    from triforce_chat.decoding.session import Session
+
+    if lm is None:
+        lm = open_model(settings, log)
+    else:
+        apply_threads(settings)
+    cfg = settings.with_model_defaults(lm.generation_defaults).decode_config()
+    session = Session(lm, cfg, store=store_for(settings) if store is _FROM_SETTINGS else store)
+    if cfg.level == 2:
+        try:
+            session.drafter  # noqa: B018 - loads a draft model now
+        except (DrafterError, ModelLoadError, MemoryShortage) as exc:
+            raise StartupError(str(exc)) from None
+    return session
