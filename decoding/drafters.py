@@ -36,16 +36,34 @@ class DrafterError(ValueError):
 
 
 class Drafter(Protocol):
+    """What the decoder asks of a bottom drafter. It holds its own copy of the context (`tokens`),
+    extended and truncated by the decoder; proposals follow the end of that copy.
+
+    Two kinds of proposal, named because they cost differently: `propose_lookup` is free (an index
+    lookup: empty when nothing backs a draft) and `propose_model` pays a forward per token (empty for
+    a drafter without a model, `drafts_with_model` False). The decoder takes a lookup's drafts
+    whenever there are some and asks a model only where its cost model expects the drafts to pay."""
+
     name: str
+    drafts_with_model: bool
 
     @property
     def length(self) -> int: ...
+
+    @property
+    def tokens(self) -> Sequence[int]: ...
 
     def extend(self, tokens: Sequence[int]) -> None: ...
 
     def truncate(self, length: int) -> None: ...
 
-    def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]: ...
+    def propose_lookup(self, k: int) -> tuple[list[int], Tensor | None]: ...
+
+    def propose_model(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]: ...
+
+    def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
+        """The lookup's drafts, else the model's."""
+        ...
 
     def catch_up(self) -> None: ...
 
@@ -67,6 +85,7 @@ class NGramDrafter:
     """
 
     name = "ngram"
+    drafts_with_model = False
 
     def __init__(self, n_max: int = 4, n_min: int = 1, vocab_size: int | None = None):
         if not 1 <= n_min <= n_max:
@@ -77,6 +96,10 @@ class NGramDrafter:
         self._ns = range(n_min, n_max + 1)
         self._head: dict[int, dict[int, int]] = {n: {} for n in self._ns}
         self._prev: dict[int, array] = {n: array("i") for n in self._ns}  # each [L]
+
+    @property
+    def tokens(self) -> Sequence[int]:
+        return self._tokens
 
     @property
     def length(self) -> int:
@@ -133,6 +156,12 @@ class NGramDrafter:
     # quoted, while the occurrence that also matches the names before it continues the right one.
     CANDIDATES = 16
     REACH = 32
+
+    def propose_lookup(self, k: int) -> tuple[list[int], Tensor | None]:
+        return self.propose(k)
+
+    def propose_model(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
+        return [], None
 
     def propose(self, k: int, sampler: Sampler | None = None) -> tuple[list[int], Tensor | None]:
         """Tokens after the earlier occurrence of the longest matching suffix (n <= n_max) whose match
@@ -228,6 +257,18 @@ class ModelDrafter:
         self.cache = StreamingCache.for_model(model, sink=sink, window=window, slack=slack, headroom=headroom)
         self._tokens = array("i")  # [L]
         self._logits: Tensor | None = None  # [V_draft] fp32 after the last context token, if current
+
+    drafts_with_model = True
+
+    @property
+    def tokens(self) -> Sequence[int]:
+        return self._tokens
+
+    def propose_lookup(self, k: int) -> tuple[list[int], Tensor | None]:
+        return [], None
+
+    def propose_model(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
+        return self.propose(k, sampler)
 
     @property
     def length(self) -> int:
@@ -370,6 +411,12 @@ class LookupFirstDrafter:
         self.name = lookup_first_name(model.name)
         self.rounds = {"lookup": 0, "model": 0}
 
+    drafts_with_model = True
+
+    @property
+    def tokens(self) -> Sequence[int]:
+        return self.lookup.tokens
+
     @property
     def length(self) -> int:
         return self.lookup.length
@@ -420,15 +467,16 @@ def draft_model_of(drafter: object) -> ModelDrafter | None:
 
 
 def sync_context(
-    drafter: Drafter, held: list[int], context: list[int], step: int | None = None,
+    drafter: Drafter, context: list[int], step: int | None = None,
     progress: Callable[[int, int], None] | None = None, should_cancel: Callable[[], bool] | None = None,
 ) -> bool:
-    """Make the drafter hold `context`, keeping the common prefix with `held` (its mirror, updated
-    in place). step: feed the new tokens in pieces of that many and run each (a draft model's
-    prefill, with progress and cancel between pieces). Returns False when a cancel stopped it
-    early, the drafter then holding a prefix of `context`, mirrored exactly."""
+    """Make the drafter hold `context`, keeping the common prefix with what it holds. step: feed the
+    new tokens in pieces of that many and run each (a draft model's prefill, with progress and cancel
+    between pieces). Returns False when a cancel stopped it early, the drafter then holding a prefix
+    of `context`."""
+    held = drafter.tokens
     limit = min(len(held), len(context))
-    if held[:limit] == context[:limit]:  # the usual case, compared in C: no per-token loop at 30K tokens
+    if held[:limit] == array("i", context[:limit]):  # the usual case, compared in C: no loop at 30K tokens
         n = limit
     else:
         n = 0
@@ -436,7 +484,6 @@ def sync_context(
             n += 1
     if n < len(held):
         drafter.truncate(n)
-        del held[n:]
     todo = context[n:]
     size = step or max(1, len(todo))
     for done in range(0, len(todo), size):
@@ -444,7 +491,6 @@ def sync_context(
             return False
         piece = todo[done : done + size]
         drafter.extend(piece)
-        held.extend(piece)
         if step:
             drafter.catch_up()
             if progress is not None:

@@ -40,6 +40,9 @@ class RoundEvent:
     wall_s: float = 0.0
     gamma_mid: int = 0  # the window length chosen for this round (adaptive)
     gamma_low: int = 0
+    # on the answer's last event: why it ended ("eos", "max tokens", "repetition", "stopped",
+    # "context full"); "" on every other event
+    stop_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -87,7 +87,6 @@ class Session:
         spec = self.config.draft  # a draft model drafts behind the n-gram lookup: name both
         self._drafter_spec = (spec if spec == "ngram" else lookup_first_name(spec)) if drafter is None \
             else getattr(drafter, "name", "custom")
-        self._drafter_ctx: list[int] = []
         self._costs: dict[int, CostModel] = {}
         self.eos_ids = lm.eos_ids
         self.pending_documents: list[Document] = []
@@ -311,7 +310,7 @@ class Session:
         round. A cancel leaves it consistent (it holds a prefix; the rest follows later)."""
         from triforce_chat.decoding.drafters import sync_context
 
-        if not sync_context(self.drafter, self._drafter_ctx, ids, self.config.prefill_chunk, progress, should_cancel):
+        if not sync_context(self.drafter, ids, self.config.prefill_chunk, progress, should_cancel):
             raise PrefillCancelled("prefill cancelled")
 
     def _fit_documents(self, question: str) -> None:
@@ -394,10 +393,8 @@ class Session:
             SpecConfig(level=level, gamma_mid=cfg.gamma_mid, gamma_low=cfg.gamma_low, adaptive=cfg.adaptive,
                        loop=cfg.loop_rule()),
             view=self.view, drafter=self.drafter if level == 2 else None,
+            costs=self._costs.setdefault(level, CostModel()),
         )
-        decoder.costs = self._costs.setdefault(level, CostModel())
-        if level == 2:
-            decoder._drafter_ctx = self._drafter_ctx
         answer_ids: list[int] = []
         shown = ""
         def should_stop() -> bool:  # a cancel asked for before this answer cleared the stop flag counts too
@@ -417,7 +414,7 @@ class Session:
             self._answer_base = self.cache.length  # the next answer counts what it adds after this
             final = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
             turn.answer, turn.token_ids = final, list(answer_ids)
-            self.stats.stop_reason = decoder.stop_reason or "stopped"
+            self.stats.stop_reason = self.stats.stop_reason or "stopped"  # a consumer that stopped reading
             turn.stats = self.stats.to_dict()
 
     # -- figures -------------------------------------------------------------------------------------------

@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from triforce_chat.decoding.cache import MAX_WINDOW, KVCache
-from triforce_chat.decoding.drafters import sync_context
+from triforce_chat.decoding.drafters import Drafter, sync_context
 from triforce_chat.decoding.events import LowRound, RoundEvent
 from triforce_chat.decoding.loops import LoopDetector, LoopRule
 from triforce_chat.decoding.model import Transformer
@@ -138,7 +138,26 @@ class CostModel:
         return best > 1.0 / self.step.value
 
 
+@dataclass
+class RoundPlan:
+    """What a round will do, decided before anything is verified (so the speculative-sampling
+    argument holds round by round): a plain target step, a middle-level window of `gamma` tokens,
+    or `gamma` of the bottom drafter's proposals verified by the target directly."""
+
+    route: str = "step"  # "step" | "mid" | "direct"
+    gamma: int = 0
+    props: list[int] = field(default_factory=list)  # the bottom drafter's proposal (level 2)
+    q_low: torch.Tensor | None = None  # its probabilities [len(props), V] (None: a point mass)
+    source: str = "lookup"  # who proposed: "lookup" (free) | "model" (a draft model) | "none"
+
+
 class SpeculativeDecoder:
+    """Answers one request at a time over a session's model, caches, drafter and cost model.
+
+    Built with everything it keeps between answers (the cost model that drives the route, the
+    drafter, which holds its own copy of the context), so a new decoder per answer behaves exactly
+    as one that lives as long as the session."""
+
     def __init__(
         self,
         model: Transformer,
@@ -147,29 +166,146 @@ class SpeculativeDecoder:
         eos_ids: set[int],
         config: SpecConfig,
         view: RetrievalView | None = None,
-        drafter=None,
+        drafter: Drafter | None = None,
+        costs: CostModel | None = None,
     ):
         self.model, self.cache, self.sampler, self.eos_ids, self.config = model, cache, sampler, eos_ids, config
         self.view, self.drafter = view, drafter
-        self.costs = CostModel()
-        self._drafter_ctx: list[int] = []  # mirror of what the drafter holds
+        self.costs = costs if costs is not None else CostModel()
         self._rounds_since_rebuild = 0
         self.level0_step_s = 0.0
 
-    # -- helpers -------------------------------------------------------------------------------------
-    def _sync_drafter(self, context: list[int]) -> None:
-        """Make the drafter's context equal `context` (common prefix kept)."""
-        sync_context(self.drafter, self._drafter_ctx, context)
+    # -- the loop -------------------------------------------------------------------------------------
+    def generate(
+        self, context: list[int], max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False
+    ) -> Iterator[RoundEvent]:
+        """Yield one RoundEvent per round until EOS, `max_new_tokens`, a full context, a loop or a
+        stop; the last event carries the reason (`stop_reason`; an event without tokens when the
+        answer stopped between rounds). `context` is extended in place with the kept tokens; the
+        cache must hold context[:-1]."""
+        if self.cache.length != len(context) - 1:
+            raise RuntimeError(f"cache holds {self.cache.length} tokens, expected {len(context) - 1}")
+        level = self._start_answer(context)
+        loops = LoopDetector(self.config.loop) if self.config.loop is not None else None
+        produced = index = 0
+        while True:
+            room = self.cache.max_len - self.cache.length - 1  # tokens the cache can take after pending
+            stop = "max tokens" if produced >= max_new_tokens else "stopped" if should_stop() else \
+                "context full" if room < 0 else ""
+            if stop:
+                yield RoundEvent(index=index, tokens=[], origins=[], text="", stop_reason=stop)
+                return
+            t_start = time.perf_counter()
+            ev = RoundEvent(index=index, tokens=[], origins=[], text="")
+            # drafts beyond the answer's budget are wasted; windows stay within the batch-invariant size
+            window_max = min(max_new_tokens - produced - 1, room, MAX_WINDOW - 1)
+            plan = self._plan_round(level, context, window_max, first=index == 0, ev=ev)
+            kept, origins = self._run_route(plan, level, context, ev)
+            kept, origins, ev.stop_reason = self._cut(kept, origins, max_new_tokens - produced, loops)
+            self._keep(context, kept)
+            ev.tokens, ev.origins = kept, origins
+            ev.route, ev.gamma_mid, ev.gamma_low = plan.route, plan.gamma, self.config.gamma_low if level == 2 else 0
+            ev.wall_s = time.perf_counter() - t_start
+            produced += len(kept)
+            index += 1
+            yield ev
+            if ev.stop_reason:
+                return
 
-    def _drafter_truncate(self, length: int) -> None:
-        if length < len(self._drafter_ctx):
-            self.drafter.truncate(length)
-            del self._drafter_ctx[length:]
+    def _start_answer(self, context: list[int]) -> int:
+        """The level this answer runs at (what the session gave it allows), with the drafter, the
+        retrieval view and the sampler brought up to the context."""
+        level = self.config.level if self.view is not None else 0
+        if level == 2 and self.drafter is None:
+            level = 1
+        if level == 2:
+            # once per answer: from here on only this loop changes the context (it grows) and the
+            # drafter's (extended with drafts, and truncated back to the context), so the drafter holds a
+            # prefix of the context and each round only appends the tokens kept since
+            sync_context(self.drafter, context)
+        if level >= 1 and self.view.needs_rebuild:
+            self.view.rebuild()
+            self._rounds_since_rebuild = 0
+        self.sampler.reset(context)
+        return level
 
-    def _drafter_extend(self, tokens: list[int]) -> None:
-        if tokens:
-            self.drafter.extend(tokens)
-            self._drafter_ctx.extend(tokens)
+    def _plan_round(self, level: int, context: list[int], window_max: int, first: bool, ev: RoundEvent) -> RoundPlan:
+        """The route of this round. Adaptive: the first round is a level-0 step, which measures the
+        baseline step time."""
+        cfg = self.config
+        if level == 0 or window_max <= 0 or (first and cfg.adaptive):
+            return RoundPlan()
+        plan = RoundPlan()
+        if level == 2:
+            self.drafter.extend(context[self.drafter.length :])
+            t0 = time.perf_counter()
+            plan.props, plan.q_low, plan.source = self._bottom_proposal(min(cfg.gamma_mid + cfg.gamma_low, window_max))
+            ev.timings["low"] = time.perf_counter() - t0
+        plan.route, plan.gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), plan.props, plan.source)
+        return plan
+
+    def _run_route(
+        self, plan: RoundPlan, level: int, context: list[int], ev: RoundEvent
+    ) -> tuple[list[int], list[str]]:
+        """Run the planned route; returns the tokens it produced (accepted drafts, then the target's
+        own token) and their origins. The cache then holds everything before the last of them."""
+        pending = context[-1]
+        if plan.route == "step":
+            t0 = time.perf_counter()
+            kept, origins = self._target_step(pending)
+            dt = time.perf_counter() - t0
+            self.costs.step.update(dt)
+            ev.timings["target"] = dt
+            ev.final_kind = "step"
+            if not self.level0_step_s:
+                self.level0_step_s = dt
+            return kept, origins
+        if plan.route == "direct":  # bottom drafts (a prefix of them) verified by the full target itself
+            props = plan.props[: plan.gamma]
+            q_low = None if plan.q_low is None else plan.q_low[: plan.gamma]
+            a, nxt = self._verify(pending, props, q_low, ev)
+            (self.costs.alpha_model if plan.source == "model" else self.costs.alpha_direct).update(a / len(props))
+            ev.low_rounds.append(LowRound(proposed=props, accepted=a, next_token=nxt))
+            return props[:a] + [nxt], ["low"] * a + ["target"]
+        if self.view.needs_rebuild:
+            self.view.rebuild()
+            self._rounds_since_rebuild = 0
+        t0 = time.perf_counter()
+        gl = self.config.gamma_low
+        first = (plan.props[:gl], None if plan.q_low is None else plan.q_low[:gl])
+        drafts, q, d_origins = self._mid_window(pending, context, plan.gamma, level, ev, first)
+        t_mid = time.perf_counter() - t0
+        self.costs.mid_per_token.update((t_mid + ev.timings.get("low", 0.0)) / len(drafts))
+        ev.timings["mid"] = t_mid - ev.timings.get("low_inner", 0.0)
+        ev.timings["low"] = ev.timings.get("low", 0.0) + ev.timings.pop("low_inner", 0.0)
+        a, nxt = self._verify(pending, drafts, q, ev)
+        self.costs.alpha.update(a / len(drafts))
+        ev.mid_proposed, ev.mid_accepted = drafts, a
+        self._maybe_rebuild()
+        return drafts[:a] + [nxt], d_origins[:a] + ["target"]
+
+    def _cut(
+        self, kept: list[int], origins: list[str], budget: int, loops: LoopDetector | None
+    ) -> tuple[list[int], list[str], str]:
+        """The round's tokens cut at EOS, at a loop and at the answer's token budget, with the reason
+        the answer stops there ("" to go on)."""
+        cut, reason = min(len(kept), budget), ""
+        for i, tok in enumerate(kept[:cut]):
+            if tok in self.eos_ids:
+                cut, reason = i + 1, "eos"
+                break
+            if loops is not None and loops.push(tok):
+                cut, reason = i + 1, "repetition"
+                break
+        if not reason and cut >= budget:
+            reason = "max tokens"
+        return kept[:cut], origins[:cut], reason
+
+    def _keep(self, context: list[int], kept: list[int]) -> None:
+        """Append the kept tokens; the cache keeps holding everything but the new pending token."""
+        context.extend(kept)
+        self.sampler.extend(kept)
+        self.cache.truncate(min(self.cache.length, len(context) - 1))
 
     # -- one round per level -----------------------------------------------------------------------------
     def _target_step(self, pending: int) -> tuple[list[int], list[str]]:
@@ -226,123 +362,15 @@ class SpeculativeDecoder:
             origins.extend(new_o)
             self.sampler.extend(new)  # the next rows (and the bottom drafter) follow these tokens
             if level == 2:
-                self._drafter_extend(new)
+                self.drafter.extend(new)
             cur = tokens[-1]
             if cur in self.eos_ids:
                 break
-        if level == 2:
-            self._drafter_truncate(base)
+        if level == 2 and self.drafter.length > base:
+            self.drafter.truncate(base)
         self.sampler.truncate(base)
         ev.timings["low_inner"] = t_low
         return tokens, torch.stack(qs), origins
-
-    # -- the loop -------------------------------------------------------------------------------------
-    def generate(
-        self, context: list[int], max_new_tokens: int, should_stop: Callable[[], bool] = lambda: False
-    ) -> Iterator[RoundEvent]:
-        """Yield one RoundEvent per round until EOS, `max_new_tokens`, a full context or a stop.
-        `context` is extended in place with the kept tokens. The cache must hold context[:-1]."""
-        cfg = self.config
-        if self.cache.length != len(context) - 1:
-            raise RuntimeError(f"cache holds {self.cache.length} tokens, expected {len(context) - 1}")
-        level = cfg.level if self.view is not None else 0
-        if level == 2 and self.drafter is None:
-            level = 1
-        if level == 2:
-            # once per answer: from here on only this loop changes the context (it grows) and the
-            # drafter's mirror (extended, and truncated back to the context), so the mirror stays a
-            # prefix of the context and each round only appends the tokens kept since
-            self._sync_drafter(context)
-        if level >= 1 and self.view.needs_rebuild:
-            self.view.rebuild()
-            self._rounds_since_rebuild = 0
-        produced = 0
-        index = 0
-        self.sampler.reset(context)
-        loops = LoopDetector(cfg.loop) if cfg.loop is not None else None
-        while produced < max_new_tokens and not should_stop():
-            room = self.cache.max_len - self.cache.length - 1  # tokens the cache can take after pending
-            if room < 0:
-                self.stop_reason = "context full"
-                return
-            t_start = time.perf_counter()
-            ev = RoundEvent(index=index, tokens=[], origins=[], text="")
-            pending = context[-1]
-            # drafts beyond the answer's budget are wasted; windows stay within the batch-invariant size
-            window_max = min(max_new_tokens - produced - 1, room, MAX_WINDOW - 1)
-            props: list[int] = []
-            q_low = None
-            route, gamma, source = "step", 0, "low"
-            # adaptive: the first round is a level-0 step, which measures the baseline step time
-            if level >= 1 and window_max > 0 and (index > 0 or not cfg.adaptive):
-                if level == 2:
-                    self._drafter_extend(context[len(self._drafter_ctx) :])
-                    t0 = time.perf_counter()
-                    props, q_low, source = self._bottom_proposal(min(cfg.gamma_mid + cfg.gamma_low, window_max))
-                    ev.timings["low"] = time.perf_counter() - t0
-                route, gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), props, source)
-            ev.route = route
-            if route == "step":
-                t0 = time.perf_counter()
-                kept, origins = self._target_step(pending)
-                dt = time.perf_counter() - t0
-                self.costs.step.update(dt)
-                ev.timings["target"] = dt
-                ev.final_kind = "step"
-            elif route == "direct":  # bottom drafts (a prefix of them) verified by the full target itself
-                props = props[:gamma]
-                q_low = None if q_low is None else q_low[:gamma]
-                a, nxt = self._verify(pending, props, q_low, ev)
-                (self.costs.alpha_model if source == "model" else self.costs.alpha_direct).update(a / len(props))
-                ev.low_rounds.append(LowRound(proposed=props, accepted=a, next_token=nxt))
-                kept, origins = props[:a] + [nxt], ["low"] * a + ["target"]
-            else:
-                if self.view.needs_rebuild:
-                    self.view.rebuild()
-                    self._rounds_since_rebuild = 0
-                t0 = time.perf_counter()
-                first = (props[: cfg.gamma_low], None if q_low is None else q_low[: cfg.gamma_low])
-                drafts, q, d_origins = self._mid_window(pending, context, gamma, level, ev, first)
-                t_mid = time.perf_counter() - t0
-                self.costs.mid_per_token.update((t_mid + ev.timings.get("low", 0.0)) / len(drafts))
-                ev.timings["mid"] = t_mid - ev.timings.get("low_inner", 0.0)
-                ev.timings["low"] = ev.timings.get("low", 0.0) + ev.timings.pop("low_inner", 0.0)
-                a, nxt = self._verify(pending, drafts, q, ev)
-                self.costs.alpha.update(a / len(drafts))
-                ev.mid_proposed, ev.mid_accepted = drafts, a
-                kept, origins = drafts[:a] + [nxt], d_origins[:a] + ["target"]
-                self._maybe_rebuild()
-            ev.gamma_mid, ev.gamma_low = gamma, (cfg.gamma_low if level == 2 else 0)
-            # cut at EOS, at a loop and at the token budget; keep the cache holding all kept tokens but the last
-            cut = min(len(kept), max_new_tokens - produced)
-            looped = False
-            for i, tok in enumerate(kept[:cut]):
-                if tok in self.eos_ids:
-                    cut = i + 1
-                    break
-                if loops is not None and loops.push(tok):
-                    cut, looped = i + 1, True
-                    break
-            kept, origins = kept[:cut], origins[:cut]
-            context.extend(kept)
-            self.sampler.extend(kept)
-            self.cache.truncate(min(self.cache.length, len(context) - 1))
-            ev.tokens, ev.origins = kept, origins
-            ev.wall_s = time.perf_counter() - t_start
-            if not self.level0_step_s and route == "step":
-                self.level0_step_s = ev.timings["target"]
-            produced += len(kept)
-            index += 1
-            yield ev
-            if kept and kept[-1] in self.eos_ids:
-                self.stop_reason = "eos"
-                return
-            if looped:
-                self.stop_reason = "repetition"
-                return
-        self.stop_reason = "stopped" if produced < max_new_tokens else "max tokens"
-
-    stop_reason = ""
 
     def _verify(self, pending: int, drafts: list[int], q, ev: RoundEvent) -> tuple[int, int]:
         """The full target verifies [pending, *drafts] in one forward; the cache keeps the accepted."""
@@ -359,17 +387,15 @@ class SpeculativeDecoder:
         return a, nxt
 
     def _bottom_proposal(self, k: int) -> tuple[list[int], torch.Tensor | None, str]:
-        """The bottom drafter's proposal for this round and who made it ("low", or with a draft
-        model behind a lookup: "lookup" or "model"). A draft model pays a forward per token, so it
-        drafts only when the cost model expects its drafts to pay (or to probe), and no more than
-        γ_low tokens; the lookup's drafts are free and may be longer."""
+        """The bottom drafter's proposal for this round and who made it: "lookup" (free, may be long),
+        "model" or "none". A draft model pays a forward per token, so it drafts only when the cost
+        model expects its drafts to pay (or to probe), and no more than γ_low tokens."""
         d = self.drafter
-        if not hasattr(d, "propose_lookup"):
-            props, q = d.propose(k, self.sampler)
-            return list(props), q, "low"
         props, q = d.propose_lookup(k)
         if props:
             return list(props), q, "lookup"
+        if not d.drafts_with_model:
+            return [], None, "none"
         k, c = min(k, self.config.gamma_low), self.costs
         if not self.config.adaptive or c.model_drafts_pay(k):
             c.last_used["model"], c.probe_gap["model"] = c.rounds, self.config.probe_every
@@ -392,7 +418,7 @@ class SpeculativeDecoder:
         c.probe_gap[route] = min(2 * gap, 8 * self.config.probe_every)
         return True
 
-    def _choose_route(self, level: int, gamma_max: int, props: list[int], source: str = "low") -> tuple[str, int]:
+    def _choose_route(self, level: int, gamma_max: int, props: list[int], source: str = "lookup") -> tuple[str, int]:
         """("step", 0) | ("mid", γ) | ("direct", k drafts of props): the route with the best expected
         tokens per second under the cost model, with a probe of a neglected route now and then."""
         if gamma_max <= 0:

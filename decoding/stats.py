@@ -51,6 +51,10 @@ class Stats:
     _started: float = field(default_factory=time.perf_counter)
 
     def add(self, ev: RoundEvent) -> None:
+        if ev.stop_reason:
+            self.stop_reason = ev.stop_reason
+        if not ev.tokens:  # the closing event of an answer stopped between rounds
+            return
         self.rounds += 1
         self.new_tokens += len(ev.tokens)
         self.decode_s += ev.wall_s

@@ -52,12 +52,14 @@ def test_documents_are_prefilled_before_the_question(tiny_model):
 def test_stop_leaves_the_cache_as_if_the_answer_ended_there(tiny_model):
     s = Session(tiny_model, DecodeConfig(level=2, max_new_tokens=40, budget="64"))
     s.add_document("doc.txt", DOC)
-    rounds = 0
-    for _ in s.generate("Tell me everything."):
-        rounds += 1
-        if rounds == 3:
+    events = []
+    for ev in s.generate("Tell me everything."):
+        events.append(ev)
+        if len(events) == 3:
             s.stop()
-    assert rounds == 3 and s.stats.stop_reason == "stopped"
+    # three rounds, then the closing event that carries the reason
+    assert [bool(e.tokens) for e in events] == [True, True, True, False]
+    assert events[-1].stop_reason == "stopped" == s.stats.stop_reason and s.stats.rounds == 3
     assert 0 < len(s.turns[0].token_ids) < 40
     follow = answer(s, "Go on.")
     fresh = fresh_with_transcript(tiny_model, 2, s.turns[:1], max_new_tokens=40)
@@ -107,11 +109,11 @@ def test_a_draft_model_reads_the_documents_during_the_prefill_not_the_first_answ
                 drafter=both())
     s.add_document("doc.txt", DOC)
     with pytest.raises(PrefillCancelled):  # cancelled inside the drafter's part (after the cache's)
-        s.prefill(should_cancel=lambda: len(s._drafter_ctx) > 0)
-    held = len(s._drafter_ctx)
+        s.prefill(should_cancel=lambda: s.drafter.length > 0)
+    held = s.drafter.length
     seen = []
     n, _ = s.prefill(progress=lambda done, total: seen.append((done, total)))
     ids = s._documents_only_ids()
-    assert s.drafter.model.cache.length == len(ids) == len(s._drafter_ctx) > held
+    assert s.drafter.model.cache.length == len(ids) == s.drafter.length > held
     assert seen[-1] == (len(ids) - held, len(ids) - held)  # the drafter's part, resumed where it stopped
     assert answer(s, "Summarise.") == want

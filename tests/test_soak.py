@@ -40,8 +40,8 @@ def check_invariants(s: Session) -> None:
     assert s.context[: len(s.last_prompt_ids)] == s.last_prompt_ids
     assert s.context[len(s.last_prompt_ids) :] == s.turns[-1].token_ids
     if s._drafter is not None:
-        held = s._drafter_ctx
-        assert len(held) == s._drafter.length <= s.max_context  # the mirror is what the drafter holds
+        held = list(s._drafter.tokens)
+        assert len(held) == s._drafter.length <= s.max_context
         if s.stats.level == 2:  # synced lazily, by the next answer at level 2
             assert held == s.context[: len(held)]
     if not s.view.stale:  # (a stale view is rebuilt before its next use)
@@ -54,7 +54,7 @@ def growth_sizes(s: Session) -> dict[str, int]:
     return {
         "cost_tables": sum(len(c.verify) for c in s._costs.values()) + len(s._costs),
         "view_buffer": s.view.buffer_bytes,
-        "drafter_ctx": len(s._drafter_ctx),
+        "drafter_ctx": s._drafter.length if s._drafter is not None else 0,
         "token_origins": len(s.stats.token_origins),
         "rates": len(s.stats.recent_tokens_per_s),
         "listeners": len(s.cache.listeners),

@@ -41,7 +41,6 @@ class Engine:
             self.drafters["model"] = ModelDrafter(draft_model, sink=2, window=8)
             self.drafters["both"] = LookupFirstDrafter(NGramDrafter(n_max=3, n_min=1),
                                                        ModelDrafter(draft_model, sink=2, window=8))
-        self.mirrors: dict[str, list[int]] = {name: [] for name in self.drafters}
         model(torch.tensor(prompt[:-1]), self.cache, logits="none")
 
     def run(self, level: int, n: int, sampler: Sampler, drafter: str = "ngram", gamma_mid: int = 4,
@@ -53,11 +52,11 @@ class Engine:
                                  SpecConfig(level=level, gamma_mid=gamma_mid, gamma_low=gamma_low, adaptive=adaptive,
                                             loop=loop),
                                  view=self.view, drafter=self.drafters[drafter] if level == 2 else None)
-        dec._drafter_ctx = self.mirrors[drafter]
         context = list(self.prompt)
         events = list(dec.generate(context, n))
-        dec.routes = [ev.route for ev in events]
-        dec.kept = [list(ev.tokens) for ev in events]  # the tokens each round kept
+        dec.routes = [ev.route for ev in events if ev.tokens]
+        dec.kept = [list(ev.tokens) for ev in events if ev.tokens]  # the tokens each round kept
+        dec.stop_reason = events[-1].stop_reason
         return context[len(self.prompt) :], dec
 
 
@@ -452,9 +451,8 @@ def test_losing_probes_back_off_and_the_back_off_carries_over_to_the_next_answer
     config = SpecConfig(level=1, probe_every=8)
 
     def decoder():  # a new answer: a new decoder on the session's cost model
-        dec = object.__new__(SpeculativeDecoder)
-        dec.costs, dec.config, dec.view = costs, config, SimpleNamespace(n_selected_chunks=4)
-        return dec
+        return SpeculativeDecoder(None, None, None, set(), config, view=SimpleNamespace(n_selected_chunks=4),
+                                  costs=costs)
 
     probes, dec = [], decoder()
     for i in range(1, 301):
@@ -488,6 +486,8 @@ def test_a_draft_model_drafts_only_where_its_drafts_pay_and_probes_otherwise():
     assert cheap.model_drafts_pay(4)
 
     class Bottom:
+        drafts_with_model = True
+
         def __init__(self):
             self.lookup_hits, self.model_calls = [], []
 
@@ -502,10 +502,8 @@ def test_a_draft_model_drafts_only_where_its_drafts_pay_and_probes_otherwise():
             return [5] * k, None
 
     bottom = Bottom()
-    dec = object.__new__(SpeculativeDecoder)
-    dec.costs, dec.config = costs, SpecConfig(level=2, gamma_low=4, probe_every=8)
-    dec.drafter, dec.sampler = bottom, None
-    dec.view = SimpleNamespace(n_selected_chunks=0)
+    dec = SpeculativeDecoder(None, None, None, set(), SpecConfig(level=2, gamma_low=4, probe_every=8),
+                             view=SimpleNamespace(n_selected_chunks=0), drafter=bottom, costs=costs)
     sources = []
     for i in range(1, 121):
         bottom.lookup_hits.append(i % 5 == 0)
