@@ -123,3 +123,23 @@ def generation_defaults(config: dict[str, Any]) -> dict[str, float | int]:
             continue
         out[key] = value
     return out
+
+
+def drafter_label(draft: str) -> str:
+    """How the chain and the panels name the bottom drafter of a `--draft` setting: a draft model
+    drafts behind the n-gram lookup (drafters.LookupFirstDrafter), so both are named."""
+    return draft if draft == "ngram" else f"ngram+{draft}"
+
+
+def chain_label(level: int, drafter: str, budget: str) -> str:
+    """The decoding chain of a level, e.g. 'ngram -> retrieval(4096) -> target' (budget: the setting's
+    text, a token count or a fraction). The one place the chain's name is made: the session names
+    the chain an answer ran, the UI the chain the next answer will run, and the two are compared."""
+    text = str(budget).strip()
+    try:
+        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
+        shown = str(int(value)) if value >= 1 else f"{value:.0%}"
+    except ValueError:
+        shown = text
+    parts = {0: ["target"], 1: [f"retrieval({shown})", "target"], 2: [drafter, f"retrieval({shown})", "target"]}
+    return " -> ".join(parts[level])

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
+from triforce_chat.decoding.config import drafter_label
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.streaming import StreamingCache
 
@@ -408,7 +409,7 @@ class LookupFirstDrafter:
 
     def __init__(self, lookup: NGramDrafter, model: ModelDrafter, min_match: int = 2):
         self.lookup, self.model, self.min_match = lookup, model, min_match
-        self.name = lookup_first_name(model.name)
+        self.name = drafter_label(model.name)
         self.rounds = {"lookup": 0, "model": 0}
 
     drafts_with_model = True
@@ -452,11 +453,6 @@ class LookupFirstDrafter:
     def figures(self) -> dict[str, int]:
         return {**self.lookup.figures(), **self.model.figures(),
                 "drafter_lookup_rounds": self.rounds["lookup"], "drafter_model_rounds": self.rounds["model"]}
-
-
-def lookup_first_name(model: str) -> str:
-    """How the chain and the panels name a draft model drafting behind the lookup."""
-    return f"ngram+{model}"
 
 
 def draft_model_of(drafter: object) -> ModelDrafter | None:
@@ -553,5 +549,5 @@ def make_drafter(
 
 __all__ = [
     "Drafter", "DrafterError", "LookupFirstDrafter", "ModelDrafter", "NGramDrafter", "StreamingCache",
-    "check_shared_vocab", "draft_model_of", "lookup_first_name", "make_drafter", "sync_context",
+    "check_shared_vocab", "draft_model_of", "make_drafter", "sync_context",
 ]

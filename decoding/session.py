@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from triforce_chat.decoding.cache import KVCache
-from triforce_chat.decoding.config import DecodeConfig, parse_budget
+from triforce_chat.decoding.config import DecodeConfig, chain_label, drafter_label, parse_budget
 from triforce_chat.decoding.events import CacheFigures, RoundEvent, process_rss_bytes
 from triforce_chat.decoding.models.loading import LoadedModel
 from triforce_chat.decoding.retrieval import RetrievalView
@@ -82,11 +82,7 @@ class Session:
         self.cache = KVCache.for_model(self.model)
         self.view = RetrievalView(self.cache, self.config.budget, self.config.chunk_size)
         self._drafter = drafter
-        from triforce_chat.decoding.drafters import lookup_first_name
-
-        spec = self.config.draft  # a draft model drafts behind the n-gram lookup: name both
-        self._drafter_spec = (spec if spec == "ngram" else lookup_first_name(spec)) if drafter is None \
-            else getattr(drafter, "name", "custom")
+        self._drafter_spec = drafter_label(self.config.draft) if drafter is None else getattr(drafter, "name", "custom")
         self._costs: dict[int, CostModel] = {}
         self.eos_ids = lm.eos_ids
         self.pending_documents: list[Document] = []
@@ -136,11 +132,7 @@ class Session:
         return self._drafter
 
     def chain_label(self, level: int | None = None) -> str:
-        level = self.config.level if level is None else level
-        budget = self.view.budget_tokens or f"{self.view.budget_fraction:.0%}"
-        parts = {0: ["target"], 1: [f"retrieval({budget})", "target"],
-                 2: [self._drafter_spec, f"retrieval({budget})", "target"]}[level]
-        return " -> ".join(parts)
+        return chain_label(self.config.level if level is None else level, self._drafter_spec, self.config.budget)
 
     @property
     def max_context(self) -> int:
@@ -286,10 +278,12 @@ class Session:
 
     def prefill(
         self, progress: Progress | None = None, should_cancel: Callable[[], bool] | None = None,
-        on_restore: OnRestore | None = None,
+        on_restore: OnRestore | None = None, drafter_progress: Progress | None = None,
     ) -> tuple[int, float]:
         """Bring the cache up to date with the documents loaded so far (before any question).
-        Returns (tokens prefilled by the model, seconds); `self.last_sync` has the details."""
+        Returns (tokens prefilled by the model, seconds); `self.last_sync` has the details.
+        `drafter_progress` follows a draft model's own reading of the documents (level 2), which
+        comes after the target's; without it, `progress` does."""
         t0 = time.perf_counter()
         ids = self._documents_only_ids()
         if len(ids) + 1 > self.max_context:
@@ -298,7 +292,7 @@ class Session:
         report = self._sync(ids, progress, should_cancel, on_restore)
         if self.config.level == 2:
             t1 = time.perf_counter()
-            self._prefill_drafter(ids, progress, should_cancel)
+            self._prefill_drafter(ids, drafter_progress or progress, should_cancel)
             self._since_answer.seconds += time.perf_counter() - t1  # the next answer's prefill_s counts it
         return report.computed, time.perf_counter() - t0
 

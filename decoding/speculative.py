@@ -57,8 +57,8 @@ class SpecConfig:
 
 # The adaptive route's priors, before anything is measured: the first middle-level window drafts
 # this many tokens (so does a probe of it), and a window of t tokens is assumed to cost
-# 1 + slope (t - 1) steps (on CPUs measured here, 8 rows cost 1.7-2.8 steps for the matrix products
-# and more for attention).
+# 1 + slope (t - 1) steps. Short, because on a CPU whose matrix products are compute-bound every
+# extra row of a window costs a good part of a step (docs/performance.md has the measurements).
 FIRST_WINDOW = 2
 VERIFY_PRIOR_SLOPE = 0.15
 

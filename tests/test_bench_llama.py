@@ -13,6 +13,7 @@ import torch
 from rich.console import Console
 
 from test_cli import run_cli
+from triforce_chat.app.bench import common
 from triforce_chat.app.bench import llama as bl
 from triforce_chat.app.bench.levels import BenchError
 from triforce_chat.decoding.cache import KVCache
@@ -62,13 +63,13 @@ def test_positions_are_the_files_own_unless_a_context_needs_more():
 
 def test_cpu_features_read_x86_and_arm_flag_lines():
     x86 = "processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu sse2 avx2 fma avx512f avx512_vnni\n"
-    assert bl.cpu_features(x86) == {
-        "avx2": True, "avx512f": True, "avx512_bf16": False, "amx_bf16": False, "avx512_vnni": True,
+    assert common.cpu_features(x86) == {
+        "avx2": True, "avx512f": True, "avx512_vnni": True, "avx512_bf16": False, "amx_tile": False, "amx_bf16": False,
     }
     arm = "processor\t: 0\nFeatures\t: fp asimd bf16 sve\n"
-    assert not any(bl.cpu_features(arm).values())
-    assert bl.cpu_features("") == dict.fromkeys(bl.SIMD_FLAGS, False)
-    line = bl.machine_line({"cpu": "Some CPU", "cpu_count": 2, "simd": bl.cpu_features(x86),
+    assert not any(common.cpu_features(arm).values())
+    assert common.cpu_features("") == dict.fromkeys(common.SIMD_FLAGS, False)
+    line = common.machine_line({"cpu": "Some CPU", "cpu_count": 2, "simd": common.cpu_features(x86),
                             "load_average_start": [0.5]})
     assert "Some CPU (2 CPUs)" in line and "avx2+" in line and "amx_bf16-" in line
 
@@ -185,8 +186,9 @@ def test_rows_are_per_context_and_thread_count_and_missing_figures_stay_empty():
     assert rows[0]["prefill_ours_vs_llama"] is None and rows[0]["decode_vs_llama"] == {"level 0": None,
                                                                                          "level 2": None}
     assert rows[0]["common_prefix"] is None
-    assert bl.ratio(1.0, 0.0) is None and bl.ratio(None, 2.0) is None and bl.ratio(3.0, 2.0) == 1.5
-    assert bl.common_prefix([1, 2, 3], [1, 2]) == 2 and bl.common_prefix([], [1]) == 0
+    assert common.ratio(1.0, 0.0) is None and common.ratio(None, 2.0) is None and common.ratio(3.0, 2.0) == 1.5
+    assert common.first_difference([1, 2, 3], [1, 2]) == 2 and common.first_difference([], [1]) == 0
+    assert common.first_difference([1, 2, 3], [1, 5, 3]) == 1
 
 
 def test_table_shows_medians_ratios_and_agreement():
@@ -378,4 +380,4 @@ def test_smoke_against_llama_cpp_on_the_bundled_gguf(monkeypatch, capsys, defaul
     assert row["prefill_tokens_per_s"][bl.LLAMA] > 0 and row["decode_tokens_per_s"][bl.LLAMA] > 0
     assert row["compared_tokens"] >= 1 and 0 <= row["common_prefix"] <= row["compared_tokens"]
     assert data["model"]["gguf"].endswith(".gguf") and data["baseline"]["1"]["n_ctx"] == 8192
-    assert set(data["machine"]["simd"]) == set(bl.SIMD_FLAGS)
+    assert set(data["machine"]["simd"]) == set(common.SIMD_FLAGS)

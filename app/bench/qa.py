@@ -29,20 +29,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from triforce_chat.app.bench.levels import (
+from triforce_chat.app.bench.common import (
     BenchError,
+    Log,
     first_difference,
-    host_info,
+    fmt,
     load_average,
+    machine_info,
+    machine_line,
     parse_int_list,
     ratio,
-    warm_up,
 )
+from triforce_chat.app.bench.levels import warm_up
 from triforce_chat.app.bench.qa_score import is_right
 from triforce_chat.app.bench.qa_set import ASK_SUFFIX, DocSet, QAItem, qa_set
 
 DEFAULT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -250,24 +252,12 @@ def qa_set_info(sets: list[DocSet]) -> dict[str, Any]:
     }
 
 
-def machine(load_start: list[float]) -> dict[str, Any]:
-    """bench-llama's machine description (the CPU's SIMD flags included) with bench's software versions
-    and thread count."""
-    from triforce_chat.app.bench.llama import machine_info
-
-    return {**machine_info(), **host_info(load_start)}
-
-
 def mismatch_line(m: dict[str, Any]) -> str:
     return (
         f"MISMATCH: {m['model']}, {m['threads']} thread(s), {m['document']} question {m['question']}: level "
         f"{m['level']} differs from level 0 at new token {m['first_difference']} "
         f"(got {m['got']}, expected {m['expected']})"
     )
-
-
-def _fmt(value, spec: str) -> str:
-    return "—" if value is None else f"{value:{spec}}"
 
 
 def render_table(result: dict[str, Any]):
@@ -297,9 +287,9 @@ def render_table(result: dict[str, Any]):
         table.add_row(
             m["model"],
             f"{acc['right']}/{acc['total']}",
-            _fmt(acc["share"], ".0%"),
-            *(_fmt(speed.get((t, level)), ".2f") for t in s["threads"] for level in s["levels"]),
-            *(_fmt(pre.get(t), ".0f") for t in s["threads"]),
+            fmt(acc["share"], ".0%"),
+            *(fmt(speed.get((t, level)), ".2f") for t in s["threads"] for level in s["levels"]),
+            *(fmt(pre.get(t), ".0f") for t in s["threads"]),
             "✓" if m["identical"] else "[bold red]✗ MISMATCH[/bold red]",
         )
     return table
@@ -318,7 +308,7 @@ def run_bench_qa(load: Callable[[str], Any], spec: QASpec, cfg, log: Log = lambd
         gc.collect()
     mismatches = [x for m in models for x in m["mismatches"]]
     return {
-        "machine": machine(load_start),
+        "machine": machine_info(load_start),
         "method": __doc__.split("What is reported:", 1)[1].strip(),
         "settings": {"models": spec.models, "threads": spec.threads, "levels": spec.levels,
                      "max_new_tokens": spec.max_new_tokens, "limit": spec.limit, "budget": cfg.budget,
@@ -339,7 +329,6 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
     from rich.markup import escape
 
     from triforce_chat.app import runtime
-    from triforce_chat.app.bench.llama import machine_line
     from triforce_chat.app.cli.main import fail, resolve_settings, say
     from triforce_chat.app.safe_text import json_text
 

@@ -1,36 +1,44 @@
 """The Textual chat app: `triforce-chat [--doc PATH]...`.
 
 Threads: model loading, document prefill and answering run in `@work(thread=True)` workers (one at
-a time, group "session"); they talk to the UI only by posting messages, throttled to about 10 per
-second so the UI never slows decoding. Every Binding has an id, so keys can be remapped from the
+a time, group "session") over the UI-free jobs of app/ui/workers.py; they talk to the UI only by
+posting messages (app/ui/messages.py), throttled so the UI never slows decoding. The screens are in
+app/ui/screens.py, the widgets in app/ui/widgets.py. Every Binding has an id, so keys can be remapped from the
 config file's [keymap] table.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from textual import on, work
-from textual.app import App, ComposeResult, SystemCommand
+from textual.app import App, SystemCommand
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.content import Content
+from textual.containers import VerticalScroll
 from textual.message import Message
-from textual.screen import ModalScreen, Screen
-from textual.widgets import DirectoryTree, Footer, Header, Input, OptionList, Static
-from textual.widgets.option_list import Option
+from textual.screen import Screen
+from textual.widgets import Static
 
 from triforce_chat.app.safe_text import one_line
-from triforce_chat.app.settings import Settings, data_dir
+from triforce_chat.app.settings import Settings
+from triforce_chat.app.ui import workers
 from triforce_chat.app.ui.history import History, Writer, transcript_markdown
 from triforce_chat.app.ui.keymap import check_keymap
+from triforce_chat.app.ui.messages import (
+    AnswerBatch,
+    AnswerDone,
+    CacheStatus,
+    DocumentAdded,
+    LoadDone,
+    LoadProgress,
+    ModelReady,
+    Notice,
+)
+from triforce_chat.app.ui.screens import ChatScreen, DocumentScreen, HelpScreen, HistoryScreen
 from triforce_chat.app.ui.widgets import (
     AnswerMessage,
     ChatInput,
@@ -42,223 +50,15 @@ from triforce_chat.app.ui.widgets import (
     render_documents,
     stop_label,
 )
+from triforce_chat.app.ui.workers import Job
 from triforce_chat.decoding.config import parse_budget
-from triforce_chat.decoding.events import CacheFigures, RoundEvent
+from triforce_chat.decoding.events import CacheFigures
 from triforce_chat.themes.palette import ORIGIN_DEFAULTS, STYLESHEET, THEMES
 
-UI_INTERVAL_S = 0.5  # the most often the answering worker posts streamed text to the UI (see README)
 PANEL_INTERVAL_S = 1.0  # the most often the side panels are redrawn while answering
-FIGURES_INTERVAL_S = 1.0  # cache figures (they read process memory) while answering
-PROGRESS_INTERVAL_S = 0.1  # prefill progress
-
-
-# -- messages from the workers --------------------------------------------------------------------------
-class ModelReady(Message):
-    def __init__(self, session: Any, load_s: float) -> None:
-        super().__init__()
-        self.session, self.load_s = session, load_s
-
-
-class LoadProgress(Message):
-    def __init__(self, label: str, done: int, total: int | None, rate: float | None) -> None:
-        super().__init__()
-        self.label, self.done, self.total, self.rate = label, done, total, rate
-
-
-class LoadDone(Message):
-    def __init__(self, ok: bool, message: str = "", severity: str = "information") -> None:
-        super().__init__()
-        self.ok, self.message, self.severity = ok, message, severity
-
-
-class DocumentAdded(Message):
-    def __init__(self, name: str, text: str, n_tokens: int, path: str) -> None:
-        super().__init__()
-        self.name, self.text, self.n_tokens, self.path = name, text, n_tokens, path
-
-
-class AnswerBatch(Message):
-    def __init__(
-        self,
-        answer: AnswerMessage,
-        events: list[RoundEvent],
-        stats: dict,
-        rates: list[float],
-        figures: CacheFigures | None,
-    ) -> None:
-        super().__init__()
-        self.answer, self.events, self.stats, self.rates, self.figures = answer, events, stats, rates, figures
-
-
-class AnswerDone(Message):
-    def __init__(
-        self,
-        answer: AnswerMessage,
-        text: str,
-        stats: dict,
-        rates: list[float],
-        figures: CacheFigures | None,
-        error: str = "",
-        wall_s: float = 0.0,
-        started: bool = True,
-        question: str = "",
-    ) -> None:
-        super().__init__()
-        self.answer, self.text, self.stats, self.rates = answer, text, stats, rates
-        self.figures, self.error, self.wall_s = figures, error, wall_s
-        # started: the question reached the model (a turn exists); if not, the question goes back
-        # to the input and the transcript forgets it, as the session did
-        self.started, self.question = started, question
-
-
-class CacheStatus(Message):
-    """The document cache's line for the Documents panel (restored / prefilled / resuming)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-
-class Notice(Message):
-    def __init__(self, message: str, severity: str = "information") -> None:
-        super().__init__()
-        self.message, self.severity = message, severity
-
-
-# -- modal screens --------------------------------------------------------------------------------------
-class HelpScreen(ModalScreen[None]):
-    BINDINGS = [Binding("escape,f1,q", "dismiss", "Close", id="close-help")]
-
-    def __init__(self, rows: list[tuple[str, str, str]]) -> None:
-        super().__init__()
-        self.rows = rows
-
-    def compose(self) -> ComposeResult:
-        lines = [
-            Content.styled('Keys (remap in config.toml under [keymap]: id = "keys")', "bold"),
-            Content(""),
-        ]
-        for keys, description, bid in self.rows:
-            lines.append(
-                Content.assemble((f"{one_line(keys, 30):<30} ", "bold $accent"), f"{description:<22}", (bid, "dim"))
-            )
-        lines += [
-            Content(""),
-            Content.styled(
-                "Paste keeps newlines; ctrl+p opens the command palette (themes, documents, history).", "dim"
-            ),
-        ]
-        with Vertical(id="help-box"):
-            yield Static("Help", classes="modal-title")
-            with VerticalScroll():
-                yield Static(Content("\n").join(lines), id="help-text")
-
-
-class DocumentScreen(ModalScreen[Path | None]):
-    """A path input with a file tree below it; enter on the input or a file loads it."""
-
-    BINDINGS = [Binding("escape", "dismiss_none", "Cancel", id="close-document")]
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="document-box"):
-            yield Static("Load a document", classes="modal-title")
-            yield Input(placeholder="path to a text file (enter loads; or pick below)", id="document-path")
-            yield DirectoryTree(Path.cwd(), id="document-tree")
-
-    def action_dismiss_none(self) -> None:
-        self.dismiss(None)
-
-    @on(Input.Submitted, "#document-path")
-    def _submitted(self, event: Input.Submitted) -> None:
-        if event.value.strip():
-            self.dismiss(Path(event.value.strip()).expanduser())
-
-    @on(DirectoryTree.FileSelected)
-    def _picked(self, event: DirectoryTree.FileSelected) -> None:
-        self.dismiss(event.path)
-
-
-class HistoryScreen(ModalScreen[str | None]):
-    BINDINGS = [Binding("escape", "dismiss_none", "Cancel", id="close-history")]
-
-    def __init__(self, items: list[tuple[str, str]]) -> None:
-        super().__init__()
-        self.items = items
-
-    def compose(self) -> ComposeResult:
-        with Vertical(id="history-box"):
-            yield Static("Saved conversations (enter reopens)", classes="modal-title")
-            if self.items:
-                options = [Option(Content(one_line(label, 120)), id=cid) for cid, label in self.items]
-                yield OptionList(*options, id="history-list")
-            else:
-                yield Static("no saved conversations yet", classes="dim")
-
-    def action_dismiss_none(self) -> None:
-        self.dismiss(None)
-
-    @on(OptionList.OptionSelected)
-    def _picked(self, event: OptionList.OptionSelected) -> None:
-        self.dismiss(event.option.id)
-
-
-# -- the main screen ------------------------------------------------------------------------------------
-class ChatScreen(Screen):
-    AUTO_FOCUS = "#input"
-
-    def __init__(self, pending: Pending) -> None:
-        super().__init__()
-        self.pending = pending
-
-    def compose(self) -> ComposeResult:
-        yield Header(show_clock=False)
-        with Horizontal(id="main"):
-            with Vertical(id="chat"):
-                with VerticalScroll(id="transcript"):
-                    yield Static(WELCOME, id="welcome")
-                yield LoadBar(id="loadbar")
-                yield ChatInput(id="input")
-            with VerticalScroll(id="side"):
-                docs = Static(render_documents([], 0, 0), id="documents")
-                docs.border_title = "Documents"
-                yield docs
-                stats = StatsPanel(self.pending, id="stats")
-                stats.border_title = "Decoding"
-                yield stats
-                cache = Static(render_cache(None), id="cache")
-                cache.border_title = "Cache"
-                yield cache
-        yield Footer()
-
-    def on_mount(self) -> None:
-        self.app.call_later(self.app.start)  # type: ignore[attr-defined]
-
-
-WELCOME = Content.assemble(
-    ("triforce-chat", "bold $accent"),
-    " — ask questions about long documents.\n",
-    *[
-        part
-        for key, what in [
-            ("ctrl+o", "load"),
-            ("enter", "send"),
-            ("ctrl+j", "newline"),
-            ("ctrl+t", "level"),
-            ("ctrl+r", "draft view"),
-            ("f1", "all keys"),
-        ]
-        for part in ((key, "bold"), f" {what}   ")
-    ],
-)
 
 
 MODAL_SAFE_ACTIONS = ("quit", "help", "command_palette")  # actions that also work over a modal screen
-
-
-@dataclass
-class _Job:
-    kind: str  # "model" | "prefill" | "answer"
-    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class TriforceApp(App[int]):
@@ -315,9 +115,10 @@ class TriforceApp(App[int]):
         s = self.settings
         self.pending = Pending(s.level, s.draft, s.budget, s.gamma_mid, s.gamma_low)
         self.session: Any = None
-        self.job: _Job | None = None
+        self.job: Job | None = None
         self.viz = False
         self.answers: list[AnswerMessage] = []
+        self.queued: tuple[str, UserMessage, Static] | None = None  # (question, its message, its note)
         self.conv_id: str | None = None
         self.writer: Writer | None = None
         self.last_figures: CacheFigures | None = None
@@ -360,7 +161,7 @@ class TriforceApp(App[int]):
         self.query_one("#loadbar").display = False
         self.sub_title = "loading model …"
         self._show_load("Loading model " + (self.settings.model or "qwen2.5-coder-0.5b"), 0, None, None)
-        self.job = _Job("model")
+        self.job = Job("model")
         self.load_model()
 
     def _all_bindings(self) -> list[Binding]:
@@ -422,214 +223,19 @@ class TriforceApp(App[int]):
             )
         self.query_one("#cache", Static).update(render_cache(self.last_figures))
 
-    def _error_log(self, exc: BaseException) -> str:
-        """Keep the traceback in a file and return one line for the user."""
-        try:
-            path = data_dir() / "error.log"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a", encoding="utf-8") as f:
-                f.write(time.strftime("%Y-%m-%d %H:%M:%S ") + "".join(traceback.format_exception(exc)) + "\n")
-            where = f" (details in {path})"
-        except OSError:
-            where = ""
-        return f"{type(exc).__name__}: {exc}{where}"
-
-    @staticmethod
-    def _rate_tracker(label: str | Callable[[], str], post: Callable[[Message], None]) -> Callable[[int, int], None]:
-        """Progress posted at most every PROGRESS_INTERVAL_S; `label` may change (a callable)."""
-        t0 = time.perf_counter()
-        last = [0.0]
-
-        def progress(done: int, total: int) -> None:
-            now = time.perf_counter()
-            if total and (now - last[0] >= PROGRESS_INTERVAL_S or done >= total):
-                last[0] = now
-                rate = done / (now - t0) if now > t0 else None
-                post(LoadProgress(label() if callable(label) else label, done, total, rate))
-
-        return progress
-
-    # -- workers ----------------------------------------------------------------------------------------
+    # -- workers (app/ui/workers.py does the work; these only run it in a thread) -------------------
     @work(thread=True, exclusive=True, group="session")
     def load_model(self) -> None:
-        try:
-            from triforce_chat.app import runtime
-
-            t0 = time.perf_counter()
-            try:
-                session = runtime.open_session(
-                    self.settings, lm=self.preloaded_model, store=self.store if self.store is not None else
-                    runtime.store_for(self.settings), log=lambda msg: self._post(LoadProgress(msg, 0, None, None)),
-                )
-            except runtime.StartupError as exc:
-                self._post(LoadDone(False, f"cannot load the model: {exc}", "error"))
-                return
-            for notice in session.lm.notices:
-                self._post(Notice(notice, "warning"))
-            for notice in session.take_notices():
-                self._post(Notice(notice, "warning"))
-            self._post(ModelReady(session, time.perf_counter() - t0))
-        except Exception as exc:
-            self._post(LoadDone(False, "cannot start the decoder: " + self._error_log(exc), "error"))
+        workers.load_session(self.settings, self._post, model=self.preloaded_model, store=self.store)
 
     @work(thread=True, exclusive=True, group="session")
-    def prefill_worker(self, job: _Job, paths: list[Path], restore: Any = None) -> None:
+    def prefill_worker(self, job: Job, paths: list[Path], restore: Any = None) -> None:
         """Read and add documents (or restore a saved conversation), then prefill with progress."""
-        from triforce_chat.app.runtime import read_document
-        from triforce_chat.decoding.memory.guard import MemoryShortage
-        from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled
-        from triforce_chat.decoding.store.doccache import describe, resuming_line
-
-        session = self.session
-        added = []
-        try:
-            if restore is not None:
-                self._restore_into_session(restore)
-            for path in paths:
-                try:
-                    _, text = read_document(path, warn=lambda m: self._post(Notice(m, "warning")))
-                except DocumentError as exc:
-                    self._post(Notice(str(exc), "error"))
-                    continue
-                self._post(LoadProgress(f"Tokenizing {path.name}", 0, None, None))
-                try:
-                    doc = session.add_document(path.name, text)
-                except DocumentError as exc:
-                    self._post(Notice(str(exc), "error"))
-                    continue
-                added.append(doc)
-                self._post(DocumentAdded(doc.name, text, doc.n_tokens, str(path)))
-            names = ", ".join(d.name for d in added) if added else "conversation"
-            label = ["Prefill " + names]
-
-            def restored(report) -> None:  # the document cache had part or all of it
-                if report.kept + report.restored < report.target:
-                    label[0] = f"Prefill {names}: {resuming_line(report)}"
-                    self._post(CacheStatus(resuming_line(report)))
-                    self._post(LoadProgress(label[0], 0, None, None))
-
-            try:
-                n, secs = session.prefill(
-                    progress=self._rate_tracker(lambda: label[0], self._post), should_cancel=job.cancel.is_set,
-                    on_restore=restored,
-                )
-            except PrefillCancelled:
-                report = session.last_sync
-                done = session.cache.length
-                kept = " (the saved part resumes next time)" if report.saved or report.restored else ""
-                self._post(CacheStatus(f"stopped at {done:,} of {report.target:,} tokens{kept}"))
-                for notice in session.take_notices():
-                    self._post(Notice(notice, "warning"))
-                for doc in added:
-                    if doc in session.pending_documents:
-                        session.pending_documents.remove(doc)
-                self._post(
-                    LoadDone(
-                        False,
-                        "loading cancelled" + (f": {', '.join(d.name for d in added)} removed" if added else ""),
-                        "warning",
-                    )
-                )
-                return
-            except (ContextOverflow, MemoryShortage) as exc:
-                for doc in added:
-                    if doc in session.pending_documents:
-                        session.pending_documents.remove(doc)
-                self._post(LoadDone(False, str(exc), "error"))
-                return
-            report = session.last_sync
-            line = describe(report)
-            for notice in session.take_notices():
-                self._post(Notice(notice, "warning"))
-            if line:
-                self._post(CacheStatus(line))
-            msg = line + (f" ({n / report.seconds:,.0f} tok/s)" if report.seconds > 0 and n else "")
-            self._post(LoadDone(True, msg))
-        except Exception as exc:
-            self._post(LoadDone(False, self._error_log(exc), "error"))
+        workers.prefill_documents(self.session, paths, job, self._post, restore=restore, history=self.history)
 
     @work(thread=True, exclusive=True, group="session")
-    def answer_worker(self, job: _Job, answer: AnswerMessage, question: str) -> None:
-        from triforce_chat.decoding.session import ContextOverflow, PrefillCancelled
-
-        session = self.session
-        turns_before = len(session.turns)
-        batch: list[RoundEvent] = []
-        last = time.perf_counter()
-        t_first: float | None = None
-        t_last = last
-        last_figures = 0.0
-        error = ""
-        try:
-            progress = self._rate_tracker("Prefill question", self._post)
-            for ev in session.generate(question, progress=progress, should_cancel=job.cancel.is_set):
-                t_last = time.perf_counter()
-                if t_first is None:
-                    t_first = t_last - ev.wall_s  # decoding starts with the first round
-                batch.append(ev)
-                if t_last - last >= UI_INTERVAL_S:
-                    last = t_last
-                    stats = session.stats
-                    figures = None
-                    if t_last - last_figures >= FIGURES_INTERVAL_S:
-                        figures, last_figures = session.cache_figures(), t_last
-                    self._post(AnswerBatch(answer, batch, stats.to_dict(), list(stats.recent_tokens_per_s), figures))
-                    batch = []
-        except PrefillCancelled:
-            error = "stopped before the answer began"
-        except ContextOverflow as exc:
-            error = str(exc)
-        except ValueError as exc:  # MemoryShortage among others: one line, the conversation kept
-            error = str(exc)
-        except Exception as exc:
-            error = self._error_log(exc)
-        for notice in session.take_notices():
-            self._post(Notice(notice, "warning"))
-        wall = t_last - t_first if t_first is not None else 0.0
-        if batch:
-            stats = session.stats
-            self._post(AnswerBatch(answer, batch, stats.to_dict(), list(stats.recent_tokens_per_s), None))
-        started = len(session.turns) > turns_before
-        turn = session.turns[-1] if started else None
-        try:
-            figures = session.cache_figures()
-        except Exception:
-            figures = None
-        self._post(
-            AnswerDone(
-                answer,
-                turn.answer if turn else answer.text,
-                session.stats.to_dict(),
-                list(session.stats.recent_tokens_per_s),
-                figures,
-                error,
-                wall,
-                started,
-                question,
-            )
-        )
-
-    def _restore_into_session(self, conv: Any) -> None:
-        """Put a saved conversation's documents and turns into the session (worker thread)."""
-        from triforce_chat.decoding.session import Document, Turn
-
-        session = self.session
-        session.turns, session.pending_documents = [], []
-
-        def docs(saved) -> list:
-            out = []
-            for d in saved:
-                try:
-                    text = self.history.document_text(d.sha)
-                except (OSError, ValueError):  # missing, or not UTF-8 any more
-                    self._post(Notice(f"{d.name}: the saved copy is missing; skipped", "warning"))
-                    continue
-                out.append(Document(d.name, text, d.n_tokens or session.count_tokens(text)))
-            return out
-
-        for t in conv.turns:
-            session.turns.append(Turn(question=t.question, documents=docs(t.documents), answer=t.answer, stats=t.stats))
-        session.pending_documents = docs(conv.pending_documents)
+    def answer_worker(self, job: Job, answer: AnswerMessage, question: str) -> None:
+        workers.answer(self.session, question, job, self._post, answer)
 
     # -- worker messages --------------------------------------------------------------------------------
     def on_model_ready(self, message: ModelReady) -> None:
@@ -644,6 +250,7 @@ class TriforceApp(App[int]):
             self._resume(self.resume)
         elif self.initial_docs:
             self._start_prefill(self.initial_docs)
+        self._send_queued()
 
     def on_load_progress(self, message: LoadProgress) -> None:
         self._show_load(message.label, message.done, message.total, message.rate)
@@ -656,6 +263,7 @@ class TriforceApp(App[int]):
         if self.session is not None:
             self.last_figures = self.session.cache_figures()
         self._refresh_panels()
+        self._send_queued()
 
     def on_cache_status(self, message: CacheStatus) -> None:
         self.doc_cache_status = message.text
@@ -798,7 +406,7 @@ class TriforceApp(App[int]):
 
     # -- actions ----------------------------------------------------------------------------------------
     def _start_prefill(self, paths: list[Path], restore: Any = None) -> None:
-        self.job = _Job("prefill")
+        self.job = Job("prefill")
         self._show_load("Loading " + (", ".join(p.name for p in paths) or "conversation"), 0, None, None)
         self.prefill_worker(self.job, paths, restore)
 
@@ -820,22 +428,34 @@ class TriforceApp(App[int]):
     @on(ChatInput.Submitted)
     def _send(self, event: ChatInput.Submitted) -> None:
         question = event.text.strip()
+        loading = self.session is None or (self.busy and self.job.kind in ("model", "prefill"))
+        if loading and self.job is not None:  # chat apps queue it: sent when the document is ready
+            if self.queued is not None:
+                self.notify("a question is queued already; esc cancels it", severity="warning")
+                return
+            event.chat_input.clear()
+            self._queue(question)
+            return
         if self.session is None:
-            self.notify("the model is still loading; your question stays in the input", severity="warning")
+            self.notify("no model is loaded (see the error above); your question stays in the input",
+                        severity="error")
             return
         if self.busy:
-            what = "answering" if self.job.kind == "answer" else "loading"
-            self.notify(f"still {what}; press esc to stop, your question stays in the input", severity="warning")
+            self.notify("still answering; press esc to stop, your question stays in the input", severity="warning")
             return
         err = self._apply_pending()
         if err:
             self.notify(err, severity="error")
             return
         event.chat_input.clear()
+        self._submit(question)
+
+    def _submit(self, question: str, shown: UserMessage | None = None) -> None:
+        """Send a question to the model (`shown`: its message, already in the transcript)."""
         self.query_one("#welcome").display = False
         transcript = self.query_one("#transcript", VerticalScroll)
-        docs = [d.name for d in self.session.pending_documents]
-        transcript.mount(UserMessage(question, docs))
+        if shown is None:
+            transcript.mount(UserMessage(question, [d.name for d in self.session.pending_documents]))
         answer = AnswerMessage(self._decode_one, viz=self.viz)
         self.answers.append(answer)
         transcript.mount(answer)
@@ -845,10 +465,55 @@ class TriforceApp(App[int]):
                 self._writer().question(question)
             except OSError as exc:
                 self.notify(f"history: cannot save ({exc})", severity="warning")
-        self.job = _Job("answer")
+        self.job = Job("answer")
         self.answer_worker(self.job, answer, question)
 
+    # -- a question asked while the model or a document is loading -----------------------------------
+    def _queue(self, question: str) -> None:
+        self.query_one("#welcome").display = False
+        transcript = self.query_one("#transcript", VerticalScroll)
+        docs = [d.name for d in self.session.pending_documents] if self.session is not None else []
+        shown = UserMessage(question, docs)
+        note = Static("queued: sent when loading is done · esc cancels", classes="queued-note")
+        transcript.mount(shown)
+        transcript.mount(note)
+        transcript.scroll_end(animate=False)
+        self.queued = (question, shown, note)
+
+    def _unqueue(self, why: str, severity: str = "information") -> None:
+        """Take the queued question back into the input (nothing typed is lost)."""
+        question, shown, note = self.queued
+        self.queued = None
+        shown.remove()
+        note.remove()
+        if not self.answers:
+            self.query_one("#welcome").display = True
+        box = self.query_one(ChatInput)
+        if not box.text.strip():
+            box.load_text(question)
+            box.move_cursor(box.document.end)
+        self.notify(f"{why}; your question is back in the input", severity=severity, timeout=6)
+
+    def _send_queued(self) -> None:
+        """Loading is over: send the queued question, or give it back when there is no model."""
+        if self.queued is None or self.busy:
+            return
+        if self.session is None:
+            self._unqueue("the model did not load", "error")
+            return
+        err = self._apply_pending()
+        if err:
+            self._unqueue(err, "error")
+            return
+        question, shown, note = self.queued
+        self.queued = None
+        note.remove()
+        self._submit(question, shown=shown)
+
     def action_stop(self) -> None:
+        if self.queued is not None:  # first the queued question, then (esc again) the load itself
+            self._unqueue("queued question cancelled")
+            return
         if self.job is None:
             return
         if self.job.kind == "answer":

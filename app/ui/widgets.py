@@ -21,6 +21,7 @@ from textual.reactive import reactive
 from textual.widgets import Markdown, ProgressBar, Sparkline, Static, TextArea
 
 from triforce_chat.app.safe_text import one_line, terminal_text
+from triforce_chat.decoding.config import chain_label, drafter_label
 from triforce_chat.decoding.events import CacheFigures, RoundEvent
 
 ORIGIN_STYLE = {
@@ -65,18 +66,6 @@ def token_label(text: str) -> str:
     if not text.strip():
         return one_line(text.replace("\n", "⏎").replace(" ", "␣").replace("\t", "⇥"))
     return one_line(text.strip())
-
-
-def chain_label(level: int, draft: str, budget: str) -> str:
-    """The decoding chain for a level, e.g. 'ngram -> retrieval(4096) -> target'."""
-    text = str(budget).strip()
-    try:
-        value = float(text.rstrip("%")) / (100 if text.endswith("%") else 1)
-        shown = str(int(value)) if value >= 1 else f"{value:.0%}"
-    except ValueError:
-        shown = text
-    parts = {0: ["target"], 1: [f"retrieval({shown})", "target"], 2: [draft, f"retrieval({shown})", "target"]}
-    return " -> ".join(parts[level])
 
 
 # -- the input ------------------------------------------------------------------------------------------
@@ -340,7 +329,7 @@ class Pending:
 
     @property
     def chain(self) -> str:
-        return chain_label(self.level, self.draft, self.budget)
+        return chain_label(self.level, drafter_label(self.draft), self.budget)
 
 
 def _hist(values: Sequence[float]) -> str:

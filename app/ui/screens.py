@@ -1,0 +1,145 @@
+"""The screens: the chat screen (transcript, input, side panels) and the modal help, document
+picker and saved-conversation screens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
+from textual.screen import ModalScreen, Screen
+from textual.widgets import DirectoryTree, Footer, Header, Input, OptionList, Static
+from textual.widgets.option_list import Option
+
+from triforce_chat.app.safe_text import one_line
+from triforce_chat.app.ui.widgets import ChatInput, LoadBar, Pending, StatsPanel, render_cache, render_documents
+
+
+# -- modal screens --------------------------------------------------------------------------------------
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,f1,q", "dismiss", "Close", id="close-help")]
+
+    def __init__(self, rows: list[tuple[str, str, str]]) -> None:
+        super().__init__()
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        lines = [
+            Content.styled('Keys (remap in config.toml under [keymap]: id = "keys")', "bold"),
+            Content(""),
+        ]
+        for keys, description, bid in self.rows:
+            lines.append(
+                Content.assemble((f"{one_line(keys, 30):<30} ", "bold $accent"), f"{description:<22}", (bid, "dim"))
+            )
+        lines += [
+            Content(""),
+            Content.styled(
+                "Paste keeps newlines; ctrl+p opens the command palette (themes, documents, history).", "dim"
+            ),
+        ]
+        with Vertical(id="help-box"):
+            yield Static("Help", classes="modal-title")
+            with VerticalScroll():
+                yield Static(Content("\n").join(lines), id="help-text")
+
+
+class DocumentScreen(ModalScreen[Path | None]):
+    """A path input with a file tree below it; enter on the input or a file loads it."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel", id="close-document")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="document-box"):
+            yield Static("Load a document", classes="modal-title")
+            yield Input(placeholder="path to a text file (enter loads; or pick below)", id="document-path")
+            yield DirectoryTree(Path.cwd(), id="document-tree")
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+    @on(Input.Submitted, "#document-path")
+    def _submitted(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self.dismiss(Path(event.value.strip()).expanduser())
+
+    @on(DirectoryTree.FileSelected)
+    def _picked(self, event: DirectoryTree.FileSelected) -> None:
+        self.dismiss(event.path)
+
+
+class HistoryScreen(ModalScreen[str | None]):
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel", id="close-history")]
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.items = items
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="history-box"):
+            yield Static("Saved conversations (enter reopens)", classes="modal-title")
+            if self.items:
+                options = [Option(Content(one_line(label, 120)), id=cid) for cid, label in self.items]
+                yield OptionList(*options, id="history-list")
+            else:
+                yield Static("no saved conversations yet", classes="dim")
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
+
+    @on(OptionList.OptionSelected)
+    def _picked(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+# -- the main screen ------------------------------------------------------------------------------------
+class ChatScreen(Screen):
+    AUTO_FOCUS = "#input"
+
+    def __init__(self, pending: Pending) -> None:
+        super().__init__()
+        self.pending = pending
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=False)
+        with Horizontal(id="main"):
+            with Vertical(id="chat"):
+                with VerticalScroll(id="transcript"):
+                    yield Static(WELCOME, id="welcome")
+                yield LoadBar(id="loadbar")
+                yield ChatInput(id="input")
+            with VerticalScroll(id="side"):
+                docs = Static(render_documents([], 0, 0), id="documents")
+                docs.border_title = "Documents"
+                yield docs
+                stats = StatsPanel(self.pending, id="stats")
+                stats.border_title = "Decoding"
+                yield stats
+                cache = Static(render_cache(None), id="cache")
+                cache.border_title = "Cache"
+                yield cache
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.app.call_later(self.app.start)  # type: ignore[attr-defined]
+
+
+WELCOME = Content.assemble(
+    ("triforce-chat", "bold $accent"),
+    " — ask questions about long documents.\n",
+    *[
+        part
+        for key, what in [
+            ("ctrl+o", "load"),
+            ("enter", "send"),
+            ("ctrl+j", "newline"),
+            ("ctrl+t", "level"),
+            ("ctrl+r", "draft view"),
+            ("f1", "all keys"),
+        ]
+        for part in ((key, "bold"), f" {what}   ")
+    ],
+)
