@@ -7,6 +7,7 @@ import datetime
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,15 @@ def first_difference(a: Sequence[int], b: Sequence[int]) -> int:
 def fmt(value, spec: str = ".2f", suffix: str = "") -> str:
     """A table cell: the value formatted, or a dash where nothing was measured."""
     return "—" if value is None else f"{value:{spec}}{suffix}"
+
+
+def timed_answer(session, question: str) -> tuple[list[int], float]:
+    """The token ids a session answers `question` with, and the wall seconds of the whole answer."""
+    ids: list[int] = []
+    t0 = time.perf_counter()
+    for ev in session.generate(question):
+        ids.extend(ev.tokens)
+    return ids, time.perf_counter() - t0
 
 
 # -- the machine --------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ from triforce_chat.app.bench.common import (
     machine_info,
     parse_int_list,
     ratio,
+    timed_answer,
 )
 
 LEVEL_NAMES = {0: "level 0", 1: "level 1", 2: "level 2"}
@@ -153,11 +154,7 @@ def run_level(
         else:
             session.new_chat()
             session.set_level(level)
-        ids: list[int] = []
-        t0 = time.perf_counter()
-        for ev in session.generate(prompt.question):
-            ids.extend(ev.tokens)
-        wall = time.perf_counter() - t0
+        ids, wall = timed_answer(session, prompt.question)
     except (ContextOverflow, DocumentError, DrafterError) as exc:
         raise BenchError(f"context {prompt.context}: {exc}") from None
     st = session.stats

@@ -49,6 +49,7 @@ from triforce_chat.app.bench.common import (
     machine_line,
     parse_int_list,
     ratio,
+    timed_answer,
 )
 from triforce_chat.app.bench.levels import BenchSpec, Prompt, make_prompts
 
@@ -322,11 +323,7 @@ def run_ours(lm, cfg, prompt: Prompt, levels: Sequence[int], new_tokens: int) ->
             if i:
                 session.new_chat()  # the same prompt again; the cache keeps it, the answer is dropped
             session.set_level(level)
-            out: list[int] = []
-            t0 = time.perf_counter()
-            for ev in session.generate(prompt.question):
-                out.extend(ev.tokens)
-            wall = time.perf_counter() - t0
+            out, wall = timed_answer(session, prompt.question)
             st, sync = session.stats, session.last_sync
             if sync.computed or sync.restored:
                 raise BenchError(f"internal: level {level} put {sync.computed + sync.restored} prompt tokens again")
