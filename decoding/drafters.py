@@ -47,6 +47,7 @@ class Drafter(Protocol):
 
     name: str
     drafts_with_model: bool
+    last_match: int  # how far back the match behind the last lookup proposal reached (0: none)
 
     @property
     def length(self) -> int: ...
@@ -87,6 +88,7 @@ class NGramDrafter:
 
     name = "ngram"
     drafts_with_model = False
+    last_match = 0  # tokens of context the last proposal's match reached back (up to REACH; 0: none)
 
     def __init__(self, n_max: int = 4, n_min: int = 1, vocab_size: int | None = None):
         if not 1 <= n_min <= n_max:
@@ -170,6 +172,7 @@ class NGramDrafter:
         end of the known context."""
         toks = self._tokens
         L = len(toks)
+        self.last_match = 0
         if k <= 0 or L == 0:
             return [], None
         for n in range(self.n_max, self.n_min - 1, -1):
@@ -187,6 +190,7 @@ class NGramDrafter:
                 end = prev[end]
                 if end < 0 or best_len >= self.REACH:
                     break
+            self.last_match = best_len
             return toks[best + 1 : min(best + 1 + k, L)].tolist(), None
         return [], None
 
@@ -260,6 +264,7 @@ class ModelDrafter:
         self._logits: Tensor | None = None  # [V_draft] fp32 after the last context token, if current
 
     drafts_with_model = True
+    last_match = 0
 
     @property
     def tokens(self) -> Sequence[int]:
@@ -413,6 +418,10 @@ class LookupFirstDrafter:
         self.rounds = {"lookup": 0, "model": 0}
 
     drafts_with_model = True
+
+    @property
+    def last_match(self) -> int:
+        return self.lookup.last_match
 
     @property
     def tokens(self) -> Sequence[int]:

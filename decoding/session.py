@@ -26,8 +26,9 @@ from triforce_chat.decoding.config import DecodeConfig, chain_label, drafter_lab
 from triforce_chat.decoding.events import CacheFigures, RoundEvent, process_rss_bytes
 from triforce_chat.decoding.models.loading import LoadedModel
 from triforce_chat.decoding.retrieval import RetrievalView
+from triforce_chat.decoding.route import CostModel, WindowCosts
 from triforce_chat.decoding.sampling import Sampler
-from triforce_chat.decoding.speculative import CostModel, SpecConfig, SpeculativeDecoder
+from triforce_chat.decoding.speculative import SpecConfig, SpeculativeDecoder
 from triforce_chat.decoding.stats import Stats
 from triforce_chat.decoding.store.doccache import DocCache, SyncReport
 from triforce_chat.decoding.store.docstore import DocumentStore
@@ -83,6 +84,8 @@ class Session:
         self.view = RetrievalView(self.cache, self.config.budget, self.config.chunk_size)
         self._drafter = drafter
         self._drafter_spec = drafter_label(self.config.draft) if drafter is None else getattr(drafter, "name", "custom")
+        # the route's estimates: the machine's window costs are shared by the levels, the rest is per level
+        self._windows = WindowCosts()
         self._costs: dict[int, CostModel] = {}
         self.eos_ids = lm.eos_ids
         self.pending_documents: list[Document] = []
@@ -290,10 +293,12 @@ class Session:
             raise ContextOverflow(len(ids) + 1, self.max_context)
         self.check_memory(len(ids))
         report = self._sync(ids, progress, should_cancel, on_restore)
+        t1 = time.perf_counter()
         if self.config.level == 2:
-            t1 = time.perf_counter()
             self._prefill_drafter(ids, drafter_progress or progress, should_cancel)
-            self._since_answer.seconds += time.perf_counter() - t1  # the next answer's prefill_s counts it
+        if self.config.level >= 1 and self.config.adaptive and self._windows.needs_calibration(len(ids)):
+            self._decoder(self.config.level).calibrate(self.context)  # the route starts from measured costs
+        self._since_answer.seconds += time.perf_counter() - t1  # the next answer's prefill_s counts it
         return report.computed, time.perf_counter() - t0
 
     def _prefill_drafter(
@@ -379,16 +384,7 @@ class Session:
         self.pending_documents = []
         self.turns.append(turn)
         self.view.stale = True  # a new question brings a new query: re-select chunks
-        decoder = SpeculativeDecoder(
-            self.model, self.cache,
-            Sampler(cfg.temperature, cfg.top_p, cfg.seed, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
-                    repetition_window=cfg.repetition_window),
-            self.eos_ids,
-            SpecConfig(level=level, gamma_mid=cfg.gamma_mid, gamma_low=cfg.gamma_low, adaptive=cfg.adaptive,
-                       loop=cfg.loop_rule()),
-            view=self.view, drafter=self.drafter if level == 2 else None,
-            costs=self._costs.setdefault(level, CostModel()),
-        )
+        decoder = self._decoder(level)
         answer_ids: list[int] = []
         shown = ""
         def should_stop() -> bool:  # a cancel asked for before this answer cleared the stop flag counts too
@@ -410,6 +406,20 @@ class Session:
             turn.answer, turn.token_ids = final, list(answer_ids)
             self.stats.stop_reason = self.stats.stop_reason or "stopped"  # a consumer that stopped reading
             turn.stats = self.stats.to_dict()
+
+    def _decoder(self, level: int) -> SpeculativeDecoder:
+        """A decoder for the next answer, on the session's caches, drafter and cost model."""
+        cfg = self.config
+        return SpeculativeDecoder(
+            self.model, self.cache,
+            Sampler(cfg.temperature, cfg.top_p, cfg.seed, top_k=cfg.top_k, repetition_penalty=cfg.repetition_penalty,
+                    repetition_window=cfg.repetition_window),
+            self.eos_ids,
+            SpecConfig(level=level, gamma_mid=cfg.gamma_mid, gamma_low=cfg.gamma_low, adaptive=cfg.adaptive,
+                       loop=cfg.loop_rule()),
+            view=self.view, drafter=self.drafter if level == 2 else None,
+            costs=self._costs.setdefault(level, CostModel(self._windows)),
+        )
 
     # -- figures -------------------------------------------------------------------------------------------
     def cache_figures(self) -> CacheFigures:

@@ -21,10 +21,10 @@ An answer that ends in a loop (the same span repeated back to back, see loops.py
 reason "repetition": the rule reads the kept tokens one by one, so every level stops at the same
 token even when a round keeps several.
 
-The window length adapts: from the measured acceptance and the measured costs of a middle step and
-of a verification, each round picks the γ in 0..γ_max that maximises expected tokens per second
-(γ = 0 is a plain level-0 step), probing now and then so the estimates stay current. That is what
-keeps level 2 from ever being slower than level 0 where speculation does not pay.
+The route adapts (decoding/route.py): from the measured cost of a target window of each length, the
+drafters' costs and the measured acceptance of their drafts, each round takes the route and length
+with the most expected tokens per second, a plain level-0 step when nothing beats it. That is what
+keeps level 2 from being slower than level 0 where speculation does not pay.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from triforce_chat.decoding.events import LowRound, RoundEvent
 from triforce_chat.decoding.loops import LoopDetector, LoopRule
 from triforce_chat.decoding.model import Transformer
 from triforce_chat.decoding.retrieval import RetrievalView
+from triforce_chat.decoding.route import CALIBRATION_WINDOWS, CostModel, MidLevel, match_bucket
 from triforce_chat.decoding.sampling import Sampler, verify_drafts
 
 
@@ -51,91 +52,7 @@ class SpecConfig:
     gamma_low: int = 4
     adaptive: bool = True
     rebuild_below: float = 0.5  # rebuild the retrieval selection when mid acceptance drops below this
-    probe_every: int = 8  # rounds between probes when adaptation chose γ = 0
     loop: LoopRule | None = None  # stop an answer that ends in a loop (None: never)
-
-
-# The adaptive route's priors, before anything is measured: the first middle-level window drafts
-# this many tokens (so does a probe of it), and a window of t tokens is assumed to cost
-# 1 + slope (t - 1) steps. Short, because on a CPU whose matrix products are compute-bound every
-# extra row of a window costs a good part of a step (docs/performance.md has the measurements).
-FIRST_WINDOW = 2
-VERIFY_PRIOR_SLOPE = 0.15
-
-
-class _Ema:
-    def __init__(self, value: float, weight: float = 0.25):
-        self.value, self.weight, self.n = value, weight, 0
-
-    def update(self, x: float) -> None:
-        self.value = x if self.n == 0 else (1 - self.weight) * self.value + self.weight * x
-        self.n += 1
-
-
-class CostModel:
-    """Running estimates that drive the adaptive window length."""
-
-    def __init__(self) -> None:
-        self.step = _Ema(0.0)  # full target, 1 token
-        self.verify: dict[int, _Ema] = {}  # full target, T tokens
-        self.mid_per_token = _Ema(0.0)  # middle level seconds per drafted token (level 2: bottom included)
-        self.alpha = _Ema(0.8, weight=0.15)  # per-token acceptance of middle drafts by the target
-        self.alpha_direct = _Ema(0.5, weight=0.15)  # ... of bottom drafts verified by the target directly
-        # a draft model behind the lookup (LookupFirstDrafter): its seconds per drafted token and the
-        # acceptance of its drafts verified directly (the lookup's are free and counted above)
-        self.model_per_token = _Ema(0.0)
-        self.alpha_model = _Ema(0.5, weight=0.15)
-        # probes of a route adaptation keeps choosing against: rounds counted across the answers of a
-        # session (the Session keeps one CostModel per level), so a losing probe's back-off carries over
-        self.rounds = 0
-        self.last_used: dict[str, int] = {}
-        self.probe_gap: dict[str, int] = {}
-
-    def verify_cost(self, t: int) -> float:
-        if t in self.verify and self.verify[t].n:
-            return self.verify[t].value
-        known = sorted((k, e.value) for k, e in self.verify.items() if e.n)
-        if not known:
-            return self.step.value * (1 + VERIFY_PRIOR_SLOPE * (t - 1))
-        k, v = min(known, key=lambda kv: abs(kv[0] - t))  # nearest measured window, scaled linearly
-        return self.step.value + (v - self.step.value) * (t - 1) / max(1, k - 1)
-
-    @staticmethod
-    def expected_tokens(alpha: float, k: int) -> float:
-        """Tokens kept by a window of k drafts with per-token acceptance alpha (bonus included)."""
-        a = min(alpha, 0.999)
-        return (1 - a ** (k + 1)) / (1 - a)
-
-    def best_gamma(self, gamma_max: int) -> tuple[int, float]:
-        """(γ, tokens/s) of the best middle-level window; γ = 0 is a plain step."""
-        if not self.step.n or not self.mid_per_token.n:
-            # nothing measured yet: try a short window (a long one that loses costs several steps)
-            return min(FIRST_WINDOW, gamma_max), float("inf")
-        best, best_rate = 0, 1.0 / self.step.value
-        for g in range(1, gamma_max + 1):
-            rate = self.expected_tokens(self.alpha.value, g) / (g * self.mid_per_token.value + self.verify_cost(g + 1))
-            if rate > best_rate:
-                best, best_rate = g, rate
-        return best, best_rate
-
-    def direct_rate(self, k: int, alpha: _Ema | None = None, draft_cost: float = 0.0) -> float:
-        """Tokens/s of verifying k bottom drafts directly; draft_cost: seconds per draft still to pay."""
-        if not self.step.n:
-            return float("inf")
-        alpha = alpha or self.alpha_direct
-        return self.expected_tokens(alpha.value, k) / (k * draft_cost + self.verify_cost(k + 1))
-
-    def best_direct(self, n: int, alpha: _Ema | None = None) -> tuple[int, float]:
-        """(k, tokens/s) of the best prefix of n bottom drafts to verify directly: a window costs
-        more per row than it saves once acceptance has fallen off (any prefix is a valid draft)."""
-        return max(((k, self.direct_rate(k, alpha)) for k in range(1, n + 1)), key=lambda kr: kr[1])
-
-    def model_drafts_pay(self, k: int) -> bool:
-        """Whether up to k draft-model tokens, paid now, verified directly, beat a plain step."""
-        if not self.step.n or not self.model_per_token.n:
-            return True  # not measured yet
-        best = max(self.direct_rate(j, self.alpha_model, self.model_per_token.value) for j in range(1, k + 1))
-        return best > 1.0 / self.step.value
 
 
 @dataclass
@@ -149,6 +66,7 @@ class RoundPlan:
     props: list[int] = field(default_factory=list)  # the bottom drafter's proposal (level 2)
     q_low: torch.Tensor | None = None  # its probabilities [len(props), V] (None: a point mass)
     source: str = "lookup"  # who proposed: "lookup" (free) | "model" (a draft model) | "none"
+    match: int = 0  # the length of the match a lookup proposal follows
 
 
 class SpeculativeDecoder:
@@ -172,6 +90,7 @@ class SpeculativeDecoder:
         self.model, self.cache, self.sampler, self.eos_ids, self.config = model, cache, sampler, eos_ids, config
         self.view, self.drafter = view, drafter
         self.costs = costs if costs is not None else CostModel()
+        self._weight_bytes = getattr(model, "weight_bytes", 0) if model is not None else 0
         self._rounds_since_rebuild = 0
         self.level0_step_s = 0.0
 
@@ -185,7 +104,9 @@ class SpeculativeDecoder:
         cache must hold context[:-1]."""
         if self.cache.length != len(context) - 1:
             raise RuntimeError(f"cache holds {self.cache.length} tokens, expected {len(context) - 1}")
+        t_start = time.perf_counter()
         level = self._start_answer(context)
+        setup_s = time.perf_counter() - t_start  # a calibration, when one was due: counted in round 0
         loops = LoopDetector(self.config.loop) if self.config.loop is not None else None
         produced = index = 0
         while True:
@@ -195,11 +116,17 @@ class SpeculativeDecoder:
             if stop:
                 yield RoundEvent(index=index, tokens=[], origins=[], text="", stop_reason=stop)
                 return
-            t_start = time.perf_counter()
+            if index:
+                t_start = time.perf_counter()
             ev = RoundEvent(index=index, tokens=[], origins=[], text="")
+            if setup_s and not index:
+                ev.timings["calibrate"] = setup_s
             # drafts beyond the answer's budget are wasted; windows stay within the batch-invariant size
             window_max = min(max_new_tokens - produced - 1, room, MAX_WINDOW - 1)
-            plan = self._plan_round(level, context, window_max, first=index == 0, ev=ev)
+            # what is left of this answer to win back a once-per-answer cost or a probe: its budget, or
+            # what the session's answers usually run to
+            remaining = min(max_new_tokens - produced, max(8.0, self.costs.answer_tokens.value - produced))
+            plan = self._plan_round(level, context, window_max, remaining, ev)
             kept, origins = self._run_route(plan, level, context, ev)
             kept, origins, ev.stop_reason = self._cut(kept, origins, max_new_tokens - produced, loops)
             self._keep(context, kept)
@@ -208,6 +135,8 @@ class SpeculativeDecoder:
             ev.wall_s = time.perf_counter() - t_start
             produced += len(kept)
             index += 1
+            if ev.stop_reason:
+                self.costs.answer_tokens.update(produced)
             yield ev
             if ev.stop_reason:
                 return
@@ -223,25 +152,51 @@ class SpeculativeDecoder:
             # drafter's (extended with drafts, and truncated back to the context), so the drafter holds a
             # prefix of the context and each round only appends the tokens kept since
             sync_context(self.drafter, context)
-        if level >= 1 and self.view.needs_rebuild:
-            self.view.rebuild()
-            self._rounds_since_rebuild = 0
+        if level >= 1 and self.config.adaptive and self.costs.windows.needs_calibration(len(context)):
+            self.calibrate(context)
+        if self.costs.step.n:  # the level-0 step this answer's speed is compared with
+            self.level0_step_s = self.costs.step.value
         self.sampler.reset(context)
         return level
 
-    def _plan_round(self, level: int, context: list[int], window_max: int, first: bool, ev: RoundEvent) -> RoundPlan:
-        """The route of this round. Adaptive: the first round is a level-0 step, which measures the
-        baseline step time."""
+    def calibrate(self, context: list[int]) -> float:
+        """Time full-target windows of the lengths the route weighs (CALIBRATION_WINDOWS) at the
+        current depth, so that the route starts from this machine's costs rather than a prior. Each
+        forward is rolled back: the cache, and the query the retrieval view selects against, end as
+        they began. Returns the seconds it took (a fraction of a second: about a dozen steps)."""
+        t_start = time.perf_counter()
+        cache, windows = self.cache, self.costs.windows
+        start, queries = cache.length, list(cache.last_query)
+        room = cache.max_len - start
+        for i, t in enumerate((1, *CALIBRATION_WINDOWS)):  # the first forward only warms up
+            if t > room:
+                break
+            window = torch.tensor([context[-1]] * t, device=self.model.device)
+            t0 = time.perf_counter()
+            self.model(window, cache, logits="all" if t > 1 else "last")
+            dt = time.perf_counter() - t0
+            cache.truncate(start)
+            if i:
+                windows.record(t, dt)
+        cache.last_query[:] = queries
+        windows.calibrated_depth = max(1, start)
+        return time.perf_counter() - t_start
+
+    def _plan_round(self, level: int, context: list[int], window_max: int, remaining: float,
+                    ev: RoundEvent) -> RoundPlan:
+        """The route of this round. Until the session has measured a step, the first round is one."""
         cfg = self.config
-        if level == 0 or window_max <= 0 or (first and cfg.adaptive):
+        if level == 0 or window_max <= 0 or (cfg.adaptive and not self.costs.step.n):
             return RoundPlan()
         plan = RoundPlan()
         if level == 2:
             self.drafter.extend(context[self.drafter.length :])
             t0 = time.perf_counter()
-            plan.props, plan.q_low, plan.source = self._bottom_proposal(min(cfg.gamma_mid + cfg.gamma_low, window_max))
+            plan.props, plan.q_low, plan.source = self._bottom_proposal(
+                min(cfg.gamma_mid + cfg.gamma_low, window_max), remaining)
+            plan.match = self.drafter.last_match if plan.source == "lookup" else 0
             ev.timings["low"] = time.perf_counter() - t0
-        plan.route, plan.gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), plan.props, plan.source)
+        plan.route, plan.gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), plan, remaining)
         return plan
 
     def _run_route(
@@ -254,7 +209,7 @@ class SpeculativeDecoder:
             t0 = time.perf_counter()
             kept, origins = self._target_step(pending)
             dt = time.perf_counter() - t0
-            self.costs.step.update(dt)
+            self.costs.windows.record(1, dt)
             ev.timings["target"] = dt
             ev.final_kind = "step"
             if not self.level0_step_s:
@@ -264,12 +219,16 @@ class SpeculativeDecoder:
             props = plan.props[: plan.gamma]
             q_low = None if plan.q_low is None else plan.q_low[: plan.gamma]
             a, nxt = self._verify(pending, props, q_low, ev)
-            (self.costs.alpha_model if plan.source == "model" else self.costs.alpha_direct).update(a / len(props))
+            c = self.costs
+            (c.model if plan.source == "model" else c.lookup[match_bucket(plan.match)]).update(a, len(props))
             ev.low_rounds.append(LowRound(proposed=props, accepted=a, next_token=nxt))
             return props[:a] + [nxt], ["low"] * a + ["target"]
         if self.view.needs_rebuild:
+            t0 = time.perf_counter()
             self.view.rebuild()
             self._rounds_since_rebuild = 0
+            ev.timings["rebuild"] = time.perf_counter() - t0
+            self.costs.windows.rebuild.update(ev.timings["rebuild"])
         t0 = time.perf_counter()
         gl = self.config.gamma_low
         first = (plan.props[:gl], None if plan.q_low is None else plan.q_low[:gl])
@@ -279,7 +238,7 @@ class SpeculativeDecoder:
         ev.timings["mid"] = t_mid - ev.timings.get("low_inner", 0.0)
         ev.timings["low"] = ev.timings.get("low", 0.0) + ev.timings.pop("low_inner", 0.0)
         a, nxt = self._verify(pending, drafts, q, ev)
-        self.costs.alpha.update(a / len(drafts))
+        self.costs.mid.update(a, len(drafts))
         ev.mid_proposed, ev.mid_accepted = drafts, a
         self._maybe_rebuild()
         return drafts[:a] + [nxt], d_origins[:a] + ["target"]
@@ -381,12 +340,12 @@ class SpeculativeDecoder:
         a, nxt = verify_drafts(self.sampler, drafts, q, p)
         self.cache.truncate(start + 1 + a)
         dt = time.perf_counter() - t0
-        self.costs.verify.setdefault(len(drafts) + 1, _Ema(dt)).update(dt)
+        self.costs.windows.record(len(drafts) + 1, dt)
         ev.timings["target"] = dt
         ev.final_kind = "bonus" if a == len(drafts) else "correction"
         return a, nxt
 
-    def _bottom_proposal(self, k: int) -> tuple[list[int], torch.Tensor | None, str]:
+    def _bottom_proposal(self, k: int, remaining: float) -> tuple[list[int], torch.Tensor | None, str]:
         """The bottom drafter's proposal for this round and who made it: "lookup" (free, may be long),
         "model" or "none". A draft model pays a forward per token, so it drafts only when the cost
         model expects its drafts to pay (or to probe), and no more than γ_low tokens."""
@@ -398,8 +357,8 @@ class SpeculativeDecoder:
             return [], None, "none"
         k, c = min(k, self.config.gamma_low), self.costs
         if not self.config.adaptive or c.model_drafts_pay(k):
-            c.last_used["model"], c.probe_gap["model"] = c.rounds, self.config.probe_every
-        elif not self._probe_due("model"):
+            c.model_used()
+        elif not c.probe_model_due(remaining):
             return [], None, "none"
         t0 = time.perf_counter()
         props, q = d.propose_model(k, self.sampler)
@@ -407,49 +366,30 @@ class SpeculativeDecoder:
             c.model_per_token.update((time.perf_counter() - t0) / len(props))
         return list(props), q, "model"
 
-    def _probe_due(self, route: str) -> bool:
-        """A route adaptation keeps choosing against is tried again now and then, each losing probe
-        waiting twice as long as the last (up to 8x probe_every); True when one is due now."""
-        c = self.costs
-        gap = c.probe_gap.get(route, self.config.probe_every)
-        if c.rounds - c.last_used.get(route, 0) < gap:
-            return False
-        c.last_used[route] = c.rounds
-        c.probe_gap[route] = min(2 * gap, 8 * self.config.probe_every)
-        return True
-
-    def _choose_route(self, level: int, gamma_max: int, props: list[int], source: str = "lookup") -> tuple[str, int]:
-        """("step", 0) | ("mid", γ) | ("direct", k drafts of props): the route with the best expected
-        tokens per second under the cost model, with a probe of a neglected route now and then."""
+    def _choose_route(self, level: int, gamma_max: int, plan: RoundPlan, remaining: float) -> tuple[str, int]:
+        """("step", 0) | ("mid", γ) | ("direct", k of the bottom proposal): decode/route.py weighs them."""
         if gamma_max <= 0:
             return "step", 0
         if not self.config.adaptive:
             return "mid", gamma_max
-        c = self.costs
-        c.rounds += 1
-        # a view that selects nothing is the full cache: the "middle level" would be the target itself
-        mid_useful = self.view.n_selected_chunks > 0
-        gamma, rate = c.best_gamma(gamma_max) if mid_useful else (0, 1.0 / max(c.step.value, 1e-9))
-        choice = ("mid", gamma) if gamma else ("step", 0)
-        if props:
-            k, direct = c.best_direct(len(props), c.alpha_model if source == "model" else None)
-            if direct > rate:
-                choice, rate = ("direct", k), direct
-        # probe the middle level (and a short direct window) when adaptation keeps choosing against
-        # them, so that the estimates follow a context that changes as the answer grows; a probe
-        # that keeps losing waits twice as long each time (up to 8x), so probes cost little where
-        # speculation does not pay
-        for route in ("mid", "direct"):
-            if (route == "direct" and not props) or (route == "mid" and not mid_useful):
-                continue
-            if choice[0] == route:
-                c.last_used[route] = c.rounds
-                c.probe_gap[route] = self.config.probe_every
-            elif self._probe_due(route):
-                return (route, min(FIRST_WINDOW, gamma_max)) if route == "mid" else (route, min(3, len(props)))
-        return choice
+        return self.costs.choose(gamma_max, plan.props, plan.source, plan.match, remaining, self._mid_level())
+
+    def _mid_level(self) -> MidLevel | None:
+        """The middle level as the route sees it this round; None where its view would select
+        nothing (a context within the budget: the "middle level" would be the target itself)."""
+        view, cache = self.view, self.cache
+        length = cache.length
+        budget = view.budget_for(length)
+        if length <= budget:
+            return None
+        kv = cache.bytes_per_token
+        read = self._weight_bytes + min(length, budget + view.recent_window) * kv
+        rebuild = self.costs.windows.rebuild.value if view.needs_rebuild else 0.0
+        if view.needs_rebuild and not self.costs.windows.rebuild.n:
+            rebuild = self.costs.step.value  # not measured yet: about a step (scores and a gather)
+        return MidLevel(bytes_ratio=read / (self._weight_bytes + length * kv), rebuild_s=rebuild)
 
     def _maybe_rebuild(self) -> None:
         self._rounds_since_rebuild += 1
-        if self._rounds_since_rebuild >= 8 and self.costs.alpha.value < self.config.rebuild_below:
+        if self._rounds_since_rebuild >= 8 and self.costs.mid.value < self.config.rebuild_below:
             self.view.stale = True

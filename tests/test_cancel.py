@@ -157,18 +157,20 @@ async def test_escape_in_the_app_at_random_points(tiny_model, tmp_path, monkeypa
     monkeypatch.setenv("TRIFORCE_CHAT_DATA", str(tmp_path / "data"))
     doc = tmp_path / "doc.txt"
     doc.write_text(DOC, encoding="utf-8")
-    forward = type(tiny_model.model).forward
+    from triforce_chat.decoding.speculative import SpeculativeDecoder
 
-    def slow_forward(self, *args, **kwargs):
+    run_route = SpeculativeDecoder._run_route
+
+    def slow_round(self, *args, **kwargs):  # long enough that no answer ends before the escape
         time.sleep(0.01)
-        return forward(self, *args, **kwargs)
+        return run_route(self, *args, **kwargs)
 
     rng = random.Random(7)
     for _ in range(2):
         app = make_app(tiny_model, History(tmp_path / "data"), [doc], level=2, max_new_tokens=200, budget="64")
         async with app.run_test(size=(160, 48)) as pilot:
             await ready(pilot)
-            monkeypatch.setattr(type(tiny_model.model), "forward", slow_forward)
+            monkeypatch.setattr(SpeculativeDecoder, "_run_route", slow_round)
             app.query_one(ChatInput).insert(QUESTION)
             await pilot.press("enter")
             await pilot.pause(rng.uniform(0.05, 0.6))

@@ -52,7 +52,7 @@ def check_invariants(s: Session) -> None:
 def growth_sizes(s: Session) -> dict[str, int]:
     """Sizes of everything that could grow with the number of answers."""
     return {
-        "cost_tables": sum(len(c.verify) for c in s._costs.values()) + len(s._costs),
+        "cost_tables": len(s._windows.verify) + len(s._costs),
         "view_buffer": s.view.buffer_bytes,
         "drafter_ctx": s._drafter.length if s._drafter is not None else 0,
         "token_origins": len(s.stats.token_origins),

@@ -148,13 +148,15 @@ async def test_escape_stops_generation_and_keeps_the_conversation(tiny_model, hi
     app = make_app(tiny_model, history, [doc], level=0, max_new_tokens=400)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        forward = tiny_model.model.forward
+        # patched on the class: a patch of the instance would leave it a `forward` of its own after the
+        # undo (monkeypatch restores what getattr saw), and later class-level patches would miss it
+        forward = type(tiny_model.model).forward
 
-        def slow_forward(*args, **kwargs):  # make 400 tokens take long enough to be stopped
+        def slow_forward(self, *args, **kwargs):  # make 400 tokens take long enough to be stopped
             time.sleep(0.02)
-            return forward(*args, **kwargs)
+            return forward(self, *args, **kwargs)
 
-        monkeypatch.setattr(tiny_model.model, "forward", slow_forward)
+        monkeypatch.setattr(type(tiny_model.model), "forward", slow_forward)
         app.query_one(ChatInput).insert("Tell me everything.")
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.answers and len(app.answers[-1].token_ids) >= 3)
@@ -173,16 +175,16 @@ async def test_escape_stops_generation_and_keeps_the_conversation(tiny_model, hi
 
 
 async def test_escape_cancels_a_slow_prefill(tiny_model, history, doc, monkeypatch):
-    forward = tiny_model.model.forward
+    forward = type(tiny_model.model).forward
 
-    def slow_forward(*args, **kwargs):
+    def slow_forward(self, *args, **kwargs):
         time.sleep(0.5)
-        return forward(*args, **kwargs)
+        return forward(self, *args, **kwargs)
 
     app = make_app(tiny_model, history, level=1)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        monkeypatch.setattr(tiny_model.model, "forward", slow_forward)
+        monkeypatch.setattr(type(tiny_model.model), "forward", slow_forward)
         app.session.config.prefill_chunk = 64
         app._start_prefill([doc])
         await wait_for(pilot, lambda: "Prefill book.txt" in text_of(app, "#load-label"))
@@ -193,7 +195,7 @@ async def test_escape_cancels_a_slow_prefill(tiny_model, history, doc, monkeypat
         await wait_for(pilot, lambda: app.job is None)
         assert any("loading cancelled" in m for m in notices(app))
         assert app.session.documents == [] and not app.query_one("#loadbar").display
-        monkeypatch.setattr(tiny_model.model, "forward", forward)
+        monkeypatch.setattr(type(tiny_model.model), "forward", forward)
         await ask(pilot, "Still there?")  # the session is usable after a cancelled load
         assert app.session.turns[-1].answer
 

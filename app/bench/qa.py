@@ -2,9 +2,10 @@
 the decode speed of each model at each speculation level and thread count.
 
 How it runs: each model is loaded once. At each thread count, one short untimed answer per level
-warms up (app/bench/levels.py `warm_up`); then each document gets one Session and one prefill, and at each
-level every question is asked in a new chat (`Session.new_chat()`: the document stays in the KV
-cache, only the question is prefilled). Answers are greedy and exact: temperature 0, no top-p or
+warms up (app/bench/levels.py `warm_up`); then each document gets one Session and one prefill, and every
+question is asked at each level in turn, in a new chat each time (`Session.new_chat()`: the document
+stays in the KV cache, only the question is prefilled), so that the levels of a question run side by
+side. Answers are greedy and exact: temperature 0, no top-p or
 top-k, no repetition penalty, the repetition stop on (as `ask` by default), at most
 `--max-new-tokens` tokens. No document cache: every prefill is computed.
 
@@ -154,8 +155,10 @@ def run_model(lm, cfg, spec: QASpec, sets: list[DocSet], log: Log = lambda m: No
                     n, s = session.prefill()
                     tokens, seconds = tokens + n, seconds + s
                     log(f"{lm.model_id}, {threads} thread(s): {doc.name} prefilled, {n} tokens in {s:.1f} s")
-                    for level in spec.levels:
-                        for i, item in enumerate(doc.items):
+                    # levels side by side per question (level 0 first): drift on a shared machine then
+                    # hits the levels of a question alike
+                    for i, item in enumerate(doc.items):
+                        for level in spec.levels:
                             r = ask_in_new_chat(session, item, level)
                             r.update(threads=threads, level=level, document=doc.name, index=i)
                             runs.append(r)

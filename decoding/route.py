@@ -1,0 +1,239 @@
+"""The adaptive route: what each speculative round does, chosen for the most expected tokens per second.
+
+A round is a plain target step, a middle-level window of γ drafts, or k of the bottom drafter's
+proposals verified by the target directly. Each has an expected number of kept tokens (from the
+acceptance of its drafts) and a cost (from the measured cost of a target window of t tokens, c(t),
+and the drafters' own costs); the route takes the best rate, and a plain step when nothing beats it.
+That is what keeps the default level from being slower than level 0 where speculation does not pay.
+
+Where the numbers come from:
+- c(t): measured once a session's documents are in the cache (`SpeculativeDecoder.calibrate`, a
+  fraction of a second), then kept current by every window that runs. They are shared by the levels
+  of a session (`WindowCosts`): they describe the machine at the current depth, not a level. On a
+  CPU they vary a lot: vector kernels pay nearly a step per extra row, matrix units almost nothing.
+- acceptance: counted per drafted position (`Acceptance`), for the middle level, for a draft model,
+  and for the n-gram lookup per length of the match its proposal follows (a proposal that follows
+  a 20-token match is right far more often than one that follows a single token).
+- the middle level's cost per draft, before it is measured: a target step scaled by the bytes a
+  middle step reads (all weights, the retrieved part of the KV) against a full step's (all weights,
+  all the KV). At a few thousand tokens the two read nearly the same, so the middle level is not
+  tried where it cannot pay.
+- the answer's expected remaining length: a once-per-answer cost (rebuilding the retrieval view)
+  and a probe of a route the estimates choose against are paid only where the rest of the answer
+  can win them back.
+
+Exactness does not depend on anything here: every route verifies its drafts with the target's own
+distribution; the route only decides how the tokens are found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# a window of t tokens costs 1 + PRIOR_SLOPE (t - 1) steps until c(t) is measured
+PRIOR_SLOPE = 0.3
+MID_PRIOR = 0.8  # per-position acceptance of the middle level's drafts (TriForce reports more)
+MODEL_PRIOR = 0.5  # ... of a small draft model's drafts
+# ... of the n-gram lookup's drafts, by match bucket (1: 1 token, 2: 2-3, 3: 4-7, 4: 8-15, 5: 16+)
+LOOKUP_PRIOR = {0: 0.1, 1: 0.15, 2: 0.3, 3: 0.45, 4: 0.6, 5: 0.75}
+ANSWER_PRIOR = 48  # tokens an answer runs to, until the session has seen some
+PROBE_MIN_REMAINING = 24  # a probe is worth its loss only with this many tokens left to win it back
+PROBE_EVERY = 8  # rounds between probes of a route that keeps losing (doubling up to 8x)
+CALIBRATION_WINDOWS = (1, 2, 3, 4, 5, 8)  # window lengths timed by a calibration
+
+
+class Ema:
+    """An exponential moving average; `n` counts the updates (0: only the prior)."""
+
+    def __init__(self, value: float, weight: float = 0.25):
+        self.value, self.weight, self.n = value, weight, 0
+
+    def update(self, x: float) -> None:
+        self.value = x if self.n == 0 else (1 - self.weight) * self.value + self.weight * x
+        self.n += 1
+
+
+class Acceptance:
+    """Per-position acceptance of drafts, from counts: a window of k drafts of which a were accepted
+    tried a + 1 positions (k when all passed) and accepted a, so accepted / tried estimates the
+    geometric model's per-position rate (accepted / proposed would understate it). Counts decay, so
+    the estimate follows the text; the prior counts as `weight` tries until it decays away."""
+
+    def __init__(self, prior: float, weight: float = 4.0, decay: float = 0.9):
+        self.hits, self.tries, self.decay, self.n = prior * weight, weight, decay, 0
+
+    def update(self, accepted: int, proposed: int) -> None:
+        tried = accepted + (1 if accepted < proposed else 0)
+        self.hits = self.decay * self.hits + accepted
+        self.tries = self.decay * self.tries + tried
+        self.n += 1
+
+    @property
+    def value(self) -> float:
+        return self.hits / self.tries
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens kept by a window of k drafts with per-position acceptance alpha (the target's own
+    correction or bonus token included)."""
+    a = min(alpha, 0.999)
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
+def match_bucket(match: int) -> int:
+    """The lookup acceptance bucket of a proposal that follows a match of `match` tokens."""
+    return min(5, max(0, match).bit_length())
+
+
+@dataclass
+class WindowCosts:
+    """Seconds of a full-target forward over t tokens at the current depth, c(t) (c(1): a step), and
+    of a rebuild of the retrieval view. One per session: the machine's costs, shared by the levels."""
+
+    step: Ema = field(default_factory=lambda: Ema(0.0))
+    verify: dict[int, Ema] = field(default_factory=dict)  # t >= 2
+    rebuild: Ema = field(default_factory=lambda: Ema(0.0))
+    calibrated_depth: int = 0
+
+    def record(self, t: int, seconds: float) -> None:
+        (self.step if t == 1 else self.verify.setdefault(t, Ema(seconds))).update(seconds)
+
+    def needs_calibration(self, depth: int) -> bool:
+        """Never measured, or measured at a depth that differs by more than 2x (attention's share
+        of a window changes with it)."""
+        d = self.calibrated_depth
+        return not self.step.n or not d or not d / 2 <= depth <= 2 * d
+
+    def cost(self, t: int) -> float:
+        """c(t): measured, or interpolated between the measured lengths around t (extrapolated past
+        the longest with the slope of the last two), or the prior slope when only a step is known."""
+        step = self.step.value
+        if t <= 1:
+            return step
+        if t in self.verify and self.verify[t].n:
+            return self.verify[t].value
+        known = sorted([(1, step), *((k, e.value) for k, e in self.verify.items() if e.n)])
+        if len(known) == 1:
+            return step * (1 + PRIOR_SLOPE * (t - 1))
+        below = [kv for kv in known if kv[0] < t]
+        above = [kv for kv in known if kv[0] > t]
+        (k0, v0), (k1, v1) = (below[-1], above[0]) if above else (known[-2], known[-1])
+        return max(step, v0 + (v1 - v0) * (t - k0) / (k1 - k0))
+
+
+class CostModel:
+    """The estimates of one level of a session (the window costs are the session's, shared)."""
+
+    def __init__(self, windows: WindowCosts | None = None) -> None:
+        self.windows = windows if windows is not None else WindowCosts()
+        self.mid = Acceptance(MID_PRIOR)
+        self.mid_per_token = Ema(0.0)  # middle level seconds per drafted token (level 2: bottom included)
+        self.lookup = {b: Acceptance(p) for b, p in LOOKUP_PRIOR.items()}
+        self.model = Acceptance(MODEL_PRIOR)  # a draft model's drafts, verified directly
+        self.model_per_token = Ema(0.0)
+        self.answer_tokens = Ema(float(ANSWER_PRIOR), weight=0.3)
+        # probes of a route the estimates keep choosing against, counted in rounds across the
+        # answers of a session, so a losing probe's back-off carries over to the next answer
+        self.rounds = 0
+        self.last_used: dict[str, int] = {}
+        self.probe_gap: dict[str, int] = {}
+
+    @property
+    def step(self) -> Ema:
+        return self.windows.step
+
+    def verify_cost(self, t: int) -> float:
+        return self.windows.cost(t)
+
+    # -- rates of the routes ----------------------------------------------------------------------------
+    def step_rate(self) -> float:
+        return 1.0 / max(self.step.value, 1e-9)
+
+    def mid_cost_per_draft(self, bytes_ratio: float) -> float:
+        """Measured, or a step scaled by the bytes a middle step reads against a full step's."""
+        if self.mid_per_token.n:
+            return self.mid_per_token.value
+        return self.step.value * bytes_ratio
+
+    def best_mid(self, gamma_max: int, bytes_ratio: float, once: float = 0.0, remaining: float = 1e9,
+                 alpha: float | None = None) -> tuple[int, float]:
+        """(γ, tokens/s) of the best middle-level window; `once`: seconds this answer still pays
+        before its first window (a rebuild), spread over the `remaining` tokens."""
+        m, a = self.mid_cost_per_draft(bytes_ratio), self.mid.value if alpha is None else alpha
+        best, best_rate = 0, 0.0
+        for g in range(1, gamma_max + 1):
+            e = expected_tokens(a, g)
+            rate = e / (g * m + self.verify_cost(g + 1) + once * e / max(1.0, remaining))
+            if rate > best_rate:
+                best, best_rate = g, rate
+        return best, best_rate
+
+    def direct_rate(self, k: int, alpha: float, draft_cost: float = 0.0) -> float:
+        """Tokens/s of verifying k bottom drafts directly; draft_cost: seconds per draft still to pay."""
+        return expected_tokens(alpha, k) / (k * draft_cost + self.verify_cost(k + 1))
+
+    def best_direct(self, n: int, alpha: float, draft_cost: float = 0.0) -> tuple[int, float]:
+        """(k, tokens/s) of the best prefix of n bottom drafts to verify directly: a window costs more
+        per row than it saves once acceptance has fallen off (any prefix is a valid draft)."""
+        return max(((k, self.direct_rate(k, alpha, draft_cost)) for k in range(1, n + 1)), key=lambda kr: kr[1])
+
+    def model_drafts_pay(self, k: int) -> bool:
+        """Whether up to k draft-model tokens, paid now, verified directly, beat a plain step."""
+        if not self.step.n or not self.model_per_token.n:
+            return True  # not measured yet
+        return self.best_direct(k, self.model.value, self.model_per_token.value)[1] > self.step_rate()
+
+    # -- the choice ----------------------------------------------------------------------------------------
+    def choose(self, gamma_max: int, props: list[int], source: str, match: int, remaining: float,
+               mid: MidLevel | None) -> tuple[str, int]:
+        """("step", 0) | ("mid", γ) | ("direct", k of props): the best expected rate; a route the
+        estimates choose against is probed now and then where the rest of the answer can pay for it."""
+        self.rounds += 1
+        choice, rate = ("step", 0), self.step_rate()
+        alpha = self.model.value if source == "model" else self.lookup[match_bucket(match)].value
+        if props:
+            k, direct = self.best_direct(len(props), alpha)
+            if direct > rate:
+                choice, rate = ("direct", k), direct
+        if mid is not None and gamma_max > 0:
+            gamma, mid_rate = self.best_mid(gamma_max, mid.bytes_ratio, mid.rebuild_s, remaining)
+            if mid_rate > rate:
+                choice, rate = ("mid", gamma), mid_rate
+            elif self._probe_due("mid", remaining):
+                # would the middle level win if its drafts were as good as TriForce reports?
+                g, hopeful = self.best_mid(gamma_max, mid.bytes_ratio, mid.rebuild_s, remaining, alpha=0.9)
+                if hopeful > rate:
+                    self._probed("mid")
+                    return "mid", min(2, g)
+        if choice[0] == "mid":
+            self.last_used["mid"], self.probe_gap["mid"] = self.rounds, PROBE_EVERY
+        return choice
+
+    def _probe_due(self, route: str, remaining: float) -> bool:
+        gap = self.probe_gap.get(route, PROBE_EVERY)
+        return remaining >= PROBE_MIN_REMAINING and self.rounds - self.last_used.get(route, 0) >= gap
+
+    def _probed(self, route: str) -> None:
+        """A probe ran: the next waits twice as long (up to 8x), unless the route wins meanwhile."""
+        gap = self.probe_gap.get(route, PROBE_EVERY)
+        self.last_used[route] = self.rounds
+        self.probe_gap[route] = min(2 * gap, 8 * PROBE_EVERY)
+
+    def probe_model_due(self, remaining: float) -> bool:
+        """A draft model the estimates say loses is asked again now and then (see `_probe_due`)."""
+        if self._probe_due("model", remaining):
+            self._probed("model")
+            return True
+        return False
+
+    def model_used(self) -> None:
+        self.last_used["model"], self.probe_gap["model"] = self.rounds, PROBE_EVERY
+
+
+@dataclass
+class MidLevel:
+    """What the route needs to know of the middle level this round: how the bytes of its step compare
+    with a full step's, and what it still costs this answer before its first window."""
+
+    bytes_ratio: float  # (weights + retrieved KV) / (weights + all the KV)
+    rebuild_s: float = 0.0  # seconds of a view rebuild still due this answer (0: built)

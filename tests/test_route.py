@@ -1,0 +1,176 @@
+"""The adaptive route (decoding/route.py): costs, acceptance estimates and the choice they make.
+
+Exactness never rests on these (tests/test_speculative.py checks every route against level 0);
+what they decide is speed, so the tests pin the decisions a user's speed depends on.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from triforce_chat.decoding.route import (
+    PROBE_EVERY,
+    PROBE_MIN_REMAINING,
+    Acceptance,
+    CostModel,
+    MidLevel,
+    WindowCosts,
+    expected_tokens,
+    match_bucket,
+)
+
+STEP = 0.05
+
+
+def windows(per_row: float, lengths=(2, 3, 4, 5, 6, 7, 8, 11)) -> WindowCosts:
+    """Measured window costs: a step, and c(t) = step (1 + per_row (t - 1))."""
+    w = WindowCosts()
+    w.record(1, STEP)
+    for t in lengths:
+        w.record(t, STEP * (1 + per_row * (t - 1)))
+    w.calibrated_depth = 4000
+    return w
+
+
+CHEAP = 0.02  # a matrix unit: a window of 8 costs about 1.14 steps
+DEAR = 0.6  # a vector machine at one thread: every extra row costs more than half a step
+
+
+def test_window_costs_interpolate_between_measured_lengths_and_keep_to_the_prior_otherwise():
+    w = WindowCosts()
+    w.record(1, 0.05)
+    assert w.cost(3) == pytest.approx(0.05 * (1 + 2 * 0.3))  # only a step known: the prior slope
+    w.record(4, 0.08)
+    w.record(8, 0.16)
+    assert w.cost(2) == pytest.approx(0.06) and w.cost(6) == pytest.approx(0.12)
+    assert w.cost(10) == pytest.approx(0.20)  # past the longest: the last segment's slope
+    assert w.cost(4) == pytest.approx(0.08) and w.cost(1) == pytest.approx(0.05)
+
+
+def test_window_costs_ask_for_a_calibration_when_the_depth_moved_by_more_than_twice():
+    w = windows(DEAR)
+    assert not w.needs_calibration(4000) and not w.needs_calibration(7900) and not w.needs_calibration(2100)
+    assert w.needs_calibration(8100) and w.needs_calibration(1900) and WindowCosts().needs_calibration(4000)
+
+
+def test_acceptance_counts_the_positions_tried_not_the_drafts_proposed():
+    a = Acceptance(prior=0.5, weight=1e-9)
+    for _ in range(50):
+        a.update(2, 4)  # 2 accepted, the third rejected: 3 positions tried
+    assert a.value == pytest.approx(2 / 3, rel=1e-3)
+    b = Acceptance(prior=0.5, weight=1e-9)
+    for _ in range(50):
+        b.update(4, 4)  # all passed: 4 tried, 4 accepted
+    assert b.value == pytest.approx(1.0)
+
+
+def test_expected_tokens_and_match_buckets():
+    assert expected_tokens(0.0, 5) == pytest.approx(1.0)
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert [match_bucket(m) for m in (0, 1, 2, 3, 4, 7, 8, 16, 32)] == [0, 1, 2, 2, 3, 3, 4, 5, 5]
+
+
+def test_dear_windows_and_poor_drafts_take_plain_steps_and_cheap_windows_take_long_ones():
+    # a middle level that reads a third of a step's bytes, drafts accepted 90% of the time
+    mid = MidLevel(bytes_ratio=0.3)
+    dear = CostModel(windows(DEAR))
+    dear.mid = Acceptance(0.9)
+    cheap = CostModel(windows(CHEAP))
+    cheap.mid = Acceptance(0.9)
+    route, long_gamma = cheap.choose(6, [], "none", 0, 100, mid)
+    assert route == "mid" and long_gamma >= 4
+    # the same drafts where every extra row of a window costs 0.6 of a step: they cannot pay
+    assert dear.choose(6, [], "none", 0, 100, mid) == ("step", 0)
+    # the lookup's proposals after a one-token match are mostly wrong: with dear windows a step wins
+    assert dear.choose(0, [7, 7, 7], "lookup", 1, 100, None) == ("step", 0)
+    # after a 20-token match they are mostly right: verified directly
+    assert dear.choose(0, [7, 7, 7], "lookup", 20, 100, None)[0] == "direct"
+    route, k = cheap.choose(0, [7] * 10, "lookup", 20, 100, None)
+    assert route == "direct" and k >= 8
+
+
+def test_the_middle_level_is_never_tried_where_it_reads_what_a_step_reads():
+    """At a few thousand tokens the retrieved KV is most of the KV: a middle step costs a step."""
+    costs = CostModel(windows(CHEAP))
+    same = MidLevel(bytes_ratio=0.99, rebuild_s=STEP)
+    routes = {costs.choose(6, [], "none", 0, 1000, same)[0] for _ in range(500)}
+    assert routes == {"step"}
+
+
+def test_a_rebuild_due_this_answer_is_paid_only_where_the_answer_is_long_enough():
+    costs = CostModel(windows(CHEAP))
+    costs.mid = Acceptance(0.9)
+    mid = MidLevel(bytes_ratio=0.45, rebuild_s=20 * STEP)
+    assert costs.choose(6, [], "none", 0, 400, mid)[0] == "mid"
+    assert costs.choose(6, [], "none", 0, 4, mid) == ("step", 0)
+
+
+def test_losing_probes_back_off_carry_over_answers_and_wait_for_an_answer_long_enough():
+    costs = CostModel(windows(0.2))
+    costs.mid_per_token.update(0.02)
+    for _ in range(40):
+        costs.mid.update(0, 3)  # the middle level's drafts keep failing: it loses
+    mid = MidLevel(bytes_ratio=0.4)
+    probes = []
+    for i in range(1, 301):  # several answers on one session's cost model
+        remaining = 100 if i < 250 else PROBE_MIN_REMAINING - 1
+        route, gamma = costs.choose(6, [], "none", 0, remaining, mid)
+        if route == "mid":
+            probes.append(i)
+            assert gamma <= 2
+        else:
+            assert (route, gamma) == ("step", 0)
+    gaps = [b - a for a, b in zip(probes, probes[1:], strict=False)]
+    assert probes[0] == PROBE_EVERY and gaps[:3] == [16, 32, 64] and set(gaps[3:]) <= {64}, probes
+    assert probes[-1] < 250  # none where the answer has too little left to win a probe back
+
+
+def test_a_draft_model_drafts_only_where_its_drafts_pay_and_probes_otherwise():
+    """Behind a lookup, a draft model costs a forward per token: the round asks it only when the
+    cost model expects its drafts, verified directly, to beat a step (or when a probe is due), and
+    for at most γ_low tokens; the lookup's drafts are always taken (they are free)."""
+    from types import SimpleNamespace
+
+    from triforce_chat.decoding.speculative import SpecConfig, SpeculativeDecoder
+
+    costs = CostModel(windows(0.3))
+    assert costs.model_drafts_pay(4)  # its cost is not measured yet: try it
+    costs.model_per_token.update(0.04)  # each model draft costs 0.8 of a step
+    for _ in range(20):
+        costs.model.update(4, 4)
+    assert not costs.model_drafts_pay(4)  # 0.8 step per draft is more than even good drafts save
+    cheap = CostModel(windows(0.3))
+    cheap.model_per_token.update(0.002)
+    for _ in range(20):
+        cheap.model.update(4, 4)
+    assert cheap.model_drafts_pay(4)
+
+    class Bottom:
+        drafts_with_model = True
+        last_match = 12
+
+        def __init__(self):
+            self.lookup_hits, self.model_calls = [], []
+
+        def propose_lookup(self, k):
+            return ([7] * k, None) if self.lookup_hits.pop(0) else ([], None)
+
+        def propose_model(self, k, sampler):  # measured: ~0.05 s per draft, as dear as a step
+            import time
+
+            self.model_calls.append(k)
+            time.sleep(0.05 * k)
+            return [5] * k, None
+
+    bottom = Bottom()
+    dec = SpeculativeDecoder(None, None, None, set(), SpecConfig(level=2, gamma_low=4),
+                             view=SimpleNamespace(), drafter=bottom, costs=costs)
+    sources = []
+    for i in range(1, 121):
+        bottom.lookup_hits.append(i % 5 == 0)
+        props, _, source = dec._bottom_proposal(10, remaining=100)
+        sources.append(source)
+        assert props == {"lookup": [7] * 10, "model": [5] * 4, "none": []}[source]
+        costs.choose(0, props, source, bottom.last_match, 100, None)
+    assert sources.count("lookup") == 24  # every lookup hit is used, at full length
+    assert 1 <= len(bottom.model_calls) <= 6 and set(bottom.model_calls) == {4}  # probes only, backing off
