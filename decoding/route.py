@@ -10,7 +10,10 @@ Where the numbers come from:
 - c(t): measured once a session's documents are in the cache (`SpeculativeDecoder.calibrate`, a
   fraction of a second), then kept current by every window that runs. They are shared by the levels
   of a session (`WindowCosts`): they describe the machine at the current depth, not a level. On a
-  CPU they vary a lot: vector kernels pay nearly a step per extra row, matrix units almost nothing.
+  CPU they vary a lot: vector kernels pay nearly a step per extra row, matrix units almost nothing,
+  and kernels that tile rows make c(t) uneven (a window of 4 rows can cost less than one of 3). So
+  once measured, the route uses only the window lengths it measured (CALIBRATION_WINDOWS): a draft
+  of any length can be cut to fit one of them.
 - acceptance: counted per drafted position (`Acceptance`), for the middle level, for a draft model,
   and for the n-gram lookup per length of the match its proposal follows (a proposal that follows
   a 20-token match is right far more often than one that follows a single token).
@@ -39,7 +42,7 @@ LOOKUP_PRIOR = {0: 0.1, 1: 0.15, 2: 0.3, 3: 0.45, 4: 0.6, 5: 0.75}
 ANSWER_PRIOR = 48  # tokens an answer runs to, until the session has seen some
 PROBE_MIN_REMAINING = 24  # a probe is worth its loss only with this many tokens left to win it back
 PROBE_EVERY = 8  # rounds between probes of a route that keeps losing (doubling up to 8x)
-CALIBRATION_WINDOWS = (1, 2, 3, 4, 5, 8)  # window lengths timed by a calibration
+CALIBRATION_WINDOWS = (2, 4, 8)  # window lengths (tokens, pending one included) timed by a calibration
 
 
 class Ema:
@@ -104,6 +107,14 @@ class WindowCosts:
         d = self.calibrated_depth
         return not self.step.n or not d or not d / 2 <= depth <= 2 * d
 
+    def lengths(self, n: int) -> list[int]:
+        """Draft counts k <= n whose windows (k + 1 tokens) the route may use: those measured, once
+        any is (the others' costs are guesses), else every k."""
+        measured = sorted(t - 1 for t, e in self.verify.items() if e.n and t - 1 <= n)
+        if any(e.n for e in self.verify.values()):
+            return measured
+        return list(range(1, n + 1))
+
     def cost(self, t: int) -> float:
         """c(t): measured, or interpolated between the measured lengths around t (extrapolated past
         the longest with the slope of the last two), or the prior slope when only a step is known."""
@@ -161,7 +172,7 @@ class CostModel:
         before its first window (a rebuild), spread over the `remaining` tokens."""
         m, a = self.mid_cost_per_draft(bytes_ratio), self.mid.value if alpha is None else alpha
         best, best_rate = 0, 0.0
-        for g in range(1, gamma_max + 1):
+        for g in self.windows.lengths(gamma_max):
             e = expected_tokens(a, g)
             rate = e / (g * m + self.verify_cost(g + 1) + once * e / max(1.0, remaining))
             if rate > best_rate:
@@ -175,7 +186,8 @@ class CostModel:
     def best_direct(self, n: int, alpha: float, draft_cost: float = 0.0) -> tuple[int, float]:
         """(k, tokens/s) of the best prefix of n bottom drafts to verify directly: a window costs more
         per row than it saves once acceptance has fallen off (any prefix is a valid draft)."""
-        return max(((k, self.direct_rate(k, alpha, draft_cost)) for k in range(1, n + 1)), key=lambda kr: kr[1])
+        rates = [(k, self.direct_rate(k, alpha, draft_cost)) for k in self.windows.lengths(n)]
+        return max(rates, key=lambda kr: kr[1]) if rates else (0, 0.0)
 
     def model_drafts_pay(self, k: int) -> bool:
         """Whether up to k draft-model tokens, paid now, verified directly, beat a plain step."""
@@ -204,7 +216,7 @@ class CostModel:
                 g, hopeful = self.best_mid(gamma_max, mid.bytes_ratio, mid.rebuild_s, remaining, alpha=0.9)
                 if hopeful > rate:
                     self._probed("mid")
-                    return "mid", min(2, g)
+                    return "mid", min(g, (self.windows.lengths(gamma_max) or [1])[0])
         if choice[0] == "mid":
             self.last_used["mid"], self.probe_gap["mid"] = self.rounds, PROBE_EVERY
         return choice

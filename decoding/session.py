@@ -296,8 +296,9 @@ class Session:
         t1 = time.perf_counter()
         if self.config.level == 2:
             self._prefill_drafter(ids, drafter_progress or progress, should_cancel)
-        if self.config.level >= 1 and self.config.adaptive and self._windows.needs_calibration(len(ids)):
-            self._decoder(self.config.level).calibrate(self.context)  # the route starts from measured costs
+        if self.config.adaptive and self._windows.needs_calibration(len(ids)):
+            # at every level (a key switches levels at any time): the route starts from measured costs
+            self._decoder(self.config.level).calibrate(self.context)
         self._since_answer.seconds += time.perf_counter() - t1  # the next answer's prefill_s counts it
         return report.computed, time.perf_counter() - t0
 

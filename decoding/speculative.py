@@ -163,12 +163,12 @@ class SpeculativeDecoder:
         """Time full-target windows of the lengths the route weighs (CALIBRATION_WINDOWS) at the
         current depth, so that the route starts from this machine's costs rather than a prior. Each
         forward is rolled back: the cache, and the query the retrieval view selects against, end as
-        they began. Returns the seconds it took (a fraction of a second: about a dozen steps)."""
+        they began. Returns the seconds it took (a fraction of a second: about eight steps)."""
         t_start = time.perf_counter()
         cache, windows = self.cache, self.costs.windows
         start, queries = cache.length, list(cache.last_query)
         room = cache.max_len - start
-        for i, t in enumerate((1, *CALIBRATION_WINDOWS)):  # the first forward only warms up
+        for i, t in enumerate((1, 1, *CALIBRATION_WINDOWS)):  # the first forward only warms up
             if t > room:
                 break
             window = torch.tensor([context[-1]] * t, device=self.model.device)
