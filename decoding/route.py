@@ -37,11 +37,17 @@ from dataclasses import dataclass, field
 PRIOR_SLOPE = 0.3
 MID_PRIOR = 0.8  # per-position acceptance of the middle level's drafts (TriForce reports more)
 MODEL_PRIOR = 0.5  # ... of a small draft model's drafts
-# ... of the n-gram lookup's drafts, by match bucket (1: 1 token, 2: 2-3, 3: 4-7, 4: 8-15, 5: 16+)
-LOOKUP_PRIOR = {0: 0.1, 1: 0.15, 2: 0.3, 3: 0.45, 4: 0.6, 5: 0.75}
+# ... of the n-gram lookup's drafts, by match bucket (1: 1 token, 2: 2-3, 3: 4-7, 4: 8-15, 5: 16+):
+# a little under what answers about documents showed (docs/performance.md), since they quote more
+# than chat does; the session's own counts take over within a few windows
+LOOKUP_PRIOR = {0: 0.2, 1: 0.35, 2: 0.5, 3: 0.6, 4: 0.7, 5: 0.75}
+# a speculative route is taken only when its expected rate beats a plain step's by this factor: the
+# estimates are noisy, and a near-tie is not worth a window that may lose
+MARGIN = 1.05
 ANSWER_PRIOR = 48  # tokens an answer runs to, until the session has seen some
 PROBE_MIN_REMAINING = 24  # a probe is worth its loss only with this many tokens left to win it back
 PROBE_EVERY = 8  # rounds between probes of a route that keeps losing (doubling up to 8x)
+SHALLOW = 1024  # depths below this count as this one for re-calibrating
 CALIBRATION_WINDOWS = (2, 4, 8)  # window lengths (tokens, pending one included) timed by a calibration
 
 
@@ -103,9 +109,12 @@ class WindowCosts:
 
     def needs_calibration(self, depth: int) -> bool:
         """Never measured, or measured at a depth that differs by more than 2x (attention's share
-        of a window changes with it)."""
-        d = self.calibrated_depth
-        return not self.step.n or not d or not d / 2 <= depth <= 2 * d
+        of a window changes with it; below SHALLOW tokens the weights are most of a window's cost,
+        so a chat without documents is not re-measured as it grows)."""
+        if not self.step.n or not self.calibrated_depth:
+            return True
+        d, depth = max(self.calibrated_depth, SHALLOW), max(depth, SHALLOW)
+        return not d / 2 <= depth <= 2 * d
 
     def lengths(self, n: int) -> list[int]:
         """Draft counts k <= n whose windows (k + 1 tokens) the route may use: those measured, once
@@ -201,7 +210,7 @@ class CostModel:
         """("step", 0) | ("mid", γ) | ("direct", k of props): the best expected rate; a route the
         estimates choose against is probed now and then where the rest of the answer can pay for it."""
         self.rounds += 1
-        choice, rate = ("step", 0), self.step_rate()
+        choice, rate = ("step", 0), self.step_rate() * MARGIN
         alpha = self.model.value if source == "model" else self.lookup[match_bucket(match)].value
         if props:
             k, direct = self.best_direct(len(props), alpha)

@@ -174,3 +174,10 @@ def test_a_draft_model_drafts_only_where_its_drafts_pay_and_probes_otherwise():
         costs.choose(0, props, source, bottom.last_match, 100, None)
     assert sources.count("lookup") == 24  # every lookup hit is used, at full length
     assert 1 <= len(bottom.model_calls) <= 6 and set(bottom.model_calls) == {4}  # probes only, backing off
+
+
+def test_a_chat_that_grows_from_a_few_tokens_is_not_recalibrated_at_every_doubling():
+    w = windows(DEAR)
+    w.calibrated_depth = 120
+    assert not w.needs_calibration(300) and not w.needs_calibration(2000)
+    assert w.needs_calibration(2100)
