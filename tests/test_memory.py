@@ -86,7 +86,7 @@ def test_weights_from_safetensors_headers(tiny_model_dir, tiny_model):
 
 
 def test_view_buffer_estimate_bounds_the_real_buffer(tiny_model):
-    s = Session(tiny_model, DecodeConfig(level=1, max_new_tokens=30, budget="64"))
+    s = Session(tiny_model, DecodeConfig(level=1, max_new_tokens=30, budget="64", adaptive=False))
     s.add_document("doc.txt", DOC)
     list(s.generate("Who keeps the light?"))
     assert s.view.n_selected_chunks > 0  # the view was built over a context longer than its budget
