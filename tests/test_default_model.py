@@ -19,14 +19,17 @@ DOC = "\n\n".join(pydoc_data.topics.topics[k] for k in ("assert", "break", "cont
 QUESTIONS = ["What does the assert statement do? Quote the documentation.", "When is pass useful?"]
 
 
-def answers(lm, level: int, draft: str = "ngram", max_new_tokens: int = 48) -> list[list[int]]:
-    session = Session(lm, DecodeConfig(level=level, draft=draft, budget="256", max_new_tokens=max_new_tokens))
+def answers(lm, level: int, draft: str = "ngram", max_new_tokens: int = 48, adaptive: bool = False) -> list[list[int]]:
+    """Greedy answers at `level`; not adaptive unless asked, so that the middle level runs every round
+    (the adaptive route skips it where it cannot pay, as at these short contexts)."""
+    session = Session(lm, DecodeConfig(level=level, draft=draft, budget="256", max_new_tokens=max_new_tokens,
+                                       adaptive=adaptive))
     session.add_document("statements.txt", DOC)
     out = []
     for q in QUESTIONS:
         session.new_chat()
         out.append([t for ev in session.generate(q) for t in ev.tokens])
-    if level:
+    if level and not adaptive:
         assert session.cache_figures().retrieval_chunks_selected > 0  # the middle level really was sparse
     return out
 
@@ -43,6 +46,7 @@ def test_levels_are_identical_on_smollm2(default_model, tiny_model_dir):
     assert all(len(a) > 10 for a in want)
     assert answers(default_model, 1) == want
     assert answers(default_model, 2) == want
+    assert answers(default_model, 2, adaptive=True) == want
     # a draft model sharing the tokenizer (random weights: nearly every draft is rejected)
     assert answers(default_model, 2, draft=str(tiny_model_dir)) == want
 
@@ -56,6 +60,7 @@ def test_levels_are_identical_on_the_default_model():
     want = answers(lm, 0, max_new_tokens=32)
     assert all(len(a) > 5 for a in want)
     assert answers(lm, 2, max_new_tokens=32) == want
+    assert answers(lm, 2, max_new_tokens=32, adaptive=True) == want
 
 
 def test_the_three_level_chain_with_a_real_draft_model():
