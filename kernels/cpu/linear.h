@@ -28,5 +28,6 @@ void dequantize_rows(const WeightSpec& w, int64_t K, const int64_t* rows, int64_
 // Test hook: when on, outputs of calls with more than one row are nudged by one ulp (a kernel made
 // row-count dependent on purpose, for the load-time self-check's tests).
 void set_row_skew(bool on);
+bool row_skew();
 
 }  // namespace tf

@@ -7,6 +7,7 @@
 
 #include "attention.h"
 #include "linear.h"
+#include "linear_int8.h"
 #include "quant.h"
 #include "rowwise.h"
 #include "simd.h"
@@ -62,6 +63,39 @@ Tensor linear(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, c
   Tensor y = at::empty({x.size(0), n}, x.options());
   tf::linear(x.data_ptr<float>(), x.size(0), x.stride(0), K, specs, b, y.data_ptr<float>(), n);
   return y;
+}
+
+// The int8-activation mode (linear_int8.h): quantized weights only.
+Tensor linear_int8(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, const std::optional<Tensor>& bias) {
+  check_f32_rows(x, "x");
+  TORCH_CHECK(weights.size() == types.size() && !weights.empty(), "one type per weight");
+  const int64_t K = x.size(1);
+  std::vector<tf::WeightSpec> specs;
+  int64_t n = 0;
+  for (size_t i = 0; i < weights.size(); i++) {
+    TORCH_CHECK(!tf::is_dense(int(types[i])), "int8 activations: dense weights run in the fp32 mode");
+    specs.push_back(weight_spec(weights[i], types[i], K));
+    n += specs.back().n;
+  }
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n, "bias must be float32 [N]");
+    b = bias->data_ptr<float>();
+  }
+  Tensor y = at::empty({x.size(0), n}, x.options());
+  tf::linear_int8(x.data_ptr<float>(), x.size(0), x.stride(0), K, specs, b, y.data_ptr<float>(), n);
+  return y;
+}
+
+// x's rows as the int8 mode rounds them: q [T, K] int8 and d [T, K / 32] float32.
+std::tuple<Tensor, Tensor> quantize_int8(const Tensor& x) {
+  check_f32_rows(x, "x");
+  TORCH_CHECK(x.size(1) % 32 == 0, "K must be a multiple of 32");
+  Tensor q = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
+  Tensor d = at::empty({x.size(0), x.size(1) / 32}, x.options());
+  tf::quantize_rows_int8(x.data_ptr<float>(), x.size(0), x.stride(0), x.size(1), q.data_ptr<int8_t>(),
+                         d.data_ptr<float>());
+  return {q, d};
 }
 
 Tensor dequantize(const Tensor& w, int64_t type, int64_t K, const Tensor& rows) {
@@ -130,6 +164,8 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t leng
 
 std::string isa() { return tf::isa_name(); }
 
+std::string int8_path() { return tf::int8_path(); }
+
 void set_row_skew(bool on) { tf::set_row_skew(on); }
 
 }  // namespace
@@ -141,6 +177,9 @@ TORCH_LIBRARY(triforce, m) {
   m.def("rmsnorm(Tensor x, Tensor weight, float eps) -> Tensor", &rmsnorm);
   m.def("swiglu(Tensor gate_up) -> Tensor", &swiglu);
   m.def("attention(Tensor q, Tensor k, Tensor v, int length, float scale) -> Tensor", &attention);
+  m.def("linear_int8(Tensor x, Tensor[] weights, int[] types, Tensor? bias) -> Tensor", &linear_int8);
+  m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)", &quantize_int8);
   m.def("isa() -> str", &isa);
+  m.def("int8_path() -> str", &int8_path);
   m.def("set_row_skew(bool on) -> ()", &set_row_skew);
 }
