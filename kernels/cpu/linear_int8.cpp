@@ -175,11 +175,23 @@ inline void load_transposed(const uint8_t* p, int64_t stride, __m512i out[4]) {
   out[3] = _mm512_unpackhi_epi64(ab1, cd1);
 }
 
-// The f16 at p + perm-row offset of each lane, as 16 floats.
-inline __m512 gather_f16(const int32_t* off, const uint8_t* p) {
-  alignas(32) uint16_t h[kLanes];
-  for (int l = 0; l < kLanes; l++) std::memcpy(&h[l], p + off[l], 2);
-  return _mm512_cvtph_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(h)));
+// 4 bytes at p + i * stride for the 16 rows, in lane perm(i): plain loads (gathers are slow on
+// some CPUs, Zen 4 among them).
+inline __m512i load_dwords(const uint8_t* p, int64_t stride) {
+  __m128i x[4];
+  for (int L = 0; L < 4; L++) {  // lanes 4L .. 4L + 3 hold rows L, 4 + L, 8 + L, 12 + L
+    int32_t v[4];
+    for (int m = 0; m < 4; m++) std::memcpy(&v[m], p + (4 * m + L) * stride, 4);
+    x[L] = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(_mm_cvtsi32_si128(v[0]), v[1], 1), v[2], 2), v[3], 3);
+  }
+  const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(x[0]), x[1], 1);
+  const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(x[2]), x[3], 1);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+// The f16 in the low (high: `upper`) half of each lane's dword, as 16 floats.
+inline __m512 f16_of(__m512i v, bool upper) {
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(upper ? _mm512_srli_epi32(v, 16) : v));
 }
 
 // Q8_0 and Q5_0 (most of the default model's bytes), all 16 rows of a tile at once: the same codes
@@ -189,16 +201,14 @@ void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, Strip& s, 
   static_assert(TYPE == Q8_0 || TYPE == Q5_0, "wide decode");
   const int64_t nb = K / 32;
   const int bb = block_bytes(TYPE);
-  alignas(64) int32_t off[kLanes];
-  for (int p = 0; p < kLanes; p++) off[p] = int32_t(perm(p) * stride);
-  const __m512i offsets = _mm512_load_si512(off);
   const __m512i flip = _mm512_set1_epi8(char(0x80)), low4 = _mm512_set1_epi8(0x0F);
   const __m512i sixteen = _mm512_set1_epi8(0x10);
   for (int64_t b = 0; b < nb; b++) {
     pf.part();
     const uint8_t* blk = base + b * bb;
     __m512i* lines = reinterpret_cast<__m512i*>(s.codes[8 * b].b);
-    const __m512 d = gather_f16(off, blk);
+    const __m512i head = load_dwords(blk, stride);  // d, and for Q5_0 the low half of qh
+    const __m512 d = f16_of(head, false);
     _mm512_storeu_ps(&s.sc[2 * b * kLanes], d);
     _mm512_storeu_ps(&s.sc[(2 * b + 1) * kLanes], d);
     __m512i t[4];
@@ -210,7 +220,7 @@ void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, Strip& s, 
     } else {
       // code = nibble | 16 * bit e of qh; stored as code - 16 + 128 = (nibble | 0x70) + 16 * bit
       load_transposed(blk + 6, stride, t);
-      const __m512i qh = _mm512_i32gather_epi32(offsets, blk + 2, 1);
+      const __m512i qh = _mm512_or_si512(_mm512_srli_epi32(head, 16), _mm512_slli_epi32(load_dwords(blk + 4, stride), 16));
       for (int j = 0; j < 4; j++) {
         for (int h = 0; h < 2; h++) {  // h = 0: low nibbles, elements 4j..4j+3; 1: high, 16 + 4j..
           const __m512i nib = h == 0 ? t[j] : _mm512_srli_epi16(t[j], 4);
@@ -230,11 +240,104 @@ void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, Strip& s, 
   }
 }
 
+// Byte `byte` of every dword lane, as 16 unsigned ints.
+inline __m512i byte_of(__m512i v, int byte) {
+  return _mm512_and_si512(_mm512_srli_epi32(v, 8 * byte), _mm512_set1_epi32(0xFF));
+}
+
+// Q4_K: super-blocks of 256, sub-blocks of 32 with 6-bit scales and mins (scale_min_k4), 16 rows
+// at once; scale = d * sc and min = -(dmin * m), as the per-row decode computes them.
+void decode_tile_q4k(const uint8_t* base, int64_t stride, int64_t K, Strip& s, Prefetch& pf) {
+  const int64_t nb = K / 256;
+  const int bb = block_bytes(Q4_K);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(char(0x80));
+  const __m512i m6 = _mm512_set1_epi32(63), m4 = _mm512_set1_epi32(15);
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = base + b * bb;
+    __m512i head[4];  // d and dmin, scales 0-3, 4-7, 8-11
+    load_transposed(blk, stride, head);
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head[0]));
+    const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head[0], 16)));
+    for (int j = 0; j < 8; j++) {  // sub-block j = chunk 8b + j
+      __m512i sc, mn;
+      if (j < 4) {
+        sc = _mm512_and_si512(byte_of(head[1], j), m6);
+        mn = _mm512_and_si512(byte_of(head[2], j), m6);
+      } else {
+        const __m512i hi = byte_of(head[3], j - 4);
+        sc = _mm512_or_si512(_mm512_and_si512(hi, m4), _mm512_slli_epi32(_mm512_srli_epi32(byte_of(head[1], j - 4), 6), 4));
+        mn = _mm512_or_si512(_mm512_srli_epi32(hi, 4), _mm512_slli_epi32(_mm512_srli_epi32(byte_of(head[2], j - 4), 6), 4));
+      }
+      const int64_t c = 8 * b + j;
+      const __m512 scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+      _mm512_storeu_ps(&s.sc[2 * c * kLanes], scale);
+      _mm512_storeu_ps(&s.sc[(2 * c + 1) * kLanes], scale);
+      _mm512_storeu_ps(&s.mn[c * kLanes], _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
+    }
+    for (int jj = 0; jj < 4; jj++) {  // 32 bytes of qs: low nibbles are sub-block 2jj, high 2jj + 1
+      pf.part();
+      __m512i t[8];
+      load_transposed(blk + 16 + 32 * jj, stride, t);
+      load_transposed(blk + 16 + 32 * jj + 16, stride, t + 4);
+      __m512i* lo = reinterpret_cast<__m512i*>(s.codes[8 * (8 * b + 2 * jj)].b);
+      __m512i* hi = lo + 8;
+      for (int j = 0; j < 8; j++) {
+        _mm512_store_si512(lo + j, _mm512_ternarylogic_epi32(t[j], low4, flip, 0xEA));  // (a & b) | c
+        _mm512_store_si512(hi + j, _mm512_ternarylogic_epi32(_mm512_srli_epi16(t[j], 4), low4, flip, 0xEA));
+      }
+    }
+  }
+}
+
+// Q6_K: super-blocks of 256 in two halves of 128; code = 4 bits of ql | 2 bits of qh << 4, minus
+// 32, stored + 128; one signed 8-bit scale per group of 16, times d.
+void decode_tile_q6k(const uint8_t* base, int64_t stride, int64_t K, Strip& s, Prefetch& pf) {
+  const int64_t nb = K / 256;
+  const int bb = block_bytes(Q6_K);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(96);
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = base + b * bb;
+    const __m512 d = f16_of(load_dwords(blk + 206, stride), true);  // the block's last 2 bytes
+    __m512i sc[4];
+    load_transposed(blk + 192, stride, sc);
+    for (int g = 0; g < 16; g++) {  // group g of the super-block: chunk 8b + g / 2
+      const __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(sc[g / 4], 24 - 8 * (g % 4)), 24);
+      _mm512_storeu_ps(&s.sc[(16 * b + g) * kLanes], _mm512_mul_ps(d, _mm512_cvtepi32_ps(v)));
+    }
+    for (int h = 0; h < 2; h++) {
+      pf.part();
+      __m512i ql[16], qh[8];  // ql bytes 64h + 16i .. (i = 0..3), qh bytes 32h + 16i .. (i = 0, 1)
+      for (int i = 0; i < 4; i++) load_transposed(blk + 64 * h + 16 * i, stride, ql + 4 * i);
+      for (int i = 0; i < 2; i++) load_transposed(blk + 128 + 32 * h + 16 * i, stride, qh + 4 * i);
+      for (int k = 0; k < 4; k++) {  // chunk of 32: ql bytes 32 (k & 1) + l, nibble k / 2, qh bits 2k
+        __m512i* lines = reinterpret_cast<__m512i*>(s.codes[8 * (8 * b + 4 * h + k)].b);
+        for (int j = 0; j < 8; j++) {
+          const __m512i l = ql[8 * (k & 1) + j];
+          const __m512i nib = k < 2 ? l : _mm512_srli_epi16(l, 4);
+          const __m512i hv = qh[j];
+          const __m512i hb = k == 0 ? _mm512_slli_epi16(hv, 4)
+                           : k == 1 ? _mm512_slli_epi16(hv, 2)
+                           : k == 2 ? hv
+                                    : _mm512_srli_epi16(hv, 2);
+          const __m512i code = _mm512_ternarylogic_epi32(nib, low4, _mm512_and_si512(hb, two), 0xEA);
+          _mm512_store_si512(lines + j, _mm512_add_epi8(code, bias));
+        }
+      }
+    }
+  }
+}
+
 void decode(int type, const uint8_t* base, int64_t stride, int nr, int64_t K, Strip& s, Prefetch pf) {
-  const bool wide = nr == kLanes && (type == Q8_0 || type == Q5_0);
-  pf.spread(wide ? K / 32 : nr);
-  if (nr == kLanes && type == Q8_0) return decode_tile_wide<Q8_0>(base, stride, K, s, pf);
-  if (nr == kLanes && type == Q5_0) return decode_tile_wide<Q5_0>(base, stride, K, s, pf);
+  if (nr == kLanes) {
+    switch (type) {
+      case Q8_0: pf.spread(K / 32); return decode_tile_wide<Q8_0>(base, stride, K, s, pf);
+      case Q5_0: pf.spread(K / 32); return decode_tile_wide<Q5_0>(base, stride, K, s, pf);
+      case Q4_K: pf.spread(K / 64); return decode_tile_q4k(base, stride, K, s, pf);
+      case Q6_K: pf.spread(K / 128); return decode_tile_q6k(base, stride, K, s, pf);
+      default: break;
+    }
+  }
+  pf.spread(nr);
   switch (type) {
     case Q4_0: return decode_tile<Q4_0>(base, stride, nr, K, s, pf);
     case Q4_1: return decode_tile<Q4_1>(base, stride, nr, K, s, pf);
