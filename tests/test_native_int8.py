@@ -209,6 +209,28 @@ def test_int8_windows_are_bitwise_equal_to_single_steps(int8_model, threads):
     assert_windows_equal_steps(int8_model, random_ids(600, int8_model.args.vocab_size, seed=5), starts=(250, 257))
 
 
+def test_int8_prefill_is_the_same_at_any_thread_count(int8_model):
+    """In the int8 mode a prefill chunk (more than MAX_WINDOW tokens) runs through the same native
+    kernels as a window, never a vendor GEMM: its keys, values and logits do not depend on the
+    thread count either (the fp32 mode's prefill GEMM may part in the last bits)."""
+    from triforce_chat.decoding.cache import KVCache
+
+    ids = random_ids(300, int8_model.args.vocab_size, seed=9)
+    previous = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            cache = KVCache.for_model(int8_model, max_len=320)
+            logits = int8_model(ids[:200], cache)
+            logits = torch.cat([logits, int8_model(ids[200:300], cache)])
+            runs.append((logits, cache.k[:, :, :300].clone()))
+    finally:
+        torch.set_num_threads(previous)
+    for logits, k in runs[1:]:
+        assert torch.equal(logits, runs[0][0]) and torch.equal(k, runs[0][1])
+
+
 def test_int8_forward_stays_close_to_fp32(int8_model):
     from triforce_chat.decoding.cache import KVCache
 
