@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "attention_bf16.h"
 #include "linear.h"
 #include "linear_int8.h"
 #include "quant.h"
@@ -140,7 +141,7 @@ Tensor swiglu(const Tensor& gate_up) {
   return out;
 }
 
-Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
+Tensor attention_with(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale, bool bf16) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be float32 [T, Hq, D]");
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1, "k, v must be [Hkv, L, D]");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
@@ -158,13 +159,27 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t leng
   tf::AttentionArgs a{q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
                       k.stride(1), v.stride(0), v.stride(1), kv_type, T, Hq, Hkv, D, length, float(scale),
                       out.data_ptr<float>()};
-  tf::attention(a);
+  if (bf16)
+    tf::attention_bf16(a);
+  else
+    tf::attention(a);
   return out;
+}
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
+  return attention_with(q, k, v, length, scale, false);
+}
+
+// The bf16-product attention (attention_bf16.h): head_dim 64 or 128.
+Tensor attention_bf16(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
+  return attention_with(q, k, v, length, scale, true);
 }
 
 std::string isa() { return tf::isa_name(); }
 
 std::string int8_path() { return tf::int8_path(); }
+
+std::string attention_bf16_path() { return tf::attention_bf16_path(); }
 
 void set_row_skew(bool on) { tf::set_row_skew(on); }
 
@@ -179,6 +194,8 @@ TORCH_LIBRARY(triforce, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, int length, float scale) -> Tensor", &attention);
   m.def("linear_int8(Tensor x, Tensor[] weights, int[] types, Tensor? bias) -> Tensor", &linear_int8);
   m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)", &quantize_int8);
+  m.def("attention_bf16(Tensor q, Tensor k, Tensor v, int length, float scale) -> Tensor", &attention_bf16);
+  m.def("attention_bf16_path() -> str", &attention_bf16_path);
   m.def("isa() -> str", &isa);
   m.def("int8_path() -> str", &int8_path);
   m.def("set_row_skew(bool on) -> ()", &set_row_skew);
