@@ -12,7 +12,9 @@ full cache to token-by-token verification (exact), and a notice says so.
 
 Activations (`activations=` or TRIFORCE_ACTIVATIONS): "auto" (the default) takes the int8 mode
 where this build has it (AVX512-VNNI) and the weights are GGUF blocks, else fp32; "fp32" and
-"int8" ask for one (int8 where it cannot run: fp32 and a notice).
+"int8" ask for one (int8 where it cannot run: fp32 and a notice). Attention products
+(`attention=` or TRIFORCE_ATTENTION): "auto" takes bf16 with the int8 activations where the build
+has AVX512-BF16, else fp32; "fp32" and "bf16" ask for one.
 """
 
 from __future__ import annotations
@@ -162,11 +164,13 @@ def load_model(
     kv_dtype: torch.dtype | None = None,
     check: bool = True,
     activations: str | None = None,
+    attention: str | None = None,
 ) -> LoadedModel:
     """Weights, tokenizer and the load-time self-check. `dtype` None keeps the weights as shipped
     (GGUF blocks, or the checkpoint's float dtype); a float dtype converts them. `context` beyond
     the model's positions extends them with YaRN. `activations`: "auto" | "fp32" | "int8" (None:
-    TRIFORCE_ACTIVATIONS, else "auto"; see the module's docstring)."""
+    TRIFORCE_ACTIVATIONS, else "auto"); `attention`: "auto" | "fp32" | "bf16" (None:
+    TRIFORCE_ATTENTION, else "auto"); see the module's docstring."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     source = resolve_model(spec)
@@ -187,11 +191,17 @@ def load_model(
     model.set_activations(mode)
     if why:
         notices.append(why)
+    mode, why = choose_attention(model, attention)
+    model.set_attention(mode)
+    if why:
+        notices.append(why)
     if check:
         problem = self_check(model)
-        if problem and model.activations == "int8":
+        if problem and (model.activations, model.attention) != ("fp32", "fp32"):
+            what = f"{model.activations} activations, {model.attention} attention"
             model.set_activations("fp32")
-            notices.append(f"self-check of the int8-activation mode: {problem}; using fp32 activations")
+            model.set_attention("fp32")
+            notices.append(f"self-check of the fast mode ({what}): {problem}; using fp32 activations and attention")
             problem = self_check(model)
         if problem:
             model.sequential_windows = True
@@ -415,6 +425,24 @@ def choose_activations(model: Transformer, requested: str | None = None) -> tupl
     return "int8", ""
 
 
+ATTENTION_CHOICES = ("auto", "fp32", "bf16")
+
+
+def choose_attention(model: Transformer, requested: str | None = None) -> tuple[str, str]:
+    """The attention products for `model` (after its activations are set), and a notice when a
+    request could not be met. "auto" is bf16 with int8 activations where the build has it (the
+    fast mode: perplexity within 1% of fp32, README), fp32 otherwise."""
+    requested = requested or os.environ.get("TRIFORCE_ATTENTION") or "auto"
+    if requested not in ATTENTION_CHOICES:
+        raise ModelLoadError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {requested!r}")
+    why = model.bf16_attention_available()
+    if requested == "fp32" or (requested == "auto" and (why or model.activations != "int8")):
+        return "fp32", ""
+    if why:
+        return "fp32", f"bf16 attention unavailable: {why}; using fp32 attention"
+    return "bf16", ""
+
+
 # -- the load-time self-check ----------------------------------------------------------------------------
 
 
@@ -477,4 +505,5 @@ def eos_token_ids(tokenizer, path: Path | None = None) -> set[int]:
 __all__ = [
     "LoadedModel", "ModelLoadError", "ModelSource", "UnsupportedArchitecture", "load_model", "resolve_model",
     "extend_context", "eos_token_ids", "self_check", "read_generation_defaults", "choose_activations",
+    "choose_attention",
 ]

@@ -18,6 +18,8 @@ the "int8" mode (`set_activations`, AVX512-VNNI builds only) each row of activat
 int8 per block of 32 first and multiplied by the weights' integer codes (kernels/cpu/linear_int8.h),
 for every forward length, prefill included. Both are row-invariant; they differ from each other by
 more than rounding (a different model numerically, measured within 1% perplexity of fp32).
+Attention (`set_attention`): fp32 products, or bf16 products accumulated in fp32 (AVX512-BF16
+builds, head_dim 64 or 128; kernels/cpu/attention_bf16.h), equally row-invariant.
 
 Shapes in comments: T new tokens, D head_dim, Hq query heads, Hkv key/value heads, V vocab.
 """
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from triforce_chat.kernels import native
+from triforce_chat.kernels.backends import attention_products
 from triforce_chat.kernels.quant import DENSE_IDS, TORCH_DTYPE_IDS, TYPES, reference_dequantize
 
 # Forwards of up to this many tokens (decode steps and verification windows) use the exact
@@ -43,6 +46,7 @@ MAX_WINDOW = 32
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 
 ACTIVATION_MODES = ("fp32", "int8")
+ATTENTION_MODES = ("fp32", "bf16")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -353,6 +357,7 @@ class Transformer(nn.Module):
         self.sequential_windows = not native.available()
         self.weights_label = "?"  # e.g. "GGUF Q4_K_M" or "float32", for the panels
         self.activations = "fp32"  # one of ACTIVATION_MODES (set_activations)
+        self.attention = "fp32"  # one of ATTENTION_MODES (set_attention)
 
     # -- placement ----------------------------------------------------------------------------------
     def linears(self) -> list[Linear]:
@@ -368,6 +373,7 @@ class Transformer(nn.Module):
         self.device = device
         if device.type != "cpu":
             self.set_activations("fp32")
+            self.set_attention("fp32")
         for lin in self.linears():
             if device.type == "cuda" and lin.quantized:
                 lin.set_parts([(lin.dense(torch.bfloat16), TORCH_DTYPE_IDS[torch.bfloat16])], lin.bias)
@@ -406,6 +412,27 @@ class Transformer(nn.Module):
             lin.int8 = mode == "int8" and lin.int8_capable
         self.activations = mode
 
+    def bf16_attention_available(self) -> str:
+        """'' when the bf16-product attention can run this model here, else why not (one line)."""
+        if self.device.type != "cpu":
+            return "bf16 attention is a CPU mode"
+        st = native.status()
+        if not st.available:
+            return f"native CPU kernels unavailable ({st.reason})"
+        if not st.bf16_attention:
+            return f"this CPU's kernels ({st.isa}) have no bf16 attention (it needs AVX512-BF16)"
+        if self.args.head_dim not in (64, 128):
+            return f"bf16 attention is built for head_dim 64 and 128, not {self.args.head_dim}"
+        return ""
+
+    def set_attention(self, mode: str) -> None:
+        """Attention products in `mode` ("fp32" or "bf16"); like the activations, a change of numerics."""
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}")
+        if mode == "bf16" and (why := self.bf16_attention_available()):
+            raise ValueError(why)
+        self.attention = mode
+
     def _dense_embedding(self, dtype: torch.dtype) -> Tensor:
         emb = self.tok_embeddings
         rows = torch.arange(emb.vocab_size)
@@ -434,7 +461,7 @@ class Transformer(nn.Module):
             return f"cuda-torch{torch.__version__}"
         st = native.status()
         if st.available:
-            mode = "-int8" if self.activations == "int8" else ""
+            mode = ("-int8" if self.activations == "int8" else "") + ("-bf16att" if self.attention == "bf16" else "")
             return f"native-{st.isa}-{native.build_key()}{mode}"
         return f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
 
@@ -472,8 +499,9 @@ class Transformer(nn.Module):
             raise ValueError(f"position {int(pos[-1])} is past the model's context of {self.max_len} tokens")
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [T, D/2]
         x = self.tok_embeddings(tokens).to(self.dtype)  # [T, dim]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv, i)
+        with attention_products(self.attention):
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, kv, i)
         kv.advance(T)
         if logits == "none":
             return x[:0, :0]

@@ -2,19 +2,22 @@
 the activation modes (fp32, int8) side by side.
 
     python -m triforce_chat.kernels.bench_cpu [--model NAME|FILE.gguf] [--threads N] [--lengths 1024,7168,32768]
-        [--modes fp32,int8] [--rows 1,2,4,8,16,32] [--context 1024] [--prefill-chunk 512] [--ppl-tokens 0]
+        [--modes fp32,int8,int8+bf16] [--rows 1,2,4,8,16,32] [--context 1024] [--prefill-chunk 512] [--ppl-tokens 0]
 
 For the model's real shapes and weights (default: the default model when installed, else the
 bundled SmolLM2), in one run:
   bandwidth   a large tensor copy (bytes read + written per second) and a large sum (read)
+  modes       fp32; int8 (int8 activations in the matrix products); int8+bf16 (and attention with
+              bf16 products)
   matmul      every linear layer of one decode step (the GGUF blocks as shipped, the output head
               included) for T = 1, 2, 4 ... rows, in each activation mode: ms, and the cost of a
               window of T rows in steps (verify-T / step-1); bytes of weights read per second at T = 1
   forward     the whole forward (every layer, attention over a `--context` cache, the head) for
               T tokens, per mode, and verify-T / step-1; a prefill chunk of `--prefill-chunk`
               tokens (no head): tokens per second
-  attention   every layer's attention over a float16 KV cache of each length: ms, KV bytes read
-              per second, % of the read bandwidth; verify-8 / step-1
+  attention   every layer's attention over a float16 KV cache of each length (fp32 products, and
+              bf16 ones when int8+bf16 is among the modes): ms, KV bytes read per second, % of the
+              read bandwidth; verify-8 / step-1
   retrieval   a middle-level step over a 1K-token view at the longest length / a full step at 1K,
               and one rebuild (score the chunk means, top-k, gather)
   perplexity  (with --ppl-tokens N) of each mode over the first N tokens of Python's own
@@ -138,9 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     lm = _load(args.model)
     m, a = lm.model, lm.model.args
     lengths = [int(x) for x in args.lengths.split(",")]
-    modes = args.modes.split(",") if args.modes else ["fp32"] + (["int8"] if not m.int8_available() else [])
+    if args.modes:
+        modes = args.modes.split(",")
+    else:
+        modes = ["fp32"] + (["int8"] if not m.int8_available() else [])
+        modes += ["int8+bf16"] if "int8" in modes and not m.bf16_attention_available() else []
     for mode in modes:
-        m.set_activations(mode)  # refuses a mode this build or these weights cannot run
+        _set_mode(m, mode)  # refuses a mode this build or these weights cannot run
     rows = [int(t) for t in args.rows.split(",")]
     int8 = f"int8 path {st.int8}" if st.int8 else "no int8 path"
     print(f"{cpu_line()}; torch {torch.__version__}; {args.threads} thread(s); native {st.isa}, {int8}")
@@ -157,13 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     def matmuls(t: int, mode: str):
         def run():
             for lin in linears:
-                kernel = ops.linear_int8 if mode == "int8" and lin.int8_capable else ops.linear
+                kernel = ops.linear_int8 if mode.startswith("int8") and lin.int8_capable else ops.linear
                 kernel(xs[lin][:t], lin.parts, lin.types, lin.bias)
         return run
 
-    mm = {(t, mode): _time(matmuls(t, mode), args.reps) for t in rows for mode in modes}
-    _table("matmul, all linears of a step", rows, modes, mm)
-    for mode in modes:
+    mm_modes = [mode for mode in modes if mode != "int8+bf16"]  # the same products as int8
+    mm = {(t, mode): _time(matmuls(t, mode), args.reps) for t in rows for mode in mm_modes}
+    _table("matmul, all linears of a step", rows, mm_modes, mm)
+    for mode in mm_modes:
         t1 = mm[1, mode] if 1 in rows else float("nan")
         print(f"  {mode}: T=1 {w_bytes / t1 / 1e9:5.1f} GB/s of weights, "
               f"{100 * w_bytes / t1 / read_bw:3.0f}% of read bw")
@@ -175,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     ids = torch.randint(0, a.vocab_size, (ctx + max(rows) + chunk,), generator=torch.Generator().manual_seed(1))
     fw, pre = {}, {}
     for mode in modes:
-        m.set_activations(mode)
+        _set_mode(m, mode)
         cache = KVCache.for_model(m, max_len=ctx + max(rows) + chunk + 1)
         m(ids[:ctx], cache, logits="none")
         for t in rows:
@@ -190,8 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     _table(f"forward, T tokens over a {ctx}-token cache", rows, modes, fw)
     print("prefill chunk of " + str(chunk) + " tokens at " + str(ctx) + ": "
           + ";  ".join(f"{mode} {pre[mode]:.2f} s = {chunk / pre[mode]:.0f} tok/s" for mode in modes)
-          + (f";  int8 / fp32 speed = {pre['fp32'] / pre['int8']:.2f}x" if {"fp32", "int8"} <= set(modes) else ""))
-    m.set_activations(modes[0])
+          + "".join(f";  {mode} / fp32 speed = {pre['fp32'] / pre[mode]:.2f}x" for mode in modes
+                    if mode != "fp32" and "fp32" in modes))
+    _set_mode(m, modes[0])
 
     # -- attention: every layer over a float16 cache ------------------------------------------------
     gen = torch.Generator().manual_seed(0)
@@ -202,18 +211,23 @@ def main(argv: list[str] | None = None) -> None:
     q8 = torch.randn(8, a.n_heads, a.head_dim, generator=gen)
     scale = a.head_dim**-0.5
 
-    def attention(q, n):
-        return lambda: [ops.attention(q, K[i], V[i], n, scale) for i in range(a.n_layers)]
+    def attention(q, n, kernel=ops.attention):
+        return lambda: [kernel(q, K[i], V[i], n, scale) for i in range(a.n_layers)]
 
+    kernels = {"fp32": ops.attention}
+    if any(mode.endswith("bf16") for mode in modes):
+        kernels["bf16"] = ops.attention_bf16
     step_t = {}
     for n in lengths:
         kv_bytes = 2 * a.n_layers * a.n_kv_heads * n * a.head_dim * 2
         reps = args.reps if n <= 8192 else max(3, args.reps // 2)
-        s1 = step_t[n] = _time(attention(q1, n), reps)
-        s8 = _time(attention(q8, n), reps)
-        print(f"attention {n:>6}: T=1 {s1 * 1e3:7.1f} ms  {kv_bytes / s1 / 1e9:5.1f} GB/s of KV  "
-              f"{100 * kv_bytes / s1 / read_bw:3.0f}% of read bw;  T=8 {s8 * 1e3:7.1f} ms  "
-              f"verify-8 / step-1 = {s8 / s1:.2f}")
+        for name, kernel in kernels.items():
+            s1 = _time(attention(q1, n, kernel), reps)
+            s8 = _time(attention(q8, n, kernel), reps)
+            step_t.setdefault(n, s1)
+            print(f"attention {n:>6} {name}: T=1 {s1 * 1e3:7.1f} ms  {kv_bytes / s1 / 1e9:5.1f} GB/s of KV  "
+                  f"{100 * kv_bytes / s1 / read_bw:3.0f}% of read bw;  T=8 {s8 * 1e3:7.1f} ms  "
+                  f"verify-8 / step-1 = {s8 / s1:.2f}")
 
     # -- retrieval: a middle-level step over a 1K view at the longest length -------------------------
     n, c = max(lengths), args.chunk_size
@@ -247,13 +261,26 @@ def main(argv: list[str] | None = None) -> None:
         doc = documentation_tokens(lm.tokenizer, args.ppl_tokens)
         ppl = {}
         for mode in modes:
-            m.set_activations(mode)
+            _set_mode(m, mode)
             t0 = time.perf_counter()
             ppl[mode] = perplexity(m, doc, args.ppl_chunk)
             print(f"perplexity {mode}: {ppl[mode]:.4f} over {len(doc) - 1} tokens of pydoc_data.topics "
                   f"(chunks of {args.ppl_chunk}; {time.perf_counter() - t0:.0f} s)")
-        if {"fp32", "int8"} <= set(ppl):
-            print(f"perplexity int8 / fp32 = {ppl['int8'] / ppl['fp32']:.4f}")
+        for mode in ppl:
+            if mode != "fp32" and "fp32" in ppl:
+                print(f"perplexity {mode} / fp32 = {ppl[mode] / ppl['fp32']:.4f}")
+
+
+MODES = {"fp32": ("fp32", "fp32"), "int8": ("int8", "fp32"), "int8+bf16": ("int8", "bf16")}
+
+
+def _set_mode(model, mode: str) -> None:
+    """A benchmark mode: fp32, int8 (activations) or int8+bf16 (and bf16 attention products)."""
+    if mode not in MODES:
+        raise SystemExit(f"--modes: one of {', '.join(MODES)}, not {mode!r}")
+    activations, attention = MODES[mode]
+    model.set_activations(activations)
+    model.set_attention(attention)
 
 
 def _table(title: str, rows: list[int], modes: list[str], t: dict) -> None:
