@@ -13,6 +13,14 @@ chunks (more than MAX_WINDOW tokens) are the same for every level and take the f
 (dequantized GEMMs). Without the native extension (no compiler), every operation is PyTorch's and
 the full cache verifies windows one token at a time (`sequential_windows`): still exact.
 
+Activations: in the "fp32" mode the kernels multiply float32 activations by the decoded weights; in
+the "int8" mode (`set_activations`, AVX512-VNNI builds only) each row of activations is rounded to
+int8 per block of 32 first and multiplied by the weights' integer codes (kernels/cpu/linear_int8.h),
+for every forward length, prefill included. Both are row-invariant; they differ from each other by
+more than rounding (a different model numerically, measured within 1% perplexity of fp32).
+Attention (`set_attention`): fp32 products, or bf16 products accumulated in fp32 (AVX512-BF16
+builds, head_dim 64 or 128; kernels/cpu/attention_bf16.h), equally row-invariant.
+
 Shapes in comments: T new tokens, D head_dim, Hq query heads, Hkv key/value heads, V vocab.
 """
 
@@ -28,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from triforce_chat.kernels import native
+from triforce_chat.kernels.backends import attention_products
 from triforce_chat.kernels.quant import DENSE_IDS, TORCH_DTYPE_IDS, TYPES, reference_dequantize
 
 # Forwards of up to this many tokens (decode steps and verification windows) use the exact
@@ -35,6 +44,9 @@ from triforce_chat.kernels.quant import DENSE_IDS, TORCH_DTYPE_IDS, TYPES, refer
 MAX_WINDOW = 32
 
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
+
+ACTIVATION_MODES = ("fp32", "int8")
+ATTENTION_MODES = ("fp32", "bf16")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -164,6 +176,7 @@ class Linear(nn.Module):
         self.parts: list[Tensor] = []
         self.types: list[int] = []
         self.bias: Tensor | None = None
+        self.int8 = False  # int8 activations (Transformer.set_activations)
 
     def set_parts(self, parts: list[tuple[Tensor, int]], bias: Tensor | None = None) -> None:
         """Install weights: [(tensor, ggml type id)]; dense parts of one dtype are concatenated."""
@@ -179,6 +192,11 @@ class Linear(nn.Module):
     @property
     def quantized(self) -> bool:
         return any(t not in DENSE_IDS for t in self.types)
+
+    @property
+    def int8_capable(self) -> bool:
+        """Every part GGUF blocks (the int8 mode multiplies integer codes) and K a multiple of 32."""
+        return bool(self.types) and all(t not in DENSE_IDS for t in self.types) and self.in_features % 32 == 0
 
     @property
     def nbytes(self) -> int:
@@ -198,6 +216,8 @@ class Linear(nn.Module):
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def forward(self, x: Tensor) -> Tensor:  # x [T, in] fp32 -> [T, out] fp32
+        if self.int8 and uses_native(x):  # any length: its prefill is the window kernel's too
+            return native.ops().linear_int8(x.contiguous(), self.parts, self.types, self.bias)
         if x.shape[0] <= MAX_WINDOW and uses_native(x):
             return native.ops().linear(x.contiguous(), self.parts, self.types, self.bias)
         w = self._dense_single()
@@ -336,6 +356,8 @@ class Transformer(nn.Module):
         # cache then verifies a window one token at a time (exact by construction, slower).
         self.sequential_windows = not native.available()
         self.weights_label = "?"  # e.g. "GGUF Q4_K_M" or "float32", for the panels
+        self.activations = "fp32"  # one of ACTIVATION_MODES (set_activations)
+        self.attention = "fp32"  # one of ATTENTION_MODES (set_attention)
 
     # -- placement ----------------------------------------------------------------------------------
     def linears(self) -> list[Linear]:
@@ -349,6 +371,9 @@ class Transformer(nn.Module):
         native kernels are CPU code)."""
         device = torch.device(device)
         self.device = device
+        if device.type != "cpu":
+            self.set_activations("fp32")
+            self.set_attention("fp32")
         for lin in self.linears():
             if device.type == "cuda" and lin.quantized:
                 lin.set_parts([(lin.dense(torch.bfloat16), TORCH_DTYPE_IDS[torch.bfloat16])], lin.bias)
@@ -362,6 +387,51 @@ class Transformer(nn.Module):
             norm.weight = norm.weight.to(device)
         self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
         return self
+
+    def int8_available(self) -> str:
+        """'' when the int8-activation mode can run this model here, else why not (one line)."""
+        if self.device.type != "cpu":
+            return "int8 activations are a CPU mode"
+        st = native.status()
+        if not st.available:
+            return f"native CPU kernels unavailable ({st.reason})"
+        if not st.int8:
+            return f"this CPU's kernels ({st.isa}) have no int8-activation path (it needs AVX512-VNNI)"
+        if not any(lin.int8_capable for lin in self.linears()):
+            return "the weights are dense (the int8 mode multiplies GGUF blocks' integer codes)"
+        return ""
+
+    def set_activations(self, mode: str) -> None:
+        """Switch every GGUF-block linear to `mode` ("fp32" or "int8"; dense weights stay fp32).
+        The two modes give different bits: a KV cache computed in one is not the other's."""
+        if mode not in ACTIVATION_MODES:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, not {mode!r}")
+        if mode == "int8" and (why := self.int8_available()):
+            raise ValueError(why)
+        for lin in self.linears():
+            lin.int8 = mode == "int8" and lin.int8_capable
+        self.activations = mode
+
+    def bf16_attention_available(self) -> str:
+        """'' when the bf16-product attention can run this model here, else why not (one line)."""
+        if self.device.type != "cpu":
+            return "bf16 attention is a CPU mode"
+        st = native.status()
+        if not st.available:
+            return f"native CPU kernels unavailable ({st.reason})"
+        if not st.bf16_attention:
+            return f"this CPU's kernels ({st.isa}) have no bf16 attention (it needs AVX512-BF16)"
+        if self.args.head_dim not in (64, 128):
+            return f"bf16 attention is built for head_dim 64 and 128, not {self.args.head_dim}"
+        return ""
+
+    def set_attention(self, mode: str) -> None:
+        """Attention products in `mode` ("fp32" or "bf16"); like the activations, a change of numerics."""
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}")
+        if mode == "bf16" and (why := self.bf16_attention_available()):
+            raise ValueError(why)
+        self.attention = mode
 
     def _dense_embedding(self, dtype: torch.dtype) -> Tensor:
         emb = self.tok_embeddings
@@ -381,6 +451,7 @@ class Transformer(nn.Module):
         emb.set_weight(self._dense_embedding(dtype) if emb.type not in DENSE_IDS else emb.weight.to(dtype), tid)
         if shared:
             self.output.set_parts([(emb.weight, tid)])
+        self.set_activations("fp32")  # dense weights: the int8 mode has nothing left to multiply
 
     @property
     def numerics(self) -> str:
@@ -390,7 +461,8 @@ class Transformer(nn.Module):
             return f"cuda-torch{torch.__version__}"
         st = native.status()
         if st.available:
-            return f"native-{st.isa}-{native.build_key()}"
+            mode = ("-int8" if self.activations == "int8" else "") + ("-bf16att" if self.attention == "bf16" else "")
+            return f"native-{st.isa}-{native.build_key()}{mode}"
         return f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
 
     @property
@@ -427,8 +499,9 @@ class Transformer(nn.Module):
             raise ValueError(f"position {int(pos[-1])} is past the model's context of {self.max_len} tokens")
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [T, D/2]
         x = self.tok_embeddings(tokens).to(self.dtype)  # [T, dim]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv, i)
+        with attention_products(self.attention):
+            for i, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, kv, i)
         kv.advance(T)
         if logits == "none":
             return x[:0, :0]

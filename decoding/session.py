@@ -442,7 +442,8 @@ class Session:
             weights=getattr(self.model, "weights_label", ""),
             weight_bytes=getattr(self.model, "weight_bytes", 0),
             kv_dtype=str(c.k.dtype).removeprefix("torch."),
-            kernels=kernels_label(self.model.device),
+            kernels=kernels_label(self.model.device, getattr(self.model, "activations", "fp32"),
+                                  getattr(self.model, "attention", "fp32")),
             drafter=self._drafter_spec,
             process_rss_bytes=process_rss_bytes(),
         )
@@ -466,11 +467,17 @@ class Session:
             pass
 
 
-def kernels_label(device) -> str:
-    """Which kernels the target runs on, for the Cache panel: "native avx512", "PyTorch (why)"."""
+def kernels_label(device, activations: str = "fp32", attention: str = "fp32") -> str:
+    """Which kernels the target runs on, for the Cache panel: "native avx512, int8 activations
+    (avx512-vnni), bf16 attention", "native avx2, fp32 activations", "PyTorch (why)"."""
     from triforce_chat.kernels import native
 
     if getattr(device, "type", str(device)) == "cuda":
         return "cuda"
     st = native.status()
-    return f"native {st.isa}" if st.available else f"PyTorch ({st.reason})"
+    if not st.available:
+        return f"PyTorch ({st.reason})"
+    mode = f"int8 activations ({st.int8})" if activations == "int8" else "fp32 activations"
+    if attention == "bf16":
+        mode += ", bf16 attention"
+    return f"native {st.isa}, {mode}"

@@ -12,8 +12,11 @@ fallback is used. `TRIFORCE_NO_TRITON=1` / `TRIFORCE_NO_FLASH_ATTN=1` force the 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -154,12 +157,30 @@ def attend_segments(q: Tensor, segments: list[tuple[Tensor, Tensor]], scale: flo
     return attention.attend_segments(q, segments, scale)
 
 
+# The products of the native attention for the forward running in this context: "fp32" or "bf16"
+# (kernels/cpu/attention_bf16.h). A model sets it around its forward (Transformer.attention), so
+# every KV store it reads through `attend_tokens` computes alike.
+_attention_products: contextvars.ContextVar[str] = contextvars.ContextVar("attention_products", default="fp32")
+
+
+@contextlib.contextmanager
+def attention_products(mode: str) -> Iterator[None]:
+    token = _attention_products.set(mode)
+    try:
+        yield
+    finally:
+        _attention_products.reset(token)
+
+
 def attend_tokens(q: Tensor, k_buf: Tensor, v_buf: Tensor, length: int, scale: float) -> Tensor:
     """Token-major attention for the KV stores: q [T, Hq, D] (the last T of `length` positions)
     over k_buf/v_buf [Hkv, >= length, D] -> [T, Hq * D]. The native kernel reads 16-bit buffers
-    directly and is exact for windows; the fallbacks use PyTorch on the buffer's dtype."""
+    directly and is exact for windows (fp32 or bf16 products, see `attention_products`); the
+    fallbacks use PyTorch on the buffer's dtype."""
     t, hq, d = q.shape
     if q.device.type == "cpu" and native.available():
+        if _attention_products.get() == "bf16":
+            return native.ops().attention_bf16(q, k_buf, v_buf, length, scale).view(t, hq * d)
         return native.ops().attention(q, k_buf, v_buf, length, scale).view(t, hq * d)
     qh = q.transpose(0, 1).to(k_buf.dtype)  # [Hq, T, D]
     out = attend(qh, k_buf[:, :length], v_buf[:, :length], scale)

@@ -1,18 +1,29 @@
-"""CPU kernel benchmark: the native kernels as a fraction of this machine's memory bandwidth.
+"""CPU kernel benchmark: the native kernels as a fraction of this machine's memory bandwidth, and
+the activation modes (fp32, int8) side by side.
 
     python -m triforce_chat.kernels.bench_cpu [--model NAME|FILE.gguf] [--threads N] [--lengths 1024,7168,32768]
+        [--modes fp32,int8,int8+bf16] [--rows 1,2,4,8,16,32] [--context 1024] [--prefill-chunk 512] [--ppl-tokens 0]
 
 For the model's real shapes and weights (default: the default model when installed, else the
 bundled SmolLM2), in one run:
   bandwidth   a large tensor copy (bytes read + written per second) and a large sum (read)
+  modes       fp32; int8 (int8 activations in the matrix products); int8+bf16 (and attention with
+              bf16 products)
   matmul      every linear layer of one decode step (the GGUF blocks as shipped, the output head
-              included): ms, bytes of weights read per second, % of the read bandwidth;
-              and T = 8 rows (a verification window) / T = 1
-  attention   every layer's attention over a float16 KV cache of each length: ms, KV bytes read
-              per second, % of the read bandwidth; verify-8 / step-1
+              included) for T = 1, 2, 4 ... rows, in each activation mode: ms, and the cost of a
+              window of T rows in steps (verify-T / step-1); bytes of weights read per second at T = 1
+  forward     the whole forward (every layer, attention over a `--context` cache, the head) for
+              T tokens, per mode, and verify-T / step-1; a prefill chunk of `--prefill-chunk`
+              tokens (no head): tokens per second
+  attention   every layer's attention over a float16 KV cache of each length (fp32 products, and
+              bf16 ones when int8+bf16 is among the modes): ms, KV bytes read per second, % of the
+              read bandwidth; verify-8 / step-1
   retrieval   a middle-level step over a 1K-token view at the longest length / a full step at 1K,
               and one rebuild (score the chunk means, top-k, gather)
-Ratios and fractions, not pass/fail: the machine is shared, so read them side by side.
+  perplexity  (with --ppl-tokens N) of each mode over the first N tokens of Python's own
+              documentation (pydoc_data.topics), in forward chunks of --ppl-chunk tokens
+Ratios and fractions, not pass/fail: the machine is shared, so read them side by side (each figure
+is a median of --reps runs, the modes interleaved).
 """
 
 from __future__ import annotations
@@ -70,6 +81,32 @@ def cpu_line() -> str:
     return f"{name} [{' '.join(simd)}]"
 
 
+def perplexity(model, ids: torch.Tensor, chunk: int = 512) -> float:
+    """exp(mean negative log-likelihood) of ids[1:] given the prefix, teacher-forced in forward
+    chunks of `chunk` tokens over one KV cache (the model's current activation mode)."""
+    import math
+
+    from triforce_chat.decoding.cache import KVCache
+
+    cache = KVCache.for_model(model, max_len=len(ids) + 1)
+    nll, n = 0.0, 0
+    for start in range(0, len(ids) - 1, chunk):
+        logits = model(ids[start : start + chunk], cache, logits="all")
+        target = ids[start + 1 : start + 1 + logits.shape[0]]
+        logp = torch.log_softmax(logits[: len(target)].double(), dim=-1)
+        nll -= logp.gather(1, target[:, None]).sum().item()
+        n += len(target)
+    return math.exp(nll / n)
+
+
+def documentation_tokens(tokenizer, n: int) -> torch.Tensor:
+    """The first n tokens of Python's own documentation (pydoc_data.topics, in sorted topic order)."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    return torch.tensor(tokenizer(text).input_ids[:n])
+
+
 def _load(spec: str | None):
     from triforce_chat.decoding.models import catalog
     from triforce_chat.decoding.models.loading import load_model
@@ -88,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", default="1024,7168,32768")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--chunk-size", type=int, default=8, help="retrieval chunk size")
+    ap.add_argument("--modes", default=None, help="activation modes to compare (default: every one this build has)")
+    ap.add_argument("--rows", default="1,2,4,8,16,32", help="window lengths T for matmul and forward")
+    ap.add_argument("--context", type=int, default=1024, help="KV cache length for the whole-forward windows")
+    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--ppl-tokens", type=int, default=0, help="perplexity over this many tokens (0: skip)")
+    ap.add_argument("--ppl-chunk", type=int, default=512)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     st = native.status()
@@ -98,7 +141,16 @@ def main(argv: list[str] | None = None) -> None:
     lm = _load(args.model)
     m, a = lm.model, lm.model.args
     lengths = [int(x) for x in args.lengths.split(",")]
-    print(f"{cpu_line()}; torch {torch.__version__}; {args.threads} thread(s); native {st.isa}")
+    if args.modes:
+        modes = args.modes.split(",")
+    else:
+        modes = ["fp32"] + (["int8"] if not m.int8_available() else [])
+        modes += ["int8+bf16"] if "int8" in modes and not m.bf16_attention_available() else []
+    for mode in modes:
+        _set_mode(m, mode)  # refuses a mode this build or these weights cannot run
+    rows = [int(t) for t in args.rows.split(",")]
+    int8 = f"int8 path {st.int8}" if st.int8 else "no int8 path"
+    print(f"{cpu_line()}; torch {torch.__version__}; {args.threads} thread(s); native {st.isa}, {int8}")
     print(f"model {lm.model_id}: {a.n_layers} layers, {a.n_heads}q/{a.n_kv_heads}kv heads x d{a.head_dim}, "
           f"weights {m.weights_label}")
     copy_bw, read_bw = copy_bandwidth(), read_bandwidth()
@@ -107,16 +159,48 @@ def main(argv: list[str] | None = None) -> None:
     # -- matmul: every linear layer of one step, weights streamed from memory --------------------------
     linears = m.linears()
     w_bytes = sum(lin.nbytes for lin in linears)
-    xs = {lin: torch.randn(8, lin.in_features) for lin in linears}
+    xs = {lin: torch.randn(max(rows), lin.in_features) for lin in linears}
 
-    def matmuls(t: int):
-        return lambda: [ops.linear(xs[lin][:t], lin.parts, lin.types, lin.bias) for lin in linears]
+    def matmuls(t: int, mode: str):
+        def run():
+            for lin in linears:
+                kernel = ops.linear_int8 if mode.startswith("int8") and lin.int8_capable else ops.linear
+                kernel(xs[lin][:t], lin.parts, lin.types, lin.bias)
+        return run
 
-    t1 = _time(matmuls(1), args.reps)
-    t8 = _time(matmuls(8), args.reps)
-    print(f"matmul  T=1 {t1 * 1e3:7.1f} ms  {w_bytes / t1 / 1e9:5.1f} GB/s of weights  "
-          f"{100 * w_bytes / t1 / read_bw:3.0f}% of read bw;  T=8 {t8 * 1e3:7.1f} ms  "
-          f"verify-8 / step-1 = {t8 / t1:.2f}")
+    mm_modes = [mode for mode in modes if mode != "int8+bf16"]  # the same products as int8
+    mm = {(t, mode): _time(matmuls(t, mode), args.reps) for t in rows for mode in mm_modes}
+    _table("matmul, all linears of a step", rows, mm_modes, mm)
+    for mode in mm_modes:
+        t1 = mm[1, mode] if 1 in rows else float("nan")
+        print(f"  {mode}: T=1 {w_bytes / t1 / 1e9:5.1f} GB/s of weights, "
+              f"{100 * w_bytes / t1 / read_bw:3.0f}% of read bw")
+
+    # -- the whole forward: windows over a cache of --context tokens, and a prefill chunk --------------
+    from triforce_chat.decoding.cache import KVCache
+
+    ctx, chunk = args.context, args.prefill_chunk
+    ids = torch.randint(0, a.vocab_size, (ctx + max(rows) + chunk,), generator=torch.Generator().manual_seed(1))
+    fw, pre = {}, {}
+    for mode in modes:
+        _set_mode(m, mode)
+        cache = KVCache.for_model(m, max_len=ctx + max(rows) + chunk + 1)
+        m(ids[:ctx], cache, logits="none")
+        for t in rows:
+            def window(t=t, cache=cache):
+                cache.truncate(ctx)
+                m(ids[ctx : ctx + t], cache)
+            fw[t, mode] = _time(window, args.reps)
+        def prefill(cache=cache):
+            cache.truncate(ctx)
+            m(ids[ctx : ctx + chunk], cache, logits="none")
+        pre[mode] = _time(prefill, max(1, args.reps // 2))
+    _table(f"forward, T tokens over a {ctx}-token cache", rows, modes, fw)
+    print("prefill chunk of " + str(chunk) + " tokens at " + str(ctx) + ": "
+          + ";  ".join(f"{mode} {pre[mode]:.2f} s = {chunk / pre[mode]:.0f} tok/s" for mode in modes)
+          + "".join(f";  {mode} / fp32 speed = {pre['fp32'] / pre[mode]:.2f}x" for mode in modes
+                    if mode != "fp32" and "fp32" in modes))
+    _set_mode(m, modes[0])
 
     # -- attention: every layer over a float16 cache ------------------------------------------------
     gen = torch.Generator().manual_seed(0)
@@ -127,18 +211,23 @@ def main(argv: list[str] | None = None) -> None:
     q8 = torch.randn(8, a.n_heads, a.head_dim, generator=gen)
     scale = a.head_dim**-0.5
 
-    def attention(q, n):
-        return lambda: [ops.attention(q, K[i], V[i], n, scale) for i in range(a.n_layers)]
+    def attention(q, n, kernel=ops.attention):
+        return lambda: [kernel(q, K[i], V[i], n, scale) for i in range(a.n_layers)]
 
+    kernels = {"fp32": ops.attention}
+    if any(mode.endswith("bf16") for mode in modes):
+        kernels["bf16"] = ops.attention_bf16
     step_t = {}
     for n in lengths:
         kv_bytes = 2 * a.n_layers * a.n_kv_heads * n * a.head_dim * 2
         reps = args.reps if n <= 8192 else max(3, args.reps // 2)
-        s1 = step_t[n] = _time(attention(q1, n), reps)
-        s8 = _time(attention(q8, n), reps)
-        print(f"attention {n:>6}: T=1 {s1 * 1e3:7.1f} ms  {kv_bytes / s1 / 1e9:5.1f} GB/s of KV  "
-              f"{100 * kv_bytes / s1 / read_bw:3.0f}% of read bw;  T=8 {s8 * 1e3:7.1f} ms  "
-              f"verify-8 / step-1 = {s8 / s1:.2f}")
+        for name, kernel in kernels.items():
+            s1 = _time(attention(q1, n, kernel), reps)
+            s8 = _time(attention(q8, n, kernel), reps)
+            step_t.setdefault(n, s1)
+            print(f"attention {n:>6} {name}: T=1 {s1 * 1e3:7.1f} ms  {kv_bytes / s1 / 1e9:5.1f} GB/s of KV  "
+                  f"{100 * kv_bytes / s1 / read_bw:3.0f}% of read bw;  T=8 {s8 * 1e3:7.1f} ms  "
+                  f"verify-8 / step-1 = {s8 / s1:.2f}")
 
     # -- retrieval: a middle-level step over a 1K view at the longest length -------------------------
     n, c = max(lengths), args.chunk_size
@@ -165,6 +254,45 @@ def main(argv: list[str] | None = None) -> None:
           f"{t_full * 1e3:.2f} ms; sparse / full-1K = {t_view / t_full:.2f}")
     print(f"retrieval rebuild (score {n_chunks} chunk means, top-{pick}, gather; {a.n_layers} layers): "
           f"{t_rb * 1e3:.2f} ms = {t_rb / step_t[n]:.2f} x the attention of a full step at {n}")
+
+
+    # -- perplexity of each mode over real text ------------------------------------------------------
+    if args.ppl_tokens:
+        doc = documentation_tokens(lm.tokenizer, args.ppl_tokens)
+        ppl = {}
+        for mode in modes:
+            _set_mode(m, mode)
+            t0 = time.perf_counter()
+            ppl[mode] = perplexity(m, doc, args.ppl_chunk)
+            print(f"perplexity {mode}: {ppl[mode]:.4f} over {len(doc) - 1} tokens of pydoc_data.topics "
+                  f"(chunks of {args.ppl_chunk}; {time.perf_counter() - t0:.0f} s)")
+        for mode in ppl:
+            if mode != "fp32" and "fp32" in ppl:
+                print(f"perplexity {mode} / fp32 = {ppl[mode] / ppl['fp32']:.4f}")
+
+
+MODES = {"fp32": ("fp32", "fp32"), "int8": ("int8", "fp32"), "int8+bf16": ("int8", "bf16")}
+
+
+def _set_mode(model, mode: str) -> None:
+    """A benchmark mode: fp32, int8 (activations) or int8+bf16 (and bf16 attention products)."""
+    if mode not in MODES:
+        raise SystemExit(f"--modes: one of {', '.join(MODES)}, not {mode!r}")
+    activations, attention = MODES[mode]
+    model.set_activations(activations)
+    model.set_attention(attention)
+
+
+def _table(title: str, rows: list[int], modes: list[str], t: dict) -> None:
+    """ms per mode for each T, then verify-T / step-1 per mode, side by side."""
+    print(f"{title}: ms (verify-T / step-1)")
+    print("   T  " + "".join(f"{mode:>20}" for mode in modes))
+    for r in rows:
+        cells = []
+        for mode in modes:
+            ratio = f"({t[r, mode] / t[1, mode]:.2f})" if 1 in rows else ""
+            cells.append(f"{t[r, mode] * 1e3:10.1f} {ratio:>8}")
+        print(f"{r:4d}  " + "".join(f"{c:>20}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("ops.cpp", "linear.cpp", "attention.cpp", "rowwise.cpp")
-HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "attention.h", "rowwise.h")
+SOURCES = ("ops.cpp", "linear.cpp", "linear_int8.cpp", "attention.cpp", "attention_bf16.cpp", "rowwise.cpp")
+HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "linear_int8.h", "attention.h", "attention_bf16.h", "rowwise.h")
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-Wno-unused-function"]
 
 
@@ -38,6 +38,8 @@ class NativeStatus:
     isa: str  # "avx512", "avx2", "scalar" when available
     reason: str  # why not, when unavailable (one line)
     build_dir: Path | None = None
+    int8: str = ""  # the int8-activation path built ("avx512-vnni"), "" when this build has none
+    bf16_attention: str = ""  # the bf16-product attention built ("avx512-bf16"), "" when none
 
 
 def _cpu_flags() -> str:
@@ -76,8 +78,19 @@ def _cache_root() -> Path:
     return Path(os.environ.get("TRIFORCE_CHAT_CACHE") or user_cache_dir("triforce-chat"))
 
 
-# TRIFORCE_NATIVE_ISA picks another path than the host's best (to test every path on one machine).
-ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mfma", "-mf16c"], "scalar": []}
+# TRIFORCE_NATIVE_ISA picks another path than the host's best (to test every path on one machine
+# that can run it): "avx512" is AVX-512 without VNNI (the fp32 mode only), "avx512-vnni" adds the
+# int8-activation mode and "avx512-vnni-bf16" the bf16 attention too, whatever else the host has.
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+ISA_FLAGS = {
+    "native": ["-march=native"],
+    "avx512-vnni-bf16": [*_AVX512, "-mavx512vnni", "-mavx512bf16"],
+    "avx512-vnni": [*_AVX512, "-mavx512vnni"],
+    "avx512": _AVX512,
+    "avx2": _AVX2,
+    "scalar": [],
+}
 
 
 def _build(native_arch: bool) -> NativeStatus:
@@ -100,7 +113,8 @@ def _build(native_arch: bool) -> NativeStatus:
         is_python_module=False,
         verbose=os.environ.get("TRIFORCE_NATIVE_VERBOSE") == "1",
     )
-    return NativeStatus(True, torch.ops.triforce.isa(), "", build_dir)
+    t = torch.ops.triforce
+    return NativeStatus(True, t.isa(), "", build_dir, t.int8_path(), t.attention_bf16_path())
 
 
 def _one_line(exc: BaseException) -> str:
@@ -115,7 +129,8 @@ def status() -> NativeStatus:
     if os.environ.get("TRIFORCE_NO_NATIVE") == "1":
         return NativeStatus(False, "", "disabled by TRIFORCE_NO_NATIVE=1")
     if hasattr(torch.ops, "triforce") and hasattr(torch.ops.triforce, "isa"):
-        return NativeStatus(True, torch.ops.triforce.isa(), "")
+        t = torch.ops.triforce
+        return NativeStatus(True, t.isa(), "", None, t.int8_path(), t.attention_bf16_path())
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None and shutil.which("g++") is None:
         return NativeStatus(False, "", "no C++ compiler found (install g++ or clang++)")
@@ -156,6 +171,8 @@ def set_row_skew(on: bool) -> None:
 if __name__ == "__main__":  # `python -m triforce_chat.kernels.native`: build now, say what was built
     st = status()
     if st.available:
-        print(f"native CPU kernels: {st.isa} ({st.build_dir or 'loaded'})")
+        int8 = f", int8 activations {st.int8}" if st.int8 else ", no int8-activation path (needs AVX512-VNNI)"
+        bf16 = f", bf16 attention {st.bf16_attention}" if st.bf16_attention else ", no bf16 attention"
+        print(f"native CPU kernels: {st.isa}{int8}{bf16} ({st.build_dir or 'loaded'})")
     else:
         print(f"native CPU kernels unavailable: {st.reason}; the PyTorch fallback will be used")

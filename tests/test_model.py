@@ -81,11 +81,12 @@ def test_unsupported_architecture_is_named():
 @pytest.mark.slow
 def test_default_model_matches_transformers(smollm2_path):
     """SmolLM2's GGUF computed as shipped against transformers' dequantization of the same file:
-    logits within rounding, and the same greedy answer (float32 KV, transformers' precision)."""
+    logits within rounding, and the same greedy answer (float32 KV, transformers' precision; fp32
+    activations, since the int8 mode rounds them on purpose)."""
     from triforce_chat.decoding.models.loading import load_model
     from triforce_chat.decoding.session import DecodeConfig, Session
 
-    lm = load_model("smollm2-135m", kv_dtype=torch.float32, log=lambda m: None)
+    lm = load_model("smollm2-135m", kv_dtype=torch.float32, log=lambda m: None, activations="fp32")
     hf = AutoModelForCausalLM.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name,
                                               dtype=torch.float32).eval()
     text = "The lighthouse keeper on Farrow Island is named Amelia Stroud. " * 8

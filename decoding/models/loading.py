@@ -6,8 +6,15 @@ transformers (tens of seconds for a 152K vocabulary) and cached under the user's
 A Hugging Face folder (config.json + safetensors) loads its dense weights as stored.
 
 After loading, `self_check` runs a short random window through the whole forward and compares it
-bitwise with single-token steps on the weights and threads in use; a failure switches the full
-cache to token-by-token verification (exact) and says so.
+bitwise with single-token steps on the weights, activation mode and threads in use; a failure of
+the int8-activation mode falls back to the fp32 mode (checked again), a failure there switches the
+full cache to token-by-token verification (exact), and a notice says so.
+
+Activations (`activations=` or TRIFORCE_ACTIVATIONS): "auto" (the default) takes the int8 mode
+where this build has it (AVX512-VNNI) and the weights are GGUF blocks, else fp32; "fp32" and
+"int8" ask for one (int8 where it cannot run: fp32 and a notice). Attention products
+(`attention=` or TRIFORCE_ATTENTION): "auto" takes bf16 with the int8 activations where the build
+has AVX512-BF16, else fp32; "fp32" and "bf16" ask for one.
 """
 
 from __future__ import annotations
@@ -156,10 +163,14 @@ def load_model(
     log: Log | None = None,
     kv_dtype: torch.dtype | None = None,
     check: bool = True,
+    activations: str | None = None,
+    attention: str | None = None,
 ) -> LoadedModel:
     """Weights, tokenizer and the load-time self-check. `dtype` None keeps the weights as shipped
     (GGUF blocks, or the checkpoint's float dtype); a float dtype converts them. `context` beyond
-    the model's positions extends them with YaRN."""
+    the model's positions extends them with YaRN. `activations`: "auto" | "fp32" | "int8" (None:
+    TRIFORCE_ACTIVATIONS, else "auto"); `attention`: "auto" | "fp32" | "bf16" (None:
+    TRIFORCE_ATTENTION, else "auto"); see the module's docstring."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     source = resolve_model(spec)
@@ -176,8 +187,22 @@ def load_model(
         model = load_weights_only(source.path, dtype, device, context, source.model_id)
         tokenizer = AutoTokenizer.from_pretrained(source.path)
     model.kv_dtype = kv_dtype or default_kv_dtype(device)
+    mode, why = choose_activations(model, activations)
+    model.set_activations(mode)
+    if why:
+        notices.append(why)
+    mode, why = choose_attention(model, attention)
+    model.set_attention(mode)
+    if why:
+        notices.append(why)
     if check:
         problem = self_check(model)
+        if problem and (model.activations, model.attention) != ("fp32", "fp32"):
+            what = f"{model.activations} activations, {model.attention} attention"
+            model.set_activations("fp32")
+            model.set_attention("fp32")
+            notices.append(f"self-check of the fast mode ({what}): {problem}; using fp32 activations and attention")
+            problem = self_check(model)
         if problem:
             model.sequential_windows = True
             notices.append(
@@ -380,6 +405,44 @@ def gguf_tokenizer(path: Path, log: Log):
     return tokenizer
 
 
+# -- activations ---------------------------------------------------------------------------------------------
+
+ACTIVATION_CHOICES = ("auto", "fp32", "int8")
+
+
+def choose_activations(model: Transformer, requested: str | None = None) -> tuple[str, str]:
+    """The activation mode to run `model` in, and a notice when a request could not be met ('' else).
+    "auto" is int8 wherever it can run: on AVX512-VNNI it is the faster mode, and its perplexity
+    stays within 1% of fp32 (README, Kernels); fp32 everywhere else."""
+    requested = requested or os.environ.get("TRIFORCE_ACTIVATIONS") or "auto"
+    if requested not in ACTIVATION_CHOICES:
+        raise ModelLoadError(f"activations must be one of {', '.join(ACTIVATION_CHOICES)}, not {requested!r}")
+    why = model.int8_available()
+    if requested == "fp32" or (requested == "auto" and why):
+        return "fp32", ""
+    if why:
+        return "fp32", f"int8 activations unavailable: {why}; using fp32 activations"
+    return "int8", ""
+
+
+ATTENTION_CHOICES = ("auto", "fp32", "bf16")
+
+
+def choose_attention(model: Transformer, requested: str | None = None) -> tuple[str, str]:
+    """The attention products for `model` (after its activations are set), and a notice when a
+    request could not be met. "auto" is bf16 with int8 activations where the build has it (the
+    fast mode: perplexity within 1% of fp32, README), fp32 otherwise."""
+    requested = requested or os.environ.get("TRIFORCE_ATTENTION") or "auto"
+    if requested not in ATTENTION_CHOICES:
+        raise ModelLoadError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {requested!r}")
+    why = model.bf16_attention_available()
+    if requested == "fp32" or (requested == "auto" and (why or model.activations != "int8")):
+        return "fp32", ""
+    if why:
+        return "fp32", f"bf16 attention unavailable: {why}; using fp32 attention"
+    return "bf16", ""
+
+
 # -- the load-time self-check ----------------------------------------------------------------------------
 
 
@@ -441,5 +504,6 @@ def eos_token_ids(tokenizer, path: Path | None = None) -> set[int]:
 
 __all__ = [
     "LoadedModel", "ModelLoadError", "ModelSource", "UnsupportedArchitecture", "load_model", "resolve_model",
-    "extend_context", "eos_token_ids", "self_check", "read_generation_defaults",
+    "extend_context", "eos_token_ids", "self_check", "read_generation_defaults", "choose_activations",
+    "choose_attention",
 ]

@@ -62,7 +62,7 @@ class DamagedFile(ValueError):
 
 def default_root() -> Path:
     """`TRIFORCE_KV_CACHE_DIR`, else `kv` under the app's cache root (the rule of
-    `decoding.loading.cache_root`, repeated here so that this module needs no torch)."""
+    `decoding.models.loading.cache_root`, repeated here so that this module needs no torch)."""
     env = os.environ.get("TRIFORCE_KV_CACHE_DIR")
     if env:
         return Path(env).expanduser()

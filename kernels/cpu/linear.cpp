@@ -197,6 +197,7 @@ struct Unpacked {
 }  // namespace
 
 void set_row_skew(bool on) { g_row_skew.store(on); }
+bool row_skew() { return g_row_skew.load(); }
 
 void linear(const float* x, int64_t T, int64_t ldx, int64_t K, const std::vector<WeightSpec>& weights,
             const float* bias, float* y, int64_t ldy) {

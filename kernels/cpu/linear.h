@@ -2,8 +2,8 @@
 //
 // Exact by construction: output (t, n) is always computed by one thread, as one accumulator vector
 // walked over k in order (for each group of 16 weights: w = q * scale + min, acc = x * w + acc),
-// then reduced by V::hsum. Rows are processed in tiles of 4 and 1, which run that same sequence
-// per row, so a row's result does not depend on how many rows share the call; threads split the
+// then reduced by V::hsum. Rows are processed in register tiles whose row count depends on the call
+// (linear.cpp), each running that same sequence per row, so a row's result does not depend on how many rows share the call; threads split the
 // output columns n only, so it does not depend on the thread count either.
 #pragma once
 
@@ -28,5 +28,6 @@ void dequantize_rows(const WeightSpec& w, int64_t K, const int64_t* rows, int64_
 // Test hook: when on, outputs of calls with more than one row are nudged by one ulp (a kernel made
 // row-count dependent on purpose, for the load-time self-check's tests).
 void set_row_skew(bool on);
+bool row_skew();
 
 }  // namespace tf

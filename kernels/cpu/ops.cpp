@@ -6,7 +6,9 @@
 #include <vector>
 
 #include "attention.h"
+#include "attention_bf16.h"
 #include "linear.h"
+#include "linear_int8.h"
 #include "quant.h"
 #include "rowwise.h"
 #include "simd.h"
@@ -64,6 +66,39 @@ Tensor linear(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, c
   return y;
 }
 
+// The int8-activation mode (linear_int8.h): quantized weights only.
+Tensor linear_int8(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, const std::optional<Tensor>& bias) {
+  check_f32_rows(x, "x");
+  TORCH_CHECK(weights.size() == types.size() && !weights.empty(), "one type per weight");
+  const int64_t K = x.size(1);
+  std::vector<tf::WeightSpec> specs;
+  int64_t n = 0;
+  for (size_t i = 0; i < weights.size(); i++) {
+    TORCH_CHECK(!tf::is_dense(int(types[i])), "int8 activations: dense weights run in the fp32 mode");
+    specs.push_back(weight_spec(weights[i], types[i], K));
+    n += specs.back().n;
+  }
+  const float* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n, "bias must be float32 [N]");
+    b = bias->data_ptr<float>();
+  }
+  Tensor y = at::empty({x.size(0), n}, x.options());
+  tf::linear_int8(x.data_ptr<float>(), x.size(0), x.stride(0), K, specs, b, y.data_ptr<float>(), n);
+  return y;
+}
+
+// x's rows as the int8 mode rounds them: q [T, K] int8 and d [T, K / 32] float32.
+std::tuple<Tensor, Tensor> quantize_int8(const Tensor& x) {
+  check_f32_rows(x, "x");
+  TORCH_CHECK(x.size(1) % 32 == 0, "K must be a multiple of 32");
+  Tensor q = at::empty({x.size(0), x.size(1)}, x.options().dtype(at::kChar));
+  Tensor d = at::empty({x.size(0), x.size(1) / 32}, x.options());
+  tf::quantize_rows_int8(x.data_ptr<float>(), x.size(0), x.stride(0), x.size(1), q.data_ptr<int8_t>(),
+                         d.data_ptr<float>());
+  return {q, d};
+}
+
 Tensor dequantize(const Tensor& w, int64_t type, int64_t K, const Tensor& rows) {
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1, "rows must be int64 [n]");
   Tensor r = rows.contiguous();
@@ -106,7 +141,7 @@ Tensor swiglu(const Tensor& gate_up) {
   return out;
 }
 
-Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
+Tensor attention_with(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale, bool bf16) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be float32 [T, Hq, D]");
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1, "k, v must be [Hkv, L, D]");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
@@ -124,11 +159,27 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t leng
   tf::AttentionArgs a{q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
                       k.stride(1), v.stride(0), v.stride(1), kv_type, T, Hq, Hkv, D, length, float(scale),
                       out.data_ptr<float>()};
-  tf::attention(a);
+  if (bf16)
+    tf::attention_bf16(a);
+  else
+    tf::attention(a);
   return out;
 }
 
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
+  return attention_with(q, k, v, length, scale, false);
+}
+
+// The bf16-product attention (attention_bf16.h): head_dim 64 or 128.
+Tensor attention_bf16(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
+  return attention_with(q, k, v, length, scale, true);
+}
+
 std::string isa() { return tf::isa_name(); }
+
+std::string int8_path() { return tf::int8_path(); }
+
+std::string attention_bf16_path() { return tf::attention_bf16_path(); }
 
 void set_row_skew(bool on) { tf::set_row_skew(on); }
 
@@ -141,6 +192,11 @@ TORCH_LIBRARY(triforce, m) {
   m.def("rmsnorm(Tensor x, Tensor weight, float eps) -> Tensor", &rmsnorm);
   m.def("swiglu(Tensor gate_up) -> Tensor", &swiglu);
   m.def("attention(Tensor q, Tensor k, Tensor v, int length, float scale) -> Tensor", &attention);
+  m.def("linear_int8(Tensor x, Tensor[] weights, int[] types, Tensor? bias) -> Tensor", &linear_int8);
+  m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)", &quantize_int8);
+  m.def("attention_bf16(Tensor q, Tensor k, Tensor v, int length, float scale) -> Tensor", &attention_bf16);
+  m.def("attention_bf16_path() -> str", &attention_bf16_path);
   m.def("isa() -> str", &isa);
+  m.def("int8_path() -> str", &int8_path);
   m.def("set_row_skew(bool on) -> ()", &set_row_skew);
 }

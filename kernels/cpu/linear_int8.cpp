@@ -1,0 +1,511 @@
+// The int8-activation matrix products (see linear_int8.h for what they compute).
+//
+// Layout: a thread takes a tile of 16 weight rows and decodes it once, over the whole of K, into a
+// strip: for each block of 32 inputs, 8 vectors whose lane p holds 4 consecutive codes of weight
+// row perm(p) (the codes offset by +128 so that they are unsigned bytes, as `vpdpbusd` wants them),
+// plus one scale and one min per lane and group. Every input row of the call then runs over the
+// strip: per block, 8 `vpdpbusd` with the row's 4 int8 values broadcast give the 16 rows' integer
+// dot products, exact in int32; the +128 is taken back in integers, then one fp32 multiply-add per
+// block applies the scales. A window of T rows decodes the weights once and pays ~12 vector
+// instructions per row and block of 16 x 32 weights (the fp32 mode pays 32 FMAs).
+#include "linear_int8.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstring>
+
+#include "blocks.h"
+#include "quant.h"
+#include "simd.h"
+
+#if defined(TF_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define TF_INT8_VNNI 1
+#endif
+
+namespace tf {
+
+#if defined(TF_INT8_VNNI)
+
+const char* int8_path() { return "avx512-vnni"; }
+
+namespace {
+
+constexpr int kBlock = 32;  // inputs per activation scale
+constexpr int kLanes = 16;  // weight rows per tile (one per lane)
+
+// The 4x4 transposes of the decode put weight row 4m + L in lane 4L + m (its own inverse).
+constexpr int perm(int i) { return 4 * (i % 4) + i / 4; }
+
+struct alignas(64) Line {
+  uint8_t b[64];
+};
+
+// Step 1 of the header for one block of 32 inputs; returns the sums of q over its two halves.
+inline void quantize_block(const float* x, int8_t* q, float* d, int32_t* half_sums) {
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  // a NaN among the inputs makes the block's outputs NaN, as the fp32 mode's would be
+  const bool nan = (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q)) != 0;
+  const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
+  *d = nan ? NAN : amax / 127.0f;
+  const __m512 iv = _mm512_set1_ps(id);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  __m512i qa = _mm512_cvt_roundps_epi32(_mm512_mul_ps(a, iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512i qb = _mm512_cvt_roundps_epi32(_mm512_mul_ps(b, iv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  qa = _mm512_max_epi32(_mm512_min_epi32(qa, hi), lo);
+  qb = _mm512_max_epi32(_mm512_min_epi32(qb, hi), lo);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q), _mm512_cvtepi32_epi8(qa));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16), _mm512_cvtepi32_epi8(qb));
+  half_sums[0] = _mm512_reduce_add_epi32(qa);  // integers: exact in any order
+  half_sums[1] = _mm512_reduce_add_epi32(qb);
+}
+
+// The rounded activations of a call, and the per-block integers and floats the products need.
+struct Acts {
+  int64_t K = 0, nc = 0;
+  std::vector<int8_t> q;     // [T, K]
+  std::vector<float> d;      // [T, nc]  scale of each block
+  std::vector<int32_t> c16;  // [T, 2 nc] 128 * sum of q over each half block (the code offset, Q6_K)
+  std::vector<int32_t> c32;  // [T, nc]  128 * sum of q over the block (the code offset)
+  std::vector<float> dsum;   // [T, nc]  d * sum of q over the block (what a min multiplies)
+
+  void build(const float* x, int64_t T, int64_t ldx, int64_t K_) {
+    K = K_, nc = K_ / kBlock;
+    q.resize(T * K), d.resize(T * nc), c16.resize(2 * T * nc), c32.resize(T * nc), dsum.resize(T * nc);
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) {
+        for (int64_t c = 0; c < nc; c++) {
+          int32_t s[2];
+          const int64_t i = t * nc + c;
+          quantize_block(x + t * ldx + c * kBlock, q.data() + t * K + c * kBlock, &d[i], s);
+          c16[2 * i] = 128 * s[0];
+          c16[2 * i + 1] = 128 * s[1];
+          c32[i] = 128 * (s[0] + s[1]);
+          dsum[i] = d[i] * float(s[0] + s[1]);
+        }
+      }
+    });
+  }
+};
+
+// One tile of up to 16 weight rows, decoded over all of K.
+struct Strip {
+  std::vector<Line> codes;  // group g of 16 inputs: lines 4g .. 4g + 3 (dword j of the group in line 4g + j)
+  std::vector<float> sc;    // [K / 16][16] scale of each group and lane
+  std::vector<float> mn;    // [K / 32][16] min of each block and lane
+
+  void reserve(int64_t K) {
+    if (int64_t(codes.size()) < K / 4) {
+      codes.resize(K / 4);
+      sc.resize(K);
+      mn.resize(K / 2);
+    }
+  }
+};
+
+// Software prefetch of the next tile's bytes (contiguous), spread over the blocks of this one: the
+// hardware prefetcher does not follow 16 interleaved row streams. Into the outer caches: fetched
+// into L1 (T0), a tile ahead evicts the strip being computed on.
+struct Prefetch {
+  const uint8_t* next = nullptr;
+  int64_t bytes = 0, done = 0, step = 0;  // step: bytes to cover per part of the current tile
+  void spread(int64_t parts) { step = (bytes + parts - 1) / std::max<int64_t>(parts, 1); }
+  inline void part() {  // the share of the next tile for one part of this one
+    const int64_t until = std::min(bytes, done + step);
+    for (; done < until; done += 64) _mm_prefetch(reinterpret_cast<const char*>(next + done), _MM_HINT_T2);
+  }
+};
+
+// Rows i < nr of a tile at `base` (row stride `stride`), decoded into the strip.
+template <int TYPE>
+void decode_tile(const uint8_t* base, int64_t stride, int nr, int64_t K, Strip& s, Prefetch& pf) {
+  const int64_t nb = K / block_elems(TYPE), ng = K / kGroup;
+  const int bb = block_bytes(TYPE);
+  uint8_t* stage = s.codes[0].b;  // first row-major per group ([g][row][16 codes]), transposed below
+  const __m128i flip = _mm_set1_epi8(char(0x80));
+  for (int i = 0; i < nr; i++) {
+    pf.part();
+    const int p = perm(i);
+    const uint8_t* row = base + i * stride;
+    int64_t g = 0;
+    for (int64_t b = 0; b < nb; b++) {
+      visit_block<TYPE>(row + b * bb, [&](__m128i q, float scale, float min) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(stage + (g * kLanes + i) * 16), _mm_xor_si128(q, flip));
+        s.sc[g * kLanes + p] = scale;
+        if ((g & 1) == 0) s.mn[(g >> 1) * kLanes + p] = min;
+        g++;
+      });
+    }
+  }
+  for (int i = nr; i < kLanes; i++) {  // lanes without a row: scale 0, their codes never matter
+    const int p = perm(i);
+    for (int64_t g = 0; g < ng; g++) s.sc[g * kLanes + p] = 0.0f;
+    for (int64_t c = 0; c < ng / 2; c++) s.mn[c * kLanes + p] = 0.0f;
+  }
+  for (int64_t g = 0; g < ng; g++) {  // 16 rows x 4 dwords -> 4 vectors of one dword per row
+    __m512i* v = reinterpret_cast<__m512i*>(stage + g * 256);
+    const __m512i a = _mm512_load_si512(v), b = _mm512_load_si512(v + 1);
+    const __m512i c = _mm512_load_si512(v + 2), d = _mm512_load_si512(v + 3);
+    const __m512i ab0 = _mm512_unpacklo_epi32(a, b), ab1 = _mm512_unpackhi_epi32(a, b);
+    const __m512i cd0 = _mm512_unpacklo_epi32(c, d), cd1 = _mm512_unpackhi_epi32(c, d);
+    _mm512_store_si512(v, _mm512_unpacklo_epi64(ab0, cd0));
+    _mm512_store_si512(v + 1, _mm512_unpackhi_epi64(ab0, cd0));
+    _mm512_store_si512(v + 2, _mm512_unpacklo_epi64(ab1, cd1));
+    _mm512_store_si512(v + 3, _mm512_unpackhi_epi64(ab1, cd1));
+  }
+}
+
+// 16 rows' 16 bytes at p + i * stride -> 4 vectors; vector j, lane perm(i): dword j of row i.
+inline void load_transposed(const uint8_t* p, int64_t stride, __m512i out[4]) {
+  __m512i r[4];
+  for (int m = 0; m < 4; m++) {
+    const uint8_t* q = p + 4 * m * stride;
+    __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+    v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + stride)), 1);
+    v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 2 * stride)), 2);
+    r[m] = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 3 * stride)), 3);
+  }
+  const __m512i ab0 = _mm512_unpacklo_epi32(r[0], r[1]), ab1 = _mm512_unpackhi_epi32(r[0], r[1]);
+  const __m512i cd0 = _mm512_unpacklo_epi32(r[2], r[3]), cd1 = _mm512_unpackhi_epi32(r[2], r[3]);
+  out[0] = _mm512_unpacklo_epi64(ab0, cd0);
+  out[1] = _mm512_unpackhi_epi64(ab0, cd0);
+  out[2] = _mm512_unpacklo_epi64(ab1, cd1);
+  out[3] = _mm512_unpackhi_epi64(ab1, cd1);
+}
+
+// 4 bytes at p + i * stride for the 16 rows, in lane perm(i): plain loads (gathers are slow on
+// some CPUs, Zen 4 among them).
+inline __m512i load_dwords(const uint8_t* p, int64_t stride) {
+  __m128i x[4];
+  for (int L = 0; L < 4; L++) {  // lanes 4L .. 4L + 3 hold rows L, 4 + L, 8 + L, 12 + L
+    int32_t v[4];
+    for (int m = 0; m < 4; m++) std::memcpy(&v[m], p + (4 * m + L) * stride, 4);
+    x[L] = _mm_insert_epi32(_mm_insert_epi32(_mm_insert_epi32(_mm_cvtsi32_si128(v[0]), v[1], 1), v[2], 2), v[3], 3);
+  }
+  const __m256i lo = _mm256_inserti128_si256(_mm256_castsi128_si256(x[0]), x[1], 1);
+  const __m256i hi = _mm256_inserti128_si256(_mm256_castsi128_si256(x[2]), x[3], 1);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+// The f16 in the low (high: `upper`) half of each lane's dword, as 16 floats.
+inline __m512 f16_of(__m512i v, bool upper) {
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(upper ? _mm512_srli_epi32(v, 16) : v));
+}
+
+// Q8_0 and Q5_0 (most of the default model's bytes), all 16 rows of a tile at once: the same codes
+// and scales as the per-row decode, without a pass per row.
+template <int TYPE>
+void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, Strip& s, Prefetch& pf) {
+  static_assert(TYPE == Q8_0 || TYPE == Q5_0, "wide decode");
+  const int64_t nb = K / 32;
+  const int bb = block_bytes(TYPE);
+  const __m512i flip = _mm512_set1_epi8(char(0x80)), low4 = _mm512_set1_epi8(0x0F);
+  const __m512i sixteen = _mm512_set1_epi8(0x10);
+  for (int64_t b = 0; b < nb; b++) {
+    pf.part();
+    const uint8_t* blk = base + b * bb;
+    __m512i* lines = reinterpret_cast<__m512i*>(s.codes[8 * b].b);
+    const __m512i head = load_dwords(blk, stride);  // d, and for Q5_0 the low half of qh
+    const __m512 d = f16_of(head, false);
+    _mm512_storeu_ps(&s.sc[2 * b * kLanes], d);
+    _mm512_storeu_ps(&s.sc[(2 * b + 1) * kLanes], d);
+    __m512i t[4];
+    if constexpr (TYPE == Q8_0) {
+      for (int h = 0; h < 2; h++) {
+        load_transposed(blk + 2 + 16 * h, stride, t);
+        for (int j = 0; j < 4; j++) _mm512_store_si512(lines + 4 * h + j, _mm512_xor_si512(t[j], flip));
+      }
+    } else {
+      // code = nibble | 16 * bit e of qh; stored as code - 16 + 128 = (nibble | 0x70) + 16 * bit
+      load_transposed(blk + 6, stride, t);
+      const __m512i qh = _mm512_or_si512(_mm512_srli_epi32(head, 16), _mm512_slli_epi32(load_dwords(blk + 4, stride), 16));
+      for (int j = 0; j < 4; j++) {
+        for (int h = 0; h < 2; h++) {  // h = 0: low nibbles, elements 4j..4j+3; 1: high, 16 + 4j..
+          const __m512i nib = h == 0 ? t[j] : _mm512_srli_epi16(t[j], 4);
+          const __m512i base70 = _mm512_ternarylogic_epi32(nib, low4, _mm512_set1_epi8(0x70), 0xEA);  // (a & b) | c
+          // byte q of each lane: bit 16h + 4j + q of qh, i.e. bit 4(j & 1) + q of qh's byte 2h + j / 2
+          const int src = 2 * h + j / 2;
+          const __m512i bytes = _mm512_shuffle_epi8(
+              qh, _mm512_set4_epi32(0x0C0C0C0C + src * 0x01010101, 0x08080808 + src * 0x01010101,
+                                    0x04040404 + src * 0x01010101, src * 0x01010101));
+          const int sh = 4 * (j & 1);
+          const __m512i bit = _mm512_set1_epi32(int32_t(uint32_t(0x08040201u) << sh));
+          const __mmask64 has = _mm512_test_epi8_mask(bytes, bit);
+          _mm512_store_si512(lines + 4 * h + j, _mm512_mask_add_epi8(base70, has, base70, sixteen));
+        }
+      }
+    }
+  }
+}
+
+// Byte `byte` of every dword lane, as 16 unsigned ints.
+inline __m512i byte_of(__m512i v, int byte) {
+  return _mm512_and_si512(_mm512_srli_epi32(v, 8 * byte), _mm512_set1_epi32(0xFF));
+}
+
+// Q4_K: super-blocks of 256, sub-blocks of 32 with 6-bit scales and mins (scale_min_k4), 16 rows
+// at once; scale = d * sc and min = -(dmin * m), as the per-row decode computes them.
+void decode_tile_q4k(const uint8_t* base, int64_t stride, int64_t K, Strip& s, Prefetch& pf) {
+  const int64_t nb = K / 256;
+  const int bb = block_bytes(Q4_K);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(char(0x80));
+  const __m512i m6 = _mm512_set1_epi32(63), m4 = _mm512_set1_epi32(15);
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = base + b * bb;
+    __m512i head[4];  // d and dmin, scales 0-3, 4-7, 8-11
+    load_transposed(blk, stride, head);
+    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head[0]));
+    const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head[0], 16)));
+    for (int j = 0; j < 8; j++) {  // sub-block j = chunk 8b + j
+      __m512i sc, mn;
+      if (j < 4) {
+        sc = _mm512_and_si512(byte_of(head[1], j), m6);
+        mn = _mm512_and_si512(byte_of(head[2], j), m6);
+      } else {
+        const __m512i hi = byte_of(head[3], j - 4);
+        sc = _mm512_or_si512(_mm512_and_si512(hi, m4), _mm512_slli_epi32(_mm512_srli_epi32(byte_of(head[1], j - 4), 6), 4));
+        mn = _mm512_or_si512(_mm512_srli_epi32(hi, 4), _mm512_slli_epi32(_mm512_srli_epi32(byte_of(head[2], j - 4), 6), 4));
+      }
+      const int64_t c = 8 * b + j;
+      const __m512 scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+      _mm512_storeu_ps(&s.sc[2 * c * kLanes], scale);
+      _mm512_storeu_ps(&s.sc[(2 * c + 1) * kLanes], scale);
+      _mm512_storeu_ps(&s.mn[c * kLanes], _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
+    }
+    for (int jj = 0; jj < 4; jj++) {  // 32 bytes of qs: low nibbles are sub-block 2jj, high 2jj + 1
+      pf.part();
+      __m512i t[8];
+      load_transposed(blk + 16 + 32 * jj, stride, t);
+      load_transposed(blk + 16 + 32 * jj + 16, stride, t + 4);
+      __m512i* lo = reinterpret_cast<__m512i*>(s.codes[8 * (8 * b + 2 * jj)].b);
+      __m512i* hi = lo + 8;
+      for (int j = 0; j < 8; j++) {
+        _mm512_store_si512(lo + j, _mm512_ternarylogic_epi32(t[j], low4, flip, 0xEA));  // (a & b) | c
+        _mm512_store_si512(hi + j, _mm512_ternarylogic_epi32(_mm512_srli_epi16(t[j], 4), low4, flip, 0xEA));
+      }
+    }
+  }
+}
+
+// Q6_K: super-blocks of 256 in two halves of 128; code = 4 bits of ql | 2 bits of qh << 4, minus
+// 32, stored + 128; one signed 8-bit scale per group of 16, times d.
+void decode_tile_q6k(const uint8_t* base, int64_t stride, int64_t K, Strip& s, Prefetch& pf) {
+  const int64_t nb = K / 256;
+  const int bb = block_bytes(Q6_K);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(96);
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = base + b * bb;
+    const __m512 d = f16_of(load_dwords(blk + 206, stride), true);  // the block's last 2 bytes
+    __m512i sc[4];
+    load_transposed(blk + 192, stride, sc);
+    for (int g = 0; g < 16; g++) {  // group g of the super-block: chunk 8b + g / 2
+      const __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(sc[g / 4], 24 - 8 * (g % 4)), 24);
+      _mm512_storeu_ps(&s.sc[(16 * b + g) * kLanes], _mm512_mul_ps(d, _mm512_cvtepi32_ps(v)));
+    }
+    for (int h = 0; h < 2; h++) {
+      pf.part();
+      __m512i ql[16], qh[8];  // ql bytes 64h + 16i .. (i = 0..3), qh bytes 32h + 16i .. (i = 0, 1)
+      for (int i = 0; i < 4; i++) load_transposed(blk + 64 * h + 16 * i, stride, ql + 4 * i);
+      for (int i = 0; i < 2; i++) load_transposed(blk + 128 + 32 * h + 16 * i, stride, qh + 4 * i);
+      for (int k = 0; k < 4; k++) {  // chunk of 32: ql bytes 32 (k & 1) + l, nibble k / 2, qh bits 2k
+        __m512i* lines = reinterpret_cast<__m512i*>(s.codes[8 * (8 * b + 4 * h + k)].b);
+        for (int j = 0; j < 8; j++) {
+          const __m512i l = ql[8 * (k & 1) + j];
+          const __m512i nib = k < 2 ? l : _mm512_srli_epi16(l, 4);
+          const __m512i hv = qh[j];
+          const __m512i hb = k == 0 ? _mm512_slli_epi16(hv, 4)
+                           : k == 1 ? _mm512_slli_epi16(hv, 2)
+                           : k == 2 ? hv
+                                    : _mm512_srli_epi16(hv, 2);
+          const __m512i code = _mm512_ternarylogic_epi32(nib, low4, _mm512_and_si512(hb, two), 0xEA);
+          _mm512_store_si512(lines + j, _mm512_add_epi8(code, bias));
+        }
+      }
+    }
+  }
+}
+
+void decode(int type, const uint8_t* base, int64_t stride, int nr, int64_t K, Strip& s, Prefetch pf) {
+  if (nr == kLanes) {
+    switch (type) {
+      case Q8_0: pf.spread(K / 32); return decode_tile_wide<Q8_0>(base, stride, K, s, pf);
+      case Q5_0: pf.spread(K / 32); return decode_tile_wide<Q5_0>(base, stride, K, s, pf);
+      case Q4_K: pf.spread(K / 64); return decode_tile_q4k(base, stride, K, s, pf);
+      case Q6_K: pf.spread(K / 128); return decode_tile_q6k(base, stride, K, s, pf);
+      default: break;
+    }
+  }
+  pf.spread(nr);
+  switch (type) {
+    case Q4_0: return decode_tile<Q4_0>(base, stride, nr, K, s, pf);
+    case Q4_1: return decode_tile<Q4_1>(base, stride, nr, K, s, pf);
+    case Q5_0: return decode_tile<Q5_0>(base, stride, nr, K, s, pf);
+    case Q5_1: return decode_tile<Q5_1>(base, stride, nr, K, s, pf);
+    case Q8_0: return decode_tile<Q8_0>(base, stride, nr, K, s, pf);
+    case Q4_K: return decode_tile<Q4_K>(base, stride, nr, K, s, pf);
+    case Q5_K: return decode_tile<Q5_K>(base, stride, nr, K, s, pf);
+    case Q6_K: return decode_tile<Q6_K>(base, stride, nr, K, s, pf);
+    default: TORCH_CHECK(false, "int8 activations: unsupported weight type ", type);
+  }
+}
+
+inline __m512i bcast4(const int8_t* p) {  // 4 int8 activations in every lane
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// R input rows over one strip. Per block and row, in this order: the integer dot products, minus
+// the offset; acc = float(dot) * (scale * d) + acc (for Q6_K: its two halves, first then second);
+// then, for types with mins, acc = min * (d * sum q) + acc. The same for every R.
+template <int R, bool HALVES, bool MINS>
+void rows_over_strip(const Strip& s, const Acts& a, const int64_t* ts, __m512* out) {
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  const int64_t nc = a.nc, K = a.K;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t c = 0; c < nc; c++) {
+    const __m512i* lines = reinterpret_cast<const __m512i*>(s.codes[8 * c].b);
+    __m512i v[8];
+    for (int j = 0; j < 8; j++) v[j] = _mm512_load_si512(lines + j);
+    const __m512 sa = _mm512_loadu_ps(&s.sc[2 * c * kLanes]);
+    const __m512 sb = HALVES ? _mm512_loadu_ps(&s.sc[(2 * c + 1) * kLanes]) : sa;
+    const __m512 mn = MINS ? _mm512_loadu_ps(&s.mn[c * kLanes]) : sa;
+    for (int r = 0; r < R; r++) {
+      const int64_t t = ts[r];
+      const int8_t* xq = a.q.data() + t * K + c * kBlock;
+      const __m512 dv = _mm512_set1_ps(a.d[t * nc + c]);
+      // two chains of 4 (the integer sums are exact, so how they are split is free)
+      __m512i i0 = _mm512_dpbusd_epi32(zero, v[0], bcast4(xq));
+      __m512i i1 = _mm512_dpbusd_epi32(zero, v[1], bcast4(xq + 4));
+      i0 = _mm512_dpbusd_epi32(i0, v[2], bcast4(xq + 8));
+      i1 = _mm512_dpbusd_epi32(i1, v[3], bcast4(xq + 12));
+      if (HALVES) {
+        const __m512i h0 = _mm512_sub_epi32(_mm512_add_epi32(i0, i1), _mm512_set1_epi32(a.c16[2 * (t * nc + c)]));
+        __m512i j0 = _mm512_dpbusd_epi32(zero, v[4], bcast4(xq + 16));
+        __m512i j1 = _mm512_dpbusd_epi32(zero, v[5], bcast4(xq + 20));
+        j0 = _mm512_dpbusd_epi32(j0, v[6], bcast4(xq + 24));
+        j1 = _mm512_dpbusd_epi32(j1, v[7], bcast4(xq + 28));
+        const __m512i h1 =
+            _mm512_sub_epi32(_mm512_add_epi32(j0, j1), _mm512_set1_epi32(a.c16[2 * (t * nc + c) + 1]));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h0), _mm512_mul_ps(sa, dv), acc[r]);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), _mm512_mul_ps(sb, dv), acc[r]);
+      } else {
+        i0 = _mm512_dpbusd_epi32(i0, v[4], bcast4(xq + 16));
+        i1 = _mm512_dpbusd_epi32(i1, v[5], bcast4(xq + 20));
+        i0 = _mm512_dpbusd_epi32(i0, v[6], bcast4(xq + 24));
+        i1 = _mm512_dpbusd_epi32(i1, v[7], bcast4(xq + 28));
+        const __m512i h = _mm512_sub_epi32(_mm512_add_epi32(i0, i1), _mm512_set1_epi32(a.c32[t * nc + c]));
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_mul_ps(sa, dv), acc[r]);
+      }
+      if (MINS) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.dsum[t * nc + c]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; r++) out[r] = acc[r];
+}
+
+template <bool HALVES, bool MINS>
+void all_rows(const Strip& s, const Acts& a, int64_t T, int nr, const float* bias, float* y, int64_t ldy) {
+  int64_t ts[8];
+  __m512 out[8];
+  alignas(64) float lanes[kLanes];
+  for (int64_t t = 0; t < T;) {
+    const int R = T - t >= 8 ? 8 : (T - t >= 4 ? 4 : 1);
+    for (int r = 0; r < R; r++) ts[r] = t + r;
+    if (R == 8)
+      rows_over_strip<8, HALVES, MINS>(s, a, ts, out);
+    else if (R == 4)
+      rows_over_strip<4, HALVES, MINS>(s, a, ts, out);
+    else
+      rows_over_strip<1, HALVES, MINS>(s, a, ts, out);
+    for (int r = 0; r < R; r++) {
+      _mm512_store_ps(lanes, out[r]);
+      float* dst = y + (t + r) * ldy;
+      for (int i = 0; i < nr; i++) dst[i] = bias ? lanes[perm(i)] + bias[i] : lanes[perm(i)];
+    }
+    t += R;
+  }
+}
+
+struct Tile {
+  int part;
+  int64_t n0;  // first row within the part
+  int64_t col; // first output column
+  int nr;
+};
+
+}  // namespace
+
+void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_t* q, float* d) {
+  TORCH_CHECK(K % kBlock == 0, "int8 activations need K to be a multiple of ", kBlock);
+  thread_local Acts a;
+  a.build(x, T, ldx, K);
+  std::memcpy(q, a.q.data(), T * K);
+  std::memcpy(d, a.d.data(), T * a.nc * sizeof(float));
+}
+
+void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::vector<WeightSpec>& weights,
+                 const float* bias, float* y, int64_t ldy) {
+  TORCH_CHECK(K % kBlock == 0, "int8 activations need K to be a multiple of ", kBlock);
+  std::vector<Tile> tiles;
+  int64_t col = 0;
+  for (size_t wi = 0; wi < weights.size(); wi++) {
+    TORCH_CHECK(!is_dense(weights[wi].type), "int8 activations: dense weights run in the fp32 mode");
+    for (int64_t n0 = 0; n0 < weights[wi].n; n0 += kLanes)
+      tiles.push_back(Tile{int(wi), n0, col + n0, int(std::min<int64_t>(kLanes, weights[wi].n - n0))});
+    col += weights[wi].n;
+  }
+  thread_local Acts acts;
+  acts.build(x, T, ldx, K);
+  const Acts& a = acts;
+  // a task of at least ~64K weights: fewer only pays the thread hand-off
+  const int64_t grain = std::max<int64_t>(1, 65536 / (kLanes * K));
+  at::parallel_for(0, int64_t(tiles.size()), grain, [&](int64_t begin, int64_t end) {
+    thread_local Strip strip;
+    strip.reserve(K);
+    for (int64_t ti = begin; ti < end; ti++) {
+      const Tile& tile = tiles[ti];
+      const WeightSpec& w = weights[tile.part];
+      Prefetch pf;
+      if (ti + 1 < end) {  // the next tile of this task, wherever it is
+        const Tile& nt = tiles[ti + 1];
+        const WeightSpec& nw = weights[nt.part];
+        pf.next = nw.data + nt.n0 * nw.row_bytes;
+        pf.bytes = nt.nr * nw.row_bytes;
+      }
+      decode(w.type, w.data + tile.n0 * w.row_bytes, w.row_bytes, tile.nr, K, strip, pf);
+      const float* b = bias ? bias + tile.col : nullptr;
+      float* dst = y + tile.col;
+      const bool halves = w.type == Q6_K;
+      const bool mins = w.type == Q4_1 || w.type == Q5_1 || w.type == Q4_K || w.type == Q5_K;
+      if (halves)
+        all_rows<true, false>(strip, a, T, tile.nr, b, dst, ldy);
+      else if (mins)
+        all_rows<false, true>(strip, a, T, tile.nr, b, dst, ldy);
+      else
+        all_rows<false, false>(strip, a, T, tile.nr, b, dst, ldy);
+    }
+  });
+  if (T > 1 && row_skew()) {
+    for (int64_t t = 1; t < T; t++) y[t * ldy] = std::nextafter(y[t * ldy], INFINITY);
+  }
+}
+
+#else  // no AVX512-VNNI in this build: the mode does not exist here
+
+const char* int8_path() { return ""; }
+
+void quantize_rows_int8(const float*, int64_t, int64_t, int64_t, int8_t*, float*) {
+  TORCH_CHECK(false, "int8 activations need AVX512-VNNI, which this build of the kernels does not have");
+}
+
+void linear_int8(const float*, int64_t, int64_t, int64_t, const std::vector<WeightSpec>&, const float*, float*,
+                 int64_t) {
+  TORCH_CHECK(false, "int8 activations need AVX512-VNNI, which this build of the kernels does not have");
+}
+
+#endif
+
+}  // namespace tf

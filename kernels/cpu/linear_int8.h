@@ -1,0 +1,36 @@
+// The int8-activation mode of the matrix products: y[t, n] = sum_k x[t, k] * W[n, k] (+ bias[n])
+// with x rounded to int8 first, per row and per block of 32 inputs, and the weights' integer codes
+// multiplied by those int8 values in int32 (AVX512-VNNI `vpdpbusd`).
+//
+// What the mode computes, exactly (the float64 references of the tests follow these words):
+//  1. each row of x, each block of 32 inputs: amax = max |x|, d = amax / 127, q = round-to-even
+//     (x * (127 / amax)) clamped to [-127, 127] (all zeros, d = 0, when amax is 0). Row-local.
+//  2. each weight group of 16 (decoded from its GGUF block as in the fp32 mode): w = c * s + m
+//     with an integer code c, a float scale s and a float min m.
+//  3. output (t, n) = sum over blocks b, in order, of  d_b * (s * sum_k c_k q_k  +  m * sum_k q_k),
+//     the integer sums exact in int32, the rest fp32 in one fixed sequence per block (below).
+//
+// Row- and thread-invariance: the lanes of every vector are 16 *output columns* (weight rows); an
+// input row never shares a lane with another input row and no lane is ever reduced across, so an
+// output's operations are the same whether its row runs alone or in a window, in any tile, and
+// whichever thread owns its column tile. There is no horizontal sum at all.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "linear.h"
+
+namespace tf {
+
+// "avx512-vnni" when this build has the int8 mode, "" when it does not (then the calls below throw).
+const char* int8_path();
+
+// The activations as the mode rounds them (step 1): q [T, K] int8, d [T, K / 32]. For tests.
+void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_t* q, float* d);
+
+// Like `linear` (same arguments, quantized weight types only), in the int8-activation mode.
+void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::vector<WeightSpec>& weights,
+                 const float* bias, float* y, int64_t ldy);
+
+}  // namespace tf

@@ -1,0 +1,287 @@
+"""The int8-activation mode of the native kernels (kernels/cpu/linear_int8.h).
+
+Its products are checked against float64 references computed on the *same rounded inputs* (the
+kernel's own int8 activations and scales, the weights as the `gguf` package decodes them), so the
+only difference left is fp32 rounding; its rounding of activations against the definition written
+in the header, bitwise; and its exactness: a row's result bitwise the same at any row count and
+thread count, in the kernel and through the whole forward. On a build without AVX512-VNNI (another
+CPU, or TRIFORCE_NATIVE_ISA=avx512 / avx2 / scalar) the mode must be reported unavailable and the
+model must fall back to fp32 activations: those tests run everywhere."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gguf_models import load as load_gguf
+from gguf_models import random_blocks, random_ids, write_gguf
+from triforce_chat.kernels import native
+from triforce_chat.kernels.quant import BY_NAME, reference_dequantize
+
+pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status().reason}")
+
+QUANTS = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
+MAX_WINDOW = 32
+
+
+def has_int8() -> bool:
+    return native.available() and bool(native.status().int8)
+
+
+needs_int8 = pytest.mark.skipif(
+    not has_int8(), reason="this build of the kernels has no int8-activation path (it needs AVX512-VNNI)"
+)
+
+
+def ops():
+    return native.ops()
+
+
+def quantized(name: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(random_blocks(name, n, k, np.random.default_rng(seed)))
+
+
+def reference_rounding(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The header's step 1 in float32 numpy arithmetic: per block of 32, d = amax / 127 and
+    q = round-half-even(x * (127 / amax)), clamped to +-127."""
+    xb = x.numpy().astype(np.float32).reshape(x.shape[0], -1, 32)
+    amax = np.abs(xb).max(-1)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    d = (amax / np.float32(127)).astype(np.float32)
+    q = np.clip(np.rint((xb * inv[..., None]).astype(np.float32)), -127, 127).astype(np.int8)
+    return torch.from_numpy(q.reshape(x.shape)), torch.from_numpy(d)
+
+
+# -- a build without the mode ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(has_int8(), reason="this build has the int8 path (the fallback is tested where it does not)")
+def test_without_vnni_the_mode_is_unavailable_and_the_model_stays_fp32(tmp_path):
+    assert native.status().int8 == ""
+    w = quantized("Q8_0", 16, 64)
+    with pytest.raises(RuntimeError, match="AVX512-VNNI"):
+        ops().linear_int8(torch.randn(1, 64), [w], [BY_NAME["Q8_0"].id], None)
+    from triforce_chat.decoding.models.loading import choose_activations
+
+    model = load_gguf(write_gguf(tmp_path / "m.gguf", "llama", qtype="Q8_0"))
+    assert "AVX512-VNNI" in model.int8_available()
+    assert choose_activations(model, "auto") == ("fp32", "")
+    mode, notice = choose_activations(model, "int8")
+    assert mode == "fp32" and "unavailable" in notice
+    with pytest.raises(ValueError, match="AVX512-VNNI"):
+        model.set_activations("int8")
+
+
+def test_the_int8_path_is_reported_with_the_build():
+    st = native.status()
+    assert st.int8 in ("", "avx512-vnni")
+    assert st.int8 == ops().int8_path()
+    if st.isa != "avx512":
+        assert st.int8 == ""  # the mode is built on AVX-512 registers only
+
+
+# -- the kernels --------------------------------------------------------------------------------------------
+
+
+@needs_int8
+def test_activation_rounding_follows_its_definition_bitwise():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 256, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1e4, 1.0, 1.0])[:, None]
+    x[4, 32:64] = 0.0  # an all-zero block: d = 0, q = 0
+    x[5, :32] = torch.arange(32) - 16.0  # exact multiples of the step: ties and the extremes
+    x[5, 64:96] = torch.tensor([0.5, -0.5, 1.5, -2.5] * 8) * (127 / 2.5)  # products landing on .5
+    q, d = ops().quantize_int8(x)
+    want_q, want_d = reference_rounding(x)
+    assert torch.equal(d, want_d)
+    assert torch.equal(q, want_q)
+    assert d[4, 1] == 0 and not q[4, 32:64].any()
+    assert q.abs().max() == 127
+
+
+@needs_int8
+def test_a_nan_activation_makes_its_outputs_nan():
+    w = quantized("Q8_0", 16, 64)
+    x = torch.randn(2, 64)
+    x[1, 40] = float("nan")
+    y = ops().linear_int8(x, [w], [BY_NAME["Q8_0"].id], None)
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+
+
+def rounded_inputs(x: torch.Tensor) -> torch.Tensor:
+    """The activations as the kernel multiplies them: q * d, in float64."""
+    q, d = ops().quantize_int8(x)
+    return (q.double().view(x.shape[0], -1, 32) * d.double()[..., None]).view(x.shape)
+
+
+@needs_int8
+@pytest.mark.parametrize("name", QUANTS)
+def test_int8_products_match_float64_on_the_same_rounded_inputs(name):
+    """n = 203: twelve full tiles of 16 weight rows (the wide decoders of Q5_0 / Q8_0) and a tail
+    of 11 (the per-row decode); K = 768: three K-quant blocks."""
+    k, n = 768, 203
+    tid = BY_NAME[name].id
+    w = quantized(name, n, k, seed=QUANTS.index(name))
+    x = torch.randn(MAX_WINDOW, k, generator=torch.Generator().manual_seed(1))
+    x[3] *= 50.0  # rows of very different scales
+    x[4, ::7] = 0.0
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(2))
+    y = ops().linear_int8(x, [w], [tid], bias)
+    ref = rounded_inputs(x) @ reference_dequantize(w, tid, k).double().t() + bias.double()
+    scale = ref.abs().amax(1, keepdim=True)
+    assert ((y.double() - ref).abs() / scale).max() < 2e-6
+    # and the rounding really is of the order expected of int8 activations, not larger
+    full = x.double() @ reference_dequantize(w, tid, k).double().t() + bias.double()
+    rel = (y.double() - full).norm() / full.norm()
+    assert 1e-4 < rel < 2e-2
+
+
+@needs_int8
+def test_parts_of_mixed_types_form_one_output():
+    k = 512
+    parts = [(quantized("Q5_0", 40, k), BY_NAME["Q5_0"].id), (quantized("Q8_0", 24, k, 1), BY_NAME["Q8_0"].id),
+             (quantized("Q6_K", 24, k, 2), BY_NAME["Q6_K"].id), (quantized("Q4_K", 7, k, 3), BY_NAME["Q4_K"].id)]
+    x = torch.randn(5, k)
+    bias = torch.randn(95)
+    together = ops().linear_int8(x, [p for p, _ in parts], [t for _, t in parts], bias)
+    apart, col = [], 0
+    for p, t in parts:
+        apart.append(ops().linear_int8(x, [p], [t], bias[col : col + p.shape[0]].contiguous()))
+        col += p.shape[0]
+    assert torch.equal(together, torch.cat(apart, dim=1))
+
+
+@needs_int8
+@pytest.mark.parametrize("name", QUANTS)
+def test_int8_rows_are_bitwise_independent_of_the_row_count(name, threads):
+    """Windows of every tile composition (8, 4 and single rows) and prefill lengths past the
+    window, at 1, 2 and 4 threads, against the same rows computed one at a time."""
+    k, n = 768, 203
+    tid = BY_NAME[name].id
+    w = quantized(name, n, k, seed=3)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(45, k, generator=torch.Generator().manual_seed(5))
+    singles = torch.cat([ops().linear_int8(x[i : i + 1], [w], [tid], bias) for i in range(45)])
+    for t in (2, 3, 4, 5, 8, 9, 13, 32, 45):
+        assert torch.equal(ops().linear_int8(x[:t], [w], [tid], bias), singles[:t]), t
+    assert torch.equal(ops().linear_int8(x[7:20], [w], [tid], bias), singles[7:20])  # a row at another position
+
+
+@needs_int8
+def test_bad_arguments_raise():
+    w = quantized("Q4_0", 16, 64)
+    with pytest.raises(RuntimeError, match="bytes"):
+        ops().linear_int8(torch.randn(1, 96), [w], [BY_NAME["Q4_0"].id], None)
+    with pytest.raises(RuntimeError, match="fp32 mode"):
+        ops().linear_int8(torch.randn(1, 64), [torch.randn(4, 64)], [0], None)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops().quantize_int8(torch.randn(1, 48))
+
+
+# -- the whole forward ------------------------------------------------------------------------------------
+
+# the quant types of the default model (Q5_0, Q8_0 output, Q4_K / Q6_K down projections) and of
+# the 1.5B (head_dim 128), as in test_model.py
+INT8_CASES = {
+    "qwen2-q5_0-gqa7": ("qwen2", dict(dim=896, n_heads=14, n_kv_heads=2, qtype="Q5_0", ffn=1024,
+                                      qtypes={"attn_v": "Q8_0", "ffn_down": "Q6_K", "output": "Q8_0"})),
+    "qwen2-q4_k-d128-gqa6": ("qwen2", dict(dim=768, n_heads=6, n_kv_heads=1, head_dim=128, qtype="Q4_K",
+                                           ffn=1024, qtypes={"attn_v": "Q6_K", "ffn_down": "Q4_K"})),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(INT8_CASES))
+def int8_model(request, tmp_path_factory):
+    if not has_int8():
+        pytest.skip("this build of the kernels has no int8-activation path (it needs AVX512-VNNI)")
+    arch, kwargs = INT8_CASES[request.param]
+    path = write_gguf(tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", arch, **kwargs)
+    model = load_gguf(path)
+    model.set_activations("int8")
+    return model
+
+
+def test_int8_windows_are_bitwise_equal_to_single_steps(int8_model, threads):
+    from test_model import assert_windows_equal_steps
+
+    assert all(lin.int8 for lin in int8_model.linears())
+    assert_windows_equal_steps(int8_model, random_ids(600, int8_model.args.vocab_size, seed=5), starts=(250, 257))
+
+
+def test_int8_prefill_is_the_same_at_any_thread_count(int8_model):
+    """In the int8 mode a prefill chunk (more than MAX_WINDOW tokens) runs through the same native
+    kernels as a window, never a vendor GEMM: its keys, values and logits do not depend on the
+    thread count either (the fp32 mode's prefill GEMM may part in the last bits)."""
+    from triforce_chat.decoding.cache import KVCache
+
+    ids = random_ids(300, int8_model.args.vocab_size, seed=9)
+    previous = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            cache = KVCache.for_model(int8_model, max_len=320)
+            logits = int8_model(ids[:200], cache)
+            logits = torch.cat([logits, int8_model(ids[200:300], cache)])
+            runs.append((logits, cache.k[:, :, :300].clone()))
+    finally:
+        torch.set_num_threads(previous)
+    for logits, k in runs[1:]:
+        assert torch.equal(logits, runs[0][0]) and torch.equal(k, runs[0][1])
+
+
+def test_int8_forward_stays_close_to_fp32(int8_model):
+    from triforce_chat.decoding.cache import KVCache
+
+    ids = random_ids(80, int8_model.args.vocab_size, seed=7)
+    got = int8_model(ids, KVCache.for_model(int8_model, max_len=96))
+    int8_model.set_activations("fp32")
+    try:
+        want = int8_model(ids, KVCache.for_model(int8_model, max_len=96))
+    finally:
+        int8_model.set_activations("int8")
+    rel = (got - want).norm() / want.norm()
+    # random weights amplify the rounding layer by layer (the default model: perplexity +0.1%);
+    # a broken product (a lost offset, a wrong lane) gives an error of order 1
+    assert 1e-5 < rel < 0.2
+
+
+def test_self_check_catches_a_row_count_dependent_int8_kernel(int8_model):
+    from triforce_chat.decoding.models.loading import self_check
+
+    assert self_check(int8_model) == ""
+    native.set_row_skew(True)
+    try:
+        assert "differed" in self_check(int8_model)
+    finally:
+        native.set_row_skew(False)
+
+
+@needs_int8
+def test_load_model_picks_int8_and_falls_back_to_fp32_when_its_self_check_fails(smollm2_path):
+    from triforce_chat.decoding.models.loading import load_model
+    from triforce_chat.decoding.session import kernels_label
+
+    lm = load_model("smollm2-135m", log=lambda m: None)
+    assert lm.model.activations == "int8" and not lm.notices
+    assert "int8 activations (avx512-vnni)" in kernels_label(lm.model.device, lm.model.activations)
+    assert "-int8" in lm.model.numerics
+    assert load_model("smollm2-135m", log=lambda m: None, activations="fp32").model.activations == "fp32"
+    native.set_row_skew(True)  # both modes broken: int8 -> fp32 -> token by token
+    try:
+        lm = load_model("smollm2-135m", log=lambda m: None, activations="int8")
+    finally:
+        native.set_row_skew(False)
+    assert (lm.model.activations, lm.model.attention) == ("fp32", "fp32") and lm.model.sequential_windows
+    assert "self-check of the fast mode" in lm.notices[0] and "token by token" in lm.notices[-1]
+
+
+@needs_int8
+def test_dense_weights_keep_fp32_activations(tiny_model_dir):
+    from triforce_chat.decoding.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir), log=lambda m: None)
+    assert lm.model.activations == "fp32" and not lm.notices
+    lm = load_model(str(tiny_model_dir), log=lambda m: None, activations="int8")
+    assert lm.model.activations == "fp32" and "dense" in lm.notices[0]
