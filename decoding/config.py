@@ -64,6 +64,10 @@ class DecodeConfig:
     loop_repeats: int = LoopRule.min_repeats
     loop_min_tokens: int = LoopRule.min_tokens
     loop_max_span: int = LoopRule.max_span
+    # the sources of an answer (decoding/sources.py): the attention read at most every `sources_every`
+    # answer tokens (0: no sources), the best `sources_top` passages kept
+    sources_every: int = 4
+    sources_top: int = 3
 
     def loop_rule(self) -> LoopRule | None:
         """The repetition stop, or None when it is off."""
@@ -101,6 +105,8 @@ class DecodeConfig:
             raise ValueError(f"budget must be at least two chunks ({2 * self.chunk_size} tokens), not {tokens}")
         if not self.draft:
             raise ValueError("draft must be 'ngram' or a model")
+        if self.sources_every < 0 or self.sources_top < 1:
+            raise ValueError("sources: the reading interval must be >= 0 (0 is off) and the passages kept >= 1")
 
 
 def generation_defaults(config: dict[str, Any]) -> dict[str, float | int]:

@@ -68,6 +68,7 @@ class RetrievalView:
         self.n_selected_chunks = 0
         self.rebuilds = 0
         self.stale = True
+        self.rebuild_listeners: list = []  # called after every rebuild (decoding/sources.py reads the same query)
         cache.listeners.append(self)
 
     # -- selection -------------------------------------------------------------------------------
@@ -119,6 +120,8 @@ class RetrievalView:
             gather_chunks(keys, values, idx, c, out=(self.k[layer, :, :n], self.v[layer, :, :n]))
         self.n_sel = n
         self.n_selected_chunks = int(idx.shape[1])
+        for listener in self.rebuild_listeners:
+            listener()
 
     def _reserve(self, need: int, keep: bool = True) -> None:
         """A buffer of at least `need` tokens; `keep` copies what it held."""

@@ -28,6 +28,17 @@ from triforce_chat.decoding.models.loading import LoadedModel
 from triforce_chat.decoding.retrieval import RetrievalView
 from triforce_chat.decoding.route import CostModel, WindowCosts
 from triforce_chat.decoding.sampling import Sampler
+from triforce_chat.decoding.sources import (
+    Placement,
+    PositionMap,
+    Source,
+    SourceTracker,
+    TextPiece,
+    build_position_map,
+    cut_pieces,
+    rank_sources,
+    whole_text,
+)
 from triforce_chat.decoding.speculative import SpecConfig, SpeculativeDecoder
 from triforce_chat.decoding.stats import Stats
 from triforce_chat.decoding.store.doccache import DocCache, SyncReport
@@ -57,9 +68,20 @@ class PrefillCancelled(RuntimeError):
 
 @dataclass
 class Document:
+    """A document as the prompt holds it. `text` is what is prefilled; with --truncate it is cut to
+    head + marker + tail, and `original` keeps the text as loaded, so that sources cite the lines of
+    the file the user knows (`pieces`: which runs of `text` come from where in `original`)."""
+
     name: str
     text: str
     n_tokens: int
+    original: str = ""
+    pieces: list[TextPiece] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.original:
+            self.original = self.text
+            self.pieces = whole_text(self.text)
 
 
 @dataclass
@@ -69,6 +91,7 @@ class Turn:
     answer: str = ""
     token_ids: list[int] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    sources: list[Source] = field(default_factory=list)  # the passages the answer drew on, best first
 
 
 class Session:
@@ -204,6 +227,85 @@ class Session:
     def prompt_ids(self, question: str) -> list[int]:
         return self._tokenize(self._render(self._messages(question), True))
 
+    def _placements(self, rendered: str, question: str) -> list[Placement]:
+        """Where each document's text sits in `rendered` (the prompt for `question`, as prefilled).
+        Each user message is found whole, in order, so a document's text is never confused with a
+        quote of it in a question or an answer; a template that changed a message (trimmed it, say)
+        falls back to finding each document's block. A document not found has no placement (and no
+        sources): better none than a wrong line."""
+        out: list[Placement] = []
+        cursor, index = 0, 0
+        messages = [(t.documents, t.question) for t in self.turns] + [(self.pending_documents, question)]
+        for docs, q in messages:
+            content = self._user_content(docs, q)
+            at = rendered.find(content, cursor) if docs else -1
+            for d in docs:
+                header, body = f'Document "{d.name}":\n\n', d.text.strip()
+                block = at if at >= 0 else rendered.find(header + body, cursor)
+                if block >= 0:
+                    start = block + len(header)
+                    out.append(Placement(index, start, start + len(body), len(d.text) - len(d.text.lstrip()),
+                                         d.pieces))
+                    cursor = start + len(body)
+                    if at >= 0:
+                        at = cursor + 2  # the blank line after the block
+                index += 1
+        return out
+
+    def _track_sources(self) -> SourceTracker | None:
+        """A tracker for the answer about to start (None when sources are off), with its first
+        reading taken now: the query of the prompt's last token."""
+        if self.config.sources_every <= 0:
+            return None
+        tracker = SourceTracker(self.cache, self.view.chunk_size, self.config.sources_every)
+        tracker.start()
+        self.view.rebuild_listeners.append(tracker.on_rebuild)
+        return tracker
+
+    def position_map(self, question: str) -> PositionMap | None:
+        """Which document text each token of the prompt for `question` stands for (as the next answer
+        would prefill it, --truncate applied): the map an answer's sources are made with. None for
+        a tokenizer without character offsets."""
+        if self.config.truncate:
+            self._fit_documents(question)
+        rendered = self._render(self._messages(question), True)
+        return self._map_positions(rendered, self._placements(rendered, question), len(self._tokenize(rendered)))
+
+    def _map_positions(self, rendered: str, placements: list[Placement], n_prompt: int) -> PositionMap | None:
+        """The position map of `rendered` (the very text that was prefilled, `n_prompt` tokens) from the
+        tokenizer's offsets; None when the tokenizer gives none, or other ids than were prefilled."""
+        try:
+            enc = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
+        except (NotImplementedError, ValueError, TypeError):  # a tokenizer without offsets
+            return None
+        if len(enc.input_ids) != n_prompt:  # not the ids that were prefilled: no map is exact
+            return None
+        return build_position_map(enc.offset_mapping, placements)
+
+    def _finish_sources(
+        self, tracker: SourceTracker, rendered: str, layout: tuple[list[Placement], list[tuple[str, str]]],
+        n_prompt: int,
+    ) -> list[Source]:
+        """The answer's passages: its tracker's chunk scores over the prompt's token positions, mapped to
+        documents. Never fails an answer: a problem here means no sources, with a notice."""
+        if tracker.on_rebuild in self.view.rebuild_listeners:
+            self.view.rebuild_listeners.remove(tracker.on_rebuild)
+        try:
+            tracker.finish()
+            placements, documents = layout
+            if not placements or not tracker.readings:
+                return []
+            posmap = self._map_positions(rendered, placements, n_prompt)
+            if posmap is None:
+                self._since_answer.notices.append("sources: this tokenizer gives no character offsets")
+                return []
+            c = self.view.chunk_size
+            scores = tracker.scores[: n_prompt // c].tolist()
+            return rank_sources(scores, c, posmap, documents, self.config.sources_top)
+        except Exception as exc:  # sources are never worth a failed answer
+            self._since_answer.notices.append(f"sources: {type(exc).__name__}: {exc}")
+            return []
+
     def _documents_only_ids(self) -> list[int]:
         """Tokens of the conversation up to where the next question will go (documents included)."""
         text = self._render(self._messages(_SENTINEL), False)
@@ -322,13 +424,36 @@ class Session:
             if over <= 0 or not self.pending_documents:
                 return
             doc = max(self.pending_documents, key=lambda d: d.n_tokens)
-            ids = self._tokenize(doc.text)
+            ids, ends = self._token_ends(doc.text)
             keep = max(0, len(ids) - over - 32)
-            head, tail = ids[: keep // 2], ids[len(ids) - (keep - keep // 2) :] if keep else []
-            omitted = len(ids) - len(head) - len(tail)
-            text = (self.tokenizer.decode(head) + f"\n\n[... {omitted} tokens omitted ...]\n\n"
-                    + self.tokenizer.decode(tail))
+            n_head, n_tail = keep // 2, keep - keep // 2 if keep else 0
+            marker = f"\n\n[... {len(ids) - n_head - n_tail} tokens omitted ...]\n\n"
+            if ends is not None:  # cut the text itself at token boundaries: the kept text is the original's
+                head_end = ends[n_head - 1] if n_head else 0
+                tail_start = ends[len(ids) - n_tail - 1] if n_tail else len(doc.text)
+                head, tail = doc.text[:head_end], doc.text[tail_start:] if n_tail else ""
+            else:
+                head = self.tokenizer.decode(ids[:n_head])
+                tail = self.tokenizer.decode(ids[len(ids) - n_tail :]) if n_tail else ""
+                head_end, tail_start = len(head), len(doc.text) - len(tail)
+                if not doc.text.startswith(head):
+                    head_end = -1
+                if not doc.text.endswith(tail):
+                    tail_start = -1
+            text = head + marker + tail
+            keep_parts = [(0, head_end, 0)] if head_end >= 0 else []
+            if tail_start >= 0:
+                keep_parts.append((tail_start, len(doc.text), len(head) + len(marker)))
+            doc.pieces = cut_pieces(doc.pieces, keep_parts)
             doc.text, doc.n_tokens = text, self.count_tokens(text)
+
+    def _token_ends(self, text: str) -> tuple[list[int], list[int] | None]:
+        """The ids of `text` and where each token ends in it (None without a fast tokenizer's offsets)."""
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return enc.input_ids, [e for _, e in enc.offset_mapping]
+        except (NotImplementedError, ValueError, TypeError):
+            return self._tokenize(text), None
 
     # -- answering -----------------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -365,7 +490,8 @@ class Session:
         if cfg.truncate:
             self._fit_documents(question)
         t0 = time.perf_counter()
-        ids = self.prompt_ids(question)
+        rendered = self._render(self._messages(question), True)
+        ids = self._tokenize(rendered)
         if len(ids) + 1 <= self.max_context:  # (a prompt that does not fit is ContextOverflow, below)
             self.check_memory(min(len(ids) + cfg.max_new_tokens, self.max_context))
         report = self._sync(ids, progress, should_cancel, on_restore)
@@ -381,6 +507,9 @@ class Session:
                            prefill_s=prefill_s, restored_tokens=min(acc.restored, prefill_tokens),
                            restore_s=acc.restore_s, saved_tokens=acc.saved, save_s=acc.save_s)
         self._since_answer = SyncReport(notices=acc.notices)
+        tracker = self._track_sources()
+        layout = (self._placements(rendered, question), [(d.name, d.original) for d in self.documents]) \
+            if tracker is not None else None
         turn = Turn(question=question, documents=self.pending_documents)
         self.pending_documents = []
         self.turns.append(turn)
@@ -393,6 +522,11 @@ class Session:
 
         try:
             for ev in decoder.generate(self.context, cfg.max_new_tokens, should_stop):
+                if tracker is not None:  # between rounds: it reads the query the round left in the cache
+                    t_read = time.perf_counter()
+                    tracker.after_round(len(ev.tokens), ev.wall_s)
+                    ev.timings["sources"] = time.perf_counter() - t_read
+                    ev.wall_s += ev.timings["sources"]
                 answer_ids.extend(ev.tokens)
                 text = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
                 if not text.endswith("\ufffd"):  # hold back a half-decoded multi-byte character
@@ -406,6 +540,10 @@ class Session:
             final = self.tokenizer.decode(answer_ids, skip_special_tokens=True)
             turn.answer, turn.token_ids = final, list(answer_ids)
             self.stats.stop_reason = self.stats.stop_reason or "stopped"  # a consumer that stopped reading
+            if tracker is not None:
+                t_rank = time.perf_counter()
+                turn.sources = self._finish_sources(tracker, rendered, layout, len(ids))
+                self.stats.sources_rank_s = time.perf_counter() - t_rank
             turn.stats = self.stats.to_dict()
 
     def _decoder(self, level: int) -> SpeculativeDecoder:

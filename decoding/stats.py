@@ -11,6 +11,9 @@ Definitions (one place, so every view of a number agrees):
   counted (as vLLM reports it); level 0 is exactly 1.
 - position_histogram[level][i]: fraction of windows whose i-th draft was accepted.
 - speedup_vs_level0: (level-0 step time measured in this answer's context) x tokens / decode time.
+- timings_s["sources"]: the part of decode_s spent reading the attention for the answer's sources
+  (between rounds, decoding/sources.py); sources_rank_s: the time after the last token that turned
+  those readings into passages.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class Stats:
     decode_s: float = 0.0
     rounds: int = 0
     level0_step_s: float = 0.0  # measured full-cache single-token step at this context
+    sources_rank_s: float = 0.0  # after the last token: mapping the readings to passages
     stop_reason: str = ""
     token_origins: list[str] = field(default_factory=list)
     mid_proposed: int = 0
@@ -143,5 +147,6 @@ class Stats:
             "speedup_vs_level0": self.speedup_vs_level0,
             "origin_counts": self.origin_counts,
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "sources_rank_s": round(self.sources_rank_s, 4),
             "stop_reason": self.stop_reason,
         }

@@ -224,6 +224,9 @@ def ask(
     context: ContextOpt = None,
     truncate: TruncateOpt = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object at the end.")] = False,
+    sources: Annotated[
+        bool, typer.Option("--sources", help="After the answer, print the passages it drew on, one per line.")
+    ] = False,
     no_doc_cache: NoDocCacheOpt = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -261,6 +264,9 @@ def ask(
         print(json_text(result))  # model text may hold escape sequences: written as \u escapes
     else:
         sys.stdout.write("\n")
+        if sources:
+            for line in source_lines(result["sources"]):
+                sys.stdout.write(line + "\n")
         if result["stats"]["stop_reason"] == "repetition":
             say("stopped: repetition (the answer kept repeating itself; --no-stop-on-repetition lets it go on)")
     if interrupted.is_set():
@@ -324,8 +330,26 @@ def run_ask(
         "weights": lm.model.weights_label,
         "kv_dtype": str(session.cache.k.dtype).removeprefix("torch."),
         "sampling": {key: getattr(cfg, key) for key in SAMPLING_KEYS},
+        "sources": [x.to_dict() for x in session.turns[-1].sources] if answered else [],
         "stats": stats,
     }
+
+
+def source_lines(sources: list[dict[str, Any]], width: int = 100) -> list[str]:
+    """`ask --sources`: a heading, then one line per passage (document, lines, share of the attention,
+    the start of its text), made safe for a terminal; a line saying so when there are none."""
+    from triforce_chat.app.safe_text import one_line
+
+    if not sources:
+        return ["sources: none (no document text drew the answer's attention)"]
+    out = ["sources:"]
+    for i, s in enumerate(sources, 1):
+        a, b = s["lines"]
+        span = f"line {a}" if a == b else f"lines {a}-{b}"
+        words = " ".join(s["text"].split())
+        words = words if len(words) <= width else words[: width - 1].rstrip() + "…"
+        out.append(one_line(f"  [{i}] {s['document']} {span} ({s['score']:.0%}): {words}"))
+    return out
 
 
 @app.command()
@@ -443,6 +467,38 @@ def bench_qa(
 
     raise typer.Exit(bench_qa_command(models=models, threads=threads, levels=levels, max_new_tokens=max_new_tokens,
                                       limit=limit, json_out=json_out, context=context, weights=weights))
+
+
+@app.command("bench-sources")
+def bench_sources(
+    contexts: Annotated[
+        str, typer.Option(help="Comma list of context lengths (about 7168; 29000 if time allows).")
+    ] = "7168",
+    overhead: Annotated[
+        int, typer.Option(help="Answer the first N questions of each context again without sources, side by side.")
+    ] = 3,
+    every: Annotated[int, typer.Option(help="Answer tokens between two readings of the attention.")] = 4,
+    limit: Annotated[int | None, typer.Option(help="Ask only the first N questions of each context.")] = None,
+    model: ModelOpt = None,
+    level: LevelOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per answer at most.")] = 96,
+    threads: ThreadsOpt = None,
+    context: ContextOpt = None,
+    weights: WeightsOpt = None,
+    doc_cache: Annotated[
+        bool, typer.Option("--doc-cache", help="Restore/save the documents' prefill in the document cache (reruns).")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object, every answer included.")] = False,
+) -> None:
+    """Whether an answer's top 3 sources hold its answer, next to BM25; and what sources cost; exit 1 if
+    sources changed an answer's tokens."""
+    from triforce_chat.app.bench.sources import bench_sources_command
+
+    options = {k: v for k, v in dict(model=model, level=level, threads=threads, context=context,
+                                      weights=weights).items() if v is not None}
+    raise typer.Exit(bench_sources_command(contexts=contexts, overhead=overhead, every=every, limit=limit,
+                                           json_out=json_out, doc_cache=doc_cache, max_new_tokens=max_new_tokens,
+                                           **options))
 
 
 def main() -> None:

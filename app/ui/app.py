@@ -38,12 +38,13 @@ from triforce_chat.app.ui.messages import (
     ModelReady,
     Notice,
 )
-from triforce_chat.app.ui.screens import ChatScreen, DocumentScreen, HelpScreen, HistoryScreen
+from triforce_chat.app.ui.screens import ChatScreen, DocumentScreen, HelpScreen, HistoryScreen, SourceScreen
 from triforce_chat.app.ui.widgets import (
     AnswerMessage,
     ChatInput,
     LoadBar,
     Pending,
+    SourcesLine,
     StatsPanel,
     UserMessage,
     render_cache,
@@ -90,6 +91,10 @@ class TriforceApp(App[int]):
         Binding("ctrl+s", "export", "Export", id="export", priority=True),
         Binding("f4", "history", "History", id="history"),
         Binding("ctrl+l", "cycle_theme", "Theme", id="theme", show=False, priority=True),
+        Binding("f2", "toggle_sources", "Sources", id="toggle-sources", show=False, priority=True,
+                tooltip="Show or hide the text of the passages each answer drew on"),
+        Binding("f3", "open_source", "Open source", id="open-source", show=False, priority=True,
+                tooltip="Open the latest answer's first source in its document"),
         Binding("f1", "help", "Help", id="help"),
     ]
 
@@ -117,6 +122,7 @@ class TriforceApp(App[int]):
         self.session: Any = None
         self.job: Job | None = None
         self.viz = False
+        self.sources_expanded = False
         self.answers: list[AnswerMessage] = []
         self.queued: tuple[str, UserMessage, Static] | None = None  # (question, its message, its note)
         self.conv_id: str | None = None
@@ -172,6 +178,7 @@ class TriforceApp(App[int]):
             HelpScreen.BINDINGS,
             DocumentScreen.BINDINGS,
             HistoryScreen.BINDINGS,
+            SourceScreen.BINDINGS,
         ):
             out += [b for b in group if isinstance(b, Binding)]
         return out
@@ -181,7 +188,7 @@ class TriforceApp(App[int]):
         modal screen with the app's bindings that stay active over it (see check_action)."""
         over_modals = [b for b in self.BINDINGS if isinstance(b, Binding) and b.action in MODAL_SAFE_ACTIONS]
         scopes = [[*self.BINDINGS, *ChatInput.BINDINGS]]
-        for screen in (HelpScreen, DocumentScreen, HistoryScreen):
+        for screen in (HelpScreen, DocumentScreen, HistoryScreen, SourceScreen):
             scopes.append([*screen.BINDINGS, *over_modals])
         return scopes
 
@@ -315,11 +322,12 @@ class TriforceApp(App[int]):
             f"{s.get('new_tokens', 0)} tokens · {s.get('tokens_per_s', 0):.1f} tok/s · level {s.get('level')}"
             f" · {stop_label(s.get('stop_reason'))}"
         )
-        await message.answer.finish(meta, message.text if not message.error or message.text else None)
+        await message.answer.finish(meta, message.text if not message.error or message.text else None,
+                                    message.sources)
         if self.writer is not None:
             try:
                 if not message.error:
-                    self.writer.answer(message.text, {**s, "ui_wall_s": round(message.wall_s, 4)})
+                    self.writer.answer(message.text, {**s, "ui_wall_s": round(message.wall_s, 4)}, message.sources)
                 elif not message.text:
                     self.writer.write({"type": "failed", "error": message.error})
             except OSError:
@@ -398,7 +406,7 @@ class TriforceApp(App[int]):
         transcript = self.query_one("#transcript", VerticalScroll)
         for t in conv.turns:
             transcript.mount(UserMessage(t.question, [d.name for d in t.documents]))
-            answer = AnswerMessage(self._decode_one, text=t.answer, viz=self.viz)
+            answer = AnswerMessage(self._decode_one, text=t.answer, viz=self.viz, sources=t.sources)
             self.answers.append(answer)
             transcript.mount(answer)
         self.notify(f"reopened conversation {conv.id} ({len(conv.turns)} turns)")
@@ -560,6 +568,41 @@ class TriforceApp(App[int]):
             answer.set_viz(self.viz)
         self.notify("draft/accept view " + ("on" if self.viz else "off"), timeout=2)
 
+    def action_toggle_sources(self) -> None:
+        """Expand every answer's sources into the passages' text (the lines it quotes marked), or fold them."""
+        self.sources_expanded = not self.sources_expanded
+        self.screen.set_class(self.sources_expanded, "-sources")
+        if self.sources_expanded and not any(a.sources for a in self.answers):
+            self.notify("no answer has sources yet (they come with answers about documents)", timeout=4)
+        else:
+            self.notify("sources " + ("expanded" if self.sources_expanded else "folded"), timeout=2)
+
+    def action_open_source(self) -> None:
+        """The latest answer's first source, in its document."""
+        answer = next((a for a in reversed(self.answers) if a.sources), None)
+        if answer is None:
+            self.notify("no answer has sources yet", severity="warning")
+            return
+        self.open_source(answer.sources, 0)
+
+    def on_sources_line_open(self, message: SourcesLine.Open) -> None:
+        self.open_source(message.sources, message.index)
+
+    def open_source(self, sources: list, index: int) -> None:
+        """A document view scrolled to `sources[index]`; the text is the session's copy of the document
+        (what was prefilled and cited, not the file as it may be now)."""
+        if not isinstance(self.screen, ChatScreen):
+            return
+        self.push_screen(SourceScreen(list(sources), index, [self._document_text(s) for s in sources]))
+
+    def _document_text(self, source) -> str | None:
+        """The loaded text of the document a source cites (None when it is no longer loaded)."""
+        docs = self.session.documents if self.session is not None else []
+        if 0 <= source.document_index < len(docs) and docs[source.document_index].name == source.document:
+            return docs[source.document_index].original
+        named = [d for d in docs if d.name == source.document]
+        return named[-1].original if named else None
+
     def action_load_document(self) -> None:
         if self.session is None:
             self.notify("the model is still loading", severity="warning")
@@ -606,6 +649,10 @@ class TriforceApp(App[int]):
             return [(t.question, t.answer) for t in self.session.turns]
         return []
 
+    def transcript_sources(self) -> list[list]:
+        """Each turn's sources, in the order of transcript_pairs."""
+        return [list(t.sources) for t in self.session.turns] if self.session is not None else []
+
     def action_export(self) -> None:
         pairs = self.transcript_pairs()
         if not pairs:
@@ -616,7 +663,8 @@ class TriforceApp(App[int]):
         docs = [d.name for d in self.session.documents] if self.session else []
         try:
             path.write_text(
-                transcript_markdown(pairs, docs, title=f"triforce-chat {self.conv_id or ''}".strip()),
+                transcript_markdown(pairs, docs, title=f"triforce-chat {self.conv_id or ''}".strip(),
+                                    sources=self.transcript_sources()),
                 encoding="utf-8",
             )
         except OSError as exc:
@@ -663,6 +711,7 @@ class TriforceApp(App[int]):
         yield SystemCommand("Export transcript", "Write the conversation as Markdown", self.action_export)
         yield SystemCommand("New chat", "Forget the turns, keep the documents", self.action_new_chat)
         yield SystemCommand("Toggle draft/accept view", "Colour tokens by origin", self.action_toggle_viz)
+        yield SystemCommand("Toggle sources", "The passages each answer drew on", self.action_toggle_sources)
         yield SystemCommand("Keys", "All key bindings", self.action_help)
 
 

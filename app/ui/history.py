@@ -20,12 +20,14 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from triforce_chat.app.safe_text import json_text, one_line, terminal_text
 from triforce_chat.app.settings import data_dir
+from triforce_chat.decoding.sources import Source
 
 # the fields each record type needs, and their types (a record without them is damage)
 _REQUIRED: dict[str, dict[str, type | tuple[type, ...]]] = {
@@ -100,6 +102,7 @@ class SavedTurn:
     answer: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
     complete: bool = False
+    sources: list[Source] = field(default_factory=list)
 
 
 @dataclass
@@ -239,7 +242,16 @@ class History:
             elif kind == "answer" and turn is not None:
                 turn.answer, turn.complete = rec["text"], True
                 turn.stats = rec["stats"] if isinstance(rec.get("stats"), dict) else {}
+                turn.sources = saved_sources(rec.get("sources"))
         return conv
+
+
+def saved_sources(value: Any) -> list[Source]:
+    """An answer record's sources; entries that are not sources (an older or damaged file) are left
+    out rather than failing the conversation."""
+    if not isinstance(value, list):
+        return []
+    return [s for s in map(Source.from_dict, value) if s is not None]
 
 
 def drop_torn_tail(path: Path) -> int:
@@ -295,8 +307,11 @@ class Writer:
         if text:
             self.write({"type": "delta", "text": text})
 
-    def answer(self, text: str, stats: dict[str, Any]) -> None:
-        self.write({"type": "answer", "text": text, "stats": stats})
+    def answer(self, text: str, stats: dict[str, Any], sources: Sequence[Source] = ()) -> None:
+        record: dict[str, Any] = {"type": "answer", "text": text, "stats": stats}
+        if sources:
+            record["sources"] = [s.to_dict() for s in sources]
+        self.write(record)
         try:
             os.fsync(self._fd)
         except OSError:
@@ -312,14 +327,24 @@ class Writer:
 
 
 def transcript_markdown(
-    turns: list[tuple[str, str]], documents: list[str], title: str = "Conversation"
+    turns: list[tuple[str, str]], documents: list[str], title: str = "Conversation",
+    sources: Sequence[Sequence[Source]] | None = None,
 ) -> str:
     """Export a conversation as Markdown, safe to `cat` in a terminal (control characters and escape
-    sequences from documents or the model are written as their visible pictures)."""
+    sequences from documents or the model are written as their visible pictures). `sources[i]` are
+    turn i's sources: listed under its answer, each passage quoted."""
     lines = [f"# {one_line(title)}", ""]
     if documents:
         lines += ["Documents: " + ", ".join(f"`{one_line(d)}`" for d in documents), ""]
-    for question, answer in turns:
+    for i, (question, answer) in enumerate(turns):
         lines += ["## Question", "", terminal_text(question.strip()), "", "## Answer", "",
                   terminal_text(answer.strip()), ""]
+        cited = sources[i] if sources is not None and i < len(sources) else ()
+        if cited:
+            lines += ["### Sources", ""]
+            for s in cited:
+                a, b = s.lines
+                span = f"line {a}" if a == b else f"lines {a}-{b}"
+                lines.append(f"- `{one_line(s.document)}`, {span} ({s.score:.0%} of the attention):")
+                lines += ["", *(f"  > {terminal_text(t)}".rstrip() for t in s.text.split("\n")), ""]
     return "\n".join(lines)

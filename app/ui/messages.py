@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from textual.message import Message
 
 from triforce_chat.decoding.events import CacheFigures, RoundEvent
+from triforce_chat.decoding.sources import Source
 
 if TYPE_CHECKING:
     from triforce_chat.app.ui.widgets import AnswerMessage
@@ -62,9 +63,11 @@ class AnswerDone(Message):
         wall_s: float = 0.0,
         started: bool = True,
         question: str = "",
+        sources: list[Source] | None = None,
     ) -> None:
         super().__init__()
         self.answer, self.text, self.stats, self.rates = answer, text, stats, rates
+        self.sources = list(sources or [])  # the passages the answer drew on (decoding/sources.py)
         self.figures, self.error, self.wall_s = figures, error, wall_s
         # started: the question reached the model (a turn exists); if not, the question goes back
         # to the input and the transcript forgets it, as the session did

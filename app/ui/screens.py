@@ -11,11 +11,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.screen import ModalScreen, Screen
-from textual.widgets import DirectoryTree, Footer, Header, Input, OptionList, Static
+from textual.widgets import DirectoryTree, Footer, Header, Input, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
+from textual.widgets.text_area import Selection
 
-from triforce_chat.app.safe_text import one_line
+from triforce_chat.app.safe_text import one_line, terminal_text
 from triforce_chat.app.ui.widgets import ChatInput, LoadBar, Pending, StatsPanel, render_cache, render_documents
+from triforce_chat.decoding.sources import Source
 
 
 # -- modal screens --------------------------------------------------------------------------------------
@@ -93,6 +95,62 @@ class HistoryScreen(ModalScreen[str | None]):
     @on(OptionList.OptionSelected)
     def _picked(self, event: OptionList.OptionSelected) -> None:
         self.dismiss(event.option.id)
+
+
+def viewable_text(text: str) -> str:
+    """A document's text for the document view: safe for the terminal (app/safe_text.py) and with the
+    same lines as the text ("\n" ends a line; the line and paragraph separators U+2028/U+2029, which
+    the view would break lines at, are shown as their names), so line numbers match the sources'."""
+    return terminal_text(text).replace("\u2028", "<U+2028>").replace("\u2029", "<U+2029>")
+
+
+class SourceScreen(ModalScreen[None]):
+    """A document, as it was loaded into the conversation, scrolled to one of an answer's passages
+    (selected); n / p go to the answer's next and previous passage."""
+
+    BINDINGS = [
+        Binding("escape,q", "dismiss", "Close", id="close-source"),
+        Binding("n", "step(1)", "Next passage", id="source-next"),
+        Binding("p", "step(-1)", "Previous passage", id="source-previous"),
+    ]
+
+    def __init__(self, sources: list[Source], index: int, texts: list[str | None]) -> None:
+        """`texts[i]`: the text of the document of `sources[i]` (None: no longer loaded)."""
+        super().__init__()
+        self.sources, self.index, self.texts = sources, index, texts
+        self._shown: str | None = None
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="source-box"):
+            yield Static("", classes="modal-title", id="source-title")
+            yield TextArea("", read_only=True, show_line_numbers=True, soft_wrap=True, id="source-text")
+            yield Static(Content.styled("n next passage · p previous · esc closes", "dim"), id="source-keys")
+
+    def on_mount(self) -> None:
+        self.show(self.index)
+
+    def show(self, index: int) -> None:
+        self.index = index % len(self.sources)
+        s, text = self.sources[self.index], self.texts[self.index]
+        title = Content.assemble((one_line(s.document, 60), "bold"), f" · lines {s.lines[0]}-{s.lines[1]}",
+                                 (f" · passage {self.index + 1} of {len(self.sources)}", "dim"))
+        self.query_one("#source-title", Static).update(title)
+        area = self.query_one("#source-text", TextArea)
+        if text is None:
+            area.load_text(viewable_text(f"({s.document} is no longer loaded; the passage as saved:)\n\n{s.text}"))
+            self._shown = None
+            return
+        if self._shown is not text:
+            area.load_text(viewable_text(text))
+            self._shown = text
+        last = min(s.lines[1], area.document.line_count)
+        first = min(s.lines[0], last)
+        # selected from its end back to its start: the cursor, which the view scrolls to, is on the first line
+        area.selection = Selection((last - 1, len(area.document.get_line(last - 1))), (first - 1, 0))
+        self.call_after_refresh(area.scroll_cursor_visible, center=True)
+
+    def action_step(self, delta: int) -> None:
+        self.show(self.index + int(delta))
 
 
 # -- the main screen ------------------------------------------------------------------------------------

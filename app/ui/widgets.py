@@ -18,11 +18,13 @@ from textual.containers import Vertical
 from textual.content import Content
 from textual.message import Message
 from textual.reactive import reactive
+from textual.style import Style
 from textual.widgets import Markdown, ProgressBar, Sparkline, Static, TextArea
 
 from triforce_chat.app.safe_text import one_line, terminal_text
 from triforce_chat.decoding.config import chain_label, drafter_label
 from triforce_chat.decoding.events import CacheFigures, RoundEvent
+from triforce_chat.decoding.sources import Source, quoted_lines
 
 ORIGIN_STYLE = {
     "low": "$origin-low",
@@ -238,17 +240,102 @@ def render_rounds(events: Sequence[RoundEvent], decode: Callable[[int], str]) ->
     return Content("\n").join(render_round(ev, decode) for ev in events)
 
 
+# -- sources of an answer ------------------------------------------------------------------------------
+def _span(source: Source) -> str:
+    a, b = source.lines
+    return f"{a}" if a == b else f"{a}-{b}"
+
+
+def _clickable(content: Content, start: int, end: int, index: int) -> Content:
+    """`content` with characters [start, end) opening source `index` when clicked (SourcesLine.action_open)."""
+    return content.stylize(Style.from_meta({"@click": f"open({index})"}), start, end)
+
+
+def render_sources_line(sources: Sequence[Source]) -> Content:
+    """"Sources: book.txt 120-134 · 410-418 · notes.md 3-9": each document named once, before its
+    passages; a click on a passage opens it in its document."""
+    out = Content.styled("Sources: ", "bold")
+    previous = None
+    for i, s in enumerate(sources):
+        if i:
+            out = out + Content.styled(" · ", "dim")
+        if (s.document, s.document_index) != previous:
+            out = out + Content(one_line(s.document, 60) + " ")
+            previous = (s.document, s.document_index)
+        start = len(out.plain)
+        out = out + Content.styled(_span(s), "underline $accent")
+        out = _clickable(out, start, len(out.plain), i)
+    return out
+
+
+def render_sources_detail(sources: Sequence[Source], answer: str) -> Content:
+    """Every passage's text under a heading naming its document, lines and share of attention; the
+    lines the answer quotes verbatim marked ┃ and bold, the others │ and dim."""
+    blocks: list[Content] = []
+    for i, s in enumerate(sources):
+        head = Content.assemble((f"{i + 1}. ", "bold"), (one_line(s.document, 60), "bold"),
+                                f" lines {_span(s)}", (f"  {s.score:.0%} of the attention", "dim"))
+        head = _clickable(head, 0, len(head.plain), i)
+        lines = [head]
+        quoted = quoted_lines(s.text, answer)
+        for line, q in zip(s.text.split("\n"), quoted, strict=True):
+            if q:
+                lines.append(Content.assemble(("┃ ", "$success"), (terminal_text(line), "bold")))
+            else:
+                lines.append(Content.assemble(("│ ", "dim"), (terminal_text(line), "$text-muted")))
+        blocks.append(Content("\n").join(lines))
+    if any(any(quoted_lines(s.text, answer)) for s in sources):
+        blocks.append(Content.styled("┃ lines the answer quotes", "dim"))
+    return Content("\n").join(blocks)
+
+
+class SourcesLine(Static):
+    """The compact sources line under an answer; a click on a passage asks the app to open it."""
+
+    class Open(Message):
+        def __init__(self, sources: list[Source], index: int) -> None:
+            super().__init__()
+            self.sources, self.index = sources, index
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__("", **kwargs)
+        self.sources: list[Source] = []
+
+    def show(self, sources: Sequence[Source]) -> None:
+        self.sources = list(sources)
+        self.display = bool(self.sources)
+        self.update(render_sources_line(self.sources) if self.sources else "")
+
+    def action_open(self, index: int) -> None:
+        if 0 <= int(index) < len(self.sources):
+            self.post_message(self.Open(self.sources, int(index)))
+
+
+class SourcesDetail(SourcesLine):
+    """The passages' text (shown while the sources are expanded)."""
+
+    answer = ""
+
+    def show(self, sources: Sequence[Source]) -> None:
+        self.sources = list(sources)
+        self.set_class(not self.sources, "-empty")
+        self.update(render_sources_detail(self.sources, self.answer) if self.sources else "")
+
+
 class AnswerMessage(Vertical):
     """The streamed answer: Markdown (batched with MarkdownStream) or, with the visualisation on,
     the tokens coloured by origin plus a strip of the latest rounds."""
 
     ROUNDS_SHOWN = 6
 
-    def __init__(self, decode: Callable[[int], str], text: str = "", viz: bool = False) -> None:
+    def __init__(
+        self, decode: Callable[[int], str], text: str = "", viz: bool = False, sources: Sequence[Source] = (),
+    ) -> None:
         super().__init__(classes="answer-message")
         self.decode = decode
         self._initial = text
         self.text = text
+        self.sources: list[Source] = list(sources)
         self.token_ids: list[int] = []
         self.origins: list[str] = []
         self.rounds: deque[RoundEvent] = deque(maxlen=self.ROUNDS_SHOWN)
@@ -264,6 +351,19 @@ class AnswerMessage(Vertical):
         yield Static("", classes="answer-viz viz")
         yield Static("", classes="answer-rounds viz")
         yield Static("", classes="answer-meta")
+        yield SourcesLine(classes="answer-sources")
+        yield SourcesDetail(classes="answer-sources-detail")
+
+    def on_mount(self) -> None:
+        self.show_sources(self.sources)
+
+    def show_sources(self, sources: Sequence[Source]) -> None:
+        """The sources line under the answer (none: no line) and the passages for the expanded view."""
+        self.sources = list(sources)
+        self.query_one(SourcesLine).show(self.sources)
+        detail = self.query_one(SourcesDetail)
+        detail.answer = self.text
+        detail.show(self.sources)
 
     def _piece(self, tok: int) -> str:
         if tok not in self._pieces:
@@ -303,7 +403,7 @@ class AnswerMessage(Vertical):
         if on:
             self.refresh_viz()
 
-    async def finish(self, meta: str, text: str | None = None) -> None:
+    async def finish(self, meta: str, text: str | None = None, sources: Sequence[Source] = ()) -> None:
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
@@ -312,6 +412,7 @@ class AnswerMessage(Vertical):
             await self.query_one(".answer-md", Markdown).update(terminal_text(text))
         self.finished = True
         self.query_one(".answer-meta", Static).update(Content.styled(meta, "dim"))
+        self.show_sources(sources)
         if self.viz:
             self.refresh_viz()
 

@@ -194,7 +194,8 @@ def restore_conversation(session: Session, conv: Any, history: History | None, p
         return out
 
     for t in conv.turns:
-        session.turns.append(Turn(question=t.question, documents=docs(t.documents), answer=t.answer, stats=t.stats))
+        session.turns.append(Turn(question=t.question, documents=docs(t.documents), answer=t.answer, stats=t.stats,
+                                  sources=list(t.sources)))
     session.pending_documents = docs(conv.pending_documents)
 
 
@@ -247,4 +248,5 @@ def answer(session: Session, question: str, job: Job, post: Post, message: Answe
     except Exception:
         figures = None
     post(AnswerDone(message, turn.answer if turn else message.text, session.stats.to_dict(),
-                    list(session.stats.recent_tokens_per_s), figures, error, wall, started, question))
+                    list(session.stats.recent_tokens_per_s), figures, error, wall, started, question,
+                    sources=list(turn.sources) if turn else []))
