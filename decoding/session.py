@@ -35,7 +35,9 @@ from triforce_chat.decoding.sources import (
     SourceTracker,
     TextPiece,
     build_position_map,
+    copied_chunks,
     cut_pieces,
+    document_evidence,
     rank_sources,
     whole_text,
 )
@@ -269,25 +271,15 @@ class Session:
         if self.config.truncate:
             self._fit_documents(question)
         rendered = self._render(self._messages(question), True)
-        return self._map_positions(rendered, self._placements(rendered, question), len(self._tokenize(rendered)))
-
-    def _map_positions(self, rendered: str, placements: list[Placement], n_prompt: int) -> PositionMap | None:
-        """The position map of `rendered` (the very text that was prefilled, `n_prompt` tokens) from the
-        tokenizer's offsets; None when the tokenizer gives none, or other ids than were prefilled."""
-        try:
-            enc = self.tokenizer(rendered, add_special_tokens=False, return_offsets_mapping=True)
-        except (NotImplementedError, ValueError, TypeError):  # a tokenizer without offsets
-            return None
-        if len(enc.input_ids) != n_prompt:  # not the ids that were prefilled: no map is exact
-            return None
-        return build_position_map(enc.offset_mapping, placements)
+        _, offsets = self._encode(rendered)
+        return None if offsets is None else build_position_map(offsets, self._placements(rendered, question))
 
     def _finish_sources(
-        self, tracker: SourceTracker, rendered: str, layout: tuple[list[Placement], list[tuple[str, str]]],
-        n_prompt: int,
+        self, tracker: SourceTracker, layout: tuple[list[Placement], list[tuple[str, str]]],
+        offsets: list[tuple[int, int]] | None, prompt_ids: list[int], answer_ids: list[int],
     ) -> list[Source]:
-        """The answer's passages: its tracker's chunk scores over the prompt's token positions, mapped to
-        documents. Never fails an answer: a problem here means no sources, with a notice."""
+        """The answer's passages: its tracker's attention and the runs it copied, per chunk of the
+        prompt, mapped to documents. Never fails an answer: a problem here means no sources, with a notice."""
         if tracker.on_rebuild in self.view.rebuild_listeners:
             self.view.rebuild_listeners.remove(tracker.on_rebuild)
         try:
@@ -295,12 +287,14 @@ class Session:
             placements, documents = layout
             if not placements or not tracker.readings:
                 return []
-            posmap = self._map_positions(rendered, placements, n_prompt)
-            if posmap is None:
+            if offsets is None:
                 self._since_answer.notices.append("sources: this tokenizer gives no character offsets")
                 return []
+            n_prompt = len(prompt_ids)
+            posmap = build_position_map(offsets, placements)
             c = self.view.chunk_size
-            scores = tracker.scores[: n_prompt // c].tolist()
+            copied = copied_chunks(prompt_ids, answer_ids, posmap, c)
+            scores = document_evidence(tracker.scores[: n_prompt // c].tolist(), copied, posmap, c)
             return rank_sources(scores, c, posmap, documents, self.config.sources_top)
         except Exception as exc:  # sources are never worth a failed answer
             self._since_answer.notices.append(f"sources: {type(exc).__name__}: {exc}")
@@ -424,7 +418,8 @@ class Session:
             if over <= 0 or not self.pending_documents:
                 return
             doc = max(self.pending_documents, key=lambda d: d.n_tokens)
-            ids, ends = self._token_ends(doc.text)
+            ids, offsets = self._encode(doc.text)
+            ends = None if offsets is None else [e for _, e in offsets]
             keep = max(0, len(ids) - over - 32)
             n_head, n_tail = keep // 2, keep - keep // 2 if keep else 0
             marker = f"\n\n[... {len(ids) - n_head - n_tail} tokens omitted ...]\n\n"
@@ -447,11 +442,12 @@ class Session:
             doc.pieces = cut_pieces(doc.pieces, keep_parts)
             doc.text, doc.n_tokens = text, self.count_tokens(text)
 
-    def _token_ends(self, text: str) -> tuple[list[int], list[int] | None]:
-        """The ids of `text` and where each token ends in it (None without a fast tokenizer's offsets)."""
+    def _encode(self, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """The ids of `text` and the characters [start, end) each stands for (None without a fast
+        tokenizer's offsets): the same ids as _tokenize."""
         try:
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            return enc.input_ids, [e for _, e in enc.offset_mapping]
+            return enc.input_ids, [tuple(o) for o in enc.offset_mapping]
         except (NotImplementedError, ValueError, TypeError):
             return self._tokenize(text), None
 
@@ -491,7 +487,8 @@ class Session:
             self._fit_documents(question)
         t0 = time.perf_counter()
         rendered = self._render(self._messages(question), True)
-        ids = self._tokenize(rendered)
+        # with sources on, the character offsets of the prompt's tokens come with them (one tokenization)
+        ids, offsets = self._encode(rendered) if cfg.sources_every > 0 else (self._tokenize(rendered), None)
         if len(ids) + 1 <= self.max_context:  # (a prompt that does not fit is ContextOverflow, below)
             self.check_memory(min(len(ids) + cfg.max_new_tokens, self.max_context))
         report = self._sync(ids, progress, should_cancel, on_restore)
@@ -542,7 +539,7 @@ class Session:
             self.stats.stop_reason = self.stats.stop_reason or "stopped"  # a consumer that stopped reading
             if tracker is not None:
                 t_rank = time.perf_counter()
-                turn.sources = self._finish_sources(tracker, rendered, layout, len(ids))
+                turn.sources = self._finish_sources(tracker, layout, offsets, ids, answer_ids)
                 self.stats.sources_rank_s = time.perf_counter() - t_rank
             turn.stats = self.stats.to_dict()
 

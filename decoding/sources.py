@@ -14,6 +14,11 @@ The pieces, in the order an answer goes through them:
   which characters of the document (as loaded) it stands for; chat-template tokens, the question,
   headers and --truncate's omission marker belong to none. It is built from the tokenizer's offsets
   over the very text that was prefilled, so it is exact for it.
+- `copied_chunks` adds the other evidence an answer leaves: the runs of its tokens that it copied
+  from a document (each run's weight shared among the places it occurs, so a rare run counts most).
+  A small model often attends to an intro or a heading while it copies a number or a name from
+  elsewhere; measured on bench-sources' 54 questions at 7K tokens, attention alone put the answer's
+  passage in the top 3 for 38, the two together for 50.
 - `rank_sources` turns chunk scores into passages: the best chunks, grown to whole lines of their
   document, adjacent ones merged (never across documents), the top N kept.
 """
@@ -93,26 +98,21 @@ def build_position_map(offsets: Sequence[tuple[int, int]], placements: Sequence[
     inside the document's text and come from the original (not the omission marker); a token that
     straddles a document's edge (into a header or the template) counts for none."""
     n = len(offsets)
-    doc, start, end = [-1] * n, [0] * n, [0] * n
-    spans = sorted(placements, key=lambda p: p.start)
-    firsts = [p.start for p in spans]
-    for i, (s, e) in enumerate(offsets):
-        if e <= s:
-            continue
-        k = bisect.bisect_right(firsts, s) - 1
-        if k < 0:
-            continue
-        p = spans[k]
-        if e > p.end:
-            continue
+    if n == 0:
+        return PositionMap([], [], [])
+    off = torch.tensor(offsets, dtype=torch.int64).view(n, 2)
+    s, e = off[:, 0], off[:, 1]
+    doc = torch.full((n,), -1, dtype=torch.int64)
+    start, end = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)
+    for p in placements:
+        inside = (e > s) & (s >= p.start) & (e <= p.end)
         local_s, local_e = s - p.start + p.lead, e - p.start + p.lead
         for piece in p.pieces:
-            if piece.start <= local_s and local_e <= piece.end:
-                doc[i] = p.doc_index
-                start[i] = piece.origin + local_s - piece.start
-                end[i] = piece.origin + local_e - piece.start
-                break
-    return PositionMap(doc, start, end)
+            here = inside & (local_s >= piece.start) & (local_e <= piece.end) & (doc < 0)
+            doc[here] = p.doc_index
+            start[here] = local_s[here] + piece.origin - piece.start
+            end[here] = local_e[here] + piece.origin - piece.start
+    return PositionMap(doc.tolist(), start.tolist(), end.tolist())
 
 
 # -- reading the attention ------------------------------------------------------------------------------
@@ -223,6 +223,64 @@ class SourceTracker:
             self.read()
 
 
+# -- what the answer copied ---------------------------------------------------------------------------------
+COPY_RUN = 3  # tokens in a copied run: two match too much by chance, four miss short names and numbers
+
+
+def copied_chunks(prompt_ids: Sequence[int], answer_ids: Sequence[int], posmap: PositionMap, chunk_size: int,
+                  run: int = COPY_RUN) -> list[float]:
+    """Per chunk of the prompt: how much of the answer was copied from it. Every run of `run` answer
+    tokens that also occurs within one document of the prompt counts 1, shared equally among the
+    places where it occurs."""
+    n, n_chunks = len(posmap), len(posmap) // chunk_size
+    if n < run or len(answer_ids) < run or n_chunks == 0:
+        return [0.0] * n_chunks
+    doc = torch.tensor(posmap.doc, dtype=torch.int64)
+    prompt = torch.tensor(prompt_ids[:n], dtype=torch.int64)
+    answer = torch.tensor(answer_ids, dtype=torch.int64)
+    places = torch.arange(n - run + 1)
+    in_one_doc = (doc[places] >= 0) & (doc[places + run - 1] == doc[places])
+    places = places[in_one_doc]
+    keys, said = _run_keys(prompt, run)[in_one_doc], _run_keys(answer, run)
+    found, where, occurrences = torch.unique(keys, return_inverse=True, return_counts=True)
+    said, times = torch.unique(said, return_counts=True)
+    at = torch.searchsorted(said, found).clamp_(max=said.numel() - 1)
+    copies = torch.where(said[at] == found, times[at], 0)  # how often the answer has each prompt run
+    weight = (copies.double() / occurrences.double())[where]
+    out = torch.zeros(n_chunks, dtype=torch.float64)
+    chunk = places // chunk_size
+    keep = chunk < n_chunks
+    out.index_add_(0, chunk[keep], weight[keep])
+    return out.tolist()
+
+
+def _run_keys(ids: Tensor, run: int) -> Tensor:
+    """Each run of `run` ids as one int64 (21 bits an id: vocabularies of up to 2M ids)."""
+    key = torch.zeros(ids.numel() - run + 1, dtype=torch.int64)
+    for k in range(run):
+        key = (key << 21) | (ids[k : ids.numel() - run + 1 + k] & ((1 << 21) - 1))
+    return key
+
+
+def document_evidence(attention: Sequence[float], copied: Sequence[float], posmap: PositionMap,
+                      chunk_size: int) -> list[float]:
+    """One score per chunk: its share of the attention paid to document chunks plus its share of the
+    copied runs (equal weights; either alone when the other is empty)."""
+    n = min(len(attention), len(copied))
+    doc = torch.tensor(posmap.doc[: n * chunk_size], dtype=torch.int64)
+    in_doc = torch.zeros(n, dtype=torch.bool)
+    in_doc[torch.nonzero(doc >= 0).squeeze(1) // chunk_size] = True
+    att = torch.tensor(attention[:n], dtype=torch.float64) * in_doc
+    cop = torch.tensor(copied[:n], dtype=torch.float64)
+    total_att, total_copy = float(att.sum()), float(cop.sum())
+    out = torch.zeros(n, dtype=torch.float64)
+    if total_att > 0:
+        out += att / total_att
+    if total_copy > 0:
+        out += cop / total_copy
+    return out.tolist()
+
+
 # -- from chunk scores to passages ------------------------------------------------------------------------
 @dataclass
 class Source:
@@ -307,21 +365,24 @@ class LineIndex:
 def chunk_units(scores: Sequence[float], chunk_size: int, posmap: PositionMap) -> list[_Unit]:
     """Each scored chunk split by document (chunks rarely straddle two: the header lies between);
     a part holding fewer of the chunk's tokens gets that share of its score."""
-    units: list[_Unit] = []
-    n = len(posmap)
-    for c, score in enumerate(scores):
-        lo, hi = c * chunk_size, min(n, (c + 1) * chunk_size)
-        if lo >= n:
-            break
-        parts: dict[int, list[int]] = {}
-        for i in range(lo, hi):
-            d = posmap.doc[i]
-            if d >= 0:
-                parts.setdefault(d, []).append(i)
-        for d, pos in parts.items():
-            units.append(_Unit(d, c, min(posmap.start[i] for i in pos), max(posmap.end[i] for i in pos),
-                               float(score) * len(pos) / chunk_size))
-    return units
+    doc = torch.tensor(posmap.doc, dtype=torch.int64)
+    pos = torch.nonzero(doc >= 0).squeeze(1)
+    chunk = pos // chunk_size
+    keep = chunk < len(scores)
+    pos, chunk = pos[keep], chunk[keep]
+    if pos.numel() == 0:
+        return []
+    docs = doc[pos]
+    n_docs = int(docs.max()) + 1
+    parts, which, counts = torch.unique(chunk * n_docs + docs, return_inverse=True, return_counts=True)
+    first = torch.full((parts.numel(),), 1 << 62, dtype=torch.int64).scatter_reduce(
+        0, which, torch.tensor(posmap.start, dtype=torch.int64)[pos], "amin")
+    last = torch.zeros(parts.numel(), dtype=torch.int64).scatter_reduce(
+        0, which, torch.tensor(posmap.end, dtype=torch.int64)[pos], "amax")
+    part_chunk = parts // n_docs
+    score = torch.tensor(scores, dtype=torch.float64)[part_chunk] * counts / chunk_size
+    return [_Unit(d, c, a, b, x) for d, c, a, b, x in zip(
+        (parts % n_docs).tolist(), part_chunk.tolist(), first.tolist(), last.tolist(), score.tolist(), strict=True)]
 
 
 def rank_sources(
@@ -423,7 +484,7 @@ def source_label(sources: Sequence[Source]) -> str:
 
 
 __all__ = [
-    "SOURCES_BUDGET", "LineIndex", "Placement", "PositionMap", "Source",
-    "SourceTracker", "TextPiece", "build_position_map", "chunk_attention", "clip", "cut_pieces", "quoted_lines",
-    "rank_sources", "source_label", "source_layers", "whole_text",
+    "COPY_RUN", "SOURCES_BUDGET", "LineIndex", "Placement", "PositionMap", "Source", "SourceTracker", "TextPiece",
+    "build_position_map", "chunk_attention", "clip", "copied_chunks", "cut_pieces", "document_evidence",
+    "quoted_lines", "rank_sources", "source_label", "source_layers", "whole_text",
 ]

@@ -196,6 +196,7 @@ WELCOME = Content.assemble(
             ("ctrl+j", "newline"),
             ("ctrl+t", "level"),
             ("ctrl+r", "draft view"),
+            ("f2", "sources"),
             ("f1", "all keys"),
         ]
         for part in ((key, "bold"), f" {what}   ")

@@ -46,13 +46,17 @@ tf::WeightSpec weight_spec(const Tensor& w, int64_t type, int64_t K) {
   return tf::WeightSpec{static_cast<const uint8_t*>(w.data_ptr()), int(type), w.size(0), w.size(1) * w.element_size()};
 }
 
-Tensor linear(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, const std::optional<Tensor>& bias) {
+// y = x @ W^T (+ bias) over the concatenated weights, in the fp32 mode or (int8 = true) the
+// int8-activation mode of linear_int8.h, which takes quantized weights only.
+static Tensor linear_mode(const Tensor& x, at::TensorList weights, c10::IntArrayRef types,
+                          const std::optional<Tensor>& bias, bool int8) {
   check_f32_rows(x, "x");
   TORCH_CHECK(weights.size() == types.size() && !weights.empty(), "one type per weight");
   const int64_t K = x.size(1);
   std::vector<tf::WeightSpec> specs;
   int64_t n = 0;
   for (size_t i = 0; i < weights.size(); i++) {
+    TORCH_CHECK(!int8 || !tf::is_dense(int(types[i])), "int8 activations: dense weights run in the fp32 mode");
     specs.push_back(weight_spec(weights[i], types[i], K));
     n += specs.back().n;
   }
@@ -62,30 +66,19 @@ Tensor linear(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, c
     b = bias->data_ptr<float>();
   }
   Tensor y = at::empty({x.size(0), n}, x.options());
-  tf::linear(x.data_ptr<float>(), x.size(0), x.stride(0), K, specs, b, y.data_ptr<float>(), n);
+  if (int8)
+    tf::linear_int8(x.data_ptr<float>(), x.size(0), x.stride(0), K, specs, b, y.data_ptr<float>(), n);
+  else
+    tf::linear(x.data_ptr<float>(), x.size(0), x.stride(0), K, specs, b, y.data_ptr<float>(), n);
   return y;
 }
 
-// The int8-activation mode (linear_int8.h): quantized weights only.
+Tensor linear(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, const std::optional<Tensor>& bias) {
+  return linear_mode(x, weights, types, bias, false);
+}
+
 Tensor linear_int8(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, const std::optional<Tensor>& bias) {
-  check_f32_rows(x, "x");
-  TORCH_CHECK(weights.size() == types.size() && !weights.empty(), "one type per weight");
-  const int64_t K = x.size(1);
-  std::vector<tf::WeightSpec> specs;
-  int64_t n = 0;
-  for (size_t i = 0; i < weights.size(); i++) {
-    TORCH_CHECK(!tf::is_dense(int(types[i])), "int8 activations: dense weights run in the fp32 mode");
-    specs.push_back(weight_spec(weights[i], types[i], K));
-    n += specs.back().n;
-  }
-  const float* b = nullptr;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous() && bias->numel() == n, "bias must be float32 [N]");
-    b = bias->data_ptr<float>();
-  }
-  Tensor y = at::empty({x.size(0), n}, x.options());
-  tf::linear_int8(x.data_ptr<float>(), x.size(0), x.stride(0), K, specs, b, y.data_ptr<float>(), n);
-  return y;
+  return linear_mode(x, weights, types, bias, true);
 }
 
 // x's rows as the int8 mode rounds them: q [T, K] int8 and d [T, K / 32] float32.
