@@ -94,14 +94,14 @@ def test_stop_injected_inside_the_decoder_at_random_points(tiny_model, monkeypat
     for where, k in points:
         s = new_session(tiny_model, level)
         s.prefill()
-        if where == "forward":
-            counter = CallCounter(forward, k, s.stop)
-            monkeypatch.setattr(type(tiny_model.model), "forward", lambda self, *a, c=counter, **kw: c(self, *a, **kw))
-        else:
-            counter = CallCounter(rebuild, k, s.stop)
-            monkeypatch.setattr(RetrievalView, "rebuild", lambda self, c=counter: c(self))
-        answer = tokens(s, QUESTION)
-        monkeypatch.undo()
+        with monkeypatch.context() as patch:  # (undoes only these patches, not the fixtures' environment)
+            if where == "forward":
+                counter = CallCounter(forward, k, s.stop)
+                patch.setattr(type(tiny_model.model), "forward", lambda self, *a, c=counter, **kw: c(self, *a, **kw))
+            else:
+                counter = CallCounter(rebuild, k, s.stop)
+                patch.setattr(RetrievalView, "rebuild", lambda self, c=counter: c(self))
+            answer = tokens(s, QUESTION)
         if counter.calls >= k:  # the stop happened: the answer ended at the end of that round
             assert s.stats.stop_reason == "stopped" and len(answer) < 40, (where, k)
         assert_as_if_ended_there(tiny_model, level, s, full)
@@ -118,28 +118,28 @@ def test_stop_from_another_thread_at_random_times(tiny_model, monkeypatch):
 
     s = new_session(tiny_model, level)
     s.prefill()
-    monkeypatch.setattr(type(tiny_model.model), "forward", slow_forward)
-    t0 = time.perf_counter()
-    full = tokens(s, QUESTION)
-    duration = time.perf_counter() - t0
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(type(tiny_model.model), "forward", slow_forward)
+        t0 = time.perf_counter()
+        full = tokens(s, QUESTION)
+        duration = time.perf_counter() - t0
     rng = random.Random(14)
     stopped_early = 0
     for _ in range(4):
         s = new_session(tiny_model, level)
         s.prefill()
         cancel = threading.Event()
-        monkeypatch.setattr(type(tiny_model.model), "forward", slow_forward)
         timer = threading.Timer(rng.uniform(0.0, duration), cancel.set)
-        timer.start()  # may fire before the answer starts, during the question's prefill or while decoding
-        try:
+        with monkeypatch.context() as patch:
+            patch.setattr(type(tiny_model.model), "forward", slow_forward)
+            timer.start()  # may fire before the answer starts, during the question's prefill or while decoding
             try:
-                tokens(s, QUESTION, should_cancel=cancel.is_set)
-            except PrefillCancelled:
-                pass
-        finally:
-            timer.cancel()
-            monkeypatch.undo()
+                try:
+                    tokens(s, QUESTION, should_cancel=cancel.is_set)
+                except PrefillCancelled:
+                    pass
+            finally:
+                timer.cancel()
         if not s.turns:  # stopped during the question's prefill: the question never reached the model
             assert s.cache.length == len(s.context) - 1 and [d.name for d in s.pending_documents] == ["doc.txt"]
             assert tokens(s, QUESTION) == full  # and asking again is as if nothing had happened
@@ -176,7 +176,9 @@ async def test_escape_in_the_app_at_random_points(tiny_model, tmp_path, monkeypa
             await pilot.pause(rng.uniform(0.05, 0.6))
             await pilot.press("escape")
             await wait_for(pilot, lambda app=app: app.job is None and app.answers and app.answers[-1].finished)
-            monkeypatch.undo()
+            # (not monkeypatch.undo(): that would also undo the fixtures' environment, and the next app
+            # would save its prefill into the user's real document cache)
+            monkeypatch.setattr(SpeculativeDecoder, "_run_route", run_route)
             s = app.session
             if not s.turns:  # stopped while the question was prefilled: it is back in the input
                 assert app.query_one(ChatInput).text == QUESTION and not app.answers
