@@ -276,10 +276,11 @@ class Session:
 
     def _finish_sources(
         self, tracker: SourceTracker, layout: tuple[list[Placement], list[tuple[str, str]]],
-        offsets: list[tuple[int, int]] | None, prompt_ids: list[int], answer_ids: list[int],
+        offsets: list[tuple[int, int]] | None, prompt_ids: list[int], answer_ids: list[int], question: str,
     ) -> list[Source]:
-        """The answer's passages: its tracker's attention and the runs it copied, per chunk of the
-        prompt, mapped to documents. Never fails an answer: a problem here means no sources, with a notice."""
+        """The answer's passages: its tracker's attention, the runs it copied and the runs its question
+        quoted, per chunk of the prompt, mapped to documents. Never fails an answer: a problem here means
+        no sources, with a notice."""
         if tracker.on_rebuild in self.view.rebuild_listeners:
             self.view.rebuild_listeners.remove(tracker.on_rebuild)
         try:
@@ -294,7 +295,8 @@ class Session:
             posmap = build_position_map(offsets, placements)
             c = self.view.chunk_size
             copied = copied_chunks(prompt_ids, answer_ids, posmap, c)
-            scores = document_evidence(tracker.scores[: n_prompt // c].tolist(), copied, posmap, c)
+            quoted = copied_chunks(prompt_ids, self._tokenize(question), posmap, c)
+            scores = document_evidence(tracker.scores[: n_prompt // c].tolist(), [copied, quoted], posmap, c)
             return rank_sources(scores, c, posmap, documents, self.config.sources_top)
         except Exception as exc:  # sources are never worth a failed answer
             self._since_answer.notices.append(f"sources: {type(exc).__name__}: {exc}")
@@ -539,7 +541,7 @@ class Session:
             self.stats.stop_reason = self.stats.stop_reason or "stopped"  # a consumer that stopped reading
             if tracker is not None:
                 t_rank = time.perf_counter()
-                turn.sources = self._finish_sources(tracker, layout, offsets, ids, answer_ids)
+                turn.sources = self._finish_sources(tracker, layout, offsets, ids, answer_ids, question)
                 self.stats.sources_rank_s = time.perf_counter() - t_rank
             turn.stats = self.stats.to_dict()
 

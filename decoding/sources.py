@@ -17,8 +17,10 @@ The pieces, in the order an answer goes through them:
 - `copied_chunks` adds the other evidence an answer leaves: the runs of its tokens that it copied
   from a document (each run's weight shared among the places it occurs, so a rare run counts most).
   A small model often attends to an intro or a heading while it copies a number or a name from
-  elsewhere; measured on bench-sources' 54 questions at 7K tokens, attention alone put the answer's
-  passage in the top 3 for 38, the two together for 50.
+  elsewhere. The runs of the question found in a document count the same way: the text it quotes,
+  which the model reads while it answers. Measured on bench-sources' 54 questions (captures of one
+  run each), attention alone put the answer's passage in the top 3 for 38 at 7K tokens and 17 at
+  26K; with the answer's copied runs 50 and 40; with the question's runs too, 51 and 45.
 - `rank_sources` turns chunk scores into passages: the best chunks, grown to whole lines of their
   document, adjacent ones merged (never across documents), the top N kept.
 """
@@ -262,22 +264,21 @@ def _run_keys(ids: Tensor, run: int) -> Tensor:
     return key
 
 
-def document_evidence(attention: Sequence[float], copied: Sequence[float], posmap: PositionMap,
+def document_evidence(attention: Sequence[float], matched: Sequence[Sequence[float]], posmap: PositionMap,
                       chunk_size: int) -> list[float]:
-    """One score per chunk: its share of the attention paid to document chunks plus its share of the
-    copied runs (equal weights; either alone when the other is empty)."""
-    n = min(len(attention), len(copied))
+    """One score per chunk: its share of the attention paid to document chunks plus its share of
+    each kind of `matched` runs (what the answer copied, what the question quoted): equal weights,
+    a kind with nothing in it adds nothing."""
+    n = min([len(attention), *(len(m) for m in matched)])
     doc = torch.tensor(posmap.doc[: n * chunk_size], dtype=torch.int64)
     in_doc = torch.zeros(n, dtype=torch.bool)
     in_doc[torch.nonzero(doc >= 0).squeeze(1) // chunk_size] = True
-    att = torch.tensor(attention[:n], dtype=torch.float64) * in_doc
-    cop = torch.tensor(copied[:n], dtype=torch.float64)
-    total_att, total_copy = float(att.sum()), float(cop.sum())
     out = torch.zeros(n, dtype=torch.float64)
-    if total_att > 0:
-        out += att / total_att
-    if total_copy > 0:
-        out += cop / total_copy
+    for evidence in (torch.tensor(attention[:n], dtype=torch.float64) * in_doc,
+                     *(torch.tensor(m[:n], dtype=torch.float64) for m in matched)):
+        total = float(evidence.sum())
+        if total > 0:
+            out += evidence / total
     return out.tolist()
 
 
@@ -440,12 +441,19 @@ def _overlaps_other(passages: list[_Passage], home: _Passage, first: int, last: 
 
 
 def clip(text: str, focus_start: int, focus_end: int, limit: int = TEXT_LIMIT) -> str:
-    """`text` cut to about `limit` characters around [focus_start, focus_end), with "…" where cut."""
+    """`text` cut to about `limit` characters around [focus_start, focus_end), at spaces where one is
+    near (not inside a word), with "…" where cut."""
     if len(text) <= limit:
         return text
     mid = (max(0, focus_start) + max(0, min(len(text), focus_end))) // 2
     a = max(0, min(len(text) - limit, mid - limit // 2))
     b = a + limit
+    if a:
+        space = text.find(" ", a, a + 24)
+        a = space + 1 if space >= 0 else a
+    if b < len(text):
+        space = text.rfind(" ", b - 24, b)
+        b = space if space > a else b
     return ("…" if a else "") + text[a:b] + ("…" if b < len(text) else "")
 
 

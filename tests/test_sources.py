@@ -256,8 +256,11 @@ def test_copied_runs_point_at_the_place_they_were_copied_from():
     assert copied_chunks(prompt, [1, 2, 3], posmap, 4) == [0.0] * 6
     # a run said twice counts twice
     assert copied_chunks(prompt, [9, 10, 11, 9, 10, 11], posmap, 4)[2] == pytest.approx(2.0)
-    # equal shares of the two kinds of evidence, over document chunks only
-    both = document_evidence([9.0, 1.0, 1.0, 0.0, 2.0, 0.0], copied, posmap, 4)
+    # equal shares of each kind of evidence, attention over document chunks only
+    both = document_evidence([9.0, 1.0, 1.0, 0.0, 2.0, 0.0], [copied], posmap, 4)
     assert both == pytest.approx([0.0, 0.25 + 0.25, 0.25 + 0.5, 0.0, 0.5 + 0.25, 0.0])
-    assert document_evidence([0.0, 2.0, 2.0, 0.0, 0.0, 0.0], [0.0] * 6, posmap, 4) == pytest.approx(
+    quoted = [0.0, 0.0, 0.0, 0.0, 3.0, 0.0]
+    three = document_evidence([9.0, 1.0, 1.0, 0.0, 2.0, 0.0], [copied, quoted], posmap, 4)
+    assert three == pytest.approx([0.0, 0.5, 0.75, 0.0, 0.75 + 1.0, 0.0])
+    assert document_evidence([0.0, 2.0, 2.0, 0.0, 0.0, 0.0], [[0.0] * 6], posmap, 4) == pytest.approx(
         [0.0, 0.5, 0.5, 0.0, 0.0, 0.0])
