@@ -28,6 +28,7 @@ The pieces, in the order an answer goes through them:
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import re
 import time
@@ -93,6 +94,11 @@ class PositionMap:
     def __len__(self) -> int:
         return len(self.doc)
 
+    @functools.cached_property
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        """doc, start and end as int64 tensors (made once: the ranking reads them several times)."""
+        return tuple(torch.tensor(x, dtype=torch.int64) for x in (self.doc, self.start, self.end))
+
 
 def build_position_map(offsets: Sequence[tuple[int, int]], placements: Sequence[Placement]) -> PositionMap:
     """From the tokenizer's character offsets of each prompt token over the rendered prompt and the
@@ -114,7 +120,9 @@ def build_position_map(offsets: Sequence[tuple[int, int]], placements: Sequence[
             doc[here] = p.doc_index
             start[here] = local_s[here] + piece.origin - piece.start
             end[here] = local_e[here] + piece.origin - piece.start
-    return PositionMap(doc.tolist(), start.tolist(), end.tolist())
+    posmap = PositionMap(doc.tolist(), start.tolist(), end.tolist())
+    posmap.__dict__["tensors"] = (doc, start, end)  # the cached_property's value, already at hand
+    return posmap
 
 
 # -- reading the attention ------------------------------------------------------------------------------
@@ -237,7 +245,7 @@ def copied_chunks(prompt_ids: Sequence[int], answer_ids: Sequence[int], posmap: 
     n, n_chunks = len(posmap), len(posmap) // chunk_size
     if n < run or len(answer_ids) < run or n_chunks == 0:
         return [0.0] * n_chunks
-    doc = torch.tensor(posmap.doc, dtype=torch.int64)
+    doc = posmap.tensors[0]
     prompt = torch.tensor(prompt_ids[:n], dtype=torch.int64)
     answer = torch.tensor(answer_ids, dtype=torch.int64)
     places = torch.arange(n - run + 1)
@@ -270,7 +278,7 @@ def document_evidence(attention: Sequence[float], matched: Sequence[Sequence[flo
     each kind of `matched` runs (what the answer copied, what the question quoted): equal weights,
     a kind with nothing in it adds nothing."""
     n = min([len(attention), *(len(m) for m in matched)])
-    doc = torch.tensor(posmap.doc[: n * chunk_size], dtype=torch.int64)
+    doc = posmap.tensors[0][: n * chunk_size]
     in_doc = torch.zeros(n, dtype=torch.bool)
     in_doc[torch.nonzero(doc >= 0).squeeze(1) // chunk_size] = True
     out = torch.zeros(n, dtype=torch.float64)
@@ -366,7 +374,7 @@ class LineIndex:
 def chunk_units(scores: Sequence[float], chunk_size: int, posmap: PositionMap) -> list[_Unit]:
     """Each scored chunk split by document (chunks rarely straddle two: the header lies between);
     a part holding fewer of the chunk's tokens gets that share of its score."""
-    doc = torch.tensor(posmap.doc, dtype=torch.int64)
+    doc, starts, ends = posmap.tensors
     pos = torch.nonzero(doc >= 0).squeeze(1)
     chunk = pos // chunk_size
     keep = chunk < len(scores)
@@ -377,9 +385,9 @@ def chunk_units(scores: Sequence[float], chunk_size: int, posmap: PositionMap) -
     n_docs = int(docs.max()) + 1
     parts, which, counts = torch.unique(chunk * n_docs + docs, return_inverse=True, return_counts=True)
     first = torch.full((parts.numel(),), 1 << 62, dtype=torch.int64).scatter_reduce(
-        0, which, torch.tensor(posmap.start, dtype=torch.int64)[pos], "amin")
+        0, which, starts[pos], "amin")
     last = torch.zeros(parts.numel(), dtype=torch.int64).scatter_reduce(
-        0, which, torch.tensor(posmap.end, dtype=torch.int64)[pos], "amax")
+        0, which, ends[pos], "amax")
     part_chunk = parts // n_docs
     score = torch.tensor(scores, dtype=torch.float64)[part_chunk] * counts / chunk_size
     return [_Unit(d, c, a, b, x) for d, c, a, b, x in zip(
