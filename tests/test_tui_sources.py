@@ -51,16 +51,15 @@ async def test_sources_under_the_answer_expand_and_open_the_document_as_loaded(t
         detail = answer.query_one(SourcesDetail)
         assert not detail.display or not detail.region.height  # folded until f2
         await pilot.press("f2")
-        await pilot.pause(0.1)
-        assert detail.region.height > len(sources)
+        await wait_for(pilot, lambda: detail.region.height > len(sources), timeout=20)
         shown = str(detail.render())
         assert all(s.text.split("\n")[0][:40] in shown for s in sources)
 
         # the file changes on disk after it was loaded: the view shows what was prefilled and cited
         doc.write_text("rewritten\n" * 200, encoding="utf-8")
         await pilot.press("f3")
-        await wait_for(pilot, lambda: isinstance(app.screen, SourceScreen))
-        await pilot.pause(0.1)
+        await wait_for(pilot, lambda: isinstance(app.screen, SourceScreen) and app.screen.query("#source-text")
+                       and app.screen.query_one("#source-text", TextArea).text, timeout=20)
         area = app.screen.query_one("#source-text", TextArea)
         assert area.text == DOC_TEXT
         first = sources[0]
