@@ -29,13 +29,13 @@ from triforce_chat.decoding.retrieval import RetrievalView
 from triforce_chat.decoding.route import CostModel, WindowCosts
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.sources import (
+    DocumentRuns,
     Placement,
     PositionMap,
     Source,
     SourceTracker,
     TextPiece,
     build_position_map,
-    copied_chunks,
     cut_pieces,
     document_evidence,
     rank_sources,
@@ -294,8 +294,8 @@ class Session:
             n_prompt = len(prompt_ids)
             posmap = build_position_map(offsets, placements)
             c = self.view.chunk_size
-            copied = copied_chunks(prompt_ids, answer_ids, posmap, c)
-            quoted = copied_chunks(prompt_ids, self._tokenize(question), posmap, c)
+            runs = DocumentRuns(prompt_ids, posmap, c)
+            copied, quoted = runs.chunks_of(answer_ids), runs.chunks_of(self._tokenize(question))
             scores = document_evidence(tracker.scores[: n_prompt // c].tolist(), [copied, quoted], posmap, c)
             return rank_sources(scores, c, posmap, documents, self.config.sources_top)
         except Exception as exc:  # sources are never worth a failed answer

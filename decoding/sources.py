@@ -237,31 +237,44 @@ class SourceTracker:
 COPY_RUN = 3  # tokens in a copied run: two match too much by chance, four miss short names and numbers
 
 
+class DocumentRuns:
+    """Every run of `run` tokens that lies inside one document of the prompt, indexed once, so that
+    what an answer copied and what its question quoted are both looked up in the same index."""
+
+    def __init__(self, prompt_ids: Sequence[int], posmap: PositionMap, chunk_size: int, run: int = COPY_RUN):
+        n = len(posmap)
+        self.run, self.n_chunks = run, n // chunk_size
+        self.found: Tensor | None = None
+        if n < run or self.n_chunks == 0:
+            return
+        doc = posmap.tensors[0]
+        places = torch.arange(n - run + 1)
+        in_one_doc = (doc[places] >= 0) & (doc[places + run - 1] == doc[places])
+        places = places[in_one_doc]
+        keys = _run_keys(torch.tensor(prompt_ids[:n], dtype=torch.int64), run)[in_one_doc]
+        self.found, self.where, self.occurrences = torch.unique(keys, return_inverse=True, return_counts=True)
+        chunk = places // chunk_size
+        keep = chunk < self.n_chunks
+        self.chunk, self.kept = chunk[keep], keep
+
+    def chunks_of(self, ids: Sequence[int]) -> list[float]:
+        """Per chunk of the prompt: how much of `ids` came from it. Every run of `ids` found in the
+        index counts 1, shared equally among the places where it occurs."""
+        if self.found is None or len(ids) < self.run:
+            return [0.0] * self.n_chunks
+        said, times = torch.unique(_run_keys(torch.tensor(ids, dtype=torch.int64), self.run), return_counts=True)
+        at = torch.searchsorted(said, self.found).clamp_(max=said.numel() - 1)
+        copies = torch.where(said[at] == self.found, times[at], 0)  # how often `ids` have each prompt run
+        weight = (copies.double() / self.occurrences.double())[self.where]
+        out = torch.zeros(self.n_chunks, dtype=torch.float64)
+        out.index_add_(0, self.chunk, weight[self.kept])
+        return out.tolist()
+
+
 def copied_chunks(prompt_ids: Sequence[int], answer_ids: Sequence[int], posmap: PositionMap, chunk_size: int,
                   run: int = COPY_RUN) -> list[float]:
-    """Per chunk of the prompt: how much of the answer was copied from it. Every run of `run` answer
-    tokens that also occurs within one document of the prompt counts 1, shared equally among the
-    places where it occurs."""
-    n, n_chunks = len(posmap), len(posmap) // chunk_size
-    if n < run or len(answer_ids) < run or n_chunks == 0:
-        return [0.0] * n_chunks
-    doc = posmap.tensors[0]
-    prompt = torch.tensor(prompt_ids[:n], dtype=torch.int64)
-    answer = torch.tensor(answer_ids, dtype=torch.int64)
-    places = torch.arange(n - run + 1)
-    in_one_doc = (doc[places] >= 0) & (doc[places + run - 1] == doc[places])
-    places = places[in_one_doc]
-    keys, said = _run_keys(prompt, run)[in_one_doc], _run_keys(answer, run)
-    found, where, occurrences = torch.unique(keys, return_inverse=True, return_counts=True)
-    said, times = torch.unique(said, return_counts=True)
-    at = torch.searchsorted(said, found).clamp_(max=said.numel() - 1)
-    copies = torch.where(said[at] == found, times[at], 0)  # how often the answer has each prompt run
-    weight = (copies.double() / occurrences.double())[where]
-    out = torch.zeros(n_chunks, dtype=torch.float64)
-    chunk = places // chunk_size
-    keep = chunk < n_chunks
-    out.index_add_(0, chunk[keep], weight[keep])
-    return out.tolist()
+    """Per chunk of the prompt: how much of the answer was copied from it (DocumentRuns.chunks_of)."""
+    return DocumentRuns(prompt_ids, posmap, chunk_size, run).chunks_of(answer_ids)
 
 
 def _run_keys(ids: Tensor, run: int) -> Tensor:
@@ -303,6 +316,17 @@ class Source:
     score: float
     document_index: int = -1
     chars: tuple[int, int] = (0, 0)
+
+    @property
+    def span(self) -> str:
+        """"120-134", or "410" for a passage of one line."""
+        a, b = self.lines
+        return f"{a}" if a == b else f"{a}-{b}"
+
+    @property
+    def lines_label(self) -> str:
+        """"lines 120-134", or "line 410"."""
+        return ("line " if self.lines[0] == self.lines[1] else "lines ") + self.span
 
     def to_dict(self) -> dict[str, Any]:
         return {"document": self.document, "lines": list(self.lines), "text": self.text,
@@ -485,22 +509,22 @@ def quoted_lines(passage: str, answer: str, run: int = 6) -> list[bool]:
     return out
 
 
+def names_shown(sources: Sequence[Source]) -> list[bool]:
+    """Whether each source's document is named before it in a sources line: at the first of each run
+    of passages from one document."""
+    keys = [(s.document, s.document_index) for s in sources]
+    return [i == 0 or keys[i] != keys[i - 1] for i in range(len(keys))]
+
+
 def source_label(sources: Sequence[Source]) -> str:
     """"book.txt 120-134 · 410-418 · notes.md 3-9": each document named once, before its passages."""
-    parts: list[str] = []
-    last_doc = None
-    for s in sources:
-        span = f"{s.lines[0]}" if s.lines[0] == s.lines[1] else f"{s.lines[0]}-{s.lines[1]}"
-        if (s.document, s.document_index) != last_doc:
-            parts.append(f"{s.document} {span}")
-            last_doc = (s.document, s.document_index)
-        else:
-            parts.append(span)
-    return " · ".join(parts)
+    return " · ".join((f"{s.document} " if named else "") + s.span
+                      for s, named in zip(sources, names_shown(sources), strict=True))
 
 
 __all__ = [
-    "COPY_RUN", "SOURCES_BUDGET", "LineIndex", "Placement", "PositionMap", "Source", "SourceTracker", "TextPiece",
+    "COPY_RUN", "SOURCES_BUDGET", "DocumentRuns", "LineIndex", "Placement", "PositionMap", "Source",
+    "SourceTracker", "TextPiece",
     "build_position_map", "chunk_attention", "clip", "copied_chunks", "cut_pieces", "document_evidence",
-    "quoted_lines", "rank_sources", "source_label", "source_layers", "whole_text",
+    "names_shown", "quoted_lines", "rank_sources", "source_label", "source_layers", "whole_text",
 ]

@@ -256,9 +256,10 @@ def render(result: dict[str, Any]):
     """The Rich table: one row per context length and kind of question."""
     from rich.table import Table
 
+    caption = ("ours: attention, runs the answer copied and the question quotes (decoding/sources.py); "
+               "BM25: over the question's words, same documents, windows of lines")
     table = Table(title=f"triforce-chat bench-sources — is the passage that holds the answer among the top {TOP} "
-                        "sources?", caption="ours: the answer's attention (decoding/sources.py); BM25: over the "
-                                            "question's words, same documents, windows of lines")
+                        "sources?", caption=caption)
     for col in ("context", "questions", "ours", "BM25", "ours lines/chars", "BM25 lines/chars"):
         table.add_column(col, justify="left" if col == "context" else "right")
     for n, s in result["summary"].items():

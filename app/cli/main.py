@@ -339,13 +339,13 @@ def source_lines(sources: list[dict[str, Any]], width: int = 100) -> list[str]:
     """`ask --sources`: a heading, then one line per passage (document, lines, share of the attention,
     the start of its text), made safe for a terminal; a line saying so when there are none."""
     from triforce_chat.app.safe_text import one_line
+    from triforce_chat.decoding.sources import Source
 
     if not sources:
         return ["sources: none (no document text drew the answer's attention)"]
     out = ["sources:"]
     for i, s in enumerate(sources, 1):
-        a, b = s["lines"]
-        span = f"line {a}" if a == b else f"lines {a}-{b}"
+        span = Source.from_dict(s).lines_label
         words = " ".join(s["text"].split())
         words = words if len(words) <= width else words[: width - 1].rstrip() + "…"
         out.append(one_line(f"  [{i}] {s['document']} {span} ({s['score']:.0%}): {words}"))
@@ -494,11 +494,11 @@ def bench_sources(
     sources changed an answer's tokens."""
     from triforce_chat.app.bench.sources import bench_sources_command
 
-    options = {k: v for k, v in dict(model=model, level=level, threads=threads, context=context,
-                                      weights=weights).items() if v is not None}
+    # (flags not given are None: resolve_settings leaves them to the config file and the defaults)
     raise typer.Exit(bench_sources_command(contexts=contexts, overhead=overhead, every=every, limit=limit,
                                            json_out=json_out, doc_cache=doc_cache, max_new_tokens=max_new_tokens,
-                                           **options))
+                                           model=model, level=level, threads=threads, context=context,
+                                           weights=weights))
 
 
 def main() -> None:

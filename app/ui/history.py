@@ -343,8 +343,6 @@ def transcript_markdown(
         if cited:
             lines += ["### Sources", ""]
             for s in cited:
-                a, b = s.lines
-                span = f"line {a}" if a == b else f"lines {a}-{b}"
-                lines.append(f"- `{one_line(s.document)}`, {span} ({s.score:.0%} of the attention):")
+                lines.append(f"- `{one_line(s.document)}`, {s.lines_label} ({s.score:.0%} of the attention):")
                 lines += ["", *(f"  > {terminal_text(t)}".rstrip() for t in s.text.split("\n")), ""]
     return "\n".join(lines)

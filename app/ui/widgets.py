@@ -24,7 +24,7 @@ from textual.widgets import Markdown, ProgressBar, Sparkline, Static, TextArea
 from triforce_chat.app.safe_text import one_line, terminal_text
 from triforce_chat.decoding.config import chain_label, drafter_label
 from triforce_chat.decoding.events import CacheFigures, RoundEvent
-from triforce_chat.decoding.sources import Source, quoted_lines
+from triforce_chat.decoding.sources import Source, names_shown, quoted_lines
 
 ORIGIN_STYLE = {
     "low": "$origin-low",
@@ -241,11 +241,6 @@ def render_rounds(events: Sequence[RoundEvent], decode: Callable[[int], str]) ->
 
 
 # -- sources of an answer ------------------------------------------------------------------------------
-def _span(source: Source) -> str:
-    a, b = source.lines
-    return f"{a}" if a == b else f"{a}-{b}"
-
-
 def _clickable(content: Content, start: int, end: int, index: int) -> Content:
     """`content` with characters [start, end) opening source `index` when clicked (SourcesLine.action_open)."""
     return content.stylize(Style.from_meta({"@click": f"open({index})"}), start, end)
@@ -255,15 +250,13 @@ def render_sources_line(sources: Sequence[Source]) -> Content:
     """"Sources: book.txt 120-134 · 410-418 · notes.md 3-9": each document named once, before its
     passages; a click on a passage opens it in its document."""
     out = Content.styled("Sources: ", "bold")
-    previous = None
-    for i, s in enumerate(sources):
+    for i, (s, named) in enumerate(zip(sources, names_shown(sources), strict=True)):
         if i:
             out = out + Content.styled(" · ", "dim")
-        if (s.document, s.document_index) != previous:
+        if named:
             out = out + Content(one_line(s.document, 60) + " ")
-            previous = (s.document, s.document_index)
         start = len(out.plain)
-        out = out + Content.styled(_span(s), "underline $accent")
+        out = out + Content.styled(s.span, "underline $accent")
         out = _clickable(out, start, len(out.plain), i)
     return out
 
@@ -272,19 +265,21 @@ def render_sources_detail(sources: Sequence[Source], answer: str) -> Content:
     """Every passage's text under a heading naming its document, lines and share of attention; the
     lines the answer quotes verbatim marked ┃ and bold, the others │ and dim."""
     blocks: list[Content] = []
+    any_quoted = False
     for i, s in enumerate(sources):
         head = Content.assemble((f"{i + 1}. ", "bold"), (one_line(s.document, 60), "bold"),
-                                f" lines {_span(s)}", (f"  {s.score:.0%} of the attention", "dim"))
+                                f" lines {s.span}", (f"  {s.score:.0%} of the attention", "dim"))
         head = _clickable(head, 0, len(head.plain), i)
         lines = [head]
         quoted = quoted_lines(s.text, answer)
+        any_quoted = any_quoted or any(quoted)
         for line, q in zip(s.text.split("\n"), quoted, strict=True):
             if q:
                 lines.append(Content.assemble(("┃ ", "$success"), (terminal_text(line), "bold")))
             else:
                 lines.append(Content.assemble(("│ ", "dim"), (terminal_text(line), "$text-muted")))
         blocks.append(Content("\n").join(lines))
-    if any(any(quoted_lines(s.text, answer)) for s in sources):
+    if any_quoted:
         blocks.append(Content.styled("┃ lines the answer quotes", "dim"))
     return Content("\n").join(blocks)
 
@@ -314,12 +309,11 @@ class SourcesLine(Static):
 class SourcesDetail(SourcesLine):
     """The passages' text (shown while the sources are expanded)."""
 
-    answer = ""
-
-    def show(self, sources: Sequence[Source]) -> None:
+    def show(self, sources: Sequence[Source], answer: str = "") -> None:
+        """`answer`: the text whose verbatim quotes are marked in the passages."""
         self.sources = list(sources)
         self.set_class(not self.sources, "-empty")
-        self.update(render_sources_detail(self.sources, self.answer) if self.sources else "")
+        self.update(render_sources_detail(self.sources, answer) if self.sources else "")
 
 
 class AnswerMessage(Vertical):
@@ -361,9 +355,7 @@ class AnswerMessage(Vertical):
         """The sources line under the answer (none: no line) and the passages for the expanded view."""
         self.sources = list(sources)
         self.query_one(SourcesLine).show(self.sources)
-        detail = self.query_one(SourcesDetail)
-        detail.answer = self.text
-        detail.show(self.sources)
+        self.query_one(SourcesDetail).show(self.sources, self.text)
 
     def _piece(self, tok: int) -> str:
         if tok not in self._pieces:
