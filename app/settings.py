@@ -46,7 +46,6 @@ from triforce_chat.decoding.config import MODEL_DEFAULT_KEYS, DecodeConfig
 from triforce_chat.decoding.store.docstore import DEFAULT_MAX_GB
 
 APP_NAME = "triforce-chat"
-DRAFTS = ("ngram",)  # or a model spec (folder / hub id) for a small draft model
 # weights: "auto" keeps them as shipped (GGUF blocks, or a checkpoint's own float dtype)
 WEIGHTS = ("auto", "float32", "bfloat16", "float16")
 KV_DTYPES = ("auto", "float16", "bfloat16", "float32")

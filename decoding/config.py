@@ -39,13 +39,16 @@ def parse_budget(budget: str | int | float) -> tuple[int, float]:
     return 0, frac
 
 
+# the bottom drafters that are lookups over the context (no model): the suffix automaton (default) and
+# the older n-gram index, kept to compare with; any other `draft` is a draft model
+LOOKUPS = ("suffix", "ngram")
 MAX_CHUNK = 4096  # a retrieval chunk longer than this selects nothing useful from any context
 
 
 @dataclass
 class DecodeConfig:
     level: int = 2
-    draft: str = "ngram"
+    draft: str = "suffix"
     budget: str = "4096"
     chunk_size: int = 8
     gamma_mid: int = 6
@@ -104,7 +107,7 @@ class DecodeConfig:
         if tokens and tokens < 2 * self.chunk_size:
             raise ValueError(f"budget must be at least two chunks ({2 * self.chunk_size} tokens), not {tokens}")
         if not self.draft:
-            raise ValueError("draft must be 'ngram' or a model")
+            raise ValueError("draft must be 'suffix', 'ngram' or a model")
         if self.sources_every < 0 or self.sources_top < 1:
             raise ValueError("sources: the reading interval must be >= 0 (0 is off) and the passages kept >= 1")
 
@@ -133,12 +136,12 @@ def generation_defaults(config: dict[str, Any]) -> dict[str, float | int]:
 
 def drafter_label(draft: str) -> str:
     """How the chain and the panels name the bottom drafter of a `--draft` setting: a draft model
-    drafts behind the n-gram lookup (drafters.LookupFirstDrafter), so both are named."""
-    return draft if draft == "ngram" else f"ngram+{draft}"
+    drafts behind the suffix lookup (drafters.LookupFirstDrafter), so both are named."""
+    return draft if draft in LOOKUPS else f"suffix+{draft}"
 
 
 def chain_label(level: int, drafter: str, budget: str) -> str:
-    """The decoding chain of a level, e.g. 'ngram -> retrieval(4096) -> target' (budget: the setting's
+    """The decoding chain of a level, e.g. 'suffix -> retrieval(4096) -> target' (budget: the setting's
     text, a token count or a fraction). The one place the chain's name is made: the session names
     the chain an answer ran, the UI the chain the next answer will run, and the two are compared."""
     text = str(budget).strip()

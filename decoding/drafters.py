@@ -2,12 +2,13 @@
 
 Two kinds, one protocol:
 
-* NGramDrafter (default): prompt lookup. Chats about a long document quote it, and answers repeat
-  their own phrases, so "what followed the last time these n tokens appeared" is a free and often
-  long draft. The index makes every lookup O(1) in the context length.
+* SuffixDrafter (default, decoding/suffix.py) and NGramDrafter: prompt lookup. Chats about a long
+  document quote it, and answers repeat their own phrases, so "what followed the last time these
+  tokens appeared" is a free and often long draft. The suffix automaton finds the longest such match
+  and how many different tokens followed it; the n-gram index sees at most n_max tokens back.
 * ModelDrafter: a small model sharing the target's tokenizer, over a StreamingLLM cache (sinks plus
   a recent window), so its per-token cost stays flat however long the document is.
-* LookupFirstDrafter (what `--draft MODEL` builds): both. The lookup proposes where the context
+* LookupFirstDrafter (what `--draft MODEL` builds): both. The suffix lookup proposes where the context
   repeats itself (quotes: free and long), the model everywhere else.
 
 The verifier above accepts or rejects every drafted token, so nothing here can change what the
@@ -23,9 +24,10 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor
 
-from triforce_chat.decoding.config import drafter_label
+from triforce_chat.decoding.config import LOOKUPS, drafter_label
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.streaming import StreamingCache
+from triforce_chat.decoding.suffix import SuffixDrafter
 
 if TYPE_CHECKING:
     from triforce_chat.decoding.model import Transformer
@@ -48,6 +50,7 @@ class Drafter(Protocol):
     name: str
     drafts_with_model: bool
     last_match: int  # how far back the match behind the last lookup proposal reached (0: none)
+    last_branches: int  # distinct tokens that followed that match before (0: not known)
 
     @property
     def length(self) -> int: ...
@@ -89,6 +92,7 @@ class NGramDrafter:
     name = "ngram"
     drafts_with_model = False
     last_match = 0  # tokens of context the last proposal's match reached back (up to REACH; 0: none)
+    last_branches = 0  # not known to an n-gram index
 
     def __init__(self, n_max: int = 4, n_min: int = 1, vocab_size: int | None = None):
         if not 1 <= n_min <= n_max:
@@ -265,6 +269,7 @@ class ModelDrafter:
 
     drafts_with_model = True
     last_match = 0
+    last_branches = 0
 
     @property
     def tokens(self) -> Sequence[int]:
@@ -397,7 +402,7 @@ class ModelDrafter:
 
 
 class LookupFirstDrafter:
-    """The n-gram lookup where the context repeats itself, the draft model everywhere else.
+    """The lookup where the context repeats itself, the draft model everywhere else.
 
     Why: quoting a document, the lookup proposes long runs that are right at no cost, and a small
     model would spend a forward per token to propose the same; on new prose the lookup's guesses
@@ -412,7 +417,7 @@ class LookupFirstDrafter:
     quote of 200 tokens costs it one prefill of 200 tokens, not 200 forwards.
     """
 
-    def __init__(self, lookup: NGramDrafter, model: ModelDrafter, min_match: int = 2):
+    def __init__(self, lookup: SuffixDrafter | NGramDrafter, model: ModelDrafter, min_match: int = 2):
         self.lookup, self.model, self.min_match = lookup, model, min_match
         self.name = drafter_label(model.name)
         self.rounds = {"lookup": 0, "model": 0}
@@ -422,6 +427,10 @@ class LookupFirstDrafter:
     @property
     def last_match(self) -> int:
         return self.lookup.last_match
+
+    @property
+    def last_branches(self) -> int:
+        return self.lookup.last_branches
 
     @property
     def tokens(self) -> Sequence[int]:
@@ -444,9 +453,8 @@ class LookupFirstDrafter:
 
     def propose_lookup(self, k: int) -> tuple[list[int], Tensor | None]:
         """The lookup's drafts when the context's last min_match tokens occurred before, else none."""
-        if self.lookup.match_length() < self.min_match:
-            return [], None
-        drafts, q = self.lookup.propose(k)
+        # a proposal of 0 tokens still tells the lookup that nothing backed this round (last_match 0)
+        drafts, q = self.lookup.propose(k if self.lookup.match_length() >= self.min_match else 0)
         if drafts:
             self.rounds["lookup"] += 1
         return drafts, q
@@ -531,14 +539,15 @@ def make_drafter(
     n_min: int = 1, n_max: int = 4, device: str | None = None, extend_context: bool = True,
     rebuild: str = "window", log=None,
 ) -> Drafter:
-    """"ngram" -> NGramDrafter; anything else is a model spec for load_model (same dtype as the
-    target), drafting behind an n-gram lookup (LookupFirstDrafter). extend_context: stretch a
+    """"suffix" -> SuffixDrafter, "ngram" -> NGramDrafter; anything else is a model spec for
+    load_model (same dtype as the target), drafting behind the suffix lookup
+    (LookupFirstDrafter). extend_context: stretch a
     draft model with fewer positions than the target's context with YaRN (draft quality only)
     instead of refusing it. slack 256 keeps regenerating a short reply an O(1) rollback;
     rebuild="window" bounds the cost of deeper ones (see ModelDrafter)."""
-    if spec == "ngram":
-        vocab = max(target.model.args.vocab_size, len(target.tokenizer))
-        return NGramDrafter(n_max=n_max, n_min=n_min, vocab_size=vocab)
+    vocab = max(target.model.args.vocab_size, len(target.tokenizer))
+    if spec in LOOKUPS:
+        return SuffixDrafter(vocab_size=vocab) if spec == "suffix" else NGramDrafter(n_max, n_min, vocab)
     from triforce_chat.decoding.models.loading import load_model
 
     context = target.model.max_len
@@ -552,11 +561,11 @@ def make_drafter(
         loaded.model, name=loaded.model_id, sink=sink, window=window, slack=slack, chunk=chunk,
         target_vocab=target.model.args.vocab_size, max_context=context, rebuild=rebuild,
     )
-    vocab = max(target.model.args.vocab_size, len(target.tokenizer))
-    return LookupFirstDrafter(NGramDrafter(n_max=n_max, n_min=n_min, vocab_size=vocab), model)
+    return LookupFirstDrafter(SuffixDrafter(vocab_size=vocab), model)
 
 
 __all__ = [
     "Drafter", "DrafterError", "LookupFirstDrafter", "ModelDrafter", "NGramDrafter", "StreamingCache",
+    "SuffixDrafter",
     "check_shared_vocab", "draft_model_of", "make_drafter", "sync_context",
 ]

@@ -20,7 +20,9 @@ class LowRound:
 
     proposed: list[int]
     accepted: int
-    next_token: int  # the middle level's correction or bonus after the accepted prefix
+    next_token: int  # the middle level's correction or bonus after the accepted prefix (or the target's)
+    match: int = 0  # a lookup proposal: the length of the match it follows (0: a model's, or none)
+    branches: int = 0  # ... and how many distinct tokens followed that match before (0: not known)
 
 
 @dataclass
@@ -73,6 +75,7 @@ class CacheFigures:
     drafter_cache_bytes: int = 0  # a draft model's StreamingLLM cache (allocated)
     drafter_weight_bytes: int = 0
     ngram_index_entries: int = 0
+    suffix_states: int = 0  # the suffix automaton's states (about twice the context's tokens)
     drafter_lookup_rounds: int = 0  # ngram+model: rounds the lookup drafted / the model drafted
     drafter_model_rounds: int = 0
     process_rss_bytes: int = 0

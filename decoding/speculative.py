@@ -41,7 +41,7 @@ from triforce_chat.decoding.events import LowRound, RoundEvent
 from triforce_chat.decoding.loops import LoopDetector, LoopRule
 from triforce_chat.decoding.model import Transformer
 from triforce_chat.decoding.retrieval import RetrievalView
-from triforce_chat.decoding.route import CALIBRATION_WINDOWS, CostModel, MidLevel, match_bucket
+from triforce_chat.decoding.route import CALIBRATION_WINDOWS, CostModel, MidLevel, lookup_key
 from triforce_chat.decoding.sampling import Sampler, verify_drafts
 
 
@@ -67,6 +67,7 @@ class RoundPlan:
     q_low: torch.Tensor | None = None  # its probabilities [len(props), V] (None: a point mass)
     source: str = "lookup"  # who proposed: "lookup" (free) | "model" (a draft model) | "none"
     match: int = 0  # the length of the match a lookup proposal follows
+    branches: int = 0  # distinct tokens that followed that match before (0: not known)
 
 
 class SpeculativeDecoder:
@@ -194,7 +195,8 @@ class SpeculativeDecoder:
             t0 = time.perf_counter()
             plan.props, plan.q_low, plan.source = self._bottom_proposal(
                 min(cfg.gamma_mid + cfg.gamma_low, window_max), remaining)
-            plan.match = self.drafter.last_match if plan.source == "lookup" else 0
+            if plan.source == "lookup":
+                plan.match, plan.branches = self.drafter.last_match, self.drafter.last_branches
             ev.timings["low"] = time.perf_counter() - t0
         plan.route, plan.gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), plan, remaining)
         return plan
@@ -220,8 +222,9 @@ class SpeculativeDecoder:
             q_low = None if plan.q_low is None else plan.q_low[: plan.gamma]
             a, nxt = self._verify(pending, props, q_low, ev)
             c = self.costs
-            (c.model if plan.source == "model" else c.lookup[match_bucket(plan.match)]).update(a, len(props))
-            ev.low_rounds.append(LowRound(proposed=props, accepted=a, next_token=nxt))
+            counts = c.model if plan.source == "model" else c.lookup[lookup_key(plan.match, plan.branches)]
+            counts.update(a, len(props))
+            ev.low_rounds.append(LowRound(props, a, nxt, plan.match, plan.branches))
             return props[:a] + [nxt], ["low"] * a + ["target"]
         if self.view.needs_rebuild:
             t0 = time.perf_counter()
@@ -231,7 +234,7 @@ class SpeculativeDecoder:
             self.costs.windows.rebuild.update(ev.timings["rebuild"])
         t0 = time.perf_counter()
         gl = self.config.gamma_low
-        first = (plan.props[:gl], None if plan.q_low is None else plan.q_low[:gl])
+        first = (plan.props[:gl], None if plan.q_low is None else plan.q_low[:gl], plan.match, plan.branches)
         drafts, q, d_origins = self._mid_window(pending, context, plan.gamma, level, ev, first)
         t_mid = time.perf_counter() - t0
         self.costs.mid_per_token.update((t_mid + ev.timings.get("low", 0.0)) / len(drafts))
@@ -290,15 +293,16 @@ class SpeculativeDecoder:
         t_low = 0.0
         while len(tokens) < gamma:
             props: list[int] = []
-            q_low = None
+            q_low, match, branches = None, 0, 0
             if level == 2:
                 want = min(self.config.gamma_low, max(1, gamma - len(tokens)))
                 if first is not None:
-                    props, q_low = first
+                    props, q_low, match, branches = first
                     first = None
                 else:
                     t0 = time.perf_counter()
                     props, q_low = self.drafter.propose(want, self.sampler)
+                    match, branches = self.drafter.last_match, self.drafter.last_branches
                     t_low += time.perf_counter() - t0
                 props = list(props)[:want]
             if not props:
@@ -312,7 +316,7 @@ class SpeculativeDecoder:
                     q_low = q_low[: len(props)]
                 a, nxt = verify_drafts(self.sampler, props, q_low, qm)
                 view.truncate_scratch(scratch0 + 1 + a)
-                ev.low_rounds.append(LowRound(proposed=props, accepted=a, next_token=nxt))
+                ev.low_rounds.append(LowRound(props, a, nxt, match, branches))
                 new = props[:a] + [nxt]
                 new_q = [qm[i] for i in range(a + 1)]
                 new_o = ["low"] * a + ["mid"]
@@ -372,7 +376,8 @@ class SpeculativeDecoder:
             return "step", 0
         if not self.config.adaptive:
             return "mid", gamma_max
-        return self.costs.choose(gamma_max, plan.props, plan.source, plan.match, remaining, self._mid_level())
+        return self.costs.choose(gamma_max, plan.props, plan.source, plan.match, remaining, self._mid_level(),
+                                 plan.branches)
 
     def _mid_level(self) -> MidLevel | None:
         """The middle level as the route sees it this round; None where its view would select

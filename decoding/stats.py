@@ -48,6 +48,11 @@ class Stats:
     mid_accepted: int = 0
     low_proposed: int = 0
     low_accepted: int = 0
+    # lookup proposals: how many, the matches they followed (tokens, summed), how many of those
+    # matches had only ever been followed by one token
+    lookup_proposals: int = 0
+    lookup_match_tokens: int = 0
+    lookup_unique: int = 0
     _pos_tries: dict[str, list[int]] = field(default_factory=lambda: {"mid": [], "low": []})
     _pos_hits: dict[str, list[int]] = field(default_factory=lambda: {"mid": [], "low": []})
     timings: dict[str, float] = field(default_factory=lambda: {"low": 0.0, "mid": 0.0, "target": 0.0})
@@ -74,6 +79,10 @@ class Stats:
                 self.low_proposed += len(lr.proposed)
                 self.low_accepted += lr.accepted
                 self._count_positions("low", len(lr.proposed), lr.accepted)
+            if lr.match:
+                self.lookup_proposals += 1
+                self.lookup_match_tokens += lr.match
+                self.lookup_unique += lr.branches == 1
         if ev.wall_s > 0:
             self.recent_tokens_per_s.append(len(ev.tokens) / ev.wall_s)
 
@@ -120,6 +129,14 @@ class Stats:
         return self.level0_step_s * self.new_tokens / self.decode_s
 
     @property
+    def lookup(self) -> dict[str, float | int | None]:
+        """The lookup's proposals this answer: how many, the mean length of the matches behind them,
+        and the share of those matches that were always followed by the same token before."""
+        n = self.lookup_proposals
+        return {"proposals": n, "mean_match": self.lookup_match_tokens / n if n else None,
+                "unique_share": self.lookup_unique / n if n else None}
+
+    @property
     def origin_counts(self) -> dict[str, int]:
         return {o: self.token_origins.count(o) for o in ORIGINS}
 
@@ -142,6 +159,7 @@ class Stats:
             "rounds": self.rounds,
             "acceptance": self.acceptance,
             "mean_accepted_length": round(self.mean_accepted_length, 4),
+            "lookup": self.lookup,
             "position_histogram": self.position_histogram,
             "level0_step_ms": round(1000 * self.level0_step_s, 3),
             "speedup_vs_level0": self.speedup_vs_level0,

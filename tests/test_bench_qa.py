@@ -12,6 +12,7 @@ from transformers import AutoTokenizer
 
 from test_cli import run_cli  # the suite's one way to run the command line
 from triforce_chat.app.bench import qa as bench_qa
+from triforce_chat.app.bench.common import BenchError
 from triforce_chat.app.bench.corpus import build_report
 from triforce_chat.app.bench.qa import QASpec
 from triforce_chat.app.bench.qa_score import contains_answer, is_right, normalize
@@ -164,6 +165,34 @@ def test_run_model_scores_the_level_0_answers_and_checks_the_levels(tiny_model):
     assert m["prefill"][0]["tokens"] > 40
 
 
+def test_repeats_alternate_the_levels_and_give_per_question_medians(monkeypatch, tiny_model):
+    """--repeat N asks each question N times per level, level 0 first then last, and each question's
+    ratio is the median of its side-by-side pairs (rates planted here, to check the arithmetic)."""
+    order: list[tuple[int, int]] = []
+    real = bench_qa.ask_in_new_chat
+
+    def timed(session, item, level):
+        r = real(session, item, level)
+        order.append((NOTES.items.index(item), level))
+        i, rep = order[-1][0], sum(1 for x in order if x == order[-1]) - 1
+        r["new_tokens"], r["decode_s"] = 10, 1.0 if level == 0 else [0.5, 2.0, 0.8][rep] * (1 + i)
+        return r
+
+    monkeypatch.setattr(bench_qa, "ask_in_new_chat", timed)
+    spec = QASpec(models=["tiny"], threads=[1], levels=[0, 2], max_new_tokens=6, repeat=3)
+    m = bench_qa.run_model(tiny_model, _cfg(), spec, [NOTES])
+    assert order == [(0, 0), (0, 2), (0, 2), (0, 0), (0, 0), (0, 2), (1, 0), (1, 2), (1, 2), (1, 0), (1, 0), (1, 2)]
+    assert m["identical"] and len(m["runs"]) == 12
+    ratios = {q["index"]: q for q in m["question_ratios"]}
+    assert ratios[0]["pairs"] == [2.0, 0.5, 1.25] and ratios[0]["ratio"] == 1.25  # 1 / decode_s, median
+    assert ratios[1]["ratio"] == 0.625
+    row = m["speed"][1]
+    assert row["worst_question_ratio"] == 0.625 and row["questions_below_0_97"] == 1
+    assert "worst_question_ratio" not in m["speed"][0]
+    with pytest.raises(BenchError, match="repeat"):
+        QASpec(models=["tiny"], threads=[1], levels=[0], repeat=0)
+
+
 def test_right_answers_are_counted(monkeypatch, tiny_model):
     """A model that gives the accepted answer scores it: the count comes from the answers."""
     real = bench_qa.ask_in_new_chat
@@ -236,6 +265,9 @@ def test_bench_qa_table(monkeypatch, capsys, tiny_model_dir):
     assert out.startswith("CPU: ")
     for text in ("4 questions over 4 documents", "L0 1thr", "L2 2thr", "prefill tok/s", "0/4", "✓"):
         assert text in out, text
+    for threads in (1, 2):
+        assert re.search(rf"{threads} thread\(s\), level 2 / level 0 per question \(median of 1 pair\(s\)\): "
+                         r"worst \d+\.\d\dx \(\S+ #0\), \d of 4 below 0\.97x", out), out
 
 
 def test_a_level_that_disagrees_is_reported_and_fails(monkeypatch, capsys, tiny_model_dir):

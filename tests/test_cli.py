@@ -48,7 +48,7 @@ def test_ask_json_fields_are_present_and_consistent(monkeypatch, capsys, tiny_mo
     assert data["text"] == tiny_model.tokenizer.decode(data["token_ids"], skip_special_tokens=True)
     assert stats["tokens_per_s"] == pytest.approx(stats["new_tokens"] / stats["decode_s"], rel=0.01)
     assert stats["cache"]["full_kv_tokens"] == len(data["prompt_token_ids"]) + 8
-    assert stats["cache"]["drafter"] == "ngram" and stats["cache"]["ngram_index_entries"] > 0
+    assert stats["cache"]["drafter"] == "suffix" and stats["cache"]["suffix_states"] > len(data["prompt_token_ids"])
 
 
 def test_ask_streams_text_and_levels_agree(monkeypatch, capsys, tiny_model_dir, doc):

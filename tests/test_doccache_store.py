@@ -229,7 +229,7 @@ def test_the_benchmark_reports_restore_against_prefill(tiny_model, tmp_path):
     assert r["restore_warm"]["computed_tokens"] == 0 and r["chunk_tokens"] == 128
     assert r["file_bytes"] > r["tokens"] * r["bytes_per_token"] and r["files"] == r["tokens"] // 128 + 1
     for key in ("prefill_s", "prefill_with_save_s", "save_overhead_wall", "save_overhead_thread", "writer_s",
-                "chunk_means_s", "ngram_index_s"):
+                "chunk_means_s", "lookup_index_s"):
         assert isinstance(r[key], float)
     text = format_report(r)
     for words in ("file size", "prefill (no store)", "save overhead", "restore (warm page cache)",

@@ -15,6 +15,7 @@ from triforce_chat.decoding.drafters import (
     LookupFirstDrafter,
     ModelDrafter,
     NGramDrafter,
+    SuffixDrafter,
     make_drafter,
     sync_context,
 )
@@ -364,7 +365,8 @@ def test_make_drafter_checks_the_tokenizer(tiny, tmp_path: Path):
 
     target = LoadedModel(tiny, word_tokenizer(words), "target", tmp_path, 0.0)
     d = make_drafter(str(draft_dir), target, window=32)
-    assert isinstance(d, LookupFirstDrafter) and d.name == f"ngram+{draft_dir}"
+    assert isinstance(d, LookupFirstDrafter) and d.name == f"suffix+{draft_dir}"
+    assert isinstance(d.lookup, SuffixDrafter)
     assert isinstance(d.model, ModelDrafter) and d.model.name == str(draft_dir)
     d.extend([3, 4, 5, 6])
     assert len(d.propose(3, Sampler())[0]) == 3
@@ -379,28 +381,31 @@ def test_make_drafter_checks_the_tokenizer(tiny, tmp_path: Path):
         make_drafter(str(draft_dir), smaller)
 
     assert isinstance(make_drafter("ngram", target), NGramDrafter)
+    assert isinstance(make_drafter("suffix", target), SuffixDrafter)
 
 
-def test_lookup_first_drafter_takes_the_lookup_on_a_repeat_and_the_model_elsewhere(tiny):
+@pytest.mark.parametrize("lookup,index_figure", [(SuffixDrafter, "suffix_states"),
+                                                 (NGramDrafter, "ngram_index_entries")])
+def test_lookup_first_drafter_takes_the_lookup_on_a_repeat_and_the_model_elsewhere(tiny, lookup, index_figure):
     """On a repeated span the lookup's continuation, else the model's drafts; the model records the
     tokens without running them and, when asked, drafts exactly as a model fed them eagerly."""
     phrase = random_tokens(10, seed=11)
     tokens = random_tokens(30, seed=12) + phrase + random_tokens(20, seed=13) + phrase[:3]
-    both = LookupFirstDrafter(NGramDrafter(n_max=4, n_min=1), drafter(tiny, chunk=8))
+    both = LookupFirstDrafter(lookup(), drafter(tiny, chunk=8))
     eager = drafter(tiny, chunk=8)
     both.extend(tokens[:40])
     both.extend(tokens[40:])
     eager.extend(tokens)
     assert both.model.cache.length == 0  # recorded, not run
     got, q = both.propose(5, Sampler())
-    assert got == phrase[3:8] and q is None
+    assert got == phrase[3:8] and q is None and both.last_match >= 3
     assert both.rounds == {"lookup": 1, "model": 0}
     both.extend([phrase[3], (phrase[4] + 1) % VOCAB])  # the repeat breaks off: no 2-gram match
     eager.extend([phrase[3], (phrase[4] + 1) % VOCAB])
     assert both.lookup.match_length() < 2
     got, _ = both.propose(4, Sampler())
     assert got == eager.propose(4, Sampler())[0]
-    assert both.rounds == {"lookup": 1, "model": 1}
+    assert both.rounds == {"lookup": 1, "model": 1} and both.last_match == 0  # the model drafted
     same_state(both.model, eager)
     both.truncate(50)
     eager.truncate(50)
@@ -408,7 +413,7 @@ def test_lookup_first_drafter_takes_the_lookup_on_a_repeat_and_the_model_elsewhe
     assert both.length == 50 and both.lookup.length == 50
     figures = both.figures()
     assert figures["drafter_lookup_rounds"] == 1 and figures["drafter_model_rounds"] == 1
-    assert "ngram_index_entries" in figures and "drafter_cache_bytes" in figures
+    assert index_figure in figures and "drafter_cache_bytes" in figures
 
 
 def test_sync_context_keeps_the_common_prefix_and_prefills_in_pieces_with_progress(tiny):

@@ -16,6 +16,7 @@ from triforce_chat.decoding.route import (
     MidLevel,
     WindowCosts,
     expected_tokens,
+    lookup_key,
     match_bucket,
 )
 
@@ -87,6 +88,23 @@ def test_dear_windows_and_poor_drafts_take_plain_steps_and_cheap_windows_take_lo
     assert dear.choose(0, [7, 7, 7], "lookup", 20, 100, None)[0] == "direct"
     route, k = cheap.choose(0, [7] * 10, "lookup", 20, 100, None)
     assert route == "direct" and k >= 8
+
+
+def test_a_match_followed_by_many_different_tokens_before_is_not_drafted_on():
+    """A 1-token match that was always followed by the same token is a fair bet on windows that cost
+    1.2 steps; the same match followed by five different tokens before is not (until the session's own
+    counts say otherwise), and what is learnt of one kind does not move the other."""
+    costs = CostModel(windows(0.2))
+    assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=1)[0] == "direct"
+    assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=5) == ("step", 0)
+    assert lookup_key(1, 0) == lookup_key(1, 1) == (1, False) and lookup_key(3, 2) == (2, True)
+    for _ in range(20):  # branching matches turn out right after all
+        costs.lookup[lookup_key(1, 5)].update(2, 2)
+    assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=5)[0] == "direct"
+    for _ in range(20):  # ... and one-way matches wrong: each kind follows its own counts
+        costs.lookup[lookup_key(1, 1)].update(0, 2)
+    assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=1) == ("step", 0)
+    assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=5)[0] == "direct"
 
 
 def test_the_middle_level_is_never_tried_where_it_reads_what_a_step_reads():

@@ -24,7 +24,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_match_the_contract():
     s = Settings()
-    assert (s.model, s.draft, s.level, s.budget, s.chunk_size) == (None, "ngram", 2, "4096", 8)
+    assert (s.model, s.draft, s.level, s.budget, s.chunk_size) == (None, "suffix", 2, "4096", 8)
     assert (s.gamma_mid, s.gamma_low, s.temperature, s.top_p, s.seed) == (6, 4, 0.0, 1.0, None)
     assert (s.max_new_tokens, s.weights, s.device, s.threads, s.context) == (512, "auto", "auto", None, None)
     assert s.theme == "triforce-dark" and s.keymap == {}

@@ -20,7 +20,7 @@ import torch
 import triforce_chat.decoding.speculative as spec
 from conftest import save_bigram_model, save_random_model
 from triforce_chat.decoding.cache import KVCache
-from triforce_chat.decoding.drafters import LookupFirstDrafter, ModelDrafter, NGramDrafter
+from triforce_chat.decoding.drafters import LookupFirstDrafter, ModelDrafter, NGramDrafter, SuffixDrafter
 from triforce_chat.decoding.loops import LoopRule
 from triforce_chat.decoding.models.loading import load_weights_only
 from triforce_chat.decoding.retrieval import RetrievalView
@@ -37,11 +37,10 @@ class Engine:
         self.cache = KVCache.for_model(model)
         self.view = RetrievalView(self.cache, budget=budget, chunk_size=chunk)
         # drafters live across runs (as in a session): every run rolls them back to the prompt
-        self.drafters = {"ngram": NGramDrafter(n_max=3, n_min=1)}
+        self.drafters = {"ngram": NGramDrafter(n_max=3, n_min=1), "suffix": SuffixDrafter()}
         if draft_model is not None:
             self.drafters["model"] = ModelDrafter(draft_model, sink=2, window=8)
-            self.drafters["both"] = LookupFirstDrafter(NGramDrafter(n_max=3, n_min=1),
-                                                       ModelDrafter(draft_model, sink=2, window=8))
+            self.drafters["both"] = LookupFirstDrafter(SuffixDrafter(), ModelDrafter(draft_model, sink=2, window=8))
         model(torch.tensor(prompt[:-1]), self.cache, logits="none")
 
     def run(self, level: int, n: int, sampler: Sampler, drafter: str = "ngram", gamma_mid: int = 4,
@@ -88,8 +87,9 @@ def test_greedy_levels_are_token_identical(small_models, seed, length, budget, g
     engine = Engine(target, repetitive_prompt(seed, length, 64), budget=budget, chunk=4, draft_model=draft)
     want, _ = engine.run(0, 60, Sampler(0.0))
     assert len(want) == 60
-    for level, drafter, adaptive in [(1, "ngram", False), (2, "ngram", False), (2, "model", False),
-                                     (2, "both", False), (1, "ngram", True), (2, "ngram", True), (2, "both", True)]:
+    for level, drafter, adaptive in [(1, "ngram", False), (2, "ngram", False), (2, "suffix", False),
+                                     (2, "model", False), (2, "both", False), (1, "ngram", True), (2, "ngram", True),
+                                     (2, "suffix", True), (2, "both", True)]:
         got, dec = engine.run(level, 60, Sampler(0.0), drafter, gamma_mid, gamma_low, adaptive)
         assert got == want, f"level {level} ({drafter}, adaptive={adaptive}) differs from level 0"
     rounds = engine.drafters["both"].rounds
@@ -123,7 +123,7 @@ class CyclingRoutes(CostModel):
     """A route chooser that ignores costs and takes every route in turn (a plain step, a middle window,
     the bottom drafts verified directly), so every route's bookkeeping meets every other's."""
 
-    def choose(self, gamma_max, props, source, match, remaining, mid):
+    def choose(self, gamma_max, props, source, match, remaining, mid, branches=0):
         self.rounds += 1
         turn = self.rounds % 3
         if turn == 1 and mid is not None:
@@ -133,11 +133,12 @@ class CyclingRoutes(CostModel):
         return "step", 0
 
 
-def test_every_route_in_turn_is_lossless(small_models):
+@pytest.mark.parametrize("drafter", ["suffix", "ngram"])
+def test_every_route_in_turn_is_lossless(small_models, drafter):
     target, _ = small_models
     engine = Engine(target, repetitive_prompt(4, 300, 64), budget=32, chunk=4)
     want, _ = engine.run(0, 120, Sampler(0.0))
-    got, dec = engine.run(2, 120, Sampler(0.0), "ngram", gamma_mid=4, gamma_low=3, adaptive=True,
+    got, dec = engine.run(2, 120, Sampler(0.0), drafter, gamma_mid=4, gamma_low=3, adaptive=True,
                           costs=CyclingRoutes())
     assert got == want
     assert {"step", "mid", "direct"} <= set(dec.routes), dec.routes
@@ -148,7 +149,7 @@ def test_the_adaptive_route_is_lossless(small_models):
     target, _ = small_models
     engine = Engine(target, repetitive_prompt(4, 300, 64), budget=32, chunk=4)
     want, _ = engine.run(0, 120, Sampler(0.0))
-    got, dec = engine.run(2, 120, Sampler(0.0), "ngram", gamma_mid=4, gamma_low=3, adaptive=True)
+    got, dec = engine.run(2, 120, Sampler(0.0), "suffix", gamma_mid=4, gamma_low=3, adaptive=True)
     assert got == want and dec.costs.windows.calibrated_depth == len(engine.prompt) - 1
 
 
@@ -243,6 +244,7 @@ def sampling_setup(tmp_path_factory):
 @pytest.mark.parametrize("level,drafter,temperature,top_p,adaptive", [
     (1, "ngram", 1.0, 1.0, False), (2, "ngram", 1.0, 1.0, False), (2, "model", 1.0, 1.0, False),
     (2, "model", 0.8, 0.9, False), (2, "ngram", 1.0, 1.0, True), (2, "both", 1.0, 1.0, False),
+    (2, "suffix", 1.0, 1.0, True), (2, "suffix", 1.0, 1.0, False),
 ])
 def test_sampling_is_distributed_as_the_target(sampling_setup, level, drafter, temperature, top_p, adaptive):
     engine, target, prompt = sampling_setup
@@ -345,7 +347,7 @@ def processed_sampler(name: str, cls=Sampler):
 
 @pytest.mark.parametrize("level,drafter,setting,adaptive", [
     (1, "ngram", "whole", False), (2, "model", "whole", False), (2, "model", "window3", False),
-    (2, "ngram", "window3", True), (2, "both", "window3", True),
+    (2, "ngram", "window3", True), (2, "both", "window3", True), (2, "suffix", "window3", True),
 ])
 def test_sampling_with_top_k_and_penalty_is_distributed_as_the_target(processed_setup, level, drafter, setting,
                                                                       adaptive):
@@ -431,7 +433,7 @@ def test_greedy_with_the_penalty_is_token_identical(small_models, walker, case):
     plain, _ = engine.run(0, n, Sampler(0.0))
     assert want != plain  # the penalty changes the answer
     for level, drafter, adaptive in [(1, "ngram", False), (2, "ngram", False), (2, "model", False),
-                                     (2, "both", False), (2, "ngram", True)]:
+                                     (2, "both", False), (2, "ngram", True), (2, "suffix", True)]:
         got, _ = engine.run(level, n, sampler(), drafter, 4, 3, adaptive)
         assert got == want, f"level {level} ({drafter}, adaptive={adaptive}) differs from level 0"
     if case == "walker-whole":

@@ -130,7 +130,7 @@ async def test_ctrl_t_changes_the_level_shown_and_used(tiny_model, history, doc)
         assert "Level 1" in text_of(app, "#stats-body")
         await pilot.press("ctrl+t")  # 1 -> 2
         body = text_of(app, "#stats-body")
-        assert "Level 2  (next answer)" in body and "ngram -> retrieval(256) -> target" in body
+        assert "Level 2  (next answer)" in body and "suffix -> retrieval(256) -> target" in body
         await pilot.press("ctrl+t")  # 2 -> 0
         assert "Level 0  (next answer)" in text_of(app, "#stats-body")
         await pilot.press("ctrl+up", "alt+right")  # γ mid +1, budget x2: shown at once
@@ -373,7 +373,7 @@ async def test_documents_panel_says_what_the_document_cache_did(tiny_model, hist
 
 
 def test_the_decoding_panel_and_the_session_name_a_draft_model_chain_alike(tiny_model):
-    """With `--draft MODEL` the session runs "ngram+MODEL -> ..." (the lookup drafts first): the panel
+    """With `--draft MODEL` the session runs "suffix+MODEL -> ..." (the lookup drafts first): the panel
     names the next answer's chain the same way, so it does not claim a change that is not there."""
     from triforce_chat.app.ui.widgets import Pending, render_stats
     from triforce_chat.decoding.config import DecodeConfig
@@ -382,7 +382,7 @@ def test_the_decoding_panel_and_the_session_name_a_draft_model_chain_alike(tiny_
 
     session = Session(tiny_model, DecodeConfig(level=2, draft="qwen2.5-coder-0.5b", budget="4096"))
     pending = Pending(2, "qwen2.5-coder-0.5b", "4096", 6, 4)
-    assert pending.chain == session.chain_label() == "ngram+qwen2.5-coder-0.5b -> retrieval(4096) -> target"
+    assert pending.chain == session.chain_label() == "suffix+qwen2.5-coder-0.5b -> retrieval(4096) -> target"
     last = Stats(level=2, chain=session.chain_label()).to_dict()
     assert "(next answer)" not in render_stats(last, pending).plain
     other = Stats(level=2, chain=Session(tiny_model, DecodeConfig(level=2, budget="4096")).chain_label()).to_dict()

@@ -74,7 +74,7 @@ def test_chat_in_tmux_with_smollm2(tmp_path, default_model_dir):
             ),
             420,
         )
-        assert "Level 2" in ready and "ngram -> retrieval(4096) -> target" in ready
+        assert "Level 2" in ready and "suffix -> retrieval(4096) -> target" in ready
         assert "Full KV" in ready and "of 8,192" in ready
         tmux("send-keys", "-t", name, "-l", QUESTION)
         tmux("send-keys", "-t", name, "Enter")
@@ -94,7 +94,7 @@ def test_chat_in_tmux_with_smollm2(tmp_path, default_model_dir):
         assert QUESTION in asked, asked
         assert f"avg {stats['tokens_per_s']:6.1f}" in screen
         assert f"Mean accepted length {stats['mean_accepted_length']:.2f}" in screen
-        assert "Acceptance" in screen and "Retrieval" in screen and "Drafter ngram" in screen
+        assert "Acceptance" in screen and "Retrieval" in screen and "Drafter suffix" in screen
         tmux("send-keys", "-t", name, "C-r")  # the draft/accept view
         viz = wait_pane(name, lambda p: "✓ accepted" in p, 10)
         assert "#" in viz and ("→" in viz)

@@ -69,7 +69,7 @@ def recorded_events() -> list[RoundEvent]:
             ["low", "low", "mid", "low", "target"],
             [2, 3, 4, 5],
             4,
-            [LowRound([2, 3, 9], 2, 4), LowRound([5, 11], 1, 6)],
+            [LowRound([2, 3, 9], 2, 4, match=12, branches=1), LowRound([5, 11], 1, 6, match=2, branches=3)],
         ),
         ev(
             2,
@@ -102,7 +102,7 @@ def recorded_events() -> list[RoundEvent]:
 
 STATS = {
     "level": 2,
-    "chain": "ngram -> retrieval(4096) -> target",
+    "chain": "suffix -> retrieval(4096) -> target",
     "gamma_mid": 6,
     "gamma_low": 4,
     "prefill_tokens": 12,
@@ -114,6 +114,7 @@ STATS = {
     "rounds": 5,
     "acceptance": {"mid": 0.8235, "low": 0.6667},
     "mean_accepted_length": 3.8,
+    "lookup": {"proposals": 6, "mean_match": 7.5, "unique_share": 0.8333},
     "position_histogram": {"mid": [1.0, 1.0, 1.0, 0.75, 0.0], "low": [0.83, 0.67, 0.5, 0.25]},
     "level0_step_ms": 52.0,
     "speedup_vs_level0": 1.98,
@@ -133,8 +134,8 @@ FIGURES = CacheFigures(
     retrieval_chunks_selected=508,
     retrieval_recent_tokens=32,
     retrieval_rebuilds=1,
-    drafter="ngram",
-    ngram_index_entries=5873,
+    drafter="suffix",
+    suffix_states=11873,
     process_rss_bytes=812 * 1024 * 1024,
 )
 
@@ -199,30 +200,32 @@ def test_direct_round_shows_the_bottom_drafts_verified_by_the_target():
 
     ev = RoundEvent(
         index=7, tokens=[2, 3, 14], origins=["low", "low", "target"], text="", route="direct",
-        low_rounds=[LowRound([2, 3, 9], 2, 14)], final_kind="correction",
+        low_rounds=[LowRound([2, 3, 9], 2, 14, match=5, branches=2)], final_kind="correction",
     )
     text = render_round(ev, decode).plain
     assert text.startswith("#7  low")
     a, b, c, d = (token_label(decode(t)) for t in (2, 3, 9, 14))
     assert f"✓{a} ✓{b} ✗{c} → {d}" in text
-    assert "correction, target-verified" in text and "2/3" in text
+    assert "correction, target-verified" in text and "2/3  match 5 · 2 ways" in text  # the lookup's match, 2 branches
     step = RoundEvent(index=8, tokens=[5], origins=["target"], text="", route="step")
     assert "step" in render_round(step, decode).plain
 
 
 def test_cache_panel_names_both_bottoms_of_a_lookup_first_drafter():
-    """ngram+model: the panel shows the lookup's index, the model's window and who drafted."""
+    """suffix+model: the panel shows the lookup's index, the model's window and who drafted."""
     import dataclasses
 
     from triforce_chat.app.ui.widgets import render_cache
 
     fig = dataclasses.replace(
-        FIGURES, drafter="ngram+qwen2.5-coder-0.5b", drafter_sink_tokens=4, drafter_recent_tokens=1024,
+        FIGURES, drafter="suffix+qwen2.5-coder-0.5b", drafter_sink_tokens=4, drafter_recent_tokens=1024,
         drafter_lookup_rounds=31, drafter_model_rounds=12, drafter_weight_bytes=400 << 20,
         drafter_cache_bytes=12 << 20,
     )
     text = render_cache(fig).plain
-    assert "Drafter ngram+qwen2.5-coder-0.5b" in text
-    assert "lookup index 5,873 entries" in text and "model sink 4 + recent 1,024" in text
+    assert "Drafter suffix+qwen2.5-coder-0.5b" in text
+    assert "lookup automaton 11,873 states" in text and "model sink 4 + recent 1,024" in text
     assert "drafted by lookup 31, model 12" in text
-    assert "Drafter ngram: index 5,873 entries" in render_cache(FIGURES).plain
+    assert "Drafter suffix: automaton 11,873 states" in render_cache(FIGURES).plain
+    ngram = dataclasses.replace(FIGURES, drafter="ngram", suffix_states=0, ngram_index_entries=5873)
+    assert "Drafter ngram: index 5,873 entries" in render_cache(ngram).plain

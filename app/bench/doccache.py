@@ -48,7 +48,7 @@ def run(
     question: str = QUESTION, cold: bool = True, log=lambda m: None,
 ) -> dict[str, Any]:
     """The five steps of the module docstring; returns every figure (seconds, bytes, tokens)."""
-    from triforce_chat.decoding.drafters import NGramDrafter
+    from triforce_chat.decoding.drafters import make_drafter
     from triforce_chat.decoding.session import Session
     from triforce_chat.decoding.store.docstore import DEFAULT_CHUNK_TOKENS, DocumentStore
     from triforce_chat.kernels.retrieval import ChunkMeans
@@ -88,14 +88,14 @@ def run(
         warm_session.prefill()
         cold_report = warm_session.last_sync
     # what a restore rebuilds instead of reading: the retrieval chunk means (inside the restore
-    # time above) and the n-gram index (at the first level-2 answer)
+    # time above) and the suffix index (at the first level-2 answer)
     t0 = time.perf_counter()
     ChunkMeans(warm_session.cache, cfg.chunk_size)
     means_s = time.perf_counter() - t0
     ids = warm_session.context
     t0 = time.perf_counter()
-    NGramDrafter(vocab_size=max(lm.model.args.vocab_size, len(lm.tokenizer))).extend(ids)
-    ngram_s = time.perf_counter() - t0
+    make_drafter("suffix", lm).extend(ids)
+    lookup_s = time.perf_counter() - t0
     log("5/5 answers after prefill and after restore")
     a, b = answer(fresh), answer(warm_session)
 
@@ -127,7 +127,7 @@ def run(
         "restore_warm": restore_figures(warm),
         "restore_cold": restore_figures(cold_report) if cold_report else None,
         "chunk_means_s": means_s,
-        "ngram_index_s": ngram_s,
+        "lookup_index_s": lookup_s,
         "answer_tokens": len(a),
         "identical": a == b,
         "level": cfg.level,
@@ -170,7 +170,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines += [
         "opening a session".ljust(26) + f"{r['session_open_s']:8.3f} s   (fingerprint: weights stat, RoPE digest)",
         "rebuilt, not stored".ljust(26) + f"chunk means {r['chunk_means_s']:.3f} s (inside the restore), "
-        f"n-gram index {r['ngram_index_s']:.3f} s (first level-2 answer)",
+        f"suffix index {r['lookup_index_s']:.3f} s (first level-2 answer)",
         f"answer after restore identical to the answer after prefill: {'yes' if r['identical'] else 'NO'} "
         f"({r['answer_tokens']} tokens, level {r['level']})",
         f"targets: restore < 1 s: {'met' if warm['seconds'] < 1 else 'not met'} (warm)"

@@ -5,7 +5,8 @@ How it runs: each model is loaded once. At each thread count, one short untimed 
 warms up (app/bench/levels.py `warm_up`); then each document gets one Session and one prefill, and every
 question is asked at each level in turn, in a new chat each time (`Session.new_chat()`: the document
 stays in the KV cache, only the question is prefilled), so that the levels of a question run side by
-side. Answers are greedy and exact: temperature 0, no top-p or
+side; `--repeat N` asks each question N times per level, the levels' order reversed every other
+time (drift on a shared machine then hits them alike). Answers are greedy and exact: temperature 0, no top-p or
 top-k, no repetition penalty, the repetition stop on (as `ask` by default), at most
 `--max-new-tokens` tokens. No document cache: every prefill is computed.
 
@@ -17,6 +18,10 @@ What is reported:
   `thread_differences`, not a failure.) Level 0 always runs, since it gives the reference answers.
 - decode tok/s per level and thread count: tokens / seconds totalled over the questions, from the
   session's stats (`new_tokens`, `decode_s`: the question's own prefill is not in them).
+- per question, each level's speed against level 0's: the median over the repeats of the ratio of
+  the two rates measured side by side (`question_ratios`), with the worst question and how many fell
+  below 0.97x in each speed row. A short answer takes about a second, so one pair is noisy on a
+  shared machine: repeat to tell a real loss from a hiccup.
 - prefill tok/s per thread count: the documents' prefill, tokens / seconds totalled over the
   documents (the same prefill serves every level).
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,6 +61,7 @@ class QASpec:
     levels: list[int]  # level 0 first, always there
     max_new_tokens: int = 64
     limit: int | None = None  # the first N questions of each document
+    repeat: int = 1  # times each question is asked per level
 
     def __post_init__(self) -> None:
         for level in self.levels:
@@ -66,6 +73,8 @@ class QASpec:
             raise BenchError(f"threads must be >= 1, not {min(self.threads)}")
         if self.max_new_tokens < 1:
             raise BenchError(f"max-new-tokens must be >= 1, not {self.max_new_tokens}")
+        if not 1 <= self.repeat <= 50:
+            raise BenchError(f"repeat must be between 1 and 50, not {self.repeat}")
         if self.limit is not None and self.limit < 1:
             raise BenchError(f"limit must be >= 1, not {self.limit}")
         if not self.models:
@@ -158,13 +167,14 @@ def run_model(lm, cfg, spec: QASpec, sets: list[DocSet], log: Log = lambda m: No
                     # levels side by side per question (level 0 first): drift on a shared machine then
                     # hits the levels of a question alike
                     for i, item in enumerate(doc.items):
-                        for level in spec.levels:
-                            r = ask_in_new_chat(session, item, level)
-                            r.update(threads=threads, level=level, document=doc.name, index=i)
-                            runs.append(r)
-                            rate = ratio(r["new_tokens"], r["decode_s"], 2)
-                            log(f"{lm.model_id}, {threads} thread(s), level {level}, {doc.name} #{i}: "
-                                f"{r['new_tokens']} tokens, {rate} tok/s, {r['stop_reason']}")
+                        for rep in range(spec.repeat):
+                            for level in (spec.levels if rep % 2 == 0 else spec.levels[::-1]):
+                                r = ask_in_new_chat(session, item, level)
+                                r.update(threads=threads, level=level, document=doc.name, index=i, repeat=rep)
+                                runs.append(r)
+                                rate = ratio(r["new_tokens"], r["decode_s"], 2)
+                                log(f"{lm.model_id}, {threads} thread(s), level {level}, {doc.name} #{i}: "
+                                    f"{r['new_tokens']} tokens, {rate} tok/s, {r['stop_reason']}")
                 except (ContextOverflow, DocumentError, DrafterError, MemoryShortage) as exc:
                     raise BenchError(f"{lm.model_id}: {doc.name}: {exc}") from None
             prefill.append({"threads": threads, "tokens": int(tokens), "seconds": round(seconds, 4),
@@ -178,7 +188,7 @@ def summarize_model(lm, spec: QASpec, sets: list[DocSet], runs: list[dict[str, A
                     prefill: list[dict[str, Any]]) -> dict[str, Any]:
     """Score level 0 at the first thread count, check every level against level 0 at its thread
     count, and total the speeds."""
-    ref = {(r["threads"], r["document"], r["index"]): r for r in runs if r["level"] == 0}
+    ref = {(r["threads"], r["document"], r["index"]): r for r in runs if r["level"] == 0 and not r["repeat"]}
     mismatches = []
     for r in runs:
         base = ref[r["threads"], r["document"], r["index"]]
@@ -214,6 +224,7 @@ def summarize_model(lm, spec: QASpec, sets: list[DocSet], runs: list[dict[str, A
         "load_s": round(lm.load_s, 2),
         "accuracy": {"right": right, "total": len(answers), "share": ratio(right, len(answers))},
         "speed": speed_rows(runs, spec),
+        "question_ratios": question_ratios(runs, spec),
         "prefill": prefill,
         "answers": answers,
         "runs": [{k: v for k, v in r.items() if k not in ("text", "token_ids")} for r in runs],
@@ -223,8 +234,27 @@ def summarize_model(lm, spec: QASpec, sets: list[DocSet], runs: list[dict[str, A
     }
 
 
+def question_ratios(runs: list[dict[str, Any]], spec: QASpec) -> list[dict[str, Any]]:
+    """Per thread count, level (not 0) and question: the median over the repeats of the level's rate
+    over level 0's, each pair measured side by side."""
+    rate = {(r["threads"], r["level"], r["document"], r["index"], r["repeat"]): r["new_tokens"] / r["decode_s"]
+            for r in runs if r["decode_s"] > 0}
+    out = []
+    for (threads, level, doc, i, rep) in rate:
+        if level == 0 or rep:
+            continue
+        pairs = [rate[threads, level, doc, i, k] / rate[threads, 0, doc, i, k] for k in range(spec.repeat)
+                 if (threads, level, doc, i, k) in rate and (threads, 0, doc, i, k) in rate]
+        if pairs:
+            out.append({"threads": threads, "level": level, "document": doc, "index": i,
+                        "ratio": round(statistics.median(pairs), 4), "pairs": [round(p, 4) for p in pairs]})
+    return out
+
+
 def speed_rows(runs: list[dict[str, Any]], spec: QASpec) -> list[dict[str, Any]]:
-    """One row per thread count and level: totals over its questions (tokens / seconds, not a mean of rates)."""
+    """One row per thread count and level: totals over its questions (tokens / seconds, not a mean of
+    rates), and for a level above 0 the worst question's ratio to level 0 and how many fell below 0.97x."""
+    per_question = question_ratios(runs, spec)
     rows = []
     for threads in spec.threads:
         for level in spec.levels:
@@ -241,6 +271,9 @@ def speed_rows(runs: list[dict[str, Any]], spec: QASpec) -> list[dict[str, Any]]
                 "acceptance_mid": ratio(tot["mid_accepted"], tot["mid_proposed"]),
                 "acceptance_low": ratio(tot["low_accepted"], tot["low_proposed"]),
             })
+            mine = [q["ratio"] for q in per_question if q["threads"] == threads and q["level"] == level]
+            if mine:
+                rows[-1].update(worst_question_ratio=min(mine), questions_below_0_97=sum(x < 0.97 for x in mine))
     return rows
 
 
@@ -298,6 +331,25 @@ def render_table(result: dict[str, Any]):
     return table
 
 
+def question_lines(result: dict[str, Any]) -> list[str]:
+    """Per model, thread count and level above 0: the slowest question against level 0, and how many
+    fell below 0.97x (each question's ratio: the median of its side-by-side pairs)."""
+    lines = []
+    for m in result["models"]:
+        for threads in result["settings"]["threads"]:
+            for level in result["settings"]["levels"][1:]:
+                qs = [q for q in m["question_ratios"] if q["threads"] == threads and q["level"] == level]
+                if not qs:
+                    continue
+                worst = min(qs, key=lambda q: q["ratio"])
+                lines.append(
+                    f"{m['model']}, {threads} thread(s), level {level} / level 0 per question "
+                    f"(median of {len(worst['pairs'])} pair(s)): worst {worst['ratio']:.2f}x "
+                    f"({worst['document']} #{worst['index']}), {sum(q['ratio'] < 0.97 for q in qs)} of {len(qs)} "
+                    "below 0.97x")
+    return lines
+
+
 def run_bench_qa(load: Callable[[str], Any], spec: QASpec, cfg, log: Log = lambda m: None,
                  skipped: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """Every model of `spec` (loaded by `load(name)`, released after); the `bench-qa --json` object."""
@@ -314,7 +366,8 @@ def run_bench_qa(load: Callable[[str], Any], spec: QASpec, cfg, log: Log = lambd
         "machine": machine_info(load_start),
         "method": __doc__.split("What is reported:", 1)[1].strip(),
         "settings": {"models": spec.models, "threads": spec.threads, "levels": spec.levels,
-                     "max_new_tokens": spec.max_new_tokens, "limit": spec.limit, "budget": cfg.budget,
+                     "max_new_tokens": spec.max_new_tokens, "limit": spec.limit, "repeat": spec.repeat,
+                     "budget": cfg.budget,
                      "draft": cfg.draft, "gamma_mid": cfg.gamma_mid, "gamma_low": cfg.gamma_low},
         "qa_set": qa_set_info(sets),
         "models": models,
@@ -326,7 +379,7 @@ def run_bench_qa(load: Callable[[str], Any], spec: QASpec, cfg, log: Log = lambd
 
 # -- the command --------------------------------------------------------------------------------------------
 def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_tokens: int, limit: int | None,
-                     json_out: bool, **options: Any) -> int:
+                     json_out: bool, repeat: int = 1, **options: Any) -> int:
     """`triforce-chat bench-qa`: parse, check the models, run, print; the exit code (1 on a mismatch)."""
     from rich.console import Console
     from rich.markup import escape
@@ -337,7 +390,8 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
 
     try:
         spec = QASpec(models=parse_models(models), threads=parse_int_list(threads, "threads"),
-                      levels=parse_int_list(levels, "levels"), max_new_tokens=max_new_tokens, limit=limit)
+                      levels=parse_int_list(levels, "levels"), max_new_tokens=max_new_tokens, limit=limit,
+                      repeat=repeat)
         runnable, skipped = split_installed(spec.models)
     except BenchError as exc:
         fail(str(exc))
@@ -374,6 +428,8 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
         m = result["machine"]
         console.print(f"{machine_line(m)} | torch {m['torch']} | Python {m['python']}", highlight=False, markup=False)
         console.print(render_table(result))
+        for line in question_lines(result):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
     for s in skipped:
         say(f"skipped {s['model']}: {s['reason']}")
     for m in result["models"]:

@@ -105,7 +105,7 @@ LevelOpt = Annotated[
     int | None, typer.Option(help="Speculation level: 0 plain, 1 retrieval draft, 2 + bottom drafter.")
 ]
 DraftOpt = Annotated[
-    str | None, typer.Option(help="Bottom drafter: 'ngram' or a draft model sharing the tokenizer.")
+    str | None, typer.Option(help="Bottom drafter: 'suffix' (default), 'ngram' or a draft model sharing the tokenizer.")
 ]
 BudgetOpt = Annotated[
     str | None, typer.Option(help="Retrieval budget: tokens (4096) or a fraction of the context (0.1).")
@@ -458,6 +458,8 @@ def bench_qa(
     levels: Annotated[str, typer.Option(help="Comma list of levels (0 always runs: it gives the answers).")] = "0,2",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per answer at most.")] = 64,
     limit: Annotated[int | None, typer.Option(help="Ask only the first N questions of each document.")] = None,
+    repeat: Annotated[int, typer.Option(help="Ask each question N times per level (per-question: the median).")] = 1,
+    draft: DraftOpt = None,
     context: ContextOpt = None,
     weights: WeightsOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object, every answer included.")] = False,
@@ -466,7 +468,8 @@ def bench_qa(
     from triforce_chat.app.bench.qa import bench_qa_command
 
     raise typer.Exit(bench_qa_command(models=models, threads=threads, levels=levels, max_new_tokens=max_new_tokens,
-                                      limit=limit, json_out=json_out, context=context, weights=weights))
+                                      limit=limit, json_out=json_out, repeat=repeat, draft=draft, context=context,
+                                      weights=weights))
 
 
 @app.command("bench-sources")

@@ -180,6 +180,8 @@ def _window(
     kept_origins: Sequence[str],
     decode: Callable[[int], str],
     final_origin: str | None = None,
+    match: int = 0,
+    branches: int = 0,
 ) -> Content:
     parts: list[tuple[str, str] | str] = [(f"{label:<6}", "bold")]
     for i, tok in enumerate(proposed):
@@ -198,6 +200,8 @@ def _window(
             (f" {final_kind}", "dim"),
         ]
     parts.append(("  " + f"{accepted}/{len(proposed)}", "dim"))
+    if match:  # what backed a lookup proposal: the match's length and the tokens that followed it before
+        parts.append((f"  match {match}" + (f" · {branches} ways" if branches > 1 else ""), "dim"))
     return Content.assemble(*parts)
 
 
@@ -211,7 +215,8 @@ def render_round(ev: RoundEvent, decode: Callable[[int], str]) -> Content:
         lr = ev.low_rounds[-1]
         final = ev.tokens[-1] if ev.tokens else None
         kind = f"{ev.final_kind}, target-verified"
-        return header + _window("low", lr.proposed, lr.accepted, final, kind, ev.origins, decode, "target")
+        return header + _window("low", lr.proposed, lr.accepted, final, kind, ev.origins, decode, "target",
+                                lr.match, lr.branches)
     if not ev.mid_proposed:  # a plain target step (level 0, or the route the decoder chose)
         tok = ev.tokens[-1] if ev.tokens else None
         body = Content.assemble(
@@ -224,7 +229,8 @@ def render_round(ev: RoundEvent, decode: Callable[[int], str]) -> Content:
     lines: list[Content] = []
     for lr in ev.low_rounds:
         low_origins = ["low"] * lr.accepted
-        lines.append(_window("low", lr.proposed, lr.accepted, lr.next_token, "next", low_origins, decode))
+        lines.append(_window("low", lr.proposed, lr.accepted, lr.next_token, "next", low_origins, decode,
+                             match=lr.match, branches=lr.branches))
     final = ev.tokens[-1] if ev.tokens else None
     lines.append(_window("mid", ev.mid_proposed, ev.mid_accepted, final, ev.final_kind, ev.origins, decode))
     indent = Content("    ")
@@ -466,6 +472,10 @@ def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float
     for lvl in ("mid", "low"):
         lines.append(Content(f" {lvl:<4}{bar(acc.get(lvl), 14)} {pct(acc.get(lvl))}"))
     lines.append(Content(f"Mean accepted length {s.get('mean_accepted_length', 0):.2f}"))
+    lookup = s.get("lookup") or {}
+    if lookup.get("proposals"):  # what backed the lookup's drafts: long matches, one continuation
+        lines.append(Content.assemble(("Lookup ", "bold"), f"{lookup['proposals']} drafts"))
+        lines.append(Content(f" match {lookup['mean_match']:.1f} tok  one way {pct(lookup['unique_share'])}"))
     hist = s.get("position_histogram") or {}
     if any(hist.get(k) for k in ("mid", "low")):
         n = max(len(hist.get("mid") or []), len(hist.get("low") or []))
@@ -536,10 +546,12 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
     )
     if fig.retrieval_buffer_bytes:
         lines.append(Content(f" view buffer {mb(fig.retrieval_buffer_bytes)}"))
-    lookup = f"index {fig.ngram_index_entries:,} entries" if fig.drafter == "ngram" or fig.ngram_index_entries else ""
+    lookup = (f"automaton {fig.suffix_states:,} states" if fig.suffix_states
+              else f"index {fig.ngram_index_entries:,} entries" if fig.drafter == "ngram" or fig.ngram_index_entries
+              else "")
     window = (f"sink {fig.drafter_sink_tokens} + recent {fig.drafter_recent_tokens:,}"
               if fig.drafter_sink_tokens or fig.drafter_recent_tokens else "")
-    if lookup and window:  # ngram+model: the lookup's index, the model's window, who drafted how often
+    if lookup and window:  # suffix+model: the lookup's index, the model's window, who drafted how often
         lines.append(Content.assemble(("Drafter ", "bold"), one_line(fig.drafter)))
         lines.append(Content(f" lookup {lookup}"))
         lines.append(Content(f" model {window}"))

@@ -16,7 +16,7 @@ What is counted (each part is named in `MemoryEstimate.parts`):
   weights are not), preallocated in whole blocks of the exact kernel;
 - the retrieval view's buffer, whose size follows the budget (decoding/retrieval.py);
 - a draft model's weights and its StreamingCache;
-- scratch: the exact attention kernel's workspace, RoPE tables, the n-gram index, prefill
+- scratch: the exact attention kernel's workspace, RoPE tables, the lookup's index, prefill
   activations, and a fixed allowance for the allocator;
 - runtime (before loading only): the tokenizer and the libraries loading pulls in.
 """
@@ -31,12 +31,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from triforce_chat.decoding.config import parse_budget
+from triforce_chat.decoding.config import LOOKUPS, parse_budget
 from triforce_chat.decoding.retrieval import view_buffer_tokens
 
 GIB = 1024**3
 MIB = 1024**2
-NGRAM_BYTES_PER_TOKEN = 400  # measured ~350 for an index of 8K distinct tokens (NGramDrafter.index_bytes)
+# a lookup's index per context token: the suffix automaton (traced ~610 over 38K tokens of English and
+# Python docs: two states a token, their transition dicts, the undo records), the n-gram index (~350
+# for 8K distinct tokens, NGramDrafter.index_bytes)
+LOOKUP_BYTES_PER_TOKEN = {"suffix": 640, "ngram": 400}
 FIXED_OVERHEAD = 96 * MIB  # allocator slack, logits of a window, Python objects
 # loading a model the first time in a process: the tokenizer and the loader's libraries (measured
 # with SmolLM2's tokenizer: ~100 MiB for the tokenizer, ~60 MiB for the config and weight loaders)
@@ -241,11 +244,11 @@ def view_buffer_bytes(shape: ModelShape, context: int, budget: str | int | float
 
 
 def scratch_bytes(shape: ModelShape, context: int, dtype_size: int, gamma_mid: int = 6, gamma_low: int = 4,
-                  ngram: bool = True) -> int:
+                  lookup: str | None = "suffix") -> int:
     """The attention kernel's partials at this context (kernels/cpu/attention.cpp: per KV head and
     256-key segment, one row per query head of up to 64 queries), the float32 copy of the largest
-    matrix a prefill chunk dequantizes, RoPE tables, prefill activations, the n-gram index and a
-    fixed allowance. (`dtype_size`, the KV element size, no longer changes the kernel's scratch.)"""
+    matrix a prefill chunk dequantizes, RoPE tables, prefill activations, the lookup's index (None:
+    no lookup) and a fixed allowance. (`dtype_size`, the KV element size, no longer changes the kernel's scratch.)"""
     g = max(1, shape.n_heads // shape.n_kv_heads)
     segments = -(-context // 256)
     partials = shape.n_kv_heads * segments * g * 64 * (shape.head_dim + 2) * 4
@@ -254,7 +257,7 @@ def scratch_bytes(shape: ModelShape, context: int, dtype_size: int, gamma_mid: i
     rope = 2 * shape.max_positions * (shape.head_dim // 2) * 4
     qkv = (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim
     activations = PREFILL_CHUNK * (4 * shape.dim + qkv + 3 * shape.intermediate_size) * 4
-    index = NGRAM_BYTES_PER_TOKEN * context if ngram else 0
+    index = LOOKUP_BYTES_PER_TOKEN[lookup] * context if lookup else 0
     return partials + dequantized + rope + activations + index + FIXED_OVERHEAD
 
 
@@ -277,7 +280,7 @@ def estimate(
     chunk_size: int = 8,
     gamma_mid: int = 6,
     gamma_low: int = 4,
-    draft: str = "ngram",
+    draft: str = "suffix",
     draft_weights_bytes: int = 0,
     draft_shape: ModelShape | None = None,
     transient_bytes: int = 0,
@@ -290,11 +293,12 @@ def estimate(
     kv = context * shape.kv_bytes_per_token(kv_size)
     parts = {"weights": weights_bytes, "loading": transient_bytes, "kv_cache": kv}
     parts["retrieval_view"] = view_buffer_bytes(shape, context, budget, chunk_size, kv_size) if level >= 1 else 0
-    if level == 2 and draft != "ngram":
+    if level == 2 and draft not in LOOKUPS:
         cache = streaming_cache_bytes(draft_shape, size) if draft_shape is not None else 0
         parts["draft"] = draft_weights_bytes + cache
-    ngram = level == 2 and draft == "ngram"
-    parts["scratch"] = scratch_bytes(shape, context, kv_size, gamma_mid, gamma_low, ngram=ngram)
+    # a draft model drafts behind the suffix lookup (drafters.LookupFirstDrafter): it has one too
+    lookup = (draft if draft in LOOKUPS else "suffix") if level == 2 else None
+    parts["scratch"] = scratch_bytes(shape, context, kv_size, gamma_mid, gamma_low, lookup=lookup)
     if runtime_bytes:
         parts["runtime"] = runtime_bytes
     return MemoryEstimate(parts, context=context)
@@ -325,7 +329,7 @@ _weights_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model ->
 def session_estimate(session: Any, context: int | None = None) -> MemoryEstimate:
     """The Session's footprint at `context` tokens (its cache's full length by default): what it
     holds now (weights, the preallocated cache) plus what grows with the context (view buffer,
-    kernel workspace, n-gram index) and a draft model not loaded yet."""
+    kernel workspace, lookup index) and a draft model not loaded yet."""
     model, cache, cfg = session.model, session.cache, session.config
     context = min(context or cache.max_len, cache.max_len)
     shape = ModelShape.from_args(model.args, cache.max_len)
@@ -337,7 +341,7 @@ def session_estimate(session: Any, context: int | None = None) -> MemoryEstimate
     from triforce_chat.decoding.drafters import draft_model_of
 
     drafter = draft_model_of(getattr(session, "_drafter", None))
-    if level == 2 and cfg.draft != "ngram":
+    if level == 2 and cfg.draft not in LOOKUPS:
         if drafter is not None:
             dm = drafter.model
             draft_bytes = getattr(dm, "weight_bytes", None) or tensor_bytes(dm)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from triforce_chat.decoding.config import LOOKUPS
 from triforce_chat.decoding.memory.footprint import (
     FIXED_OVERHEAD,
     RUNTIME_BYTES,
@@ -243,7 +244,7 @@ def check_before_load(
     if files is None or files.shape is None:
         return None
     draft_bytes, draft_shape = 0, None
-    if config.level == 2 and config.draft != "ngram":
+    if config.level == 2 and config.draft not in LOOKUPS:
         draft_path = locate_model_files(config.draft)
         draft_files = weight_files(draft_path, None, device) if draft_path is not None else None
         if draft_files is not None:
@@ -316,7 +317,7 @@ def check_session(session: Any, tokens: int, available: Available | None = None)
         budget = smaller_budget_that_fits(with_budget, cfg.budget, room, cfg.chunk_size)
     shown = MemoryEstimate({k: v for k, v in grow.items() if v})
     hints = ([f"a smaller budget (--budget {budget})"] if budget else []) + (
-        ["level 1 or the n-gram drafter"] if grow.get("draft") else []) + ["fewer or shorter documents"]
+        ["level 1 or the suffix lookup alone"] if grow.get("draft") else []) + ["fewer or shorter documents"]
     raise MemoryShortage(
         f"not enough memory to continue to {tokens:,} tokens: it needs about {fmt_bytes(need)} more "
         f"({shown.describe() or 'scratch'}) but {fmt_bytes(available.bytes)} is available ({available.source}); "

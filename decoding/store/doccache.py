@@ -11,7 +11,7 @@ What is not stored, because it is rebuilt exactly and cheaply:
   appends, and a restore appends through the same `KVCache.advance` calls, in the same steps as a
   prefill, so they are recomputed from the restored keys exactly as after a prefill (an average of
   8 keys per chunk and layer: a small fraction of a restore);
-- the n-gram drafter's index and the draft model's StreamingLLM cache: both are built from the
+- the lookup drafter's index and the draft model's StreamingLLM cache: both are built from the
   token ids at the first level-2 answer, after a restore exactly as after a prefill. (The draft
   model therefore still runs over the document once, on its first answer; storing its cache would
   need its own fingerprint and is left for later.)
