@@ -184,7 +184,7 @@ class SuffixDrafter:
         """Nothing to run: the automaton is current after every extend."""
 
     def figures(self) -> dict[str, int]:
-        return {"suffix_states": len(self._len), "suffix_match": self.match_length()}
+        return {"suffix_states": len(self._len)}
 
     @property
     def index_bytes(self) -> int:

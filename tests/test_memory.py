@@ -96,6 +96,29 @@ def test_view_buffer_estimate_bounds_the_real_buffer(tiny_model):
     assert view_buffer_bytes(shape, 60, "64", 8, 4) == 0  # a budget covering the context: no buffer
 
 
+@pytest.mark.parametrize("lookup", ["suffix", "ngram"])
+def test_the_lookup_estimate_covers_what_its_index_takes(lookup):
+    """The guard's bytes per context token for a lookup's index against what the index allocates
+    (tracemalloc) over 20K tokens of a small and of a large vocabulary."""
+    import random
+    import tracemalloc
+
+    from triforce_chat.decoding.drafters import NGramDrafter, SuffixDrafter
+    from triforce_chat.decoding.memory.footprint import LOOKUP_BYTES_PER_TOKEN
+
+    for vocab in (64, 150_000):
+        rng = random.Random(vocab)
+        ids = [rng.randrange(vocab) for _ in range(20_000)]
+        tracemalloc.start()
+        try:
+            index = SuffixDrafter() if lookup == "suffix" else NGramDrafter(vocab_size=vocab)
+            index.extend(ids)
+            taken = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        assert taken <= LOOKUP_BYTES_PER_TOKEN[lookup] * len(ids), (vocab, taken / len(ids))
+
+
 def test_the_estimate_is_close_to_what_a_model_really_allocates(tmp_path, default_model_dir):
     """In a fresh process: resident memory grown by loading a model, starting a session, prefilling
     and answering, against the estimate made before loading (a 100 MB model, so that the model

@@ -224,8 +224,8 @@ def test_cache_panel_names_both_bottoms_of_a_lookup_first_drafter():
     )
     text = render_cache(fig).plain
     assert "Drafter suffix+qwen2.5-coder-0.5b" in text
-    assert "lookup automaton 11,873 states" in text and "model sink 4 + recent 1,024" in text
+    assert "lookup 11,873 states" in text and "model sink 4 + recent 1,024" in text
     assert "drafted by lookup 31, model 12" in text
-    assert "Drafter suffix: automaton 11,873 states" in render_cache(FIGURES).plain
+    assert "Drafter suffix: 11,873 states" in render_cache(FIGURES).plain
     ngram = dataclasses.replace(FIGURES, drafter="ngram", suffix_states=0, ngram_index_entries=5873)
     assert "Drafter ngram: index 5,873 entries" in render_cache(ngram).plain

@@ -546,7 +546,7 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
     )
     if fig.retrieval_buffer_bytes:
         lines.append(Content(f" view buffer {mb(fig.retrieval_buffer_bytes)}"))
-    lookup = (f"automaton {fig.suffix_states:,} states" if fig.suffix_states
+    lookup = (f"{fig.suffix_states:,} states" if fig.suffix_states
               else f"index {fig.ngram_index_entries:,} entries" if fig.drafter == "ngram" or fig.ngram_index_entries
               else "")
     window = (f"sink {fig.drafter_sink_tokens} + recent {fig.drafter_recent_tokens:,}"
