@@ -4,9 +4,10 @@ Its products are checked against float64 references computed on the *same rounde
 kernel's own int8 activations and scales, the weights as the `gguf` package decodes them), so the
 only difference left is fp32 rounding; its rounding of activations against the definition written
 in the header, bitwise; and its exactness: a row's result bitwise the same at any row count and
-thread count, in the kernel and through the whole forward. On a build without AVX512-VNNI (another
-CPU, or TRIFORCE_NATIVE_ISA=avx512 / avx2 / scalar) the mode must be reported unavailable and the
-model must fall back to fp32 activations: those tests run everywhere."""
+thread count, in the kernel and through the whole forward. These tests run on whichever path the
+build has (AVX512-VNNI, or AVX2: TRIFORCE_NATIVE_ISA=avx2 / avx512 on any host that runs it). On a
+build with neither (the portable path: another CPU, or TRIFORCE_NATIVE_ISA=scalar) the
+mode must be reported unavailable and the model must fall back to fp32 activations."""
 
 from __future__ import annotations
 
@@ -29,9 +30,8 @@ def has_int8() -> bool:
     return native.available() and bool(native.status().int8)
 
 
-needs_int8 = pytest.mark.skipif(
-    not has_int8(), reason="this build of the kernels has no int8-activation path (it needs AVX512-VNNI)"
-)
+NO_INT8 = "this build of the kernels has no int8-activation path (it needs AVX2 or AVX512-VNNI)"
+needs_int8 = pytest.mark.skipif(not has_int8(), reason=NO_INT8)
 
 
 def ops():
@@ -58,28 +58,30 @@ def reference_rounding(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.skipif(has_int8(), reason="this build has the int8 path (the fallback is tested where it does not)")
-def test_without_vnni_the_mode_is_unavailable_and_the_model_stays_fp32(tmp_path):
+def test_without_avx2_the_mode_is_unavailable_and_the_model_stays_fp32(tmp_path):
     assert native.status().int8 == ""
     w = quantized("Q8_0", 16, 64)
-    with pytest.raises(RuntimeError, match="AVX512-VNNI"):
+    with pytest.raises(RuntimeError, match="AVX2 or AVX512-VNNI"):
         ops().linear_int8(torch.randn(1, 64), [w], [BY_NAME["Q8_0"].id], None)
     from triforce_chat.decoding.models.loading import choose_activations
 
     model = load_gguf(write_gguf(tmp_path / "m.gguf", "llama", qtype="Q8_0"))
-    assert "AVX512-VNNI" in model.int8_available()
+    assert "AVX2" in model.int8_available()
     assert choose_activations(model, "auto") == ("fp32", "")
     mode, notice = choose_activations(model, "int8")
     assert mode == "fp32" and "unavailable" in notice
-    with pytest.raises(ValueError, match="AVX512-VNNI"):
+    with pytest.raises(ValueError, match="AVX2"):
         model.set_activations("int8")
 
 
 def test_the_int8_path_is_reported_with_the_build():
     st = native.status()
-    assert st.int8 in ("", "avx512-vnni")
+    assert st.int8 in ("", "avx2", "avx512-vnni")
     assert st.int8 == ops().int8_path()
-    if st.isa != "avx512":
-        assert st.int8 == ""  # the mode is built on AVX-512 registers only
+    if st.isa == "scalar":
+        assert st.int8 == ""  # the mode is built on AVX2 or AVX-512 registers only
+    else:  # every x86 build has one: VNNI where the build has it, AVX2 otherwise
+        assert st.int8 != ""
 
 
 # -- the kernels --------------------------------------------------------------------------------------------
@@ -194,7 +196,7 @@ INT8_CASES = {
 @pytest.fixture(scope="module", params=sorted(INT8_CASES))
 def int8_model(request, tmp_path_factory):
     if not has_int8():
-        pytest.skip("this build of the kernels has no int8-activation path (it needs AVX512-VNNI)")
+        pytest.skip(NO_INT8)
     arch, kwargs = INT8_CASES[request.param]
     path = write_gguf(tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", arch, **kwargs)
     model = load_gguf(path)
@@ -265,7 +267,7 @@ def test_load_model_picks_int8_and_falls_back_to_fp32_when_its_self_check_fails(
 
     lm = load_model("smollm2-135m", log=lambda m: None)
     assert lm.model.activations == "int8" and not lm.notices
-    assert "int8 activations (avx512-vnni)" in kernels_label(lm.model.device, lm.model.activations)
+    assert f"int8 activations ({native.status().int8})" in kernels_label(lm.model.device, lm.model.activations)
     assert "-int8" in lm.model.numerics
     assert load_model("smollm2-135m", log=lambda m: None, activations="fp32").model.activations == "fp32"
     native.set_row_skew(True)  # both modes broken: int8 -> fp32 -> token by token
