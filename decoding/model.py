@@ -14,7 +14,7 @@ chunks (more than MAX_WINDOW tokens) are the same for every level and take the f
 the full cache verifies windows one token at a time (`sequential_windows`): still exact.
 
 Activations: in the "fp32" mode the kernels multiply float32 activations by the decoded weights; in
-the "int8" mode (`set_activations`, AVX512-VNNI builds only) each row of activations is rounded to
+the "int8" mode (`set_activations`, AVX2 and AVX512-VNNI builds) each row of activations is rounded to
 int8 per block of 32 first and multiplied by the weights' integer codes (kernels/cpu/linear_int8.h),
 for every forward length, prefill included. Both are row-invariant; they differ from each other by
 more than rounding (a different model numerically, measured within 1% perplexity of fp32).
@@ -396,7 +396,7 @@ class Transformer(nn.Module):
         if not st.available:
             return f"native CPU kernels unavailable ({st.reason})"
         if not st.int8:
-            return f"this CPU's kernels ({st.isa}) have no int8-activation path (it needs AVX512-VNNI)"
+            return f"this CPU's kernels ({st.isa}) have no int8-activation path (it needs AVX2 or AVX512-VNNI)"
         if not any(lin.int8_capable for lin in self.linears()):
             return "the weights are dense (the int8 mode multiplies GGUF blocks' integer codes)"
         return ""

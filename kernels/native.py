@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
-SOURCES = ("ops.cpp", "linear.cpp", "linear_int8.cpp", "attention.cpp", "attention_bf16.cpp", "rowwise.cpp")
+SOURCES = ("ops.cpp", "linear.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "attention.cpp", "attention_bf16.cpp",
+           "rowwise.cpp")
 HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "linear_int8.h", "attention.h", "attention_bf16.h", "rowwise.h")
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-Wno-unused-function"]
 
@@ -38,7 +39,7 @@ class NativeStatus:
     isa: str  # "avx512", "avx2", "scalar" when available
     reason: str  # why not, when unavailable (one line)
     build_dir: Path | None = None
-    int8: str = ""  # the int8-activation path built ("avx512-vnni"), "" when this build has none
+    int8: str = ""  # the int8-activation path built ("avx512-vnni", "avx2"), "" when this build has none
     bf16_attention: str = ""  # the bf16-product attention built ("avx512-bf16"), "" when none
 
 
@@ -79,8 +80,10 @@ def _cache_root() -> Path:
 
 
 # TRIFORCE_NATIVE_ISA picks another path than the host's best (to test every path on one machine
-# that can run it): "avx512" is AVX-512 without VNNI (the fp32 mode only), "avx512-vnni" adds the
-# int8-activation mode and "avx512-vnni-bf16" the bf16 attention too, whatever else the host has.
+# that can run it): "avx2" is AVX2 only (int8 activations on the AVX2 path), "avx512" AVX-512 without
+# VNNI (int8 activations on the AVX2 path too), "avx512-vnni" the int8 mode on the VNNI path and
+# "avx512-vnni-bf16" the bf16 attention too, whatever else the host has. None enables what the
+# name does not say (no -march=native), so each builds its path on a host with more.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 ISA_FLAGS = {
@@ -171,7 +174,7 @@ def set_row_skew(on: bool) -> None:
 if __name__ == "__main__":  # `python -m triforce_chat.kernels.native`: build now, say what was built
     st = status()
     if st.available:
-        int8 = f", int8 activations {st.int8}" if st.int8 else ", no int8-activation path (needs AVX512-VNNI)"
+        int8 = f", int8 activations {st.int8}" if st.int8 else ", no int8-activation path (needs AVX2)"
         bf16 = f", bf16 attention {st.bf16_attention}" if st.bf16_attention else ", no bf16 attention"
         print(f"native CPU kernels: {st.isa}{int8}{bf16} ({st.build_dir or 'loaded'})")
     else:

@@ -109,7 +109,7 @@ def test_bf16_attention_refuses_other_head_widths():
 @pytest.fixture(scope="module", params=["q5_0-d64-gqa7", "q4_k-d128-gqa6"])
 def fast_model(request, tmp_path_factory):
     if not (has_bf16() and native.status().int8):
-        pytest.skip("this build has no int8 activations and bf16 attention (AVX512-VNNI and AVX512-BF16)")
+        pytest.skip("this build has no int8 activations and bf16 attention (AVX2 or AVX512-VNNI, and AVX512-BF16)")
     kwargs = {
         "q5_0-d64-gqa7": dict(dim=896, n_heads=14, n_kv_heads=2, qtype="Q5_0", ffn=1024,
                               qtypes={"attn_v": "Q8_0", "ffn_down": "Q6_K", "output": "Q8_0"}),

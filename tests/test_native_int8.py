@@ -4,18 +4,25 @@ Its products are checked against float64 references computed on the *same rounde
 kernel's own int8 activations and scales, the weights as the `gguf` package decodes them), so the
 only difference left is fp32 rounding; its rounding of activations against the definition written
 in the header, bitwise; and its exactness: a row's result bitwise the same at any row count and
-thread count, in the kernel and through the whole forward. On a build without AVX512-VNNI (another
-CPU, or TRIFORCE_NATIVE_ISA=avx512 / avx2 / scalar) the mode must be reported unavailable and the
-model must fall back to fp32 activations: those tests run everywhere."""
+thread count, in the kernel and through the whole forward. These tests run on whichever path the
+build has (AVX512-VNNI, or AVX2: TRIFORCE_NATIVE_ISA=avx2 / avx512 on any host that runs it), and the
+AVX2 path is compared bitwise with the VNNI path on the same inputs, in a subprocess with an AVX2
+build. On a build with neither (the portable path: another CPU, or TRIFORCE_NATIVE_ISA=scalar) the
+mode must be reported unavailable and the model must fall back to fp32 activations."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from gguf_models import KQUANT_SCALE_FIELDS, random_blocks, random_ids, write_gguf
 from gguf_models import load as load_gguf
-from gguf_models import random_blocks, random_ids, write_gguf
 from triforce_chat.kernels import native
 from triforce_chat.kernels.quant import BY_NAME, reference_dequantize
 
@@ -29,9 +36,8 @@ def has_int8() -> bool:
     return native.available() and bool(native.status().int8)
 
 
-needs_int8 = pytest.mark.skipif(
-    not has_int8(), reason="this build of the kernels has no int8-activation path (it needs AVX512-VNNI)"
-)
+NO_INT8 = "this build of the kernels has no int8-activation path (it needs AVX2 or AVX512-VNNI)"
+needs_int8 = pytest.mark.skipif(not has_int8(), reason=NO_INT8)
 
 
 def ops():
@@ -58,28 +64,30 @@ def reference_rounding(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.skipif(has_int8(), reason="this build has the int8 path (the fallback is tested where it does not)")
-def test_without_vnni_the_mode_is_unavailable_and_the_model_stays_fp32(tmp_path):
+def test_without_avx2_the_mode_is_unavailable_and_the_model_stays_fp32(tmp_path):
     assert native.status().int8 == ""
     w = quantized("Q8_0", 16, 64)
-    with pytest.raises(RuntimeError, match="AVX512-VNNI"):
+    with pytest.raises(RuntimeError, match="AVX2 or AVX512-VNNI"):
         ops().linear_int8(torch.randn(1, 64), [w], [BY_NAME["Q8_0"].id], None)
     from triforce_chat.decoding.models.loading import choose_activations
 
     model = load_gguf(write_gguf(tmp_path / "m.gguf", "llama", qtype="Q8_0"))
-    assert "AVX512-VNNI" in model.int8_available()
+    assert "AVX2" in model.int8_available()
     assert choose_activations(model, "auto") == ("fp32", "")
     mode, notice = choose_activations(model, "int8")
     assert mode == "fp32" and "unavailable" in notice
-    with pytest.raises(ValueError, match="AVX512-VNNI"):
+    with pytest.raises(ValueError, match="AVX2"):
         model.set_activations("int8")
 
 
 def test_the_int8_path_is_reported_with_the_build():
     st = native.status()
-    assert st.int8 in ("", "avx512-vnni")
+    assert st.int8 in ("", "avx2", "avx512-vnni")
     assert st.int8 == ops().int8_path()
-    if st.isa != "avx512":
-        assert st.int8 == ""  # the mode is built on AVX-512 registers only
+    if st.isa == "scalar":
+        assert st.int8 == ""  # the mode is built on AVX2 or AVX-512 registers only
+    else:  # every x86 build has one: VNNI where the build has it, AVX2 otherwise
+        assert st.int8 != ""
 
 
 # -- the kernels --------------------------------------------------------------------------------------------
@@ -179,6 +187,156 @@ def test_bad_arguments_raise():
         ops().quantize_int8(torch.randn(1, 48))
 
 
+# -- codes at the ends of their ranges ----------------------------------------------------------------------
+
+# Where each type's codes lie in its block, bytes [start, end): all 0xFF is the largest code of every
+# weight (Q8_0: -1), 0x00 the smallest (Q8_0: 0), 0x80 Q8_0's -128, 0x7F its 127 (the nibble types: a
+# mix). The AVX2 path's int16 sums are tightest there (linear_int8_avx2.cpp).
+CODE_BYTES = {"Q4_0": (2, 18), "Q4_1": (4, 20), "Q5_0": (2, 22), "Q5_1": (4, 24), "Q8_0": (2, 34),
+              "Q4_K": (16, 144), "Q5_K": (16, 176), "Q6_K": (0, 192)}
+SCALE_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,), **KQUANT_SCALE_FIELDS}
+END_BYTES = (0x00, 0xFF, 0x80, 0x7F)
+
+
+def raw_blocks(name: str, n: int, k: int, seed: int, code_byte: int | None = None) -> torch.Tensor:
+    """n rows of random bytes as blocks of `name`, with small positive f16 scale fields (every bit
+    pattern of the codes is a valid block: Q8_0 gets -128 too, which `quantize` never writes); with
+    `code_byte`, every byte of the codes set to it."""
+    rng = np.random.default_rng(seed)
+    t = BY_NAME[name]
+    nb = k // t.block_elems
+    raw = rng.integers(0, 256, size=(n, nb, t.block_bytes), dtype=np.uint8)
+    for off in SCALE_FIELDS[name]:
+        scales = rng.uniform(0.002, 0.01, size=(n, nb)).astype(np.float16)
+        raw[:, :, off : off + 2] = scales.view(np.uint8).reshape(n, nb, 2)
+    if code_byte is not None:
+        start, end = CODE_BYTES[name]
+        raw[:, :, start:end] = code_byte
+    return torch.from_numpy(raw.reshape(n, nb * t.block_bytes))
+
+
+def extreme_rows(k: int, seed: int) -> torch.Tensor:
+    """Activations whose int8 values are +-127 everywhere (all +1, all -1, alternating, in pairs),
+    then two random rows."""
+    ones = torch.ones(k)
+    signs = torch.tensor([1.0, -1.0]).repeat(k // 2)
+    x = torch.stack([ones, -ones, signs, signs.view(-1, 2).flip(1).reshape(-1), signs.repeat_interleave(2)[:k]])
+    return torch.cat([x, torch.randn(2, k, generator=torch.Generator().manual_seed(seed))])
+
+
+@needs_int8
+@pytest.mark.parametrize("name", QUANTS)
+def test_int8_products_are_exact_at_the_ends_of_the_code_ranges(name):
+    """The largest products the int16 steps of the AVX2 path can meet (every code at an end of its
+    range, every activation +-127) against float64: a saturated sum would be off by a large part of
+    the output, the fp32 rounding of the scales is 1e-7 of it."""
+    k, n = 512, 19
+    tid = BY_NAME[name].id
+    x = extreme_rows(k, seed=6)
+    q, _ = ops().quantize_int8(x)
+    assert (q[:5].abs() == 127).all()
+    for byte in END_BYTES:
+        w = raw_blocks(name, n, k, seed=7, code_byte=byte)
+        y = ops().linear_int8(x, [w], [tid], None)
+        wd = reference_dequantize(w, tid, k).double()
+        ref = rounded_inputs(x) @ wd.t()
+        magnitude = rounded_inputs(x).abs() @ wd.abs().t()  # what the fp32 rounding is relative to
+        assert ((y.double() - ref).abs() <= 1e-5 * magnitude + 1e-30).all(), hex(byte)
+
+
+# -- the AVX2 path against the VNNI path, bitwise -------------------------------------------------------------
+
+INT8_PATHS = ("avx512-vnni", "avx2")  # TRIFORCE_NATIVE_ISA of a build with each path
+VNNI_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+
+PATH_SCRIPT = """
+import sys, torch
+from test_native_int8 import int8_outputs
+from triforce_chat.kernels import native
+assert native.status().int8 == sys.argv[1], (native.status().isa, native.status().int8)
+torch.set_num_threads(2)  # the other side runs at 1 thread: the comparison crosses thread counts too
+torch.save(int8_outputs(torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+def int8_outputs(cases: dict) -> dict:
+    """For each case (x, parts, types, bias): the rounded activations, the window of all rows in
+    one call, and each row computed alone."""
+    out = {}
+    for name, (x, parts, types, bias) in cases.items():
+        q, d = ops().quantize_int8(x)
+        window = ops().linear_int8(x, parts, types, bias)
+        singles = torch.cat([ops().linear_int8(x[i : i + 1], parts, types, bias) for i in range(x.shape[0])])
+        out[name] = (q, d, window, singles)
+    return out
+
+
+def path_cases() -> dict:
+    """Every weight type: blocks as `quantize` writes them (twelve full tiles and a tail of 11) under
+    45 rows (windows of 8, 4 and 1 rows) of very different scales; random bytes (every code, Q8_0's
+    -128 too); codes at the ends of their ranges under +-127 activations; and parts of mixed types."""
+    cases, g = {}, torch.Generator().manual_seed(0)
+    for i, name in enumerate(QUANTS):
+        tid = BY_NAME[name].id
+        x = torch.randn(45, 768, generator=torch.Generator().manual_seed(10 + i))
+        x[3] *= 50.0
+        x[4, ::7] = 0.0
+        x[5, 64:96] = 0.0
+        bias = torch.randn(203, generator=torch.Generator().manual_seed(20 + i))
+        cases[f"{name} quantized"] = (x, [quantized(name, 203, 768, seed=30 + i)], [tid], bias)
+        xr = torch.cat([extreme_rows(512, seed=40 + i), torch.randn(6, 512, generator=g) * 3])
+        cases[f"{name} random bytes"] = (xr, [raw_blocks(name, 37, 512, seed=50 + i)], [tid], None)
+        for byte in END_BYTES:
+            cases[f"{name} codes {byte:#04x}"] = (xr[:8], [raw_blocks(name, 16, 512, 60 + i, byte)], [tid], None)
+    parts = [raw_blocks(n, 24 + 5 * j, 512, seed=70 + j) for j, n in enumerate(QUANTS)]
+    bias = torch.randn(sum(len(p) for p in parts), generator=g)
+    cases["mixed parts"] = (torch.randn(11, 512, generator=g), parts, [BY_NAME[n].id for n in QUANTS], bias)
+    return cases
+
+
+def run_path(path: str, cases_file: Path, out_file: Path) -> dict:
+    """`int8_outputs` in a subprocess with a build of `path` (built once, ~30-60 s, then cached)."""
+    env = {**os.environ, "TRIFORCE_NATIVE_ISA": path, "PYTHONPATH": str(Path(__file__).parent)}
+    run = subprocess.run([sys.executable, "-c", PATH_SCRIPT, path, str(cases_file), str(out_file)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return torch.load(out_file)
+
+
+@pytest.fixture(scope="module")
+def int8_paths(tmp_path_factory) -> dict:
+    """{path: outputs of `path_cases`} for the VNNI and the AVX2 path: this process's build computes
+    with its own path, a subprocess with the other (both in subprocesses under a build with none)."""
+    missing = [f for f in VNNI_FLAGS if f not in native._cpu_flags().split()]
+    if missing:
+        pytest.skip(f"this CPU cannot run an AVX512-VNNI build (no {', '.join(missing)}): "
+                    "there is no VNNI path here to compare the AVX2 path with")
+    folder = tmp_path_factory.mktemp("int8-paths")
+    cases = path_cases()
+    torch.save(cases, folder / "cases.pt")
+    here = native.status().int8
+    outputs = {here: int8_outputs(cases)} if here in INT8_PATHS else {}
+    for path in INT8_PATHS:
+        if path not in outputs:
+            outputs[path] = run_path(path, folder / "cases.pt", folder / f"{path}.pt")
+    return outputs
+
+
+@pytest.mark.parametrize("name", [*QUANTS, "mixed parts"])
+def test_the_avx2_path_gives_the_vnni_paths_bits(int8_paths, name):
+    """Same inputs, same bits: the rounded activations, windows and rows computed alone, across the
+    two paths (and across 1 and 2 threads)."""
+    vnni, avx2 = int8_paths["avx512-vnni"], int8_paths["avx2"]
+    names = [case for case in vnni if case.split(" ")[0] == name or case == name]
+    assert names
+    for case in names:
+        (q, d, window, singles), (q2, d2, window2, singles2) = vnni[case], avx2[case]
+        assert torch.equal(q, q2) and torch.equal(d, d2), case
+        assert torch.equal(window, window2), case
+        assert torch.equal(singles, singles2), case
+        assert torch.equal(window2, singles2), case  # and each path's windows are its single rows
+
+
 # -- the whole forward ------------------------------------------------------------------------------------
 
 # the quant types of the default model (Q5_0, Q8_0 output, Q4_K / Q6_K down projections) and of
@@ -194,7 +352,7 @@ INT8_CASES = {
 @pytest.fixture(scope="module", params=sorted(INT8_CASES))
 def int8_model(request, tmp_path_factory):
     if not has_int8():
-        pytest.skip("this build of the kernels has no int8-activation path (it needs AVX512-VNNI)")
+        pytest.skip(NO_INT8)
     arch, kwargs = INT8_CASES[request.param]
     path = write_gguf(tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", arch, **kwargs)
     model = load_gguf(path)
@@ -265,7 +423,7 @@ def test_load_model_picks_int8_and_falls_back_to_fp32_when_its_self_check_fails(
 
     lm = load_model("smollm2-135m", log=lambda m: None)
     assert lm.model.activations == "int8" and not lm.notices
-    assert "int8 activations (avx512-vnni)" in kernels_label(lm.model.device, lm.model.activations)
+    assert f"int8 activations ({native.status().int8})" in kernels_label(lm.model.device, lm.model.activations)
     assert "-int8" in lm.model.numerics
     assert load_model("smollm2-135m", log=lambda m: None, activations="fp32").model.activations == "fp32"
     native.set_row_skew(True)  # both modes broken: int8 -> fp32 -> token by token

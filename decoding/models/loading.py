@@ -11,7 +11,7 @@ the int8-activation mode falls back to the fp32 mode (checked again), a failure 
 full cache to token-by-token verification (exact), and a notice says so.
 
 Activations (`activations=` or TRIFORCE_ACTIVATIONS): "auto" (the default) takes the int8 mode
-where this build has it (AVX512-VNNI) and the weights are GGUF blocks, else fp32; "fp32" and
+where this build has it (AVX2 or AVX512-VNNI) and the weights are GGUF blocks, else fp32; "fp32" and
 "int8" ask for one (int8 where it cannot run: fp32 and a notice). Attention products
 (`attention=` or TRIFORCE_ATTENTION): "auto" takes bf16 with the int8 activations where the build
 has AVX512-BF16, else fp32; "fp32" and "bf16" ask for one.

@@ -1,4 +1,5 @@
-// The int8-activation matrix products (see linear_int8.h for what they compute).
+// The int8-activation matrix products on AVX512-VNNI (see linear_int8.h for what they compute; the
+// AVX2 path, linear_int8_avx2.cpp, gives the same bits without VNNI).
 //
 // Layout: a thread takes a tile of 16 weight rows and decodes it once, over the whole of K, into a
 // strip: for each block of 32 inputs, 8 vectors whose lane p holds 4 consecutive codes of weight
@@ -19,10 +20,6 @@
 #include "blocks.h"
 #include "quant.h"
 #include "simd.h"
-
-#if defined(TF_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define TF_INT8_VNNI 1
-#endif
 
 namespace tf {
 
@@ -493,17 +490,17 @@ void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::v
   }
 }
 
-#else  // no AVX512-VNNI in this build: the mode does not exist here
+#elif !defined(TF_INT8_AVX2)  // neither AVX512-VNNI nor AVX2 in this build: the mode does not exist here
 
 const char* int8_path() { return ""; }
 
 void quantize_rows_int8(const float*, int64_t, int64_t, int64_t, int8_t*, float*) {
-  TORCH_CHECK(false, "int8 activations need AVX512-VNNI, which this build of the kernels does not have");
+  TORCH_CHECK(false, "int8 activations need AVX2 or AVX512-VNNI, which this build of the kernels does not have");
 }
 
 void linear_int8(const float*, int64_t, int64_t, int64_t, const std::vector<WeightSpec>&, const float*, float*,
                  int64_t) {
-  TORCH_CHECK(false, "int8 activations need AVX512-VNNI, which this build of the kernels does not have");
+  TORCH_CHECK(false, "int8 activations need AVX2 or AVX512-VNNI, which this build of the kernels does not have");
 }
 
 #endif

@@ -1,6 +1,9 @@
 // The int8-activation mode of the matrix products: y[t, n] = sum_k x[t, k] * W[n, k] (+ bias[n])
 // with x rounded to int8 first, per row and per block of 32 inputs, and the weights' integer codes
-// multiplied by those int8 values in int32 (AVX512-VNNI `vpdpbusd`).
+// multiplied by those int8 values in int32. Two paths compute it: AVX512-VNNI `vpdpbusd`
+// (linear_int8.cpp) and, in builds with AVX2 but not AVX512-VNNI, `vpmaddubsw` + `vpmaddwd`
+// (linear_int8_avx2.cpp, which bounds every sequence below int16 saturation). Both give the same
+// integer sums and then follow the same float sequence, so their outputs are the same bits.
 //
 // What the mode computes, exactly (the float64 references of the tests follow these words):
 //  1. each row of x, each block of 32 inputs: amax = max |x|, d = amax / 127, q = round-to-even
@@ -13,17 +16,26 @@
 // Row- and thread-invariance: the lanes of every vector are 16 *output columns* (weight rows); an
 // input row never shares a lane with another input row and no lane is ever reduced across, so an
 // output's operations are the same whether its row runs alone or in a window, in any tile, and
-// whichever thread owns its column tile. There is no horizontal sum at all.
+// whichever thread owns its column tile. There is no horizontal sum at all. (The AVX2 path reads
+// each 16-lane vector as two 8-lane halves; the lanes are still output columns.)
 #pragma once
 
 #include <cstdint>
 #include <vector>
 
 #include "linear.h"
+#include "simd.h"
+
+// Which path this build compiles (exactly one of them, or none: the scalar build has no mode).
+#if defined(TF_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define TF_INT8_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)  // AVX2, or AVX-512 without VNNI
+#define TF_INT8_AVX2 1
+#endif
 
 namespace tf {
 
-// "avx512-vnni" when this build has the int8 mode, "" when it does not (then the calls below throw).
+// "avx512-vnni" or "avx2": the path this build has; "" when it has none (then the calls below throw).
 const char* int8_path();
 
 // The activations as the mode rounds them (step 1): q [T, K] int8, d [T, K / 32]. For tests.
