@@ -153,6 +153,35 @@ def test_the_adaptive_route_is_lossless(small_models):
     assert got == want and dec.costs.windows.calibrated_depth == len(engine.prompt) - 1
 
 
+def test_one_slow_step_in_the_calibration_does_not_become_the_step(small_models):
+    """The step every "x vs level 0" figure divides by is the median of three timed steps: a hiccup of
+    a shared machine on one of them (here a planted 0.6 s) is not taken for the machine's step."""
+    import time
+
+    target, _ = small_models
+    engine = Engine(target, repetitive_prompt(4, 300, 64), budget=32, chunk=4)
+    calls = []
+
+    class Hiccup:
+        def __init__(self, model):
+            self.model, self.device = model, model.device
+
+        def __call__(self, tokens, cache, logits="last"):
+            calls.append(len(tokens))
+            if len(calls) == 3:  # the second timed step
+                time.sleep(0.6)
+            return self.model(tokens, cache, logits=logits)
+
+    costs = CostModel()
+    engine.cache.truncate(len(engine.prompt) - 1)
+    dec = SpeculativeDecoder(Hiccup(target), engine.cache, Sampler(0.0), set(), SpecConfig(level=1),
+                             view=engine.view, costs=costs)
+    dec.calibrate(list(engine.prompt))
+    assert calls[:4] == [1, 1, 1, 1] and sorted(calls[4:]) == [2, 4, 8]
+    assert costs.step.n == 1 and costs.step.value < 0.15
+    assert engine.cache.length == len(engine.prompt) - 1  # every timed forward rolled back
+
+
 def test_greedy_identity_is_checked_against_a_verifier_that_matters(small_models, monkeypatch):
     """The identity test above would catch a verifier that accepts every draft."""
     target, _ = small_models
