@@ -412,8 +412,9 @@ ACTIVATION_CHOICES = ("auto", "fp32", "int8")
 
 def choose_activations(model: Transformer, requested: str | None = None) -> tuple[str, str]:
     """The activation mode to run `model` in, and a notice when a request could not be met ('' else).
-    "auto" is int8 wherever it can run: on AVX512-VNNI it is the faster mode, and its perplexity
-    stays within 1% of fp32 (README, Kernels); fp32 everywhere else."""
+    "auto" is int8 wherever it can run: on AVX512-VNNI and on AVX2 (the same bits) it is the faster
+    mode (docs/performance.md), and its perplexity stays within 1% of fp32 (README, Kernels); fp32
+    everywhere else (the portable build, dense weights)."""
     requested = requested or os.environ.get("TRIFORCE_ACTIVATIONS") or "auto"
     if requested not in ACTIVATION_CHOICES:
         raise ModelLoadError(f"activations must be one of {', '.join(ACTIVATION_CHOICES)}, not {requested!r}")
