@@ -540,11 +540,10 @@ def make_drafter(
     rebuild: str = "window", log=None,
 ) -> Drafter:
     """"suffix" -> SuffixDrafter, "ngram" -> NGramDrafter; anything else is a model spec for
-    load_model (same dtype as the target), drafting behind the suffix lookup
-    (LookupFirstDrafter). extend_context: stretch a
-    draft model with fewer positions than the target's context with YaRN (draft quality only)
-    instead of refusing it. slack 256 keeps regenerating a short reply an O(1) rollback;
-    rebuild="window" bounds the cost of deeper ones (see ModelDrafter)."""
+    load_model (same dtype as the target), drafting behind the suffix lookup (LookupFirstDrafter).
+    extend_context: stretch a draft model with fewer positions than the target's context with YaRN
+    (draft quality only) instead of refusing it. slack 256 keeps regenerating a short reply an O(1)
+    rollback; rebuild="window" bounds the cost of deeper ones (see ModelDrafter)."""
     vocab = max(target.model.args.vocab_size, len(target.tokenizer))
     if spec in LOOKUPS:
         return SuffixDrafter(vocab_size=vocab) if spec == "suffix" else NGramDrafter(n_max, n_min, vocab)
