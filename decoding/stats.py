@@ -49,9 +49,11 @@ class Stats:
     low_proposed: int = 0
     low_accepted: int = 0
     # lookup proposals: how many, the matches they followed (tokens, summed), how many of those
-    # matches had only ever been followed by one token
+    # matches the lookup knew the branching of (not the n-gram index), how many had only ever been
+    # followed by one token
     lookup_proposals: int = 0
     lookup_match_tokens: int = 0
+    lookup_branching_known: int = 0
     lookup_unique: int = 0
     _pos_tries: dict[str, list[int]] = field(default_factory=lambda: {"mid": [], "low": []})
     _pos_hits: dict[str, list[int]] = field(default_factory=lambda: {"mid": [], "low": []})
@@ -82,6 +84,7 @@ class Stats:
             if lr.match:
                 self.lookup_proposals += 1
                 self.lookup_match_tokens += lr.match
+                self.lookup_branching_known += lr.branches > 0
                 self.lookup_unique += lr.branches == 1
         if ev.wall_s > 0:
             self.recent_tokens_per_s.append(len(ev.tokens) / ev.wall_s)
@@ -131,10 +134,11 @@ class Stats:
     @property
     def lookup(self) -> dict[str, float | int | None]:
         """The lookup's proposals this answer: how many, the mean length of the matches behind them,
-        and the share of those matches that were always followed by the same token before."""
-        n = self.lookup_proposals
+        and the share of those matches that were always followed by the same token before (None
+        where the lookup does not know it: the n-gram index)."""
+        n, known = self.lookup_proposals, self.lookup_branching_known
         return {"proposals": n, "mean_match": self.lookup_match_tokens / n if n else None,
-                "unique_share": self.lookup_unique / n if n else None}
+                "unique_share": self.lookup_unique / known if known else None}
 
     @property
     def origin_counts(self) -> dict[str, int]:

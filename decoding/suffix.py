@@ -16,6 +16,8 @@ is the number of distinct tokens that followed it). The state of the whole conte
 suffix link is the longest suffix that occurred before. Where that suffix occurred last is found by
 searching the tokens' bytes backwards (bytes.rfind, in C: microseconds at 30K tokens) rather than
 kept per state, which would cost a walk up the suffix links per token (quadratic on periodic text).
+Each token is written as 4 bytes of 7 bits, the first with its high bit set and the others without,
+so a pattern (which starts with a first byte) can only match where a token starts.
 
 Rollback: every extend records what it changed (the states it added, the transitions it set or
 redirected with their old targets, the one suffix link it redirected), and truncate undoes those
@@ -33,6 +35,14 @@ from torch import Tensor
 
 from triforce_chat.decoding.sampling import Sampler
 
+MAX_TOKEN = 1 << 28  # token ids the byte form below can hold
+
+
+def _token_bytes(tok: int) -> bytes:
+    """A token as 4 bytes of 7 bits each, high bit set on the first only: byte patterns of whole
+    tokens then match only at token boundaries."""
+    return bytes((0x80 | tok >> 21, tok >> 14 & 0x7F, tok >> 7 & 0x7F, tok & 0x7F))
+
 
 class SuffixDrafter:
     """Prompt lookup by the longest earlier match (see the module docstring)."""
@@ -46,7 +56,7 @@ class SuffixDrafter:
         self.min_match = min_match
         self.vocab_size = vocab_size
         self._tokens = array("i")  # [L]
-        self._bytes = bytearray()  # the tokens' bytes, searched (in C) for a match's latest occurrence
+        self._bytes = bytearray()  # [4 L] the tokens as `_token_bytes`, searched for a match's latest occurrence
         self._len = array("i", [0])  # per state
         self._link = array("i", [-1])
         self._next: list[dict[int, int]] = [{}]
@@ -67,19 +77,17 @@ class SuffixDrafter:
         return len(self._tokens)
 
     def extend(self, tokens: Sequence[int]) -> None:
-        limit = self.vocab_size
-        try:
-            for tok in tokens:
-                tok = int(tok)
-                if tok < 0 or (limit is not None and tok >= limit):
-                    raise ValueError(f"token id {tok} is outside the suffix index's vocabulary of {limit}")
-                self._add(tok)
-        finally:
-            self._bytes[len(self._bytes) :] = self._tokens[len(self._bytes) // 4 :].tobytes()
+        limit = min(self.vocab_size or MAX_TOKEN, MAX_TOKEN)
+        for tok in tokens:
+            tok = int(tok)
+            if not 0 <= tok < limit:
+                raise ValueError(f"token id {tok} is outside the suffix index's vocabulary of {limit}")
+            self._add(tok)
 
     def _add(self, tok: int) -> None:
         lens, links, nexts = self._len, self._link, self._next
         self._tokens.append(tok)
+        self._bytes += _token_bytes(tok)
         prev_last, n_states = self._last, len(lens)
         changed = array("i")
         relinked: tuple[int, ...] = ()
@@ -150,13 +158,9 @@ class SuffixDrafter:
 
     def _latest_end(self, m: int) -> int:
         """The last position before the context's last token where its last m tokens end (one
-        exists: the automaton found them there)."""
+        exists: the automaton found them there; the bytes can only match where a token starts)."""
         buf, L = self._bytes, len(self._tokens)
-        pattern = bytes(buf[4 * (L - m) :])
-        hi = 4 * (L - 1)  # an occurrence must end before the last token
-        at = buf.rfind(pattern, 0, hi)
-        while at > 0 and at % 4:  # a byte match that straddles tokens: look further back
-            at = buf.rfind(pattern, 0, at + len(pattern) - 1)
+        at = buf.rfind(bytes(buf[4 * (L - m) :]), 0, 4 * (L - 1))  # ending before the last token
         return at // 4 + m - 1
 
     def match_length(self) -> int:

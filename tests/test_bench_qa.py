@@ -183,6 +183,7 @@ def test_repeats_alternate_the_levels_and_give_per_question_medians(monkeypatch,
     m = bench_qa.run_model(tiny_model, _cfg(), spec, [NOTES])
     assert order == [(0, 0), (0, 2), (0, 2), (0, 0), (0, 0), (0, 2), (1, 0), (1, 2), (1, 2), (1, 0), (1, 0), (1, 2)]
     assert m["identical"] and len(m["runs"]) == 12
+    assert [(r["questions"], r["answers"]) for r in m["speed"]] == [(2, 6), (2, 6)]
     ratios = {q["index"]: q for q in m["question_ratios"]}
     assert ratios[0]["pairs"] == [2.0, 0.5, 1.25] and ratios[0]["ratio"] == 1.25  # 1 / decode_s, median
     assert ratios[1]["ratio"] == 0.625

@@ -33,9 +33,14 @@ def automaton(d: SuffixDrafter):
             d._last)
 
 
-@pytest.mark.parametrize("alphabet", [2, 3, 7])
+# token ids whose plain int32 bytes overlap when shifted (0x00000100, 0x00010000, ...)
+SHIFTY = [1, 256, 65536, 1 << 24, 257, (1 << 28) - 1]
+
+
+@pytest.mark.parametrize("alphabet", [2, 3, 7, SHIFTY])
 def test_suffix_matches_bruteforce_through_extend_and_truncate(alphabet):
-    rng = random.Random(alphabet)
+    values = alphabet if isinstance(alphabet, list) else list(range(alphabet))
+    rng = random.Random(len(values))
     d = SuffixDrafter()
     ref: list[int] = []
     for _ in range(400):
@@ -44,7 +49,7 @@ def test_suffix_matches_bruteforce_through_extend_and_truncate(alphabet):
             d.truncate(n)
             del ref[n:]
         else:
-            new = [rng.randrange(alphabet) for _ in range(rng.randrange(1, 6))]
+            new = [rng.choice(values) for _ in range(rng.randrange(1, 6))]
             d.extend(new)
             ref.extend(new)
         length, end, branches = reference_match(ref)
@@ -99,8 +104,8 @@ def test_branches_count_the_tokens_that_followed_the_match():
 
 
 def test_the_latest_occurrence_is_found_past_byte_matches_that_straddle_tokens():
-    # little-endian int32: 256 = 00 01 00 00 and 1 = 01 00 00 00, so the bytes of "1 1" appear
-    # shifted inside "256 256 ..." runs; only whole-token occurrences count
+    # as plain int32 bytes, "1 1" (01 00 00 00 01 00 00 00) would appear shifted inside "256 256 ..."
+    # (00 01 00 00 ...); the drafter's byte form lets only whole tokens match
     d = SuffixDrafter()
     d.extend([1, 1, 5, 256, 256, 256, 9, 1, 1])
     assert d.match() == (2, 1, 1) and d.propose(3)[0] == [5, 256, 256]
@@ -120,6 +125,8 @@ def test_rejects_ids_outside_vocab_and_bad_truncates():
         d.extend([10])
     with pytest.raises(ValueError, match="outside"):
         d.extend([-1])
+    with pytest.raises(ValueError, match="outside"):
+        SuffixDrafter().extend([1 << 28])
     d.extend([1, 2])
     with pytest.raises(ValueError, match="cannot truncate"):
         d.truncate(3)

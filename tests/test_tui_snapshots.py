@@ -207,6 +207,19 @@ def test_direct_round_shows_the_bottom_drafts_verified_by_the_target():
     a, b, c, d = (token_label(decode(t)) for t in (2, 3, 9, 14))
     assert f"✓{a} ✓{b} ✗{c} → {d}" in text
     assert "correction, target-verified" in text and "2/3  match 5 · 2 ways" in text  # the lookup's match, 2 branches
+    from triforce_chat.app.ui.widgets import Pending, render_stats
+    from triforce_chat.decoding.stats import Stats
+
+    stats = Stats(level=2)
+    stats.add(ev)
+    lookup = stats.to_dict()["lookup"]
+    assert lookup == {"proposals": 1, "mean_match": 5.0, "unique_share": 0.0}
+    ngram = Stats(level=2)  # an n-gram index does not know the branching: no share is made up
+    ngram.add(RoundEvent(index=0, tokens=[2, 3], origins=["low", "target"], text="", route="direct",
+                         low_rounds=[LowRound([2, 7], 1, 3, match=3, branches=0)]))
+    assert ngram.lookup["unique_share"] is None
+    panel = render_stats(ngram.to_dict(), Pending(2, "ngram", "4096", 6, 4)).plain
+    assert "match 3.0 tok" in panel and "one way" not in panel
     step = RoundEvent(index=8, tokens=[5], origins=["target"], text="", route="step")
     assert "step" in render_round(step, decode).plain
 

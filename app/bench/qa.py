@@ -238,11 +238,9 @@ def question_ratios(runs: list[dict[str, Any]], spec: QASpec) -> list[dict[str, 
     """Per thread count, level (not 0) and question: the median over the repeats of the level's rate
     over level 0's, each pair measured side by side."""
     rate = {(r["threads"], r["level"], r["document"], r["index"], r["repeat"]): r["new_tokens"] / r["decode_s"]
-            for r in runs if r["decode_s"] > 0}
+            for r in runs if r["decode_s"] > 0 and r["new_tokens"] > 0}
     out = []
-    for (threads, level, doc, i, rep) in rate:
-        if level == 0 or rep:
-            continue
+    for threads, level, doc, i in dict.fromkeys(key[:4] for key in rate if key[1]):
         pairs = [rate[threads, level, doc, i, k] / rate[threads, 0, doc, i, k] for k in range(spec.repeat)
                  if (threads, level, doc, i, k) in rate and (threads, 0, doc, i, k) in rate]
         if pairs:
@@ -264,7 +262,8 @@ def speed_rows(runs: list[dict[str, Any]], spec: QASpec) -> list[dict[str, Any]]
             rows.append({
                 "threads": threads,
                 "level": level,
-                "questions": len(rs),
+                "questions": len({(r["document"], r["index"]) for r in rs}),
+                "answers": len(rs),
                 "new_tokens": tot["new_tokens"],
                 "decode_s": round(tot["decode_s"], 4),
                 "decode_tokens_per_s": ratio(tot["new_tokens"], tot["decode_s"], 3),

@@ -475,7 +475,8 @@ def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float
     lookup = s.get("lookup") or {}
     if lookup.get("proposals"):  # what backed the lookup's drafts: long matches, one continuation
         lines.append(Content.assemble(("Lookup ", "bold"), f"{lookup['proposals']} drafts"))
-        lines.append(Content(f" match {lookup['mean_match']:.1f} tok  one way {pct(lookup['unique_share'])}"))
+        one_way = f"  one way {pct(lookup['unique_share'])}" if lookup.get("unique_share") is not None else ""
+        lines.append(Content(f" match {lookup['mean_match']:.1f} tok{one_way}"))
     hist = s.get("position_histogram") or {}
     if any(hist.get(k) for k in ("mid", "low")):
         n = max(len(hist.get("mid") or []), len(hist.get("low") or []))
