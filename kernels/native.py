@@ -29,7 +29,8 @@ import torch
 SOURCE_DIR = Path(__file__).parent / "cpu"
 SOURCES = ("ops.cpp", "linear.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "attention.cpp", "attention_bf16.cpp",
            "rowwise.cpp")
-HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "linear_int8.h", "attention.h", "attention_bf16.h", "rowwise.h")
+HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "linear_int8.h", "linear_int8_tiles.h", "attention.h",
+           "attention_bf16.h", "rowwise.h")
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-Wno-unused-function"]
 
 

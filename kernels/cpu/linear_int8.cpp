@@ -10,6 +10,7 @@
 // block applies the scales. A window of T rows decodes the weights once and pays ~12 vector
 // instructions per row and block of 16 x 32 weights (the fp32 mode pays 32 FMAs).
 #include "linear_int8.h"
+#include "linear_int8_tiles.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -29,8 +30,9 @@ const char* int8_path() { return "avx512-vnni"; }
 
 namespace {
 
-constexpr int kBlock = 32;  // inputs per activation scale
-constexpr int kLanes = 16;  // weight rows per tile (one per lane)
+using int8::kBlock;
+using int8::kLanes;
+using int8::Prefetch;
 
 // The 4x4 transposes of the decode put weight row 4m + L in lane 4L + m (its own inverse).
 constexpr int perm(int i) { return 4 * (i % 4) + i / 4; }
@@ -99,19 +101,6 @@ struct Strip {
       sc.resize(K);
       mn.resize(K / 2);
     }
-  }
-};
-
-// Software prefetch of the next tile's bytes (contiguous), spread over the blocks of this one: the
-// hardware prefetcher does not follow 16 interleaved row streams. Into the outer caches: fetched
-// into L1 (T0), a tile ahead evicts the strip being computed on.
-struct Prefetch {
-  const uint8_t* next = nullptr;
-  int64_t bytes = 0, done = 0, step = 0;  // step: bytes to cover per part of the current tile
-  void spread(int64_t parts) { step = (bytes + parts - 1) / std::max<int64_t>(parts, 1); }
-  inline void part() {  // the share of the next tile for one part of this one
-    const int64_t until = std::min(bytes, done + step);
-    for (; done < until; done += 64) _mm_prefetch(reinterpret_cast<const char*>(next + done), _MM_HINT_T2);
   }
 };
 
@@ -426,13 +415,6 @@ void all_rows(const Strip& s, const Acts& a, int64_t T, int nr, const float* bia
   }
 }
 
-struct Tile {
-  int part;
-  int64_t n0;  // first row within the part
-  int64_t col; // first output column
-  int nr;
-};
-
 }  // namespace
 
 void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_t* q, float* d) {
@@ -445,49 +427,26 @@ void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_
 
 void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::vector<WeightSpec>& weights,
                  const float* bias, float* y, int64_t ldy) {
-  TORCH_CHECK(K % kBlock == 0, "int8 activations need K to be a multiple of ", kBlock);
-  std::vector<Tile> tiles;
-  int64_t col = 0;
-  for (size_t wi = 0; wi < weights.size(); wi++) {
-    TORCH_CHECK(!is_dense(weights[wi].type), "int8 activations: dense weights run in the fp32 mode");
-    for (int64_t n0 = 0; n0 < weights[wi].n; n0 += kLanes)
-      tiles.push_back(Tile{int(wi), n0, col + n0, int(std::min<int64_t>(kLanes, weights[wi].n - n0))});
-    col += weights[wi].n;
-  }
+  int8::check_inputs(K);
   thread_local Acts acts;
   acts.build(x, T, ldx, K);
   const Acts& a = acts;
-  // a task of at least ~64K weights: fewer only pays the thread hand-off
-  const int64_t grain = std::max<int64_t>(1, 65536 / (kLanes * K));
-  at::parallel_for(0, int64_t(tiles.size()), grain, [&](int64_t begin, int64_t end) {
+  int8::for_each_tile(weights, K, T, y, ldy, [&](const WeightSpec& w, const uint8_t* rows, int nr, int64_t col,
+                                                 Prefetch& pf) {
     thread_local Strip strip;
     strip.reserve(K);
-    for (int64_t ti = begin; ti < end; ti++) {
-      const Tile& tile = tiles[ti];
-      const WeightSpec& w = weights[tile.part];
-      Prefetch pf;
-      if (ti + 1 < end) {  // the next tile of this task, wherever it is
-        const Tile& nt = tiles[ti + 1];
-        const WeightSpec& nw = weights[nt.part];
-        pf.next = nw.data + nt.n0 * nw.row_bytes;
-        pf.bytes = nt.nr * nw.row_bytes;
-      }
-      decode(w.type, w.data + tile.n0 * w.row_bytes, w.row_bytes, tile.nr, K, strip, pf);
-      const float* b = bias ? bias + tile.col : nullptr;
-      float* dst = y + tile.col;
-      const bool halves = w.type == Q6_K;
-      const bool mins = w.type == Q4_1 || w.type == Q5_1 || w.type == Q4_K || w.type == Q5_K;
-      if (halves)
-        all_rows<true, false>(strip, a, T, tile.nr, b, dst, ldy);
-      else if (mins)
-        all_rows<false, true>(strip, a, T, tile.nr, b, dst, ldy);
-      else
-        all_rows<false, false>(strip, a, T, tile.nr, b, dst, ldy);
-    }
+    decode(w.type, rows, w.row_bytes, nr, K, strip, pf);
+    const float* b = bias ? bias + col : nullptr;
+    float* dst = y + col;
+    const bool halves = w.type == Q6_K;
+    const bool mins = w.type == Q4_1 || w.type == Q5_1 || w.type == Q4_K || w.type == Q5_K;
+    if (halves)
+      all_rows<true, false>(strip, a, T, nr, b, dst, ldy);
+    else if (mins)
+      all_rows<false, true>(strip, a, T, nr, b, dst, ldy);
+    else
+      all_rows<false, false>(strip, a, T, nr, b, dst, ldy);
   });
-  if (T > 1 && row_skew()) {
-    for (int64_t t = 1; t < T; t++) y[t * ldy] = std::nextafter(y[t * ldy], INFINITY);
-  }
 }
 
 #elif !defined(TF_INT8_AVX2)  // neither AVX512-VNNI nor AVX2 in this build: the mode does not exist here

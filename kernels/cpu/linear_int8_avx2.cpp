@@ -23,6 +23,7 @@
 // and block of 16 x 32 weights: 16 `vpmaddubsw`, 2 to 16 `vpmaddwd` (Q8_0: 16 of each, and the signs),
 // where the VNNI path pays 8 `vpdpbusd`.
 #include "linear_int8.h"
+#include "linear_int8_tiles.h"
 
 #if defined(TF_INT8_AVX2)
 
@@ -41,8 +42,9 @@ const char* int8_path() { return "avx2"; }
 
 namespace {
 
-constexpr int kBlock = 32;  // inputs per activation scale
-constexpr int kLanes = 16;  // weight rows per tile (one per lane of a line)
+using int8::kBlock;
+using int8::kLanes;
+using int8::Prefetch;
 constexpr int kHalf = 8;    // lanes per 256-bit half of a line
 
 // The 4x4 transposes of the decode put weight row 4m + L in lane 4L + m (its own inverse).
@@ -165,17 +167,6 @@ struct View {
   float* mn;
   explicit View(Strip& s) : codes(s.codes.data()), sc(s.sc.data()), mn(s.mn.data()) {}
   __m256i* half_line(int64_t line, int half) const { return reinterpret_cast<__m256i*>(codes[line].b) + half; }
-};
-
-// Software prefetch of the next tile's bytes, spread over this one's rows (as in linear_int8.cpp).
-struct Prefetch {
-  const uint8_t* next = nullptr;
-  int64_t bytes = 0, done = 0, step = 0;  // step: bytes to cover per part of the current tile
-  void spread(int64_t parts) { step = (bytes + parts - 1) / std::max<int64_t>(parts, 1); }
-  inline void part() {  // the share of the next tile for one part of this one
-    const int64_t until = std::min(bytes, done + step);
-    for (; done < until; done += 64) _mm_prefetch(reinterpret_cast<const char*>(next + done), _MM_HINT_T2);
-  }
 };
 
 // 16 rows x 4 dwords of each group (row-major, 16 bytes a row) -> 4 lines, dword j of row i in line
@@ -549,13 +540,6 @@ void rows(int type, const View& s, const Acts& a, int64_t T, int nr, const float
   }
 }
 
-struct Tile {
-  int part;
-  int64_t n0;   // first row within the part
-  int64_t col;  // first output column
-  int nr;
-};
-
 }  // namespace
 
 void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_t* q, float* d) {
@@ -568,41 +552,18 @@ void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_
 
 void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::vector<WeightSpec>& weights,
                  const float* bias, float* y, int64_t ldy) {
-  TORCH_CHECK(K % kBlock == 0, "int8 activations need K to be a multiple of ", kBlock);
-  std::vector<Tile> tiles;
-  int64_t col = 0;
-  for (size_t wi = 0; wi < weights.size(); wi++) {
-    TORCH_CHECK(!is_dense(weights[wi].type), "int8 activations: dense weights run in the fp32 mode");
-    for (int64_t n0 = 0; n0 < weights[wi].n; n0 += kLanes)
-      tiles.push_back(Tile{int(wi), n0, col + n0, int(std::min<int64_t>(kLanes, weights[wi].n - n0))});
-    col += weights[wi].n;
-  }
+  int8::check_inputs(K);
   thread_local Acts acts;
   acts.build(x, T, ldx, K);
   const Acts& a = acts;
-  // a task of at least ~64K weights: fewer only pays the thread hand-off
-  const int64_t grain = std::max<int64_t>(1, 65536 / (kLanes * K));
-  at::parallel_for(0, int64_t(tiles.size()), grain, [&](int64_t begin, int64_t end) {
+  int8::for_each_tile(weights, K, T, y, ldy, [&](const WeightSpec& w, const uint8_t* tile, int nr, int64_t col,
+                                                 Prefetch& pf) {
     thread_local Strip strip;
     strip.reserve(K);
-    for (int64_t ti = begin; ti < end; ti++) {
-      const Tile& tile = tiles[ti];
-      const WeightSpec& w = weights[tile.part];
-      Prefetch pf;
-      if (ti + 1 < end) {  // the next tile of this task, wherever it is
-        const Tile& nt = tiles[ti + 1];
-        const WeightSpec& nw = weights[nt.part];
-        pf.next = nw.data + nt.n0 * nw.row_bytes;
-        pf.bytes = nt.nr * nw.row_bytes;
-      }
-      const View view(strip);
-      decode(w.type, w.data + tile.n0 * w.row_bytes, w.row_bytes, tile.nr, K, view, pf);
-      rows(w.type, view, a, T, tile.nr, bias ? bias + tile.col : nullptr, y + tile.col, ldy);
-    }
+    const View view(strip);
+    decode(w.type, tile, w.row_bytes, nr, K, view, pf);
+    rows(w.type, view, a, T, nr, bias ? bias + col : nullptr, y + col, ldy);
   });
-  if (T > 1 && row_skew()) {
-    for (int64_t t = 1; t < T; t++) y[t * ldy] = std::nextafter(y[t * ldy], INFINITY);
-  }
 }
 
 }  // namespace tf
