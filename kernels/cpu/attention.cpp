@@ -34,21 +34,6 @@ inline void load_rows(const void* base, int kv_type, int64_t sp, int64_t n, int6
   }
 }
 
-// Software prefetch of n key rows from `first` on, in K and V (row_bytes each, strides in bytes).
-inline void prefetch_rows(const char* k, const char* v, int64_t first, int64_t n, int64_t k_stride, int64_t v_stride,
-                          int64_t row_bytes) {
-#if defined(TF_AVX512) || defined(TF_AVX2)
-  for (int64_t j = 0; j < n; j++) {
-    for (int64_t off = 0; off < row_bytes; off += 64) {
-      _mm_prefetch(k + (first + j) * k_stride + off, _MM_HINT_T0);
-      _mm_prefetch(v + (first + j) * v_stride + off, _MM_HINT_T0);
-    }
-  }
-#else
-  (void)k, (void)v, (void)first, (void)n, (void)k_stride, (void)v_stride, (void)row_bytes;
-#endif
-}
-
 inline float dot(const float* a, const float* b, int64_t D) {
   const int64_t main = D - D % V::W;
   V::reg acc = V::zero();
@@ -94,6 +79,44 @@ inline float exp1(float x) {
   float lanes[V::W];
   V::store(lanes, V::exp(V::set1(x)));
   return lanes[0];
+}
+
+// Key registers per block, and query rows per score group.
+constexpr int kKeyRegs = int(kBlock) / V::W;
+constexpr int kScoreRows = 4;
+
+// The online-softmax step of nr rows over one block, given their scores (lanes = keys): per row,
+// the new running max m, the correction exp(m_old - m) of what it has so far, the weights
+// exp(s - m) (stored in e, ld apart) and the running sum of the weights (their registers added in
+// key order, then one fixed tree). Each row's arithmetic is what it has alone; the rows take each
+// step together so that their dependency chains overlap, and their corrections come from one
+// vector exp per register of rows (a lane-wise function: lane r is what the row's value alone gives).
+inline void softmax_rows(V::reg (*sv)[kKeyRegs], int nr, float* const* p, int64_t D, int64_t nk, float* e, int64_t ld,
+                         float* corr) {
+  constexpr int kPad = (kScoreRows + V::W - 1) / V::W * V::W;
+  float m_new[kScoreRows], diff[kPad] = {};
+  for (int r = 0; r < nr; r++) {
+    float bm = -INFINITY;
+    for (int c = 0; c < kKeyRegs; c++) bm = std::max(bm, V::hmax(sv[r][c]));
+    m_new[r] = std::max(p[r][D], bm);
+    diff[r] = p[r][D] - m_new[r];
+  }
+  for (int i = 0; i < kPad; i += V::W) V::store(diff + i, V::exp(V::load(diff + i)));
+  V::reg total[kScoreRows];
+  for (int r = 0; r < nr; r++) {
+    const V::reg mv = V::set1(m_new[r]);
+    for (int c = 0; c < kKeyRegs; c++) {
+      const int64_t j0 = c * V::W;
+      const V::reg ev = j0 < nk ? V::keep_first(V::exp(V::sub(sv[r][c], mv)), int(nk - j0), 0.0f) : V::zero();
+      V::store(e + r * ld + j0, ev);
+      total[r] = c == 0 ? ev : V::add(total[r], ev);
+    }
+  }
+  for (int r = 0; r < nr; r++) {
+    corr[r] = diff[r];
+    p[r][D + 1] = p[r][D + 1] * diff[r] + V::hsum(total[r]);
+    p[r][D] = m_new[r];
+  }
 }
 
 // For each row of a tile: o_r = o_r * c_r + sum_{j < nk} e_r[j] * vf[j], keys in order. The rows
@@ -202,13 +225,9 @@ void attention_queries_t(const AttentionArgs& a) {
         const int64_t b1 = std::min(b0 + kBlock, seg1);
         // keys of this block reached by any query: up to the last query's position
         const int64_t nb = b1 - b0;
-        // fetch the block after next while this one is computed (the K and V streams are read in
-        // bursts between long computations: the hardware prefetcher alone left a step at ~25% of
-        // the memory bandwidth)
         const int64_t pf = b0 + 2 * kBlock;
-        if (pf < seg1 || (pf < L && pf - seg0 < 3 * kBlock))
-          prefetch_rows(kbase, vbase, std::min(pf, L - 1), std::min(kBlock, L - pf), a.k_sp * elem, a.v_sp * elem,
-                        D * elem);
+        if (pf < L)
+          prefetch_kv_rows(kbase, vbase, pf, std::min(kBlock, L - pf), a.k_sp * elem, a.v_sp * elem, D * elem);
         load_rows(kbase + b0 * a.k_sp * elem, a.kv_type, a.k_sp, nb, D, sc.kf.data());
         load_rows(vbase + b0 * a.v_sp * elem, a.kv_type, a.v_sp, nb, D, sc.vf.data());
         const int64_t tb = std::max(t0, b0 - first_pos);  // first query that reaches the block
@@ -218,54 +237,51 @@ void attention_queries_t(const AttentionArgs& a) {
         // rows in (query, head) order: the heads of one query share nk, so they form value tiles
         for (int64_t t = tb; t < T; t++) {
           const int64_t nk = std::min(b1, first_pos + t + 1) - b0;
-          for (int64_t g = 0; g < G; g++, n_active++) {
+          if (D % V::W == 0) {
+            // lanes = keys: scores, max, exp and their sum all vectorised; lanes >= nk masked. The
+            // heads go through in groups that take each step together (see softmax_rows).
+            for (int64_t g0 = 0; g0 < G; g0 += kScoreRows) {
+              const int nr = int(std::min<int64_t>(kScoreRows, G - g0));
+              V::reg sv[kScoreRows][kKeyRegs];
+              float* parts[kScoreRows];
+              for (int r = 0; r < nr; r++) {
+                const float* qrow = qsp + (h * rows + (g0 + r) * T + t) * D;
+                for (int c = 0; c < kKeyRegs; c++) {
+                  const int64_t j0 = c * V::W;
+                  sv[r][c] = j0 < nk ? V::keep_first(dot_keys(qrow, sc.kf.data() + j0 * D, D), int(nk - j0), -INFINITY)
+                                     : V::set1(-INFINITY);
+                }
+                parts[r] = seg_part + ((g0 + r) * T + t) * stride;
+                sc.out[n_active + r] = parts[r];
+                sc.nk[n_active + r] = nk;
+              }
+              softmax_rows(sv, nr, parts, D, nk, sc.e.data() + n_active * ld, ld, sc.corr.data() + n_active);
+              n_active += nr;
+            }
+            continue;
+          }
+          for (int64_t g = 0; g < G; g++, n_active++) {  // head widths that are not a multiple of the register
             const float* qrow = qsp + (h * rows + g * T + t) * D;
             float* p = seg_part + (g * T + t) * stride;
             sc.out[n_active] = p;
             float* srow = sc.s.data() + n_active * ld;
             float* erow = sc.e.data() + n_active * ld;
             float corr;
-            if (D % V::W == 0) {
-              // lanes = keys: scores, max, exp and their sum all vectorised; lanes >= nk masked
-              constexpr int NV = kBlock / V::W;
-              V::reg sv[NV];
-              float bm = -INFINITY;
-              for (int c = 0; c < NV; c++) {
-                const int64_t j0 = c * V::W;
-                sv[c] = j0 < nk ? V::keep_first(dot_keys(qrow, sc.kf.data() + j0 * D, D), int(nk - j0), -INFINITY)
-                                : V::set1(-INFINITY);
-                bm = std::max(bm, V::hmax(sv[c]));
-              }
-              const float m_old = p[D];
-              const float m_new = std::max(m_old, bm);
-              corr = exp1(m_old - m_new);
-              const V::reg mv = V::set1(m_new);
-              V::reg total = V::zero();
-              for (int c = 0; c < NV; c++) {
-                const int64_t j0 = c * V::W;
-                const V::reg ev = j0 < nk ? V::keep_first(V::exp(V::sub(sv[c], mv)), int(nk - j0), 0.0f) : V::zero();
-                V::store(erow + j0, ev);
-                total = c == 0 ? ev : V::add(total, ev);
-              }
-              p[D + 1] = p[D + 1] * corr + V::hsum(total);
-              p[D] = m_new;
-            } else {  // head widths that are not a multiple of the register: one key at a time
-              int64_t j = 0;
-              for (; j + 4 <= nk; j += 4) dot4(qrow, sc.kf.data() + j * D, D, srow + j);
-              for (; j < nk; j++) srow[j] = dot(qrow, sc.kf.data() + j * D, D);
-              float bm = -INFINITY;
-              for (j = 0; j < nk; j++) bm = std::max(bm, srow[j]);
-              const float m_old = p[D];
-              const float m_new = std::max(m_old, bm);
-              corr = exp1(m_old - m_new);
-              for (j = nk; j < (nk + V::W - 1) / V::W * V::W; j++) srow[j] = m_new;  // padding lanes
-              const V::reg mv = V::set1(m_new);
-              for (j = 0; j < nk; j += V::W) V::store(erow + j, V::exp(V::sub(V::load(srow + j), mv)));
-              float lsum = 0.0f;
-              for (j = 0; j < nk; j++) lsum = lsum + erow[j];
-              p[D + 1] = p[D + 1] * corr + lsum;
-              p[D] = m_new;
-            }
+            int64_t j = 0;
+            for (; j + 4 <= nk; j += 4) dot4(qrow, sc.kf.data() + j * D, D, srow + j);
+            for (; j < nk; j++) srow[j] = dot(qrow, sc.kf.data() + j * D, D);
+            float bm = -INFINITY;
+            for (j = 0; j < nk; j++) bm = std::max(bm, srow[j]);
+            const float m_old = p[D];
+            const float m_new = std::max(m_old, bm);
+            corr = exp1(m_old - m_new);
+            for (j = nk; j < (nk + V::W - 1) / V::W * V::W; j++) srow[j] = m_new;  // padding lanes
+            const V::reg mv = V::set1(m_new);
+            for (j = 0; j < nk; j += V::W) V::store(erow + j, V::exp(V::sub(V::load(srow + j), mv)));
+            float lsum = 0.0f;
+            for (j = 0; j < nk; j++) lsum = lsum + erow[j];
+            p[D + 1] = p[D + 1] * corr + lsum;
+            p[D] = m_new;
             sc.corr[n_active] = corr;
             sc.nk[n_active] = nk;
           }
@@ -273,8 +289,12 @@ void attention_queries_t(const AttentionArgs& a) {
         // weighted values, in tiles of rows that share nk and each V row
         int64_t i = 0;
         while (i < n_active) {
-          int64_t n = 1;
-          while (i + n < n_active && n < kValueRows && sc.nk[i + n] == sc.nk[i]) n++;
+          // a run of rows sharing nk, cut into tiles of near-equal size (a tile of one row has
+          // too few independent chains to hide the FMA latency)
+          int64_t run = 1;
+          while (i + run < n_active && sc.nk[i + run] == sc.nk[i]) run++;
+          const int64_t tiles = (run + kValueRows - 1) / kValueRows;
+          const int64_t n = (run + tiles - 1) / tiles;
           const float* e[kValueRows];
           for (int64_t r = 0; r < n; r++) e[r] = sc.e.data() + (i + r) * ld;
           float* const* o = sc.out.data() + i;
@@ -331,6 +351,22 @@ void attention_queries(const AttentionArgs& a) {
 // Long calls (prefill chunks) run in slices of kQueryChunk queries, which bounds the partials to a
 // few MB; a query's own arithmetic does not depend on the slice it is in.
 constexpr int64_t kQueryChunk = 64;
+
+void prefetch_kv_rows(const void* k, const void* v, int64_t first, int64_t n, int64_t k_stride, int64_t v_stride,
+                      int64_t row_bytes) {
+#if defined(TF_AVX512) || defined(TF_AVX2)
+  const char* kc = static_cast<const char*>(k);
+  const char* vc = static_cast<const char*>(v);
+  for (int64_t j = 0; j < n; j++) {
+    for (int64_t off = 0; off < row_bytes; off += 64) {
+      _mm_prefetch(kc + (first + j) * k_stride + off, _MM_HINT_T1);
+      _mm_prefetch(vc + (first + j) * v_stride + off, _MM_HINT_T1);
+    }
+  }
+#else
+  (void)k, (void)v, (void)first, (void)n, (void)k_stride, (void)v_stride, (void)row_bytes;
+#endif
+}
 
 void attention(const AttentionArgs& a) {
   for (int64_t t0 = 0; t0 < a.T; t0 += kQueryChunk) {

@@ -33,4 +33,12 @@ struct AttentionArgs {
 
 void attention(const AttentionArgs& a);
 
+// Software prefetch of n key rows from `first` on, in K and V (row_bytes each, strides in bytes),
+// into L2. The attention kernels fetch the block after next while one is computed, across segment
+// edges (a segment's first blocks waited on memory otherwise): the K and V streams are read in
+// bursts between long computations, which the hardware prefetcher alone does not follow. Into L2
+// rather than L1: a block's 128 lines at once into L1 stall on its miss buffers.
+void prefetch_kv_rows(const void* k, const void* v, int64_t first, int64_t n, int64_t k_stride, int64_t v_stride,
+                      int64_t row_bytes);
+
 }  // namespace tf

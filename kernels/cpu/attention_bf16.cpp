@@ -71,16 +71,6 @@ inline __m512i row_bf16(const void* base, int kv_type, int64_t sp, int64_t j, in
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-inline void prefetch_rows(const char* k, const char* v, int64_t first, int64_t n, int64_t k_stride, int64_t v_stride,
-                          int64_t row_bytes) {
-  for (int64_t j = 0; j < n; j++) {
-    for (int64_t off = 0; off < row_bytes; off += 64) {
-      _mm_prefetch(k + (first + j) * k_stride + off, _MM_HINT_T0);
-      _mm_prefetch(v + (first + j) * v_stride + off, _MM_HINT_T0);
-    }
-  }
-}
-
 inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
 }
@@ -113,6 +103,83 @@ inline void update_values(float* const* o, const float* c, const uint32_t* const
   for (int r = 0; r < RT; r++)
     for (int ch = 0; ch < NC; ch++) _mm512_storeu_ps(o[r] + 16 * ch, acc[r][ch]);
 }
+
+// Scores of R query rows (bf16 pairs, `qrows`) against the block's keys (kp: per half of 16 keys,
+// one vector per pair of dimensions, lanes = keys). Per row and half, exactly as one row alone:
+// even pairs in order into one accumulator, odd pairs into another, added at the end; keys at or
+// past nk are -inf. The R rows and two halves only interleave their chains (vdpbf16ps's latency
+// hidden behind independent work) and share each key vector's load.
+template <int R, int DH>
+inline void scores(const __m512i* kp, const uint32_t* const* qrows, int64_t nk, __m512 (*sv)[2]) {
+  const bool two = nk > 16;
+  __m512 a0[R][2], a1[R][2];
+  for (int r = 0; r < R; r++)
+    for (int hf = 0; hf < 2; hf++) a0[r][hf] = a1[r][hf] = _mm512_setzero_ps();
+  if (two) {
+    for (int i = 0; i < DH; i += 2) {
+      const __m512i k00 = kp[i], k01 = kp[i + 1], k10 = kp[DH + i], k11 = kp[DH + i + 1];
+      for (int r = 0; r < R; r++) {
+        const __m512i q0 = _mm512_set1_epi32(int32_t(qrows[r][i])), q1 = _mm512_set1_epi32(int32_t(qrows[r][i + 1]));
+        a0[r][0] = dp(a0[r][0], k00, q0);
+        a1[r][0] = dp(a1[r][0], k01, q1);
+        a0[r][1] = dp(a0[r][1], k10, q0);
+        a1[r][1] = dp(a1[r][1], k11, q1);
+      }
+    }
+  } else {
+    for (int i = 0; i < DH; i += 2) {
+      const __m512i k00 = kp[i], k01 = kp[i + 1];
+      for (int r = 0; r < R; r++) {
+        a0[r][0] = dp(a0[r][0], k00, _mm512_set1_epi32(int32_t(qrows[r][i])));
+        a1[r][0] = dp(a1[r][0], k01, _mm512_set1_epi32(int32_t(qrows[r][i + 1])));
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    sv[r][0] = V::keep_first(_mm512_add_ps(a0[r][0], a1[r][0]), int(nk), -INFINITY);
+    sv[r][1] = two ? V::keep_first(_mm512_add_ps(a0[r][1], a1[r][1]), int(nk - 16), -INFINITY)
+                   : _mm512_set1_ps(-INFINITY);
+  }
+}
+
+// The online-softmax step of R rows over one block, given their scores: per row, the new running
+// max m, the correction exp(m_old - m) of what the row has so far, the weights exp(s - m) rounded
+// to bf16 (stored in e, 16 dwords = 32 weights per row) and the running sum of the rounded weights
+// (fp32, one fixed tree per block). Each row's arithmetic is what it has alone; the rows go through
+// each step together so that their dependency chains overlap, and their corrections come from one
+// vector exp (a lane-wise function: lane r is what exp of that row's value alone gives).
+template <int R, int D>
+inline void softmax_rows(__m512 (*sv)[2], float* const* p, int64_t nk, uint32_t* e, float* corr) {
+  alignas(64) float m_new[16], diff[16] = {};
+  for (int r = 0; r < R; r++) {
+    const float bm = V::hmax(nk > 16 ? _mm512_max_ps(sv[r][0], sv[r][1]) : sv[r][0]);
+    m_new[r] = std::max(p[r][D], bm);
+    diff[r] = p[r][D] - m_new[r];
+  }
+  _mm512_store_ps(diff, V::exp(_mm512_load_ps(diff)));
+  __m512i e16[R];
+  for (int r = 0; r < R; r++) {
+    const __m512 mv = _mm512_set1_ps(m_new[r]);
+    const __m512 e0 = V::keep_first(V::exp(_mm512_sub_ps(sv[r][0], mv)), int(nk), 0.0f);
+    const __m512 e1 =
+        nk > 16 ? V::keep_first(V::exp(_mm512_sub_ps(sv[r][1], mv)), int(nk - 16), 0.0f) : _mm512_setzero_ps();
+    e16[r] = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
+    _mm512_storeu_si512(e + r * 16, e16[r]);
+  }
+  for (int r = 0; r < R; r++) {
+    // the weights as rounded, back in fp32 (exact), for the denominator
+    const __m512 r0 =
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(e16[r])), 16));
+    const __m512 r1 =
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(e16[r], 1)), 16));
+    corr[r] = diff[r];
+    p[r][D + 1] = p[r][D + 1] * diff[r] + V::hsum(_mm512_add_ps(r0, r1));
+    p[r][D] = m_new[r];
+  }
+}
+
+// Query rows per score group: 4 rows x 2 halves x 2 accumulators = 16 chains in flight.
+constexpr int kScoreRows = 4;
 
 struct alignas(64) Vec {
   __m512i v;
@@ -189,9 +256,8 @@ void attention_queries(const AttentionArgs& a) {
       for (int64_t b0 = seg0; b0 < seg1; b0 += kBlock) {
         const int64_t b1 = std::min(b0 + kBlock, seg1), nb = b1 - b0;
         const int64_t pf = b0 + 2 * kBlock;
-        if (pf < seg1 || (pf < L && pf - seg0 < 3 * kBlock))
-          prefetch_rows(kbase, vbase, std::min(pf, L - 1), std::min(kBlock, L - pf), a.k_sp * elem, a.v_sp * elem,
-                        D * elem);
+        if (pf < L)
+          prefetch_kv_rows(kbase, vbase, pf, std::min(kBlock, L - pf), a.k_sp * elem, a.v_sp * elem, D * elem);
         // keys: bf16, then one vector per (half of 16 keys, pair of dimensions), lanes = keys
         const void* kblk = kbase + b0 * a.k_sp * elem;
         for (int half = 0; half < 2 && 16 * half < nb; half++) {
@@ -214,51 +280,44 @@ void attention_queries(const AttentionArgs& a) {
         }
         const int64_t tb = std::max(t0, b0 - first_pos);
         int64_t n_active = 0;
-        for (int64_t t = tb; t < T; t++) {
+        for (int64_t t = tb; t < T; t++) {  // rows (t, g), g = 0 .. G - 1, share nk
           const int64_t nk = std::min(b1, first_pos + t + 1) - b0;
-          for (int64_t g = 0; g < G; g++, n_active++) {
-            const uint32_t* qrow = qsp + (h * rows + g * T + t) * DH;
-            float* p = seg_part + (g * T + t) * stride;
-            sc.out[n_active] = p;
-            __m512 sv[2];
-            float bm = -INFINITY;
-            for (int half = 0; half < 2; half++) {
-              if (16 * half >= nk) {
-                sv[half] = _mm512_set1_ps(-INFINITY);
-                continue;
-              }
-              const __m512i* k = kp + half * DH;
-              __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-              for (int i = 0; i < DH; i += 2) {
-                a0 = dp(a0, k[i], _mm512_set1_epi32(int32_t(qrow[i])));
-                a1 = dp(a1, k[i + 1], _mm512_set1_epi32(int32_t(qrow[i + 1])));
-              }
-              sv[half] = V::keep_first(_mm512_add_ps(a0, a1), int(nk - 16 * half), -INFINITY);
-              bm = std::max(bm, V::hmax(sv[half]));
+          for (int64_t g0 = 0; g0 < G; g0 += kScoreRows) {
+            const int nr = int(std::min<int64_t>(kScoreRows, G - g0));
+            const uint32_t* qrows[kScoreRows];
+            for (int r = 0; r < nr; r++) qrows[r] = qsp + (h * rows + (g0 + r) * T + t) * DH;
+            __m512 sv[kScoreRows][2];
+            switch (nr) {
+              case 1: scores<1, DH>(kp, qrows, nk, sv); break;
+              case 2: scores<2, DH>(kp, qrows, nk, sv); break;
+              case 3: scores<3, DH>(kp, qrows, nk, sv); break;
+              default: scores<kScoreRows, DH>(kp, qrows, nk, sv); break;
             }
-            const float m_old = p[D];
-            const float m_new = std::max(m_old, bm);
-            const float corr = exp1(m_old - m_new);
-            const __m512 mv = _mm512_set1_ps(m_new);
-            const __m512 e0 = V::keep_first(V::exp(_mm512_sub_ps(sv[0], mv)), int(nk), 0.0f);
-            const __m512 e1 = nk > 16 ? V::keep_first(V::exp(_mm512_sub_ps(sv[1], mv)), int(nk - 16), 0.0f)
-                                      : _mm512_setzero_ps();
-            const __m512i e16 = (__m512i)_mm512_cvtne2ps_pbh(e1, e0);
-            _mm512_storeu_si512(sc.e.data() + n_active * 16, e16);
-            // the weights as rounded, back in fp32 (exact), for the denominator
-            const __m512 r0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(e16)), 16));
-            const __m512 r1 =
-                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(e16, 1)), 16));
-            p[D + 1] = p[D + 1] * corr + V::hsum(_mm512_add_ps(r0, r1));
-            p[D] = m_new;
-            sc.corr[n_active] = corr;
-            sc.nk[n_active] = nk;
+            float* parts[kScoreRows];
+            for (int r = 0; r < nr; r++) {
+              parts[r] = seg_part + ((g0 + r) * T + t) * stride;
+              sc.out[n_active + r] = parts[r];
+              sc.nk[n_active + r] = nk;
+            }
+            uint32_t* e = sc.e.data() + n_active * 16;
+            float* corr = sc.corr.data() + n_active;
+            switch (nr) {
+              case 1: softmax_rows<1, D>(sv, parts, nk, e, corr); break;
+              case 2: softmax_rows<2, D>(sv, parts, nk, e, corr); break;
+              case 3: softmax_rows<3, D>(sv, parts, nk, e, corr); break;
+              default: softmax_rows<kScoreRows, D>(sv, parts, nk, e, corr); break;
+            }
+            n_active += nr;
           }
         }
         int64_t i = 0;
         while (i < n_active) {
-          int64_t n = 1;
-          while (i + n < n_active && n < kValueRows && sc.nk[i + n] == sc.nk[i]) n++;
+          // a run of rows sharing nk, cut into tiles of near-equal size: a tile of 1 row has too
+          // few independent chains to hide vdpbf16ps's latency
+          int64_t run = 1;
+          while (i + run < n_active && sc.nk[i + run] == sc.nk[i]) run++;
+          const int64_t tiles = (run + kValueRows - 1) / kValueRows;
+          const int64_t n = (run + tiles - 1) / tiles;
           const uint32_t* e[kValueRows];
           for (int64_t r = 0; r < n; r++) e[r] = sc.e.data() + (i + r) * 16;
           float* const* o = sc.out.data() + i;
