@@ -2,7 +2,8 @@
 the activation modes (fp32, int8) side by side.
 
     python -m triforce_chat.kernels.bench_cpu [--model NAME|FILE.gguf] [--threads N] [--lengths 1024,7168,32768]
-        [--modes fp32,int8,int8+bf16] [--rows 1,2,4,8,16,32] [--context 1024] [--prefill-chunk 512] [--ppl-tokens 0]
+        [--modes fp32,int8,int8+bf16] [--rows 1,2,4,8,16,32] [--context 1024]
+        [--prefill-chunk 512 (0: skip)] [--ppl-tokens 0]
 
 For the model's real shapes and weights (default: the default model when installed, else the
 bundled SmolLM2), in one run:
@@ -18,6 +19,8 @@ bundled SmolLM2), in one run:
   attention   every layer's attention over a float16 KV cache of each length (fp32 products, and
               bf16 ones when int8+bf16 is among the modes): ms, KV bytes read per second, % of the
               read bandwidth; verify-8 / step-1
+  step        a decode step's matrix products (fastest mode) plus its attention (fastest kernel) at
+              each length, against the bandwidth floor: the weights and the KV read once
   retrieval   a middle-level step over a 1K-token view at the longest length / a full step at 1K,
               and one rebuild (score the chunk means, top-k, gather)
   perplexity  (with --ppl-tokens N) of each mode over the first N tokens of Python's own
@@ -128,10 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--modes", default=None, help="activation modes to compare (default: every one this build has)")
     ap.add_argument("--rows", default="1,2,4,8,16,32", help="window lengths T for matmul and forward")
     ap.add_argument("--context", type=int, default=1024, help="KV cache length for the whole-forward windows")
-    ap.add_argument("--prefill-chunk", type=int, default=512)
+    ap.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk to time (0: skip)")
     ap.add_argument("--ppl-tokens", type=int, default=0, help="perplexity over this many tokens (0: skip)")
     ap.add_argument("--ppl-chunk", type=int, default=512)
     args = ap.parse_args(argv)
+    if min(args.threads, args.reps, args.context, args.chunk_size) < 1 or min(args.prefill_chunk, args.ppl_tokens) < 0:
+        ap.error("--threads, --reps, --context and --chunk-size must be positive; --prefill-chunk and --ppl-tokens "
+                 "at least 0")
     torch.set_num_threads(args.threads)
     st = native.status()
     if not st.available:
@@ -194,12 +200,14 @@ def main(argv: list[str] | None = None) -> None:
         def prefill(cache=cache):
             cache.truncate(ctx)
             m(ids[ctx : ctx + chunk], cache, logits="none")
-        pre[mode] = _time(prefill, max(1, args.reps // 2))
+        if chunk:
+            pre[mode] = _time(prefill, max(1, args.reps // 2))
     _table(f"forward, T tokens over a {ctx}-token cache", rows, modes, fw)
-    print("prefill chunk of " + str(chunk) + " tokens at " + str(ctx) + ": "
-          + ";  ".join(f"{mode} {pre[mode]:.2f} s = {chunk / pre[mode]:.0f} tok/s" for mode in modes)
-          + "".join(f";  {mode} / fp32 speed = {pre['fp32'] / pre[mode]:.2f}x" for mode in modes
-                    if mode != "fp32" and "fp32" in modes))
+    if chunk:
+        print("prefill chunk of " + str(chunk) + " tokens at " + str(ctx) + ": "
+              + ";  ".join(f"{mode} {pre[mode]:.2f} s = {chunk / pre[mode]:.0f} tok/s" for mode in modes)
+              + "".join(f";  {mode} / fp32 speed = {pre['fp32'] / pre[mode]:.2f}x" for mode in modes
+                        if mode != "fp32" and "fp32" in modes))
     _set_mode(m, modes[0])
 
     # -- attention: every layer over a float16 cache ------------------------------------------------
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     kernels = {"fp32": ops.attention}
     if any(mode.endswith("bf16") for mode in modes):
         kernels["bf16"] = ops.attention_bf16
-    step_t = {}
+    step_t, best_attention = {}, {}
     for n in lengths:
         kv_bytes = 2 * a.n_layers * a.n_kv_heads * n * a.head_dim * 2
         reps = args.reps if n <= 8192 else max(3, args.reps // 2)
@@ -225,9 +233,18 @@ def main(argv: list[str] | None = None) -> None:
             s1 = _time(attention(q1, n, kernel), reps)
             s8 = _time(attention(q8, n, kernel), reps)
             step_t.setdefault(n, s1)
+            best_attention[n] = min(best_attention.get(n, s1), s1)
             print(f"attention {n:>6} {name}: T=1 {s1 * 1e3:7.1f} ms  {kv_bytes / s1 / 1e9:5.1f} GB/s of KV  "
                   f"{100 * kv_bytes / s1 / read_bw:3.0f}% of read bw;  T=8 {s8 * 1e3:7.1f} ms  "
                   f"verify-8 / step-1 = {s8 / s1:.2f}")
+    if 1 in rows:  # a decode step's two big parts against what reading their bytes once would take
+        step_mm = min(mm[1, mode] for mode in mm_modes)
+        for n in lengths:
+            kv_bytes = 2 * a.n_layers * a.n_kv_heads * n * a.head_dim * 2
+            step, floor = step_mm + best_attention[n], (w_bytes + kv_bytes) / read_bw
+            print(f"step at {n:>6}: matmul {step_mm * 1e3:.1f} + attention {best_attention[n] * 1e3:.1f} = "
+                  f"{step * 1e3:.1f} ms;  bandwidth floor (weights + KV once at read bw) {floor * 1e3:.1f} ms;  "
+                  f"step / floor = {step / floor:.2f}")
 
     # -- retrieval: a middle-level step over a 1K view at the longest length -------------------------
     n, c = max(lengths), args.chunk_size

@@ -273,3 +273,20 @@ def test_bench_scripts_smoke(capsys):
         assert "native kernels unavailable" in text
     if not torch.cuda.is_available():
         assert bench_gpu.main([]) == 0
+
+
+def test_bench_cpu_skips_the_prefill_at_chunk_zero_and_refuses_bad_counts(capsys):
+    """--prefill-chunk 0 skips the prefill timing (it once crashed after the whole run); counts
+    that cannot be measured stop at the command line."""
+    from triforce_chat.kernels import bench_cpu
+
+    if native.available():
+        bench_cpu.main(["--model", "smollm2-135m", "--lengths", "1100", "--reps", "1", "--rows", "1,2",
+                        "--context", "64", "--prefill-chunk", "0", "--modes", "fp32"])
+        text = capsys.readouterr().out
+        assert "verify-T / step-1" in text and "prefill chunk" not in text
+    for bad in (["--threads", "0"], ["--prefill-chunk", "-1"], ["--reps", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            bench_cpu.main(bad)
+        assert exc.value.code == 2
+        assert "must be positive" in capsys.readouterr().err

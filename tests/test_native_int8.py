@@ -126,8 +126,8 @@ def rounded_inputs(x: torch.Tensor) -> torch.Tensor:
 @needs_int8
 @pytest.mark.parametrize("name", QUANTS)
 def test_int8_products_match_float64_on_the_same_rounded_inputs(name):
-    """n = 203: twelve full tiles of 16 weight rows (the wide decoders of Q5_0 / Q8_0) and a tail
-    of 11 (the per-row decode); K = 768: three K-quant blocks."""
+    """n = 203: twelve full tiles of 16 weight rows (the wide decoders of Q4_0, Q5_0, Q8_0, Q4_K and
+    Q6_K) and a tail of 11 (the per-row decode); K = 768: three K-quant blocks."""
     k, n = 768, 203
     tid = BY_NAME[name].id
     w = quantized(name, n, k, seed=QUANTS.index(name))

@@ -152,7 +152,8 @@ template <int R, int D>
 inline void softmax_rows(__m512 (*sv)[2], float* const* p, int64_t nk, uint32_t* e, float* corr) {
   alignas(64) float m_new[16], diff[16] = {};
   for (int r = 0; r < R; r++) {
-    const float bm = V::hmax(nk > 16 ? _mm512_max_ps(sv[r][0], sv[r][1]) : sv[r][0]);
+    float bm = V::hmax(sv[r][0]);
+    if (nk > 16) bm = std::max(bm, V::hmax(sv[r][1]));  // as one row alone, NaNs included
     m_new[r] = std::max(p[r][D], bm);
     diff[r] = p[r][D] - m_new[r];
   }

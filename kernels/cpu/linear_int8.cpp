@@ -180,11 +180,11 @@ inline __m512 f16_of(__m512i v, bool upper) {
   return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(upper ? _mm512_srli_epi32(v, 16) : v));
 }
 
-// Q8_0 and Q5_0 (most of the default model's bytes), all 16 rows of a tile at once: the same codes
-// and scales as the per-row decode, without a pass per row.
+// Q8_0 and Q5_0 (most of the default model's bytes) and Q4_0 (of many other GGUF files), all 16
+// rows of a tile at once: the same codes and scales as the per-row decode, without a pass per row.
 template <int TYPE>
 void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, Strip& s, Prefetch& pf) {
-  static_assert(TYPE == Q8_0 || TYPE == Q5_0, "wide decode");
+  static_assert(TYPE == Q8_0 || TYPE == Q5_0 || TYPE == Q4_0, "wide decode");
   const int64_t nb = K / 32;
   const int bb = block_bytes(TYPE);
   const __m512i flip = _mm512_set1_epi8(char(0x80)), low4 = _mm512_set1_epi8(0x0F);
@@ -202,6 +202,15 @@ void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, Strip& s, 
       for (int h = 0; h < 2; h++) {
         load_transposed(blk + 2 + 16 * h, stride, t);
         for (int j = 0; j < 4; j++) _mm512_store_si512(lines + 4 * h + j, _mm512_xor_si512(t[j], flip));
+      }
+    } else if constexpr (TYPE == Q4_0) {
+      // code = nibble - 8, stored as code + 128 = nibble + 120; low nibbles are elements 4j..4j+3,
+      // high ones 16 + 4j..
+      load_transposed(blk + 2, stride, t);
+      const __m512i offset = _mm512_set1_epi8(120);
+      for (int j = 0; j < 4; j++) {
+        _mm512_store_si512(lines + j, _mm512_add_epi8(_mm512_and_si512(t[j], low4), offset));
+        _mm512_store_si512(lines + 4 + j, _mm512_add_epi8(_mm512_and_si512(_mm512_srli_epi16(t[j], 4), low4), offset));
       }
     } else {
       // code = nibble | 16 * bit e of qh; stored as code - 16 + 128 = (nibble | 0x70) + 16 * bit
@@ -318,6 +327,7 @@ void decode(int type, const uint8_t* base, int64_t stride, int nr, int64_t K, St
     switch (type) {
       case Q8_0: pf.spread(K / 32); return decode_tile_wide<Q8_0>(base, stride, K, s, pf);
       case Q5_0: pf.spread(K / 32); return decode_tile_wide<Q5_0>(base, stride, K, s, pf);
+      case Q4_0: pf.spread(K / 32); return decode_tile_wide<Q4_0>(base, stride, K, s, pf);
       case Q4_K: pf.spread(K / 64); return decode_tile_q4k(base, stride, K, s, pf);
       case Q6_K: pf.spread(K / 128); return decode_tile_q6k(base, stride, K, s, pf);
       default: break;

@@ -270,10 +270,10 @@ inline __m256 load_f16(const uint8_t* p, int64_t stride, int half) {
 inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
 inline __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
 
-// Q8_0 and Q5_0 (most of the default model's bytes).
+// Q8_0 and Q5_0 (most of the default model's bytes) and Q4_0 (of many other GGUF files).
 template <int TYPE>
 void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, View s, Prefetch& pf) {
-  static_assert(TYPE == Q8_0 || TYPE == Q5_0, "wide decode");
+  static_assert(TYPE == Q8_0 || TYPE == Q5_0 || TYPE == Q4_0, "wide decode");
   const int64_t nb = K / 32;
   const int bb = block_bytes(TYPE);
   for (int64_t b = 0; b < nb; b++) {
@@ -288,6 +288,12 @@ void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, View s, Pr
         for (int h = 0; h < 2; h++) {  // bytes 16h .. 16h + 15 of the codes: group h
           load_transposed(blk + 2 + 16 * h, stride, half, t);
           for (int j = 0; j < 4; j++) _mm256_store_si256(s.half_line(8 * b + 4 * h + j, half), t[j]);
+        }
+      } else if constexpr (TYPE == Q4_0) {  // u = the nibble (the code + 8, as kCodes stores it)
+        load_transposed(blk + 2, stride, half, t);
+        for (int j = 0; j < 4; j++) {
+          _mm256_store_si256(s.half_line(8 * b + j, half), low_nibbles(t[j]));
+          _mm256_store_si256(s.half_line(8 * b + 4 + j, half), high_nibbles(t[j]));
         }
       } else {
         // u = nibble | 16 * bit e of qh (the code + 16, as kCodes stores it)
@@ -406,6 +412,7 @@ void decode(int type, const uint8_t* base, int64_t stride, int nr, int64_t K, Vi
     switch (type) {
       case Q8_0: pf.spread(K / 32); return decode_tile_wide<Q8_0>(base, stride, K, s, pf);
       case Q5_0: pf.spread(K / 32); return decode_tile_wide<Q5_0>(base, stride, K, s, pf);
+      case Q4_0: pf.spread(K / 32); return decode_tile_wide<Q4_0>(base, stride, K, s, pf);
       case Q4_K: pf.spread(K / 64); return decode_tile_q4k(base, stride, K, s, pf);
       case Q6_K: pf.spread(K / 128); return decode_tile_q6k(base, stride, K, s, pf);
       default: break;
