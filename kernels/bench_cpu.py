@@ -19,8 +19,8 @@ bundled SmolLM2), in one run:
   attention   every layer's attention over a float16 KV cache of each length (fp32 products, and
               bf16 ones when int8+bf16 is among the modes): ms, KV bytes read per second, % of the
               read bandwidth; verify-8 / step-1
-  step        a decode step's matrix products (fastest mode) plus its attention (fastest kernel) at
-              each length, against the bandwidth floor: the weights and the KV read once
+  step        a decode step's matrix products plus its attention at each length, in the fastest
+              mode, against the bandwidth floor: the weights and the KV read once
   retrieval   a middle-level step over a 1K-token view at the longest length / a full step at 1K,
               and one rebuild (score the chunk means, top-k, gather)
   perplexity  (with --ppl-tokens N) of each mode over the first N tokens of Python's own
@@ -135,9 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ppl-tokens", type=int, default=0, help="perplexity over this many tokens (0: skip)")
     ap.add_argument("--ppl-chunk", type=int, default=512)
     args = ap.parse_args(argv)
-    if min(args.threads, args.reps, args.context, args.chunk_size) < 1 or min(args.prefill_chunk, args.ppl_tokens) < 0:
-        ap.error("--threads, --reps, --context and --chunk-size must be positive; --prefill-chunk and --ppl-tokens "
-                 "at least 0")
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+        rows = [int(t) for t in args.rows.split(",")]
+    except ValueError:
+        ap.error("--lengths and --rows are comma lists of whole numbers")
+    if min(args.threads, args.reps, args.context, args.chunk_size, args.ppl_chunk, *lengths, *rows) < 1 or min(
+        args.prefill_chunk, args.ppl_tokens
+    ) < 0:
+        ap.error("--threads, --reps, --context, --chunk-size, --ppl-chunk, --lengths and --rows must be positive; "
+                 "--prefill-chunk and --ppl-tokens at least 0")
     torch.set_num_threads(args.threads)
     st = native.status()
     if not st.available:
@@ -146,7 +153,6 @@ def main(argv: list[str] | None = None) -> None:
     ops = native.ops()
     lm = _load(args.model)
     m, a = lm.model, lm.model.args
-    lengths = [int(x) for x in args.lengths.split(",")]
     if args.modes:
         modes = args.modes.split(",")
     else:
@@ -154,7 +160,6 @@ def main(argv: list[str] | None = None) -> None:
         modes += ["int8+bf16"] if "int8" in modes and not m.bf16_attention_available() else []
     for mode in modes:
         _set_mode(m, mode)  # refuses a mode this build or these weights cannot run
-    rows = [int(t) for t in args.rows.split(",")]
     int8 = f"int8 path {st.int8}" if st.int8 else "no int8 path"
     print(f"{cpu_line()}; torch {torch.__version__}; {args.threads} thread(s); native {st.isa}, {int8}")
     print(f"model {lm.model_id}: {a.n_layers} layers, {a.n_heads}q/{a.n_kv_heads}kv heads x d{a.head_dim}, "
@@ -174,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
                 kernel(xs[lin][:t], lin.parts, lin.types, lin.bias)
         return run
 
-    mm_modes = [mode for mode in modes if mode != "int8+bf16"]  # the same products as int8
+    # int8+bf16 has the products of int8
+    mm_modes = list(dict.fromkeys("int8" if mode == "int8+bf16" else mode for mode in modes))
     mm = {(t, mode): _time(matmuls(t, mode), args.reps) for t in rows for mode in mm_modes}
     _table("matmul, all linears of a step", rows, mm_modes, mm)
     for mode in mm_modes:
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     kernels = {"fp32": ops.attention}
     if any(mode.endswith("bf16") for mode in modes):
         kernels["bf16"] = ops.attention_bf16
-    step_t, best_attention = {}, {}
+    step_t, attention_t = {}, {}
     for n in lengths:
         kv_bytes = 2 * a.n_layers * a.n_kv_heads * n * a.head_dim * 2
         reps = args.reps if n <= 8192 else max(3, args.reps // 2)
@@ -233,16 +239,19 @@ def main(argv: list[str] | None = None) -> None:
             s1 = _time(attention(q1, n, kernel), reps)
             s8 = _time(attention(q8, n, kernel), reps)
             step_t.setdefault(n, s1)
-            best_attention[n] = min(best_attention.get(n, s1), s1)
+            attention_t[n, name] = s1
             print(f"attention {n:>6} {name}: T=1 {s1 * 1e3:7.1f} ms  {kv_bytes / s1 / 1e9:5.1f} GB/s of KV  "
                   f"{100 * kv_bytes / s1 / read_bw:3.0f}% of read bw;  T=8 {s8 * 1e3:7.1f} ms  "
                   f"verify-8 / step-1 = {s8 / s1:.2f}")
     if 1 in rows:  # a decode step's two big parts against what reading their bytes once would take
-        step_mm = min(mm[1, mode] for mode in mm_modes)
         for n in lengths:
-            kv_bytes = 2 * a.n_layers * a.n_kv_heads * n * a.head_dim * 2
-            step, floor = step_mm + best_attention[n], (w_bytes + kv_bytes) / read_bw
-            print(f"step at {n:>6}: matmul {step_mm * 1e3:.1f} + attention {best_attention[n] * 1e3:.1f} = "
+            # the fastest mode: its matrix products and its attention kernel
+            parts = {mode: (mm[1, "int8" if mode.startswith("int8") else "fp32"],
+                            attention_t[n, "bf16" if mode.endswith("bf16") else "fp32"]) for mode in modes}
+            mode = min(parts, key=lambda k: sum(parts[k]))
+            (step_mm, step_att), kv_bytes = parts[mode], 2 * a.n_layers * a.n_kv_heads * n * a.head_dim * 2
+            step, floor = step_mm + step_att, (w_bytes + kv_bytes) / read_bw
+            print(f"step at {n:>6} ({mode}): matmul {step_mm * 1e3:.1f} + attention {step_att * 1e3:.1f} = "
                   f"{step * 1e3:.1f} ms;  bandwidth floor (weights + KV once at read bw) {floor * 1e3:.1f} ms;  "
                   f"step / floor = {step / floor:.2f}")
 

@@ -284,8 +284,9 @@ def test_bench_cpu_skips_the_prefill_at_chunk_zero_and_refuses_bad_counts(capsys
         bench_cpu.main(["--model", "smollm2-135m", "--lengths", "1100", "--reps", "1", "--rows", "1,2",
                         "--context", "64", "--prefill-chunk", "0", "--modes", "fp32"])
         text = capsys.readouterr().out
-        assert "verify-T / step-1" in text and "prefill chunk" not in text
-    for bad in (["--threads", "0"], ["--prefill-chunk", "-1"], ["--reps", "0"]):
+        assert "verify-T / step-1" in text and "prefill chunk" not in text and "step / floor" in text
+    for bad in (["--threads", "0"], ["--prefill-chunk", "-1"], ["--reps", "0"], ["--ppl-chunk", "0"],
+                ["--rows", "0,8"]):
         with pytest.raises(SystemExit) as exc:
             bench_cpu.main(bad)
         assert exc.value.code == 2

@@ -152,8 +152,9 @@ template <int R, int D>
 inline void softmax_rows(__m512 (*sv)[2], float* const* p, int64_t nk, uint32_t* e, float* corr) {
   alignas(64) float m_new[16], diff[16] = {};
   for (int r = 0; r < R; r++) {
-    float bm = V::hmax(sv[r][0]);
-    if (nk > 16) bm = std::max(bm, V::hmax(sv[r][1]));  // as one row alone, NaNs included
+    // as one row alone, NaNs included: std::max(-inf, NaN) is -inf
+    float bm = std::max(-INFINITY, V::hmax(sv[r][0]));
+    if (nk > 16) bm = std::max(bm, V::hmax(sv[r][1]));
     m_new[r] = std::max(p[r][D], bm);
     diff[r] = p[r][D] - m_new[r];
   }
