@@ -289,12 +289,7 @@ void attention_queries_t(const AttentionArgs& a) {
         // weighted values, in tiles of rows that share nk and each V row
         int64_t i = 0;
         while (i < n_active) {
-          // a run of rows sharing nk, cut into tiles of near-equal size (a tile of one row has
-          // too few independent chains to hide the FMA latency)
-          int64_t run = 1;
-          while (i + run < n_active && sc.nk[i + run] == sc.nk[i]) run++;
-          const int64_t tiles = (run + kValueRows - 1) / kValueRows;
-          const int64_t n = (run + tiles - 1) / tiles;
+          const int64_t n = value_tile_rows(sc.nk.data(), i, n_active, kValueRows);
           const float* e[kValueRows];
           for (int64_t r = 0; r < n; r++) e[r] = sc.e.data() + (i + r) * ld;
           float* const* o = sc.out.data() + i;

@@ -33,6 +33,17 @@ struct AttentionArgs {
 
 void attention(const AttentionArgs& a);
 
+// Rows in the next value tile of a block: from row i of n_active, the rows that share row i's nk
+// (its run), cut into tiles of near-equal size of at most max_rows (a tile of one row has too few
+// independent chains to hide the latency of its multiply-adds). Which rows share a tile never changes
+// a row's arithmetic, only which value loads it shares.
+inline int64_t value_tile_rows(const int64_t* nk, int64_t i, int64_t n_active, int64_t max_rows) {
+  int64_t run = 1;
+  while (i + run < n_active && nk[i + run] == nk[i]) run++;
+  const int64_t tiles = (run + max_rows - 1) / max_rows;
+  return (run + tiles - 1) / tiles;
+}
+
 // Software prefetch of n key rows from `first` on, in K and V (row_bytes each, strides in bytes),
 // into L2. The attention kernels fetch the block after next while one is computed, across segment
 // edges (a segment's first blocks waited on memory otherwise): the K and V streams are read in

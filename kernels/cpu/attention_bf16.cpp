@@ -314,12 +314,7 @@ void attention_queries(const AttentionArgs& a) {
         }
         int64_t i = 0;
         while (i < n_active) {
-          // a run of rows sharing nk, cut into tiles of near-equal size: a tile of 1 row has too
-          // few independent chains to hide vdpbf16ps's latency
-          int64_t run = 1;
-          while (i + run < n_active && sc.nk[i + run] == sc.nk[i]) run++;
-          const int64_t tiles = (run + kValueRows - 1) / kValueRows;
-          const int64_t n = (run + tiles - 1) / tiles;
+          const int64_t n = value_tile_rows(sc.nk.data(), i, n_active, kValueRows);
           const uint32_t* e[kValueRows];
           for (int64_t r = 0; r < n; r++) e[r] = sc.e.data() + (i + r) * 16;
           float* const* o = sc.out.data() + i;

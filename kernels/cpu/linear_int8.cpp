@@ -193,11 +193,16 @@ void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, Strip& s, 
     pf.part();
     const uint8_t* blk = base + b * bb;
     __m512i* lines = reinterpret_cast<__m512i*>(s.codes[8 * b].b);
-    // d, and for Q5_0 the low half of qh; Q5_0 takes its first 8 bytes (d, qh) in one transposed
-    // load, cheaper than two passes of 16 dword loads
-    __m512i first[4];
-    if constexpr (TYPE == Q5_0) load_transposed(blk, stride, first);
-    const __m512i head = TYPE == Q5_0 ? first[0] : load_dwords(blk, stride);
+    // head: d, and for Q5_0 the low half of qh (qh_high: its high half). Q5_0 takes its first 8
+    // bytes in one transposed load, cheaper than two passes of 16 dword loads.
+    __m512i head, qh_high;
+    if constexpr (TYPE == Q5_0) {
+      __m512i first[4];
+      load_transposed(blk, stride, first);
+      head = first[0], qh_high = first[1];
+    } else {
+      head = load_dwords(blk, stride);
+    }
     const __m512 d = f16_of(head, false);
     _mm512_storeu_ps(&s.sc[2 * b * kLanes], d);
     _mm512_storeu_ps(&s.sc[(2 * b + 1) * kLanes], d);
@@ -219,7 +224,7 @@ void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, Strip& s, 
     } else {
       // code = nibble | 16 * bit e of qh; stored as code - 16 + 128 = (nibble | 0x70) + 16 * bit
       load_transposed(blk + 6, stride, t);
-      const __m512i qh = _mm512_or_si512(_mm512_srli_epi32(head, 16), _mm512_slli_epi32(first[1], 16));
+      const __m512i qh = _mm512_or_si512(_mm512_srli_epi32(head, 16), _mm512_slli_epi32(qh_high, 16));
       for (int j = 0; j < 4; j++) {
         for (int h = 0; h < 2; h++) {  // h = 0: low nibbles, elements 4j..4j+3; 1: high, 16 + 4j..
           const __m512i nib = h == 0 ? t[j] : _mm512_srli_epi16(t[j], 4);
