@@ -172,16 +172,19 @@ def main(argv: list[str] | None = None) -> None:
     w_bytes = sum(lin.nbytes for lin in linears)
     xs = {lin: torch.randn(max(rows), lin.in_features) for lin in linears}
 
-    def matmuls(t: int, mode: str):
+    def matmuls(t: int):  # in the model's current mode
         def run():
             for lin in linears:
-                kernel = ops.linear_int8 if mode.startswith("int8") and lin.int8_capable else ops.linear
-                kernel(xs[lin][:t], lin.parts, lin.types, lin.bias)
+                x = xs[lin][:t]
+                lin.int8_product(x) if lin.int8 else ops.linear(x, lin.parts, lin.types, lin.bias)
         return run
 
     # int8+bf16 has the products of int8
     mm_modes = list(dict.fromkeys("int8" if mode == "int8+bf16" else mode for mode in modes))
-    mm = {(t, mode): _time(matmuls(t, mode), args.reps) for t in rows for mode in mm_modes}
+    mm = {}
+    for mode in mm_modes:
+        _set_mode(m, mode)
+        mm.update({(t, mode): _time(matmuls(t), args.reps) for t in rows})
     _table("matmul, all linears of a step", rows, mm_modes, mm)
     for mode in mm_modes:
         t1 = mm[1, mode] if 1 in rows else float("nan")

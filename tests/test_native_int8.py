@@ -187,6 +187,66 @@ def test_bad_arguments_raise():
         ops().quantize_int8(torch.randn(1, 48))
 
 
+# -- packed tiles -----------------------------------------------------------------------------------------
+
+PACKED = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")  # what the VNNI path packs (linear_int8.h)
+
+
+def packed(w: torch.Tensor, name: str, k: int) -> tuple[torch.Tensor, int]:
+    tid = BY_NAME[name].id
+    return ops().pack_int8(w, tid, k), ops().int8_packed_type(tid, w.shape[0])
+
+
+@needs_int8
+def test_which_weights_are_packed_follows_the_path_and_the_row_count():
+    for name in QUANTS:
+        tid = BY_NAME[name].id
+        want = 1000 + tid if native.status().int8 == "avx512-vnni" and name in PACKED else -1
+        assert ops().int8_packed_type(tid, 896) == want, name
+        assert ops().int8_packed_type(tid, 203) == -1, name  # a tail tile stays in the file's order
+
+
+@pytest.mark.skipif(native.status().int8 != "avx512-vnni", reason="only the VNNI path packs weights")
+@pytest.mark.parametrize("name", PACKED)
+def test_packed_tiles_give_the_file_orders_bits(name, threads):
+    """Packing moves bytes only: every row count (the 8-, 4-, 2- and 1-row passes), blocks as
+    `quantize` writes them, random bytes and codes at both ends, against the file's order."""
+    tid = BY_NAME[name].id
+    weights = [quantized(name, 208, 768, seed=1), raw_blocks(name, 48, 512, seed=2),
+               raw_blocks(name, 16, 4864, seed=3)]
+    weights += [raw_blocks(name, 32, 512, seed=4, code_byte=byte) for byte in END_BYTES]
+    for w in weights:
+        n, k = w.shape[0], w.shape[1] // BY_NAME[name].block_bytes * BY_NAME[name].block_elems
+        p, pt = packed(w, name, k)
+        assert p.shape == w.shape and not torch.equal(p, w)
+        bias = torch.randn(n, generator=torch.Generator().manual_seed(n))
+        x = torch.cat([extreme_rows(k, seed=8), torch.randn(28, k, generator=torch.Generator().manual_seed(9))])
+        x[8] *= 50.0
+        for t in (1, 2, 3, 5, 8, 9, 15, 33):
+            assert torch.equal(ops().linear_int8(x[:t], [p], [pt], bias), ops().linear_int8(x[:t], [w], [tid], bias))
+    # parts: packed and file-order ones in one call, as a layer's q/k/v may be
+    w5, w8, w6 = quantized("Q5_0", 32, 512, 5), quantized("Q8_0", 16, 512, 6), quantized("Q6_K", 16, 512, 7)
+    (p5, t5), (p8, t8) = packed(w5, "Q5_0", 512), packed(w8, "Q8_0", 512)
+    x = torch.randn(6, 512, generator=torch.Generator().manual_seed(10))
+    ids = [BY_NAME[n].id for n in ("Q5_0", "Q8_0", "Q6_K")]
+    assert torch.equal(ops().linear_int8(x, [p5, p8, w6], [t5, t8, ids[2]], None),
+                       ops().linear_int8(x, [w5, w8, w6], ids, None))
+
+
+@pytest.mark.skipif(native.status().int8 != "avx512-vnni", reason="only the VNNI path packs weights")
+def test_packed_weights_are_refused_where_the_file_order_is_read():
+    w = quantized("Q5_0", 32, 512)
+    p, pt = packed(w, "Q5_0", 512)
+    with pytest.raises(RuntimeError, match="int8 mode"):
+        ops().linear(torch.randn(1, 512), [p], [pt], None)
+    with pytest.raises(RuntimeError, match="int8 mode"):
+        ops().dequantize(p, pt, 512, torch.arange(2))
+    with pytest.raises(RuntimeError, match="not packed"):
+        ops().pack_int8(quantized("Q5_0", 20, 512), BY_NAME["Q5_0"].id, 512)
+    with pytest.raises(RuntimeError, match="not packed"):
+        ops().pack_int8(quantized("Q5_K", 32, 512), BY_NAME["Q5_K"].id, 512)
+
+
 # -- codes at the ends of their ranges ----------------------------------------------------------------------
 
 # Where each type's codes lie in its block, bytes [start, end): all 0xFF is the largest code of every
@@ -364,6 +424,9 @@ def test_int8_windows_are_bitwise_equal_to_single_steps(int8_model, threads):
     from test_model import assert_windows_equal_steps
 
     assert all(lin.int8 for lin in int8_model.linears())
+    for lin in int8_model.linears():  # where the path packs, the steps and windows below run on packed tiles
+        want = [ops().int8_packed_type(t, p.shape[0]) for p, t in zip(lin.parts, lin.types, strict=True)]
+        assert lin.int8_types == [w if w > 0 else t for w, t in zip(want, lin.types, strict=True)]
     assert_windows_equal_steps(int8_model, random_ids(600, int8_model.args.vocab_size, seed=5), starts=(250, 257))
 
 

@@ -9,6 +9,11 @@
 // dot products, exact in int32; the +128 is taken back in integers, then one fp32 multiply-add per
 // block applies the scales. A window of T rows decodes the weights once and pays ~12 vector
 // instructions per row and block of 16 x 32 weights (the fp32 mode pays 32 FMAs).
+//
+// Packed tiles (linear_int8.h, built at load for the types below) skip the strip: the transposes
+// were done once, so each block's 8 lines are a few loads and bit operations away, made in
+// registers while up to 8 rows use them. At one row the file-order decode cost ~1.5x the packed.
+// Both routes run `row_block` per row and block, so they give the same bits.
 #include "linear_int8.h"
 #include "linear_int8_tiles.h"
 
@@ -17,6 +22,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "blocks.h"
 #include "quant.h"
@@ -250,33 +256,46 @@ inline __m512i byte_of(__m512i v, int byte) {
 }
 
 // Q4_K: super-blocks of 256, sub-blocks of 32 with 6-bit scales and mins (scale_min_k4), 16 rows
-// at once; scale = d * sc and min = -(dmin * m), as the per-row decode computes them.
+// at once; scale = d * sc and min = -(dmin * m), as the per-row decode computes them. `head`: the
+// super-block's first 16 bytes transposed (d and dmin, scales 0-3, 4-7, 8-11).
+inline void q4k_scale_min(const __m512i* head, int j, __m512& scale, __m512& min) {
+  const __m512i m6 = _mm512_set1_epi32(63), m4 = _mm512_set1_epi32(15);
+  const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head[0]));
+  const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head[0], 16)));
+  __m512i sc, mn;
+  if (j < 4) {
+    sc = _mm512_and_si512(byte_of(head[1], j), m6);
+    mn = _mm512_and_si512(byte_of(head[2], j), m6);
+  } else {
+    const __m512i hi = byte_of(head[3], j - 4);
+    sc = _mm512_or_si512(_mm512_and_si512(hi, m4), _mm512_slli_epi32(_mm512_srli_epi32(byte_of(head[1], j - 4), 6), 4));
+    mn = _mm512_or_si512(_mm512_srli_epi32(hi, 4), _mm512_slli_epi32(_mm512_srli_epi32(byte_of(head[2], j - 4), 6), 4));
+  }
+  scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+  min = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn)));
+}
+
+// Q4_K sub-block 2jj + high's 8 lines, from the 8 transposed vectors of qs bytes 32 jj ..
+inline void q4k_lines(const __m512i* t, bool high, __m512i* v) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(char(0x80));
+  for (int j = 0; j < 8; j++)
+    v[j] = _mm512_ternarylogic_epi32(high ? _mm512_srli_epi16(t[j], 4) : t[j], low4, flip, 0xEA);  // (a & b) | c
+}
+
 void decode_tile_q4k(const uint8_t* base, int64_t stride, int64_t K, Strip& s, Prefetch& pf) {
   const int64_t nb = K / 256;
   const int bb = block_bytes(Q4_K);
-  const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(char(0x80));
-  const __m512i m6 = _mm512_set1_epi32(63), m4 = _mm512_set1_epi32(15);
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* blk = base + b * bb;
-    __m512i head[4];  // d and dmin, scales 0-3, 4-7, 8-11
+    __m512i head[4];
     load_transposed(blk, stride, head);
-    const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(head[0]));
-    const __m512 dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(head[0], 16)));
     for (int j = 0; j < 8; j++) {  // sub-block j = chunk 8b + j
-      __m512i sc, mn;
-      if (j < 4) {
-        sc = _mm512_and_si512(byte_of(head[1], j), m6);
-        mn = _mm512_and_si512(byte_of(head[2], j), m6);
-      } else {
-        const __m512i hi = byte_of(head[3], j - 4);
-        sc = _mm512_or_si512(_mm512_and_si512(hi, m4), _mm512_slli_epi32(_mm512_srli_epi32(byte_of(head[1], j - 4), 6), 4));
-        mn = _mm512_or_si512(_mm512_srli_epi32(hi, 4), _mm512_slli_epi32(_mm512_srli_epi32(byte_of(head[2], j - 4), 6), 4));
-      }
       const int64_t c = 8 * b + j;
-      const __m512 scale = _mm512_mul_ps(d, _mm512_cvtepi32_ps(sc));
+      __m512 scale, min;
+      q4k_scale_min(head, j, scale, min);
       _mm512_storeu_ps(&s.sc[2 * c * kLanes], scale);
       _mm512_storeu_ps(&s.sc[(2 * c + 1) * kLanes], scale);
-      _mm512_storeu_ps(&s.mn[c * kLanes], _mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(dmin, _mm512_cvtepi32_ps(mn))));
+      _mm512_storeu_ps(&s.mn[c * kLanes], min);
     }
     for (int jj = 0; jj < 4; jj++) {  // 32 bytes of qs: low nibbles are sub-block 2jj, high 2jj + 1
       pf.part();
@@ -284,48 +303,59 @@ void decode_tile_q4k(const uint8_t* base, int64_t stride, int64_t K, Strip& s, P
       load_transposed(blk + 16 + 32 * jj, stride, t);
       load_transposed(blk + 16 + 32 * jj + 16, stride, t + 4);
       __m512i* lo = reinterpret_cast<__m512i*>(s.codes[8 * (8 * b + 2 * jj)].b);
-      __m512i* hi = lo + 8;
-      for (int j = 0; j < 8; j++) {
-        _mm512_store_si512(lo + j, _mm512_ternarylogic_epi32(t[j], low4, flip, 0xEA));  // (a & b) | c
-        _mm512_store_si512(hi + j, _mm512_ternarylogic_epi32(_mm512_srli_epi16(t[j], 4), low4, flip, 0xEA));
+      __m512i v[8];
+      for (int high = 0; high < 2; high++) {
+        q4k_lines(t, high, v);
+        for (int j = 0; j < 8; j++) _mm512_store_si512(lo + 8 * high + j, v[j]);
       }
     }
   }
 }
 
 // Q6_K: super-blocks of 256 in two halves of 128; code = 4 bits of ql | 2 bits of qh << 4, minus
-// 32, stored + 128; one signed 8-bit scale per group of 16, times d.
+// 32, stored + 128; one signed 8-bit scale per group of 16, times d. `sc`: the 16 scale bytes
+// transposed; group g's scale:
+inline __m512 q6k_scale(const __m512i* sc, __m512 d, int g) {
+  const __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(sc[g / 4], 24 - 8 * (g % 4)), 24);
+  return _mm512_mul_ps(d, _mm512_cvtepi32_ps(v));
+}
+
+// Chunk k (of 32) of a half's lines: `ql` its 16 transposed vectors of ql, `qh` its 8 of qh; ql
+// bytes 32 (k & 1) + l, nibble k / 2, qh bits 2k.
+inline void q6k_lines(const __m512i* ql, const __m512i* qh, int k, __m512i* v) {
+  const __m512i low4 = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(96);
+  for (int j = 0; j < 8; j++) {
+    const __m512i l = ql[8 * (k & 1) + j];
+    const __m512i nib = k < 2 ? l : _mm512_srli_epi16(l, 4);
+    const __m512i hv = qh[j];
+    const __m512i hb = k == 0 ? _mm512_slli_epi16(hv, 4)
+                     : k == 1 ? _mm512_slli_epi16(hv, 2)
+                     : k == 2 ? hv
+                              : _mm512_srli_epi16(hv, 2);
+    const __m512i code = _mm512_ternarylogic_epi32(nib, low4, _mm512_and_si512(hb, two), 0xEA);
+    v[j] = _mm512_add_epi8(code, bias);
+  }
+}
+
 void decode_tile_q6k(const uint8_t* base, int64_t stride, int64_t K, Strip& s, Prefetch& pf) {
   const int64_t nb = K / 256;
   const int bb = block_bytes(Q6_K);
-  const __m512i low4 = _mm512_set1_epi8(0x0F), two = _mm512_set1_epi8(0x30), bias = _mm512_set1_epi8(96);
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* blk = base + b * bb;
     const __m512 d = f16_of(load_dwords(blk + 206, stride), true);  // the block's last 2 bytes
     __m512i sc[4];
     load_transposed(blk + 192, stride, sc);
-    for (int g = 0; g < 16; g++) {  // group g of the super-block: chunk 8b + g / 2
-      const __m512i v = _mm512_srai_epi32(_mm512_slli_epi32(sc[g / 4], 24 - 8 * (g % 4)), 24);
-      _mm512_storeu_ps(&s.sc[(16 * b + g) * kLanes], _mm512_mul_ps(d, _mm512_cvtepi32_ps(v)));
-    }
+    for (int g = 0; g < 16; g++) _mm512_storeu_ps(&s.sc[(16 * b + g) * kLanes], q6k_scale(sc, d, g));  // chunk 8b + g / 2
     for (int h = 0; h < 2; h++) {
       pf.part();
       __m512i ql[16], qh[8];  // ql bytes 64h + 16i .. (i = 0..3), qh bytes 32h + 16i .. (i = 0, 1)
       for (int i = 0; i < 4; i++) load_transposed(blk + 64 * h + 16 * i, stride, ql + 4 * i);
       for (int i = 0; i < 2; i++) load_transposed(blk + 128 + 32 * h + 16 * i, stride, qh + 4 * i);
-      for (int k = 0; k < 4; k++) {  // chunk of 32: ql bytes 32 (k & 1) + l, nibble k / 2, qh bits 2k
+      for (int k = 0; k < 4; k++) {
+        __m512i v[8];
+        q6k_lines(ql, qh, k, v);
         __m512i* lines = reinterpret_cast<__m512i*>(s.codes[8 * (8 * b + 4 * h + k)].b);
-        for (int j = 0; j < 8; j++) {
-          const __m512i l = ql[8 * (k & 1) + j];
-          const __m512i nib = k < 2 ? l : _mm512_srli_epi16(l, 4);
-          const __m512i hv = qh[j];
-          const __m512i hb = k == 0 ? _mm512_slli_epi16(hv, 4)
-                           : k == 1 ? _mm512_slli_epi16(hv, 2)
-                           : k == 2 ? hv
-                                    : _mm512_srli_epi16(hv, 2);
-          const __m512i code = _mm512_ternarylogic_epi32(nib, low4, _mm512_and_si512(hb, two), 0xEA);
-          _mm512_store_si512(lines + j, _mm512_add_epi8(code, bias));
-        }
+        for (int j = 0; j < 8; j++) _mm512_store_si512(lines + j, v[j]);
       }
     }
   }
@@ -362,69 +392,77 @@ inline __m512i bcast4(const int8_t* p) {  // 4 int8 activations in every lane
   return _mm512_set1_epi32(v);
 }
 
-// R input rows over one strip. Per block and row, in this order: the integer dot products, minus
-// the offset; acc = float(dot) * (scale * d) + acc (for Q6_K: its two halves, first then second);
-// then, for types with mins, acc = min * (d * sum q) + acc. The same for every R.
+// One input row t over one block c of a tile's 16 weight rows (their codes in v, as unsigned
+// bytes): the integer dot products, minus the offset; acc = float(dot) * (scale * d) + acc (for
+// Q6_K: its two halves, first then second); then, for types with mins, acc = min * (d * sum q) +
+// acc. Every path to a tile's outputs (strip or packed, any R) runs this sequence per row and block.
+template <bool HALVES, bool MINS>
+inline __m512 row_block(const __m512i* v, __m512 sa, __m512 sb, __m512 mn, const Acts& a, int64_t t, int64_t c,
+                        __m512 acc) {
+  const int64_t nc = a.nc;
+  const __m512i zero = _mm512_setzero_si512();
+  const int8_t* xq = a.q.data() + t * a.K + c * kBlock;
+  const __m512 dv = _mm512_set1_ps(a.d[t * nc + c]);
+  // two chains of 4 (the integer sums are exact, so how they are split is free)
+  __m512i i0 = _mm512_dpbusd_epi32(zero, v[0], bcast4(xq));
+  __m512i i1 = _mm512_dpbusd_epi32(zero, v[1], bcast4(xq + 4));
+  i0 = _mm512_dpbusd_epi32(i0, v[2], bcast4(xq + 8));
+  i1 = _mm512_dpbusd_epi32(i1, v[3], bcast4(xq + 12));
+  if (HALVES) {
+    const __m512i h0 = _mm512_sub_epi32(_mm512_add_epi32(i0, i1), _mm512_set1_epi32(a.c16[2 * (t * nc + c)]));
+    __m512i j0 = _mm512_dpbusd_epi32(zero, v[4], bcast4(xq + 16));
+    __m512i j1 = _mm512_dpbusd_epi32(zero, v[5], bcast4(xq + 20));
+    j0 = _mm512_dpbusd_epi32(j0, v[6], bcast4(xq + 24));
+    j1 = _mm512_dpbusd_epi32(j1, v[7], bcast4(xq + 28));
+    const __m512i h1 = _mm512_sub_epi32(_mm512_add_epi32(j0, j1), _mm512_set1_epi32(a.c16[2 * (t * nc + c) + 1]));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h0), _mm512_mul_ps(sa, dv), acc);
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), _mm512_mul_ps(sb, dv), acc);
+  } else {
+    i0 = _mm512_dpbusd_epi32(i0, v[4], bcast4(xq + 16));
+    i1 = _mm512_dpbusd_epi32(i1, v[5], bcast4(xq + 20));
+    i0 = _mm512_dpbusd_epi32(i0, v[6], bcast4(xq + 24));
+    i1 = _mm512_dpbusd_epi32(i1, v[7], bcast4(xq + 28));
+    const __m512i h = _mm512_sub_epi32(_mm512_add_epi32(i0, i1), _mm512_set1_epi32(a.c32[t * nc + c]));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_mul_ps(sa, dv), acc);
+  }
+  if (MINS) acc = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.dsum[t * nc + c]), acc);
+  return acc;
+}
+
+// R input rows over one strip.
 template <int R, bool HALVES, bool MINS>
 void rows_over_strip(const Strip& s, const Acts& a, const int64_t* ts, __m512* out) {
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
-  const int64_t nc = a.nc, K = a.K;
-  const __m512i zero = _mm512_setzero_si512();
-  for (int64_t c = 0; c < nc; c++) {
+  for (int64_t c = 0; c < a.nc; c++) {
     const __m512i* lines = reinterpret_cast<const __m512i*>(s.codes[8 * c].b);
     __m512i v[8];
     for (int j = 0; j < 8; j++) v[j] = _mm512_load_si512(lines + j);
     const __m512 sa = _mm512_loadu_ps(&s.sc[2 * c * kLanes]);
     const __m512 sb = HALVES ? _mm512_loadu_ps(&s.sc[(2 * c + 1) * kLanes]) : sa;
     const __m512 mn = MINS ? _mm512_loadu_ps(&s.mn[c * kLanes]) : sa;
-    for (int r = 0; r < R; r++) {
-      const int64_t t = ts[r];
-      const int8_t* xq = a.q.data() + t * K + c * kBlock;
-      const __m512 dv = _mm512_set1_ps(a.d[t * nc + c]);
-      // two chains of 4 (the integer sums are exact, so how they are split is free)
-      __m512i i0 = _mm512_dpbusd_epi32(zero, v[0], bcast4(xq));
-      __m512i i1 = _mm512_dpbusd_epi32(zero, v[1], bcast4(xq + 4));
-      i0 = _mm512_dpbusd_epi32(i0, v[2], bcast4(xq + 8));
-      i1 = _mm512_dpbusd_epi32(i1, v[3], bcast4(xq + 12));
-      if (HALVES) {
-        const __m512i h0 = _mm512_sub_epi32(_mm512_add_epi32(i0, i1), _mm512_set1_epi32(a.c16[2 * (t * nc + c)]));
-        __m512i j0 = _mm512_dpbusd_epi32(zero, v[4], bcast4(xq + 16));
-        __m512i j1 = _mm512_dpbusd_epi32(zero, v[5], bcast4(xq + 20));
-        j0 = _mm512_dpbusd_epi32(j0, v[6], bcast4(xq + 24));
-        j1 = _mm512_dpbusd_epi32(j1, v[7], bcast4(xq + 28));
-        const __m512i h1 =
-            _mm512_sub_epi32(_mm512_add_epi32(j0, j1), _mm512_set1_epi32(a.c16[2 * (t * nc + c) + 1]));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h0), _mm512_mul_ps(sa, dv), acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h1), _mm512_mul_ps(sb, dv), acc[r]);
-      } else {
-        i0 = _mm512_dpbusd_epi32(i0, v[4], bcast4(xq + 16));
-        i1 = _mm512_dpbusd_epi32(i1, v[5], bcast4(xq + 20));
-        i0 = _mm512_dpbusd_epi32(i0, v[6], bcast4(xq + 24));
-        i1 = _mm512_dpbusd_epi32(i1, v[7], bcast4(xq + 28));
-        const __m512i h = _mm512_sub_epi32(_mm512_add_epi32(i0, i1), _mm512_set1_epi32(a.c32[t * nc + c]));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_mul_ps(sa, dv), acc[r]);
-      }
-      if (MINS) acc[r] = _mm512_fmadd_ps(mn, _mm512_set1_ps(a.dsum[t * nc + c]), acc[r]);
-    }
+    for (int r = 0; r < R; r++) acc[r] = row_block<HALVES, MINS>(v, sa, sb, mn, a, ts[r], c, acc[r]);
   }
   for (int r = 0; r < R; r++) out[r] = acc[r];
 }
 
-template <bool HALVES, bool MINS>
-void all_rows(const Strip& s, const Acts& a, int64_t T, int nr, const float* bias, float* y, int64_t ldy) {
+// Every input row of the call, 8, 4, 2 or 1 at a time through rows(R, ts, out), into y's nr columns.
+template <class Rows>
+void all_rows(Rows rows, int64_t T, int nr, const float* bias, float* y, int64_t ldy) {
   int64_t ts[8];
   __m512 out[8];
   alignas(64) float lanes[kLanes];
   for (int64_t t = 0; t < T;) {
-    const int R = T - t >= 8 ? 8 : (T - t >= 4 ? 4 : 1);
+    const int R = T - t >= 8 ? 8 : T - t >= 4 ? 4 : T - t >= 2 ? 2 : 1;
     for (int r = 0; r < R; r++) ts[r] = t + r;
     if (R == 8)
-      rows_over_strip<8, HALVES, MINS>(s, a, ts, out);
+      rows(std::integral_constant<int, 8>(), ts, out);
     else if (R == 4)
-      rows_over_strip<4, HALVES, MINS>(s, a, ts, out);
+      rows(std::integral_constant<int, 4>(), ts, out);
+    else if (R == 2)
+      rows(std::integral_constant<int, 2>(), ts, out);
     else
-      rows_over_strip<1, HALVES, MINS>(s, a, ts, out);
+      rows(std::integral_constant<int, 1>(), ts, out);
     for (int r = 0; r < R; r++) {
       _mm512_store_ps(lanes, out[r]);
       float* dst = y + (t + r) * ldy;
@@ -432,6 +470,211 @@ void all_rows(const Strip& s, const Acts& a, int64_t T, int nr, const float* bia
     }
     t += R;
   }
+}
+
+// -- packed tiles (linear_int8.h) ------------------------------------------------------------------
+// A tile of 16 rows and nb blocks of 32 inputs, in three sections:
+//   codes:  nb x (Q8_0: 8, Q5_0 and Q4_0: 4) vectors of 64 bytes. Q8_0: the decode's lines (code +
+//           128). Q5_0 / Q4_0: the nibble vectors t[j] of the file-order decode (lane perm(i): qs
+//           bytes 4j .. 4j + 3 of row i); the kernel splits them into low and high nibbles.
+//   masks:  Q5_0 only, nb x 8 x 64 bits: line 4h + j's "fifth bit set" mask, bit 4 lane + q.
+//   scales: nb x 16 f16 (2 bytes), lane order.
+template <int TYPE>
+struct PackedLayout {
+  static constexpr int kCodeBytes = TYPE == Q8_0 ? 512 : 256;
+  static constexpr int kMaskBytes = TYPE == Q5_0 ? 64 : 0;
+  static_assert(kCodeBytes + kMaskBytes + 32 == 16 * int(TYPE == Q8_0   ? sizeof(block_q8_0)
+                                                          : TYPE == Q5_0 ? sizeof(block_q5_0)
+                                                                         : sizeof(block_q4_0)),
+                "a packed tile holds the file's bytes");
+  const uint8_t* codes;
+  const uint64_t* masks;
+  const uint16_t* scales;
+  PackedLayout(const uint8_t* tile, int64_t nb)
+      : codes(tile),
+        masks(reinterpret_cast<const uint64_t*>(tile + nb * kCodeBytes)),
+        scales(reinterpret_cast<const uint16_t*>(tile + nb * (kCodeBytes + kMaskBytes))) {}
+};
+
+// One file-order tile (16 rows at `base`, row stride `stride`) packed into `out`.
+template <int TYPE>
+void pack_tile(const uint8_t* base, int64_t stride, int64_t nb, uint8_t* out) {
+  const PackedLayout<TYPE> L(out, nb);
+  uint8_t* codes = out;
+  uint64_t* masks = const_cast<uint64_t*>(L.masks);
+  uint16_t* scales = const_cast<uint16_t*>(L.scales);
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* blk = base + b * block_bytes(TYPE);
+    __m512i* dst = reinterpret_cast<__m512i*>(codes + b * L.kCodeBytes);
+    __m512i head, t[4];
+    if constexpr (TYPE == Q5_0) {
+      __m512i first[4];
+      load_transposed(blk, stride, first);
+      head = first[0];
+      const __m512i qh = _mm512_or_si512(_mm512_srli_epi32(head, 16), _mm512_slli_epi32(first[1], 16));
+      load_transposed(blk + 6, stride, t);
+      for (int j = 0; j < 4; j++) {
+        _mm512_storeu_si512(dst + j, t[j]);
+        for (int h = 0; h < 2; h++) {  // as decode_tile_wide<Q5_0>: bit 16h + 4j + q of each lane's qh
+          const int src = 2 * h + j / 2;
+          const __m512i bytes = _mm512_shuffle_epi8(
+              qh, _mm512_set4_epi32(0x0C0C0C0C + src * 0x01010101, 0x08080808 + src * 0x01010101,
+                                    0x04040404 + src * 0x01010101, src * 0x01010101));
+          const __m512i bit = _mm512_set1_epi32(int32_t(uint32_t(0x08040201u) << (4 * (j & 1))));
+          masks[8 * b + 4 * h + j] = _mm512_test_epi8_mask(bytes, bit);
+        }
+      }
+    } else if constexpr (TYPE == Q4_0) {
+      head = load_dwords(blk, stride);
+      load_transposed(blk + 2, stride, t);
+      for (int j = 0; j < 4; j++) _mm512_storeu_si512(dst + j, t[j]);
+    } else {
+      head = load_dwords(blk, stride);
+      for (int h = 0; h < 2; h++) {
+        load_transposed(blk + 2 + 16 * h, stride, t);
+        for (int j = 0; j < 4; j++) _mm512_storeu_si512(dst + 4 * h + j, _mm512_xor_si512(t[j], flip));
+      }
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(scales + 16 * b), _mm512_cvtepi32_epi16(head));
+  }
+}
+
+// K-quant tiles: per super-block of 256 inputs, 16 x its block bytes, in this order:
+//   Q4_K: the qs vectors (jj = 0..3: the 8 transposed vectors of qs bytes 32 jj ..), then the 4
+//         transposed head vectors (d, dmin, scales).
+//   Q6_K: per half h, the 16 ql vectors; per half, the 8 qh vectors; the 4 scale vectors; the 16
+//         f16 d in lane order.
+constexpr int64_t kQ4kQs = 2048, kQ6kQh = 2048, kQ6kSc = 3072, kQ6kD = 3328;
+
+template <int TYPE>
+void pack_tile_k(const uint8_t* base, int64_t stride, int64_t nsb, uint8_t* out) {
+  for (int64_t b = 0; b < nsb; b++) {
+    const uint8_t* blk = base + b * block_bytes(TYPE);
+    uint8_t* dst = out + b * kLanes * block_bytes(TYPE);  // Q6_K's super-blocks are not all 64-byte aligned
+    auto put = [&](int64_t at, int64_t from) {  // 16 bytes at `from` of each row, transposed, to dst + at
+      __m512i t[4];
+      load_transposed(blk + from, stride, t);
+      for (int j = 0; j < 4; j++) _mm512_storeu_si512(dst + at + 64 * j, t[j]);
+    };
+    if constexpr (TYPE == Q4_K) {
+      for (int i = 0; i < 8; i++) put(256 * i, 16 + 16 * i);  // the 128 qs bytes
+      put(kQ4kQs, 0);
+    } else {
+      for (int i = 0; i < 8; i++) put(256 * i, 16 * i);  // ql
+      for (int i = 0; i < 4; i++) put(kQ6kQh + 256 * i, 128 + 16 * i);  // qh
+      put(kQ6kSc, 192);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + kQ6kD),
+                          _mm512_cvtepi32_epi16(_mm512_srli_epi32(load_dwords(blk + 206, stride), 16)));
+    }
+  }
+}
+
+// R input rows over a packed K-quant tile: per super-block, its scales (and mins) into `sc` / `mn`,
+// then each chunk of 32 unpacked into registers and run by the rows.
+template <int TYPE, int R>
+void rows_over_packed_k(const uint8_t* tile, const Acts& a, const int64_t* ts, __m512* out, Prefetch& pf) {
+  constexpr bool Q6 = TYPE == Q6_K;
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  __m512 sc[16], mn[8];  // Q6_K: a scale per group of 16; Q4_K: a scale and a min per chunk of 32
+  for (int64_t b = 0; b < a.K / 256; b++) {
+    pf.part();
+    const __m512i* p = reinterpret_cast<const __m512i*>(tile + b * kLanes * block_bytes(TYPE));
+    if constexpr (Q6) {
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
+          tile + b * kLanes * block_bytes(TYPE) + kQ6kD)));
+      __m512i scv[4];
+      for (int i = 0; i < 4; i++) scv[i] = _mm512_loadu_si512(p + kQ6kSc / 64 + i);
+      for (int g = 0; g < 16; g++) sc[g] = q6k_scale(scv, d, g);
+      for (int h = 0; h < 2; h++) {
+        __m512i ql[16], qh[8];
+        for (int i = 0; i < 16; i++) ql[i] = _mm512_loadu_si512(p + 16 * h + i);
+        for (int i = 0; i < 8; i++) qh[i] = _mm512_loadu_si512(p + kQ6kQh / 64 + 8 * h + i);
+        for (int k = 0; k < 4; k++) {
+          const int chunk = 4 * h + k;
+          __m512i v[8];
+          q6k_lines(ql, qh, k, v);
+          for (int r = 0; r < R; r++)
+            acc[r] = row_block<true, false>(v, sc[2 * chunk], sc[2 * chunk + 1], sc[0], a, ts[r], 8 * b + chunk, acc[r]);
+        }
+      }
+    } else {
+      __m512i head[4];
+      for (int i = 0; i < 4; i++) head[i] = _mm512_loadu_si512(p + kQ4kQs / 64 + i);
+      for (int j = 0; j < 8; j++) q4k_scale_min(head, j, sc[j], mn[j]);
+      for (int jj = 0; jj < 4; jj++) {
+        __m512i t[8];
+        for (int i = 0; i < 8; i++) t[i] = _mm512_loadu_si512(p + 8 * jj + i);
+        for (int high = 0; high < 2; high++) {
+          const int j = 2 * jj + high;
+          __m512i v[8];
+          q4k_lines(t, high, v);
+          for (int r = 0; r < R; r++) acc[r] = row_block<false, true>(v, sc[j], sc[j], mn[j], a, ts[r], 8 * b + j, acc[r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < R; r++) out[r] = acc[r];
+}
+
+// Block b of a packed tile: its 8 lines of codes (exactly decode_tile_wide's) and its scales.
+template <int TYPE>
+inline __m512 unpack_block(const PackedLayout<TYPE>& L, int64_t b, __m512i* v) {
+  const __m512i* src = reinterpret_cast<const __m512i*>(L.codes + b * L.kCodeBytes);
+  if constexpr (TYPE == Q8_0) {
+    for (int j = 0; j < 8; j++) v[j] = _mm512_loadu_si512(src + j);
+  } else {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 4; j++) {
+      const __m512i n = _mm512_loadu_si512(src + j);
+      const __m512i hi = _mm512_srli_epi16(n, 4);
+      if constexpr (TYPE == Q4_0) {  // nibble + 120 (code - 8 + 128)
+        const __m512i offset = _mm512_set1_epi8(120);
+        v[j] = _mm512_add_epi8(_mm512_and_si512(n, low4), offset);
+        v[4 + j] = _mm512_add_epi8(_mm512_and_si512(hi, low4), offset);
+      } else {  // (nibble | 0x70) + 16 * fifth bit
+        const __m512i c70 = _mm512_set1_epi8(0x70), sixteen = _mm512_set1_epi8(0x10);
+        const __m512i lo70 = _mm512_ternarylogic_epi32(n, low4, c70, 0xEA), hi70 = _mm512_ternarylogic_epi32(hi, low4, c70, 0xEA);
+        v[j] = _mm512_mask_add_epi8(lo70, __mmask64(L.masks[8 * b + j]), lo70, sixteen);
+        v[4 + j] = _mm512_mask_add_epi8(hi70, __mmask64(L.masks[8 * b + 4 + j]), hi70, sixteen);
+      }
+    }
+  }
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.scales + 16 * b)));
+}
+
+// R input rows over a packed tile, each block unpacked into registers as the rows reach it (no
+// strip: at a few rows the decode's stores and loads were most of a step).
+template <int TYPE, int R>
+void rows_over_packed(const uint8_t* tile, const Acts& a, const int64_t* ts, __m512* out, Prefetch& pf) {
+  const PackedLayout<TYPE> L(tile, a.nc);
+  __m512 acc[R];
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < a.nc; c++) {
+    pf.part();
+    __m512i v[8];
+    const __m512 sa = unpack_block<TYPE>(L, c, v);
+    for (int r = 0; r < R; r++) acc[r] = row_block<false, false>(v, sa, sa, sa, a, ts[r], c, acc[r]);
+  }
+  for (int r = 0; r < R; r++) out[r] = acc[r];
+}
+
+template <int TYPE>
+void packed_rows(const uint8_t* tile, const Acts& a, int64_t T, const float* bias, float* y, int64_t ldy,
+                 Prefetch& pf) {
+  constexpr bool kquant = TYPE == Q4_K || TYPE == Q6_K;
+  pf.spread(kquant ? a.K / 256 : a.nc);  // the next tile's prefetch goes with the first rows' pass
+  all_rows([&](auto R, const int64_t* ts, __m512* out) {
+    if constexpr (kquant)
+      rows_over_packed_k<TYPE, R()>(tile, a, ts, out, pf);
+    else
+      rows_over_packed<TYPE, R()>(tile, a, ts, out, pf);
+  }, T, kLanes, bias, y, ldy);
+}
+
+constexpr bool packs(int type) {
+  return type == Q8_0 || type == Q5_0 || type == Q4_0 || type == Q4_K || type == Q6_K;
 }
 
 }  // namespace
@@ -444,6 +687,28 @@ void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_
   std::memcpy(d, a.d.data(), T * a.nc * sizeof(float));
 }
 
+int int8_packed_type(int type, int64_t n) { return packs(type) && n % kLanes == 0 ? kPacked + type : -1; }
+
+void pack_int8(const WeightSpec& w, int64_t K, uint8_t* out) {
+  TORCH_CHECK(packs(w.type) && w.n % kLanes == 0, "pack_int8: type ", w.type, " with ", w.n, " rows is not packed");
+  const int be = block_elems(w.type);
+  TORCH_CHECK(K % be == 0 && w.row_bytes == K / be * block_bytes(w.type), "pack_int8: rows of the wrong width");
+  const int64_t tile_bytes = kLanes * w.row_bytes;
+  at::parallel_for(0, w.n / kLanes, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; t++) {
+      const uint8_t* src = w.data + t * tile_bytes;
+      uint8_t* dst = out + t * tile_bytes;
+      switch (w.type) {
+        case Q8_0: pack_tile<Q8_0>(src, w.row_bytes, K / 32, dst); break;
+        case Q5_0: pack_tile<Q5_0>(src, w.row_bytes, K / 32, dst); break;
+        case Q4_0: pack_tile<Q4_0>(src, w.row_bytes, K / 32, dst); break;
+        case Q4_K: pack_tile_k<Q4_K>(src, w.row_bytes, K / 256, dst); break;
+        default: pack_tile_k<Q6_K>(src, w.row_bytes, K / 256, dst); break;
+      }
+    }
+  });
+}
+
 void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::vector<WeightSpec>& weights,
                  const float* bias, float* y, int64_t ldy) {
   int8::check_inputs(K);
@@ -452,25 +717,42 @@ void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::v
   const Acts& a = acts;
   int8::for_each_tile(weights, K, T, y, ldy, [&](const WeightSpec& w, const uint8_t* rows, int nr, int64_t col,
                                                  Prefetch& pf) {
+    const float* b = bias ? bias + col : nullptr;
+    float* dst = y + col;
+    switch (w.type) {
+      case kPacked + Q8_0: return packed_rows<Q8_0>(rows, a, T, b, dst, ldy, pf);
+      case kPacked + Q5_0: return packed_rows<Q5_0>(rows, a, T, b, dst, ldy, pf);
+      case kPacked + Q4_0: return packed_rows<Q4_0>(rows, a, T, b, dst, ldy, pf);
+      case kPacked + Q4_K: return packed_rows<Q4_K>(rows, a, T, b, dst, ldy, pf);
+      case kPacked + Q6_K: return packed_rows<Q6_K>(rows, a, T, b, dst, ldy, pf);
+      default: break;
+    }
     thread_local Strip strip;
     strip.reserve(K);
     decode(w.type, rows, w.row_bytes, nr, K, strip, pf);
-    const float* b = bias ? bias + col : nullptr;
-    float* dst = y + col;
     const bool halves = w.type == Q6_K;
     const bool mins = w.type == Q4_1 || w.type == Q5_1 || w.type == Q4_K || w.type == Q5_K;
+    auto over_strip = [&](auto halves_c, auto mins_c) {
+      all_rows([&](auto R, const int64_t* ts, __m512* out) {
+        rows_over_strip<R(), decltype(halves_c)::value, decltype(mins_c)::value>(strip, a, ts, out);
+      }, T, nr, b, dst, ldy);
+    };
     if (halves)
-      all_rows<true, false>(strip, a, T, nr, b, dst, ldy);
+      over_strip(std::true_type(), std::false_type());
     else if (mins)
-      all_rows<false, true>(strip, a, T, nr, b, dst, ldy);
+      over_strip(std::false_type(), std::true_type());
     else
-      all_rows<false, false>(strip, a, T, nr, b, dst, ldy);
+      over_strip(std::false_type(), std::false_type());
   });
 }
 
 #elif !defined(TF_INT8_AVX2)  // neither AVX512-VNNI nor AVX2 in this build: the mode does not exist here
 
 const char* int8_path() { return ""; }
+
+int int8_packed_type(int, int64_t) { return -1; }
+
+void pack_int8(const WeightSpec&, int64_t, uint8_t*) { TORCH_CHECK(false, "this build packs no weights"); }
 
 void quantize_rows_int8(const float*, int64_t, int64_t, int64_t, int8_t*, float*) {
   TORCH_CHECK(false, "int8 activations need AVX2 or AVX512-VNNI, which this build of the kernels does not have");

@@ -41,7 +41,23 @@ const char* int8_path();
 // The activations as the mode rounds them (step 1): q [T, K] int8, d [T, K / 32]. For tests.
 void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_t* q, float* d);
 
-// Like `linear` (same arguments, quantized weight types only), in the int8-activation mode.
+// Tile-packed weights. A step of decode is bound by how fast the kernel turns GGUF blocks into its
+// lanes' codes: from the file's row order that is a transpose of 16 rows per block. Packing does
+// it once, at load: each tile of 16 rows becomes, per block of 32 inputs, the very vectors the
+// decode would have built (codes in lane order, Q5_0's fifth bits as one mask per vector, the 16
+// f16 scales in lane order), the same bytes per row as the file. The codes and scales, so the
+// outputs' bits, are the file's. Packed type id: kPacked + the ggml type.
+constexpr int kPacked = 1000;
+
+// kPacked + `type` where this build packs `type` for a weight of `n` rows, else -1 (then the file's
+// order is what linear_int8 reads).
+int int8_packed_type(int type, int64_t n);
+
+// w (file order, n rows, n a multiple of 16) into out: n * w.row_bytes bytes, packed.
+void pack_int8(const WeightSpec& w, int64_t K, uint8_t* out);
+
+// Like `linear` (same arguments, quantized weight types only, packed ones too), in the
+// int8-activation mode.
 void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::vector<WeightSpec>& weights,
                  const float* bias, float* y, int64_t ldy);
 

@@ -40,6 +40,11 @@ namespace tf {
 
 const char* int8_path() { return "avx2"; }
 
+// This path reads the files' row order (its decode is not what bounds it yet).
+int int8_packed_type(int, int64_t) { return -1; }
+
+void pack_int8(const WeightSpec&, int64_t, uint8_t*) { TORCH_CHECK(false, "the AVX2 int8 path packs no weights"); }
+
 namespace {
 
 using int8::kBlock;

@@ -31,8 +31,18 @@ int dense_type_of(const Tensor& w) {
   }
 }
 
-tf::WeightSpec weight_spec(const Tensor& w, int64_t type, int64_t K) {
+// `packed_ok`: the int8 mode's packed tiles are accepted (only its products read them).
+tf::WeightSpec weight_spec(const Tensor& w, int64_t type, int64_t K, bool packed_ok = false) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), "weights must be contiguous 2-D CPU tensors");
+  if (type > tf::kPacked) {
+    TORCH_CHECK(packed_ok, "packed weights (type ", type, ") are read by the int8 mode's products only");  // packed tiles (linear_int8.h): the file type's bytes, 16 rows at a time
+    const int base = int(type) - tf::kPacked;
+    TORCH_CHECK(tf::int8_packed_type(base, w.size(0)) == type, "weight type ", type, " is not packed by this build");
+    const int be = tf::block_elems(base);
+    TORCH_CHECK(w.scalar_type() == at::kByte && K % be == 0 && w.size(1) == K / be * tf::block_bytes(base),
+                "packed weight of the wrong width");
+    return tf::WeightSpec{w.data_ptr<uint8_t>(), int(type), w.size(0), w.size(1)};
+  }
   const int be = tf::block_elems(int(type)), bb = tf::block_bytes(int(type));
   TORCH_CHECK(be > 0, "unsupported weight type ", type);
   TORCH_CHECK(K % be == 0 && K % tf::kGroup == 0 || tf::is_dense(int(type)), "K = ", K,
@@ -57,7 +67,7 @@ static Tensor linear_mode(const Tensor& x, at::TensorList weights, c10::IntArray
   int64_t n = 0;
   for (size_t i = 0; i < weights.size(); i++) {
     TORCH_CHECK(!int8 || !tf::is_dense(int(types[i])), "int8 activations: dense weights run in the fp32 mode");
-    specs.push_back(weight_spec(weights[i], types[i], K));
+    specs.push_back(weight_spec(weights[i], types[i], K, int8));
     n += specs.back().n;
   }
   const float* b = nullptr;
@@ -79,6 +89,18 @@ Tensor linear(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, c
 
 Tensor linear_int8(const Tensor& x, at::TensorList weights, c10::IntArrayRef types, const std::optional<Tensor>& bias) {
   return linear_mode(x, weights, types, bias, true);
+}
+
+// The packed type id of a weight of `type` with n rows, -1 where this build reads the file's order.
+int64_t int8_packed_type(int64_t type, int64_t n) { return tf::int8_packed_type(int(type), n); }
+
+// w (file order) packed for the int8 mode: same shape and bytes, in the tiles' order.
+Tensor pack_int8(const Tensor& w, int64_t type, int64_t K) {
+  const tf::WeightSpec spec = weight_spec(w, type, K);
+  TORCH_CHECK(tf::int8_packed_type(int(type), spec.n) > 0, "type ", type, " with ", spec.n, " rows is not packed");
+  Tensor out = at::empty_like(w);
+  tf::pack_int8(spec, K, out.data_ptr<uint8_t>());
+  return out;
 }
 
 // x's rows as the int8 mode rounds them: q [T, K] int8 and d [T, K / 32] float32.
@@ -187,6 +209,8 @@ TORCH_LIBRARY(triforce, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, int length, float scale) -> Tensor", &attention);
   m.def("linear_int8(Tensor x, Tensor[] weights, int[] types, Tensor? bias) -> Tensor", &linear_int8);
   m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)", &quantize_int8);
+  m.def("int8_packed_type(int type, int n) -> int", &int8_packed_type);
+  m.def("pack_int8(Tensor w, int type, int K) -> Tensor", &pack_int8);
   m.def("attention_bf16(Tensor q, Tensor k, Tensor v, int length, float scale) -> Tensor", &attention_bf16);
   m.def("attention_bf16_path() -> str", &attention_bf16_path);
   m.def("isa() -> str", &isa);
