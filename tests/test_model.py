@@ -243,3 +243,33 @@ def test_without_the_native_extension_every_level_is_still_exact(tiny_model_dir)
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "TRIFORCE_NO_NATIVE" in run.stdout
+
+
+def resident_pages(t: torch.Tensor) -> int:
+    """How many of the whole pages under `t` this process has mapped in (/proc/self/pagemap's
+    present bit; mincore would count the page cache, which the release leaves alone)."""
+    import mmap
+    import struct
+
+    page = mmap.PAGESIZE
+    first = -(-t.data_ptr() // page)
+    n = (t.data_ptr() + t.numel() * t.element_size()) // page - first
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(8 * first)
+        entries = struct.unpack(f"<{n}Q", f.read(8 * n))
+    return sum(e >> 63 & 1 for e in entries)
+
+
+def test_released_file_pages_leave_memory_and_read_back_the_same(tmp_path):
+    """The int8 mode packs a copy of each weight and releases the mapped file's pages under it
+    (else the process holds both); a later read of the view faults the file's bytes back in."""
+    from triforce_chat.decoding.models.gguf_file import GGUFFile, release_pages
+
+    path = write_gguf(tmp_path / "m.gguf", "qwen2", dim=896, n_heads=14, n_kv_heads=2, ffn=1024, qtype="Q5_0")
+    w, _ = GGUFFile(path).tensor("blk.0.attn_q.weight")  # 896 x 616 bytes: ~135 pages
+    copy = w.clone()
+    assert resident_pages(w) > 100
+    released = release_pages(w)
+    assert released > 100 * 4096 and resident_pages(w) == 0
+    assert torch.equal(w, copy) and resident_pages(w) > 100
+    assert release_pages(copy) == 0  # not a view of a file: left alone

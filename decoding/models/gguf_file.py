@@ -13,8 +13,10 @@ u64[n] in ggml order = innermost first, type u32, offset u64); padding to `gener
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import struct
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,31 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 _NUMPY = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
 _EAGER_LIMIT = 64  # arrays up to this many elements are decoded on open
+
+# The open files' mappings, for `release_pages`: (first address, length, weak reference to the mmap).
+_MAPPINGS: list[tuple[int, int, weakref.ref]] = []
+
+
+def release_pages(t: torch.Tensor) -> int:
+    """Drop the resident pages under `t` when it is a view of a mapped GGUF file; returns the bytes
+    released (0 for any other tensor). For weights that are read once and then used from a copy
+    (the int8 mode's packed tiles): without this the process keeps both the copy and the file's
+    pages, ~2x the weights in its resident set. The mapping is private and never written, so a
+    later read of `t` faults the file's bytes back in."""
+    _MAPPINGS[:] = [m for m in _MAPPINGS if m[2]() is not None]
+    start, n = t.data_ptr(), t.numel() * t.element_size()
+    page = mmap.PAGESIZE
+    for base, length, ref in _MAPPINGS:
+        mm = ref()
+        if mm is None or not (base <= start and start + n <= base + length):
+            continue
+        first = -(-(start - base) // page) * page  # whole pages inside the tensor only
+        last = (start - base + n) // page * page
+        if last <= first:
+            return 0
+        mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+        return last - first
+    return 0
 
 
 class GGUFError(ValueError):
@@ -72,6 +99,10 @@ class GGUFFile:
         except (OSError, ValueError) as exc:
             raise GGUFError(f"{self.path}: cannot open ({exc})") from None
         self.size = len(self._mm)
+        if self.size:
+            view = ctypes.c_char.from_buffer(self._mm)
+            _MAPPINGS.append((ctypes.addressof(view), self.size, weakref.ref(self._mm)))
+            del view  # a live export would keep the mapping from closing
         try:
             self._parse()
         except struct.error:
