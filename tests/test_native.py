@@ -131,6 +131,26 @@ def test_rmsnorm_and_swiglu_match_references_and_are_row_independent():
     assert torch.equal(torch.cat([ops().swiglu(gu[i : i + 1]) for i in range(9)]), act)
 
 
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_gives_the_torch_operations_bits_on_views_of_the_qkv_rows(interleaved):
+    """The model's q and k are views into the qkv rows (head stride D, row stride the qkv width);
+    large and non-finite values included, since each product and sum must round as torch's do."""
+    from triforce_chat.decoding.model import rope_reference
+
+    g = torch.Generator().manual_seed(3)
+    for t, hq, hkv, d in ((1, 14, 2, 64), (9, 12, 2, 128), (5, 4, 1, 64)):
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=g) * 30
+        qkv[0, 5], qkv[-1, -d - 3], qkv[0, 7] = float("inf"), float("nan"), 3e38
+        pos = torch.randint(0, 30000, (t,), generator=g).double()
+        angles = pos[:, None] * 1e6 ** (-torch.arange(d // 2).double() / (d // 2))
+        cos, sin = angles.cos().float(), angles.sin().float()
+        for x in (qkv[:, : hq * d].view(t, hq, d), qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)):
+            out = ops().rope(x, cos, sin, interleaved)
+            want = rope_reference(x, cos, sin, interleaved)
+            assert out.is_contiguous() and torch.equal(out.isnan(), want.isnan())
+            assert torch.equal(out.nan_to_num(), want.nan_to_num())
+
+
 def test_bad_arguments_raise_instead_of_reading_past_buffers():
     w = quantized("Q4_0", 8, 64)
     with pytest.raises(RuntimeError, match="bytes"):

@@ -146,6 +146,21 @@ Tensor rmsnorm(const Tensor& x, const Tensor& weight, double eps) {
   return out;
 }
 
+// x [T, H, D] float32 (D contiguous), cos / sin [T, D / 2] float32 contiguous -> [T, H, D] contiguous.
+Tensor rope(const Tensor& x, const Tensor& cos, const Tensor& sin, bool interleaved) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0,
+              "x must be float32 [T, H, D] with D even and contiguous");
+  const int64_t T = x.size(0), H = x.size(1), D = x.size(2);
+  for (const Tensor* c : {&cos, &sin})
+    TORCH_CHECK(c->scalar_type() == at::kFloat && c->is_contiguous() && c->dim() == 2 && c->size(0) == T &&
+                    c->size(1) == D / 2,
+                "cos and sin must be contiguous float32 [T, D / 2]");
+  Tensor out = at::empty({T, H, D}, x.options());
+  tf::rope(x.data_ptr<float>(), T, H, D, x.stride(0), x.stride(1), cos.data_ptr<float>(), sin.data_ptr<float>(),
+           interleaved, out.data_ptr<float>());
+  return out;
+}
+
 Tensor swiglu(const Tensor& gate_up) {
   TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.dim() == 2 && gate_up.is_contiguous() &&
                   gate_up.size(1) % 2 == 0,
@@ -206,6 +221,7 @@ TORCH_LIBRARY(triforce, m) {
   m.def("dequantize_into(Tensor w, int type, int K, Tensor(a!) out) -> ()", &dequantize_into);
   m.def("rmsnorm(Tensor x, Tensor weight, float eps) -> Tensor", &rmsnorm);
   m.def("swiglu(Tensor gate_up) -> Tensor", &swiglu);
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor", &rope);
   m.def("attention(Tensor q, Tensor k, Tensor v, int length, float scale) -> Tensor", &attention);
   m.def("linear_int8(Tensor x, Tensor[] weights, int[] types, Tensor? bias) -> Tensor", &linear_int8);
   m.def("quantize_int8(Tensor x) -> (Tensor, Tensor)", &quantize_int8);

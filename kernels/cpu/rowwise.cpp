@@ -46,4 +46,23 @@ void swiglu(const float* gate_up, int64_t T, int64_t I, float* out) {
   }
 }
 
+void rope(const float* x, int64_t T, int64_t H, int64_t D, int64_t ldt, int64_t ldh, const float* cos,
+          const float* sin, bool interleaved, float* out) {
+  const int64_t half = D / 2;
+  for (int64_t t = 0; t < T; t++) {
+    const float* c = cos + t * half;
+    const float* s = sin + t * half;
+    for (int64_t h = 0; h < H; h++) {
+      const float* src = x + t * ldt + h * ldh;
+      float* dst = out + (t * H + h) * D;
+      for (int64_t i = 0; i < half; i++) {
+        const int64_t ia = interleaved ? 2 * i : i, ib = interleaved ? 2 * i + 1 : i + half;
+        const float a = src[ia], b = src[ib];
+        dst[ia] = a * c[i] - b * s[i];
+        dst[ib] = b * c[i] + a * s[i];
+      }
+    }
+  }
+}
+
 }  // namespace tf
