@@ -452,6 +452,11 @@ class Transformer(nn.Module):
             lin.set_int8(mode == "int8")
         self.activations = mode
 
+    @property
+    def packed_weights(self) -> bool:
+        """Whether the int8 mode runs on packed tiles here (Linear.set_int8), for the Cache panel."""
+        return any(t > 1000 for lin in self.linears() for t in lin.int8_types)
+
     def bf16_attention_available(self) -> str:
         """'' when the bf16-product attention can run this model here, else why not (one line)."""
         if self.device.type != "cpu":

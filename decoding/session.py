@@ -580,7 +580,8 @@ class Session:
             weight_bytes=getattr(self.model, "weight_bytes", 0),
             kv_dtype=str(c.k.dtype).removeprefix("torch."),
             kernels=kernels_label(self.model.device, getattr(self.model, "activations", "fp32"),
-                                  getattr(self.model, "attention", "fp32")),
+                                  getattr(self.model, "attention", "fp32"),
+                                  getattr(self.model, "packed_weights", False)),
             drafter=self._drafter_spec,
             process_rss_bytes=process_rss_bytes(),
         )
@@ -604,9 +605,9 @@ class Session:
             pass
 
 
-def kernels_label(device, activations: str = "fp32", attention: str = "fp32") -> str:
+def kernels_label(device, activations: str = "fp32", attention: str = "fp32", packed: bool = False) -> str:
     """Which kernels the target runs on, for the Cache panel: "native avx512, int8 activations
-    (avx512-vnni), bf16 attention", "native avx2, fp32 activations", "PyTorch (why)"."""
+    (avx512-vnni), packed weights, bf16 attention", "native avx2, fp32 activations", "PyTorch (why)"."""
     from triforce_chat.kernels import native
 
     if getattr(device, "type", str(device)) == "cuda":
@@ -615,6 +616,8 @@ def kernels_label(device, activations: str = "fp32", attention: str = "fp32") ->
     if not st.available:
         return f"PyTorch ({st.reason})"
     mode = f"int8 activations ({st.int8})" if activations == "int8" else "fp32 activations"
+    if packed:
+        mode += ", packed weights"
     if attention == "bf16":
         mode += ", bf16 attention"
     return f"native {st.isa}, {mode}"

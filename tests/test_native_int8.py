@@ -427,6 +427,8 @@ def test_int8_windows_are_bitwise_equal_to_single_steps(int8_model, threads):
     for lin in int8_model.linears():  # where the path packs, the steps and windows below run on packed tiles
         want = [ops().int8_packed_type(t, p.shape[0]) for p, t in zip(lin.parts, lin.types, strict=True)]
         assert lin.int8_types == [w if w > 0 else t for w, t in zip(want, lin.types, strict=True)]
+    # every weight type of these two models packs on the VNNI path
+    assert int8_model.packed_weights == (native.status().int8 == "avx512-vnni")
     assert_windows_equal_steps(int8_model, random_ids(600, int8_model.args.vocab_size, seed=5), starts=(250, 257))
 
 
@@ -486,7 +488,9 @@ def test_load_model_picks_int8_and_falls_back_to_fp32_when_its_self_check_fails(
 
     lm = load_model("smollm2-135m", log=lambda m: None)
     assert lm.model.activations == "int8" and not lm.notices
-    assert f"int8 activations ({native.status().int8})" in kernels_label(lm.model.device, lm.model.activations)
+    label = kernels_label(lm.model.device, lm.model.activations, lm.model.attention, lm.model.packed_weights)
+    assert f"int8 activations ({native.status().int8})" in label
+    assert ("packed weights" in label) == lm.model.packed_weights
     assert "-int8" in lm.model.numerics
     assert load_model("smollm2-135m", log=lambda m: None, activations="fp32").model.activations == "fp32"
     native.set_row_skew(True)  # both modes broken: int8 -> fp32 -> token by token
