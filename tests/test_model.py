@@ -273,3 +273,16 @@ def test_released_file_pages_leave_memory_and_read_back_the_same(tmp_path):
     assert released > 100 * 4096 and resident_pages(w) == 0
     assert torch.equal(w, copy) and resident_pages(w) > 100
     assert release_pages(copy) == 0  # not a view of a file: left alone
+
+
+def test_without_madvise_the_pages_are_kept(tmp_path, monkeypatch):
+    """Where the platform has no madvise (Windows), packing keeps both copies rather than failing."""
+    import mmap
+
+    from triforce_chat.decoding.models.gguf_file import GGUFFile, release_pages
+
+    path = write_gguf(tmp_path / "m.gguf", "qwen2", dim=896, n_heads=14, n_kv_heads=2, ffn=1024, qtype="Q5_0")
+    w, _ = GGUFFile(path).tensor("blk.0.attn_q.weight")
+    w.sum()
+    monkeypatch.delattr(mmap, "MADV_DONTNEED")
+    assert release_pages(w) == 0 and resident_pages(w) > 100

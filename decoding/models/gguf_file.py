@@ -41,6 +41,8 @@ def release_pages(t: torch.Tensor) -> int:
     pages, ~2x the weights in its resident set. The mapping is private and never written, so a
     later read of `t` faults the file's bytes back in."""
     _MAPPINGS[:] = [m for m in _MAPPINGS if m[2]() is not None]
+    if not hasattr(mmap, "MADV_DONTNEED") or not hasattr(mmap.mmap, "madvise"):  # e.g. Windows: keep both
+        return 0
     start, n = t.data_ptr(), t.numel() * t.element_size()
     page = mmap.PAGESIZE
     for base, length, ref in _MAPPINGS:
