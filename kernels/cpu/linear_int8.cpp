@@ -187,66 +187,85 @@ inline __m512 f16_of(__m512i v, bool upper) {
 }
 
 // Q8_0 and Q5_0 (most of the default model's bytes) and Q4_0 (of many other GGUF files), all 16
-// rows of a tile at once: the same codes and scales as the per-row decode, without a pass per row.
+// rows of a tile at once, in two steps that the wide decode and the packed tiles share (so both give
+// the codes the per-row decode gives):
+//  read_block: one block of the 16 rows, transposed. Returns the head (lane perm(i): row i's d in
+//    its low 16 bits). Q8_0: codes[0..7], the 8 lines (code + 128). Q5_0 / Q4_0: codes[0..3], the qs
+//    nibble vectors t[j] (lane perm(i): qs bytes 4j .. 4j + 3 of row i); Q5_0 also masks[0..7], line
+//    4h + j's "fifth bit set" mask, bit 4 lane + q.
+//  block_lines: those into the block's 8 lines (Q4_0: nibble + 120 = code - 8 + 128; Q5_0:
+//    (nibble | 0x70) + 16 * fifth bit = code - 16 + 128; low nibbles are elements 4j .. 4j + 3,
+//    high ones 16 + 4j ..).
+template <int TYPE>
+inline __m512i read_block(const uint8_t* blk, int64_t stride, __m512i* codes, uint64_t* masks) {
+  static_assert(TYPE == Q8_0 || TYPE == Q5_0 || TYPE == Q4_0, "wide decode");
+  if constexpr (TYPE == Q8_0) {
+    const __m512i flip = _mm512_set1_epi8(char(0x80));
+    for (int h = 0; h < 2; h++) {
+      load_transposed(blk + 2 + 16 * h, stride, codes + 4 * h);
+      for (int j = 0; j < 4; j++) codes[4 * h + j] = _mm512_xor_si512(codes[4 * h + j], flip);
+    }
+    return load_dwords(blk, stride);
+  } else if constexpr (TYPE == Q4_0) {
+    load_transposed(blk + 2, stride, codes);
+    return load_dwords(blk, stride);
+  } else {
+    // d and the low half of qh, then qh's high half: the block's first 8 bytes in one transposed
+    // load, cheaper than two passes of 16 dword loads
+    __m512i first[4];
+    load_transposed(blk, stride, first);
+    load_transposed(blk + 6, stride, codes);
+    const __m512i qh = _mm512_or_si512(_mm512_srli_epi32(first[0], 16), _mm512_slli_epi32(first[1], 16));
+    for (int j = 0; j < 4; j++) {
+      for (int h = 0; h < 2; h++) {
+        // byte q of each lane: bit 16h + 4j + q of qh, i.e. bit 4(j & 1) + q of qh's byte 2h + j / 2
+        const int src = 2 * h + j / 2;
+        const __m512i bytes = _mm512_shuffle_epi8(
+            qh, _mm512_set4_epi32(0x0C0C0C0C + src * 0x01010101, 0x08080808 + src * 0x01010101,
+                                  0x04040404 + src * 0x01010101, src * 0x01010101));
+        const __m512i bit = _mm512_set1_epi32(int32_t(uint32_t(0x08040201u) << (4 * (j & 1))));
+        masks[4 * h + j] = _mm512_test_epi8_mask(bytes, bit);
+      }
+    }
+    return first[0];
+  }
+}
+
+template <int TYPE>
+inline void block_lines(const __m512i* codes, const uint64_t* masks, __m512i* v) {
+  if constexpr (TYPE == Q8_0) {
+    for (int j = 0; j < 8; j++) v[j] = codes[j];
+  } else {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    for (int j = 0; j < 4; j++) {
+      const __m512i lo = codes[j], hi = _mm512_srli_epi16(codes[j], 4);
+      if constexpr (TYPE == Q4_0) {
+        const __m512i offset = _mm512_set1_epi8(120);
+        v[j] = _mm512_add_epi8(_mm512_and_si512(lo, low4), offset);
+        v[4 + j] = _mm512_add_epi8(_mm512_and_si512(hi, low4), offset);
+      } else {
+        const __m512i c70 = _mm512_set1_epi8(0x70), sixteen = _mm512_set1_epi8(0x10);
+        const __m512i lo70 = _mm512_ternarylogic_epi32(lo, low4, c70, 0xEA);  // (a & b) | c
+        const __m512i hi70 = _mm512_ternarylogic_epi32(hi, low4, c70, 0xEA);
+        v[j] = _mm512_mask_add_epi8(lo70, __mmask64(masks[j]), lo70, sixteen);
+        v[4 + j] = _mm512_mask_add_epi8(hi70, __mmask64(masks[4 + j]), hi70, sixteen);
+      }
+    }
+  }
+}
+
 template <int TYPE>
 void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, Strip& s, Prefetch& pf) {
-  static_assert(TYPE == Q8_0 || TYPE == Q5_0 || TYPE == Q4_0, "wide decode");
-  const int64_t nb = K / 32;
-  const int bb = block_bytes(TYPE);
-  const __m512i flip = _mm512_set1_epi8(char(0x80)), low4 = _mm512_set1_epi8(0x0F);
-  const __m512i sixteen = _mm512_set1_epi8(0x10);
-  for (int64_t b = 0; b < nb; b++) {
+  for (int64_t b = 0; b < K / 32; b++) {
     pf.part();
-    const uint8_t* blk = base + b * bb;
-    __m512i* lines = reinterpret_cast<__m512i*>(s.codes[8 * b].b);
-    // head: d, and for Q5_0 the low half of qh (qh_high: its high half). Q5_0 takes its first 8
-    // bytes in one transposed load, cheaper than two passes of 16 dword loads.
-    __m512i head, qh_high;
-    if constexpr (TYPE == Q5_0) {
-      __m512i first[4];
-      load_transposed(blk, stride, first);
-      head = first[0], qh_high = first[1];
-    } else {
-      head = load_dwords(blk, stride);
-    }
-    const __m512 d = f16_of(head, false);
+    __m512i codes[8], v[8];
+    uint64_t masks[8];
+    const __m512 d = f16_of(read_block<TYPE>(base + b * block_bytes(TYPE), stride, codes, masks), false);
     _mm512_storeu_ps(&s.sc[2 * b * kLanes], d);
     _mm512_storeu_ps(&s.sc[(2 * b + 1) * kLanes], d);
-    __m512i t[4];
-    if constexpr (TYPE == Q8_0) {
-      for (int h = 0; h < 2; h++) {
-        load_transposed(blk + 2 + 16 * h, stride, t);
-        for (int j = 0; j < 4; j++) _mm512_store_si512(lines + 4 * h + j, _mm512_xor_si512(t[j], flip));
-      }
-    } else if constexpr (TYPE == Q4_0) {
-      // code = nibble - 8, stored as code + 128 = nibble + 120; low nibbles are elements 4j..4j+3,
-      // high ones 16 + 4j..
-      load_transposed(blk + 2, stride, t);
-      const __m512i offset = _mm512_set1_epi8(120);
-      for (int j = 0; j < 4; j++) {
-        _mm512_store_si512(lines + j, _mm512_add_epi8(_mm512_and_si512(t[j], low4), offset));
-        _mm512_store_si512(lines + 4 + j, _mm512_add_epi8(_mm512_and_si512(_mm512_srli_epi16(t[j], 4), low4), offset));
-      }
-    } else {
-      // code = nibble | 16 * bit e of qh; stored as code - 16 + 128 = (nibble | 0x70) + 16 * bit
-      load_transposed(blk + 6, stride, t);
-      const __m512i qh = _mm512_or_si512(_mm512_srli_epi32(head, 16), _mm512_slli_epi32(qh_high, 16));
-      for (int j = 0; j < 4; j++) {
-        for (int h = 0; h < 2; h++) {  // h = 0: low nibbles, elements 4j..4j+3; 1: high, 16 + 4j..
-          const __m512i nib = h == 0 ? t[j] : _mm512_srli_epi16(t[j], 4);
-          const __m512i base70 = _mm512_ternarylogic_epi32(nib, low4, _mm512_set1_epi8(0x70), 0xEA);  // (a & b) | c
-          // byte q of each lane: bit 16h + 4j + q of qh, i.e. bit 4(j & 1) + q of qh's byte 2h + j / 2
-          const int src = 2 * h + j / 2;
-          const __m512i bytes = _mm512_shuffle_epi8(
-              qh, _mm512_set4_epi32(0x0C0C0C0C + src * 0x01010101, 0x08080808 + src * 0x01010101,
-                                    0x04040404 + src * 0x01010101, src * 0x01010101));
-          const int sh = 4 * (j & 1);
-          const __m512i bit = _mm512_set1_epi32(int32_t(uint32_t(0x08040201u) << sh));
-          const __mmask64 has = _mm512_test_epi8_mask(bytes, bit);
-          _mm512_store_si512(lines + 4 * h + j, _mm512_mask_add_epi8(base70, has, base70, sixteen));
-        }
-      }
-    }
+    block_lines<TYPE>(codes, masks, v);
+    __m512i* lines = reinterpret_cast<__m512i*>(s.codes[8 * b].b);
+    for (int j = 0; j < 8; j++) _mm512_store_si512(lines + j, v[j]);
   }
 }
 
@@ -473,69 +492,35 @@ void all_rows(Rows rows, int64_t T, int nr, const float* bias, float* y, int64_t
 }
 
 // -- packed tiles (linear_int8.h) ------------------------------------------------------------------
-// A tile of 16 rows and nb blocks of 32 inputs, in three sections:
-//   codes:  nb x (Q8_0: 8, Q5_0 and Q4_0: 4) vectors of 64 bytes. Q8_0: the decode's lines (code +
-//           128). Q5_0 / Q4_0: the nibble vectors t[j] of the file-order decode (lane perm(i): qs
-//           bytes 4j .. 4j + 3 of row i); the kernel splits them into low and high nibbles.
-//   masks:  Q5_0 only, nb x 8 x 64 bits: line 4h + j's "fifth bit set" mask, bit 4 lane + q.
+// A tile of 16 rows and nb blocks of 32 inputs, in three sections, read_block's output:
+//   codes:  nb x (Q8_0: 8, Q5_0 and Q4_0: 4) vectors of 64 bytes;
+//   masks:  Q5_0 only, nb x 8 x 64 bits;
 //   scales: nb x 16 f16 (2 bytes), lane order.
 template <int TYPE>
 struct PackedLayout {
-  static constexpr int kCodeBytes = TYPE == Q8_0 ? 512 : 256;
+  static constexpr int kCodes = TYPE == Q8_0 ? 8 : 4;  // vectors per block
   static constexpr int kMaskBytes = TYPE == Q5_0 ? 64 : 0;
-  static_assert(kCodeBytes + kMaskBytes + 32 == 16 * int(TYPE == Q8_0   ? sizeof(block_q8_0)
-                                                          : TYPE == Q5_0 ? sizeof(block_q5_0)
-                                                                         : sizeof(block_q4_0)),
+  static_assert(64 * kCodes + kMaskBytes + 32 == 16 * int(TYPE == Q8_0   ? sizeof(block_q8_0)
+                                                         : TYPE == Q5_0 ? sizeof(block_q5_0)
+                                                                        : sizeof(block_q4_0)),
                 "a packed tile holds the file's bytes");
-  const uint8_t* codes;
-  const uint64_t* masks;
-  const uint16_t* scales;
-  PackedLayout(const uint8_t* tile, int64_t nb)
-      : codes(tile),
-        masks(reinterpret_cast<const uint64_t*>(tile + nb * kCodeBytes)),
-        scales(reinterpret_cast<const uint16_t*>(tile + nb * (kCodeBytes + kMaskBytes))) {}
+  static int64_t masks_at(int64_t nb) { return nb * 64 * kCodes; }
+  static int64_t scales_at(int64_t nb) { return nb * (64 * kCodes + kMaskBytes); }
 };
 
 // One file-order tile (16 rows at `base`, row stride `stride`) packed into `out`.
 template <int TYPE>
 void pack_tile(const uint8_t* base, int64_t stride, int64_t nb, uint8_t* out) {
-  const PackedLayout<TYPE> L(out, nb);
-  uint8_t* codes = out;
-  uint64_t* masks = const_cast<uint64_t*>(L.masks);
-  uint16_t* scales = const_cast<uint16_t*>(L.scales);
-  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  using L = PackedLayout<TYPE>;
+  uint64_t* masks = reinterpret_cast<uint64_t*>(out + L::masks_at(nb));
+  uint16_t* scales = reinterpret_cast<uint16_t*>(out + L::scales_at(nb));
   for (int64_t b = 0; b < nb; b++) {
-    const uint8_t* blk = base + b * block_bytes(TYPE);
-    __m512i* dst = reinterpret_cast<__m512i*>(codes + b * L.kCodeBytes);
-    __m512i head, t[4];
-    if constexpr (TYPE == Q5_0) {
-      __m512i first[4];
-      load_transposed(blk, stride, first);
-      head = first[0];
-      const __m512i qh = _mm512_or_si512(_mm512_srli_epi32(head, 16), _mm512_slli_epi32(first[1], 16));
-      load_transposed(blk + 6, stride, t);
-      for (int j = 0; j < 4; j++) {
-        _mm512_storeu_si512(dst + j, t[j]);
-        for (int h = 0; h < 2; h++) {  // as decode_tile_wide<Q5_0>: bit 16h + 4j + q of each lane's qh
-          const int src = 2 * h + j / 2;
-          const __m512i bytes = _mm512_shuffle_epi8(
-              qh, _mm512_set4_epi32(0x0C0C0C0C + src * 0x01010101, 0x08080808 + src * 0x01010101,
-                                    0x04040404 + src * 0x01010101, src * 0x01010101));
-          const __m512i bit = _mm512_set1_epi32(int32_t(uint32_t(0x08040201u) << (4 * (j & 1))));
-          masks[8 * b + 4 * h + j] = _mm512_test_epi8_mask(bytes, bit);
-        }
-      }
-    } else if constexpr (TYPE == Q4_0) {
-      head = load_dwords(blk, stride);
-      load_transposed(blk + 2, stride, t);
-      for (int j = 0; j < 4; j++) _mm512_storeu_si512(dst + j, t[j]);
-    } else {
-      head = load_dwords(blk, stride);
-      for (int h = 0; h < 2; h++) {
-        load_transposed(blk + 2 + 16 * h, stride, t);
-        for (int j = 0; j < 4; j++) _mm512_storeu_si512(dst + 4 * h + j, _mm512_xor_si512(t[j], flip));
-      }
-    }
+    __m512i codes[8];
+    uint64_t m[8];
+    const __m512i head = read_block<TYPE>(base + b * block_bytes(TYPE), stride, codes, m);
+    __m512i* dst = reinterpret_cast<__m512i*>(out) + b * L::kCodes;
+    for (int j = 0; j < L::kCodes; j++) _mm512_storeu_si512(dst + j, codes[j]);
+    if constexpr (TYPE == Q5_0) std::memcpy(masks + 8 * b, m, sizeof(m));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(scales + 16 * b), _mm512_cvtepi32_epi16(head));
   }
 }
@@ -580,10 +565,10 @@ void rows_over_packed_k(const uint8_t* tile, const Acts& a, const int64_t* ts, _
   __m512 sc[16], mn[8];  // Q6_K: a scale per group of 16; Q4_K: a scale and a min per chunk of 32
   for (int64_t b = 0; b < a.K / 256; b++) {
     pf.part();
-    const __m512i* p = reinterpret_cast<const __m512i*>(tile + b * kLanes * block_bytes(TYPE));
+    const uint8_t* sb = tile + b * kLanes * block_bytes(TYPE);
+    const __m512i* p = reinterpret_cast<const __m512i*>(sb);
     if constexpr (Q6) {
-      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(
-          tile + b * kLanes * block_bytes(TYPE) + kQ6kD)));
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + kQ6kD)));
       __m512i scv[4];
       for (int i = 0; i < 4; i++) scv[i] = _mm512_loadu_si512(p + kQ6kSc / 64 + i);
       for (int g = 0; g < 16; g++) sc[g] = q6k_scale(scv, d, g);
@@ -618,43 +603,22 @@ void rows_over_packed_k(const uint8_t* tile, const Acts& a, const int64_t* ts, _
   for (int r = 0; r < R; r++) out[r] = acc[r];
 }
 
-// Block b of a packed tile: its 8 lines of codes (exactly decode_tile_wide's) and its scales.
-template <int TYPE>
-inline __m512 unpack_block(const PackedLayout<TYPE>& L, int64_t b, __m512i* v) {
-  const __m512i* src = reinterpret_cast<const __m512i*>(L.codes + b * L.kCodeBytes);
-  if constexpr (TYPE == Q8_0) {
-    for (int j = 0; j < 8; j++) v[j] = _mm512_loadu_si512(src + j);
-  } else {
-    const __m512i low4 = _mm512_set1_epi8(0x0F);
-    for (int j = 0; j < 4; j++) {
-      const __m512i n = _mm512_loadu_si512(src + j);
-      const __m512i hi = _mm512_srli_epi16(n, 4);
-      if constexpr (TYPE == Q4_0) {  // nibble + 120 (code - 8 + 128)
-        const __m512i offset = _mm512_set1_epi8(120);
-        v[j] = _mm512_add_epi8(_mm512_and_si512(n, low4), offset);
-        v[4 + j] = _mm512_add_epi8(_mm512_and_si512(hi, low4), offset);
-      } else {  // (nibble | 0x70) + 16 * fifth bit
-        const __m512i c70 = _mm512_set1_epi8(0x70), sixteen = _mm512_set1_epi8(0x10);
-        const __m512i lo70 = _mm512_ternarylogic_epi32(n, low4, c70, 0xEA), hi70 = _mm512_ternarylogic_epi32(hi, low4, c70, 0xEA);
-        v[j] = _mm512_mask_add_epi8(lo70, __mmask64(L.masks[8 * b + j]), lo70, sixteen);
-        v[4 + j] = _mm512_mask_add_epi8(hi70, __mmask64(L.masks[8 * b + 4 + j]), hi70, sixteen);
-      }
-    }
-  }
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(L.scales + 16 * b)));
-}
-
-// R input rows over a packed tile, each block unpacked into registers as the rows reach it (no
-// strip: at a few rows the decode's stores and loads were most of a step).
+// R input rows over a packed tile, each block's lines made in registers (block_lines) as the rows
+// reach it (no strip: at a few rows the decode's stores and loads were most of a step).
 template <int TYPE, int R>
 void rows_over_packed(const uint8_t* tile, const Acts& a, const int64_t* ts, __m512* out, Prefetch& pf) {
-  const PackedLayout<TYPE> L(tile, a.nc);
+  using L = PackedLayout<TYPE>;
+  const __m512i* codes = reinterpret_cast<const __m512i*>(tile);
+  const uint64_t* masks = reinterpret_cast<const uint64_t*>(tile + L::masks_at(a.nc));
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + L::scales_at(a.nc));
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < a.nc; c++) {
     pf.part();
-    __m512i v[8];
-    const __m512 sa = unpack_block<TYPE>(L, c, v);
+    __m512i cv[8], v[8];
+    for (int j = 0; j < L::kCodes; j++) cv[j] = _mm512_loadu_si512(codes + c * L::kCodes + j);
+    block_lines<TYPE>(cv, masks + 8 * c, v);
+    const __m512 sa = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 16 * c)));
     for (int r = 0; r < R; r++) acc[r] = row_block<false, false>(v, sa, sa, sa, a, ts[r], c, acc[r]);
   }
   for (int r = 0; r < R; r++) out[r] = acc[r];

@@ -34,8 +34,8 @@ int dense_type_of(const Tensor& w) {
 // `packed_ok`: the int8 mode's packed tiles are accepted (only its products read them).
 tf::WeightSpec weight_spec(const Tensor& w, int64_t type, int64_t K, bool packed_ok = false) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous(), "weights must be contiguous 2-D CPU tensors");
-  if (type > tf::kPacked) {
-    TORCH_CHECK(packed_ok, "packed weights (type ", type, ") are read by the int8 mode's products only");  // packed tiles (linear_int8.h): the file type's bytes, 16 rows at a time
+  if (type > tf::kPacked) {  // packed tiles (linear_int8.h): the file type's bytes, 16 rows at a time
+    TORCH_CHECK(packed_ok, "packed weights (type ", type, ") are read by the int8 mode's products only");
     const int base = int(type) - tf::kPacked;
     TORCH_CHECK(tf::int8_packed_type(base, w.size(0)) == type, "weight type ", type, " is not packed by this build");
     const int be = tf::block_elems(base);
