@@ -5,7 +5,9 @@ length pointer, rejecting k tokens is `truncate(length - k)`: O(1) and exact (th
 past the pointer are never read and are overwritten by the next write).
 
 Storage is 16-bit on CPU when the native kernels are there (float16: half the bytes a step reads;
-the kernels convert to fp32 in registers and compute in fp32), else float32.
+the kernels convert to fp32 in registers and compute in fp32), else float32. Where the model runs
+the bf16 attention, the cache also keeps its full blocks of 32 keys in the form that kernel reads
+(`PreparedBlocks`): made once per block, not on every step that reads it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,50 @@ import torch
 from torch import Tensor
 
 from triforce_chat.decoding.model import MAX_WINDOW  # noqa: F401  (re-exported for callers)
-from triforce_chat.kernels.backends import attend_tokens
+from triforce_chat.kernels.backends import attend_tokens, prepare_blocks, prepared_blocks_available
+
+BLOCK = 32  # keys per block of the native attention (kernels/cpu/attention.h: kBlock)
+
+
+class PreparedBlocks:
+    """The cache's full blocks of 32 keys as the bf16 attention reads them (kernels/cpu/attention_bf16.h:
+    keys rounded to bf16 and transposed, values rounded and interleaved by pairs of keys).
+
+    Without them the kernel makes each block again on every step, and that, with the strided reads
+    it takes, was half of a step's attention at 7K-29K tokens. The bits are the same either way (the
+    kernel's own routine makes both). It costs as many bytes again as the 16-bit cache, resident as
+    blocks fill (the buffers are allocated, not written, up front).
+
+    k, v: [n_layers, Hkv, max_len // 32, 32 * D] bf16. Layer l's blocks below `ready[l]` keys hold
+    what the cache's rows hold: a block is made once its 32 rows are written, and forgotten once a
+    row in it may be rewritten (a write at or past the cache's length, a truncation).
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int):
+        shape = (n_layers, n_kv_heads, max_len // BLOCK, BLOCK * head_dim)
+        self.k = torch.empty(shape, dtype=torch.bfloat16)
+        self.v = torch.empty(shape, dtype=torch.bfloat16)
+        self.ready = [0] * n_layers
+
+    def refresh(self, layer: int, k_buf: Tensor, v_buf: Tensor, start: int, end: int) -> tuple[Tensor, Tensor, int]:
+        """After rows start .. end - 1 of k_buf/v_buf [Hkv, L, D] were written: drop the blocks
+        they touch, make the full blocks below `end`; returns (k_blocks, v_blocks, keys ready)."""
+        ready = min(self.ready[layer], start // BLOCK * BLOCK)
+        full = end // BLOCK * BLOCK
+        if full > ready:
+            prepare_blocks(k_buf, v_buf, self.k[layer], self.v[layer], ready // BLOCK, full // BLOCK)
+            ready = full
+        self.ready[layer] = ready
+        return self.k[layer], self.v[layer], ready
+
+    def truncate(self, length: int) -> None:
+        cut = length // BLOCK * BLOCK
+        self.ready = [min(r, cut) for r in self.ready]
+
+    @property
+    def bytes_per_token(self) -> int:
+        n_layers, hkv, _, width = self.k.shape
+        return 2 * n_layers * hkv * width // BLOCK * self.k.element_size()
 
 
 class KVCache:
@@ -28,7 +73,7 @@ class KVCache:
 
     def __init__(
         self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, scale: float,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", prepared_blocks: bool = False,
     ):
         shape = (n_layers, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -38,12 +83,15 @@ class KVCache:
         self.length = 0
         self.last_query: list[Tensor | None] = [None] * n_layers
         self.listeners: list = []  # objects with on_append(cache, start, end) / on_truncate(cache, length)
+        self.blocks = PreparedBlocks(n_layers, n_kv_heads, head_dim, max_len) if prepared_blocks else None
 
     @classmethod
     def for_model(cls, model, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         a = model.args
+        blocks = getattr(model, "attention", "fp32") == "bf16" and prepared_blocks_available(a.head_dim, model.device)
         return cls(a.n_layers, a.n_kv_heads, a.head_dim, max_len or model.max_len, model.scale,
-                   dtype=dtype or getattr(model, "kv_dtype", torch.float32), device=model.device)
+                   dtype=dtype or getattr(model, "kv_dtype", torch.float32), device=model.device,
+                   prepared_blocks=blocks)
 
     # -- KVStore protocol --------------------------------------------------------------------------
     def positions(self, n: int) -> Tensor:
@@ -57,7 +105,8 @@ class KVCache:
         self.k[layer, :, start:end] = k.transpose(0, 1)
         self.v[layer, :, start:end] = v.transpose(0, 1)
         self.last_query[layer] = q[-1].float().clone()  # [Hq, D]
-        return attend_tokens(q, self.k[layer], self.v[layer], end, self.scale)
+        blocks = self.blocks.refresh(layer, self.k[layer], self.v[layer], start, end) if self.blocks else None
+        return attend_tokens(q, self.k[layer], self.v[layer], end, self.scale, blocks)
 
     def advance(self, n: int) -> None:
         start = self.length
@@ -71,6 +120,8 @@ class KVCache:
         if not 0 <= length <= self.length:
             raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
         self.length = length
+        if self.blocks is not None:
+            self.blocks.truncate(length)
         for listener in self.listeners:
             listener.on_truncate(self, length)
 
@@ -87,6 +138,16 @@ class KVCache:
     @property
     def allocated_bytes(self) -> int:
         return self.k.shape[2] * self.bytes_per_token
+
+    @property
+    def blocks_bytes_per_token(self) -> int:
+        """What the prepared blocks add per token (0 without them)."""
+        return self.blocks.bytes_per_token if self.blocks is not None else 0
+
+    @property
+    def blocks_bytes(self) -> int:
+        """The prepared blocks' resident bytes (they are written as they fill, unlike the cache)."""
+        return self.length * self.blocks_bytes_per_token
 
     @property
     def scratch_bytes(self) -> int:

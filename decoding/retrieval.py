@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from triforce_chat.decoding.cache import KVCache
+from triforce_chat.decoding.cache import KVCache, PreparedBlocks
 from triforce_chat.decoding.config import parse_budget
 from triforce_chat.kernels.backends import attend_tokens, select_chunks
 from triforce_chat.kernels.retrieval import ChunkMeans, gather_chunks
@@ -60,6 +60,7 @@ class RetrievalView:
         self.budget_tokens, self.budget_fraction = parse_budget(budget)
         self.chunks = ChunkMeans(cache, chunk_size)
         self.k = self.v = cache.k[:, :, :0]  # [layers, Hkv, capacity, D], allocated at rebuild
+        self.blocks: PreparedBlocks | None = None  # as the full cache's, when it keeps them (_reserve)
         self.scratch_len = 0
         self._scratch_base = 0  # buffer index of scratch[0], set by positions() for the forward
         self.n_sel = 0  # buffer tokens holding the selected chunks
@@ -118,6 +119,8 @@ class RetrievalView:
             idx = select_chunks(cache.last_query[layer], self.chunks.means(layer)[:, : self.sel_end // c], n_pick)
             keys, values = cache.k[layer, :, : self.sel_end], cache.v[layer, :, : self.sel_end]
             gather_chunks(keys, values, idx, c, out=(self.k[layer, :, :n], self.v[layer, :, :n]))
+            if self.blocks is not None:  # the selection's blocks now, in the rebuild's measured cost
+                self.blocks.refresh(layer, self.k[layer], self.v[layer], 0, n)
         self.n_sel = n
         self.n_selected_chunks = int(idx.shape[1])
         for listener in self.rebuild_listeners:
@@ -129,6 +132,8 @@ class RetrievalView:
             old_k, old_v = self.k, self.v
             self.k = old_k.new_empty(*old_k.shape[:2], -(-need // 256) * 256, old_k.shape[3])
             self.v = torch.empty_like(self.k)
+            if self.cache.blocks is not None:  # made again as they are read
+                self.blocks = PreparedBlocks(self.k.shape[0], self.k.shape[1], self.k.shape[3], self.k.shape[2])
             if keep:
                 self.k[:, :, : old_k.shape[2]] = old_k
                 self.v[:, :, : old_v.shape[2]] = old_v
@@ -141,6 +146,8 @@ class RetrievalView:
         self._reserve(base + self.scratch_capacity)  # grows only if a rebuild's headroom ran out
         if cache.length > self.copied_end:
             full = slice(self.copied_end, cache.length)
+            if self.blocks is not None:
+                self.blocks.truncate(start)
             self.k[:, :, start:base] = cache.k[:, :, full]
             self.v[:, :, start:base] = cache.v[:, :, full]
             self.copied_end = cache.length
@@ -159,7 +166,9 @@ class RetrievalView:
         end = self._scratch_base + self.scratch_len + k.shape[0]
         self.k[layer, :, end - k.shape[0] : end] = k.transpose(0, 1)
         self.v[layer, :, end - k.shape[0] : end] = v.transpose(0, 1)
-        return attend_tokens(q, self.k[layer], self.v[layer], end, self.cache.scale)
+        start = end - k.shape[0]
+        blocks = self.blocks.refresh(layer, self.k[layer], self.v[layer], start, end) if self.blocks else None
+        return attend_tokens(q, self.k[layer], self.v[layer], end, self.cache.scale, blocks)
 
     def advance(self, n: int) -> None:
         self.scratch_len += n
@@ -179,8 +188,9 @@ class RetrievalView:
     # -- figures ------------------------------------------------------------------------------------
     @property
     def buffer_bytes(self) -> int:
-        """Memory of the view's buffers (keys and values, allocated)."""
-        return 2 * self.k.numel() * self.k.element_size()
+        """Memory of the view's buffers (keys and values, and their prepared blocks, allocated)."""
+        blocks = 2 * self.blocks.k.numel() * self.blocks.k.element_size() if self.blocks is not None else 0
+        return 2 * self.k.numel() * self.k.element_size() + blocks
 
     @property
     def attended_tokens(self) -> int:

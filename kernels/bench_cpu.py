@@ -228,12 +228,24 @@ def main(argv: list[str] | None = None) -> None:
     q8 = torch.randn(8, a.n_heads, a.head_dim, generator=gen)
     scale = a.head_dim**-0.5
 
-    def attention(q, n, kernel=ops.attention):
-        return lambda: [kernel(q, K[i], V[i], n, scale) for i in range(a.n_layers)]
+    def per_call(kernel):  # (q, layer, keys) -> the kernel over that layer's K/V
+        return lambda q, i, n: kernel(q, K[i], V[i], n, scale)
 
-    kernels = {"fp32": ops.attention}
+    kernels = {"fp32": per_call(ops.attention)}
     if any(mode.endswith("bf16") for mode in modes):
-        kernels["bf16"] = ops.attention_bf16
+        # what the model's cache runs: its full blocks prepared once (decoding/cache.py: PreparedBlocks)
+        from triforce_chat.decoding.cache import BLOCK, PreparedBlocks
+
+        blocks = PreparedBlocks(a.n_layers, a.n_kv_heads, a.head_dim, max_len)
+        for i in range(a.n_layers):
+            blocks.refresh(i, K[i], V[i], 0, max_len)
+        kernels["bf16"] = lambda q, i, n: ops.attention_bf16_prepared(
+            q, K[i], V[i], blocks.k[i], blocks.v[i], n // BLOCK * BLOCK, n, scale)
+        kernels["bf16 per call"] = per_call(ops.attention_bf16)  # each call makes the blocks it reads
+
+    def attention(q, n, kernel):
+        return lambda: [kernel(q, i, n) for i in range(a.n_layers)]
+
     step_t, attention_t = {}, {}
     for n in lengths:
         kv_bytes = 2 * a.n_layers * a.n_kv_heads * n * a.head_dim * 2
@@ -278,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     t_rb = _time(rebuild, args.reps)
     end = min(budget, pick * c + recent + 1)
     t_view = _time(lambda: [ops.attention(q1, buf_k[i], buf_v[i], end, scale) for i in range(a.n_layers)], args.reps)
-    t_full = _time(attention(q1, end), args.reps)
+    t_full = _time(attention(q1, end, kernels["fp32"]), args.reps)
     print(f"retrieval draft step (view of {end} at {n}): {t_view * 1e3:.2f} ms; full step at {end}: "
           f"{t_full * 1e3:.2f} ms; sparse / full-1K = {t_view / t_full:.2f}")
     print(f"retrieval rebuild (score {n_chunks} chunk means, top-{pick}, gather; {a.n_layers} layers): "

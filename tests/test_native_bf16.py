@@ -12,6 +12,7 @@ from gguf_models import load as load_gguf
 from gguf_models import random_ids, write_gguf
 from triforce_chat.kernels import native
 from triforce_chat.kernels.attention import reference_attention
+from triforce_chat.kernels.backends import attention_products
 
 pytestmark = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.status().reason}")
 
@@ -160,3 +161,166 @@ def test_load_model_takes_bf16_attention_with_int8_activations(smollm2_path):
     assert (lm.model.activations, lm.model.attention) == ("fp32", "fp32")
     lm = load_model("smollm2-135m", log=lambda m: None, activations="fp32", attention="bf16")
     assert (lm.model.activations, lm.model.attention) == ("fp32", "bf16")
+
+
+# -- prepared blocks (decoding/cache.py: PreparedBlocks) ---------------------------------------------------
+
+
+def prepared(k, v, n_blocks, capacity=None):
+    """k/v's first n_blocks blocks prepared; the blocks past them are NaN (they must never be read)."""
+    hkv, _, d = k.shape
+    shape = (hkv, capacity or n_blocks, 32 * d)
+    kp = torch.full(shape, float("nan"), dtype=torch.bfloat16)
+    vp = torch.full(shape, float("nan"), dtype=torch.bfloat16)
+    ops().prepare_kv_bf16(k, v, kp, vp, 0, n_blocks)
+    return kp, vp
+
+
+@needs_bf16
+@pytest.mark.parametrize("d,g", [(64, 7), (128, 3)])
+@pytest.mark.parametrize("kv_dtype", [torch.float16, torch.float32, torch.bfloat16])
+def test_prepared_blocks_give_the_bits_of_blocks_made_per_call(d, g, kv_dtype, threads):
+    """Every split between prepared blocks and blocks the call makes, at block and segment edges,
+    for single queries and windows: bitwise the same output."""
+    for length in (1, 31, 32, 33, 255, 256, 257, 600):
+        k, v = kv(2, length, d, kv_dtype, seed=length)
+        full = length // 32
+        kp, vp = prepared(k, v, full, capacity=full + 3)
+        for t in {1, min(3, length), min(8, length)}:
+            q = torch.randn(t, 2 * g, d, generator=torch.Generator().manual_seed(t))
+            plain = ops().attention_bf16(q, k, v, length, 0.1)
+            for ready in sorted({0, 1, full // 2, full}):
+                out = ops().attention_bf16_prepared(q, k, v, kp, vp, 32 * ready, length, 0.1)
+                assert torch.equal(out, plain), (length, t, ready)
+
+
+@needs_bf16
+def test_prepared_blocks_are_checked():
+    k, v = kv(2, 64, 64, torch.float16, 0)
+    kp, vp = prepared(k, v, 2)
+    q = torch.randn(1, 4, 64)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops().attention_bf16_prepared(q, k, v, kp, vp, 40, 64, 0.1)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        ops().attention_bf16_prepared(q, k, v, kp, vp, 96, 64, 0.1)  # more than the blocks hold
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops().prepare_kv_bf16(k, v, kp, vp, 0, 3)
+    with pytest.raises(RuntimeError, match="64-byte aligned"):
+        flat = torch.empty(2 * 2 * 32 * 64 + 1, dtype=torch.bfloat16)
+        ops().prepare_kv_bf16(k, v, flat[1:].view(2, 2, 32 * 64), vp, 0, 2)
+
+
+def drive(cache, g: torch.Generator, rounds: int, n_layers: int, hq: int, d: int):
+    """A decoder's use of a cache: windows written and attended at every layer, then kept in part,
+    dropped by a truncation, or written over again in place, and rows restored from a document
+    cache; yields each output."""
+    hkv = cache.k.shape[1]
+    for _ in range(rounds):
+        t = int(torch.randint(1, 9, (1,), generator=g))
+        if cache.length + t >= cache.max_len:
+            cache.truncate(int(torch.randint(0, cache.length, (1,), generator=g)))
+        for layer in range(n_layers):
+            q, k, v = (torch.randn(t, h, d, generator=g) for h in (hq, hkv, hkv))
+            yield cache.attend(layer, q, k, v)
+        what = int(torch.randint(0, 11, (1,), generator=g))
+        if what < 8:  # keep the window, or part of it
+            cache.advance(t)
+            if what % 2:
+                cache.truncate(cache.length - int(torch.randint(0, t, (1,), generator=g)))
+        elif what == 8:  # reject it, and some of what came before
+            cache.truncate(max(0, cache.length - int(torch.randint(0, 40, (1,), generator=g))))
+        elif what == 10:  # a restore (store/doccache.py): cut back, rows copied in, then appended
+            start = max(0, cache.length - int(torch.randint(0, 80, (1,), generator=g)))
+            n = min(int(torch.randint(1, 70, (1,), generator=g)), cache.max_len - 9 - start)
+            cache.truncate(start)
+            cache.k[:, :, start : start + n] = torch.randn(n_layers, hkv, n, d, generator=g)
+            cache.v[:, :, start : start + n] = torch.randn(n_layers, hkv, n, d, generator=g)
+            cache.advance(n)
+        # what == 9: nothing kept; the next window writes over the same rows
+
+
+@needs_bf16
+def test_a_cache_with_prepared_blocks_attends_as_one_without(threads):
+    """Windows accepted, cut, rejected and written over, across many blocks: the cache that keeps
+    prepared blocks gives bitwise the outputs of one that makes every block per call. A block kept
+    past a truncation, an overwrite or a restore would give other outputs (the rows are random)."""
+    from triforce_chat.decoding.cache import KVCache
+
+    n_layers, hq, hkv, d = 2, 14, 2, 64
+    with_blocks = KVCache(n_layers, hkv, d, 300, 0.125, dtype=torch.float16, prepared_blocks=True)
+    without = KVCache(n_layers, hkv, d, 300, 0.125, dtype=torch.float16)
+    a = drive(with_blocks, torch.Generator().manual_seed(1), 300, n_layers, hq, d)
+    b = drive(without, torch.Generator().manual_seed(1), 300, n_layers, hq, d)
+    peak = 0
+    with attention_products("bf16"):  # around the generators: a context set inside one leaks out
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y)
+            peak = max(peak, *with_blocks.blocks.ready)
+    assert with_blocks.length == without.length and peak >= 192
+    assert with_blocks.blocks_bytes == with_blocks.used_bytes == without.used_bytes and not without.blocks_bytes
+
+
+def test_the_cache_prepares_blocks_for_the_bf16_attention_only(fast_model):
+    from triforce_chat.decoding.cache import KVCache
+
+    assert KVCache.for_model(fast_model, max_len=64).blocks is not None
+    fast_model.set_attention("fp32")
+    try:
+        assert KVCache.for_model(fast_model, max_len=64).blocks is None
+    finally:
+        fast_model.set_attention("bf16")
+
+
+def drive_view(cache, g: torch.Generator, rounds: int, n_layers: int, hq: int, d: int):
+    """The middle level's use of its view: rebuilt when it asks, drafts in its scratch, the target's
+    windows accepted in part into the full cache (the view copies them in), and rollbacks below the
+    selection; yields every output of the view and of the cache."""
+    from triforce_chat.decoding.retrieval import RetrievalView
+
+    hkv = cache.k.shape[1]
+    view = RetrievalView(cache, budget="160", chunk_size=8)
+
+    def window(store, t):
+        outs = []
+        for layer in range(n_layers):
+            q, k, v = (torch.randn(t, h, d, generator=g) for h in (hq, hkv, hkv))
+            outs.append(store.attend(layer, q, k, v))
+        return outs
+
+    for _ in range(0, 400, 50):  # the prefill
+        cache.positions(50)
+        yield from window(cache, 50)
+        cache.advance(50)
+    for _ in range(rounds):
+        if view.needs_rebuild:
+            view.rebuild()
+        for _ in range(int(torch.randint(1, 4, (1,), generator=g))):  # drafts
+            t = int(torch.randint(1, 4, (1,), generator=g))
+            view.positions(t)
+            yield from window(view, t)
+            view.advance(t)
+        view.truncate_scratch(0)
+        t = int(torch.randint(1, 8, (1,), generator=g))  # the target's window
+        yield from window(cache, t)
+        cache.advance(t)
+        cache.truncate(cache.length - int(torch.randint(0, t, (1,), generator=g)))
+        if int(torch.randint(0, 12, (1,), generator=g)) == 0:  # a rollback below the selection
+            cache.truncate(max(200, cache.length - int(torch.randint(20, 80, (1,), generator=g))))
+    yield torch.tensor(view.rebuilds)
+
+
+@needs_bf16
+def test_a_retrieval_view_with_prepared_blocks_attends_as_one_without(threads):
+    """The view's own blocks through rebuilds, drafts, recent tokens copied in and rollbacks: the
+    same outputs, bitwise, as a view over a cache without blocks."""
+    from triforce_chat.decoding.cache import KVCache
+
+    n_layers, hq, hkv, d = 2, 14, 2, 64
+    with_blocks = KVCache(n_layers, hkv, d, 1024, 0.125, dtype=torch.float16, prepared_blocks=True)
+    without = KVCache(n_layers, hkv, d, 1024, 0.125, dtype=torch.float16)
+    with attention_products("bf16"):
+        a = list(drive_view(with_blocks, torch.Generator().manual_seed(2), 120, n_layers, hq, d))
+        b = list(drive_view(without, torch.Generator().manual_seed(2), 120, n_layers, hq, d))
+    assert len(a) == len(b) and int(a[-1]) >= 3  # rebuilt a few times
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)

@@ -534,6 +534,8 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
             f" of {fig.context_limit:,}"
         )
     )
+    if fig.attention_blocks_bytes:
+        lines.append(Content(f" + bf16 blocks {mb(fig.attention_blocks_bytes)}"))
     if fig.attention_scratch_bytes:
         lines.append(Content(f" attention scratch {mb(fig.attention_scratch_bytes)}"))
     frac = fig.retrieval_budget_fraction

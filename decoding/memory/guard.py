@@ -250,13 +250,17 @@ def check_before_load(
         if draft_files is not None:
             draft_bytes, draft_shape = draft_files.loaded_bytes + draft_files.transient_bytes, draft_files.shape
 
+    from triforce_chat.decoding.models.loading import expects_prepared_blocks
+
+    blocks = expects_prepared_blocks(files.shape.head_dim, dtype, device)
+
     def build(ctx: int | None = None, budget: str | None = None) -> MemoryEstimate:
         return estimate(
             files.shape, weights_bytes=files.loaded_bytes, context=ctx or files.shape.max_positions, dtype=dtype,
             kv_dtype=kv_dtype, level=config.level, budget=budget or config.budget, chunk_size=config.chunk_size,
             gamma_mid=config.gamma_mid, gamma_low=config.gamma_low, draft=config.draft,
             draft_weights_bytes=draft_bytes, draft_shape=draft_shape, transient_bytes=files.transient_bytes,
-            runtime_bytes=RUNTIME_BYTES,
+            runtime_bytes=RUNTIME_BYTES, prepared_blocks=blocks,
         )
 
     est = build()
@@ -277,7 +281,9 @@ def check_before_load(
 
 def _held_now(session: Any) -> dict[str, int]:
     """What the parts that grow hold already."""
-    held = {"retrieval_view": session.view.buffer_bytes, "scratch": session.cache.scratch_bytes}
+    cache = session.cache
+    held = {"retrieval_view": session.view.buffer_bytes, "scratch": cache.scratch_bytes,
+            "attention_blocks": cache.blocks_bytes}
     from triforce_chat.decoding.drafters import draft_model_of
 
     drafter = draft_model_of(getattr(session, "_drafter", None))
@@ -293,7 +299,8 @@ def check_session(session: Any, tokens: int, available: Available | None = None)
         return
     est = session_estimate(session, tokens)
     held = _held_now(session)
-    grow = {k: max(0, est.parts.get(k, 0) - held.get(k, 0)) for k in ("retrieval_view", "scratch", "draft")}
+    grow = {k: max(0, est.parts.get(k, 0) - held.get(k, 0))
+            for k in ("retrieval_view", "scratch", "draft", "attention_blocks")}
     if not held["scratch"]:  # nothing allocated yet: the fixed allowance is part of the RSS already
         grow["scratch"] = max(0, grow["scratch"] - FIXED_OVERHEAD)
     need = sum(grow.values())

@@ -444,6 +444,18 @@ def choose_attention(model: Transformer, requested: str | None = None) -> tuple[
     return "bf16", ""
 
 
+def expects_prepared_blocks(head_dim: int, dtype: torch.dtype | None, device: str) -> bool:
+    """Whether a model loaded with these settings will run the bf16 attention with prepared blocks
+    (its cache's second copy; `choose_attention` on "auto", before the model is there): GGUF blocks
+    computed as shipped (int8 activations) and a build with the bf16 attention. The memory guard's
+    question; it errs towards the copy (an `--attention fp32` run would not make it)."""
+    from triforce_chat.kernels.backends import prepared_blocks_available
+
+    if dtype is not None or os.environ.get("TRIFORCE_ATTENTION") == "fp32":
+        return False
+    return prepared_blocks_available(head_dim, device) and bool(native.status().int8)
+
+
 # -- the load-time self-check ----------------------------------------------------------------------------
 
 

@@ -29,6 +29,11 @@ struct AttentionArgs {
   int64_t T, Hq, Hkv, D, length;
   float scale;
   float* out;  // [T, Hq, D] contiguous
+  // Optional (bf16 attention only): keys 0 .. prepared - 1 as prepare_kv_bf16 laid them out, per KV
+  // head prep_sh blocks of kBlock keys apart; prepared is a multiple of kBlock.
+  const void* kprep = nullptr;
+  const void* vprep = nullptr;
+  int64_t prep_sh = 0, prepared = 0;
 };
 
 void attention(const AttentionArgs& a);

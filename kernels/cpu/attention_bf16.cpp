@@ -4,6 +4,9 @@
 // keys, one vector per pair of dimensions) and the values interleaved by pairs of keys (lanes =
 // dimensions), for every query row of the block to share. A row then pays D/2 `vdpbf16ps` per
 // 16 keys for its scores and 16 * D/16 for its values, against twice as many FMAs in fp32.
+// Making a block (prepare_block) cost about as much as a decode step's 7 query rows spent on it;
+// the KV cache therefore keeps its full blocks made (prepare_kv_bf16, decoding/cache.py) and the
+// kernel makes only the others, with the same routine: the same bits either way.
 #include "attention_bf16.h"
 
 #include <ATen/Parallel.h>
@@ -180,6 +183,32 @@ inline void softmax_rows(__m512 (*sv)[2], float* const* p, int64_t nk, uint32_t*
   }
 }
 
+// One block of nb <= kBlock keys made ready for every query row that reads it: keys rounded to bf16
+// and transposed (per half of 16 keys, one vector per pair of dimensions, lanes = keys; halves past
+// nb are not written), values rounded to bf16 with pairs of keys interleaved (lanes = dimensions in
+// value_dim order; a missing odd key is zero). kp and vp each take D vectors.
+template <int D>
+inline void prepare_block(const void* kblk, const void* vblk, int kv_type, int64_t k_sp, int64_t v_sp, int64_t nb,
+                          __m512i* kp, __m512i* vp) {
+  constexpr int DH = D / 2, NC = D / 16;
+  for (int half = 0; half < 2 && 16 * half < nb; half++) {
+    for (int cb = 0; cb < DH; cb += 16) {  // dwords cb .. cb + 15 = dimensions 2 cb .. 2 cb + 31
+      __m512i r[16];
+      for (int l = 0; l < 16; l++) r[l] = row_bf16(kblk, kv_type, k_sp, 16 * half + l, nb, 2 * cb);
+      transpose16(r);
+      for (int i = 0; i < 16; i++) _mm512_store_si512(kp + half * DH + cb + i, r[i]);
+    }
+  }
+  for (int64_t p = 0; p < (nb + 1) / 2; p++) {
+    for (int q = 0; q < D / 32; q++) {
+      const __m512i r0 = row_bf16(vblk, kv_type, v_sp, 2 * p, nb, 32 * q);
+      const __m512i r1 = row_bf16(vblk, kv_type, v_sp, 2 * p + 1, nb, 32 * q);
+      _mm512_store_si512(vp + p * NC + 2 * q, _mm512_unpacklo_epi16(r0, r1));
+      _mm512_store_si512(vp + p * NC + 2 * q + 1, _mm512_unpackhi_epi16(r0, r1));
+    }
+  }
+}
+
 // Query rows per score group: 4 rows x 2 halves x 2 accumulators = 16 chains in flight.
 constexpr int kScoreRows = 4;
 
@@ -234,6 +263,8 @@ void attention_queries(const AttentionArgs& a) {
     }
   }
   const int elem = a.kv_type == KV_F32 ? 4 : 2;
+  const char* kprep = static_cast<const char*>(a.kprep);
+  const char* vprep = static_cast<const char*>(a.vprep);
   at::parallel_for(0, Hkv * nseg, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch sc;
     sc.reserve(D, rows);
@@ -257,28 +288,19 @@ void attention_queries(const AttentionArgs& a) {
       const char* vbase = static_cast<const char*>(a.v) + h * a.v_sh * elem;
       for (int64_t b0 = seg0; b0 < seg1; b0 += kBlock) {
         const int64_t b1 = std::min(b0 + kBlock, seg1), nb = b1 - b0;
+        // The block after next is fetched ahead when this call makes it from the cache's rows. Not
+        // when it is prepared: those are two sequential streams per KV head, which the hardware
+        // prefetcher follows; software prefetches on top made a 1-thread step at 7K-29K 1.6x slower
+        // (fill buffers taken by lines already on their way).
         const int64_t pf = b0 + 2 * kBlock;
-        if (pf < L)
+        if (pf + kBlock > a.prepared && pf < L)
           prefetch_kv_rows(kbase, vbase, pf, std::min(kBlock, L - pf), a.k_sp * elem, a.v_sp * elem, D * elem);
-        // keys: bf16, then one vector per (half of 16 keys, pair of dimensions), lanes = keys
-        const void* kblk = kbase + b0 * a.k_sp * elem;
-        for (int half = 0; half < 2 && 16 * half < nb; half++) {
-          for (int cb = 0; cb < DH; cb += 16) {  // dwords cb .. cb + 15 = dimensions 2 cb .. 2 cb + 31
-            __m512i r[16];
-            for (int l = 0; l < 16; l++) r[l] = row_bf16(kblk, a.kv_type, a.k_sp, 16 * half + l, nb, 2 * cb);
-            transpose16(r);
-            for (int i = 0; i < 16; i++) _mm512_store_si512(kp + half * DH + cb + i, r[i]);
-          }
-        }
-        // values: bf16, pairs of keys interleaved, lanes = dimensions (value_dim order)
-        const void* vblk = vbase + b0 * a.v_sp * elem;
-        for (int64_t p = 0; p < (nb + 1) / 2; p++) {
-          for (int q = 0; q < D / 32; q++) {
-            const __m512i r0 = row_bf16(vblk, a.kv_type, a.v_sp, 2 * p, nb, 32 * q);
-            const __m512i r1 = row_bf16(vblk, a.kv_type, a.v_sp, 2 * p + 1, nb, 32 * q);
-            _mm512_store_si512(vp + p * NC + 2 * q, _mm512_unpacklo_epi16(r0, r1));
-            _mm512_store_si512(vp + p * NC + 2 * q + 1, _mm512_unpackhi_epi16(r0, r1));
-          }
+        const __m512i *kb = kp, *vb = vp;
+        if (b1 - b0 == kBlock && b1 <= a.prepared) {  // a block the caller prepared (prepare_kv_bf16)
+          kb = reinterpret_cast<const __m512i*>(kprep + (h * a.prep_sh + b0 / kBlock) * D * 64);
+          vb = reinterpret_cast<const __m512i*>(vprep + (h * a.prep_sh + b0 / kBlock) * D * 64);
+        } else {
+          prepare_block<D>(kbase + b0 * a.k_sp * elem, vbase + b0 * a.v_sp * elem, a.kv_type, a.k_sp, a.v_sp, nb, kp, vp);
         }
         const int64_t tb = std::max(t0, b0 - first_pos);
         int64_t n_active = 0;
@@ -290,10 +312,10 @@ void attention_queries(const AttentionArgs& a) {
             for (int r = 0; r < nr; r++) qrows[r] = qsp + (h * rows + (g0 + r) * T + t) * DH;
             __m512 sv[kScoreRows][2];
             switch (nr) {
-              case 1: scores<1, DH>(kp, qrows, nk, sv); break;
-              case 2: scores<2, DH>(kp, qrows, nk, sv); break;
-              case 3: scores<3, DH>(kp, qrows, nk, sv); break;
-              default: scores<kScoreRows, DH>(kp, qrows, nk, sv); break;
+              case 1: scores<1, DH>(kb, qrows, nk, sv); break;
+              case 2: scores<2, DH>(kb, qrows, nk, sv); break;
+              case 3: scores<3, DH>(kb, qrows, nk, sv); break;
+              default: scores<kScoreRows, DH>(kb, qrows, nk, sv); break;
             }
             float* parts[kScoreRows];
             for (int r = 0; r < nr; r++) {
@@ -321,12 +343,12 @@ void attention_queries(const AttentionArgs& a) {
           const float* c = sc.corr.data() + i;
           const int64_t pairs = (sc.nk[i] + 1) / 2;
           switch (n) {
-            case 1: update_values<1, NC>(o, c, e, pairs, vp); break;
-            case 2: update_values<2, NC>(o, c, e, pairs, vp); break;
-            case 3: update_values<(kValueRows >= 3 ? 3 : 1), NC>(o, c, e, pairs, vp); break;
-            case 4: update_values<(kValueRows >= 4 ? 4 : 1), NC>(o, c, e, pairs, vp); break;
-            case 5: update_values<(kValueRows >= 5 ? 5 : 1), NC>(o, c, e, pairs, vp); break;
-            default: update_values<kValueRows, NC>(o, c, e, pairs, vp); break;
+            case 1: update_values<1, NC>(o, c, e, pairs, vb); break;
+            case 2: update_values<2, NC>(o, c, e, pairs, vb); break;
+            case 3: update_values<(kValueRows >= 3 ? 3 : 1), NC>(o, c, e, pairs, vb); break;
+            case 4: update_values<(kValueRows >= 4 ? 4 : 1), NC>(o, c, e, pairs, vb); break;
+            case 5: update_values<(kValueRows >= 5 ? 5 : 1), NC>(o, c, e, pairs, vb); break;
+            default: update_values<kValueRows, NC>(o, c, e, pairs, vb); break;
           }
           i += n;
         }
@@ -363,6 +385,25 @@ void attention_queries(const AttentionArgs& a) {
 
 }  // namespace
 
+void prepare_kv_bf16(const PrepareArgs& a) {
+  TORCH_CHECK(a.D == 64 || a.D == 128, "bf16 attention: head_dim must be 64 or 128, not ", a.D);
+  const int elem = a.kv_type == KV_F32 ? 4 : 2;
+  const int64_t nblk = a.block_end - a.block_begin;
+  at::parallel_for(0, a.Hkv * nblk, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; item++) {
+      const int64_t h = item / nblk, b = a.block_begin + item % nblk;
+      const char* kblk = static_cast<const char*>(a.k) + (h * a.k_sh + b * kBlock * a.k_sp) * elem;
+      const char* vblk = static_cast<const char*>(a.v) + (h * a.v_sh + b * kBlock * a.v_sp) * elem;
+      __m512i* kp = reinterpret_cast<__m512i*>(static_cast<char*>(a.kprep) + (h * a.prep_sh + b) * a.D * 64);
+      __m512i* vp = reinterpret_cast<__m512i*>(static_cast<char*>(a.vprep) + (h * a.prep_sh + b) * a.D * 64);
+      if (a.D == 64)
+        prepare_block<64>(kblk, vblk, a.kv_type, a.k_sp, a.v_sp, kBlock, kp, vp);
+      else
+        prepare_block<128>(kblk, vblk, a.kv_type, a.k_sp, a.v_sp, kBlock, kp, vp);
+    }
+  });
+}
+
 void attention_bf16(const AttentionArgs& a) {
   TORCH_CHECK(a.D == 64 || a.D == 128, "bf16 attention: head_dim must be 64 or 128, not ", a.D);
   constexpr int64_t kQueryChunk = 64;  // as attention(): bounds the partials; a query's arithmetic does not change
@@ -382,6 +423,10 @@ void attention_bf16(const AttentionArgs& a) {
 #else
 
 const char* attention_bf16_path() { return ""; }
+
+void prepare_kv_bf16(const PrepareArgs&) {
+  TORCH_CHECK(false, "bf16 attention needs AVX512-BF16, which this build of the kernels does not have");
+}
 
 void attention_bf16(const AttentionArgs&) {
   TORCH_CHECK(false, "bf16 attention needs AVX512-BF16, which this build of the kernels does not have");

@@ -22,6 +22,21 @@ namespace tf {
 // "avx512-bf16" when this build has the bf16 attention, "" when it does not (then it throws).
 const char* attention_bf16_path();
 
+// Blocks block_begin .. block_end - 1 (kBlock keys each, all present) of k/v made ready for
+// attention_bf16 (AttentionArgs::kprep / vprep): per block, D vectors of 64 bytes for the keys and D
+// for the values, the bf16 bytes the kernel would otherwise make on each call. Same bits either way.
+struct PrepareArgs {
+  const void* k;
+  const void* v;
+  int64_t k_sh, k_sp, v_sh, v_sp;
+  int kv_type;
+  int64_t Hkv, D, block_begin, block_end;
+  void* kprep;
+  void* vprep;
+  int64_t prep_sh;  // blocks between KV heads
+};
+void prepare_kv_bf16(const PrepareArgs& a);
+
 // Same arguments as `attention`; a.D must be 64 or 128.
 void attention_bf16(const AttentionArgs& a);
 

@@ -171,24 +171,46 @@ Tensor swiglu(const Tensor& gate_up) {
   return out;
 }
 
-Tensor attention_with(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale, bool bf16) {
+int kv_type_of(const Tensor& k) {
+  switch (k.scalar_type()) {
+    case at::kFloat: return tf::KV_F32;
+    case at::kHalf: return tf::KV_F16;
+    case at::kBFloat16: return tf::KV_BF16;
+    default: TORCH_CHECK(false, "k/v must be float32, float16 or bfloat16");
+  }
+}
+
+// kp / vp of prepared bf16 blocks: [Hkv, blocks, kBlock * D] 16-bit, contiguous, 64-byte aligned.
+void check_prepared(const Tensor& kp, const Tensor& vp, int64_t Hkv, int64_t D) {
+  for (const Tensor* t : {&kp, &vp})
+    TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->element_size() == 2 && t->size(0) == Hkv &&
+                    t->size(2) == tf::kBlock * D && reinterpret_cast<uintptr_t>(t->data_ptr()) % 64 == 0,
+                "prepared blocks must be contiguous 16-bit [Hkv, blocks, 32 * D], 64-byte aligned");
+  TORCH_CHECK(kp.size(1) == vp.size(1), "prepared k and v must hold the same blocks");
+}
+
+Tensor attention_with(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale, bool bf16,
+                      const Tensor* kp = nullptr, const Tensor* vp = nullptr, int64_t prepared = 0) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be float32 [T, Hq, D]");
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1, "k, v must be [Hkv, L, D]");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(0);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(2) == D && v.size(2) == D && v.size(0) == Hkv, "head shapes");
   TORCH_CHECK(length >= T && length <= k.size(1) && length <= v.size(1), "length ", length, " out of range");
-  int kv_type;
-  switch (k.scalar_type()) {
-    case at::kFloat: kv_type = tf::KV_F32; break;
-    case at::kHalf: kv_type = tf::KV_F16; break;
-    case at::kBFloat16: kv_type = tf::KV_BF16; break;
-    default: TORCH_CHECK(false, "k/v must be float32, float16 or bfloat16");
-  }
+  const int kv_type = kv_type_of(k);
   Tensor out = at::empty({T, Hq, D}, q.options());
   tf::AttentionArgs a{q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
                       k.stride(1), v.stride(0), v.stride(1), kv_type, T, Hq, Hkv, D, length, float(scale),
                       out.data_ptr<float>()};
+  if (kp != nullptr) {
+    check_prepared(*kp, *vp, Hkv, D);
+    TORCH_CHECK(prepared >= 0 && prepared % tf::kBlock == 0 && prepared / tf::kBlock <= kp->size(1),
+                "prepared must be a multiple of 32 keys within the prepared blocks");
+    a.kprep = kp->data_ptr();
+    a.vprep = vp->data_ptr();
+    a.prep_sh = kp->size(1);
+    a.prepared = prepared;
+  }
   if (bf16)
     tf::attention_bf16(a);
   else
@@ -203,6 +225,28 @@ Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t leng
 // The bf16-product attention (attention_bf16.h): head_dim 64 or 128.
 Tensor attention_bf16(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
   return attention_with(q, k, v, length, scale, true);
+}
+
+// attention_bf16 reading keys 0 .. prepared - 1 from blocks prepare_kv_bf16 made (same bits).
+Tensor attention_bf16_prepared(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kp, const Tensor& vp,
+                               int64_t prepared, int64_t length, double scale) {
+  return attention_with(q, k, v, length, scale, true, &kp, &vp, prepared);
+}
+
+// Blocks [block_begin, block_end) of k/v [Hkv, L, D] into kp / vp (see attention_bf16.h).
+void prepare_kv_bf16(const Tensor& k, const Tensor& v, Tensor& kp, Tensor& vp, int64_t block_begin,
+                     int64_t block_end) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1 && k.sizes() == v.sizes(),
+              "k, v must be [Hkv, L, D]");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
+  const int64_t Hkv = k.size(0), D = k.size(2);
+  check_prepared(kp, vp, Hkv, D);
+  TORCH_CHECK(0 <= block_begin && block_begin <= block_end && block_end <= kp.size(1) &&
+                  block_end * tf::kBlock <= k.size(1),
+              "blocks out of range");
+  tf::PrepareArgs a{k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_type_of(k),
+                    Hkv, D, block_begin, block_end, kp.data_ptr(), vp.data_ptr(), kp.size(1)};
+  tf::prepare_kv_bf16(a);
 }
 
 std::string isa() { return tf::isa_name(); }
@@ -229,6 +273,11 @@ TORCH_LIBRARY(triforce, m) {
   m.def("pack_int8(Tensor w, int type, int K) -> Tensor", &pack_int8);
   m.def("attention_bf16(Tensor q, Tensor k, Tensor v, int length, float scale) -> Tensor", &attention_bf16);
   m.def("attention_bf16_path() -> str", &attention_bf16_path);
+  m.def("attention_bf16_prepared(Tensor q, Tensor k, Tensor v, Tensor kp, Tensor vp, int prepared, int length, "
+        "float scale) -> Tensor",
+        &attention_bf16_prepared);
+  m.def("prepare_kv_bf16(Tensor k, Tensor v, Tensor(a!) kp, Tensor(b!) vp, int block_begin, int block_end) -> ()",
+        &prepare_kv_bf16);
   m.def("isa() -> str", &isa);
   m.def("int8_path() -> str", &int8_path);
   m.def("set_row_skew(bool on) -> ()", &set_row_skew);
