@@ -381,3 +381,25 @@ def test_smoke_against_llama_cpp_on_the_bundled_gguf(monkeypatch, capsys, defaul
     assert row["compared_tokens"] >= 1 and 0 <= row["common_prefix"] <= row["compared_tokens"]
     assert data["model"]["gguf"].endswith(".gguf") and data["baseline"]["1"]["n_ctx"] == 8192
     assert set(data["machine"]["simd"]) == set(common.SIMD_FLAGS)
+
+
+def test_the_first_speculative_answer_s_calibration_is_not_decode_time(tiny_model, monkeypatch):
+    """bench-llama prefills through the forward, so the timing of window costs that the app does
+    right after a document's prefill comes with the first level-1/2 answer here: it is reported
+    apart and taken out of that answer's decode seconds, as the prompt's re-rendering is."""
+    from triforce_chat.app.bench.levels import Prompt
+
+    answered = bl.timed_answer
+    sessions = []
+
+    def answer(session, question):  # the answer as it runs, with a wall time of exactly 100 s
+        sessions.append(session)
+        return answered(session, question)[0], 100.0
+
+    monkeypatch.setattr(bl, "timed_answer", answer)
+    prompt = Prompt(300, 0, "doc.md", "The keeper lights the lamp at dusk. " * 40, "Repeat the text.", "quote")
+    _, records = bl.run_ours(tiny_model, _cfg(), prompt, [0, 2], 8)
+    decode = {r["level"]: r for r in records if r["phase"] == "decode"}
+    assert decode[0]["calibrate_s"] == 0.0 < decode[2]["calibrate_s"]
+    st = sessions[-1].stats
+    assert decode[2]["seconds"] == pytest.approx(100.0 - st.prefill_s - st.timings["calibrate"])

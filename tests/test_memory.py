@@ -264,3 +264,32 @@ def test_a_smaller_budget_is_suggested_when_the_retrieval_buffer_is_what_does_no
     suggested = str(refused.value).split("--budget ")[1].split(")")[0]
     assert est(suggested, available).total <= available.bytes  # the suggestion does fit
     assert "--context" in str(refused.value) and "(MemAvailable)" in str(refused.value)
+
+
+def test_the_guard_counts_the_prepared_blocks_exactly_where_the_cache_keeps_them(smollm2_path):
+    """The bf16 attention's prepared blocks (decoding/cache.py) are a second copy of the cache: the
+    estimate before loading expects them where the loaded model's cache keeps them, and counts
+    them as the cache's 16-bit bytes per token (the retrieval view's own, too)."""
+    from triforce_chat.decoding.cache import KVCache
+    from triforce_chat.decoding.memory.footprint import estimate, session_estimate
+    from triforce_chat.decoding.models.loading import expects_prepared_blocks, load_model
+
+    lm = load_model("smollm2-135m", log=lambda m: None)
+    cache = KVCache.for_model(lm.model, max_len=512)
+    expected = expects_prepared_blocks(lm.model.args.head_dim, None, "cpu")
+    assert expected == (cache.blocks is not None) == (lm.model.attention == "bf16")
+    assert not expects_prepared_blocks(lm.model.args.head_dim, torch.float32, "cpu")  # dense weights: fp32
+    shape = ModelShape.from_args(lm.model.args)
+    plain = estimate(shape, weights_bytes=1, context=4096, kv_dtype=torch.float16, budget="512")
+    both = estimate(shape, weights_bytes=1, context=4096, kv_dtype=torch.float16, budget="512", prepared_blocks=True)
+    assert both.parts["attention_blocks"] == plain.parts["kv_cache"] == 4096 * shape.kv_bytes_per_token(2)
+    assert both.parts["retrieval_view"] == 2 * plain.parts["retrieval_view"] > 0
+    s = Session(lm, DecodeConfig(level=0, max_new_tokens=4))
+    s.add_document("doc.txt", DOC)
+    list(s.generate("Who keeps the light?"))
+    est = session_estimate(s, 4096)
+    if expected:
+        assert est.parts["attention_blocks"] == 4096 * shape.kv_bytes_per_token(2)
+        assert s.cache.blocks_bytes == s.cache.used_bytes > 0 and max(s.cache.blocks.ready) > 0
+    else:
+        assert "attention_blocks" not in est.parts and s.cache.blocks_bytes == 0

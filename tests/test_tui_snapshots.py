@@ -242,3 +242,13 @@ def test_cache_panel_names_both_bottoms_of_a_lookup_first_drafter():
     assert "Drafter suffix: 11,873 states" in render_cache(FIGURES).plain
     ngram = dataclasses.replace(FIGURES, drafter="ngram", suffix_states=0, ngram_index_entries=5873)
     assert "Drafter ngram: index 5,873 entries" in render_cache(ngram).plain
+
+
+def test_cache_panel_shows_the_prepared_blocks_only_where_the_cache_keeps_them():
+    import dataclasses
+
+    from triforce_chat.app.ui.widgets import render_cache
+
+    assert "bf16 blocks" not in render_cache(dataclasses.replace(FIGURES, attention_blocks_bytes=0)).plain
+    text = render_cache(dataclasses.replace(FIGURES, attention_blocks_bytes=37 << 20)).plain
+    assert "+ bf16 blocks 37.0 MiB" in text
