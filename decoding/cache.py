@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from triforce_chat.decoding.model import MAX_WINDOW  # noqa: F401  (re-exported for callers)
-from triforce_chat.kernels.backends import attend_tokens, prepare_blocks, prepared_blocks_available
+from triforce_chat.kernels.backends import attend_tokens, prepare_blocks
 
 BLOCK = 32  # keys per block of the native attention (kernels/cpu/attention.h: kBlock)
 
@@ -39,18 +39,20 @@ class PreparedBlocks:
         shape = (n_layers, n_kv_heads, max_len // BLOCK, BLOCK * head_dim)
         self.k = torch.empty(shape, dtype=torch.bfloat16)
         self.v = torch.empty(shape, dtype=torch.bfloat16)
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per-layer views, made once
         self.ready = [0] * n_layers
 
     def refresh(self, layer: int, k_buf: Tensor, v_buf: Tensor, start: int, end: int) -> tuple[Tensor, Tensor, int]:
         """After rows start .. end - 1 of k_buf/v_buf [Hkv, L, D] were written: drop the blocks
         they touch, make the full blocks below `end`; returns (k_blocks, v_blocks, keys ready)."""
+        k_blocks, v_blocks = self._layers[layer]
         ready = min(self.ready[layer], start // BLOCK * BLOCK)
         full = end // BLOCK * BLOCK
         if full > ready:
-            prepare_blocks(k_buf, v_buf, self.k[layer], self.v[layer], ready // BLOCK, full // BLOCK)
+            prepare_blocks(k_buf, v_buf, k_blocks, v_blocks, ready // BLOCK, full // BLOCK)
             ready = full
         self.ready[layer] = ready
-        return self.k[layer], self.v[layer], ready
+        return k_blocks, v_blocks, ready
 
     def truncate(self, length: int) -> None:
         cut = length // BLOCK * BLOCK
@@ -88,10 +90,9 @@ class KVCache:
     @classmethod
     def for_model(cls, model, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         a = model.args
-        blocks = getattr(model, "attention", "fp32") == "bf16" and prepared_blocks_available(a.head_dim, model.device)
         return cls(a.n_layers, a.n_kv_heads, a.head_dim, max_len or model.max_len, model.scale,
                    dtype=dtype or getattr(model, "kv_dtype", torch.float32), device=model.device,
-                   prepared_blocks=blocks)
+                   prepared_blocks=getattr(model, "attention", "fp32") == "bf16")  # set_attention checked it runs
 
     # -- KVStore protocol --------------------------------------------------------------------------
     def positions(self, n: int) -> Tensor:
@@ -102,11 +103,12 @@ class KVCache:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
         start, end = self.length, self.length + k.shape[0]
-        self.k[layer, :, start:end] = k.transpose(0, 1)
-        self.v[layer, :, start:end] = v.transpose(0, 1)
+        k_buf, v_buf = self.k[layer], self.v[layer]
+        k_buf[:, start:end] = k.transpose(0, 1)
+        v_buf[:, start:end] = v.transpose(0, 1)
         self.last_query[layer] = q[-1].float().clone()  # [Hq, D]
-        blocks = self.blocks.refresh(layer, self.k[layer], self.v[layer], start, end) if self.blocks else None
-        return attend_tokens(q, self.k[layer], self.v[layer], end, self.scale, blocks)
+        blocks = self.blocks.refresh(layer, k_buf, v_buf, start, end) if self.blocks else None
+        return attend_tokens(q, k_buf, v_buf, end, self.scale, blocks)
 
     def advance(self, n: int) -> None:
         start = self.length

@@ -164,11 +164,12 @@ class RetrievalView:
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D] over the buffer (causal in its tail)."""
         end = self._scratch_base + self.scratch_len + k.shape[0]
-        self.k[layer, :, end - k.shape[0] : end] = k.transpose(0, 1)
-        self.v[layer, :, end - k.shape[0] : end] = v.transpose(0, 1)
         start = end - k.shape[0]
-        blocks = self.blocks.refresh(layer, self.k[layer], self.v[layer], start, end) if self.blocks else None
-        return attend_tokens(q, self.k[layer], self.v[layer], end, self.cache.scale, blocks)
+        k_buf, v_buf = self.k[layer], self.v[layer]
+        k_buf[:, start:end] = k.transpose(0, 1)
+        v_buf[:, start:end] = v.transpose(0, 1)
+        blocks = self.blocks.refresh(layer, k_buf, v_buf, start, end) if self.blocks else None
+        return attend_tokens(q, k_buf, v_buf, end, self.cache.scale, blocks)
 
     def advance(self, n: int) -> None:
         self.scratch_len += n
