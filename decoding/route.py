@@ -15,10 +15,13 @@ Where the numbers come from:
   once measured, the route uses only the window lengths it measured (CALIBRATION_WINDOWS): a draft
   of any length can be cut to fit one of them.
 - acceptance: counted per drafted position (`Acceptance`), for the middle level, for a draft model,
-  and for the lookup per length of the match its proposal follows and whether that match was
-  always followed by the same token before (`lookup_key`): a proposal that follows a 20-token
-  match is right far more often than one that follows a single token, and a 1-token match that
-  was followed by many different tokens is right less than half as often as one that never was.
+  and for the lookup per length of the match its proposal follows and how many different tokens
+  followed that match before (`lookup_key`): a proposal that follows a 20-token match is right
+  far more often than one that follows a single token, and a match that was followed by four or
+  more different tokens is right about a third as often as one that was always followed by the
+  same token. The answer's first token has its own count: it follows the chat template, not the
+  text, and the lookup's guess there (the token after an earlier "assistant" line) is nearly
+  never it (0 of 38 bench-qa answers, docs/performance.md).
 - the middle level's cost per draft, before it is measured: a target step scaled by the bytes a
   middle step reads (all weights, the retrieved part of the KV) against a full step's (all weights,
   all the KV). At a few thousand tokens the two read nearly the same, so the middle level is not
@@ -39,12 +42,18 @@ from dataclasses import dataclass, field
 PRIOR_SLOPE = 0.3
 MID_PRIOR = 0.8  # per-position acceptance of the middle level's drafts (TriForce reports more)
 MODEL_PRIOR = 0.5  # ... of a small draft model's drafts
-# ... of the lookup's drafts, by match bucket (1: 1 token, 2: 2-3, 3: 4-7, 4: 8-15, 5: 16+) and by
-# whether the match was followed by more than one distinct token before ("branching"): a little
-# under what bench-qa's answers showed (docs/performance.md), since they quote more than chat does;
-# the session's own counts take over within a few windows
-LOOKUP_PRIOR = {0: 0.2, 1: 0.45, 2: 0.55, 3: 0.65, 4: 0.7, 5: 0.75}
-BRANCHING_PRIOR = {0: 0.1, 1: 0.25, 2: 0.3, 3: 0.35, 4: 0.45, 5: 0.55}
+# ... of the lookup's drafts, per branch class of the match (`branch_class`: 0 always followed by
+# the same token, 1 by 2-3 different ones, 2 by 4 or more) and match bucket (1: 1 token, 2: 2-3,
+# 3: 4-7, 4: 8-15, 5: 16+): a little under what the lookup's proposals at every position of
+# bench-qa's answers showed (docs/performance.md), since those quote more than chat does; the
+# session's own counts take over within a few windows
+LOOKUP_PRIOR = {
+    0: {0: 0.2, 1: 0.6, 2: 0.65, 3: 0.7, 4: 0.7, 5: 0.75},
+    1: {0: 0.1, 1: 0.45, 2: 0.5, 3: 0.45, 4: 0.5, 5: 0.55},
+    2: {0: 0.05, 1: 0.2, 2: 0.2, 3: 0.25, 4: 0.3, 5: 0.35},
+}
+ANSWER_START = "answer start"  # the lookup key of a proposal for an answer's first token
+ANSWER_START_PRIOR = 0.05
 # a speculative route is taken only when its expected rate beats a plain step's by this factor: the
 # estimates are noisy, and a near-tie is not worth a window that may lose
 MARGIN = 1.05
@@ -98,10 +107,19 @@ def match_bucket(match: int) -> int:
     return min(5, max(0, match).bit_length())
 
 
-def lookup_key(match: int, branches: int) -> tuple[int, bool]:
-    """Where a lookup proposal's acceptance is counted: its match bucket, and whether more than one
-    distinct token followed that match before (0, not known, counts as not branching)."""
-    return match_bucket(match), branches > 1
+def branch_class(branches: int) -> int:
+    """0: the match was always followed by the same token before (or it is not known), 1: by 2-3
+    different tokens, 2: by 4 or more."""
+    return 0 if branches <= 1 else 1 if branches <= 3 else 2
+
+
+LookupKey = tuple[int, int] | str
+
+
+def lookup_key(match: int, branches: int, start: bool = False) -> LookupKey:
+    """Where a lookup proposal's acceptance is counted: ANSWER_START for an answer's first token,
+    else its match bucket and the branch class of the match."""
+    return ANSWER_START if start else (match_bucket(match), branch_class(branches))
 
 
 @dataclass
@@ -158,8 +176,9 @@ class CostModel:
         self.windows = windows if windows is not None else WindowCosts()
         self.mid = Acceptance(MID_PRIOR)
         self.mid_per_token = Ema(0.0)  # middle level seconds per drafted token (level 2: bottom included)
-        self.lookup = {(b, False): Acceptance(p) for b, p in LOOKUP_PRIOR.items()}
-        self.lookup.update({(b, True): Acceptance(p) for b, p in BRANCHING_PRIOR.items()})
+        self.lookup: dict[LookupKey, Acceptance] = {
+            (b, cls): Acceptance(p) for cls, priors in LOOKUP_PRIOR.items() for b, p in priors.items()}
+        self.lookup[ANSWER_START] = Acceptance(ANSWER_START_PRIOR)
         self.model = Acceptance(MODEL_PRIOR)  # a draft model's drafts, verified directly
         self.model_per_token = Ema(0.0)
         self.answer_tokens = Ema(float(ANSWER_PRIOR), weight=0.3)
@@ -217,12 +236,16 @@ class CostModel:
 
     # -- the choice ----------------------------------------------------------------------------------------
     def choose(self, gamma_max: int, props: list[int], source: str, match: int, remaining: float,
-               mid: MidLevel | None, branches: int = 0) -> tuple[str, int]:
+               mid: MidLevel | None, branches: int = 0, start: bool = False) -> tuple[str, int]:
         """("step", 0) | ("mid", γ) | ("direct", k of props): the best expected rate; a route the
-        estimates choose against is probed now and then where the rest of the answer can pay for it."""
+        estimates choose against is probed now and then where the rest of the answer can pay for it.
+        `start`: this round makes the answer's first token."""
         self.rounds += 1
         choice, rate = ("step", 0), self.step_rate() * MARGIN
-        alpha = self.model.value if source == "model" else self.lookup[lookup_key(match, branches)].value
+        if source == "model":
+            alpha = self.model.value
+        else:
+            alpha = self.lookup[lookup_key(match, branches, start)].value
         if props:
             k, direct = self.best_direct(len(props), alpha)
             if direct > rate:

@@ -68,6 +68,7 @@ class RoundPlan:
     source: str = "lookup"  # who proposed: "lookup" (free) | "model" (a draft model) | "none"
     match: int = 0  # the length of the match a lookup proposal follows
     branches: int = 0  # distinct tokens that followed that match before (0: not known)
+    start: bool = False  # the round makes the answer's first token
 
 
 class SpeculativeDecoder:
@@ -127,7 +128,7 @@ class SpeculativeDecoder:
             # what is left of this answer to win back a once-per-answer cost or a probe: its budget, or
             # what the session's answers usually run to
             remaining = min(max_new_tokens - produced, max(8.0, self.costs.answer_tokens.value - produced))
-            plan = self._plan_round(level, context, window_max, remaining, ev)
+            plan = self._plan_round(level, context, window_max, remaining, ev, start=not produced)
             kept, origins = self._run_route(plan, level, context, ev)
             kept, origins, ev.stop_reason = self._cut(kept, origins, max_new_tokens - produced, loops)
             self._keep(context, kept)
@@ -192,12 +193,12 @@ class SpeculativeDecoder:
         return time.perf_counter() - t_start
 
     def _plan_round(self, level: int, context: list[int], window_max: int, remaining: float,
-                    ev: RoundEvent) -> RoundPlan:
+                    ev: RoundEvent, start: bool = False) -> RoundPlan:
         """The route of this round. Until the session has measured a step, the first round is one."""
         cfg = self.config
         if level == 0 or window_max <= 0 or (cfg.adaptive and not self.costs.step.n):
             return RoundPlan()
-        plan = RoundPlan()
+        plan = RoundPlan(start=start)
         if level == 2:
             self.drafter.extend(context[self.drafter.length :])
             t0 = time.perf_counter()
@@ -230,7 +231,7 @@ class SpeculativeDecoder:
             q_low = None if plan.q_low is None else plan.q_low[: plan.gamma]
             a, nxt = self._verify(pending, props, q_low, ev)
             c = self.costs
-            counts = c.model if plan.source == "model" else c.lookup[lookup_key(plan.match, plan.branches)]
+            counts = c.model if plan.source == "model" else c.lookup[lookup_key(plan.match, plan.branches, plan.start)]
             counts.update(a, len(props))
             ev.low_rounds.append(LowRound(props, a, nxt, plan.match, plan.branches))
             return props[:a] + [nxt], ["low"] * a + ["target"]
@@ -385,7 +386,7 @@ class SpeculativeDecoder:
         if not self.config.adaptive:
             return "mid", gamma_max
         return self.costs.choose(gamma_max, plan.props, plan.source, plan.match, remaining, self._mid_level(),
-                                 plan.branches)
+                                 plan.branches, plan.start)
 
     def _mid_level(self) -> MidLevel | None:
         """The middle level as the route sees it this round; None where its view would select

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from triforce_chat.decoding.route import (
+    ANSWER_START,
     PROBE_EVERY,
     PROBE_MIN_REMAINING,
     Acceptance,
@@ -97,7 +98,8 @@ def test_a_match_followed_by_many_different_tokens_before_is_not_drafted_on():
     costs = CostModel(windows(0.2))
     assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=1)[0] == "direct"
     assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=5) == ("step", 0)
-    assert lookup_key(1, 0) == lookup_key(1, 1) == (1, False) and lookup_key(3, 2) == (2, True)
+    assert lookup_key(1, 0) == lookup_key(1, 1) == (1, 0) and lookup_key(3, 2) == (2, 1)
+    assert lookup_key(3, 4) == lookup_key(3, 40) == (2, 2)
     for _ in range(20):  # branching matches turn out right after all
         costs.lookup[lookup_key(1, 5)].update(2, 2)
     assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=5)[0] == "direct"
@@ -105,6 +107,21 @@ def test_a_match_followed_by_many_different_tokens_before_is_not_drafted_on():
         costs.lookup[lookup_key(1, 1)].update(0, 2)
     assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=1) == ("step", 0)
     assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=5)[0] == "direct"
+
+
+def test_an_answer_s_first_token_is_not_drafted_on_whatever_the_match():
+    """An answer's first token follows the chat template, not the text, and the lookup's guess there
+    is nearly never it: even behind a long one-way match the round is a step, and what first tokens
+    show is counted apart from the rest of the answer (a session whose answers all open alike learns
+    that)."""
+    costs = CostModel(windows(0.2))
+    assert costs.choose(0, [7, 7], "lookup", 20, 100, None, branches=1)[0] == "direct"
+    assert costs.choose(0, [7, 7], "lookup", 20, 100, None, branches=1, start=True) == ("step", 0)
+    assert lookup_key(20, 1, start=True) == ANSWER_START != lookup_key(20, 1)
+    for _ in range(20):
+        costs.lookup[ANSWER_START].update(2, 2)
+    assert costs.choose(0, [7, 7], "lookup", 20, 100, None, branches=1, start=True)[0] == "direct"
+    assert costs.lookup[lookup_key(20, 1)].n == 0
 
 
 def test_the_middle_level_is_never_tried_where_it_reads_what_a_step_reads():

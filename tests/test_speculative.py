@@ -123,7 +123,7 @@ class CyclingRoutes(CostModel):
     """A route chooser that ignores costs and takes every route in turn (a plain step, a middle window,
     the bottom drafts verified directly), so every route's bookkeeping meets every other's."""
 
-    def choose(self, gamma_max, props, source, match, remaining, mid, branches=0):
+    def choose(self, gamma_max, props, source, match, remaining, mid, branches=0, start=False):
         self.rounds += 1
         turn = self.rounds % 3
         if turn == 1 and mid is not None:
@@ -131,6 +131,29 @@ class CyclingRoutes(CostModel):
         if turn == 2 and props:
             return "direct", 1 + self.rounds % len(props)
         return "step", 0
+
+
+def test_only_an_answer_s_first_round_is_planned_as_its_start(small_models):
+    """The route counts the lookup's proposals for an answer's first token apart (route.ANSWER_START):
+    the decoder says which round that is, in every answer of a session, and in no other round."""
+    target, _ = small_models
+    engine = Engine(target, repetitive_prompt(4, 300, 64), budget=32, chunk=4)
+
+    class RecordingRoutes(CostModel):
+        def __init__(self):
+            super().__init__()
+            self.starts: list[bool] = []
+
+        def choose(self, gamma_max, props, source, match, remaining, mid, branches=0, start=False):
+            self.starts.append(start)
+            return super().choose(gamma_max, props, source, match, remaining, mid, branches, start)
+
+    costs = RecordingRoutes()
+    for _ in range(2):
+        before = len(costs.starts)
+        got, dec = engine.run(2, 30, Sampler(0.0), "suffix", gamma_mid=4, gamma_low=3, adaptive=True, costs=costs)
+        starts = costs.starts[before:]
+        assert len(starts) >= 2 and starts[0] and not any(starts[1:]), starts
 
 
 @pytest.mark.parametrize("drafter", ["suffix", "ngram"])
