@@ -394,11 +394,19 @@ class Session:
         t1 = time.perf_counter()
         if self.config.level == 2:
             self._prefill_drafter(ids, drafter_progress or progress, should_cancel)
-        if self.config.adaptive and self._windows.needs_calibration(len(ids)):
-            # at every level (a key switches levels at any time): the route starts from measured costs
-            self._decoder(self.config.level).calibrate(self.context)
+        self._calibrate_if_due()  # at every level: a key switches levels at any time
         self._since_answer.seconds += time.perf_counter() - t1  # the next answer's prefill_s counts it
         return report.computed, time.perf_counter() - t0
+
+    def _calibrate_if_due(self) -> float:
+        """Time the target's windows at the cache's depth where the session has no such figures
+        (decoding/route.py: the route starts from this machine's costs): after a document's prefill,
+        and before an answer whose context grew or shrank past twice the depth last measured. Part
+        of bringing the prompt in, not of the answer (at 29K tokens it takes ~0.4 s). Returns the
+        seconds it took (0.0 when not due)."""
+        if not self.config.adaptive or not self._windows.needs_calibration(len(self.context)):
+            return 0.0
+        return self._decoder(self.config.level).calibrate(self.context)
 
     def _prefill_drafter(
         self, ids: list[int], progress: Progress | None, should_cancel: Callable[[], bool] | None
@@ -496,6 +504,7 @@ class Session:
         report = self._sync(ids, progress, should_cancel, on_restore)
         if cfg.level == 2:
             self._prefill_drafter(ids, progress, should_cancel)
+        calibrate_s = self._calibrate_if_due() if cfg.level else 0.0
         acc = self._since_answer
         prefill_tokens = len(ids) - 1 - self._answer_base
         prefill_s = time.perf_counter() - t0 + acc.seconds - report.seconds  # + the documents' prefill
@@ -504,7 +513,8 @@ class Session:
         self.stats = Stats(level=level, chain=self.chain_label(level), gamma_mid=cfg.gamma_mid if level else 0,
                            gamma_low=cfg.gamma_low if level == 2 else 0, prefill_tokens=prefill_tokens,
                            prefill_s=prefill_s, restored_tokens=min(acc.restored, prefill_tokens),
-                           restore_s=acc.restore_s, saved_tokens=acc.saved, save_s=acc.save_s)
+                           restore_s=acc.restore_s, saved_tokens=acc.saved, save_s=acc.save_s,
+                           calibrate_s=calibrate_s)
         self._since_answer = SyncReport(notices=acc.notices)
         tracker = self._track_sources()
         layout = (self._placements(rendered, question), [(d.name, d.original) for d in self.documents]) \

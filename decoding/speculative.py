@@ -107,8 +107,8 @@ class SpeculativeDecoder:
         if self.cache.length != len(context) - 1:
             raise RuntimeError(f"cache holds {self.cache.length} tokens, expected {len(context) - 1}")
         t_start = time.perf_counter()
-        level = self._start_answer(context)
-        setup_s = time.perf_counter() - t_start  # a calibration, when one was due: counted in round 0
+        level, calibrated = self._start_answer(context)
+        setup_s = time.perf_counter() - t_start  # counted in round 0 (a calibration, when one was due)
         loops = LoopDetector(self.config.loop) if self.config.loop is not None else None
         produced = index = 0
         while True:
@@ -121,7 +121,7 @@ class SpeculativeDecoder:
             if index:
                 t_start = time.perf_counter()
             ev = RoundEvent(index=index, tokens=[], origins=[], text="")
-            if setup_s and not index:
+            if calibrated and not index:
                 ev.timings["calibrate"] = setup_s
             # drafts beyond the answer's budget are wasted; windows stay within the batch-invariant size
             window_max = min(max_new_tokens - produced - 1, room, MAX_WINDOW - 1)
@@ -143,9 +143,10 @@ class SpeculativeDecoder:
             if ev.stop_reason:
                 return
 
-    def _start_answer(self, context: list[int]) -> int:
+    def _start_answer(self, context: list[int]) -> tuple[int, bool]:
         """The level this answer runs at (what the session gave it allows), with the drafter, the
-        retrieval view and the sampler brought up to the context."""
+        retrieval view and the sampler brought up to the context; and whether the window costs had
+        to be timed first (a Session does that before the answer, so this is for a bare decoder)."""
         level = self.config.level if self.view is not None else 0
         if level == 2 and self.drafter is None:
             level = 1
@@ -154,12 +155,13 @@ class SpeculativeDecoder:
             # drafter's (extended with drafts, and truncated back to the context), so the drafter holds a
             # prefix of the context and each round only appends the tokens kept since
             sync_context(self.drafter, context)
-        if level >= 1 and self.config.adaptive and self.costs.windows.needs_calibration(len(context)):
+        calibrated = level >= 1 and self.config.adaptive and self.costs.windows.needs_calibration(len(context))
+        if calibrated:
             self.calibrate(context)
         if self.costs.step.n:  # the level-0 step this answer's speed is compared with
             self.level0_step_s = self.costs.step.value
         self.sampler.reset(context)
-        return level
+        return level, calibrated
 
     def calibrate(self, context: list[int]) -> float:
         """Time full-target windows of the lengths the route weighs (CALIBRATION_WINDOWS) at the

@@ -37,6 +37,7 @@ class Stats:
     restore_s: float = 0.0
     saved_tokens: int = 0  # tokens written to the document cache meanwhile
     save_s: float = 0.0  # prefill time spent on saving them
+    calibrate_s: float = 0.0  # of prefill_s: timing the target's windows at this depth, where due (route.py)
     new_tokens: int = 0
     decode_s: float = 0.0
     rounds: int = 0
@@ -156,6 +157,7 @@ class Stats:
             "restore_s": round(self.restore_s, 4),
             "saved_tokens": self.saved_tokens,
             "save_s": round(self.save_s, 4),
+            "calibrate_s": round(self.calibrate_s, 4),
             "new_tokens": self.new_tokens,
             "decode_s": round(self.decode_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),

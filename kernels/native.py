@@ -9,8 +9,11 @@ The build goes through torch's own `cpp_extension` (ninja + the system C++ compi
 `-march=native` so the host's SIMD is used (AVX-512, AVX2, or the portable scalar path), into
 `<cache>/ext/<key>`: the key covers the sources, the flags, torch's version and the CPU's flags, so
 a home directory shared by two machines never loads a build for the wrong CPU. It takes ~30-60 s
-once. Without a compiler (or with TRIFORCE_NO_NATIVE=1) `status()` says why, and the model falls
-back to PyTorch operations with windows verified token by token (exact, slower speculation).
+once. Every change of the sources (an upgrade) makes a new key, so old builds are pruned: a build's
+directory is touched each time a process loads it, and after a load those unused for KEEP_DAYS, or
+beyond the KEEP_BUILDS most recently used, are removed (a running process keeps its mapped
+library). Without a compiler (or with TRIFORCE_NO_NATIVE=1) `status()` says why, and the model
+falls back to PyTorch operations with windows verified token by token (exact, slower speculation).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import os
 import platform
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,8 @@ SOURCES = ("ops.cpp", "linear.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "
 HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "linear_int8.h", "linear_int8_tiles.h", "attention.h",
            "attention_bf16.h", "rowwise.h")
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-Wno-unused-function"]
+KEEP_BUILDS = 12  # builds kept in the cache (the test suite alone builds six ISA variants)
+KEEP_DAYS = 30  # ... and none unused for longer
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,26 @@ def _build(native_arch: bool) -> NativeStatus:
         verbose=os.environ.get("TRIFORCE_NATIVE_VERBOSE") == "1",
     )
     t = torch.ops.triforce
-    return NativeStatus(True, t.isa(), "", build_dir, t.int8_path(), t.attention_bf16_path())
+    built = NativeStatus(True, t.isa(), "", build_dir, t.int8_path(), t.attention_bf16_path())
+    prune_builds(build_dir)
+    return built
+
+
+def prune_builds(used: Path, keep: int = KEEP_BUILDS, days: float = KEEP_DAYS) -> list[Path]:
+    """Mark `used` as just used, and remove its sibling builds that no process loaded for `days`, or
+    that are beyond the `keep` most recently used. Returns what was removed. Never fails the load."""
+    removed: list[Path] = []
+    try:
+        os.utime(used)
+        builds = sorted((d for d in used.parent.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+        cutoff = time.time() - days * 86400
+        for rank, d in enumerate(builds):
+            if d != used and (rank >= keep or d.stat().st_mtime < cutoff):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d)
+    except OSError:
+        pass
+    return removed
 
 
 def _one_line(exc: BaseException) -> str:

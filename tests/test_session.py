@@ -49,6 +49,38 @@ def test_documents_are_prefilled_before_the_question(tiny_model):
     assert s.stats.prefill_tokens == len(s.last_prompt_ids) - 1 and s.stats.restored_tokens == 0
 
 
+def test_timing_the_windows_is_part_of_an_answer_s_prefill_not_of_its_decode(tiny_model, monkeypatch):
+    """A session asked at level 2 without a prefill first (`ask`, a benchmark) times the target's
+    windows at the prompt's depth before the answer starts: its seconds are in prefill_s and
+    calibrate_s, not in the answer's decode time or its first round; a level-0 answer times nothing,
+    and a second answer at about the same depth does not time them again."""
+    import time
+
+    from triforce_chat.decoding.speculative import SpeculativeDecoder
+
+    timed = SpeculativeDecoder.calibrate
+
+    def slow_calibrate(self, context):  # a calibration that takes a visible 0.3 s
+        time.sleep(0.3)
+        return timed(self, context) + 0.3
+
+    monkeypatch.setattr(SpeculativeDecoder, "calibrate", slow_calibrate)
+    s = Session(tiny_model, DecodeConfig(level=0, max_new_tokens=6, budget="64"))
+    s.add_document("doc.txt", DOC)
+    answer(s, "What is this about?")
+    assert s.stats.calibrate_s == 0.0
+    s.new_chat()
+    s.set_level(2)
+    events = list(s.generate("What is this about?"))
+    st = s.stats
+    assert st.calibrate_s >= 0.3 and st.prefill_s >= st.calibrate_s
+    assert st.decode_s < 0.3 and events[0].timings.get("calibrate", 0.0) < 0.3
+    assert st.to_dict()["calibrate_s"] == pytest.approx(st.calibrate_s, abs=1e-4)
+    s.new_chat()
+    answer(s, "And then?")
+    assert s.stats.calibrate_s == 0.0
+
+
 def test_stop_leaves_the_cache_as_if_the_answer_ended_there(tiny_model):
     s = Session(tiny_model, DecodeConfig(level=2, max_new_tokens=40, budget="64"))
     s.add_document("doc.txt", DOC)

@@ -9,9 +9,10 @@ with a mask, the configuration kernel targets are stated against); prompt lookup
 default DynamicCache, since assisted generation crops the cache on rejection.
 
 How time is split (the same rule for every row, so ratios are fair):
-- ours: prefill = syncing the cache with the prompt (all prompt tokens but the last); decode = the
-  rest of the wall time of `Session.generate`, which produces every new token (the first one comes
-  from feeding the last prompt token).
+- ours: prefill = syncing the cache with the prompt (all prompt tokens but the last), and at levels
+  1-2 timing the target's windows at that depth where the session has not yet (`calibrate_s`, as the
+  app does after a document's prefill); decode = the rest of the wall time of `Session.generate`,
+  which produces every new token (the first one comes from feeding the last prompt token).
 - transformers: a streamer timestamps every token handed out. Prefill = from calling `generate` to
   the first new token (one forward over the whole prompt); decode = from there to the return, over
   the tokens after the first. With prompt lookup the first hand-out may already carry accepted
@@ -170,6 +171,7 @@ def run_level(
         "prefill_tokens": st.prefill_tokens,
         "restored_tokens": st.restored_tokens,
         "prefill_s": st.prefill_s,
+        "calibrate_s": st.calibrate_s,
         "rounds": st.rounds,
         "mid_proposed": st.mid_proposed,
         "mid_accepted": st.mid_accepted,

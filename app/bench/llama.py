@@ -14,9 +14,9 @@ How time is split (the same rule on both sides, so ratios are fair):
   side runs N forwards of one token (or, for our levels 1 and 2, its speculative rounds producing
   N tokens). Ours through `Session.generate` at level 0 (plain single-token steps), 1 and 2, each
   continuing the same prefilled cache after `new_chat()`; the prompt's re-rendering is taken out
-  (its `prefill_s`), and so is the timing of window costs that the first speculative answer makes
-  here (the app makes it right after a document's prefill, before any question: part of opening
-  the document, not of an answer; reported as `calibrate_s`). llama.cpp: `eval([token])` then the
+  (its `prefill_s`), and with it the timing of window costs that the first speculative answer makes
+  here (the app makes it right after a document's prefill, before any question; the Session counts
+  it with an answer's prefill, not its decode; reported as `calibrate_s`). llama.cpp: `eval([token])` then the
   argmax of its last logits row, in Python.
   Both stop early at an end-of-turn token.
 Per thread count, one untimed warm-up of both engines comes first. For each context the engines then
@@ -332,8 +332,8 @@ def run_ours(lm, cfg, prompt: Prompt, levels: Sequence[int], new_tokens: int) ->
                 raise BenchError(f"internal: level {level} put {sync.computed + sync.restored} prompt tokens again")
             records.append({
                 "engine": "ours", "phase": "decode", "variant": level_name(level), "level": level,
-                "tokens": len(out), "seconds": wall - st.prefill_s - st.timings.get("calibrate", 0.0),
-                "calibrate_s": round(st.timings.get("calibrate", 0.0), 4), "token_ids": out,
+                "tokens": len(out), "seconds": wall - st.prefill_s,
+                "calibrate_s": round(st.calibrate_s, 4), "token_ids": out,
                 "stop_reason": st.stop_reason, "rounds": st.rounds,
                 "mid_proposed": st.mid_proposed, "mid_accepted": st.mid_accepted,
                 "low_proposed": st.low_proposed, "low_accepted": st.low_accepted,
