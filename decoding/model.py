@@ -499,6 +499,15 @@ class Transformer(nn.Module):
         self.set_activations("fp32")  # dense weights: the int8 mode has nothing left to multiply
 
     @property
+    def thread_invariant(self) -> bool:
+        """Whether a forward of any length, prefill chunks included, gives the same bits at every
+        thread count: each operation runs a native kernel whose sums do not depend on how the rows
+        are split among threads, which the int8 mode gives every GGUF-block linear (a dense linear's
+        prefill chunk goes through a vendor GEMM, which splits its sums by thread count).
+        tests/test_native_int8.py checks the prefill at 1, 2 and 4 threads."""
+        return self.device.type == "cpu" and native.available() and all(lin.int8 for lin in self.linears())
+
+    @property
     def numerics(self) -> str:
         """What besides the weights fixes the bits this model computes (kernel path and version):
         caches of computed keys/values must not be reused across a change of it."""

@@ -21,6 +21,7 @@ import torch
 from triforce_chat.decoding.session import DecodeConfig, PrefillCancelled, Session
 from triforce_chat.decoding.store.doccache import (
     SyncReport,
+    compute_identity,
     describe,
     model_fingerprint,
     query_state,
@@ -288,6 +289,26 @@ def test_the_fingerprint_covers_what_determines_the_bytes(tiny_model, tiny_model
     weights = next(Path(copy).glob("*.safetensors"))
     os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert fp(lm=moved) != first  # the file was rewritten
+
+
+def test_a_thread_invariant_model_s_cache_is_the_same_at_any_thread_count():
+    """Where every operation of a forward is a native kernel at any length (the int8 mode:
+    Transformer.thread_invariant, checked against real prefills in tests/test_native_int8.py), a
+    document cached at one thread count is restored at another; elsewhere the thread count is part
+    of the key, since a vendor GEMM splits its sums by it."""
+    from types import SimpleNamespace
+
+    def identity(invariant: bool, threads: int) -> dict:
+        model = SimpleNamespace(device=torch.device("cpu"), numerics="native-test", thread_invariant=invariant)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return compute_identity(model)
+        finally:
+            torch.set_num_threads(previous)
+
+    assert identity(True, 1) == identity(True, 2)
+    assert identity(False, 1) != identity(False, 2)
 
 
 def test_a_writer_killed_during_a_save_leaves_the_old_file(tmp_path):

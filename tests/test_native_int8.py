@@ -438,6 +438,7 @@ def test_int8_prefill_is_the_same_at_any_thread_count(int8_model):
     thread count either (the fp32 mode's prefill GEMM may part in the last bits)."""
     from triforce_chat.decoding.cache import KVCache
 
+    assert int8_model.thread_invariant  # what the document cache's key relies on (decoding/store/doccache.py)
     ids = random_ids(300, int8_model.args.vocab_size, seed=9)
     previous = torch.get_num_threads()
     runs = []
@@ -461,6 +462,7 @@ def test_int8_forward_stays_close_to_fp32(int8_model):
     got = int8_model(ids, KVCache.for_model(int8_model, max_len=96))
     int8_model.set_activations("fp32")
     try:
+        assert not int8_model.thread_invariant  # fp32 prefill chunks go through a vendor GEMM
         want = int8_model(ids, KVCache.for_model(int8_model, max_len=96))
     finally:
         int8_model.set_activations("int8")

@@ -112,10 +112,13 @@ def _rope_digest(model) -> str:
 
 
 def compute_identity(model) -> dict[str, Any]:
-    """What decides the prefill's rounding besides the weights: the prefill kernels' GEMMs split
-    their sums by thread count and instruction set, and other builds of torch may pick other
-    kernels, so a cache made under other settings could differ in the last bits (and a near-tie
-    in the answer could flip)."""
+    """What decides the prefill's rounding besides the weights: the kernels' path and build, and
+    where a prefill chunk goes through a vendor GEMM (which splits its sums by thread count, and
+    other builds of torch may pick other kernels), the thread count and torch's CPU capability: a
+    cache made under other settings could differ in the last bits (and a near-tie in the answer
+    could flip). A model whose every operation is a native kernel at any length
+    (`thread_invariant`: the int8 mode) computes the same bits at any thread count, so a document
+    cached with 2 threads is restored with 1."""
     device = model.device
     # the kernels' path and build (native ISA + source hash, or torch's own) fix the decode bits
     numerics = getattr(model, "numerics", "")
@@ -124,7 +127,8 @@ def compute_identity(model) -> dict[str, Any]:
         out["gpu"] = torch.cuda.get_device_name(device)
     else:
         out["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-        out["threads"] = torch.get_num_threads()
+        if not getattr(model, "thread_invariant", False):
+            out["threads"] = torch.get_num_threads()
     return out
 
 
