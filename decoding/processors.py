@@ -188,4 +188,20 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     return probs / probs.sum(-1, keepdim=True)
 
 
-__all__ = ["TokenHistory", "apply_repetition_penalty", "penalize", "top_k_filter", "top_p_filter"]
+def top_k_top_p_probs(scores: Tensor, k: int, top_p: float) -> Tensor:
+    """softmax, then top-p, of top_k_filter(scores, k): the same distribution computed on each row's
+    k best logits (a sort of k values, not of a 151,936-token vocabulary: ~5 ms a row with the full
+    sort) and scattered back into zeros. Where a row has ties with its k-th logit, which the
+    definition keeps all of, the rows go the long way. Deterministic per row, so a row of a
+    window gets the bits it gets alone."""
+    vals, idx = scores.topk(k, dim=-1)  # [..., k] descending
+    if bool(((scores >= vals[..., -1:]).sum(-1) > k).any()):
+        return top_p_filter(torch.softmax(top_k_filter(scores, k), dim=-1), top_p)
+    p = torch.softmax(vals, dim=-1)
+    if top_p < 1.0:  # as top_p_filter, on rows already sorted
+        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
+        p = p / p.sum(-1, keepdim=True)
+    return torch.zeros_like(scores).scatter_(-1, idx, p)
+
+
+__all__ = ["TokenHistory", "apply_repetition_penalty", "penalize", "top_k_filter", "top_k_top_p_probs", "top_p_filter"]

@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from triforce_chat.decoding.processors import TokenHistory, apply_repetition_penalty, top_k_filter, top_p_filter
+from triforce_chat.decoding.processors import (
+    TokenHistory,
+    apply_repetition_penalty,
+    top_k_top_p_probs,
+    top_p_filter,
+)
 
 
 @dataclass
@@ -89,7 +94,9 @@ class Sampler:
         scores = self.scores(logits, extra)
         if self.greedy:
             return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).float()
-        scores = top_k_filter(scores / self.temperature, self.top_k)
+        scores = scores / self.temperature
+        if 0 < self.top_k < scores.shape[-1]:
+            return top_k_top_p_probs(scores, self.top_k, self.top_p)
         return top_p_filter(torch.softmax(scores, dim=-1), self.top_p)
 
     def next_token(self, logits: Tensor) -> int:
@@ -100,10 +107,13 @@ class Sampler:
         return self.sample(self.probs(logits))
 
     def sample(self, probs: Tensor) -> int:
-        """One token from probs [V]."""
+        """One token from probs [V], drawn among its nonzero entries: top-k and top-p leave a few
+        dozen of a vocabulary of 151,936, and torch.multinomial over the whole row took ~3 ms."""
         if self.greedy:
             return int(probs.argmax())
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+        probs = probs.cpu()
+        support = probs.nonzero().squeeze(1)
+        return int(support[torch.multinomial(probs[support], 1, generator=self.generator)])
 
     def uniform(self) -> float:
         return float(torch.rand((), generator=self.generator))

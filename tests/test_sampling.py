@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from triforce_chat.decoding.config import DecodeConfig, generation_defaults
-from triforce_chat.decoding.processors import TokenHistory, top_k_filter
+from triforce_chat.decoding.processors import TokenHistory, top_k_filter, top_k_top_p_probs, top_p_filter
 from triforce_chat.decoding.sampling import Sampler
 
 
@@ -130,6 +130,54 @@ def test_top_k_keeps_ties_and_nothing_else():
     assert top_k_filter(logits, 0) is logits and top_k_filter(logits, 9) is logits
     probs = Sampler(1.0, top_k=1).probs(logits[0])
     assert probs.tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("k", [1, 5, 20])
+@pytest.mark.parametrize("top_p", [1.0, 0.8, 0.3])
+def test_top_k_then_top_p_on_the_k_best_is_the_two_filters(k, top_p):
+    """The fast path (a sort of k values) gives the distribution of top_k_filter then top_p_filter
+    over the whole row: the same support, the same probabilities up to the softmax's rounding; rows
+    with ties at the k-th logit (kept, by definition) take the long way and match it exactly."""
+    g = torch.Generator().manual_seed(k + int(10 * top_p))
+    rows = torch.randn(6, 400, generator=g) * 3
+    rows[4, :30] = rows[4].max() + 1  # 30 tied maxima: with k < 30 every one of them is kept
+    want = top_p_filter(torch.softmax(top_k_filter(rows, k), dim=-1), top_p)
+    got = top_k_top_p_probs(rows, k, top_p)
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    if k < 30:
+        assert torch.equal(top_k_top_p_probs(rows[4:5], k, top_p), want[4:5])  # the long way
+
+
+def test_sampled_window_rows_equal_single_steps_bitwise():
+    """Sampling is exact only if a row processed inside a window gets the probabilities it gets
+    alone: penalty, temperature, top-k and top-p, row by row."""
+    vocab = 3000
+    g = torch.Generator().manual_seed(3)
+    history = torch.randint(0, vocab, (80,), generator=g).tolist()
+    drafts = torch.randint(0, vocab, (7,), generator=g).tolist()
+    logits = torch.randn(8, vocab, generator=g) * 4
+    for top_k in (0, 20):
+        window = Sampler(0.7, top_p=0.8, top_k=top_k, repetition_penalty=1.1)
+        window.reset(history)
+        rows = window.probs(logits, drafts)
+        for j in range(8):
+            step = Sampler(0.7, top_p=0.8, top_k=top_k, repetition_penalty=1.1)
+            step.reset(history + drafts[:j])
+            assert torch.equal(rows[j], step.probs(logits[j])), (top_k, j)
+
+
+def test_a_token_is_drawn_from_the_support_at_its_probability():
+    """`sample` draws among a row's nonzero entries (top-k / top-p keep a few of a large vocabulary):
+    never outside them, each as often as its probability says."""
+    probs = torch.zeros(5000)
+    probs[[7, 400, 2999, 4998]] = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    sampler = Sampler(1.0, seed=11)
+    n = 20000
+    counts = torch.bincount(torch.tensor([sampler.sample(probs) for _ in range(n)]), minlength=5000)
+    assert counts.sum() == counts[[7, 400, 2999, 4998]].sum() == n
+    for tok, p in ((7, 0.1), (400, 0.2), (2999, 0.3), (4998, 0.4)):
+        assert abs(int(counts[tok]) - n * p) < 5 * (n * p * (1 - p)) ** 0.5, (tok, int(counts[tok]))
 
 
 def test_sampler_refuses_bad_values():
