@@ -191,17 +191,20 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
 def top_k_top_p_probs(scores: Tensor, k: int, top_p: float) -> Tensor:
     """softmax, then top-p, of top_k_filter(scores, k): the same distribution computed on each row's
     k best logits (a sort of k values, not of a 151,936-token vocabulary: ~5 ms a row with the full
-    sort) and scattered back into zeros. Where a row has ties with its k-th logit, which the
-    definition keeps all of, the rows go the long way. Deterministic per row, so a row of a
-    window gets the bits it gets alone."""
-    vals, idx = scores.topk(k, dim=-1)  # [..., k] descending
-    if bool(((scores >= vals[..., -1:]).sum(-1) > k).any()):
-        return top_p_filter(torch.softmax(top_k_filter(scores, k), dim=-1), top_p)
+    sort) and scattered back into zeros. A row with ties at its k-th logit, which the definition
+    keeps all of, goes the long way. Each row's path and arithmetic depend on that row alone, so
+    a row of a window gets the bits it gets alone."""
+    rows = scores.reshape(-1, scores.shape[-1])  # [R, V]
+    vals, idx = rows.topk(k, dim=-1)  # [R, k] descending
     p = torch.softmax(vals, dim=-1)
     if top_p < 1.0:  # as top_p_filter, on rows already sorted
         p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
         p = p / p.sum(-1, keepdim=True)
-    return torch.zeros_like(scores).scatter_(-1, idx, p)
+    out = torch.zeros_like(rows).scatter_(-1, idx, p)
+    tied = (rows >= vals[:, -1:]).sum(-1) > k  # [R]
+    if bool(tied.any()):
+        out[tied] = top_p_filter(torch.softmax(top_k_filter(rows[tied], k), dim=-1), top_p)
+    return out.reshape(scores.shape)
 
 
 __all__ = ["TokenHistory", "apply_repetition_penalty", "penalize", "top_k_filter", "top_k_top_p_probs", "top_p_filter"]

@@ -147,6 +147,8 @@ def test_top_k_then_top_p_on_the_k_best_is_the_two_filters(k, top_p):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
     if k < 30:
         assert torch.equal(top_k_top_p_probs(rows[4:5], k, top_p), want[4:5])  # the long way
+    for j in range(6):  # each row as alone, whatever path the others take
+        assert torch.equal(got[j], top_k_top_p_probs(rows[j], k, top_p)), j
 
 
 def test_sampled_window_rows_equal_single_steps_bitwise():
