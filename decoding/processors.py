@@ -182,10 +182,14 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     if top_p >= 1.0:
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)
-    drop = sorted_p.cumsum(-1) - sorted_p >= top_p
-    sorted_p = sorted_p.masked_fill(drop, 0.0)
-    probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    probs = torch.zeros_like(probs).scatter_(-1, order, _within_top_p(sorted_p, top_p))
     return probs / probs.sum(-1, keepdim=True)
+
+
+def _within_top_p(sorted_p: Tensor, top_p: float) -> Tensor:
+    """Rows of probabilities sorted in descending order, with every entry past the one whose mass
+    reaches top_p set to zero (not renormalised)."""
+    return sorted_p.masked_fill(sorted_p.cumsum(-1) - sorted_p >= top_p, 0.0)
 
 
 def top_k_top_p_probs(scores: Tensor, k: int, top_p: float) -> Tensor:
@@ -197,8 +201,8 @@ def top_k_top_p_probs(scores: Tensor, k: int, top_p: float) -> Tensor:
     rows = scores.reshape(-1, scores.shape[-1])  # [R, V]
     vals, idx = rows.topk(k, dim=-1)  # [R, k] descending
     p = torch.softmax(vals, dim=-1)
-    if top_p < 1.0:  # as top_p_filter, on rows already sorted
-        p = p.masked_fill(p.cumsum(-1) - p >= top_p, 0.0)
+    if top_p < 1.0:  # rows already sorted
+        p = _within_top_p(p, top_p)
         p = p / p.sum(-1, keepdim=True)
     out = torch.zeros_like(rows).scatter_(-1, idx, p)
     tied = (rows >= vals[:, -1:]).sum(-1) > k  # [R]
