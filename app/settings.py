@@ -10,6 +10,7 @@ holds a default for every option plus a `[keymap]` table mapping binding ids to 
     theme = "triforce-light"
     repetition-penalty = 1.1
     stop-on-repetition = false
+    tree = false           # no tree windows (two ways of a branching match verified at once)
 
     [keymap]
     cycle-level = "ctrl+t"
@@ -94,6 +95,7 @@ class Settings:
     max_new_tokens: int = DecodeConfig.max_new_tokens
     truncate: bool = DecodeConfig.truncate
     adaptive: bool = DecodeConfig.adaptive
+    tree: bool = DecodeConfig.tree
     stop_on_repetition: bool = DecodeConfig.stop_on_repetition
     loop_repeats: int = DecodeConfig.loop_repeats
     loop_min_tokens: int = DecodeConfig.loop_min_tokens
@@ -227,6 +229,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "context": (int,),
     "truncate": (bool,),
     "adaptive": (bool,),
+    "tree": (bool,),
     "stop_on_repetition": (bool,),
     "loop_repeats": (int,),
     "loop_min_tokens": (int,),

@@ -100,15 +100,26 @@ class KVCache:
             raise ValueError(f"KV cache full: {self.length} + {n} tokens > {self.max_len}")
         return torch.arange(self.length, self.length + n, device=self.k.device)
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]."""
-        start, end = self.length, self.length + k.shape[0]
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor, start: int | None = None) -> Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] -> [T, Hq * D]: the T tokens' keys/values written at
+        positions start .. start + T - 1 (default: the cache's length), then their queries attend
+        over everything up to their own position. A tree window (decoding/tree.py) passes `start`
+        to give each branch the positions it would have alone; the length moves only on `advance`."""
+        start = self.length if start is None else start
+        blocks = self.write(layer, start, k, v)
+        self.last_query[layer] = q[-1].float().clone()  # [Hq, D]
+        return attend_tokens(q, self.k[layer], self.v[layer], start + k.shape[0], self.scale, blocks)
+
+    def write(self, layer: int, start: int, k: Tensor, v: Tensor):
+        """Keys/values [T, Hkv, D] of one layer into positions start .. start + T - 1 (no attention),
+        the prepared blocks they touch made again; returns what `attend_tokens` takes as blocks."""
+        end = start + k.shape[0]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: {end} tokens > {self.max_len}")
         k_buf, v_buf = self.k[layer], self.v[layer]
         k_buf[:, start:end] = k.transpose(0, 1)
         v_buf[:, start:end] = v.transpose(0, 1)
-        self.last_query[layer] = q[-1].float().clone()  # [Hq, D]
-        blocks = self.blocks.refresh(layer, k_buf, v_buf, start, end) if self.blocks else None
-        return attend_tokens(q, k_buf, v_buf, end, self.scale, blocks)
+        return self.blocks.refresh(layer, k_buf, v_buf, start, end) if self.blocks else None
 
     def advance(self, n: int) -> None:
         start = self.length

@@ -61,6 +61,7 @@ class DecodeConfig:
     seed: int | None = None
     max_new_tokens: int = 512
     adaptive: bool = True
+    tree: bool = True  # the route may verify a branching match's two ways in one window (decoding/tree.py)
     truncate: bool = False
     prefill_chunk: int = 512
     stop_on_repetition: bool = True  # stop an answer that ends in a loop (see decoding/loops.py)

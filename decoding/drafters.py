@@ -66,6 +66,12 @@ class Drafter(Protocol):
 
     def propose_model(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]: ...
 
+    def propose_alternative(self, k: int) -> list[int]:
+        """After a lookup proposal: up to k tokens of a second continuation of the same match, whose
+        first token differs from the proposal's (a tree window's other branch); empty where the
+        drafter knows none (only the suffix lookup knows which matches branched)."""
+        ...
+
     def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
         """The lookup's drafts, else the model's."""
         ...
@@ -169,6 +175,9 @@ class NGramDrafter:
 
     def propose_model(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
         return [], None
+
+    def propose_alternative(self, k: int) -> list[int]:
+        return []  # the index does not know which matches branched
 
     def propose(self, k: int, sampler: Sampler | None = None) -> tuple[list[int], Tensor | None]:
         """Tokens after the earlier occurrence of the longest matching suffix (n <= n_max) whose match
@@ -280,6 +289,9 @@ class ModelDrafter:
 
     def propose_model(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
         return self.propose(k, sampler)
+
+    def propose_alternative(self, k: int) -> list[int]:
+        return []
 
     @property
     def length(self) -> int:
@@ -462,6 +474,9 @@ class LookupFirstDrafter:
     def propose_model(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
         self.rounds["model"] += 1
         return self.model.propose(k, sampler)
+
+    def propose_alternative(self, k: int) -> list[int]:
+        return self.lookup.propose_alternative(k)
 
     def propose(self, k: int, sampler: Sampler) -> tuple[list[int], Tensor | None]:
         drafts, q = self.propose_lookup(k)

@@ -37,6 +37,9 @@ class RoundEvent:
     mid_accepted: int = 0
     low_rounds: list[LowRound] = field(default_factory=list)
     route: str = "step"  # "step": plain target step | "mid": middle window | "direct": bottom drafts to target
+    # | "tree": two branches of bottom drafts to the target in one window (one LowRound each)
+    tree_width: int = 0  # branches a tree round verified (0: not a tree)
+    tree_branch: int = 0  # the branch the target kept (0: the lookup's proposal, 1: the other way)
     final_kind: str = "step"  # "step" (level 0) | "correction" | "bonus"
     timings: dict[str, float] = field(default_factory=dict)  # seconds spent in "low", "mid", "target"
     wall_s: float = 0.0

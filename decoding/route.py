@@ -1,7 +1,8 @@
 """The adaptive route: what each speculative round does, chosen for the most expected tokens per second.
 
-A round is a plain target step, a middle-level window of γ drafts, or k of the bottom drafter's
-proposals verified by the target directly. Each has an expected number of kept tokens (from the
+A round is a plain target step, a middle-level window of γ drafts, k of the bottom drafter's
+proposals verified by the target directly, or those k with k_alt of the match's other way in one
+tree window (decoding/tree.py). Each has an expected number of kept tokens (from the
 acceptance of its drafts) and a cost (from the measured cost of a target window of t tokens, c(t),
 and the drafters' own costs); the route takes the best rate, and a plain step when nothing beats it.
 That is what keeps the default level from being slower than level 0 where speculation does not pay.
@@ -37,6 +38,7 @@ distribution; the route only decides how the tokens are found.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # a window of t tokens costs 1 + PRIOR_SLOPE (t - 1) steps until c(t) is measured
 PRIOR_SLOPE = 0.3
@@ -54,6 +56,12 @@ LOOKUP_PRIOR = {
 }
 ANSWER_START = "answer start"  # the lookup key of a proposal for an answer's first token
 ANSWER_START_PRIOR = 0.05
+# where a match was followed by different tokens before, the chance that what followed an earlier
+# occurrence (a tree window's second branch, decoding/tree.py) is right when the proposal's first
+# token is wrong, per branch class: a little under bench-qa's 7 of 36 (2-3 ways) and 11 of 83 (4+),
+# measured with a tree forced at every such round (docs/performance.md; the most frequent earlier
+# follower instead of the latest did no better); the session's own counts take over
+ALTERNATIVE_PRIOR = {1: 0.15, 2: 0.1}
 # a speculative route is taken only when its expected rate beats a plain step's by this factor: the
 # estimates are noisy, and a near-tie is not worth a window that may lose
 MARGIN = 1.05
@@ -62,6 +70,7 @@ PROBE_MIN_REMAINING = 24  # a probe is worth its loss only with this many tokens
 PROBE_EVERY = 8  # rounds between probes of a route that keeps losing (doubling up to 8x)
 SHALLOW = 1024  # depths below this count as this one for re-calibrating
 CALIBRATION_WINDOWS = (2, 4, 8)  # window lengths (tokens, pending one included) timed by a calibration
+TREE_EXTRA_PRIOR = 0.1  # steps a tree window costs beyond a plain window of as many rows, until measured
 
 
 class Ema:
@@ -95,11 +104,28 @@ class Acceptance:
         return self.hits / self.tries
 
 
+class Route(NamedTuple):
+    """A round's route: "step", "mid" (a middle-level window of k), "direct" (k bottom drafts
+    verified by the target) or "tree" (k bottom drafts and k_alt of a second branch, one window)."""
+
+    route: str
+    k: int
+    k_alt: int = 0
+
+
 def expected_tokens(alpha: float, k: int) -> float:
     """Tokens kept by a window of k drafts with per-position acceptance alpha (the target's own
     correction or bonus token included)."""
     a = min(alpha, 0.999)
     return (1 - a ** (k + 1)) / (1 - a)
+
+
+def tree_expected_tokens(alpha: float, beta: float, k: int, k_alt: int) -> float:
+    """Tokens kept by a tree window: k drafts with per-position acceptance alpha, and a second
+    branch of k_alt whose first token is right with probability beta when the first branch's is
+    wrong (then alpha per position)."""
+    a = min(alpha, 0.999)
+    return 1 + a * (1 - a**k) / (1 - a) + beta * (1 - a**k_alt)
 
 
 def match_bucket(match: int) -> int:
@@ -130,6 +156,9 @@ class WindowCosts:
     step: Ema = field(default_factory=lambda: Ema(0.0))
     verify: dict[int, Ema] = field(default_factory=dict)  # t >= 2
     rebuild: Ema = field(default_factory=lambda: Ema(0.0))
+    # seconds a tree window costs beyond a plain window of as many rows (its branches' attention is
+    # one kernel call each: about a tenth of a step at 1K-7K tokens on a 2-core Zen 4), from tree rounds
+    tree_extra: Ema = field(default_factory=lambda: Ema(0.0))
     calibrated_depth: int = 0
 
     def record(self, t: int, seconds: float) -> None:
@@ -143,6 +172,11 @@ class WindowCosts:
             return True
         d, depth = max(self.calibrated_depth, SHALLOW), max(depth, SHALLOW)
         return not d / 2 <= depth <= 2 * d
+
+    def tree_cost(self, t: int) -> float:
+        """A tree window of t rows: c(t) and the measured extra (TREE_EXTRA_PRIOR steps until measured)."""
+        extra = self.tree_extra.value if self.tree_extra.n else TREE_EXTRA_PRIOR * self.step.value
+        return self.cost(t) + extra
 
     def lengths(self, n: int) -> list[int]:
         """Draft counts k <= n whose windows (k + 1 tokens) the route may use: those measured, once
@@ -179,6 +213,7 @@ class CostModel:
         self.lookup: dict[LookupKey, Acceptance] = {
             (b, cls): Acceptance(p) for cls, priors in LOOKUP_PRIOR.items() for b, p in priors.items()}
         self.lookup[ANSWER_START] = Acceptance(ANSWER_START_PRIOR)
+        self.alternative = {cls: Acceptance(p) for cls, p in ALTERNATIVE_PRIOR.items()}
         self.model = Acceptance(MODEL_PRIOR)  # a draft model's drafts, verified directly
         self.model_per_token = Ema(0.0)
         self.answer_tokens = Ema(float(ANSWER_PRIOR), weight=0.3)
@@ -228,6 +263,19 @@ class CostModel:
         rates = [(k, self.direct_rate(k, alpha, draft_cost)) for k in self.windows.lengths(n)]
         return max(rates, key=lambda kr: kr[1]) if rates else (0, 0.0)
 
+    def best_tree(self, n: int, n_alt: int, alpha: float, beta: float) -> tuple[int, int, float]:
+        """(k, k_alt, tokens/s) of the best tree window over prefixes of a proposal of n drafts and
+        of a second branch of n_alt: the window's rows (1 + k + k_alt) cost what a plain window of
+        as many rows costs (the same rows through the same kernels), plus a branch's own attention
+        calls (`WindowCosts.tree_cost`)."""
+        best = (0, 0, 0.0)
+        for total in self.windows.lengths(n + n_alt):
+            for k in range(max(1, total - n_alt), min(n, total - 1) + 1):
+                rate = tree_expected_tokens(alpha, beta, k, total - k) / self.windows.tree_cost(total + 1)
+                if rate > best[2]:
+                    best = (k, total - k, rate)
+        return best
+
     def model_drafts_pay(self, k: int) -> bool:
         """Whether up to k draft-model tokens, paid now, verified directly, beat a plain step."""
         if not self.step.n or not self.model_per_token.n:
@@ -236,12 +284,13 @@ class CostModel:
 
     # -- the choice ----------------------------------------------------------------------------------------
     def choose(self, gamma_max: int, props: list[int], source: str, match: int, remaining: float,
-               mid: MidLevel | None, branches: int = 0, start: bool = False) -> tuple[str, int]:
-        """("step", 0) | ("mid", γ) | ("direct", k of props): the best expected rate; a route the
-        estimates choose against is probed now and then where the rest of the answer can pay for it.
+               mid: MidLevel | None, branches: int = 0, start: bool = False, alt: int = 0) -> Route:
+        """A plain step, a middle window of γ, k of props verified directly, or a tree of k of props
+        and k_alt of a second branch of `alt` drafts: the best expected rate; a route the estimates
+        choose against is probed now and then where the rest of the answer can pay for it.
         `start`: this round makes the answer's first token."""
         self.rounds += 1
-        choice, rate = ("step", 0), self.step_rate() * MARGIN
+        choice, rate = Route("step", 0), self.step_rate() * MARGIN
         if source == "model":
             alpha = self.model.value
         else:
@@ -249,18 +298,24 @@ class CostModel:
         if props:
             k, direct = self.best_direct(len(props), alpha)
             if direct > rate:
-                choice, rate = ("direct", k), direct
+                choice, rate = Route("direct", k), direct
+        # not for an answer's first token: what followed earlier answers' openings is not counted apart
+        if props and alt and source == "lookup" and not start and branch_class(branches) in self.alternative:
+            beta = self.alternative[branch_class(branches)].value
+            k, k_alt, tree = self.best_tree(len(props), alt, alpha, beta)
+            if tree > rate:
+                choice, rate = Route("tree", k, k_alt), tree
         if mid is not None and gamma_max > 0:
             gamma, mid_rate = self.best_mid(gamma_max, mid.bytes_ratio, mid.rebuild_s, remaining)
             if mid_rate > rate:
-                choice, rate = ("mid", gamma), mid_rate
+                choice, rate = Route("mid", gamma), mid_rate
             elif self._probe_due("mid", remaining):
                 # would the middle level win if its drafts were as good as TriForce reports?
                 g, hopeful = self.best_mid(gamma_max, mid.bytes_ratio, mid.rebuild_s, remaining, alpha=0.9)
                 if hopeful > rate:
                     self._probed("mid")
-                    return "mid", min(g, (self.windows.lengths(gamma_max) or [1])[0])
-        if choice[0] == "mid":
+                    return Route("mid", min(g, (self.windows.lengths(gamma_max) or [1])[0]))
+        if choice.route == "mid":
             self.last_used["mid"], self.probe_gap["mid"] = self.rounds, PROBE_EVERY
         return choice
 

@@ -564,7 +564,7 @@ class Session:
                     repetition_window=cfg.repetition_window),
             self.eos_ids,
             SpecConfig(level=level, gamma_mid=cfg.gamma_mid, gamma_low=cfg.gamma_low, adaptive=cfg.adaptive,
-                       loop=cfg.loop_rule()),
+                       loop=cfg.loop_rule(), tree=cfg.tree),
             view=self.view, drafter=self.drafter if level == 2 else None,
             costs=self._costs.setdefault(level, CostModel(self._windows)),
         )

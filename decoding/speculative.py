@@ -41,8 +41,9 @@ from triforce_chat.decoding.events import LowRound, RoundEvent
 from triforce_chat.decoding.loops import LoopDetector, LoopRule
 from triforce_chat.decoding.model import Transformer
 from triforce_chat.decoding.retrieval import RetrievalView
-from triforce_chat.decoding.route import CALIBRATION_WINDOWS, CostModel, MidLevel, lookup_key
+from triforce_chat.decoding.route import CALIBRATION_WINDOWS, CostModel, MidLevel, Route, branch_class, lookup_key
 from triforce_chat.decoding.sampling import Sampler, verify_drafts
+from triforce_chat.decoding.tree import TreeWindow, branch_row_indices, verify_branches
 
 
 @dataclass
@@ -53,15 +54,17 @@ class SpecConfig:
     adaptive: bool = True
     rebuild_below: float = 0.5  # rebuild the retrieval selection when mid acceptance drops below this
     loop: LoopRule | None = None  # stop an answer that ends in a loop (None: never)
+    tree: bool = True  # where a lookup match branched, the route may verify its two ways in one window
 
 
 @dataclass
 class RoundPlan:
     """What a round will do, decided before anything is verified (so the speculative-sampling
     argument holds round by round): a plain target step, a middle-level window of `gamma` tokens,
-    or `gamma` of the bottom drafter's proposals verified by the target directly."""
+    `gamma` of the bottom drafter's proposals verified by the target directly, or a tree window of
+    `gamma` of them and `gamma_alt` of a second branch that parts from them at the first token."""
 
-    route: str = "step"  # "step" | "mid" | "direct"
+    route: str = "step"  # "step" | "mid" | "direct" | "tree"
     gamma: int = 0
     props: list[int] = field(default_factory=list)  # the bottom drafter's proposal (level 2)
     q_low: torch.Tensor | None = None  # its probabilities [len(props), V] (None: a point mass)
@@ -69,6 +72,8 @@ class RoundPlan:
     match: int = 0  # the length of the match a lookup proposal follows
     branches: int = 0  # distinct tokens that followed that match before (0: not known)
     start: bool = False  # the round makes the answer's first token
+    alt: list[int] = field(default_factory=list)  # a second branch of the lookup's match (a tree's)
+    gamma_alt: int = 0  # of it, the drafts a tree window verifies
 
 
 class SpeculativeDecoder:
@@ -204,12 +209,15 @@ class SpeculativeDecoder:
         if level == 2:
             self.drafter.extend(context[self.drafter.length :])
             t0 = time.perf_counter()
-            plan.props, plan.q_low, plan.source = self._bottom_proposal(
-                min(cfg.gamma_mid + cfg.gamma_low, window_max), remaining)
+            k = min(cfg.gamma_mid + cfg.gamma_low, window_max)
+            plan.props, plan.q_low, plan.source = self._bottom_proposal(k, remaining)
             if plan.source == "lookup":
                 plan.match, plan.branches = self.drafter.last_match, self.drafter.last_branches
+                if plan.branches > 1 and cfg.tree:  # a match that branched: its other way
+                    plan.alt = self.drafter.propose_alternative(min(k, MAX_WINDOW - 1 - len(plan.props)))
             ev.timings["low"] = time.perf_counter() - t0
-        plan.route, plan.gamma = self._choose_route(level, min(cfg.gamma_mid, window_max), plan, remaining)
+        plan.route, plan.gamma, plan.gamma_alt = self._choose_route(level, min(cfg.gamma_mid, window_max), plan,
+                                                                    remaining)
         return plan
 
     def _run_route(
@@ -237,6 +245,8 @@ class SpeculativeDecoder:
             counts.update(a, len(props))
             ev.low_rounds.append(LowRound(props, a, nxt, plan.match, plan.branches))
             return props[:a] + [nxt], ["low"] * a + ["target"]
+        if plan.route == "tree":
+            return self._run_tree(pending, plan, ev)
         if self.view.needs_rebuild:
             t0 = time.perf_counter()
             self.view.rebuild()
@@ -360,6 +370,35 @@ class SpeculativeDecoder:
         ev.final_kind = "bonus" if a == len(drafts) else "correction"
         return a, nxt
 
+    def _run_tree(self, pending: int, plan: RoundPlan, ev: RoundEvent) -> tuple[list[int], list[str]]:
+        """The lookup's proposal and the match's other branch verified by the full target in one
+        tree window (decoding/tree.py); the cache keeps the accepted branch."""
+        t0 = time.perf_counter()
+        branches = [plan.props[: plan.gamma], plan.alt[: plan.gamma_alt]]
+        lengths = [len(b) for b in branches]
+        tree = TreeWindow(self.cache, lengths)
+        window = torch.tensor([pending, *branches[0], *branches[1]], device=self.model.device)
+        logits = self.model(window, tree, logits="all")  # [1 + k + k_alt, V]
+        root = self.sampler.probs(logits[:1])  # the pending row's once, then each branch's own rows
+        p = [torch.cat([root, self.sampler.probs(logits[rows[1:]], b)])
+             for rows, b in zip(branch_row_indices(lengths), branches, strict=True)]
+        taken, a, nxt = verify_branches(self.sampler, branches, p)
+        tree.keep(taken, a)
+        dt = time.perf_counter() - t0
+        windows = self.costs.windows  # what the tree cost beyond a plain window of as many rows
+        windows.tree_extra.update(max(0.0, dt - windows.cost(len(window))))
+        ev.timings["target"] = dt
+        ev.final_kind = "bonus" if a == lengths[taken] else "correction"
+        ev.tree_width, ev.tree_branch = len(branches), taken
+        # the proposal counts as a direct window's; the second branch's first token when the first failed
+        c = self.costs
+        c.lookup[lookup_key(plan.match, plan.branches, plan.start)].update(a if taken == 0 else 0, lengths[0])
+        if taken == 1 or a == 0:
+            c.alternative[branch_class(plan.branches)].update(1 if taken == 1 else 0, 1)
+        for i, b in enumerate(branches):
+            ev.low_rounds.append(LowRound(b, a if i == taken else 0, nxt, plan.match, plan.branches))
+        return branches[taken][:a] + [nxt], ["low"] * a + ["target"]
+
     def _bottom_proposal(self, k: int, remaining: float) -> tuple[list[int], torch.Tensor | None, str]:
         """The bottom drafter's proposal for this round and who made it: "lookup" (free, may be long),
         "model" or "none". A draft model pays a forward per token, so it drafts only when the cost
@@ -381,14 +420,14 @@ class SpeculativeDecoder:
             c.model_per_token.update((time.perf_counter() - t0) / len(props))
         return list(props), q, "model"
 
-    def _choose_route(self, level: int, gamma_max: int, plan: RoundPlan, remaining: float) -> tuple[str, int]:
-        """("step", 0) | ("mid", γ) | ("direct", k of the bottom proposal): decode/route.py weighs them."""
+    def _choose_route(self, level: int, gamma_max: int, plan: RoundPlan, remaining: float) -> Route:
+        """A step, a middle window, a direct window or a tree window: decoding/route.py weighs them."""
         if gamma_max <= 0:
-            return "step", 0
+            return Route("step", 0)
         if not self.config.adaptive:
-            return "mid", gamma_max
-        return self.costs.choose(gamma_max, plan.props, plan.source, plan.match, remaining, self._mid_level(),
-                                 plan.branches, plan.start)
+            return Route("mid", gamma_max)
+        return Route(*self.costs.choose(gamma_max, plan.props, plan.source, plan.match, remaining,
+                                        self._mid_level(), plan.branches, plan.start, len(plan.alt)))
 
     def _mid_level(self) -> MidLevel | None:
         """The middle level as the route sees it this round; None where its view would select

@@ -10,6 +10,8 @@ Definitions (one place, so every view of a number agrees):
 - mean_accepted_length: tokens kept per target verification round, the correction or bonus token
   counted (as vLLM reports it); level 0 is exactly 1.
 - position_histogram[level][i]: fraction of windows whose i-th draft was accepted.
+- trees: rounds that verified two ways of a branching lookup match in one window, and how many of
+  them kept the second way; both ways' drafts count in acceptance["low"] as proposed.
 - speedup_vs_level0: (level-0 step time measured in this answer's context) x tokens / decode time.
 - timings_s["sources"]: the part of decode_s spent reading the attention for the answer's sources
   (between rounds, decoding/sources.py); sources_rank_s: the time after the last token that turned
@@ -56,6 +58,10 @@ class Stats:
     lookup_match_tokens: int = 0
     lookup_branching_known: int = 0
     lookup_unique: int = 0
+    # tree windows (decoding/tree.py): rounds that verified two ways of a branching match at once, and
+    # those where the target kept the second way (the lookup's own proposal was wrong at its first token)
+    tree_rounds: int = 0
+    tree_second_kept: int = 0
     _pos_tries: dict[str, list[int]] = field(default_factory=lambda: {"mid": [], "low": []})
     _pos_hits: dict[str, list[int]] = field(default_factory=lambda: {"mid": [], "low": []})
     timings: dict[str, float] = field(default_factory=lambda: {"low": 0.0, "mid": 0.0, "target": 0.0})
@@ -73,6 +79,9 @@ class Stats:
         self.token_origins.extend(ev.origins)
         for k, v in ev.timings.items():
             self.timings[k] = self.timings.get(k, 0.0) + v
+        if ev.tree_width:
+            self.tree_rounds += 1
+            self.tree_second_kept += ev.tree_branch > 0
         if ev.mid_proposed:
             self.mid_proposed += len(ev.mid_proposed)
             self.mid_accepted += ev.mid_accepted
@@ -166,6 +175,7 @@ class Stats:
             "acceptance": self.acceptance,
             "mean_accepted_length": round(self.mean_accepted_length, 4),
             "lookup": self.lookup,
+            "trees": {"rounds": self.tree_rounds, "second_way_kept": self.tree_second_kept},
             "position_histogram": self.position_histogram,
             "level0_step_ms": round(1000 * self.level0_step_s, 3),
             "speedup_vs_level0": self.speedup_vs_level0,

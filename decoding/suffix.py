@@ -66,6 +66,7 @@ class SuffixDrafter:
         self._undo: list[tuple[int, int, array, tuple[int, ...]]] = []
         self.last_match = 0  # length of the match behind the last proposal (0: none)
         self.last_branches = 0  # distinct tokens that followed that match before
+        self._last_end = -1  # where the occurrence the last proposal followed ends
 
     # -- the context --------------------------------------------------------------------------------------
     @property
@@ -182,7 +183,34 @@ class SuffixDrafter:
             return [], None
         length, end, branches = self.match()
         self.last_match, self.last_branches = length, branches
+        self._last_end = end
         return self._tokens[end + 1 : min(end + 1 + k, len(self._tokens))].tolist(), None
+
+    # Earlier occurrences looked at for a second continuation: a match followed by different tokens
+    # before is usually a short one, with many occurrences; a few dozen of the latest are plenty.
+    ALTERNATIVE_SCAN = 48
+
+    def propose_alternative(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the last proposal's match
+        whose next token differs from the proposal's first (a second branch for a tree window,
+        decoding/tree.py); nothing when the match was always followed by the same token, or when
+        no such occurrence is among the ALTERNATIVE_SCAN latest."""
+        if k <= 0 or self.last_branches < 2 or self.last_match <= 0:
+            return []
+        toks, buf, L = self._tokens, self._bytes, len(self._tokens)
+        m = min(self.last_match, self.REACH)
+        first = toks[self._last_end + 1]
+        pattern = bytes(buf[4 * (L - m) :])
+        hi = 4 * (self._last_end + 1)  # occurrences ending before the proposal's own
+        for _ in range(self.ALTERNATIVE_SCAN):
+            at = buf.rfind(pattern, 0, hi - 4)
+            if at < 0:
+                return []
+            end = at // 4 + m - 1
+            if toks[end + 1] != first:
+                return toks[end + 1 : min(end + 1 + k, L)].tolist()
+            hi = 4 * (end + 1)
+        return []
 
     def catch_up(self) -> None:
         """Nothing to run: the automaton is current after every extend."""

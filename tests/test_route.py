@@ -19,6 +19,7 @@ from triforce_chat.decoding.route import (
     expected_tokens,
     lookup_key,
     match_bucket,
+    tree_expected_tokens,
 )
 
 STEP = 0.05
@@ -79,15 +80,15 @@ def test_dear_windows_and_poor_drafts_take_plain_steps_and_cheap_windows_take_lo
     dear.mid = Acceptance(0.9)
     cheap = CostModel(windows(CHEAP))
     cheap.mid = Acceptance(0.9)
-    route, long_gamma = cheap.choose(6, [], "none", 0, 100, mid)
+    route, long_gamma, _ = cheap.choose(6, [], "none", 0, 100, mid)
     assert route == "mid" and long_gamma >= 4
     # the same drafts where every extra row of a window costs 0.6 of a step: they cannot pay
-    assert dear.choose(6, [], "none", 0, 100, mid) == ("step", 0)
+    assert dear.choose(6, [], "none", 0, 100, mid).route == "step"
     # the lookup's proposals after a one-token match are mostly wrong: with dear windows a step wins
-    assert dear.choose(0, [7, 7, 7], "lookup", 1, 100, None) == ("step", 0)
+    assert dear.choose(0, [7, 7, 7], "lookup", 1, 100, None).route == "step"
     # after a 20-token match they are mostly right: verified directly
     assert dear.choose(0, [7, 7, 7], "lookup", 20, 100, None)[0] == "direct"
-    route, k = cheap.choose(0, [7] * 10, "lookup", 20, 100, None)
+    route, k, _ = cheap.choose(0, [7] * 10, "lookup", 20, 100, None)
     assert route == "direct" and k >= 8
 
 
@@ -97,7 +98,7 @@ def test_a_match_followed_by_many_different_tokens_before_is_not_drafted_on():
     counts say otherwise), and what is learnt of one kind does not move the other."""
     costs = CostModel(windows(0.2))
     assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=1)[0] == "direct"
-    assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=5) == ("step", 0)
+    assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=5).route == "step"
     assert lookup_key(1, 0) == lookup_key(1, 1) == (1, 0) and lookup_key(3, 2) == (2, 1)
     assert lookup_key(3, 4) == lookup_key(3, 40) == (2, 2)
     for _ in range(20):  # branching matches turn out right after all
@@ -105,7 +106,7 @@ def test_a_match_followed_by_many_different_tokens_before_is_not_drafted_on():
     assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=5)[0] == "direct"
     for _ in range(20):  # ... and one-way matches wrong: each kind follows its own counts
         costs.lookup[lookup_key(1, 1)].update(0, 2)
-    assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=1) == ("step", 0)
+    assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=1).route == "step"
     assert costs.choose(0, [7, 7], "lookup", 1, 100, None, branches=5)[0] == "direct"
 
 
@@ -116,7 +117,7 @@ def test_an_answer_s_first_token_is_not_drafted_on_whatever_the_match():
     that)."""
     costs = CostModel(windows(0.2))
     assert costs.choose(0, [7, 7], "lookup", 20, 100, None, branches=1)[0] == "direct"
-    assert costs.choose(0, [7, 7], "lookup", 20, 100, None, branches=1, start=True) == ("step", 0)
+    assert costs.choose(0, [7, 7], "lookup", 20, 100, None, branches=1, start=True).route == "step"
     assert lookup_key(20, 1, start=True) == ANSWER_START != lookup_key(20, 1)
     for _ in range(20):
         costs.lookup[ANSWER_START].update(2, 2)
@@ -137,7 +138,7 @@ def test_a_rebuild_due_this_answer_is_paid_only_where_the_answer_is_long_enough(
     costs.mid = Acceptance(0.9)
     mid = MidLevel(bytes_ratio=0.45, rebuild_s=20 * STEP)
     assert costs.choose(6, [], "none", 0, 400, mid)[0] == "mid"
-    assert costs.choose(6, [], "none", 0, 4, mid) == ("step", 0)
+    assert costs.choose(6, [], "none", 0, 4, mid).route == "step"
 
 
 def test_losing_probes_back_off_carry_over_answers_and_wait_for_an_answer_long_enough():
@@ -149,7 +150,7 @@ def test_losing_probes_back_off_carry_over_answers_and_wait_for_an_answer_long_e
     probes = []
     for i in range(1, 301):  # several answers on one session's cost model
         remaining = 100 if i < 250 else PROBE_MIN_REMAINING - 1
-        route, gamma = costs.choose(6, [], "none", 0, remaining, mid)
+        route, gamma, _ = costs.choose(6, [], "none", 0, remaining, mid)
         if route == "mid":
             probes.append(i)
             assert gamma <= 2
@@ -216,3 +217,46 @@ def test_a_chat_that_grows_from_a_few_tokens_is_not_recalibrated_at_every_doubli
     w.calibrated_depth = 120
     assert not w.needs_calibration(300) and not w.needs_calibration(2000)
     assert w.needs_calibration(2100)
+
+
+@pytest.mark.parametrize("alpha,beta,k,k_alt", [(0.4, 0.5, 3, 2), (0.8, 0.2, 5, 1), (0.1, 0.9, 1, 4)])
+def test_tree_expected_tokens_is_the_mean_of_the_tree_it_describes(alpha, beta, k, k_alt):
+    import random
+
+    rng = random.Random(0)
+
+    def kept() -> int:  # the first branch's drafts, else the second's, then the target's own token
+        ok, n = rng.random() < alpha, k
+        if not ok:
+            ok, n = rng.random() < beta, k_alt
+        accepted = 0
+        while ok:
+            accepted += 1
+            ok = accepted < n and rng.random() < alpha
+        return accepted + 1
+
+    mean = sum(kept() for _ in range(200_000)) / 200_000
+    assert mean == pytest.approx(tree_expected_tokens(alpha, beta, k, k_alt), abs=0.01)
+    assert tree_expected_tokens(alpha, 0.0, k, k_alt) == pytest.approx(expected_tokens(alpha, k))
+
+
+def test_a_branching_match_is_verified_both_ways_where_its_second_way_is_often_right():
+    """Behind a match followed by 2-3 different tokens (its proposal right about half the time), once
+    the other way has been right when the proposal was wrong, one window of both ways beats a window
+    of the proposal alone; never for an answer's first token or a model's drafts; the session's own
+    counts of the second way decide; and where every row costs most of a step, a plain step stays."""
+    costs = CostModel(windows(0.3))
+    for _ in range(20):
+        costs.alternative[1].update(1, 1)
+    route = costs.choose(0, [7, 7, 7], "lookup", 3, 100, None, branches=2, alt=2)
+    assert route.route == "tree" and route.k >= 1 and route.k_alt >= 1
+    assert costs.choose(0, [7, 7, 7], "lookup", 3, 100, None, branches=2).route != "tree"  # no second way
+    assert costs.choose(0, [7, 7, 7], "lookup", 3, 100, None, branches=2, alt=2, start=True).route != "tree"
+    assert costs.choose(0, [7, 7, 7], "model", 0, 100, None, alt=2).route != "tree"
+    for _ in range(40):  # the other way turns out wrong
+        costs.alternative[1].update(0, 1)
+    assert costs.choose(0, [7, 7, 7], "lookup", 3, 100, None, branches=2, alt=2).route != "tree"
+    dear = CostModel(windows(DEAR))  # where every row costs most of a step, not even a good second way pays
+    for _ in range(20):
+        dear.alternative[1].update(1, 1)
+    assert dear.choose(0, [7, 7, 7], "lookup", 3, 100, None, branches=2, alt=2).route == "step"

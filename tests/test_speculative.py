@@ -57,6 +57,7 @@ class Engine:
         events = list(dec.generate(context, n))
         dec.routes = [ev.route for ev in events if ev.tokens]
         dec.kept = [list(ev.tokens) for ev in events if ev.tokens]  # the tokens each round kept
+        dec.tree_branches = [ev.tree_branch for ev in events if ev.route == "tree"]  # the branch each tree kept
         dec.stop_reason = events[-1].stop_reason
         return context[len(self.prompt) :], dec
 
@@ -121,15 +122,29 @@ def test_greedy_levels_are_token_identical_with_a_quantized_qwen2_pair(qwen2_ggu
 
 class CyclingRoutes(CostModel):
     """A route chooser that ignores costs and takes every route in turn (a plain step, a middle window,
-    the bottom drafts verified directly), so every route's bookkeeping meets every other's."""
+    the bottom drafts verified directly, a tree window where the match branched), so every route's
+    bookkeeping meets every other's."""
 
-    def choose(self, gamma_max, props, source, match, remaining, mid, branches=0, start=False):
+    def choose(self, gamma_max, props, source, match, remaining, mid, branches=0, start=False, alt=0):
         self.rounds += 1
-        turn = self.rounds % 3
+        turn = self.rounds % 4
         if turn == 1 and mid is not None:
             return "mid", 1 + self.rounds % gamma_max
         if turn == 2 and props:
             return "direct", 1 + self.rounds % len(props)
+        if turn == 3 and props and alt:
+            return "tree", 1 + self.rounds % len(props), 1 + self.rounds // 4 % alt
+        return "step", 0
+
+
+class TreeWhereBranched(CostModel):
+    """A route chooser that takes a tree window wherever the lookup offers a second branch (lengths
+    varying from round to round), a plain step elsewhere."""
+
+    def choose(self, gamma_max, props, source, match, remaining, mid, branches=0, start=False, alt=0):
+        self.rounds += 1
+        if props and alt:
+            return "tree", 1 + self.rounds % len(props), 1 + self.rounds // 2 % alt
         return "step", 0
 
 
@@ -144,9 +159,9 @@ def test_only_an_answer_s_first_round_is_planned_as_its_start(small_models):
             super().__init__()
             self.starts: list[bool] = []
 
-        def choose(self, gamma_max, props, source, match, remaining, mid, branches=0, start=False):
+        def choose(self, gamma_max, props, source, match, remaining, mid, branches=0, start=False, alt=0):
             self.starts.append(start)
-            return super().choose(gamma_max, props, source, match, remaining, mid, branches, start)
+            return super().choose(gamma_max, props, source, match, remaining, mid, branches, start, alt)
 
     costs = RecordingRoutes()
     for _ in range(2):
@@ -165,6 +180,43 @@ def test_every_route_in_turn_is_lossless(small_models, drafter):
                           costs=CyclingRoutes())
     assert got == want
     assert {"step", "mid", "direct"} <= set(dec.routes), dec.routes
+    if drafter == "suffix":  # only the suffix lookup knows a match's other ways
+        assert "tree" in dec.routes, dec.routes
+
+
+@pytest.mark.parametrize("drafter,seed", [("suffix", 4), ("suffix", 1), ("both", 4)])
+def test_tree_windows_are_lossless(small_models, drafter, seed):
+    """Every round where the lookup's match branched verifies both ways in one tree window."""
+    target, draft = small_models
+    engine = Engine(target, repetitive_prompt(seed, 300, 64), budget=32, chunk=4, draft_model=draft)
+    kept_branches = []
+    for penalty in (1.0, 1.3):
+        want, _ = engine.run(0, 120, Sampler(0.0, repetition_penalty=penalty))
+        got, dec = engine.run(2, 120, Sampler(0.0, repetition_penalty=penalty), drafter, gamma_mid=4, gamma_low=3,
+                              adaptive=True, costs=TreeWhereBranched())
+        assert got == want, f"penalty {penalty}"
+        assert dec.routes.count("tree") >= 5, dec.routes
+        assert engine.cache.length == len(engine.prompt) + len(got) - 1
+        kept_branches += dec.tree_branches
+    if drafter == "suffix":  # the trees really chose between their ways
+        assert kept_branches.count(1) >= 2 and kept_branches.count(0) >= 2, kept_branches
+
+
+def test_a_tree_verifier_that_keeps_the_wrong_branch_breaks_greedy_identity(small_models, monkeypatch):
+    """The identity test above would catch a tree that keeps the proposal's branch whatever the target says."""
+    target, _ = small_models
+    engine = Engine(target, repetitive_prompt(4, 300, 64), budget=32, chunk=4)
+    want, _ = engine.run(0, 120, Sampler(0.0))
+    original = spec.verify_branches
+
+    def always_first(sampler, branches, p):
+        b, a, nxt = original(sampler, branches, p)
+        return (0, a, nxt) if b == 1 else (b, a, nxt)
+
+    monkeypatch.setattr(spec, "verify_branches", always_first)
+    broken, _ = engine.run(2, 120, Sampler(0.0), "suffix", gamma_mid=4, gamma_low=3, adaptive=True,
+                           costs=TreeWhereBranched())
+    assert broken != want
 
 
 def test_the_adaptive_route_is_lossless(small_models):
@@ -260,14 +312,20 @@ def exact_pair_distribution(model, prompt, sampler) -> dict[tuple[int, int], flo
 
 
 def chi2_statistic(engine, level, drafter, temperature, top_p, exact, adaptive=False, make_sampler=None,
-                   draws: int = DRAWS) -> float:
+                   draws: int = DRAWS, costs=None) -> float:
     """Chi-square of the first two tokens over `draws` seeds against `exact`, divided by its 0.1%
-    critical value. make_sampler(seed) replaces Sampler(temperature, top_p, seed=seed)."""
+    critical value. make_sampler(seed) replaces Sampler(temperature, top_p, seed=seed); `costs`: a
+    route chooser kept across the draws (as a session keeps one)."""
     make_sampler = make_sampler or (lambda seed: Sampler(temperature, top_p, seed=seed))
     counts = dict.fromkeys(exact, 0)
+    trees = 0
     for seed in range(draws):
-        got, _ = engine.run(level, 2, make_sampler(seed), drafter, gamma_mid=3, gamma_low=2, adaptive=adaptive)
+        got, dec = engine.run(level, 2, make_sampler(seed), drafter, gamma_mid=3, gamma_low=2, adaptive=adaptive,
+                              costs=costs)
         counts[tuple(got)] += 1
+        trees += "tree" in dec.routes
+    if isinstance(costs, TreeWhereBranched):
+        assert trees > draws // 2, trees  # the second token came out of a tree window in most draws
     # bins with small expectation are pooled so the chi-square approximation holds
     stat, pooled_obs, pooled_exp, df = 0.0, 0, 0.0, -1
     for key in sorted(exact, key=exact.get, reverse=True):
@@ -302,6 +360,48 @@ def test_sampling_is_distributed_as_the_target(sampling_setup, level, drafter, t
     engine, target, prompt = sampling_setup
     exact = exact_pair_distribution(target, prompt, Sampler(temperature, top_p, seed=0))
     assert chi2_statistic(engine, level, drafter, temperature, top_p, exact, adaptive) < 1.0
+
+
+def branching_prompt(vocab: int, length: int, seed: int = 0) -> list[int]:
+    """A random prompt whose end matches earlier text that was followed by different tokens, so the
+    answer's first round can be a tree window (whose two tokens the chi-square tests then cover)."""
+    for s in itertools.count(seed):
+        prompt = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(s)).tolist()
+        lookup = SuffixDrafter()
+        lookup.extend(prompt)
+        if lookup.propose(1)[0] and lookup.last_branches >= 2 and lookup.propose_alternative(1):
+            return prompt
+
+
+@pytest.fixture(scope="module")
+def tree_sampling_setup(sampling_setup):
+    _, target, _ = sampling_setup
+    prompt = branching_prompt(VOCAB, 96)
+    exact = exact_pair_distribution(target, prompt, Sampler(1.0, 1.0, seed=0))
+    return Engine(target, prompt, budget=12, chunk=4), exact
+
+
+def test_sampling_through_tree_windows_is_distributed_as_the_target(tree_sampling_setup):
+    engine, exact = tree_sampling_setup
+    assert chi2_statistic(engine, 2, "suffix", 1.0, 1.0, exact, adaptive=True, costs=TreeWhereBranched()) < 1.0
+
+
+def test_chi_square_rejects_a_tree_verifier_that_skips_the_residual(tree_sampling_setup, monkeypatch):
+    """A tree verifier that accepts the second branch with p(b1) rather than p(b1) / (1 - p(a1))."""
+    engine, exact = tree_sampling_setup
+
+    def unnormalised(sampler, branches, p):
+        root = p[0][0]
+        for i, b in enumerate(branches):
+            if sampler.uniform() < float(root[b[0]]):
+                a, nxt = spec.verify_drafts(sampler, list(b[1:]), None, p[i][1:])
+                return i, 1 + a, nxt
+        rest = root.clone()
+        rest[[b[0] for b in branches]] = 0
+        return 0, 0, sampler.sample(rest / rest.sum())
+
+    monkeypatch.setattr(spec, "verify_branches", unnormalised)
+    assert chi2_statistic(engine, 2, "suffix", 1.0, 1.0, exact, adaptive=True, costs=TreeWhereBranched()) > 1.0
 
 
 def test_chi_square_rejects_biased_verifiers(sampling_setup, monkeypatch):
@@ -406,6 +506,19 @@ def test_sampling_with_top_k_and_penalty_is_distributed_as_the_target(processed_
     engine, exact = processed_setup
     stat = chi2_statistic(engine, level, drafter, None, None, exact[setting], adaptive,
                           make_sampler=processed_sampler(setting), draws=PDRAWS)
+    assert stat < 1.0
+
+
+@pytest.mark.parametrize("setting", ["whole", "window3"])
+def test_sampling_through_tree_windows_with_top_k_and_penalty_is_distributed_as_the_target(processed_setup,
+                                                                                            setting):
+    """Each branch's rows are processed with their own prefix: the penalty sees that branch's drafts."""
+    engine, _ = processed_setup
+    prompt = branching_prompt(2, 96, seed=3)  # ids 0 and 1, as processed_setup's
+    engine = Engine(engine.model, prompt, budget=12, chunk=4)
+    exact = {setting: reference_pair_distribution(engine.model, prompt, PROCESSED[setting])}
+    stat = chi2_statistic(engine, 2, "suffix", None, None, exact[setting], True,
+                          make_sampler=processed_sampler(setting), draws=PDRAWS, costs=TreeWhereBranched())
     assert stat < 1.0
 
 

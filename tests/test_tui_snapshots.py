@@ -224,6 +224,30 @@ def test_direct_round_shows_the_bottom_drafts_verified_by_the_target():
     assert "step" in render_round(step, decode).plain
 
 
+def test_a_tree_round_shows_both_ways_and_the_panel_counts_trees():
+    """A tree round (route "tree") shows the lookup's proposal and the match's other way, one line
+    each, the target's token after the way it kept; the Decoding panel counts trees and second ways."""
+    from triforce_chat.app.ui.widgets import Pending, render_round, render_stats, token_label
+    from triforce_chat.decoding.stats import Stats
+
+    ev = RoundEvent(
+        index=3, tokens=[4, 6, 14], origins=["low", "low", "target"], text="", route="tree", tree_width=2,
+        tree_branch=1, final_kind="correction",
+        low_rounds=[LowRound([2, 3], 0, 14, match=4, branches=3), LowRound([4, 6, 9], 2, 14, match=4, branches=3)],
+    )
+    first, second = render_round(ev, decode).plain.split("\n")
+    a, b, c, d, e, f = (token_label(decode(t)) for t in (2, 3, 4, 6, 9, 14))
+    assert first.startswith("#3  tree") and f"✗{a} ·{b}" in first and "→" not in first
+    assert "match 4 · 3 ways" in first
+    assert f"✓{c} ✓{d} ✗{e} → {f}" in second and "correction, target-verified" in second
+    stats = Stats(level=2)
+    stats.add(ev)
+    assert stats.to_dict()["trees"] == {"rounds": 1, "second_way_kept": 1}
+    assert stats.low_proposed == 5 and stats.low_accepted == 2  # both ways' drafts were proposed
+    panel = render_stats(stats.to_dict(), Pending(2, "suffix", "4096", 6, 4)).plain
+    assert "trees 1 · width 2 · 2nd way kept 1" in panel
+
+
 def test_cache_panel_names_both_bottoms_of_a_lookup_first_drafter():
     """suffix+model: the panel shows the lookup's index, the model's window and who drafted."""
     import dataclasses

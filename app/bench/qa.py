@@ -135,6 +135,8 @@ def ask_in_new_chat(session, item: QAItem, level: int) -> dict[str, Any]:
         "mid_accepted": st.mid_accepted,
         "low_proposed": st.low_proposed,
         "low_accepted": st.low_accepted,
+        "tree_rounds": st.tree_rounds,
+        "tree_second_kept": st.tree_second_kept,
     }
 
 
@@ -258,7 +260,8 @@ def speed_rows(runs: list[dict[str, Any]], spec: QASpec) -> list[dict[str, Any]]
         for level in spec.levels:
             rs = [r for r in runs if r["threads"] == threads and r["level"] == level]
             tot = {k: sum(r[k] for r in rs) for k in
-                   ("new_tokens", "decode_s", "mid_proposed", "mid_accepted", "low_proposed", "low_accepted")}
+                   ("new_tokens", "decode_s", "mid_proposed", "mid_accepted", "low_proposed", "low_accepted",
+                    "tree_rounds", "tree_second_kept")}
             rows.append({
                 "threads": threads,
                 "level": level,
@@ -269,6 +272,8 @@ def speed_rows(runs: list[dict[str, Any]], spec: QASpec) -> list[dict[str, Any]]
                 "decode_tokens_per_s": ratio(tot["new_tokens"], tot["decode_s"], 3),
                 "acceptance_mid": ratio(tot["mid_accepted"], tot["mid_proposed"]),
                 "acceptance_low": ratio(tot["low_accepted"], tot["low_proposed"]),
+                "tree_rounds": tot["tree_rounds"],
+                "tree_second_kept": tot["tree_second_kept"],
             })
             mine = [q["ratio"] for q in per_question if q["threads"] == threads and q["level"] == level]
             if mine:

@@ -209,8 +209,18 @@ def render_round(ev: RoundEvent, decode: Callable[[int], str]) -> Content:
     """One outer round: per level, the proposed window with accepted (✓), the rejected token (✗,
     struck) and the unverified rest (·, struck and dim), then what the verifier put in its place.
     A level-2 round whose bottom drafts went straight to the target (route "direct") shows them
-    on one line verified by the target."""
+    on one line verified by the target; a tree round (route "tree") one line per way, the kept one
+    with the target's token after it."""
     header = Content.styled(f"#{ev.index:<3}", "dim")
+    if ev.route == "tree" and ev.low_rounds:
+        final = ev.tokens[-1] if ev.tokens else None
+        lines = []
+        for i, lr in enumerate(ev.low_rounds):
+            kept = i == ev.tree_branch
+            lines.append(_window("tree" if not i else "", lr.proposed, lr.accepted, final if kept else None,
+                                 f"{ev.final_kind}, target-verified", ev.origins if kept else [], decode, "target",
+                                 lr.match if not i else 0, lr.branches if not i else 0))
+        return header + Content("\n    ").join(lines)
     if ev.route == "direct" and ev.low_rounds:
         lr = ev.low_rounds[-1]
         final = ev.tokens[-1] if ev.tokens else None
@@ -477,6 +487,9 @@ def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float
         lines.append(Content.assemble(("Lookup ", "bold"), f"{lookup['proposals']} drafts"))
         one_way = f"  one way {pct(lookup['unique_share'])}" if lookup.get("unique_share") is not None else ""
         lines.append(Content(f" match {lookup['mean_match']:.1f} tok{one_way}"))
+    trees = s.get("trees") or {}
+    if trees.get("rounds"):  # two ways of a branching match verified in one window (decoding/tree.py)
+        lines.append(Content(f" trees {trees['rounds']} · width 2 · 2nd way kept {trees['second_way_kept']}"))
     hist = s.get("position_histogram") or {}
     if any(hist.get(k) for k in ("mid", "low")):
         n = max(len(hist.get("mid") or []), len(hist.get("low") or []))
