@@ -199,13 +199,14 @@ def top_k_top_p_probs(scores: Tensor, k: int, top_p: float) -> Tensor:
     keeps all of, goes the long way. Each row's path and arithmetic depend on that row alone, so
     a row of a window gets the bits it gets alone."""
     rows = scores.reshape(-1, scores.shape[-1])  # [R, V]
-    vals, idx = rows.topk(k, dim=-1)  # [R, k] descending
+    vals, idx = rows.topk(k + 1, dim=-1)  # [R, k + 1] descending
+    tied = vals[:, k] == vals[:, k - 1]  # [R]: the k-th logit has a tie past it (no pass over the row)
+    vals, idx = vals[:, :k], idx[:, :k]
     p = torch.softmax(vals, dim=-1)
     if top_p < 1.0:  # rows already sorted
         p = _within_top_p(p, top_p)
         p = p / p.sum(-1, keepdim=True)
     out = torch.zeros_like(rows).scatter_(-1, idx, p)
-    tied = (rows >= vals[:, -1:]).sum(-1) > k  # [R]
     if bool(tied.any()):
         out[tied] = top_p_filter(torch.softmax(top_k_filter(rows[tied], k), dim=-1), top_p)
     return out.reshape(scores.shape)

@@ -92,8 +92,8 @@ class Sampler:
         top-k and top-p (rows and `extra` as in `scores`). Greedy: one-hot at the argmax of the
         penalized logits (ties go to the lowest id, like torch.argmax)."""
         scores = self.scores(logits, extra)
-        if self.greedy:
-            return torch.nn.functional.one_hot(scores.argmax(-1), scores.shape[-1]).float()
+        if self.greedy:  # one-hot rows, made in place (F.one_hot builds an int64 copy of the vocabulary first)
+            return torch.zeros_like(scores).scatter_(-1, scores.argmax(-1, keepdim=True), 1.0)
         scores = scores / self.temperature
         if 0 < self.top_k < scores.shape[-1]:
             return top_k_top_p_probs(scores, self.top_k, self.top_p)

@@ -293,3 +293,15 @@ def test_the_guard_counts_the_prepared_blocks_exactly_where_the_cache_keeps_them
         assert s.cache.blocks_bytes == s.cache.used_bytes > 0 and max(s.cache.blocks.ready) > 0
     else:
         assert "attention_blocks" not in est.parts and s.cache.blocks_bytes == 0
+
+
+def test_freed_memory_is_kept_for_the_next_step_where_the_c_library_is_glibc():
+    """glibc takes the thresholds (decoding/memory/allocator.py); elsewhere the call says it did not."""
+    import platform
+    import sys
+
+    from triforce_chat.decoding.memory.allocator import keep_freed_memory
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_freed_memory() is glibc
+    assert keep_freed_memory() is glibc  # once per process; again is the same answer

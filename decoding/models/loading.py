@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from triforce_chat.decoding.memory.allocator import keep_freed_memory
 from triforce_chat.decoding.model import (
     MAX_WINDOW,
     ModelArgs,
@@ -174,6 +175,7 @@ def load_model(
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
     source = resolve_model(spec)
+    keep_freed_memory()  # each step's vocabulary-wide tensors reuse memory instead of faulting pages in
     notices: list[str] = []
     st = native.status()
     if not st.available and torch.device(device).type == "cpu":
