@@ -23,6 +23,7 @@ class LowRound:
     next_token: int  # the middle level's correction or bonus after the accepted prefix (or the target's)
     match: int = 0  # a lookup proposal: the length of the match it follows (0: a model's, or none)
     branches: int = 0  # ... and how many distinct tokens followed that match before (0: not known)
+    tried: bool = True  # False: a tree's second way, never verified (the first way's first token was kept)
 
 
 @dataclass

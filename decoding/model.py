@@ -549,8 +549,8 @@ class Transformer(nn.Module):
                 return rows[-1]
             return rows[-1] if logits == "last" else torch.cat(rows)
         pos = kv.positions(T)  # [T]
-        if int(pos[-1]) >= self.max_len:
-            raise ValueError(f"position {int(pos[-1])} is past the model's context of {self.max_len} tokens")
+        if int(pos.max()) >= self.max_len:  # (a tree window's rows are not in position order)
+            raise ValueError(f"position {int(pos.max())} is past the model's context of {self.max_len} tokens")
         cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # [T, D/2]
         x = self.tok_embeddings(tokens).to(self.dtype)  # [T, dim]
         with attention_products(self.attention):

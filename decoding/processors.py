@@ -199,9 +199,13 @@ def top_k_top_p_probs(scores: Tensor, k: int, top_p: float) -> Tensor:
     keeps all of, goes the long way. Each row's path and arithmetic depend on that row alone, so
     a row of a window gets the bits it gets alone."""
     rows = scores.reshape(-1, scores.shape[-1])  # [R, V]
-    vals, idx = rows.topk(k + 1, dim=-1)  # [R, k + 1] descending
-    tied = vals[:, k] == vals[:, k - 1]  # [R]: the k-th logit has a tie past it (no pass over the row)
-    vals, idx = vals[:, :k], idx[:, :k]
+    if k >= rows.shape[-1]:  # nothing is past the k-th logit
+        vals, idx = rows.topk(rows.shape[-1], dim=-1)
+        tied = torch.zeros(rows.shape[0], dtype=torch.bool, device=rows.device)
+    else:
+        vals, idx = rows.topk(k + 1, dim=-1)  # [R, k + 1] descending
+        tied = vals[:, k] == vals[:, k - 1]  # [R]: the k-th logit has a tie past it (no pass over the row)
+        vals, idx = vals[:, :k], idx[:, :k]
     p = torch.softmax(vals, dim=-1)
     if top_p < 1.0:  # rows already sorted
         p = _within_top_p(p, top_p)

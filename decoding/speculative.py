@@ -395,8 +395,9 @@ class SpeculativeDecoder:
         c.lookup[lookup_key(plan.match, plan.branches, plan.start)].update(a if taken == 0 else 0, lengths[0])
         if taken == 1 or a == 0:
             c.alternative[branch_class(plan.branches)].update(1 if taken == 1 else 0, 1)
-        for i, b in enumerate(branches):
-            ev.low_rounds.append(LowRound(b, a if i == taken else 0, nxt, plan.match, plan.branches))
+        # the match is the first way's (counted once); the second way was tried only where the first failed
+        ev.low_rounds.append(LowRound(branches[0], a if taken == 0 else 0, nxt, plan.match, plan.branches))
+        ev.low_rounds.append(LowRound(branches[1], a if taken == 1 else 0, nxt, tried=taken == 1 or a == 0))
         return branches[taken][:a] + [nxt], ["low"] * a + ["target"]
 
     def _bottom_proposal(self, k: int, remaining: float) -> tuple[list[int], torch.Tensor | None, str]:

@@ -11,7 +11,8 @@ Definitions (one place, so every view of a number agrees):
   counted (as vLLM reports it); level 0 is exactly 1.
 - position_histogram[level][i]: fraction of windows whose i-th draft was accepted.
 - trees: rounds that verified two ways of a branching lookup match in one window, and how many of
-  them kept the second way; both ways' drafts count in acceptance["low"] as proposed.
+  them kept the second way; the second way's drafts count in acceptance["low"] where it was tried
+  (the first way's first token was rejected).
 - speedup_vs_level0: (level-0 step time measured in this answer's context) x tokens / decode time.
 - timings_s["sources"]: the part of decode_s spent reading the attention for the answer's sources
   (between rounds, decoding/sources.py); sources_rank_s: the time after the last token that turned
@@ -87,7 +88,7 @@ class Stats:
             self.mid_accepted += ev.mid_accepted
             self._count_positions("mid", len(ev.mid_proposed), ev.mid_accepted)
         for lr in ev.low_rounds:
-            if lr.proposed:
+            if lr.proposed and lr.tried:
                 self.low_proposed += len(lr.proposed)
                 self.low_accepted += lr.accepted
                 self._count_positions("low", len(lr.proposed), lr.accepted)

@@ -57,6 +57,9 @@ class TreeWindow:
         self.cursor = 0  # the next row a forward feeds (a model without row-invariant windows feeds one at a time)
         self.keys: list[Tensor | None] = [None] * len(cache.k)  # per layer [rows, Hkv, D], for `keep`
         self.values: list[Tensor | None] = [None] * len(cache.k)
+        # per layer and branch, the query of the branch's last row: a plain window of the kept branch
+        # leaves it in `cache.last_query` (the retrieval view and the sources read it)
+        self.last_queries: list[list[Tensor | None]] = [[None] * len(branch_lengths) for _ in cache.k]
 
     # -- KVStore protocol ----------------------------------------------------------------------------
     def positions(self, n: int) -> Tensor:
@@ -75,11 +78,13 @@ class TreeWindow:
         out: list[Tensor] = []
         # the pending row goes with the first branch: [pending, a1 .. am] is a plain window
         spans = [(0, 1 + self.branch_rows[0][1])] + [(r, r + n) for r, n in self.branch_rows[1:]]
-        for first, end in spans:
+        for branch, (first, end) in enumerate(spans):
             a, b = max(lo, first), min(hi, end)
             if a < b:
                 out.append(self.cache.attend(layer, q[a - lo : b - lo], k[a - lo : b - lo], v[a - lo : b - lo],
                                              start=self.row_pos[a]))
+                if b == end:
+                    self.last_queries[layer][branch] = self.cache.last_query[layer]
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def advance(self, n: int) -> None:
@@ -99,6 +104,8 @@ class TreeWindow:
         if accepted and branch != len(self.branch_rows) - 1:
             for layer, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
                 cache.write(layer, self.start + 1, k[first : first + accepted], v[first : first + accepted])
+        for layer, queries in enumerate(self.last_queries):
+            cache.last_query[layer] = queries[branch]
         cache.advance(1 + accepted)
         cache.truncate(cache.length)  # forgets the prepared blocks a branch made past the kept rows
 

@@ -63,11 +63,13 @@ def test_branches_get_the_bits_of_their_own_windows_and_the_cache_keeps_the_kept
         tree = TreeWindow(cache, lengths)
         model(torch.tensor([pending, *branches[0], *branches[1]]), tree, logits="all")
         tree.keep(b, accepted)
-        alone = prefilled(model, prompt)
-        model(torch.tensor([pending, *branches[b][:accepted]]), alone, logits="all")
+        alone = prefilled(model, prompt)  # a plain window of the kept branch, rolled back as the verifier does
+        model(torch.tensor([pending, *branches[b]]), alone, logits="all")
         n = start + 1 + accepted
+        alone.truncate(n)
         assert cache.length == alone.length == n
         assert torch.equal(cache.k[:, :, :n], alone.k[:, :, :n]) and torch.equal(cache.v[:, :, :n], alone.v[:, :, :n])
+        assert all(torch.equal(a, b) for a, b in zip(cache.last_query, alone.last_query, strict=True))
         nxt = torch.tensor([rng.randrange(vocab) for _ in range(3)])  # and the next window reads it alike
         assert torch.equal(model(nxt, cache, logits="all"), model(nxt, alone, logits="all"))
 

@@ -233,7 +233,7 @@ def test_a_tree_round_shows_both_ways_and_the_panel_counts_trees():
     ev = RoundEvent(
         index=3, tokens=[4, 6, 14], origins=["low", "low", "target"], text="", route="tree", tree_width=2,
         tree_branch=1, final_kind="correction",
-        low_rounds=[LowRound([2, 3], 0, 14, match=4, branches=3), LowRound([4, 6, 9], 2, 14, match=4, branches=3)],
+        low_rounds=[LowRound([2, 3], 0, 14, match=4, branches=3), LowRound([4, 6, 9], 2, 14)],
     )
     first, second = render_round(ev, decode).plain.split("\n")
     a, b, c, d, e, f = (token_label(decode(t)) for t in (2, 3, 4, 6, 9, 14))
@@ -243,9 +243,20 @@ def test_a_tree_round_shows_both_ways_and_the_panel_counts_trees():
     stats = Stats(level=2)
     stats.add(ev)
     assert stats.to_dict()["trees"] == {"rounds": 1, "second_way_kept": 1}
-    assert stats.low_proposed == 5 and stats.low_accepted == 2  # both ways' drafts were proposed
+    assert stats.low_proposed == 5 and stats.low_accepted == 2  # both ways were tried
+    assert stats.lookup_proposals == 1  # one match behind both
     panel = render_stats(stats.to_dict(), Pending(2, "suffix", "4096", 6, 4)).plain
     assert "trees 1 · width 2 · 2nd way kept 1" in panel
+    # the first way's first token kept: the second way was never tried, and is not counted as rejected
+    ev = RoundEvent(
+        index=4, tokens=[2, 3, 14], origins=["low", "low", "target"], text="", route="tree", tree_width=2,
+        tree_branch=0, final_kind="bonus",
+        low_rounds=[LowRound([2, 3], 2, 14, match=4, branches=3), LowRound([4, 6], 0, 14, tried=False)],
+    )
+    first, second = render_round(ev, decode).plain.split("\n")
+    assert f"✓{a} ✓{b} → {f}" in first and f"·{c} ·{d}" in second and "not tried" in second
+    stats.add(ev)
+    assert stats.low_proposed == 7 and stats.low_accepted == 4
 
 
 def test_cache_panel_names_both_bottoms_of_a_lookup_first_drafter():

@@ -182,11 +182,14 @@ def _window(
     final_origin: str | None = None,
     match: int = 0,
     branches: int = 0,
+    tried: bool = True,
 ) -> Content:
     parts: list[tuple[str, str] | str] = [(f"{label:<6}", "bold")]
     for i, tok in enumerate(proposed):
         text = token_label(decode(tok))
-        if i < accepted:
+        if not tried:
+            parts += [(" ·", "dim"), (text, UNVERIFIED_STYLE)]
+        elif i < accepted:
             style = ORIGIN_STYLE.get(kept_origins[i] if i < len(kept_origins) else "low", "")
             parts += [" ✓", (text, style)]
         elif i == accepted:
@@ -199,7 +202,7 @@ def _window(
             (token_label(decode(final)), ORIGIN_STYLE[final_origin or ("target" if label == "mid" else "mid")]),
             (f" {final_kind}", "dim"),
         ]
-    parts.append(("  " + f"{accepted}/{len(proposed)}", "dim"))
+    parts.append(("  " + (f"{accepted}/{len(proposed)}" if tried else "not tried"), "dim"))
     if match:  # what backed a lookup proposal: the match's length and the tokens that followed it before
         parts.append((f"  match {match}" + (f" · {branches} ways" if branches > 1 else ""), "dim"))
     return Content.assemble(*parts)
@@ -219,7 +222,7 @@ def render_round(ev: RoundEvent, decode: Callable[[int], str]) -> Content:
             kept = i == ev.tree_branch
             lines.append(_window("tree" if not i else "", lr.proposed, lr.accepted, final if kept else None,
                                  f"{ev.final_kind}, target-verified", ev.origins if kept else [], decode, "target",
-                                 lr.match if not i else 0, lr.branches if not i else 0))
+                                 lr.match, lr.branches, lr.tried))
         return header + Content("\n    ").join(lines)
     if ev.route == "direct" and ev.low_rounds:
         lr = ev.low_rounds[-1]

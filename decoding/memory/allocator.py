@@ -15,7 +15,6 @@ weights and KV caches are far larger than the threshold and stay mapped as befor
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
@@ -34,8 +33,7 @@ def keep_freed_memory() -> bool:
         _tuned = False
         if sys.platform.startswith("linux"):
             try:
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                mallopt = libc.mallopt
+                mallopt = ctypes.CDLL(None).mallopt  # the C library this process already runs on
             except (OSError, AttributeError):
                 return False
             mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
