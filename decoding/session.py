@@ -136,6 +136,12 @@ class Session:
             raise ValueError(f"level must be 0, 1 or 2, not {level}")
         self.config.level = level
 
+    def set_seed(self, seed: int | None) -> None:
+        """The sampler's seed for the next answers (None: a fresh one each answer)."""
+        if seed is not None and not 0 <= seed < 2**63:
+            raise ValueError(f"seed must be between 0 and 2**63 - 1, not {seed}")
+        self.config.seed = seed
+
     def set_gammas(self, gamma_mid: int | None = None, gamma_low: int | None = None) -> None:
         cfg = DecodeConfig(**{**self.config.__dict__})
         cfg.gamma_mid = gamma_mid if gamma_mid is not None else cfg.gamma_mid

@@ -194,6 +194,38 @@ def test_repeats_alternate_the_levels_and_give_per_question_medians(monkeypatch,
         QASpec(models=["tiny"], threads=[1], levels=[0], repeat=0)
 
 
+def test_sampled_runs_use_the_model_s_settings_and_a_seed_per_repeat(monkeypatch, tiny_model):
+    """--sample: each model's own sampling settings (an invalid one skipped, as the chat does), the same
+    seed for every answer of a repeat and another for the next; the levels are not compared."""
+    import dataclasses
+
+    seeds: list[tuple[int, int | None]] = []
+    real = bench_qa.ask_in_new_chat
+
+    def recording(session, item, level):
+        seeds.append((level, session.config.seed))
+        return real(session, item, level)
+
+    monkeypatch.setattr(bench_qa, "ask_in_new_chat", recording)
+    lm = dataclasses.replace(tiny_model, generation_defaults={"temperature": 1.0, "top_p": 0.95, "top_k": 12,
+                                                              "repetition_penalty": -2.0})
+    spec = QASpec(models=["tiny"], threads=[1], levels=[0, 2], max_new_tokens=10, repeat=2, sample=True)
+    m = bench_qa.run_model(lm, _cfg(), spec, [NOTES])
+    json.dumps(m)
+    assert m["sampling"] == {"temperature": 1.0, "top_p": 0.95, "top_k": 12, "repetition_penalty": 1.0}
+    assert m["identical"] is None and not m["mismatches"] and all(r["identical"] is None for r in m["runs"])
+    assert len(m["runs"]) == 8 and {r["level"] for r in m["runs"]} == {0, 2}
+    first = bench_qa.SAMPLE_SEED
+    assert seeds == [(0, first), (2, first), (2, first + 1), (0, first + 1)] * 2  # per question: repeat 0, 1
+    again = bench_qa.run_model(lm, _cfg(), spec, [NOTES])  # seeded: the same answers again
+    assert [a["token_ids"] for a in again["answers"]] == [a["token_ids"] for a in m["answers"]]
+    other = bench_qa.run_model(lm, _cfg(), dataclasses.replace(spec, repeat=1), [NOTES])
+    assert [a["token_ids"] for a in other["answers"]] == [a["token_ids"] for a in m["answers"]]  # repeat 0's seed
+    greedy = bench_qa.run_model(lm, _cfg(), dataclasses.replace(spec, sample=False, repeat=1), [NOTES])
+    assert greedy["sampling"] == "greedy" and greedy["identical"] is True
+    assert [a["token_ids"] for a in greedy["answers"]] != [a["token_ids"] for a in m["answers"]]
+
+
 def test_right_answers_are_counted(monkeypatch, tiny_model):
     """A model that gives the accepted answer scores it: the count comes from the answers."""
     real = bench_qa.ask_in_new_chat
@@ -269,6 +301,16 @@ def test_bench_qa_table(monkeypatch, capsys, tiny_model_dir):
     for threads in (1, 2):
         assert re.search(rf"{threads} thread\(s\), level 2 / level 0 per question \(median of 1 pair\(s\)\): "
                          r"worst \d+\.\d\dx \(\S+ #0\), \d of 4 below 0\.97x", out), out
+
+
+def test_bench_qa_sampled_from_the_command_line(monkeypatch, capsys, tiny_model_dir):
+    code, out, err = run_cli(monkeypatch, capsys, "bench-qa", "--models", str(tiny_model_dir), "--threads", "1",
+                             "--levels", "2", "--limit", "1", "--max-new-tokens", "4", "--context", "8192",
+                             "--sample", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["settings"]["sample"] is True and result["identical"] is None
+    assert set(result["models"][0]["sampling"]) == {"temperature", "top_p", "top_k", "repetition_penalty"}
 
 
 def test_a_level_that_disagrees_is_reported_and_fails(monkeypatch, capsys, tiny_model_dir):

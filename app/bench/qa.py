@@ -10,7 +10,14 @@ time (drift on a shared machine then hits them alike). Answers are greedy and ex
 top-k, no repetition penalty, the repetition stop on (as `ask` by default), at most
 `--max-new-tokens` tokens. No document cache: every prefill is computed.
 
+`--sample` asks as the chat does by default: with each model's own sampling settings (its generation
+config: temperature, top-p, top-k, repetition penalty), seed SAMPLE_SEED + the repeat's index for
+every answer of that repeat. Each level is then exact in distribution, not in tokens, so the levels'
+answers are not compared, and a question's ratio compares two different answers (repeat to average
+that out).
+
 What is reported:
+- sampling: "greedy", or (`--sample`) the settings each model's answers were sampled with.
 - right answers: level 0 at the first thread count, scored by app/bench/qa_score.py. Greedy output is
   the same at every level by construction, so every other level's token ids are compared with
   level 0's at the same thread count: a difference is printed as MISMATCH and the command exits 1.
@@ -52,6 +59,8 @@ from triforce_chat.app.bench.qa_score import is_right
 from triforce_chat.app.bench.qa_set import ASK_SUFFIX, DocSet, QAItem, qa_set
 
 DEFAULT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
+SAMPLE_SEED = 1000  # --sample: the seed of every answer of repeat r is SAMPLE_SEED + r
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
 @dataclass
@@ -62,6 +71,7 @@ class QASpec:
     max_new_tokens: int = 64
     limit: int | None = None  # the first N questions of each document
     repeat: int = 1  # times each question is asked per level
+    sample: bool = False  # with each model's own sampling settings (see the module docstring)
 
     def __post_init__(self) -> None:
         for level in self.levels:
@@ -151,6 +161,8 @@ def run_model(lm, cfg, spec: QASpec, sets: list[DocSet], log: Log = lambda m: No
 
     cfg = dataclasses.replace(cfg, level=0, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
                               stop_on_repetition=True, max_new_tokens=spec.max_new_tokens)
+    if spec.sample:
+        cfg = model_sampling(cfg, lm.generation_defaults)
     previous = torch.get_num_threads()
     runs: list[dict[str, Any]] = []
     prefill: list[dict[str, Any]] = []
@@ -170,6 +182,8 @@ def run_model(lm, cfg, spec: QASpec, sets: list[DocSet], log: Log = lambda m: No
                     # hits the levels of a question alike
                     for i, item in enumerate(doc.items):
                         for rep in range(spec.repeat):
+                            if spec.sample:
+                                session.set_seed(SAMPLE_SEED + rep)
                             for level in (spec.levels if rep % 2 == 0 else spec.levels[::-1]):
                                 r = ask_in_new_chat(session, item, level)
                                 r.update(threads=threads, level=level, document=doc.name, index=i, repeat=rep)
@@ -183,7 +197,22 @@ def run_model(lm, cfg, spec: QASpec, sets: list[DocSet], log: Log = lambda m: No
                             "tokens_per_s": ratio(tokens, seconds, 1)})
     finally:
         torch.set_num_threads(previous)
-    return summarize_model(lm, spec, sets, runs, prefill)
+    record = summarize_model(lm, spec, sets, runs, prefill)
+    record["sampling"] = {k: getattr(cfg, k) for k in SAMPLING_KEYS} if spec.sample else "greedy"
+    return record
+
+
+def model_sampling(cfg, defaults: dict[str, Any]):
+    """`cfg` with a model's recommended sampling settings, each one that is valid (as the chat takes them)."""
+    for key in SAMPLING_KEYS:
+        if key in defaults:
+            candidate = dataclasses.replace(cfg, **{key: defaults[key]})
+            try:
+                candidate.validate()
+            except ValueError:
+                continue
+            cfg = candidate
+    return cfg
 
 
 def summarize_model(lm, spec: QASpec, sets: list[DocSet], runs: list[dict[str, Any]],
@@ -194,8 +223,8 @@ def summarize_model(lm, spec: QASpec, sets: list[DocSet], runs: list[dict[str, A
     mismatches = []
     for r in runs:
         base = ref[r["threads"], r["document"], r["index"]]
-        r["identical"] = r["token_ids"] == base["token_ids"]
-        if not r["identical"]:
+        r["identical"] = None if spec.sample else r["token_ids"] == base["token_ids"]  # sampled: not comparable
+        if r["identical"] is False:
             i = first_difference(r["token_ids"], base["token_ids"])
             mismatches.append({
                 "model": lm.model_id, "threads": r["threads"], "level": r["level"], "document": r["document"],
@@ -215,7 +244,7 @@ def summarize_model(lm, spec: QASpec, sets: list[DocSet], runs: list[dict[str, A
     thread_differences = [
         {"threads": t, "document": name, "index": i}
         for (t, name, i), r in ref.items()
-        if t != first and r["token_ids"] != ref[first, name, i]["token_ids"]
+        if t != first and r["token_ids"] != ref[first, name, i]["token_ids"] and not spec.sample
     ]
     right = sum(a["right"] for a in answers)
     return {
@@ -230,7 +259,7 @@ def summarize_model(lm, spec: QASpec, sets: list[DocSet], runs: list[dict[str, A
         "prefill": prefill,
         "answers": answers,
         "runs": [{k: v for k, v in r.items() if k not in ("text", "token_ids")} for r in runs],
-        "identical": not mismatches,
+        "identical": None if spec.sample else not mismatches,
         "mismatches": mismatches,
         "thread_differences": thread_differences,
     }
@@ -307,7 +336,8 @@ def render_table(result: dict[str, Any]):
     s, qa = result["settings"], result["qa_set"]
     table = Table(
         title=f"triforce-chat bench-qa — {qa['questions']} questions over {len(qa['documents'])} documents, "
-        f"greedy, at most {s['max_new_tokens']} new tokens",
+        f"{'sampled with each model' + chr(39) + 's settings' if s.get('sample') else 'greedy'}, "
+        f"at most {s['max_new_tokens']} new tokens",
         caption="right: level 0 answers at the first thread count; L0 1thr: level 0 on 1 thread; decode: tokens / "
         "decode seconds over all questions; prefill: the documents' prefill",
     )
@@ -330,7 +360,7 @@ def render_table(result: dict[str, Any]):
             fmt(acc["share"], ".0%"),
             *(fmt(speed.get((t, level)), ".2f") for t in s["threads"] for level in s["levels"]),
             *(fmt(pre.get(t), ".0f") for t in s["threads"]),
-            "✓" if m["identical"] else "[bold red]✗ MISMATCH[/bold red]",
+            "sampled" if m["identical"] is None else "✓" if m["identical"] else "[bold red]✗ MISMATCH[/bold red]",
         )
     return table
 
@@ -371,19 +401,20 @@ def run_bench_qa(load: Callable[[str], Any], spec: QASpec, cfg, log: Log = lambd
         "method": __doc__.split("What is reported:", 1)[1].strip(),
         "settings": {"models": spec.models, "threads": spec.threads, "levels": spec.levels,
                      "max_new_tokens": spec.max_new_tokens, "limit": spec.limit, "repeat": spec.repeat,
+                     "sample": spec.sample,
                      "budget": cfg.budget,
                      "draft": cfg.draft, "gamma_mid": cfg.gamma_mid, "gamma_low": cfg.gamma_low},
         "qa_set": qa_set_info(sets),
         "models": models,
         "skipped": skipped or [],
-        "identical": not mismatches,
+        "identical": None if spec.sample else not mismatches,
         "mismatches": mismatches,
     }
 
 
 # -- the command --------------------------------------------------------------------------------------------
 def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_tokens: int, limit: int | None,
-                     json_out: bool, repeat: int = 1, **options: Any) -> int:
+                     json_out: bool, repeat: int = 1, sample: bool = False, **options: Any) -> int:
     """`triforce-chat bench-qa`: parse, check the models, run, print; the exit code (1 on a mismatch)."""
     from rich.console import Console
     from rich.markup import escape
@@ -395,7 +426,7 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
     try:
         spec = QASpec(models=parse_models(models), threads=parse_int_list(threads, "threads"),
                       levels=parse_int_list(levels, "levels"), max_new_tokens=max_new_tokens, limit=limit,
-                      repeat=repeat)
+                      repeat=repeat, sample=sample)
         runnable, skipped = split_installed(spec.models)
     except BenchError as exc:
         fail(str(exc))
@@ -442,4 +473,4 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
                 "(a sum rounded differently; the levels agree at each thread count)")
     for x in result["mismatches"]:
         print(mismatch_line(x), file=sys.stderr)
-    return 0 if result["identical"] else 1
+    return 0 if result["identical"] is not False else 1

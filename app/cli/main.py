@@ -459,6 +459,10 @@ def bench_qa(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per answer at most.")] = 64,
     limit: Annotated[int | None, typer.Option(help="Ask only the first N questions of each document.")] = None,
     repeat: Annotated[int, typer.Option(help="Ask each question N times per level (per-question: the median).")] = 1,
+    sample: Annotated[
+        bool, typer.Option("--sample", help="Sample with each model's own settings, as the chat does (seeded; "
+                           "the levels' answers then differ and are not compared).")
+    ] = False,
     draft: DraftOpt = None,
     context: ContextOpt = None,
     weights: WeightsOpt = None,
@@ -468,8 +472,8 @@ def bench_qa(
     from triforce_chat.app.bench.qa import bench_qa_command
 
     raise typer.Exit(bench_qa_command(models=models, threads=threads, levels=levels, max_new_tokens=max_new_tokens,
-                                      limit=limit, json_out=json_out, repeat=repeat, draft=draft, context=context,
-                                      weights=weights))
+                                      limit=limit, json_out=json_out, repeat=repeat, sample=sample, draft=draft,
+                                      context=context, weights=weights))
 
 
 @app.command("bench-sources")
