@@ -28,6 +28,18 @@ def reference_match(tokens: list[int]) -> tuple[int, int, int]:
     return m, earlier_ends(tokens, min(m, SuffixDrafter.REACH))[-1], branches
 
 
+def reference_alternative(tokens: list[int], match: int, k: int) -> list[int]:
+    """A tree's second branch by scanning: among the earlier ends of the match's last REACH tokens,
+    latest first, after the one the proposal follows, the first whose next token differs from the
+    proposal's (within ALTERNATIVE_SCAN of them), and up to k tokens from there."""
+    ends = earlier_ends(tokens, min(match, SuffixDrafter.REACH))[::-1]
+    first = tokens[ends[0] + 1]
+    for e in ends[1 : 1 + SuffixDrafter.ALTERNATIVE_SCAN]:
+        if tokens[e + 1] != first:
+            return tokens[e + 1 : e + 1 + k]
+    return []
+
+
 def automaton(d: SuffixDrafter):
     return (d._tokens.tolist(), bytes(d._bytes), d._len.tolist(), d._link.tolist(), [dict(n) for n in d._next],
             d._last)
@@ -39,10 +51,12 @@ SHIFTY = [1, 256, 65536, 1 << 24, 257, (1 << 28) - 1]
 
 @pytest.mark.parametrize("alphabet", [2, 3, 7, SHIFTY])
 def test_suffix_matches_bruteforce_through_extend_and_truncate(alphabet):
+    """The match, the proposal and a tree's second branch (`propose_alternative`) against scans."""
     values = alphabet if isinstance(alphabet, list) else list(range(alphabet))
     rng = random.Random(len(values))
     d = SuffixDrafter()
     ref: list[int] = []
+    second_branches = 0
     for _ in range(400):
         if ref and rng.random() < 0.3:
             n = rng.randrange(0, len(ref) + 1)
@@ -59,6 +73,11 @@ def test_suffix_matches_bruteforce_through_extend_and_truncate(alphabet):
         assert q is None
         assert drafts == (ref[end + 1 : min(end + 1 + k, len(ref))] if length else [])
         assert (d.last_match, d.last_branches) == ((length, branches) if length else (0, 0))
+        alt = d.propose_alternative(k)
+        assert alt == (reference_alternative(ref, length, k) if drafts and branches > 1 else []), ref
+        assert not alt or alt[0] != drafts[0]
+        second_branches += bool(alt)
+    assert second_branches > 20  # the branch case was really exercised
 
 
 def test_rollback_gives_the_automaton_built_from_scratch():
@@ -130,43 +149,3 @@ def test_rejects_ids_outside_vocab_and_bad_truncates():
     d.extend([1, 2])
     with pytest.raises(ValueError, match="cannot truncate"):
         d.truncate(3)
-
-
-def reference_alternative(tokens: list[int], match: int, k: int) -> list[int]:
-    """A tree's second branch by scanning: among the earlier ends of the match's last REACH tokens,
-    latest first, after the one the proposal follows, the first whose next token differs from the
-    proposal's (within ALTERNATIVE_SCAN of them), and up to k tokens from there."""
-    ends = earlier_ends(tokens, min(match, SuffixDrafter.REACH))[::-1]
-    first = tokens[ends[0] + 1]
-    for e in ends[1 : 1 + SuffixDrafter.ALTERNATIVE_SCAN]:
-        if tokens[e + 1] != first:
-            return tokens[e + 1 : e + 1 + k]
-    return []
-
-
-@pytest.mark.parametrize("alphabet", [2, 3, 7, SHIFTY])
-def test_the_second_branch_matches_bruteforce_through_extend_and_truncate(alphabet):
-    values = alphabet if isinstance(alphabet, list) else list(range(alphabet))
-    rng = random.Random(100 + len(values))
-    d = SuffixDrafter()
-    ref: list[int] = []
-    found = 0
-    for _ in range(400):
-        if ref and rng.random() < 0.3:
-            n = rng.randrange(0, len(ref) + 1)
-            d.truncate(n)
-            del ref[n:]
-        else:
-            new = [rng.choice(values) for _ in range(rng.randrange(1, 6))]
-            d.extend(new)
-            ref.extend(new)
-        k = rng.randrange(1, 6)
-        drafts, _ = d.propose(k)
-        alt = d.propose_alternative(k)
-        if not drafts or d.last_branches < 2:
-            assert alt == []
-            continue
-        assert alt == reference_alternative(ref, d.last_match, k), ref
-        assert not alt or alt[0] != drafts[0]
-        found += bool(alt)
-    assert found > 20  # the branch case was really exercised
