@@ -65,6 +65,9 @@ ALTERNATIVE_PRIOR = {1: 0.15, 2: 0.1}
 # a speculative route is taken only when its expected rate beats a plain step's by this factor: the
 # estimates are noisy, and a near-tie is not worth a window that may lose
 MARGIN = 1.05
+# ... and of the window lengths whose expected rates are within this factor of the best, the shortest:
+# a longer window that wins a near-tie on estimates loses more when its first draft is wrong
+LENGTH_MARGIN = 1.05
 ANSWER_PRIOR = 48  # tokens an answer runs to, until the session has seen some
 PROBE_MIN_REMAINING = 24  # a probe is worth its loss only with this many tokens left to win it back
 PROBE_EVERY = 8  # rounds between probes of a route that keeps losing (doubling up to 8x)
@@ -118,6 +121,17 @@ def expected_tokens(alpha: float, k: int) -> float:
     correction or bonus token included)."""
     a = min(alpha, 0.999)
     return (1 - a ** (k + 1)) / (1 - a)
+
+
+def shortest_near_best(options: list[tuple[int, float]]) -> tuple[int, float]:
+    """(length, rate) of the shortest window whose expected rate is within LENGTH_MARGIN of the best
+    (0, 0.0) for none. Why: the rates rest on acceptance estimates, and where a window of 7 drafts
+    beats one of 3 by a few percent on them, the 7 cost 1.9 steps against 1.3 when the first draft
+    is wrong (bench-qa's python-literals #2 at 1 thread lost 0.90x on two such windows)."""
+    if not options:
+        return 0, 0.0
+    best = max(rate for _, rate in options)
+    return min((o for o in options if o[1] * LENGTH_MARGIN >= best), key=lambda o: o[0])
 
 
 def tree_expected_tokens(alpha: float, beta: float, k: int, k_alt: int) -> float:
@@ -245,13 +259,11 @@ class CostModel:
         """(γ, tokens/s) of the best middle-level window; `once`: seconds this answer still pays
         before its first window (a rebuild), spread over the `remaining` tokens."""
         m, a = self.mid_cost_per_draft(bytes_ratio), self.mid.value if alpha is None else alpha
-        best, best_rate = 0, 0.0
+        options = []
         for g in self.windows.lengths(gamma_max):
             e = expected_tokens(a, g)
-            rate = e / (g * m + self.verify_cost(g + 1) + once * e / max(1.0, remaining))
-            if rate > best_rate:
-                best, best_rate = g, rate
-        return best, best_rate
+            options.append((g, e / (g * m + self.verify_cost(g + 1) + once * e / max(1.0, remaining))))
+        return shortest_near_best(options)
 
     def direct_rate(self, k: int, alpha: float, draft_cost: float = 0.0) -> float:
         """Tokens/s of verifying k bottom drafts directly; draft_cost: seconds per draft still to pay."""
@@ -260,8 +272,7 @@ class CostModel:
     def best_direct(self, n: int, alpha: float, draft_cost: float = 0.0) -> tuple[int, float]:
         """(k, tokens/s) of the best prefix of n bottom drafts to verify directly: a window costs more
         per row than it saves once acceptance has fallen off (any prefix is a valid draft)."""
-        rates = [(k, self.direct_rate(k, alpha, draft_cost)) for k in self.windows.lengths(n)]
-        return max(rates, key=lambda kr: kr[1]) if rates else (0, 0.0)
+        return shortest_near_best([(k, self.direct_rate(k, alpha, draft_cost)) for k in self.windows.lengths(n)])
 
     def best_tree(self, n: int, n_alt: int, alpha: float, beta: float) -> tuple[int, int, float]:
         """(k, k_alt, tokens/s) of the best tree window over prefixes of a proposal of n drafts and
