@@ -246,7 +246,7 @@ def test_a_tree_round_shows_both_ways_and_the_panel_counts_trees():
     assert stats.low_proposed == 5 and stats.low_accepted == 2  # both ways were tried
     assert stats.lookup_proposals == 1  # one match behind both
     panel = render_stats(stats.to_dict(), Pending(2, "suffix", "4096", 6, 4)).plain
-    assert "trees 1 · width 2 · 2nd way kept 1" in panel
+    assert "Lookup 1 drafts · trees 1×2, 2nd 1" in panel  # trees, their width, the second way kept
     # the first way's first token kept: the second way was never tried, and is not counted as rejected
     ev = RoundEvent(
         index=4, tokens=[2, 3, 14], origins=["low", "low", "target"], text="", route="tree", tree_width=2,

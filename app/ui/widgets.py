@@ -487,12 +487,13 @@ def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float
     lines.append(Content(f"Mean accepted length {s.get('mean_accepted_length', 0):.2f}"))
     lookup = s.get("lookup") or {}
     if lookup.get("proposals"):  # what backed the lookup's drafts: long matches, one continuation
-        lines.append(Content.assemble(("Lookup ", "bold"), f"{lookup['proposals']} drafts"))
+        # and the tree windows (two ways of a branching match at once, decoding/tree.py) on the same
+        # line: the right column has no line to spare at 48 rows
+        trees = s.get("trees") or {}
+        tree = f" · trees {trees['rounds']}×2, 2nd {trees['second_way_kept']}" if trees.get("rounds") else ""
+        lines.append(Content.assemble(("Lookup ", "bold"), f"{lookup['proposals']} drafts{tree}"))
         one_way = f"  one way {pct(lookup['unique_share'])}" if lookup.get("unique_share") is not None else ""
         lines.append(Content(f" match {lookup['mean_match']:.1f} tok{one_way}"))
-    trees = s.get("trees") or {}
-    if trees.get("rounds"):  # two ways of a branching match verified in one window (decoding/tree.py)
-        lines.append(Content(f" trees {trees['rounds']} · width 2 · 2nd way kept {trees['second_way_kept']}"))
     hist = s.get("position_histogram") or {}
     if any(hist.get(k) for k in ("mid", "low")):
         n = max(len(hist.get("mid") or []), len(hist.get("low") or []))
