@@ -87,6 +87,31 @@ class Ema:
         self.n += 1
 
 
+class AnswerCalibration:
+    """How this answer's lookup drafts fare against what the session's counts predicted for them.
+
+    Why: the counts are per session, and answers differ. One that quotes the document takes far
+    more of the lookup's drafts than the session's average; one that rephrases the question (bench-
+    qa's python-literals #2) takes almost none, and the session's counts, made by earlier quoting
+    answers, kept paying for windows that failed at their first draft. `factor` scales the session's
+    estimate for this answer: (hits + S) / (predicted hits + S), so a few windows move it little and
+    a run of them a lot."""
+
+    STRENGTH = 3.0  # S: tried positions' worth of "as the session predicts"
+
+    def __init__(self) -> None:
+        self.hits = self.predicted = 0.0
+
+    def record(self, alpha: float, accepted: int, proposed: int) -> None:
+        """A window of `proposed` lookup drafts, `accepted` of them kept, estimated at `alpha` per position."""
+        tried = accepted + (1 if accepted < proposed else 0)
+        self.hits += accepted
+        self.predicted += alpha * tried
+
+    def factor(self) -> float:
+        return (self.hits + self.STRENGTH) / (self.predicted + self.STRENGTH)
+
+
 class Acceptance:
     """Per-position acceptance of drafts, from counts: a window of k drafts of which a were accepted
     tried a + 1 positions (k when all passed) and accepted a, so accepted / tried estimates the
@@ -228,6 +253,7 @@ class CostModel:
             (b, cls): Acceptance(p) for cls, priors in LOOKUP_PRIOR.items() for b, p in priors.items()}
         self.lookup[ANSWER_START] = Acceptance(ANSWER_START_PRIOR)
         self.alternative = {cls: Acceptance(p) for cls, p in ALTERNATIVE_PRIOR.items()}
+        self.answer = AnswerCalibration()  # this answer's lookup drafts against the session's estimates
         self.model = Acceptance(MODEL_PRIOR)  # a draft model's drafts, verified directly
         self.model_per_token = Ema(0.0)
         self.answer_tokens = Ema(float(ANSWER_PRIOR), weight=0.3)
@@ -287,6 +313,19 @@ class CostModel:
                     best = (k, total - k, rate)
         return best
 
+    def lookup_alpha(self, key: LookupKey) -> float:
+        """The per-position acceptance the route expects of a lookup proposal this round: the session's
+        count for its key, scaled by how this answer's lookup drafts fared (`AnswerCalibration`)."""
+        return min(0.99, self.lookup[key].value * self.answer.factor())
+
+    def start_answer(self) -> None:
+        self.answer = AnswerCalibration()
+
+    def lookup_verified(self, key: LookupKey, accepted: int, proposed: int) -> None:
+        """A window of lookup drafts was verified: the session's count and this answer's calibration."""
+        self.answer.record(self.lookup[key].value, accepted, proposed)
+        self.lookup[key].update(accepted, proposed)
+
     def model_drafts_pay(self, k: int) -> bool:
         """Whether up to k draft-model tokens, paid now, verified directly, beat a plain step."""
         if not self.step.n or not self.model_per_token.n:
@@ -305,7 +344,7 @@ class CostModel:
         if source == "model":
             alpha = self.model.value
         else:
-            alpha = self.lookup[lookup_key(match, branches, start)].value
+            alpha = self.lookup_alpha(lookup_key(match, branches, start))
         if props:
             k, direct = self.best_direct(len(props), alpha)
             if direct > rate:

@@ -166,6 +166,7 @@ class SpeculativeDecoder:
         if self.costs.step.n:  # the level-0 step this answer's speed is compared with
             self.level0_step_s = self.costs.step.value
         self.sampler.reset(context)
+        self.costs.start_answer()
         return level, calibrated
 
     def calibrate(self, context: list[int]) -> float:
@@ -241,8 +242,10 @@ class SpeculativeDecoder:
             q_low = None if plan.q_low is None else plan.q_low[: plan.gamma]
             a, nxt = self._verify(pending, props, q_low, ev)
             c = self.costs
-            counts = c.model if plan.source == "model" else c.lookup[lookup_key(plan.match, plan.branches, plan.start)]
-            counts.update(a, len(props))
+            if plan.source == "model":
+                c.model.update(a, len(props))
+            else:
+                c.lookup_verified(lookup_key(plan.match, plan.branches, plan.start), a, len(props))
             ev.low_rounds.append(LowRound(props, a, nxt, plan.match, plan.branches))
             return props[:a] + [nxt], ["low"] * a + ["target"]
         if plan.route == "tree":
@@ -392,7 +395,7 @@ class SpeculativeDecoder:
         ev.tree_width, ev.tree_branch = len(branches), taken
         # the proposal counts as a direct window's; the second branch's first token when the first failed
         c = self.costs
-        c.lookup[lookup_key(plan.match, plan.branches, plan.start)].update(a if taken == 0 else 0, lengths[0])
+        c.lookup_verified(lookup_key(plan.match, plan.branches, plan.start), a if taken == 0 else 0, lengths[0])
         if taken == 1 or a == 0:
             c.alternative[branch_class(plan.branches)].update(1 if taken == 1 else 0, 1)
         # the match is the first way's (counted once); the second way was tried only where the first failed

@@ -280,3 +280,25 @@ def test_of_near_tied_window_lengths_the_shortest_is_taken():
     k = costs.choose(0, [7] * 7, "lookup", 3, 100, None, branches=1).k
     rates = {k: costs.direct_rate(k, costs.lookup[lookup_key(3, 1)].value) for k in (3, 7)}
     assert rates[7] > rates[3] and k == 3  # 7 drafts would win by a near-tie only
+
+
+def test_an_answer_whose_lookup_drafts_keep_failing_is_trusted_less_and_the_next_answer_starts_afresh():
+    """The session's counts say one-way matches are right 80% of the time; an answer whose first
+    windows all fail at their first draft (it rephrases rather than quotes) gets a lower estimate
+    within a few windows, a quoting one a higher; the next answer starts from the session's."""
+    costs = CostModel(windows(0.2))
+    key = lookup_key(3, 1)
+    for _ in range(30):
+        costs.lookup[key].update(4, 5)  # earlier answers: 4 of 5 positions right
+    session = costs.lookup[key].value
+    assert costs.lookup_alpha(key) == pytest.approx(session)
+    for _ in range(3):
+        costs.lookup_verified(key, 0, 3)
+    assert costs.lookup_alpha(key) < 0.6 * session
+    k_after_misses = costs.choose(0, [7] * 7, "lookup", 3, 100, None, branches=1).k
+    costs.start_answer()
+    assert costs.lookup_alpha(key) == pytest.approx(costs.lookup[key].value)
+    assert costs.choose(0, [7] * 7, "lookup", 3, 100, None, branches=1).k > k_after_misses
+    for _ in range(3):
+        costs.lookup_verified(key, 7, 7)  # a quoting answer
+    assert costs.lookup_alpha(key) > costs.lookup[key].value
