@@ -65,9 +65,11 @@ ALTERNATIVE_PRIOR = {1: 0.15, 2: 0.1}
 # a speculative route is taken only when its expected rate beats a plain step's by this factor: the
 # estimates are noisy, and a near-tie is not worth a window that may lose
 MARGIN = 1.05
-# ... and of the window lengths whose expected rates are within this factor of the best, the shortest:
-# a longer window that wins a near-tie on estimates loses more when its first draft is wrong
-LENGTH_MARGIN = 1.05
+# ... and of window lengths whose expected rates are within this factor of the best, the shortest.
+# 1.0: exact ties only. 1.05 helped one short answer on bench-qa before each answer calibrated its own
+# lookup estimates (AnswerCalibration); with that in, it cost the 29K report questions 1.21-1.29x ->
+# 1.01-1.08x (2 threads, 5 December, docs/performance.md) and bought nothing on bench-qa
+LENGTH_MARGIN = 1.0
 ANSWER_PRIOR = 48  # tokens an answer runs to, until the session has seen some
 PROBE_MIN_REMAINING = 24  # a probe is worth its loss only with this many tokens left to win it back
 PROBE_EVERY = 8  # rounds between probes of a route that keeps losing (doubling up to 8x)
@@ -149,10 +151,9 @@ def expected_tokens(alpha: float, k: int) -> float:
 
 
 def shortest_near_best(options: list[tuple[int, float]]) -> tuple[int, float]:
-    """(length, rate) of the shortest window whose expected rate is within LENGTH_MARGIN of the best
-    (0, 0.0) for none. Why: the rates rest on acceptance estimates, and where a window of 7 drafts
-    beats one of 3 by a few percent on them, the 7 cost 1.9 steps against 1.3 when the first draft
-    is wrong (bench-qa's python-literals #2 at 1 thread lost 0.90x on two such windows)."""
+    """(length, rate) of the shortest window whose expected rate is within LENGTH_MARGIN of the best;
+    (0, 0.0) for none. A longer window that only ties on estimates loses more when its first draft
+    is wrong (see LENGTH_MARGIN for why the margin is no wider)."""
     if not options:
         return 0, 0.0
     best = max(rate for _, rate in options)

@@ -80,11 +80,9 @@ def test_dear_windows_and_poor_drafts_take_plain_steps_and_cheap_windows_take_lo
     dear.mid = Acceptance(0.9)
     cheap = CostModel(windows(CHEAP))
     cheap.mid = Acceptance(0.9)
-    # where windows are nearly free and middle drafts cost a tenth of a step, long windows win clearly
-    # (with a third of a step per draft, 6 drafts beat 3 by 2.5% only: a near-tie, which takes the 3)
+    # where windows are nearly free and middle drafts cost a tenth of a step, long windows win
     route, long_gamma, _ = cheap.choose(6, [], "none", 0, 100, MidLevel(bytes_ratio=0.1))
     assert route == "mid" and long_gamma >= 4
-    assert cheap.choose(6, [], "none", 0, 100, mid)[:2] == ("mid", 3)
     # the same drafts where every extra row of a window costs 0.6 of a step: they cannot pay
     assert dear.choose(6, [], "none", 0, 100, mid).route == "step"
     # the lookup's proposals after a one-token match are mostly wrong: with dear windows a step wins
@@ -265,21 +263,15 @@ def test_a_branching_match_is_verified_both_ways_where_its_second_way_is_often_r
     assert dear.choose(0, [7, 7, 7], "lookup", 3, 100, None, branches=2, alt=2).route == "step"
 
 
-def test_of_near_tied_window_lengths_the_shortest_is_taken():
+def test_of_tied_window_lengths_the_shortest_is_taken():
     """Rates within LENGTH_MARGIN of the best count as a tie, which the shortest window wins: it loses
-    least when its first draft is wrong; a clear winner keeps its length."""
+    least when its first draft is wrong; a better rate keeps its length."""
     from triforce_chat.decoding.route import LENGTH_MARGIN, shortest_near_best
 
-    assert shortest_near_best([(1, 1.50), (3, 2.53), (7, 2.60)]) == (3, 2.53)
-    assert shortest_near_best([(1, 1.50), (3, 2.53), (7, 2.53 * LENGTH_MARGIN * 1.01)])[0] == 7
+    best = 2.6
+    assert shortest_near_best([(1, 1.5), (3, best / LENGTH_MARGIN), (7, best)]) == (3, best / LENGTH_MARGIN)
+    assert shortest_near_best([(1, 1.5), (3, best / LENGTH_MARGIN / 1.01), (7, best)]) == (7, best)
     assert shortest_near_best([]) == (0, 0.0)
-    costs = CostModel(windows(0.12, lengths=(2, 4, 8)))  # as calibrated: c(8) about 1.9 steps (1 thread, 1K)
-    for _ in range(30):
-        costs.lookup[lookup_key(3, 1)].update(3, 3)  # one-way matches right about 85% of the time
-        costs.lookup[lookup_key(3, 1)].update(1, 3)
-    k = costs.choose(0, [7] * 7, "lookup", 3, 100, None, branches=1).k
-    rates = {k: costs.direct_rate(k, costs.lookup[lookup_key(3, 1)].value) for k in (3, 7)}
-    assert rates[7] > rates[3] and k == 3  # 7 drafts would win by a near-tie only
 
 
 def test_an_answer_whose_lookup_drafts_keep_failing_is_trusted_less_and_the_next_answer_starts_afresh():
