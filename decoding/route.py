@@ -65,11 +65,6 @@ ALTERNATIVE_PRIOR = {1: 0.15, 2: 0.1}
 # a speculative route is taken only when its expected rate beats a plain step's by this factor: the
 # estimates are noisy, and a near-tie is not worth a window that may lose
 MARGIN = 1.05
-# ... and of window lengths whose expected rates are within this factor of the best, the shortest.
-# 1.0: exact ties only. 1.05 helped one short answer on bench-qa before each answer calibrated its own
-# lookup estimates (AnswerCalibration); with that in, it cost the 29K report questions 1.21-1.29x ->
-# 1.01-1.08x (2 threads, 5 December, docs/performance.md) and bought nothing on bench-qa
-LENGTH_MARGIN = 1.0
 ANSWER_PRIOR = 48  # tokens an answer runs to, until the session has seen some
 PROBE_MIN_REMAINING = 24  # a probe is worth its loss only with this many tokens left to win it back
 PROBE_EVERY = 8  # rounds between probes of a route that keeps losing (doubling up to 8x)
@@ -148,16 +143,6 @@ def expected_tokens(alpha: float, k: int) -> float:
     correction or bonus token included)."""
     a = min(alpha, 0.999)
     return (1 - a ** (k + 1)) / (1 - a)
-
-
-def shortest_near_best(options: list[tuple[int, float]]) -> tuple[int, float]:
-    """(length, rate) of the shortest window whose expected rate is within LENGTH_MARGIN of the best;
-    (0, 0.0) for none. A longer window that only ties on estimates loses more when its first draft
-    is wrong (see LENGTH_MARGIN for why the margin is no wider)."""
-    if not options:
-        return 0, 0.0
-    best = max(rate for _, rate in options)
-    return min((o for o in options if o[1] * LENGTH_MARGIN >= best), key=lambda o: o[0])
 
 
 def tree_expected_tokens(alpha: float, beta: float, k: int, k_alt: int) -> float:
@@ -286,11 +271,13 @@ class CostModel:
         """(γ, tokens/s) of the best middle-level window; `once`: seconds this answer still pays
         before its first window (a rebuild), spread over the `remaining` tokens."""
         m, a = self.mid_cost_per_draft(bytes_ratio), self.mid.value if alpha is None else alpha
-        options = []
+        best, best_rate = 0, 0.0
         for g in self.windows.lengths(gamma_max):
             e = expected_tokens(a, g)
-            options.append((g, e / (g * m + self.verify_cost(g + 1) + once * e / max(1.0, remaining))))
-        return shortest_near_best(options)
+            rate = e / (g * m + self.verify_cost(g + 1) + once * e / max(1.0, remaining))
+            if rate > best_rate:
+                best, best_rate = g, rate
+        return best, best_rate
 
     def direct_rate(self, k: int, alpha: float, draft_cost: float = 0.0) -> float:
         """Tokens/s of verifying k bottom drafts directly; draft_cost: seconds per draft still to pay."""
@@ -299,7 +286,8 @@ class CostModel:
     def best_direct(self, n: int, alpha: float, draft_cost: float = 0.0) -> tuple[int, float]:
         """(k, tokens/s) of the best prefix of n bottom drafts to verify directly: a window costs more
         per row than it saves once acceptance has fallen off (any prefix is a valid draft)."""
-        return shortest_near_best([(k, self.direct_rate(k, alpha, draft_cost)) for k in self.windows.lengths(n)])
+        rates = [(k, self.direct_rate(k, alpha, draft_cost)) for k in self.windows.lengths(n)]
+        return max(rates, key=lambda kr: kr[1]) if rates else (0, 0.0)
 
     def best_tree(self, n: int, n_alt: int, alpha: float, beta: float) -> tuple[int, int, float]:
         """(k, k_alt, tokens/s) of the best tree window over prefixes of a proposal of n drafts and

@@ -43,7 +43,7 @@ from triforce_chat.decoding.model import Transformer
 from triforce_chat.decoding.retrieval import RetrievalView
 from triforce_chat.decoding.route import CALIBRATION_WINDOWS, CostModel, MidLevel, Route, branch_class, lookup_key
 from triforce_chat.decoding.sampling import Sampler, verify_drafts
-from triforce_chat.decoding.tree import TreeWindow, branch_row_indices, verify_branches
+from triforce_chat.decoding.tree import TreeWindow, verify_branches
 
 
 @dataclass
@@ -383,8 +383,7 @@ class SpeculativeDecoder:
         window = torch.tensor([pending, *branches[0], *branches[1]], device=self.model.device)
         logits = self.model(window, tree, logits="all")  # [1 + k + k_alt, V]
         root = self.sampler.probs(logits[:1])  # the pending row's once, then each branch's own rows
-        p = [torch.cat([root, self.sampler.probs(logits[rows[1:]], b)])
-             for rows, b in zip(branch_row_indices(lengths), branches, strict=True)]
+        p = [torch.cat([root, self.sampler.probs(logits[tree.rows_of(i)[1:]], b)]) for i, b in enumerate(branches)]
         taken, a, nxt = verify_branches(self.sampler, branches, p)
         tree.keep(taken, a)
         dt = time.perf_counter() - t0

@@ -90,6 +90,12 @@ class TreeWindow:
     def advance(self, n: int) -> None:
         self.cursor += n
 
+    def rows_of(self, branch: int) -> list[int]:
+        """The window's rows of `branch`, the pending row first: the rows a plain window [pending,
+        *branch] would have."""
+        first, n = self.branch_rows[branch]
+        return [0, *range(first, first + n)]
+
     # -- after verification ----------------------------------------------------------------------------
     def keep(self, branch: int, accepted: int) -> None:
         """The cache then holds the pending token and the first `accepted` tokens of `branch` (their
@@ -108,16 +114,6 @@ class TreeWindow:
             cache.last_query[layer] = queries[branch]
         cache.advance(1 + accepted)
         cache.truncate(cache.length)  # forgets the prepared blocks a branch made past the kept rows
-
-
-def branch_row_indices(branch_lengths: Sequence[int]) -> list[list[int]]:
-    """Per branch, its rows of a tree window [pending, *branch 0, *branch 1, ...], the pending row
-    first: the rows a plain window [pending, *branch] would have."""
-    out, r = [], 1
-    for n in branch_lengths:
-        out.append([0, *range(r, r + n)])
-        r += n
-    return out
 
 
 def verify_branches(sampler: Sampler, branches: Sequence[Sequence[int]], p: Sequence[Tensor]) -> tuple[int, int, int]:

@@ -263,17 +263,6 @@ def test_a_branching_match_is_verified_both_ways_where_its_second_way_is_often_r
     assert dear.choose(0, [7, 7, 7], "lookup", 3, 100, None, branches=2, alt=2).route == "step"
 
 
-def test_of_tied_window_lengths_the_shortest_is_taken():
-    """Rates within LENGTH_MARGIN of the best count as a tie, which the shortest window wins: it loses
-    least when its first draft is wrong; a better rate keeps its length."""
-    from triforce_chat.decoding.route import LENGTH_MARGIN, shortest_near_best
-
-    best = 2.6
-    assert shortest_near_best([(1, 1.5), (3, best / LENGTH_MARGIN), (7, best)]) == (3, best / LENGTH_MARGIN)
-    assert shortest_near_best([(1, 1.5), (3, best / LENGTH_MARGIN / 1.01), (7, best)]) == (7, best)
-    assert shortest_near_best([]) == (0, 0.0)
-
-
 def test_an_answer_whose_lookup_drafts_keep_failing_is_trusted_less_and_the_next_answer_starts_afresh():
     """The session's counts say one-way matches are right 80% of the time; an answer whose first
     windows all fail at their first draft (it rephrases rather than quotes) gets a lower estimate

@@ -17,7 +17,7 @@ from gguf_models import random_ids, write_gguf
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.models.loading import load_weights_only
 from triforce_chat.decoding.sampling import Sampler
-from triforce_chat.decoding.tree import TreeWindow, branch_row_indices, verify_branches
+from triforce_chat.decoding.tree import TreeWindow, verify_branches
 from triforce_chat.kernels import native
 
 
@@ -54,7 +54,7 @@ def test_branches_get_the_bits_of_their_own_windows_and_the_cache_keeps_the_kept
     tree = TreeWindow(cache, lengths)
     logits = model(torch.tensor([pending, *branches[0], *branches[1]]), tree, logits="all")
     assert cache.length == start  # the tree moves the cache only when told what to keep
-    for b, (rows, drafts) in enumerate(zip(branch_row_indices(lengths), branches, strict=True)):
+    for b, (rows, drafts) in enumerate(zip([tree.rows_of(0), tree.rows_of(1)], branches, strict=True)):
         alone = prefilled(model, prompt)
         want = model(torch.tensor([pending, *drafts]), alone, logits="all")
         assert torch.equal(logits[rows], want), f"branch {b}"

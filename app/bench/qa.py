@@ -57,10 +57,10 @@ from triforce_chat.app.bench.common import (
 from triforce_chat.app.bench.levels import warm_up
 from triforce_chat.app.bench.qa_score import is_right
 from triforce_chat.app.bench.qa_set import ASK_SUFFIX, DocSet, QAItem, qa_set
+from triforce_chat.decoding.config import MODEL_DEFAULT_KEYS
 
 DEFAULT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
 SAMPLE_SEED = 1000  # --sample: the seed of every answer of repeat r is SAMPLE_SEED + r
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
 @dataclass
@@ -198,13 +198,13 @@ def run_model(lm, cfg, spec: QASpec, sets: list[DocSet], log: Log = lambda m: No
     finally:
         torch.set_num_threads(previous)
     record = summarize_model(lm, spec, sets, runs, prefill)
-    record["sampling"] = {k: getattr(cfg, k) for k in SAMPLING_KEYS} if spec.sample else "greedy"
+    record["sampling"] = {k: getattr(cfg, k) for k in MODEL_DEFAULT_KEYS} if spec.sample else "greedy"
     return record
 
 
 def model_sampling(cfg, defaults: dict[str, Any]):
     """`cfg` with a model's recommended sampling settings, each one that is valid (as the chat takes them)."""
-    for key in SAMPLING_KEYS:
+    for key in MODEL_DEFAULT_KEYS:
         if key in defaults:
             candidate = dataclasses.replace(cfg, **{key: defaults[key]})
             try:
