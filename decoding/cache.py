@@ -6,8 +6,8 @@ past the pointer are never read and are overwritten by the next write).
 
 Storage is 16-bit on CPU when the native kernels are there (float16: half the bytes a step reads;
 the kernels convert to fp32 in registers and compute in fp32), else float32. Where the model runs
-the bf16 attention, the cache also keeps its full blocks of 32 keys in the form that kernel reads
-(`PreparedBlocks`): made once per block, not on every step that reads it.
+the bf16 or int8 attention, the cache also keeps its full blocks of 32 keys in the form that kernel
+reads (`PreparedBlocks`): made once per block, not on every step that reads it.
 """
 
 from __future__ import annotations
@@ -16,43 +16,59 @@ import torch
 from torch import Tensor
 
 from triforce_chat.decoding.model import MAX_WINDOW  # noqa: F401  (re-exported for callers)
-from triforce_chat.kernels.backends import attend_tokens, prepare_blocks
+from triforce_chat.kernels.backends import INT8_BLOCK_EXTRA, BlockView, attend_tokens, prepare_blocks
 
 BLOCK = 32  # keys per block of the native attention (kernels/cpu/attention.h: kBlock)
 
 
 class PreparedBlocks:
-    """The cache's full blocks of 32 keys as the bf16 attention reads them (kernels/cpu/attention_bf16.h:
-    keys rounded to bf16 and transposed, values rounded and interleaved by pairs of keys).
+    """The cache's full blocks of 32 keys as the bf16 or int8 attention reads them
+    (kernels/cpu/attention_bf16.h: keys rounded to bf16 and transposed, values rounded and
+    interleaved by pairs of keys; attention_int8.h: keys smoothed and values quantized per key, the
+    codes laid out for `vpdpbusd`, with their scales).
 
     Without them the kernel makes each block again on every step, and that, with the strided reads
     it takes, was half of a step's attention at 7K-29K tokens. The bits are the same either way (the
-    kernel's own routine makes both). It costs as many bytes again as the 16-bit cache, resident as
-    blocks fill (the buffers are allocated, not written, up front).
+    kernel's own routine makes both). bf16 blocks cost as many bytes again as the 16-bit cache, int8
+    blocks a little more than half as many; resident as blocks fill (allocated, not written, up front).
 
-    k, v: [n_layers, Hkv, max_len // 32, 32 * D] bf16. Layer l's blocks below `ready[l]` keys hold
-    what the cache's rows hold: a block is made once its 32 rows are written, and forgotten once a
-    row in it may be rewritten (a write at or past the cache's length, a truncation).
+    k, v: [n_layers, Hkv, max_len // 32, bytes of a block]: bf16 (32 * D) or, with
+    `key_smoothing` ([n_layers, Hkv, D], the model's: decoding/model.py), uint8 (32 * D + 256).
+    Layer l's blocks below `ready[l]` keys hold what the cache's rows hold: a block is made once its
+    32 rows are written, and forgotten once a row in it may be rewritten (a write at or past the
+    cache's length, a truncation).
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int):
-        shape = (n_layers, n_kv_heads, max_len // BLOCK, BLOCK * head_dim)
-        self.k = torch.empty(shape, dtype=torch.bfloat16)
-        self.v = torch.empty(shape, dtype=torch.bfloat16)
-        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per-layer views, made once
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 key_smoothing: Tensor | None = None):
+        blocks = max_len // BLOCK
+        if key_smoothing is None:
+            shape, dtype = (n_layers, n_kv_heads, blocks, BLOCK * head_dim), torch.bfloat16
+        else:
+            shape, dtype = (n_layers, n_kv_heads, blocks, BLOCK * head_dim + INT8_BLOCK_EXTRA), torch.uint8
+        self.head_dim = head_dim
+        self.key_smoothing = key_smoothing
+        self.k = torch.empty(shape, dtype=dtype)
+        self.v = torch.empty(shape, dtype=dtype)
+        smooth = list(key_smoothing.unbind(0)) if key_smoothing is not None else [None] * n_layers
+        self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), smooth, strict=True))  # per-layer views, made once
         self.ready = [0] * n_layers
 
-    def refresh(self, layer: int, k_buf: Tensor, v_buf: Tensor, start: int, end: int) -> tuple[Tensor, Tensor, int]:
+    def like(self, max_len: int) -> PreparedBlocks:
+        """Empty blocks of the same kind for another store of `max_len` keys (the retrieval view's)."""
+        return PreparedBlocks(self.k.shape[0], self.k.shape[1], self.head_dim, max_len, self.key_smoothing)
+
+    def refresh(self, layer: int, k_buf: Tensor, v_buf: Tensor, start: int, end: int) -> BlockView:
         """After rows start .. end - 1 of k_buf/v_buf [Hkv, L, D] were written: drop the blocks
-        they touch, make the full blocks below `end`; returns (k_blocks, v_blocks, keys ready)."""
-        k_blocks, v_blocks = self._layers[layer]
+        they touch, make the full blocks below `end`; returns what `attend_tokens` reads."""
+        k_blocks, v_blocks, smooth = self._layers[layer]
         ready = min(self.ready[layer], start // BLOCK * BLOCK)
         full = end // BLOCK * BLOCK
         if full > ready:
-            prepare_blocks(k_buf, v_buf, k_blocks, v_blocks, ready // BLOCK, full // BLOCK)
+            prepare_blocks(k_buf, v_buf, k_blocks, v_blocks, ready // BLOCK, full // BLOCK, smooth)
             ready = full
         self.ready[layer] = ready
-        return k_blocks, v_blocks, ready
+        return BlockView(k_blocks, v_blocks, ready, smooth)
 
     def truncate(self, length: int) -> None:
         cut = length // BLOCK * BLOCK
@@ -76,6 +92,7 @@ class KVCache:
     def __init__(
         self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, scale: float,
         dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", prepared_blocks: bool = False,
+        key_smoothing: Tensor | None = None,
     ):
         shape = (n_layers, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -85,14 +102,18 @@ class KVCache:
         self.length = 0
         self.last_query: list[Tensor | None] = [None] * n_layers
         self.listeners: list = []  # objects with on_append(cache, start, end) / on_truncate(cache, length)
-        self.blocks = PreparedBlocks(n_layers, n_kv_heads, head_dim, max_len) if prepared_blocks else None
+        # bf16 blocks where asked; int8 blocks (which the int8 attention cannot do without) with a smoothing
+        self.blocks = PreparedBlocks(n_layers, n_kv_heads, head_dim, max_len, key_smoothing) \
+            if prepared_blocks or key_smoothing is not None else None
 
     @classmethod
     def for_model(cls, model, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
         a = model.args
+        products = getattr(model, "attention", "fp32")  # set_attention checked that it runs here
         return cls(a.n_layers, a.n_kv_heads, a.head_dim, max_len or model.max_len, model.scale,
                    dtype=dtype or getattr(model, "kv_dtype", torch.float32), device=model.device,
-                   prepared_blocks=getattr(model, "attention", "fp32") == "bf16")  # set_attention checked it runs
+                   prepared_blocks=products == "bf16",
+                   key_smoothing=model.key_smoothing if products == "int8" else None)
 
     # -- KVStore protocol --------------------------------------------------------------------------
     def positions(self, n: int) -> Tensor:

@@ -46,7 +46,7 @@ MAX_WINDOW = 32
 SUPPORTED_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 
 ACTIVATION_MODES = ("fp32", "int8")
-ATTENTION_MODES = ("fp32", "bf16")
+ATTENTION_MODES = ("fp32", "bf16", "int8")
 
 
 class UnsupportedArchitecture(ValueError):
@@ -381,6 +381,45 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def key_smoothing(model: Transformer) -> Tensor:
+    """The int8 attention's key smoothing c [n_layers, Hkv, D] (float32, > 0; kernels/cpu/attention_int8.h),
+    from the weights alone.
+
+    Keys are divided by c and queries multiplied by it, which leaves every score as it was in exact
+    arithmetic. What it changes is what survives quantizing a key per key: Qwen's biased key
+    dimensions are tens of times the others, so a key quantized against its largest dimension loses
+    the small ones (perplexity +3% against fp32 on Python's documentation, in a simulation of the
+    kernel), and c = sqrt(a dimension's magnitude) moves half of that spread into the query, which
+    is quantized once per row (SmoothQuant's migration with alpha 1/2, with the magnitudes estimated
+    from the weights rather than from calibration data; docs/performance.md has the measurements).
+
+    A dimension's magnitude is that of the key projection of a normalised input with unit-variance
+    entries: sqrt(bias^2 + |W_row * attention_norm|^2), or with a key norm, its weight. RoPE turns
+    each pair of dimensions together, so a pair takes the larger of its two. Floored at 1/1024 of
+    the head's largest: no dimension is divided by (nearly) zero."""
+    a = model.args
+    hq, hkv, d = a.n_heads, a.n_kv_heads, a.head_dim
+    out = torch.ones(a.n_layers, hkv, d)
+    for i, layer in enumerate(model.layers):
+        att = layer.attention
+        if a.qk_norm:
+            mag = att.k_norm.weight.float().abs().expand(hkv, d)
+        else:
+            w = att.wqkv.dense(torch.float32)[hq * d : (hq + hkv) * d]  # [Hkv D, dim]
+            sq = (w.cpu() * layer.attention_norm.weight.float().cpu()).square().sum(1)
+            if att.wqkv.bias is not None:
+                sq = sq + att.wqkv.bias[hq * d : (hq + hkv) * d].float().cpu().square()
+            mag = sq.sqrt().view(hkv, d)
+        if a.rope_interleaved:  # pairs (2i, 2i + 1)
+            pair = mag.reshape(hkv, d // 2, 2).amax(-1).repeat_interleave(2, -1)
+        else:  # pairs (i, i + D/2)
+            pair = torch.maximum(mag[:, : d // 2], mag[:, d // 2 :]).repeat(1, 2)
+        c = pair.sqrt()
+        c = torch.maximum(c, c.amax(-1, keepdim=True) / 1024)
+        out[i] = torch.where(torch.isfinite(c) & (c > 0), c, torch.ones_like(c))
+    return out.contiguous()
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, max_len: int | None = None):
         super().__init__()
@@ -398,6 +437,7 @@ class Transformer(nn.Module):
         self.weights_label = "?"  # e.g. "GGUF Q4_K_M" or "float32", for the panels
         self.activations = "fp32"  # one of ACTIVATION_MODES (set_activations)
         self.attention = "fp32"  # one of ATTENTION_MODES (set_attention)
+        self.key_smoothing: Tensor | None = None  # [n_layers, Hkv, D] for the int8 attention (key_smoothing)
 
     # -- placement ----------------------------------------------------------------------------------
     def linears(self) -> list[Linear]:
@@ -470,12 +510,31 @@ class Transformer(nn.Module):
             return f"bf16 attention is built for head_dim 64 and 128, not {self.args.head_dim}"
         return ""
 
+    def int8_attention_available(self) -> str:
+        """'' when the int8-product attention can run this model here, else why not (one line)."""
+        if self.device.type != "cpu":
+            return "int8 attention is a CPU mode"
+        st = native.status()
+        if not st.available:
+            return f"native CPU kernels unavailable ({st.reason})"
+        if not st.int8_attention:
+            return f"this CPU's kernels ({st.isa}) have no int8 attention (it needs AVX512-VNNI)"
+        if self.args.head_dim not in (64, 128):
+            return f"int8 attention is built for head_dim 64 and 128, not {self.args.head_dim}"
+        return ""
+
     def set_attention(self, mode: str) -> None:
-        """Attention products in `mode` ("fp32" or "bf16"); like the activations, a change of numerics."""
+        """Attention products in `mode` ("fp32", "bf16" or "int8"); like the activations, a change of
+        numerics."""
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}")
         if mode == "bf16" and (why := self.bf16_attention_available()):
             raise ValueError(why)
+        if mode == "int8":
+            if why := self.int8_attention_available():
+                raise ValueError(why)
+            if self.key_smoothing is None:
+                self.key_smoothing = key_smoothing(self)
         self.attention = mode
 
     def _dense_embedding(self, dtype: torch.dtype) -> Tensor:
@@ -515,7 +574,8 @@ class Transformer(nn.Module):
             return f"cuda-torch{torch.__version__}"
         st = native.status()
         if st.available:
-            mode = ("-int8" if self.activations == "int8" else "") + ("-bf16att" if self.attention == "bf16" else "")
+            mode = ("-int8" if self.activations == "int8" else "") + {"bf16": "-bf16att", "int8": "-i8att"}.get(
+                self.attention, "")
             return f"native-{st.isa}-{native.build_key()}{mode}"
         return f"torch{torch.__version__}-{torch.backends.cpu.get_cpu_capability()}"
 

@@ -133,7 +133,7 @@ class RetrievalView:
             self.k = old_k.new_empty(*old_k.shape[:2], -(-need // 256) * 256, old_k.shape[3])
             self.v = torch.empty_like(self.k)
             if self.cache.blocks is not None:  # made again as they are read
-                self.blocks = PreparedBlocks(self.k.shape[0], self.k.shape[1], self.k.shape[3], self.k.shape[2])
+                self.blocks = self.cache.blocks.like(self.k.shape[2])
             if keep:
                 self.k[:, :, : old_k.shape[2]] = old_k
                 self.v[:, :, : old_v.shape[2]] = old_v

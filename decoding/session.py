@@ -624,7 +624,7 @@ class Session:
 
 def kernels_label(device, activations: str = "fp32", attention: str = "fp32", packed: bool = False) -> str:
     """Which kernels the target runs on, for the Cache panel: "native avx512, int8 activations
-    (avx512-vnni), packed weights, bf16 attention", "native avx2, fp32 activations", "PyTorch (why)"."""
+    (avx512-vnni), packed weights, int8 attention", "native avx2, fp32 activations", "PyTorch (why)"."""
     from triforce_chat.kernels import native
 
     if getattr(device, "type", str(device)) == "cuda":
@@ -635,6 +635,6 @@ def kernels_label(device, activations: str = "fp32", attention: str = "fp32", pa
     mode = f"int8 activations ({st.int8})" if activations == "int8" else "fp32 activations"
     if packed:
         mode += ", packed weights"
-    if attention == "bf16":
-        mode += ", bf16 attention"
+    if attention in ("bf16", "int8"):
+        mode += f", {attention} attention"
     return f"native {st.isa}, {mode}"

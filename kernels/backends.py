@@ -17,6 +17,7 @@ import contextvars
 import functools
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -157,9 +158,9 @@ def attend_segments(q: Tensor, segments: list[tuple[Tensor, Tensor]], scale: flo
     return attention.attend_segments(q, segments, scale)
 
 
-# The products of the native attention for the forward running in this context: "fp32" or "bf16"
-# (kernels/cpu/attention_bf16.h). A model sets it around its forward (Transformer.attention), so
-# every KV store it reads through `attend_tokens` computes alike.
+# The products of the native attention for the forward running in this context: "fp32", "bf16"
+# (kernels/cpu/attention_bf16.h) or "int8" (kernels/cpu/attention_int8.h). A model sets it around its
+# forward (Transformer.attention), so every KV store it reads through `attend_tokens` computes alike.
 _attention_products: contextvars.ContextVar[str] = contextvars.ContextVar("attention_products", default="fp32")
 
 
@@ -172,32 +173,60 @@ def attention_products(mode: str) -> Iterator[None]:
         _attention_products.reset(token)
 
 
-def prepared_blocks_available(head_dim: int, device: torch.device | str = "cpu") -> bool:
-    """Whether `prepare_blocks` runs here: the native bf16 attention on CPU, head_dim 64 or 128."""
-    return torch.device(device).type == "cpu" and native.available() and bool(native.status().bf16_attention) \
-        and head_dim in (64, 128)
+INT8_BLOCK_EXTRA = 256  # bytes after a prepared int8 block's 32 * D codes: scales (kernels/cpu/attention_int8.h)
 
 
-def prepare_blocks(k_buf: Tensor, v_buf: Tensor, k_blocks: Tensor, v_blocks: Tensor, first: int, end: int) -> None:
-    """Blocks first .. end - 1 of 32 keys of k_buf/v_buf [Hkv, L, D] into k_blocks/v_blocks
-    [Hkv, blocks, 32 * D] (bf16), as the bf16 attention reads them (kernels/cpu/attention_bf16.h)."""
-    native.ops().prepare_kv_bf16(k_buf, v_buf, k_blocks, v_blocks, first, end)
+class BlockView(NamedTuple):
+    """One layer of a KV store's prepared blocks, as `attend_tokens` reads them: k/v [Hkv, blocks,
+    bytes of a block], the first `keys` keys ready (a multiple of 32), and for int8 blocks the key
+    smoothing they were made with ([Hkv, D]; None for bf16 blocks)."""
+
+    k: Tensor
+    v: Tensor
+    keys: int
+    key_smooth: Tensor | None = None
+
+
+def prepared_blocks_available(head_dim: int, device: torch.device | str = "cpu", products: str = "bf16") -> bool:
+    """Whether `prepare_blocks` runs here for `products` ("bf16" or "int8"): the native attention
+    with those products on CPU, head_dim 64 or 128."""
+    if torch.device(device).type != "cpu" or not native.available() or head_dim not in (64, 128):
+        return False
+    st = native.status()
+    return bool(st.int8_attention if products == "int8" else st.bf16_attention)
+
+
+def prepare_blocks(k_buf: Tensor, v_buf: Tensor, k_blocks: Tensor, v_blocks: Tensor, first: int, end: int,
+                   key_smooth: Tensor | None = None) -> None:
+    """Blocks first .. end - 1 of 32 keys of k_buf/v_buf [Hkv, L, D] into k_blocks/v_blocks as the
+    attention reads them: bf16 [Hkv, blocks, 32 * D] (kernels/cpu/attention_bf16.h), or with
+    `key_smooth` int8 codes and scales, uint8 [Hkv, blocks, 32 * D + 256] (attention_int8.h)."""
+    if key_smooth is None:
+        native.ops().prepare_kv_bf16(k_buf, v_buf, k_blocks, v_blocks, first, end)
+    else:
+        native.ops().prepare_kv_int8(k_buf, v_buf, k_blocks, v_blocks, first, end, key_smooth)
 
 
 def attend_tokens(q: Tensor, k_buf: Tensor, v_buf: Tensor, length: int, scale: float,
-                  blocks: tuple[Tensor, Tensor, int] | None = None) -> Tensor:
+                  blocks: BlockView | None = None) -> Tensor:
     """Token-major attention for the KV stores: q [T, Hq, D] (the last T of `length` positions)
     over k_buf/v_buf [Hkv, >= length, D] -> [T, Hq * D]. The native kernel reads 16-bit buffers
-    directly and is exact for windows (fp32 or bf16 products, see `attention_products`); the
-    fallbacks use PyTorch on the buffer's dtype. `blocks` (k_blocks, v_blocks, keys): the first
-    `keys` keys already prepared (`prepare_blocks`), which the bf16 products read instead of
-    making them again: the same bits, and a step at 7K-29K about twice as fast."""
+    directly and is exact for windows (fp32, bf16 or int8 products, see `attention_products`); the
+    fallbacks use PyTorch on the buffer's dtype. `blocks`: the first `blocks.keys` keys already
+    prepared (`prepare_blocks`), which the bf16 and int8 products read instead of making them
+    again: the same bits, and a step at 7K-29K about twice as fast. The int8 products need them
+    (their key smoothing comes with them)."""
     t, hq, d = q.shape
     if q.device.type == "cpu" and native.available():
-        if _attention_products.get() == "bf16":
-            if blocks is not None and blocks[2] > 0:
-                k_blocks, v_blocks, keys = blocks
-                return native.ops().attention_bf16_prepared(q, k_buf, v_buf, k_blocks, v_blocks, keys, length,
+        products = _attention_products.get()
+        if products == "int8":
+            if blocks is None or blocks.key_smooth is None:
+                raise ValueError("the int8 attention reads a KV store made for it (prepared int8 blocks)")
+            return native.ops().attention_int8(q, k_buf, v_buf, blocks.k, blocks.v, blocks.keys, length, scale,
+                                               blocks.key_smooth).view(t, hq * d)
+        if products == "bf16":
+            if blocks is not None and blocks.keys > 0:
+                return native.ops().attention_bf16_prepared(q, k_buf, v_buf, blocks.k, blocks.v, blocks.keys, length,
                                                             scale).view(t, hq * d)
             return native.ops().attention_bf16(q, k_buf, v_buf, length, scale).view(t, hq * d)
         return native.ops().attention(q, k_buf, v_buf, length, scale).view(t, hq * d)

@@ -2,7 +2,7 @@
 the activation modes (fp32, int8) side by side.
 
     python -m triforce_chat.kernels.bench_cpu [--model NAME|FILE.gguf] [--threads N] [--lengths 1024,7168,32768]
-        [--modes fp32,int8,int8+bf16] [--rows 1,2,4,8,16,32] [--context 1024]
+        [--modes fp32,int8,int8+bf16,int8+int8] [--rows 1,2,4,8,16,32] [--context 1024]
         [--prefill-chunk 512 (0: skip)] [--ppl-tokens 0]
 
 For the model's real shapes and weights (default: the default model when installed, else the
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         modes = ["fp32"] + (["int8"] if not m.int8_available() else [])
         modes += ["int8+bf16"] if "int8" in modes and not m.bf16_attention_available() else []
+        modes += ["int8+int8"] if "int8" in modes and not m.int8_attention_available() else []
     for mode in modes:
         _set_mode(m, mode)  # refuses a mode this build or these weights cannot run
     int8 = f"int8 path {st.int8}" if st.int8 else "no int8 path"
@@ -179,8 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                 lin.int8_product(x) if lin.int8 else ops.linear(x, lin.parts, lin.types, lin.bias)
         return run
 
-    # int8+bf16 has the products of int8
-    mm_modes = list(dict.fromkeys("int8" if mode == "int8+bf16" else mode for mode in modes))
+    # int8+bf16 and int8+int8 have the matrix products of int8
+    mm_modes = list(dict.fromkeys("int8" if mode.startswith("int8+") else mode for mode in modes))
     mm = {}
     for mode in mm_modes:
         _set_mode(m, mode)
@@ -242,6 +243,14 @@ def main(argv: list[str] | None = None) -> None:
         kernels["bf16"] = lambda q, i, n: ops.attention_bf16_prepared(
             q, K[i], V[i], blocks.k[i], blocks.v[i], n // BLOCK * BLOCK, n, scale)
         kernels["bf16 per call"] = per_call(ops.attention_bf16)  # each call makes the blocks it reads
+    if any(mode.endswith("+int8") for mode in modes):
+        from triforce_chat.decoding.cache import BLOCK, PreparedBlocks
+
+        int8_blocks = PreparedBlocks(a.n_layers, a.n_kv_heads, a.head_dim, max_len, m.key_smoothing)
+        for i in range(a.n_layers):
+            int8_blocks.refresh(i, K[i], V[i], 0, max_len)
+        kernels["int8"] = lambda q, i, n: ops.attention_int8(
+            q, K[i], V[i], int8_blocks.k[i], int8_blocks.v[i], n // BLOCK * BLOCK, n, scale, m.key_smoothing[i])
 
     def attention(q, n, kernel):
         return lambda: [kernel(q, i, n) for i in range(a.n_layers)]
@@ -312,11 +321,13 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"perplexity {mode} / fp32 = {ppl[mode] / ppl['fp32']:.4f}")
 
 
-MODES = {"fp32": ("fp32", "fp32"), "int8": ("int8", "fp32"), "int8+bf16": ("int8", "bf16")}
+MODES = {"fp32": ("fp32", "fp32"), "int8": ("int8", "fp32"), "int8+bf16": ("int8", "bf16"),
+         "int8+int8": ("int8", "int8")}
 
 
 def _set_mode(model, mode: str) -> None:
-    """A benchmark mode: fp32, int8 (activations) or int8+bf16 (and bf16 attention products)."""
+    """A benchmark mode: fp32, int8 (activations), int8+bf16 or int8+int8 (and bf16 or int8
+    attention products)."""
     if mode not in MODES:
         raise SystemExit(f"--modes: one of {', '.join(MODES)}, not {mode!r}")
     activations, attention = MODES[mode]

@@ -32,9 +32,9 @@ import torch
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
 SOURCES = ("ops.cpp", "linear.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "attention.cpp", "attention_bf16.cpp",
-           "rowwise.cpp")
+           "attention_int8.cpp", "rowwise.cpp")
 HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "linear_int8.h", "linear_int8_tiles.h", "attention.h",
-           "attention_bf16.h", "rowwise.h")
+           "attention_bf16.h", "attention_int8.h", "rowwise.h")
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-Wno-unused-function"]
 KEEP_BUILDS = 12  # builds kept in the cache (the test suite alone builds six ISA variants)
 KEEP_DAYS = 30  # ... and none unused for longer
@@ -48,6 +48,7 @@ class NativeStatus:
     build_dir: Path | None = None
     int8: str = ""  # the int8-activation path built ("avx512-vnni", "avx2"), "" when this build has none
     bf16_attention: str = ""  # the bf16-product attention built ("avx512-bf16"), "" when none
+    int8_attention: str = ""  # the int8-product attention built ("avx512-vnni"), "" when none
 
 
 def _cpu_flags() -> str:
@@ -88,9 +89,10 @@ def _cache_root() -> Path:
 
 # TRIFORCE_NATIVE_ISA picks another path than the host's best (to test every path on one machine
 # that can run it): "avx2" is AVX2 only (int8 activations on the AVX2 path), "avx512" AVX-512 without
-# VNNI (int8 activations on the AVX2 path too), "avx512-vnni" the int8 mode on the VNNI path and
-# "avx512-vnni-bf16" the bf16 attention too, whatever else the host has. None enables what the
-# name does not say (no -march=native), so each builds its path on a host with more.
+# VNNI (int8 activations on the AVX2 path too), "avx512-vnni" the int8 mode and the int8 attention on
+# the VNNI path (an Ice Lake's kernels) and "avx512-vnni-bf16" the bf16 attention too, whatever else
+# the host has. None enables what the name does not say (no -march=native), so each builds its path
+# on a host with more.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 ISA_FLAGS = {
@@ -124,7 +126,8 @@ def _build(native_arch: bool) -> NativeStatus:
         verbose=os.environ.get("TRIFORCE_NATIVE_VERBOSE") == "1",
     )
     t = torch.ops.triforce
-    built = NativeStatus(True, t.isa(), "", build_dir, t.int8_path(), t.attention_bf16_path())
+    built = NativeStatus(True, t.isa(), "", build_dir, t.int8_path(), t.attention_bf16_path(),
+                        t.attention_int8_path())
     prune_builds(build_dir)
     return built
 
@@ -159,7 +162,8 @@ def status() -> NativeStatus:
         return NativeStatus(False, "", "disabled by TRIFORCE_NO_NATIVE=1")
     if hasattr(torch.ops, "triforce") and hasattr(torch.ops.triforce, "isa"):
         t = torch.ops.triforce
-        return NativeStatus(True, t.isa(), "", None, t.int8_path(), t.attention_bf16_path())
+        return NativeStatus(True, t.isa(), "", None, t.int8_path(), t.attention_bf16_path(),
+                        t.attention_int8_path())
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None and shutil.which("g++") is None:
         return NativeStatus(False, "", "no C++ compiler found (install g++ or clang++)")
@@ -202,6 +206,7 @@ if __name__ == "__main__":  # `python -m triforce_chat.kernels.native`: build no
     if st.available:
         int8 = f", int8 activations {st.int8}" if st.int8 else ", no int8-activation path (needs AVX2)"
         bf16 = f", bf16 attention {st.bf16_attention}" if st.bf16_attention else ", no bf16 attention"
-        print(f"native CPU kernels: {st.isa}{int8}{bf16} ({st.build_dir or 'loaded'})")
+        i8att = f", int8 attention {st.int8_attention}" if st.int8_attention else ", no int8 attention"
+        print(f"native CPU kernels: {st.isa}{int8}{bf16}{i8att} ({st.build_dir or 'loaded'})")
     else:
         print(f"native CPU kernels unavailable: {st.reason}; the PyTorch fallback will be used")

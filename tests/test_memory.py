@@ -267,9 +267,10 @@ def test_a_smaller_budget_is_suggested_when_the_retrieval_buffer_is_what_does_no
 
 
 def test_the_guard_counts_the_prepared_blocks_exactly_where_the_cache_keeps_them(smollm2_path):
-    """The bf16 attention's prepared blocks (decoding/cache.py) are a second copy of the cache: the
-    estimate before loading expects them where the loaded model's cache keeps them, and counts
-    them as the cache's 16-bit bytes per token (the retrieval view's own, too)."""
+    """The bf16 or int8 attention's prepared blocks (decoding/cache.py) are a second copy of the
+    cache: the estimate before loading expects them where the loaded model's cache keeps them, and
+    counts them as the cache's 16-bit bytes per token (the retrieval view's own, too); a session's
+    estimate counts its cache's own blocks (int8 blocks: about half that)."""
     from triforce_chat.decoding.cache import KVCache
     from triforce_chat.decoding.memory.footprint import estimate, session_estimate
     from triforce_chat.decoding.models.loading import expects_prepared_blocks, load_model
@@ -277,7 +278,7 @@ def test_the_guard_counts_the_prepared_blocks_exactly_where_the_cache_keeps_them
     lm = load_model("smollm2-135m", log=lambda m: None)
     cache = KVCache.for_model(lm.model, max_len=512)
     expected = expects_prepared_blocks(lm.model.args.head_dim, None, "cpu")
-    assert expected == (cache.blocks is not None) == (lm.model.attention == "bf16")
+    assert expected == (cache.blocks is not None) == (lm.model.attention in ("bf16", "int8"))
     assert not expects_prepared_blocks(lm.model.args.head_dim, torch.float32, "cpu")  # dense weights: fp32
     shape = ModelShape.from_args(lm.model.args)
     plain = estimate(shape, weights_bytes=1, context=4096, kv_dtype=torch.float16, budget="512")
@@ -289,8 +290,11 @@ def test_the_guard_counts_the_prepared_blocks_exactly_where_the_cache_keeps_them
     list(s.generate("Who keeps the light?"))
     est = session_estimate(s, 4096)
     if expected:
-        assert est.parts["attention_blocks"] == 4096 * shape.kv_bytes_per_token(2)
-        assert s.cache.blocks_bytes == s.cache.used_bytes > 0 and max(s.cache.blocks.ready) > 0
+        assert est.parts["attention_blocks"] == 4096 * s.cache.blocks_bytes_per_token <= both.parts["attention_blocks"]
+        d = lm.model.args.head_dim  # an int8 block: d + 8 bytes per key, against 2 d in the 16-bit cache
+        int8 = lm.model.attention == "int8"
+        assert s.cache.blocks_bytes == (s.cache.used_bytes * (d + 8) // (2 * d) if int8 else s.cache.used_bytes) > 0
+        assert max(s.cache.blocks.ready) > 0
     else:
         assert "attention_blocks" not in est.parts and s.cache.blocks_bytes == 0
 

@@ -148,12 +148,15 @@ def test_the_model_reads_its_kv_stores_with_bf16_products(fast_model):
 
 @needs_bf16
 def test_load_model_takes_bf16_attention_with_int8_activations(smollm2_path):
+    """bf16 where it is asked for, or where auto does not find the int8 attention (it comes first:
+    test_native_int8_attention.py)."""
     from triforce_chat.decoding.models.loading import load_model
     from triforce_chat.decoding.session import kernels_label
 
     if not native.status().int8:
         pytest.skip("no int8 activations in this build: auto keeps fp32 attention with them")
-    lm = load_model("smollm2-135m", log=lambda m: None)
+    asked = "bf16" if native.status().int8_attention else None
+    lm = load_model("smollm2-135m", log=lambda m: None, attention=asked)
     assert (lm.model.activations, lm.model.attention) == ("int8", "bf16") and not lm.notices
     assert kernels_label(lm.model.device, lm.model.activations, lm.model.attention).endswith("bf16 attention")
     assert lm.model.numerics.endswith("-int8-bf16att")

@@ -286,19 +286,23 @@ def estimate(
     transient_bytes: int = 0,
     runtime_bytes: int = 0,
     prepared_blocks: bool = False,
+    blocks_bytes_per_token: int = 0,
 ) -> MemoryEstimate:
     """Bytes for one Session of this model at `context` tokens (the model's positions by default).
-    `prepared_blocks`: the cache also keeps its blocks as the bf16 attention reads them (bf16, as
-    many bytes again as a 16-bit cache; decoding/cache.py: PreparedBlocks)."""
+    `prepared_blocks`: the cache also keeps its blocks as the bf16 or int8 attention reads them
+    (decoding/cache.py: PreparedBlocks), counted at `blocks_bytes_per_token` where the cache is
+    there to say, else as bf16 blocks (as many bytes again as a 16-bit cache; int8 blocks are about
+    half that: the estimate before loading errs high)."""
     context = context or shape.max_positions
     size = dtype_bytes(dtype) if dtype is not None else 4  # activations (and a draft's cache) are float32
     kv_size = dtype_bytes(kv_dtype if kv_dtype is not None else (dtype or "float32"))
     kv = context * shape.kv_bytes_per_token(kv_size)
     parts = {"weights": weights_bytes, "loading": transient_bytes, "kv_cache": kv}
-    if prepared_blocks:
-        parts["attention_blocks"] = context * shape.kv_bytes_per_token(2)
+    blocks = blocks_bytes_per_token or (shape.kv_bytes_per_token(2) if prepared_blocks else 0)
+    if blocks:
+        parts["attention_blocks"] = context * blocks
     view = view_buffer_bytes(shape, context, budget, chunk_size, kv_size) if level >= 1 else 0
-    parts["retrieval_view"] = view + (view // kv_size * 2 if prepared_blocks else 0)  # its own blocks too
+    parts["retrieval_view"] = view + view // shape.kv_bytes_per_token(kv_size) * blocks  # its own blocks too
     if level == 2 and draft not in LOOKUPS:
         cache = streaming_cache_bytes(draft_shape, size) if draft_shape is not None else 0
         parts["draft"] = draft_weights_bytes + cache
@@ -362,6 +366,7 @@ def session_estimate(session: Any, context: int | None = None) -> MemoryEstimate
         budget=cfg.budget, chunk_size=cfg.chunk_size, gamma_mid=cfg.gamma_mid, gamma_low=cfg.gamma_low,
         draft=cfg.draft, draft_weights_bytes=draft_bytes, draft_shape=draft_shape,
         prepared_blocks=getattr(cache, "blocks", None) is not None,
+        blocks_bytes_per_token=getattr(cache, "blocks_bytes_per_token", 0),
     )
     est.parts["kv_cache"] = cache.allocated_bytes  # allocated once, for the whole context
     return est

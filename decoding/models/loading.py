@@ -13,8 +13,9 @@ full cache to token-by-token verification (exact), and a notice says so.
 Activations (`activations=` or TRIFORCE_ACTIVATIONS): "auto" (the default) takes the int8 mode
 where this build has it (AVX2 or AVX512-VNNI) and the weights are GGUF blocks, else fp32; "fp32" and
 "int8" ask for one (int8 where it cannot run: fp32 and a notice). Attention products
-(`attention=` or TRIFORCE_ATTENTION): "auto" takes bf16 with the int8 activations where the build
-has AVX512-BF16, else fp32; "fp32" and "bf16" ask for one.
+(`attention=` or TRIFORCE_ATTENTION): "auto", with the int8 activations, takes int8 products where the
+build has AVX512-VNNI, else bf16 where it has AVX512-BF16, else fp32; "fp32", "bf16" and "int8" ask
+for one.
 """
 
 from __future__ import annotations
@@ -170,7 +171,7 @@ def load_model(
     """Weights, tokenizer and the load-time self-check. `dtype` None keeps the weights as shipped
     (GGUF blocks, or the checkpoint's float dtype); a float dtype converts them. `context` beyond
     the model's positions extends them with YaRN. `activations`: "auto" | "fp32" | "int8" (None:
-    TRIFORCE_ACTIVATIONS, else "auto"); `attention`: "auto" | "fp32" | "bf16" (None:
+    TRIFORCE_ACTIVATIONS, else "auto"); `attention`: "auto" | "fp32" | "bf16" | "int8" (None:
     TRIFORCE_ATTENTION, else "auto"); see the module's docstring."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     t0 = time.perf_counter()
@@ -428,34 +429,43 @@ def choose_activations(model: Transformer, requested: str | None = None) -> tupl
     return "int8", ""
 
 
-ATTENTION_CHOICES = ("auto", "fp32", "bf16")
+ATTENTION_CHOICES = ("auto", "fp32", "bf16", "int8")
+AUTO_ATTENTION = ("int8", "bf16")  # "auto"'s preference with int8 activations, fastest first (docs/performance.md)
 
 
 def choose_attention(model: Transformer, requested: str | None = None) -> tuple[str, str]:
     """The attention products for `model` (after its activations are set), and a notice when a
-    request could not be met. "auto" is bf16 with int8 activations where the build has it (the
-    fast mode: perplexity within 1% of fp32, README), fp32 otherwise."""
+    request could not be met. "auto", with int8 activations, is the first of AUTO_ATTENTION the
+    build has (each the faster mode where it runs, its perplexity within 1% of fp32: README),
+    fp32 otherwise."""
     requested = requested or os.environ.get("TRIFORCE_ATTENTION") or "auto"
     if requested not in ATTENTION_CHOICES:
         raise ModelLoadError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {requested!r}")
-    why = model.bf16_attention_available()
-    if requested == "fp32" or (requested == "auto" and (why or model.activations != "int8")):
+    unavailable = {"bf16": model.bf16_attention_available, "int8": model.int8_attention_available}
+    if requested == "fp32":
         return "fp32", ""
-    if why:
-        return "fp32", f"bf16 attention unavailable: {why}; using fp32 attention"
-    return "bf16", ""
+    if requested == "auto":
+        if model.activations == "int8":
+            for mode in AUTO_ATTENTION:
+                if not unavailable[mode]():
+                    return mode, ""
+        return "fp32", ""
+    if why := unavailable[requested]():
+        return "fp32", f"{requested} attention unavailable: {why}; using fp32 attention"
+    return requested, ""
 
 
 def expects_prepared_blocks(head_dim: int, dtype: torch.dtype | None, device: str) -> bool:
-    """Whether a model loaded with these settings will run the bf16 attention with prepared blocks
-    (its cache's second copy; `choose_attention` on "auto", before the model is there): GGUF blocks
-    computed as shipped (int8 activations) and a build with the bf16 attention. The memory guard's
-    question; it errs towards the copy (an `--attention fp32` run would not make it)."""
+    """Whether a model loaded with these settings will run the bf16 or int8 attention with prepared
+    blocks (its cache's second copy; `choose_attention` on "auto", before the model is there):
+    GGUF blocks computed as shipped (int8 activations) and a build with either attention. The
+    memory guard's question; it errs towards the copy (an `--attention fp32` run would not make it)."""
     from triforce_chat.kernels.backends import prepared_blocks_available
 
     if dtype is not None or os.environ.get("TRIFORCE_ATTENTION") == "fp32":
         return False
-    return prepared_blocks_available(head_dim, device) and bool(native.status().int8)
+    blocks = any(prepared_blocks_available(head_dim, device, mode) for mode in AUTO_ATTENTION)
+    return blocks and bool(native.status().int8)
 
 
 # -- the load-time self-check ----------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 
 #include "attention.h"
 #include "attention_bf16.h"
+#include "attention_int8.h"
 #include "linear.h"
 #include "linear_int8.h"
 #include "quant.h"
@@ -249,6 +250,67 @@ void prepare_kv_bf16(const Tensor& k, const Tensor& v, Tensor& kp, Tensor& vp, i
   tf::prepare_kv_bf16(a);
 }
 
+// c [Hkv, D]: the int8 attention's key smoothing (attention_int8.h), float32, positive.
+void check_key_smooth(const Tensor& c, int64_t Hkv, int64_t D) {
+  TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 2 && c.size(0) == Hkv && c.size(1) == D,
+              "key smoothing must be contiguous float32 [Hkv, D]");
+}
+
+// kp / vp of prepared int8 blocks: [Hkv, blocks, int8_block_bytes(D)] uint8, contiguous, 64-byte aligned.
+void check_prepared_int8(const Tensor& kp, const Tensor& vp, int64_t Hkv, int64_t D) {
+  for (const Tensor* t : {&kp, &vp})
+    TORCH_CHECK(t->dim() == 3 && t->is_contiguous() && t->scalar_type() == at::kByte && t->size(0) == Hkv &&
+                    t->size(2) == tf::int8_block_bytes(D) && reinterpret_cast<uintptr_t>(t->data_ptr()) % 64 == 0,
+                "prepared int8 blocks must be contiguous uint8 [Hkv, blocks, 32 * D + 256], 64-byte aligned");
+  TORCH_CHECK(kp.size(1) == vp.size(1), "prepared k and v must hold the same blocks");
+}
+
+// The int8-product attention (attention_int8.h), reading keys 0 .. prepared - 1 from blocks
+// prepare_kv_int8 made (same bits as making them here); head_dim 64 or 128.
+Tensor attention_int8(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kp, const Tensor& vp,
+                      int64_t prepared, int64_t length, double scale, const Tensor& key_smooth) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be float32 [T, Hq, D]");
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1, "k, v must be [Hkv, L, D]");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
+  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(0);
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(2) == D && v.size(2) == D && v.size(0) == Hkv, "head shapes");
+  TORCH_CHECK(length >= T && length <= k.size(1) && length <= v.size(1), "length ", length, " out of range");
+  check_prepared_int8(kp, vp, Hkv, D);
+  check_key_smooth(key_smooth, Hkv, D);
+  TORCH_CHECK(prepared >= 0 && prepared % tf::kBlock == 0 && prepared / tf::kBlock <= kp.size(1),
+              "prepared must be a multiple of 32 keys within the prepared blocks");
+  Tensor out = at::empty({T, Hq, D}, q.options());
+  tf::AttentionArgs a{q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
+                      k.stride(1), v.stride(0), v.stride(1), kv_type_of(k), T, Hq, Hkv, D, length, float(scale),
+                      out.data_ptr<float>()};
+  a.kprep = kp.data_ptr();
+  a.vprep = vp.data_ptr();
+  a.prep_sh = kp.size(1);
+  a.prepared = prepared;
+  tf::attention_int8(a, key_smooth.data_ptr<float>());
+  return out;
+}
+
+// Blocks [block_begin, block_end) of k/v [Hkv, L, D] into kp / vp (see attention_int8.h).
+void prepare_kv_int8(const Tensor& k, const Tensor& v, Tensor& kp, Tensor& vp, int64_t block_begin, int64_t block_end,
+                     const Tensor& key_smooth) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1 && k.sizes() == v.sizes(),
+              "k, v must be [Hkv, L, D]");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
+  const int64_t Hkv = k.size(0), D = k.size(2);
+  check_prepared_int8(kp, vp, Hkv, D);
+  check_key_smooth(key_smooth, Hkv, D);
+  TORCH_CHECK(0 <= block_begin && block_begin <= block_end && block_end <= kp.size(1) &&
+                  block_end * tf::kBlock <= k.size(1),
+              "blocks out of range");
+  tf::Int8PrepareArgs a{k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_type_of(k),
+                        Hkv, D, block_begin, block_end, key_smooth.data_ptr<float>(), kp.data_ptr(), vp.data_ptr(),
+                        kp.size(1)};
+  tf::prepare_kv_int8(a);
+}
+
+std::string attention_int8_path() { return tf::attention_int8_path(); }
+
 std::string isa() { return tf::isa_name(); }
 
 std::string int8_path() { return tf::int8_path(); }
@@ -278,6 +340,13 @@ TORCH_LIBRARY(triforce, m) {
         &attention_bf16_prepared);
   m.def("prepare_kv_bf16(Tensor k, Tensor v, Tensor(a!) kp, Tensor(b!) vp, int block_begin, int block_end) -> ()",
         &prepare_kv_bf16);
+  m.def("attention_int8(Tensor q, Tensor k, Tensor v, Tensor kp, Tensor vp, int prepared, int length, float scale, "
+        "Tensor key_smooth) -> Tensor",
+        &attention_int8);
+  m.def("attention_int8_path() -> str", &attention_int8_path);
+  m.def("prepare_kv_int8(Tensor k, Tensor v, Tensor(a!) kp, Tensor(b!) vp, int block_begin, int block_end, "
+        "Tensor key_smooth) -> ()",
+        &prepare_kv_int8);
   m.def("isa() -> str", &isa);
   m.def("int8_path() -> str", &int8_path);
   m.def("set_row_skew(bool on) -> ()", &set_row_skew);
