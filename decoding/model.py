@@ -497,30 +497,24 @@ class Transformer(nn.Module):
         """Whether the int8 mode runs on packed tiles here (Linear.set_int8), for the Cache panel."""
         return any(t > 1000 for lin in self.linears() for t in lin.int8_types)
 
-    def bf16_attention_available(self) -> str:
-        """'' when the bf16-product attention can run this model here, else why not (one line)."""
-        if self.device.type != "cpu":
-            return "bf16 attention is a CPU mode"
-        st = native.status()
-        if not st.available:
-            return f"native CPU kernels unavailable ({st.reason})"
-        if not st.bf16_attention:
-            return f"this CPU's kernels ({st.isa}) have no bf16 attention (it needs AVX512-BF16)"
-        if self.args.head_dim not in (64, 128):
-            return f"bf16 attention is built for head_dim 64 and 128, not {self.args.head_dim}"
-        return ""
+    # the native build's field naming each product's path, and the instructions it needs
+    _ATTENTION_PATHS = {"bf16": ("bf16_attention", "AVX512-BF16"), "int8": ("int8_attention", "AVX512-VNNI")}
 
-    def int8_attention_available(self) -> str:
-        """'' when the int8-product attention can run this model here, else why not (one line)."""
+    def attention_available(self, mode: str) -> str:
+        """'' when the attention with `mode` products ("bf16" or "int8") can run this model here, else
+        why not (one line). fp32 runs everywhere."""
+        if mode == "fp32":
+            return ""
         if self.device.type != "cpu":
-            return "int8 attention is a CPU mode"
+            return f"{mode} attention is a CPU mode"
         st = native.status()
         if not st.available:
             return f"native CPU kernels unavailable ({st.reason})"
-        if not st.int8_attention:
-            return f"this CPU's kernels ({st.isa}) have no int8 attention (it needs AVX512-VNNI)"
+        field, needs = self._ATTENTION_PATHS[mode]
+        if not getattr(st, field):
+            return f"this CPU's kernels ({st.isa}) have no {mode} attention (it needs {needs})"
         if self.args.head_dim not in (64, 128):
-            return f"int8 attention is built for head_dim 64 and 128, not {self.args.head_dim}"
+            return f"{mode} attention is built for head_dim 64 and 128, not {self.args.head_dim}"
         return ""
 
     def set_attention(self, mode: str) -> None:
@@ -528,11 +522,9 @@ class Transformer(nn.Module):
         numerics."""
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}")
-        if mode == "bf16" and (why := self.bf16_attention_available()):
+        if why := self.attention_available(mode):
             raise ValueError(why)
         if mode == "int8":
-            if why := self.int8_attention_available():
-                raise ValueError(why)
             if self.key_smoothing is None:
                 self.key_smoothing = key_smoothing(self)
         self.attention = mode

@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         modes = args.modes.split(",")
     else:
         modes = ["fp32"] + (["int8"] if not m.int8_available() else [])
-        modes += ["int8+bf16"] if "int8" in modes and not m.bf16_attention_available() else []
-        modes += ["int8+int8"] if "int8" in modes and not m.int8_attention_available() else []
+        modes += ["int8+bf16"] if "int8" in modes and not m.attention_available("bf16") else []
+        modes += ["int8+int8"] if "int8" in modes and not m.attention_available("int8") else []
     for mode in modes:
         _set_mode(m, mode)  # refuses a mode this build or these weights cannot run
     int8 = f"int8 path {st.int8}" if st.int8 else "no int8 path"

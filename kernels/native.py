@@ -34,7 +34,7 @@ SOURCE_DIR = Path(__file__).parent / "cpu"
 SOURCES = ("ops.cpp", "linear.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "attention.cpp", "attention_bf16.cpp",
            "attention_int8.cpp", "rowwise.cpp")
 HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "linear_int8.h", "linear_int8_tiles.h", "attention.h",
-           "attention_bf16.h", "attention_int8.h", "rowwise.h")
+           "attention_bf16.h", "attention_int8.h", "attention_merge.h", "rowwise.h")
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-Wno-unused-function"]
 KEEP_BUILDS = 12  # builds kept in the cache (the test suite alone builds six ISA variants)
 KEEP_DAYS = 30  # ... and none unused for longer

@@ -52,7 +52,7 @@ def test_without_bf16_the_attention_is_unavailable_and_the_model_stays_fp32(tmp_
     with pytest.raises(RuntimeError, match="AVX512-BF16"):
         ops().attention_bf16(torch.randn(1, 2, 64), k, v, 8, 0.1)
     model = load_gguf(write_gguf(tmp_path / "m.gguf", "llama", qtype="Q8_0"))
-    assert "AVX512-BF16" in model.bf16_attention_available()
+    assert "AVX512-BF16" in model.attention_available("bf16")
     assert choose_attention(model, "auto") == ("fp32", "")
     mode, notice = choose_attention(model, "bf16")
     assert mode == "fp32" and "unavailable" in notice
@@ -107,20 +107,29 @@ def test_bf16_attention_refuses_other_head_widths():
         ops().attention_bf16(torch.randn(1, 2, 96), k, v, 8, 0.1)
 
 
-@pytest.fixture(scope="module", params=["q5_0-d64-gqa7", "q4_k-d128-gqa6"])
+# Qwen2-layout GGUF models in the shapes of the 0.5B (head_dim 64, 7 query heads per KV head) and
+# the 1.5B (head_dim 128, 6), for the fast modes' whole-forward tests
+FAST_MODELS = {
+    "q5_0-d64-gqa7": dict(dim=896, n_heads=14, n_kv_heads=2, qtype="Q5_0", ffn=1024,
+                          qtypes={"attn_v": "Q8_0", "ffn_down": "Q6_K", "output": "Q8_0"}),
+    "q4_k-d128-gqa6": dict(dim=768, n_heads=6, n_kv_heads=1, head_dim=128, qtype="Q4_K", ffn=1024,
+                           qtypes={"attn_v": "Q6_K"}),
+}
+
+
+def load_fast_model(tmp_path_factory, name: str, attention: str):
+    """FAST_MODELS[name] with int8 activations and `attention` products."""
+    model = load_gguf(write_gguf(tmp_path_factory.mktemp("gguf") / f"{name}.gguf", "qwen2", **FAST_MODELS[name]))
+    model.set_activations("int8")
+    model.set_attention(attention)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(FAST_MODELS))
 def fast_model(request, tmp_path_factory):
     if not (has_bf16() and native.status().int8):
         pytest.skip("this build has no int8 activations and bf16 attention (AVX2 or AVX512-VNNI, and AVX512-BF16)")
-    kwargs = {
-        "q5_0-d64-gqa7": dict(dim=896, n_heads=14, n_kv_heads=2, qtype="Q5_0", ffn=1024,
-                              qtypes={"attn_v": "Q8_0", "ffn_down": "Q6_K", "output": "Q8_0"}),
-        "q4_k-d128-gqa6": dict(dim=768, n_heads=6, n_kv_heads=1, head_dim=128, qtype="Q4_K", ffn=1024,
-                               qtypes={"attn_v": "Q6_K"}),
-    }[request.param]
-    model = load_gguf(write_gguf(tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", "qwen2", **kwargs))
-    model.set_activations("int8")
-    model.set_attention("bf16")
-    return model
+    return load_fast_model(tmp_path_factory, request.param, "bf16")
 
 
 def test_fast_mode_windows_are_bitwise_equal_to_single_steps(fast_model, threads):

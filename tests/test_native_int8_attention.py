@@ -13,7 +13,7 @@ import torch
 
 from gguf_models import load as load_gguf
 from gguf_models import random_ids, write_gguf
-from test_native_bf16 import drive, drive_view
+from test_native_bf16 import FAST_MODELS, drive, drive_view, load_fast_model
 from triforce_chat.decoding.cache import KVCache, PreparedBlocks
 from triforce_chat.kernels import native
 from triforce_chat.kernels.attention import reference_attention
@@ -154,7 +154,7 @@ def test_without_vnni_the_int8_attention_is_unavailable_and_not_chosen(tmp_path)
     with pytest.raises(RuntimeError, match="AVX512-VNNI"):
         ops().attention_int8(torch.randn(1, 2, 64), k, v, kp, vp, 0, 8, 0.1, torch.ones(1, 64))
     model = load_gguf(write_gguf(tmp_path / "m.gguf", "llama", qtype="Q8_0"))
-    assert "AVX512-VNNI" in model.int8_attention_available()
+    assert "AVX512-VNNI" in model.attention_available("int8")
     assert choose_attention(model, "auto")[0] != "int8"
     mode, notice = choose_attention(model, "int8")
     assert mode == "fp32" and "unavailable" in notice
@@ -308,20 +308,11 @@ def test_the_int8_attention_needs_a_store_made_for_it():
         attend_tokens(torch.randn(1, 14, 64), k, v, 8, 0.1)
 
 
-@pytest.fixture(scope="module", params=["q5_0-d64-gqa7", "q4_k-d128-gqa6"])
+@pytest.fixture(scope="module", params=list(FAST_MODELS))
 def int8_model(request, tmp_path_factory):
     if not (has_int8_attention() and native.status().int8):
         pytest.skip("this build has no int8 activations and int8 attention (AVX512-VNNI)")
-    kwargs = {
-        "q5_0-d64-gqa7": dict(dim=896, n_heads=14, n_kv_heads=2, qtype="Q5_0", ffn=1024,
-                              qtypes={"attn_v": "Q8_0", "ffn_down": "Q6_K", "output": "Q8_0"}),
-        "q4_k-d128-gqa6": dict(dim=768, n_heads=6, n_kv_heads=1, head_dim=128, qtype="Q4_K", ffn=1024,
-                               qtypes={"attn_v": "Q6_K"}),
-    }[request.param]
-    model = load_gguf(write_gguf(tmp_path_factory.mktemp("gguf") / f"{request.param}.gguf", "qwen2", **kwargs))
-    model.set_activations("int8")
-    model.set_attention("int8")
-    return model
+    return load_fast_model(tmp_path_factory, request.param, "int8")
 
 
 def test_int8_attention_windows_are_bitwise_equal_to_single_steps(int8_model, threads):

@@ -29,7 +29,7 @@ def model(request, tmp_path_factory):
                              seed=4, qtypes={"attn_v": "Q8_0", "output": "Q8_0"}))
     if native.status().int8:
         m.set_activations("int8")
-    if m.bf16_attention_available() == "":
+    if m.attention_available("bf16") == "":
         m.set_attention("bf16")  # the cache then keeps prepared blocks, which the branches overwrite
     return m
 

@@ -441,16 +441,15 @@ def choose_attention(model: Transformer, requested: str | None = None) -> tuple[
     requested = requested or os.environ.get("TRIFORCE_ATTENTION") or "auto"
     if requested not in ATTENTION_CHOICES:
         raise ModelLoadError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, not {requested!r}")
-    unavailable = {"bf16": model.bf16_attention_available, "int8": model.int8_attention_available}
     if requested == "fp32":
         return "fp32", ""
     if requested == "auto":
         if model.activations == "int8":
             for mode in AUTO_ATTENTION:
-                if not unavailable[mode]():
+                if not model.attention_available(mode):
                     return mode, ""
         return "fp32", ""
-    if why := unavailable[requested]():
+    if why := model.attention_available(requested):
         return "fp32", f"{requested} attention unavailable: {why}; using fp32 attention"
     return requested, ""
 

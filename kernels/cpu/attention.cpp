@@ -343,10 +343,6 @@ void attention_queries(const AttentionArgs& a) {
 
 }  // namespace
 
-// Long calls (prefill chunks) run in slices of kQueryChunk queries, which bounds the partials to a
-// few MB; a query's own arithmetic does not depend on the slice it is in.
-constexpr int64_t kQueryChunk = 64;
-
 void prefetch_kv_rows(const void* k, const void* v, int64_t first, int64_t n, int64_t k_stride, int64_t v_stride,
                       int64_t row_bytes) {
 #if defined(TF_AVX512) || defined(TF_AVX2)
@@ -364,14 +360,7 @@ void prefetch_kv_rows(const void* k, const void* v, int64_t first, int64_t n, in
 }
 
 void attention(const AttentionArgs& a) {
-  for (int64_t t0 = 0; t0 < a.T; t0 += kQueryChunk) {
-    AttentionArgs part = a;
-    part.T = std::min(kQueryChunk, a.T - t0);
-    part.q = a.q + t0 * a.q_st;
-    part.out = a.out + t0 * a.Hq * a.D;
-    part.length = a.length - a.T + t0 + part.T;  // the slice's last query sits at position length - 1
-    attention_queries(part);
-  }
+  for_query_slices(a, [](const AttentionArgs& part) { attention_queries(part); });
 }
 
 }  // namespace tf

@@ -38,6 +38,21 @@ struct AttentionArgs {
 
 void attention(const AttentionArgs& a);
 
+// Long calls (prefill chunks) run in slices of kQueryChunk queries, which bounds the partials to a
+// few MB; a query's own arithmetic does not depend on the slice it is in. run(slice) for each.
+constexpr int64_t kQueryChunk = 64;
+template <class Run>
+inline void for_query_slices(const AttentionArgs& a, Run&& run) {
+  for (int64_t t0 = 0; t0 < a.T; t0 += kQueryChunk) {
+    AttentionArgs part = a;
+    part.T = a.T - t0 < kQueryChunk ? a.T - t0 : kQueryChunk;
+    part.q = a.q + t0 * a.q_st;
+    part.out = a.out + t0 * a.Hq * a.D;
+    part.length = a.length - a.T + t0 + part.T;  // the slice's last query sits at position length - 1
+    run(part);
+  }
+}
+
 // Rows in the next value tile of a block: from row i of n_active, the rows that share row i's nk
 // (its run), cut into tiles of near-equal size of at most max_rows (a tile of one row has too few
 // independent chains to hide the latency of its multiply-adds). Which rows share a tile never changes

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention_merge.h"
 #include "simd.h"
 
 #if defined(TF_AVX512) && defined(__AVX512BF16__) && defined(__AVX512BW__)
@@ -76,12 +77,6 @@ inline __m512i row_bf16(const void* base, int kv_type, int64_t sp, int64_t j, in
 
 inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-}
-
-inline float exp1(float x) {
-  float lanes[V::W];
-  V::store(lanes, V::exp(V::set1(x)));
-  return lanes[0];
 }
 
 // Value lanes: vector c of a row holds dimension 32 (c / 2) + 8 (l / 4) + 4 (c % 2) + l % 4 in
@@ -355,32 +350,10 @@ void attention_queries(const AttentionArgs& a) {
       }
     }
   });
-  // Merge each query's segments in segment order (as attention.cpp), then put the dimensions back
-  // in order.
-  at::parallel_for(0, T * Hq, 8, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[D];
-    for (int64_t row = begin; row < end; row++) {
-      const int64_t t = row / Hq, hq = row % Hq, h = hq / G, r = (hq % G) * T + t;
-      const int64_t last = (first_pos + t) / kSegment;
-      float M = -INFINITY;
-      for (int64_t s = 0; s <= last; s++) M = std::max(M, pp[((h * nseg + s) * rows + r) * stride + D]);
-      std::fill(acc, acc + D, 0.0f);
-      float den = 0.0f;
-      for (int64_t s = 0; s <= last; s++) {
-        const float* p = pp + ((h * nseg + s) * rows + r) * stride;
-        const float w = exp1(p[D] - M);
-        den = den + w * p[D + 1];
-        const __m512 wv = _mm512_set1_ps(w);
-        for (int d = 0; d < D; d += 16)
-          _mm512_store_ps(acc + d, _mm512_fmadd_ps(wv, _mm512_loadu_ps(p + d), _mm512_load_ps(acc + d)));
-      }
-      const __m512 dv = _mm512_set1_ps(den);
-      for (int d = 0; d < D; d += 16) _mm512_store_ps(acc + d, _mm512_div_ps(_mm512_load_ps(acc + d), dv));
-      float* out = a.out + (t * Hq + hq) * D;
-      for (int ch = 0; ch < NC; ch++)
-        for (int l = 0; l < 16; l++) out[value_dim(ch, l)] = acc[16 * ch + l];
-    }
-  });
+  // Merge each query's segments in segment order, the dimensions put back in order.
+  merge_segments<D>(
+      a, pp, nseg, rows, stride, [](const float* p) { return p[D + 1]; },
+      [](int i) { return value_dim(i / 16, i % 16); });
 }
 
 }  // namespace
@@ -406,18 +379,12 @@ void prepare_kv_bf16(const PrepareArgs& a) {
 
 void attention_bf16(const AttentionArgs& a) {
   TORCH_CHECK(a.D == 64 || a.D == 128, "bf16 attention: head_dim must be 64 or 128, not ", a.D);
-  constexpr int64_t kQueryChunk = 64;  // as attention(): bounds the partials; a query's arithmetic does not change
-  for (int64_t t0 = 0; t0 < a.T; t0 += kQueryChunk) {
-    AttentionArgs part = a;
-    part.T = std::min(kQueryChunk, a.T - t0);
-    part.q = a.q + t0 * a.q_st;
-    part.out = a.out + t0 * a.Hq * a.D;
-    part.length = a.length - a.T + t0 + part.T;
-    if (a.D == 64)
+  for_query_slices(a, [](const AttentionArgs& part) {
+    if (part.D == 64)
       attention_queries<64>(part);
     else
       attention_queries<128>(part);
-  }
+  });
 }
 
 #else

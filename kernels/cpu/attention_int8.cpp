@@ -16,6 +16,7 @@
 #include <cstring>
 #include <vector>
 
+#include "attention_merge.h"
 #include "simd.h"
 
 #if defined(TF_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -118,12 +119,6 @@ inline __m512 exp_weights(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
-}
-
-inline float exp1(float x) {
-  float lanes[V::W];
-  V::store(lanes, V::exp(V::set1(x)));
-  return lanes[0];
 }
 
 // Scores of R query rows (unsigned codes, `qrows`; scales `qsc`) against a prepared block's keys,
@@ -414,29 +409,10 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
       }
     }
   });
-  // Merge each query's segments in segment order (as attention.cpp).
-  at::parallel_for(0, T * Hq, 8, [&](int64_t begin, int64_t end) {
-    alignas(64) float acc[D];
-    for (int64_t row = begin; row < end; row++) {
-      const int64_t t = row / Hq, hq = row % Hq, h = hq / G, r = (hq % G) * T + t;
-      const int64_t last = (first_pos + t) / kSegment;
-      float M = -INFINITY;
-      for (int64_t s = 0; s <= last; s++) M = std::max(M, pp[((h * nseg + s) * rows + r) * stride + D]);
-      std::fill(acc, acc + D, 0.0f);
-      float den = 0.0f;
-      for (int64_t s = 0; s <= last; s++) {
-        const float* p = pp + ((h * nseg + s) * rows + r) * stride;
-        const float w = exp1(p[D] - M);
-        den = den + w * V::hsum(_mm512_loadu_ps(p + D + 1));
-        const __m512 wv = _mm512_set1_ps(w);
-        for (int d = 0; d < D; d += 16)
-          _mm512_store_ps(acc + d, _mm512_fmadd_ps(wv, _mm512_loadu_ps(p + d), _mm512_load_ps(acc + d)));
-      }
-      const __m512 dv = _mm512_set1_ps(den);
-      float* out = a.out + (t * Hq + hq) * D;
-      for (int d = 0; d < D; d += 16) _mm512_storeu_ps(out + d, _mm512_div_ps(_mm512_load_ps(acc + d), dv));
-    }
-  });
+  // Merge each query's segments in segment order (their denominators: 16 lanes each).
+  merge_segments<D>(
+      a, pp, nseg, rows, stride, [](const float* p) { return V::hsum(_mm512_loadu_ps(p + D + 1)); },
+      [](int i) { return i; });
 }
 
 }  // namespace
@@ -468,18 +444,12 @@ void prepare_kv_int8(const Int8PrepareArgs& a) {
 
 void attention_int8(const AttentionArgs& a, const float* key_smooth) {
   TORCH_CHECK(a.D == 64 || a.D == 128, "int8 attention: head_dim must be 64 or 128, not ", a.D);
-  constexpr int64_t kQueryChunk = 64;  // as attention(): bounds the partials; a query's arithmetic does not change
-  for (int64_t t0 = 0; t0 < a.T; t0 += kQueryChunk) {
-    AttentionArgs part = a;
-    part.T = std::min(kQueryChunk, a.T - t0);
-    part.q = a.q + t0 * a.q_st;
-    part.out = a.out + t0 * a.Hq * a.D;
-    part.length = a.length - a.T + t0 + part.T;
-    if (a.D == 64)
+  for_query_slices(a, [key_smooth](const AttentionArgs& part) {
+    if (part.D == 64)
       attention_queries<64>(part, key_smooth);
     else
       attention_queries<128>(part, key_smooth);
-  }
+  });
 }
 
 #else

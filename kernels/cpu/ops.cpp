@@ -190,66 +190,6 @@ void check_prepared(const Tensor& kp, const Tensor& vp, int64_t Hkv, int64_t D) 
   TORCH_CHECK(kp.size(1) == vp.size(1), "prepared k and v must hold the same blocks");
 }
 
-Tensor attention_with(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale, bool bf16,
-                      const Tensor* kp = nullptr, const Tensor* vp = nullptr, int64_t prepared = 0) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be float32 [T, Hq, D]");
-  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1, "k, v must be [Hkv, L, D]");
-  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
-  const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(0);
-  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(2) == D && v.size(2) == D && v.size(0) == Hkv, "head shapes");
-  TORCH_CHECK(length >= T && length <= k.size(1) && length <= v.size(1), "length ", length, " out of range");
-  const int kv_type = kv_type_of(k);
-  Tensor out = at::empty({T, Hq, D}, q.options());
-  tf::AttentionArgs a{q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
-                      k.stride(1), v.stride(0), v.stride(1), kv_type, T, Hq, Hkv, D, length, float(scale),
-                      out.data_ptr<float>()};
-  if (kp != nullptr) {
-    check_prepared(*kp, *vp, Hkv, D);
-    TORCH_CHECK(prepared >= 0 && prepared % tf::kBlock == 0 && prepared / tf::kBlock <= kp->size(1),
-                "prepared must be a multiple of 32 keys within the prepared blocks");
-    a.kprep = kp->data_ptr();
-    a.vprep = vp->data_ptr();
-    a.prep_sh = kp->size(1);
-    a.prepared = prepared;
-  }
-  if (bf16)
-    tf::attention_bf16(a);
-  else
-    tf::attention(a);
-  return out;
-}
-
-Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
-  return attention_with(q, k, v, length, scale, false);
-}
-
-// The bf16-product attention (attention_bf16.h): head_dim 64 or 128.
-Tensor attention_bf16(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
-  return attention_with(q, k, v, length, scale, true);
-}
-
-// attention_bf16 reading keys 0 .. prepared - 1 from blocks prepare_kv_bf16 made (same bits).
-Tensor attention_bf16_prepared(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kp, const Tensor& vp,
-                               int64_t prepared, int64_t length, double scale) {
-  return attention_with(q, k, v, length, scale, true, &kp, &vp, prepared);
-}
-
-// Blocks [block_begin, block_end) of k/v [Hkv, L, D] into kp / vp (see attention_bf16.h).
-void prepare_kv_bf16(const Tensor& k, const Tensor& v, Tensor& kp, Tensor& vp, int64_t block_begin,
-                     int64_t block_end) {
-  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1 && k.sizes() == v.sizes(),
-              "k, v must be [Hkv, L, D]");
-  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
-  const int64_t Hkv = k.size(0), D = k.size(2);
-  check_prepared(kp, vp, Hkv, D);
-  TORCH_CHECK(0 <= block_begin && block_begin <= block_end && block_end <= kp.size(1) &&
-                  block_end * tf::kBlock <= k.size(1),
-              "blocks out of range");
-  tf::PrepareArgs a{k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_type_of(k),
-                    Hkv, D, block_begin, block_end, kp.data_ptr(), vp.data_ptr(), kp.size(1)};
-  tf::prepare_kv_bf16(a);
-}
-
 // c [Hkv, D]: the int8 attention's key smoothing (attention_int8.h), float32, positive.
 void check_key_smooth(const Tensor& c, int64_t Hkv, int64_t D) {
   TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 2 && c.size(0) == Hkv && c.size(1) == D,
@@ -265,57 +205,109 @@ void check_prepared_int8(const Tensor& kp, const Tensor& vp, int64_t Hkv, int64_
   TORCH_CHECK(kp.size(1) == vp.size(1), "prepared k and v must hold the same blocks");
 }
 
-// The int8-product attention (attention_int8.h), reading keys 0 .. prepared - 1 from blocks
-// prepare_kv_int8 made (same bits as making them here); head_dim 64 or 128.
-Tensor attention_int8(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kp, const Tensor& vp,
-                      int64_t prepared, int64_t length, double scale, const Tensor& key_smooth) {
+enum class Products { F32, BF16, INT8 };
+
+// The attention kernels' shared checks and dispatch; kp / vp / prepared: blocks made ahead (bf16 or
+// int8 products), key_smooth: the int8 products' smoothing.
+Tensor attention_with(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale,
+                      Products products, const Tensor* kp = nullptr, const Tensor* vp = nullptr, int64_t prepared = 0,
+                      const Tensor* key_smooth = nullptr) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3 && q.stride(2) == 1, "q must be float32 [T, Hq, D]");
   TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1, "k, v must be [Hkv, L, D]");
   TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
   const int64_t T = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(0);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && k.size(2) == D && v.size(2) == D && v.size(0) == Hkv, "head shapes");
   TORCH_CHECK(length >= T && length <= k.size(1) && length <= v.size(1), "length ", length, " out of range");
-  check_prepared_int8(kp, vp, Hkv, D);
-  check_key_smooth(key_smooth, Hkv, D);
-  TORCH_CHECK(prepared >= 0 && prepared % tf::kBlock == 0 && prepared / tf::kBlock <= kp.size(1),
-              "prepared must be a multiple of 32 keys within the prepared blocks");
+  const int kv_type = kv_type_of(k);
   Tensor out = at::empty({T, Hq, D}, q.options());
   tf::AttentionArgs a{q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(), k.stride(0),
-                      k.stride(1), v.stride(0), v.stride(1), kv_type_of(k), T, Hq, Hkv, D, length, float(scale),
+                      k.stride(1), v.stride(0), v.stride(1), kv_type, T, Hq, Hkv, D, length, float(scale),
                       out.data_ptr<float>()};
-  a.kprep = kp.data_ptr();
-  a.vprep = vp.data_ptr();
-  a.prep_sh = kp.size(1);
-  a.prepared = prepared;
-  tf::attention_int8(a, key_smooth.data_ptr<float>());
+  if (kp != nullptr) {
+    if (products == Products::INT8)
+      check_prepared_int8(*kp, *vp, Hkv, D);
+    else
+      check_prepared(*kp, *vp, Hkv, D);
+    TORCH_CHECK(prepared >= 0 && prepared % tf::kBlock == 0 && prepared / tf::kBlock <= kp->size(1),
+                "prepared must be a multiple of 32 keys within the prepared blocks");
+    a.kprep = kp->data_ptr();
+    a.vprep = vp->data_ptr();
+    a.prep_sh = kp->size(1);
+    a.prepared = prepared;
+  }
+  switch (products) {
+    case Products::F32: tf::attention(a); break;
+    case Products::BF16: tf::attention_bf16(a); break;
+    case Products::INT8:
+      check_key_smooth(*key_smooth, Hkv, D);
+      tf::attention_int8(a, key_smooth->data_ptr<float>());
+      break;
+  }
   return out;
+}
+
+Tensor attention(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
+  return attention_with(q, k, v, length, scale, Products::F32);
+}
+
+// The bf16-product attention (attention_bf16.h): head_dim 64 or 128.
+Tensor attention_bf16(const Tensor& q, const Tensor& k, const Tensor& v, int64_t length, double scale) {
+  return attention_with(q, k, v, length, scale, Products::BF16);
+}
+
+// attention_bf16 reading keys 0 .. prepared - 1 from blocks prepare_kv_bf16 made (same bits).
+Tensor attention_bf16_prepared(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kp, const Tensor& vp,
+                               int64_t prepared, int64_t length, double scale) {
+  return attention_with(q, k, v, length, scale, Products::BF16, &kp, &vp, prepared);
+}
+
+// The int8-product attention (attention_int8.h), reading keys 0 .. prepared - 1 from blocks
+// prepare_kv_int8 made (same bits as making them here); head_dim 64 or 128.
+Tensor attention_int8(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& kp, const Tensor& vp,
+                      int64_t prepared, int64_t length, double scale, const Tensor& key_smooth) {
+  return attention_with(q, k, v, length, scale, Products::INT8, &kp, &vp, prepared, &key_smooth);
+}
+
+// What both prepare ops check: k / v [Hkv, L, D] alike, and blocks [block_begin, block_end) within
+// both the rows and the prepared blocks.
+void check_prepare(const Tensor& k, const Tensor& v, const Tensor& kp, int64_t block_begin, int64_t block_end) {
+  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1 && k.sizes() == v.sizes(),
+              "k, v must be [Hkv, L, D]");
+  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
+  TORCH_CHECK(0 <= block_begin && block_begin <= block_end && block_end <= kp.size(1) &&
+                  block_end * tf::kBlock <= k.size(1),
+              "blocks out of range");
+}
+
+// Blocks [block_begin, block_end) of k/v [Hkv, L, D] into kp / vp (see attention_bf16.h).
+void prepare_kv_bf16(const Tensor& k, const Tensor& v, Tensor& kp, Tensor& vp, int64_t block_begin,
+                     int64_t block_end) {
+  check_prepared(kp, vp, k.size(0), k.size(2));
+  check_prepare(k, v, kp, block_begin, block_end);
+  tf::PrepareArgs a{k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_type_of(k),
+                    k.size(0), k.size(2), block_begin, block_end, kp.data_ptr(), vp.data_ptr(), kp.size(1)};
+  tf::prepare_kv_bf16(a);
 }
 
 // Blocks [block_begin, block_end) of k/v [Hkv, L, D] into kp / vp (see attention_int8.h).
 void prepare_kv_int8(const Tensor& k, const Tensor& v, Tensor& kp, Tensor& vp, int64_t block_begin, int64_t block_end,
                      const Tensor& key_smooth) {
-  TORCH_CHECK(k.dim() == 3 && v.dim() == 3 && k.stride(2) == 1 && v.stride(2) == 1 && k.sizes() == v.sizes(),
-              "k, v must be [Hkv, L, D]");
-  TORCH_CHECK(k.scalar_type() == v.scalar_type(), "k and v must share a dtype");
-  const int64_t Hkv = k.size(0), D = k.size(2);
-  check_prepared_int8(kp, vp, Hkv, D);
-  check_key_smooth(key_smooth, Hkv, D);
-  TORCH_CHECK(0 <= block_begin && block_begin <= block_end && block_end <= kp.size(1) &&
-                  block_end * tf::kBlock <= k.size(1),
-              "blocks out of range");
+  check_prepared_int8(kp, vp, k.size(0), k.size(2));
+  check_key_smooth(key_smooth, k.size(0), k.size(2));
+  check_prepare(k, v, kp, block_begin, block_end);
   tf::Int8PrepareArgs a{k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), v.stride(0), v.stride(1), kv_type_of(k),
-                        Hkv, D, block_begin, block_end, key_smooth.data_ptr<float>(), kp.data_ptr(), vp.data_ptr(),
-                        kp.size(1)};
+                        k.size(0), k.size(2), block_begin, block_end, key_smooth.data_ptr<float>(), kp.data_ptr(),
+                        vp.data_ptr(), kp.size(1)};
   tf::prepare_kv_int8(a);
 }
+
+std::string attention_bf16_path() { return tf::attention_bf16_path(); }
 
 std::string attention_int8_path() { return tf::attention_int8_path(); }
 
 std::string isa() { return tf::isa_name(); }
 
 std::string int8_path() { return tf::int8_path(); }
-
-std::string attention_bf16_path() { return tf::attention_bf16_path(); }
 
 void set_row_skew(bool on) { tf::set_row_skew(on); }
 
