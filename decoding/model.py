@@ -242,17 +242,22 @@ class Linear(nn.Module):
     def nbytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parts)
 
-    def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight as one dense [out, in] tensor (dequantized blocks: the values the kernels use)."""
-        out = []
+    def dense(self, dtype: torch.dtype = torch.float32, rows: tuple[int, int] | None = None) -> Tensor:
+        """The weight as one dense [out, in] tensor (dequantized blocks: the values the kernels use);
+        `rows` (first, end): only those output rows, dequantizing no others."""
+        first, end = rows or (0, self.out_features)
+        out, offset = [], 0
         for p, t in zip(self.parts, self.types, strict=True):
+            lo, hi = max(first - offset, 0), min(end - offset, p.shape[0])
+            offset += p.shape[0]
+            if lo >= hi:
+                continue
             if t in DENSE_IDS:
-                out.append(p.to(dtype))
+                out.append(p[lo:hi].to(dtype))
             elif native.available() and p.device.type == "cpu":
-                rows = torch.arange(p.shape[0])
-                out.append(native.ops().dequantize(p, t, self.in_features, rows).to(dtype))
+                out.append(native.ops().dequantize(p, t, self.in_features, torch.arange(lo, hi)).to(dtype))
             else:
-                out.append(reference_dequantize(p.cpu(), t, self.in_features).to(dtype).to(p.device))
+                out.append(reference_dequantize(p[lo:hi].cpu(), t, self.in_features).to(dtype).to(p.device))
         return out[0] if len(out) == 1 else torch.cat(out)
 
     def forward(self, x: Tensor) -> Tensor:  # x [T, in] fp32 -> [T, out] fp32
@@ -405,7 +410,7 @@ def key_smoothing(model: Transformer) -> Tensor:
         if a.qk_norm:
             mag = att.k_norm.weight.float().abs().expand(hkv, d)
         else:
-            w = att.wqkv.dense(torch.float32)[hq * d : (hq + hkv) * d]  # [Hkv D, dim]
+            w = att.wqkv.dense(torch.float32, rows=(hq * d, (hq + hkv) * d))  # [Hkv D, dim]
             sq = (w.cpu() * layer.attention_norm.weight.float().cpu()).square().sum(1)
             if att.wqkv.bias is not None:
                 sq = sq + att.wqkv.bias[hq * d : (hq + hkv) * d].float().cpu().square()
@@ -510,6 +515,8 @@ class Transformer(nn.Module):
         st = native.status()
         if not st.available:
             return f"native CPU kernels unavailable ({st.reason})"
+        if mode not in self._ATTENTION_PATHS:
+            return f"attention must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}"
         field, needs = self._ATTENTION_PATHS[mode]
         if not getattr(st, field):
             return f"this CPU's kernels ({st.isa}) have no {mode} attention (it needs {needs})"

@@ -225,6 +225,8 @@ def attend_tokens(q: Tensor, k_buf: Tensor, v_buf: Tensor, length: int, scale: f
             return native.ops().attention_int8(q, k_buf, v_buf, blocks.k, blocks.v, blocks.keys, length, scale,
                                                blocks.key_smooth).view(t, hq * d)
         if products == "bf16":
+            if blocks is not None and blocks.key_smooth is not None:
+                raise ValueError("this KV store keeps int8 blocks; the bf16 attention cannot read them")
             if blocks is not None and blocks.keys > 0:
                 return native.ops().attention_bf16_prepared(q, k_buf, v_buf, blocks.k, blocks.v, blocks.keys, length,
                                                             scale).view(t, hq * d)

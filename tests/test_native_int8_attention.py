@@ -227,6 +227,56 @@ def test_int8_attention_windows_equal_single_queries_bitwise(d, g, threads):
             n = length - t + i + 1
             single = ops().attention_int8(q[i : i + 1], k, v, kp, vp, n // BLOCK * BLOCK, n, 0.1, c)
             assert torch.equal(window[i : i + 1], single), (length, i)
+            if i % 5 == 0:  # and with every block made in the call
+                assert torch.equal(single, ops().attention_int8(q[i : i + 1], k, v, kp, vp, 0, n, 0.1, c)), (length, i)
+
+
+@needs_int8
+@pytest.mark.parametrize("d,g", [(64, 12), (128, 16)])
+def test_long_calls_and_wide_groups_equal_single_queries_made_per_call(d, g):
+    """130 queries (three slices of 64) and 12-16 query heads per KV head (two groups of score
+    rows): each row bitwise as a single query whose blocks are all made in the call."""
+    hkv, length, t = 1, 300, 130
+    c = smoothing(hkv, d, 1)
+    k, v = kv(hkv, length, d, torch.float16, seed=4, outliers=True)
+    q = torch.randn(t, hkv * g, d, generator=torch.Generator().manual_seed(4))
+    window = attend(q, k, v, length, 0.1, c)
+    for i in range(0, t, 7):
+        single = attend(q[i : i + 1], k, v, length - t + i + 1, 0.1, c, keys=0)
+        assert torch.equal(window[i : i + 1], single), i
+
+
+@needs_int8
+def test_thread_counts_give_the_same_bits():
+    k, v = kv(2, 530, 64, torch.float16, seed=6, outliers=True)
+    c = smoothing(2, 64, 6)
+    q = torch.randn(9, 14, 64, generator=torch.Generator().manual_seed(6))
+    previous = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            outs.append(attend(q, k, v, 530, 0.125, c))
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@needs_int8
+def test_a_key_or_value_with_a_nan_or_an_infinity_counts_as_zeros():
+    """Such a row gets zero codes (the header): the same bits as a zero row there, in windows and
+    alone; a query row with a NaN attends as a zero query (uniform weights)."""
+    k, v = kv(2, 300, 64, torch.float16, seed=7)
+    c = smoothing(2, 64, 7)
+    q = torch.randn(5, 14, 64, generator=torch.Generator().manual_seed(7))
+    bad_k, bad_v, zero_k, zero_v = k.clone(), v.clone(), k.clone(), v.clone()
+    bad_k[0, 40, 3], bad_v[1, 41, 60], bad_k[1, 298, 0] = float("nan"), float("inf"), float("-inf")
+    zero_k[0, 40], zero_v[1, 41], zero_k[1, 298] = 0, 0, 0
+    for keys in (None, 0):
+        assert torch.equal(attend(q, bad_k, bad_v, 300, 0.1, c, keys), attend(q, zero_k, zero_v, 300, 0.1, c, keys))
+    bad_q, zero_q = q.clone(), q.clone()
+    bad_q[2, 5, 9], zero_q[2, 5] = float("nan"), 0
+    assert torch.equal(attend(bad_q, k, v, 300, 0.1, c), attend(zero_q, k, v, 300, 0.1, c))
 
 
 @needs_int8
@@ -239,6 +289,11 @@ def test_int8_attention_checks_its_arguments():
         ops().attention_int8(q, k, v, kp, vp, 40, 64, 0.1, c)
     with pytest.raises(RuntimeError, match="key smoothing"):
         ops().attention_int8(q, k, v, kp, vp, 0, 64, 0.1, torch.ones(1, 64))
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        c_bad = c.clone()
+        c_bad[1, 7] = bad
+        with pytest.raises(RuntimeError, match="finite and positive"):
+            ops().attention_int8(q, k, v, kp, vp, 0, 64, 0.1, c_bad)
     with pytest.raises(RuntimeError, match="uint8"):
         ops().attention_int8(q, k, v, kp.view(torch.int8), vp, 0, 64, 0.1, c)
     with pytest.raises(RuntimeError, match="out of range"):
@@ -306,6 +361,10 @@ def test_the_int8_attention_needs_a_store_made_for_it():
     k, v = kv(2, 40, 64, torch.float16, 0)
     with attention_products("int8"), pytest.raises(ValueError, match="made for it"):
         attend_tokens(torch.randn(1, 14, 64), k, v, 8, 0.1)
+    int8_blocks = BlockView(torch.zeros(2, 1, BLOCK * 64 + 256, dtype=torch.uint8),
+                            torch.zeros(2, 1, BLOCK * 64 + 256, dtype=torch.uint8), 32, torch.ones(2, 64))
+    with attention_products("bf16"), pytest.raises(ValueError, match="int8 blocks"):
+        attend_tokens(torch.randn(1, 14, 64), k, v, 40, 0.1, int8_blocks)
 
 
 @pytest.fixture(scope="module", params=list(FAST_MODELS))

@@ -21,7 +21,7 @@ from triforce_chat.decoding.tree import TreeWindow, verify_branches
 from triforce_chat.kernels import native
 
 
-@pytest.fixture(scope="module", params=["fp32", "int8-bf16"])
+@pytest.fixture(scope="module", params=["fp32", "int8-bf16", "int8-int8"])
 def model(request, tmp_path_factory):
     if request.param == "fp32":
         return load_weights_only(save_random_model(tmp_path_factory.mktemp("tree"), "llama", vocab_size=96, seed=3))
@@ -29,8 +29,11 @@ def model(request, tmp_path_factory):
                              seed=4, qtypes={"attn_v": "Q8_0", "output": "Q8_0"}))
     if native.status().int8:
         m.set_activations("int8")
-    if m.attention_available("bf16") == "":
-        m.set_attention("bf16")  # the cache then keeps prepared blocks, which the branches overwrite
+    attention = request.param.split("-")[1]
+    if request.param == "int8-int8" and (m.attention_available("int8") or not native.status().int8):
+        pytest.skip("this build has no int8 activations and int8 attention (AVX512-VNNI)")
+    if m.attention_available(attention) == "":
+        m.set_attention(attention)  # the cache then keeps prepared blocks, which the branches overwrite
     return m
 
 

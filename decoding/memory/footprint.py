@@ -251,7 +251,7 @@ def scratch_bytes(shape: ModelShape, context: int, dtype_size: int, gamma_mid: i
     no lookup) and a fixed allowance. (`dtype_size`, the KV element size, no longer changes the kernel's scratch.)"""
     g = max(1, shape.n_heads // shape.n_kv_heads)
     segments = -(-context // 256)
-    partials = shape.n_kv_heads * segments * g * 64 * (shape.head_dim + 2) * 4
+    partials = shape.n_kv_heads * segments * g * 64 * (shape.head_dim + 17) * 4  # (the int8 kernel's, the widest)
     widest = max(2 * shape.intermediate_size, (shape.n_heads + 2 * shape.n_kv_heads) * shape.head_dim)
     dequantized = widest * shape.dim * 4
     rope = 2 * shape.max_positions * (shape.head_dim // 2) * 4

@@ -43,13 +43,17 @@ inline __m512 row16(const void* base, int kv_type, int64_t sp, int64_t j, int c)
 }
 
 // Codes of the D values in x (round(x * 127 / a), a the largest |x|) into `codes`; returns the
-// scale a / 127. A row without a positive largest magnitude (all zeros, or NaN) gets zero codes.
+// scale a / 127. A row of zeros, or with a NaN or an infinity, gets zero codes and scale.
 template <int D>
 inline float quantize_row(const __m512* x, int8_t* codes) {
   __m512 amax = _mm512_setzero_ps();
-  for (int c = 0; c < D / 16; c++) amax = _mm512_max_ps(amax, _mm512_abs_ps(x[c]));
+  __mmask16 bad = 0;
+  for (int c = 0; c < D / 16; c++) {
+    amax = _mm512_max_ps(amax, _mm512_abs_ps(x[c]));
+    bad |= _mm512_fpclass_ps_mask(x[c], 0x99);  // QNaN | +inf | -inf | SNaN
+  }
   const float a = _mm512_reduce_max_ps(amax);
-  if (!(a > 0.0f)) {
+  if (bad || !(a > 0.0f)) {
     std::memset(codes, 0, D);
     return 0.0f;
   }
@@ -92,6 +96,7 @@ inline void prepare_block(const void* kblk, const void* vblk, int kv_type, int64
   for (int j = 0; j < kBlock; j++) vmax = std::max(vmax, vs[j]);
   vs[kBlock] = vmax;  // (the block's spare bytes) the weights' bound (softmax_rows)
   vs[kBlock + 1] = vmax > 0.0f ? 1.0f / vmax : 0.0f;
+  std::memset(vs + kBlock + 2, 0, (64 - kBlock - 2) * sizeof(float));  // the rest: zeros, as in every block
   for (int half = 0; half < 2; half++)
     for (int i = 0; i < G4; i++) {
       uint8_t* dst = kp + (half * G4 + i) * 64;
@@ -175,20 +180,23 @@ inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* 
 // against their bound pb * vmax (32 bytes per row in e; the bound / 255 in wsc), where pb = exp(bm -
 // m) is the row's largest weight in the block (bm its largest score) and vmax the block's largest
 // value scale. The bound, not the weights' own largest, so that no reduction runs per row: no
-// product can exceed it (exp and rounding are monotonic), and a block whose bound is out of range
-// (more than ~88 nats under the running max) gets no weight. The three exponentials of the rows'
-// statistics share one vector exp.
+// product can exceed it (exp and rounding are monotonic). A block whose best score is more than
+// -kExpLo (~87) nats under the running max, where exp is clamped, gets no weight (its codes and
+// scale are zero: it would add less than 1e-37 of the row's weight). The three exponentials of the
+// rows' statistics share one vector exp.
 template <int R, int D>
 inline void softmax_rows(__m512 (*sv)[2], float* const* p, int64_t nk, const float* vs, float vmax, float inv_vmax,
                          uint32_t* e, float* wsc, float* corr) {
   static_assert(R <= 5, "the rows' three statistics share one vector of 16 lanes");
   alignas(64) float m_new[16], st[16] = {};
+  bool far[R];
   for (int r = 0; r < R; r++) {
     const float bm = std::max(-INFINITY, V::hmax(_mm512_max_ps(sv[r][0], sv[r][1])));  // as one row alone
     m_new[r] = std::max(p[r][D], bm);
     st[r] = p[r][D] - m_new[r];  // -> the correction
     st[5 + r] = bm - m_new[r];   // -> pb
     st[10 + r] = m_new[r] - bm;  // -> 1 / pb
+    far[r] = !(st[5 + r] >= kExpLo);
   }
   _mm512_store_ps(st, V::exp(_mm512_load_ps(st)));
   const __m512 vs0 = _mm512_loadu_ps(vs), vs1 = _mm512_loadu_ps(vs + 16);
@@ -203,15 +211,14 @@ inline void softmax_rows(__m512 (*sv)[2], float* const* p, int64_t nk, const flo
     // the denominator per lane (16 running sums, added up when the segments merge)
     _mm512_storeu_ps(p[r] + D + 1, _mm512_fmadd_ps(_mm512_loadu_ps(p[r] + D + 1), _mm512_set1_ps(st[r]), _mm512_add_ps(e0, e1)));
     p[r][D] = m_new[r];
-    // codes: nearest even of w * inv, in 0 .. 255 (w <= pb * vmax); past the int32 range (an infinite
-    // or huge inv) the conversion gives 0x80000000, whose low byte is 0
-    const __m512 inv = _mm512_set1_ps(255.0f * st[10 + r] * inv_vmax);
+    // codes: nearest even of w * inv, in 0 .. 255 (w <= pb * vmax)
+    const __m512 inv = _mm512_set1_ps(far[r] ? 0.0f : 255.0f * st[10 + r] * inv_vmax);
     uint32_t* er = e + r * 8;
     _mm_storeu_si128(reinterpret_cast<__m128i*>(er),
                      _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e0, vs0), inv))));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(er + 4),
                      _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e1, vs1), inv))));
-    wsc[r] = st[5 + r] * vmax / 255.0f;
+    wsc[r] = far[r] ? 0.0f : st[5 + r] * vmax / 255.0f;
   }
 }
 

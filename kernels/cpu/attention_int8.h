@@ -20,7 +20,8 @@
 //   row's largest score in the block), vmax the largest value scale among the keys the row sees in
 //   the block. The block adds (pb * vmax / 255) * (the exact integer sum of weight codes times
 //   value codes) to the running values.
-// All rounding is to nearest even; a scale of zero (an all-zero key or row) gives zero codes.
+// All rounding is to nearest even. A key or row of zeros, or with a NaN or an infinity, gets zero codes
+// and scale; a block more than ~87 nats under a row's running max gets no weight from it.
 //
 // Row-invariance: every quantization step is a function of one key or of one row alone, and the
 // integer sums are exact whatever their order, so a query's bits depend on its position and the keys

@@ -2,6 +2,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -194,6 +195,9 @@ void check_prepared(const Tensor& kp, const Tensor& vp, int64_t Hkv, int64_t D) 
 void check_key_smooth(const Tensor& c, int64_t Hkv, int64_t D) {
   TORCH_CHECK(c.scalar_type() == at::kFloat && c.is_contiguous() && c.dim() == 2 && c.size(0) == Hkv && c.size(1) == D,
               "key smoothing must be contiguous float32 [Hkv, D]");
+  const float* p = c.data_ptr<float>();
+  for (int64_t i = 0; i < Hkv * D; i++)
+    TORCH_CHECK(std::isfinite(p[i]) && p[i] > 0.0f, "key smoothing must be finite and positive");
 }
 
 // kp / vp of prepared int8 blocks: [Hkv, blocks, int8_block_bytes(D)] uint8, contiguous, 64-byte aligned.
