@@ -54,6 +54,11 @@ class PreparedBlocks:
         self._layers = list(zip(self.k.unbind(0), self.v.unbind(0), smooth, strict=True))  # per-layer views, made once
         self.ready = [0] * n_layers
 
+    @property
+    def kind(self) -> str:
+        """"int8" or "bf16": the products the blocks are made for (the Cache panel says which)."""
+        return "bf16" if self.key_smoothing is None else "int8"
+
     def like(self, max_len: int) -> PreparedBlocks:
         """Empty blocks of the same kind for another store of `max_len` keys (the retrieval view's)."""
         return PreparedBlocks(self.k.shape[0], self.k.shape[1], self.head_dim, max_len, self.key_smoothing)

@@ -59,7 +59,8 @@ class CacheFigures:
     full_kv_tokens: int = 0
     full_kv_bytes: int = 0
     full_kv_allocated_bytes: int = 0
-    attention_blocks_bytes: int = 0  # the bf16 attention's prepared blocks (decoding/cache.py)
+    attention_blocks_bytes: int = 0  # the bf16 or int8 attention's prepared blocks (decoding/cache.py)
+    attention_blocks_kind: str = ""  # "bf16" or "int8": which of the two the cache keeps
     attention_scratch_bytes: int = 0  # the exact kernel's scores, kept between steps
     context_limit: int = 0
     retrieval_budget_tokens: int = 0

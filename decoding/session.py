@@ -583,6 +583,7 @@ class Session:
             full_kv_bytes=c.used_bytes,
             full_kv_allocated_bytes=c.allocated_bytes,
             attention_blocks_bytes=c.blocks_bytes,
+            attention_blocks_kind=c.blocks.kind if c.blocks is not None else "",
             attention_scratch_bytes=c.scratch_bytes,
             context_limit=c.max_len,
             retrieval_budget_tokens=v.budget_for(c.length),

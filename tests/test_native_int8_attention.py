@@ -387,6 +387,7 @@ def test_the_model_keeps_int8_blocks_and_reads_them(int8_model):
 
     cache = KVCache.for_model(int8_model, max_len=64)
     assert cache.blocks.k.dtype == torch.uint8 and cache.blocks.key_smoothing is int8_model.key_smoothing
+    assert cache.blocks.kind == "int8"
     ids = random_ids(40, int8_model.args.vocab_size, seed=2)
     base = int8_model(ids, cache)
     saved = int8_model.key_smoothing

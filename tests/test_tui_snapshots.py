@@ -284,6 +284,8 @@ def test_cache_panel_shows_the_prepared_blocks_only_where_the_cache_keeps_them()
 
     from triforce_chat.app.ui.widgets import render_cache
 
-    assert "bf16 blocks" not in render_cache(dataclasses.replace(FIGURES, attention_blocks_bytes=0)).plain
-    text = render_cache(dataclasses.replace(FIGURES, attention_blocks_bytes=37 << 20)).plain
-    assert "+ bf16 blocks 37.0 MiB" in text
+    assert "blocks" not in render_cache(dataclasses.replace(FIGURES, attention_blocks_bytes=0)).plain
+    for kind in ("bf16", "int8"):
+        figures = dataclasses.replace(FIGURES, attention_blocks_bytes=37 << 20, attention_blocks_kind=kind)
+        text = render_cache(figures).plain
+        assert f"+ {kind} blocks 37.0 MiB" in text

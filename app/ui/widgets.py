@@ -552,7 +552,7 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
         )
     )
     if fig.attention_blocks_bytes:
-        lines.append(Content(f" + bf16 blocks {mb(fig.attention_blocks_bytes)}"))
+        lines.append(Content(f" + {fig.attention_blocks_kind or 'prepared'} blocks {mb(fig.attention_blocks_bytes)}"))
     if fig.attention_scratch_bytes:
         lines.append(Content(f" attention scratch {mb(fig.attention_scratch_bytes)}"))
     frac = fig.retrieval_budget_fraction
