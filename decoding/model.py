@@ -531,9 +531,8 @@ class Transformer(nn.Module):
             raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, not {mode!r}")
         if why := self.attention_available(mode):
             raise ValueError(why)
-        if mode == "int8":
-            if self.key_smoothing is None:
-                self.key_smoothing = key_smoothing(self)
+        if mode == "int8" and self.key_smoothing is None:
+            self.key_smoothing = key_smoothing(self)
         self.attention = mode
 
     def _dense_embedding(self, dtype: torch.dtype) -> Tensor:

@@ -232,25 +232,25 @@ def main(argv: list[str] | None = None) -> None:
     def per_call(kernel):  # (q, layer, keys) -> the kernel over that layer's K/V
         return lambda q, i, n: kernel(q, K[i], V[i], n, scale)
 
+    def prepared(products, smoothing=None):
+        """What the model's cache runs: its full blocks prepared once (decoding/cache.py: PreparedBlocks)."""
+        from triforce_chat.decoding.cache import BLOCK, PreparedBlocks
+        from triforce_chat.kernels.backends import attend_tokens, attention_products
+
+        blocks = PreparedBlocks(a.n_layers, a.n_kv_heads, a.head_dim, max_len, smoothing)
+        views = [blocks.refresh(i, K[i], V[i], 0, max_len) for i in range(a.n_layers)]
+
+        def run(q, i, n):
+            with attention_products(products):
+                return attend_tokens(q, K[i], V[i], n, scale, views[i]._replace(keys=n // BLOCK * BLOCK))
+        return run
+
     kernels = {"fp32": per_call(ops.attention)}
     if any(mode.endswith("bf16") for mode in modes):
-        # what the model's cache runs: its full blocks prepared once (decoding/cache.py: PreparedBlocks)
-        from triforce_chat.decoding.cache import BLOCK, PreparedBlocks
-
-        blocks = PreparedBlocks(a.n_layers, a.n_kv_heads, a.head_dim, max_len)
-        for i in range(a.n_layers):
-            blocks.refresh(i, K[i], V[i], 0, max_len)
-        kernels["bf16"] = lambda q, i, n: ops.attention_bf16_prepared(
-            q, K[i], V[i], blocks.k[i], blocks.v[i], n // BLOCK * BLOCK, n, scale)
+        kernels["bf16"] = prepared("bf16")
         kernels["bf16 per call"] = per_call(ops.attention_bf16)  # each call makes the blocks it reads
     if any(mode.endswith("+int8") for mode in modes):
-        from triforce_chat.decoding.cache import BLOCK, PreparedBlocks
-
-        int8_blocks = PreparedBlocks(a.n_layers, a.n_kv_heads, a.head_dim, max_len, m.key_smoothing)
-        for i in range(a.n_layers):
-            int8_blocks.refresh(i, K[i], V[i], 0, max_len)
-        kernels["int8"] = lambda q, i, n: ops.attention_int8(
-            q, K[i], V[i], int8_blocks.k[i], int8_blocks.v[i], n // BLOCK * BLOCK, n, scale, m.key_smoothing[i])
+        kernels["int8"] = prepared("int8", m.key_smoothing)
 
     def attention(q, n, kernel):
         return lambda: [kernel(q, i, n) for i in range(a.n_layers)]
