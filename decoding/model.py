@@ -503,7 +503,7 @@ class Transformer(nn.Module):
         return any(t > 1000 for lin in self.linears() for t in lin.int8_types)
 
     # the native build's field naming each product's path, and the instructions it needs
-    _ATTENTION_PATHS = {"bf16": ("bf16_attention", "AVX512-BF16"), "int8": ("int8_attention", "AVX512-VNNI")}
+    _ATTENTION_PATHS = {"bf16": ("bf16_attention", "AVX512-BF16"), "int8": ("int8_attention", "AVX2 or AVX512-VNNI")}
 
     def attention_available(self, mode: str) -> str:
         """'' when the attention with `mode` products ("bf16" or "int8") can run this model here, else

@@ -32,9 +32,9 @@ import torch
 
 SOURCE_DIR = Path(__file__).parent / "cpu"
 SOURCES = ("ops.cpp", "linear.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "attention.cpp", "attention_bf16.cpp",
-           "attention_int8.cpp", "rowwise.cpp")
+           "attention_int8.cpp", "attention_int8_avx2.cpp", "rowwise.cpp")
 HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "linear_int8.h", "linear_int8_tiles.h", "attention.h",
-           "attention_bf16.h", "attention_int8.h", "attention_merge.h", "rowwise.h")
+           "attention_bf16.h", "attention_int8.h", "attention_int8_walk.h", "attention_merge.h", "rowwise.h")
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-Wno-unused-function"]
 KEEP_BUILDS = 12  # builds kept in the cache (the test suite alone builds six ISA variants)
 KEEP_DAYS = 30  # ... and none unused for longer
@@ -48,7 +48,7 @@ class NativeStatus:
     build_dir: Path | None = None
     int8: str = ""  # the int8-activation path built ("avx512-vnni", "avx2"), "" when this build has none
     bf16_attention: str = ""  # the bf16-product attention built ("avx512-bf16"), "" when none
-    int8_attention: str = ""  # the int8-product attention built ("avx512-vnni"), "" when none
+    int8_attention: str = ""  # the int8-product attention built ("avx512-vnni", "avx2"), "" when none
 
 
 def _cpu_flags() -> str:
@@ -88,11 +88,11 @@ def _cache_root() -> Path:
 
 
 # TRIFORCE_NATIVE_ISA picks another path than the host's best (to test every path on one machine
-# that can run it): "avx2" is AVX2 only (int8 activations on the AVX2 path), "avx512" AVX-512 without
-# VNNI (int8 activations on the AVX2 path too), "avx512-vnni" the int8 mode and the int8 attention on
-# the VNNI path (an Ice Lake's kernels) and "avx512-vnni-bf16" the bf16 attention too, whatever else
-# the host has. None enables what the name does not say (no -march=native), so each builds its path
-# on a host with more.
+# that can run it): "avx2" is AVX2 only (int8 activations and the int8 attention on the AVX2 paths),
+# "avx512" AVX-512 without VNNI (the AVX2 int8 paths too), "avx512-vnni" the int8 mode and the int8
+# attention on the VNNI paths (an Ice Lake's kernels) and "avx512-vnni-bf16" the bf16 attention too,
+# whatever else the host has. None enables what the name does not say (no -march=native), so each
+# builds its path on a host with more.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 ISA_FLAGS = {

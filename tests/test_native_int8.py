@@ -310,12 +310,12 @@ INT8_PATHS = ("avx512-vnni", "avx2")  # TRIFORCE_NATIVE_ISA of a build with each
 VNNI_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
 
 PATH_SCRIPT = """
-import sys, torch
-from test_native_int8 import int8_outputs
+import importlib, sys, torch
 from triforce_chat.kernels import native
-assert native.status().int8 == sys.argv[1], (native.status().isa, native.status().int8)
+path, module, function, cases, out = sys.argv[1:6]
+assert native.status().int8 == path, (native.status().isa, native.status().int8)
 torch.set_num_threads(2)  # the other side runs at 1 thread: the comparison crosses thread counts too
-torch.save(int8_outputs(torch.load(sys.argv[2])), sys.argv[3])
+torch.save(getattr(importlib.import_module(module), function)(torch.load(cases)), out)
 """
 
 
@@ -354,32 +354,39 @@ def path_cases() -> dict:
     return cases
 
 
-def run_path(path: str, cases_file: Path, out_file: Path) -> dict:
-    """`int8_outputs` in a subprocess with a build of `path` (built once, ~30-60 s, then cached)."""
+def run_path(path: str, cases_file: Path, out_file: Path, function: str = "test_native_int8.int8_outputs") -> dict:
+    """`function` (module.name, in tests/) of the cases in a subprocess with a build of `path` (built
+    once, ~30-60 s, then cached)."""
     env = {**os.environ, "TRIFORCE_NATIVE_ISA": path, "PYTHONPATH": str(Path(__file__).parent)}
-    run = subprocess.run([sys.executable, "-c", PATH_SCRIPT, path, str(cases_file), str(out_file)], env=env,
-                         capture_output=True, text=True, timeout=900)
+    module, name = function.rsplit(".", 1)
+    run = subprocess.run([sys.executable, "-c", PATH_SCRIPT, path, module, name, str(cases_file), str(out_file)],
+                         env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     return torch.load(out_file)
 
 
-@pytest.fixture(scope="module")
-def int8_paths(tmp_path_factory) -> dict:
-    """{path: outputs of `path_cases`} for the VNNI and the AVX2 path: this process's build computes
-    with its own path, a subprocess with the other (both in subprocesses under a build with none)."""
+def outputs_of_both_paths(tmp_path_factory, cases: dict, here: str, outputs) -> dict:
+    """{path: outputs(cases)} for the VNNI and the AVX2 path: this process's build computes with its
+    own path (`here`), a subprocess with the other (both in subprocesses under a build with
+    neither). Skips where this CPU cannot run a VNNI build."""
     missing = [f for f in VNNI_FLAGS if f not in native._cpu_flags().split()]
     if missing:
         pytest.skip(f"this CPU cannot run an AVX512-VNNI build (no {', '.join(missing)}): "
                     "there is no VNNI path here to compare the AVX2 path with")
     folder = tmp_path_factory.mktemp("int8-paths")
-    cases = path_cases()
     torch.save(cases, folder / "cases.pt")
-    here = native.status().int8
-    outputs = {here: int8_outputs(cases)} if here in INT8_PATHS else {}
+    results = {here: outputs(cases)} if here in INT8_PATHS else {}
     for path in INT8_PATHS:
-        if path not in outputs:
-            outputs[path] = run_path(path, folder / "cases.pt", folder / f"{path}.pt")
-    return outputs
+        if path not in results:
+            results[path] = run_path(path, folder / "cases.pt", folder / f"{path}.pt",
+                                     f"{outputs.__module__}.{outputs.__name__}")
+    return results
+
+
+@pytest.fixture(scope="module")
+def int8_paths(tmp_path_factory) -> dict:
+    """{path: outputs of `path_cases`} for the VNNI and the AVX2 path."""
+    return outputs_of_both_paths(tmp_path_factory, path_cases(), native.status().int8, int8_outputs)
 
 
 @pytest.mark.parametrize("name", [*QUANTS, "mixed parts"])

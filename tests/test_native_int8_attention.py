@@ -2,7 +2,8 @@
 the header's words (the scores bitwise, the outputs within the weights' 8-bit rounding), and exact:
 a query's output bitwise the same alone or in a window, at any thread count, across the 32-key
 block and 256-key segment edges, with blocks prepared by the cache or made per call, through the
-whole forward and the levels. Builds without AVX512-VNNI must report it unavailable (tested there)."""
+whole forward and the levels; and the AVX2 kernel bitwise the VNNI kernel. Builds without either
+must report it unavailable (tested there)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 from gguf_models import load as load_gguf
 from gguf_models import random_ids, write_gguf
 from test_native_bf16 import FAST_MODELS, drive, drive_view, load_fast_model
+from test_native_int8 import outputs_of_both_paths
 from triforce_chat.decoding.cache import KVCache, PreparedBlocks
 from triforce_chat.kernels import native
 from triforce_chat.kernels.attention import reference_attention
@@ -30,7 +32,7 @@ def has_int8_attention() -> bool:
 
 
 needs_int8 = pytest.mark.skipif(
-    not has_int8_attention(), reason="this build of the kernels has no int8 attention (it needs AVX512-VNNI)"
+    not has_int8_attention(), reason="this build of the kernels has no int8 attention (it needs AVX2 or AVX512-VNNI)"
 )
 
 
@@ -140,21 +142,21 @@ def reference_int8_attention(q, k, v, length, scale, c):
 
 def test_the_int8_attention_is_reported_with_the_build():
     st = native.status()
-    assert st.int8_attention in ("", "avx512-vnni")
+    assert st.int8_attention in ("", "avx512-vnni", "avx2")
     assert st.int8_attention == ops().attention_int8_path()
 
 
 @pytest.mark.skipif(has_int8_attention(), reason="this build has int8 attention (the fallback is tested where not)")
-def test_without_vnni_the_int8_attention_is_unavailable_and_not_chosen(tmp_path):
+def test_without_avx2_the_int8_attention_is_unavailable_and_not_chosen(tmp_path):
     from triforce_chat.decoding.models.loading import choose_attention
 
     k, v = kv(1, 40, 64, torch.float16, 0)
     kp = torch.zeros(1, 1, BLOCK * 64 + 256, dtype=torch.uint8)
     vp = torch.zeros_like(kp)
-    with pytest.raises(RuntimeError, match="AVX512-VNNI"):
+    with pytest.raises(RuntimeError, match="AVX2 or AVX512-VNNI"):
         ops().attention_int8(torch.randn(1, 2, 64), k, v, kp, vp, 0, 8, 0.1, torch.ones(1, 64))
     model = load_gguf(write_gguf(tmp_path / "m.gguf", "llama", qtype="Q8_0"))
-    assert "AVX512-VNNI" in model.attention_available("int8")
+    assert "AVX2 or AVX512-VNNI" in model.attention_available("int8")
     assert choose_attention(model, "auto")[0] != "int8"
     mode, notice = choose_attention(model, "int8")
     assert mode == "fp32" and "unavailable" in notice
@@ -367,10 +369,68 @@ def test_the_int8_attention_needs_a_store_made_for_it():
         attend_tokens(torch.randn(1, 14, 64), k, v, 40, 0.1, int8_blocks)
 
 
+# -- the AVX2 kernel against the VNNI kernel, bitwise --------------------------------------------------------
+
+
+def attention_path_cases() -> dict:
+    """Both head widths, every cache type, 1, 7 and 8 query heads per KV head, lengths inside a block
+    and across block and segment edges, keys with outlier dimensions; and rows that take the rare
+    branches: zero and non-finite keys, values and queries, and a query 300 times the others (its
+    scores spread so far that whole blocks fall ~87 nats under the running max)."""
+    cases = {}
+    for d in (64, 128):
+        for g in (1, 7, 8):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                for length in (5, 33, 257, 530):
+                    seed = d + 10 * g + length
+                    k, v = kv(2, length, d, dtype, seed, outliers=True)
+                    q = torch.randn(min(length, 9), 2 * g, d, generator=torch.Generator().manual_seed(seed))
+                    cases[f"d{d} g{g} {dtype} {length}"] = (q, k, v, smoothing(2, d, seed), length)
+    k, v = kv(2, 300, 64, torch.float16, seed=9, outliers=True)
+    k[0, 40], v[1, 41], k[1, 100, 5], v[0, 120, 9], k[0, 298, 0] = 0, 0, float("nan"), float("inf"), float("-inf")
+    q = torch.randn(6, 14, 64, generator=torch.Generator().manual_seed(9))
+    q[1] *= 300.0
+    q[2, 3], q[3, 4, 7] = 0, float("nan")
+    cases["rare branches"] = (q, k, v, smoothing(2, 64, 9), 300)
+    return cases
+
+
+def attention_outputs(cases: dict) -> dict:
+    """For each case: the prepared blocks, the window of all its queries, and each query alone with
+    every block made in the call."""
+    out = {}
+    for name, (q, k, v, c, length) in cases.items():
+        kp, vp, keys = prepared(k, v, c, length // BLOCK)
+        window = ops().attention_int8(q, k, v, kp, vp, keys, length, 0.125, c)
+        t = q.shape[0]
+        singles = torch.cat([ops().attention_int8(q[i : i + 1], k, v, kp, vp, 0, length - t + i + 1, 0.125, c)
+                             for i in range(t)])
+        out[name] = (kp, vp, window, singles)
+    return out
+
+
+@pytest.fixture(scope="module")
+def attention_paths(tmp_path_factory) -> dict:
+    return outputs_of_both_paths(tmp_path_factory, attention_path_cases(), native.status().int8_attention,
+                                 attention_outputs)
+
+
+def test_the_avx2_kernel_gives_the_vnni_kernels_bits(attention_paths):
+    """Same inputs, same bits: prepared blocks, windows and queries alone (1 and 2 threads)."""
+    vnni, avx2 = attention_paths["avx512-vnni"], attention_paths["avx2"]
+    assert vnni.keys() == avx2.keys() and len(vnni) == 73
+    for case in vnni:
+        for a, b, what in zip(vnni[case], avx2[case], ("key blocks", "value blocks", "window", "queries alone"),
+                              strict=True):
+            assert torch.equal(a, b), (case, what)
+        assert torch.equal(avx2[case][2], avx2[case][3]), case  # and the AVX2 windows are its single queries
+    assert not torch.isnan(vnni["rare branches"][2]).any()
+
+
 @pytest.fixture(scope="module", params=list(FAST_MODELS))
 def int8_model(request, tmp_path_factory):
     if not (has_int8_attention() and native.status().int8):
-        pytest.skip("this build has no int8 activations and int8 attention (AVX512-VNNI)")
+        pytest.skip("this build has no int8 activations and int8 attention (AVX2 or AVX512-VNNI)")
     return load_fast_model(tmp_path_factory, request.param, "int8")
 
 

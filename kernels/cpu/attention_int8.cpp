@@ -1,54 +1,34 @@
-// Blocked attention with int8 products (see attention_int8.h for what it computes and why a row's
-// bits do not depend on its window). The walk over segments and blocks, the online softmax and the
-// merge are those of attention_bf16.cpp; what changes is the products. Per block of 32 keys, the keys'
-// codes are laid out with lanes = keys (one vector per 4 dimensions) and the values' codes with
-// lanes = dimensions (one vector per 4 keys), so that a row pays D/4 `vpdpbusd` per 16 keys for its
-// scores and D/16 per 4 keys for its values: half the instructions of the bf16 products, and a
-// prepared block is half their bytes. The KV cache keeps its full blocks prepared (decoding/cache.py);
-// the kernel prepares the others with the same routine: the same bits either way.
+// Blocked attention with int8 products on AVX512-VNNI (see attention_int8.h for what it computes and
+// why a row's bits do not depend on its window; attention_int8_walk.h for the walk over segments and
+// blocks, shared with the AVX2 kernel). Per block of 32 keys, the keys' codes are laid out with
+// lanes = keys (one vector per 4 dimensions) and the values' codes with lanes = dimensions (one vector
+// per 4 keys), so that a row pays D/4 `vpdpbusd` per 16 keys for its scores and D/16 per 4 keys for
+// its values: half the instructions of the bf16 products, and a prepared block is half their bytes.
+// The KV cache keeps its full blocks prepared (decoding/cache.py); the kernel prepares the others
+// with the same routine: the same bits either way.
 #include "attention_int8.h"
 
-#include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <vector>
-
-#include "attention_merge.h"
-#include "simd.h"
-
-#if defined(TF_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#define TF_INT8_ATTENTION 1
-#endif
+#include "attention_int8_walk.h"
 
 namespace tf {
 
-#if defined(TF_INT8_ATTENTION)
-
-const char* attention_int8_path() { return "avx512-vnni"; }
+#if defined(TF_INT8_ATTENTION_VNNI)
 
 namespace {
 
-// 16 values of row j (stride sp elements, the cache's storage type) from column c, as fp32.
-inline __m512 row16(const void* base, int kv_type, int64_t sp, int64_t j, int c) {
-  if (kv_type == KV_F16)
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + j * sp + c)));
-  if (kv_type == KV_BF16) {
-    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + j * sp + c));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
-  return _mm512_loadu_ps(static_cast<const float*>(base) + j * sp + c);
-}
+using int8att::kScoreRows;
 
 // Codes of the D values in x (round(x * 127 / a), a the largest |x|) into `codes`; returns the
 // scale a / 127. A row of zeros, or with a NaN or an infinity, gets zero codes and scale.
 template <int D>
-inline float quantize_row(const __m512* x, int8_t* codes) {
+inline float quantize_row(const float* xs, int8_t* codes) {
+  __m512 x[D / 16];
   __m512 amax = _mm512_setzero_ps();
   __mmask16 bad = 0;
   for (int c = 0; c < D / 16; c++) {
+    x[c] = _mm512_loadu_ps(xs + 16 * c);
     amax = _mm512_max_ps(amax, _mm512_abs_ps(x[c]));
     bad |= _mm512_fpclass_ps_mask(x[c], 0x99);  // QNaN | +inf | -inf | SNaN
   }
@@ -61,53 +41,6 @@ inline float quantize_row(const __m512* x, int8_t* codes) {
   for (int c = 0; c < D / 16; c++)  // nearest even (the default rounding); |x * inv| <= 127 rounds within range
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16 * c), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x[c], inv))));
   return a / 127.0f;
-}
-
-// One block of nb <= kBlock keys quantized and laid out for the products (header: the bytes). Keys:
-// per half of 16 keys, D/4 vectors, vector i lane l = the codes of dimensions 4i .. 4i + 3 of key
-// 16 half + l. Values: per quad of keys, D/16 vectors, vector ch lane l = the codes of dimension
-// 16 ch + l of the quad's 4 keys. Keys past nb: zero codes and scales.
-template <int D>
-inline void prepare_block(const void* kblk, const void* vblk, int kv_type, int64_t k_sp, int64_t v_sp, int64_t nb,
-                          const float* inv_c, uint8_t* kp, uint8_t* vp) {
-  constexpr int NC = D / 16, G4 = D / 4;
-  alignas(64) int8_t kc[kBlock][D], vc[kBlock][D];
-  float* ks = reinterpret_cast<float*>(kp + kBlock * D);
-  int32_t* kcorr = reinterpret_cast<int32_t*>(kp + kBlock * D + 128);
-  float* vs = reinterpret_cast<float*>(vp + kBlock * D);
-  for (int j = 0; j < kBlock; j++) {
-    if (j >= nb) {
-      std::memset(kc[j], 0, D);
-      std::memset(vc[j], 0, D);
-      ks[j] = vs[j] = 0.0f;
-      kcorr[j] = 0;
-      continue;
-    }
-    __m512 x[NC];
-    for (int c = 0; c < NC; c++) x[c] = _mm512_mul_ps(row16(kblk, kv_type, k_sp, j, 16 * c), _mm512_loadu_ps(inv_c + 16 * c));
-    ks[j] = quantize_row<D>(x, kc[j]);
-    int32_t sum = 0;
-    for (int d = 0; d < D; d++) sum += kc[j][d];
-    kcorr[j] = 128 * sum;
-    for (int c = 0; c < NC; c++) x[c] = row16(vblk, kv_type, v_sp, j, 16 * c);
-    vs[j] = quantize_row<D>(x, vc[j]);
-  }
-  float vmax = 0.0f;  // (the same max as the kernel's over 16 lanes: max is order-free)
-  for (int j = 0; j < kBlock; j++) vmax = std::max(vmax, vs[j]);
-  vs[kBlock] = vmax;  // (the block's spare bytes) the weights' bound (softmax_rows)
-  vs[kBlock + 1] = vmax > 0.0f ? 1.0f / vmax : 0.0f;
-  std::memset(vs + kBlock + 2, 0, (64 - kBlock - 2) * sizeof(float));  // the rest: zeros, as in every block
-  for (int half = 0; half < 2; half++)
-    for (int i = 0; i < G4; i++) {
-      uint8_t* dst = kp + (half * G4 + i) * 64;
-      for (int l = 0; l < 16; l++) std::memcpy(dst + 4 * l, &kc[16 * half + l][4 * i], 4);
-    }
-  for (int p = 0; p < kBlock / 4; p++)
-    for (int ch = 0; ch < NC; ch++) {
-      uint8_t* dst = vp + (p * NC + ch) * 64;
-      for (int l = 0; l < 16; l++)
-        for (int b = 0; b < 4; b++) dst[4 * l + b] = uint8_t(vc[4 * p + b][16 * ch + l]);
-    }
 }
 
 // exp(x) for x <= 0 (a score minus the running max; -inf gives ~1e-38) to ~5e-5 relative: Cody-Waite
@@ -246,229 +179,93 @@ inline void update_values(float* const* o, const float* c, const float* wsc, con
   }
 }
 
-constexpr int kScoreRows = 8;    // 8 rows x 2 halves = 16 chains in flight, sharing each key load
 constexpr int kSoftmaxRows = 4;  // rows per softmax_rows call
 
-struct Scratch {
-  std::vector<uint32_t> e;
-  std::vector<uint8_t> blk;  // a block prepared here: keys then values, 64-byte aligned inside
-  std::vector<float> corr, wsc;
-  std::vector<int64_t> nk;
-  std::vector<float*> out;
-  uint8_t* kp = nullptr;
-  uint8_t* vp = nullptr;
-  void reserve(int D, int64_t rows) {
-    const int64_t bytes = int8_block_bytes(D);
-    if (int64_t(blk.size()) < 2 * bytes + 64) {
-      blk.assign(2 * bytes + 64, 0);
-      kp = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(blk.data()) + 63) & ~uintptr_t(63));
-      vp = kp + bytes;
+// The kernel's policy for attention_int8_walk.h.
+struct Vnni {
+  static constexpr int kQueryBytes = 1;   // codes + 128: vpdpbusd's unsigned side
+  static constexpr int kWeightBytes = 32;  // 0 .. 255 per key
+  template <int D>
+  static constexpr int value_rows() {
+    return D == 64 ? 4 : 2;  // accumulators the registers hold (no spills), V loaded once
+  }
+  template <int D>
+  static float quantize(const float* x, int8_t* codes) {
+    return quantize_row<D>(x, codes);
+  }
+  template <int D>
+  static void query_codes(const int8_t* codes, uint8_t* dst) {
+    for (int d = 0; d < D; d++) dst[d] = uint8_t(codes[d]) ^ 0x80u;
+  }
+  // 8 rows x 2 halves = 16 chains in flight, sharing each key load
+  template <int D>
+  static void rows(const uint8_t* kb, const float* vs, float vmax, float inv_vmax, int64_t nk, int nr,
+                   const int8att::RowsStep& st) {
+    __m512 sv[kScoreRows][2];
+    switch (nr) {
+      case 1: scores<1, D>(kb, st.qrows, st.qsc, nk, sv); break;
+      case 2: scores<2, D>(kb, st.qrows, st.qsc, nk, sv); break;
+      case 3: scores<3, D>(kb, st.qrows, st.qsc, nk, sv); break;
+      case 4: scores<4, D>(kb, st.qrows, st.qsc, nk, sv); break;
+      case 5: scores<5, D>(kb, st.qrows, st.qsc, nk, sv); break;
+      case 6: scores<6, D>(kb, st.qrows, st.qsc, nk, sv); break;
+      case 7: scores<7, D>(kb, st.qrows, st.qsc, nk, sv); break;
+      default: scores<kScoreRows, D>(kb, st.qrows, st.qsc, nk, sv); break;
     }
-    if (int64_t(corr.size()) < rows) {
-      e.assign(rows * 8, 0u);
-      corr.assign(rows, 0.0f);
-      wsc.assign(rows, 0.0f);
-      nk.assign(rows, 0);
-      out.assign(rows, nullptr);
+    for (int r0 = 0; r0 < nr; r0 += kSoftmaxRows) {
+      const int m = std::min(kSoftmaxRows, nr - r0);
+      uint32_t* e = reinterpret_cast<uint32_t*>(st.e + r0 * kWeightBytes);
+      float* const* p = st.parts + r0;
+      switch (m) {
+        case 1: softmax_rows<1, D>(sv + r0, p, nk, vs, vmax, inv_vmax, e, st.wsc + r0, st.corr + r0); break;
+        case 2: softmax_rows<2, D>(sv + r0, p, nk, vs, vmax, inv_vmax, e, st.wsc + r0, st.corr + r0); break;
+        case 3: softmax_rows<3, D>(sv + r0, p, nk, vs, vmax, inv_vmax, e, st.wsc + r0, st.corr + r0); break;
+        default: softmax_rows<kSoftmaxRows, D>(sv + r0, p, nk, vs, vmax, inv_vmax, e, st.wsc + r0, st.corr + r0); break;
+      }
+    }
+  }
+  template <int D>
+  static void block_values(const uint8_t*, int32_t*) {}
+  template <int D>
+  static void values(float* const* o, const float* c, const float* w, const uint8_t* e, int n, int64_t nk,
+                     const uint8_t* vb, const int32_t*) {
+    constexpr int NC = D / 16, RT = value_rows<D>();
+    const uint32_t* er[RT];
+    for (int r = 0; r < n; r++) er[r] = reinterpret_cast<const uint32_t*>(e + r * kWeightBytes);
+    const int64_t quads = (nk + 3) / 4;
+    const __m512i* vq = reinterpret_cast<const __m512i*>(vb);
+    switch (n) {
+      case 1: update_values<1, NC>(o, c, w, er, quads, vq); break;
+      case 2: update_values<2, NC>(o, c, w, er, quads, vq); break;
+      case 3: update_values<(RT >= 3 ? 3 : 1), NC>(o, c, w, er, quads, vq); break;
+      default: update_values<RT, NC>(o, c, w, er, quads, vq); break;
     }
   }
 };
 
-template <int D>
-void attention_queries(const AttentionArgs& a, const float* key_smooth) {
-  constexpr int NC = D / 16;
-  constexpr int kValueRows = NC == 4 ? 4 : 2;  // accumulators the registers hold (no spills), V loaded once
-  const int64_t T = a.T, Hq = a.Hq, Hkv = a.Hkv, L = a.length;
-  const int64_t G = Hq / Hkv, rows = G * T, first_pos = L - T;
-  const int64_t nseg = (L + kSegment - 1) / kSegment;
-  const int64_t stride = D + 17;  // a partial: o[D], m, l per lane [16]
-  const int64_t bbytes = int8_block_bytes(D);
-  thread_local std::vector<uint8_t> qc;
-  thread_local std::vector<float> qs, part, inv_c;
-  if (int64_t(qc.size()) < Hkv * rows * D) qc.resize(Hkv * rows * D);
-  if (int64_t(qs.size()) < Hkv * rows) qs.resize(Hkv * rows);
-  if (int64_t(part.size()) < Hkv * nseg * rows * stride) part.resize(Hkv * nseg * rows * stride);
-  if (int64_t(inv_c.size()) < Hkv * D) inv_c.resize(Hkv * D);
-  for (int64_t i = 0; i < Hkv * D; i++) inv_c[i] = 1.0f / key_smooth[i];
-  uint8_t* qcp = qc.data();
-  float* qsp = qs.data();
-  float* pp = part.data();
-  const float* invc = inv_c.data();  // (the workers' own thread_local vectors are other objects)
-  const __m512 scale = _mm512_set1_ps(a.scale);
-  for (int64_t t = 0; t < T; t++) {  // smoothed, scaled queries as unsigned codes, rows r = g * T + t of KV head h
-    for (int64_t hq = 0; hq < Hq; hq++) {
-      const int64_t h = hq / G, r = h * rows + (hq % G) * T + t;
-      const float* src = a.q + t * a.q_st + hq * a.q_sh;
-      __m512 x[NC];
-      for (int c = 0; c < NC; c++)
-        x[c] = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(src + 16 * c), scale), _mm512_loadu_ps(key_smooth + h * D + 16 * c));
-      int8_t codes[D];
-      qsp[r] = quantize_row<D>(x, codes);
-      for (int d = 0; d < D; d++) qcp[r * D + d] = uint8_t(codes[d]) ^ 0x80u;  // + 128: vpdpbusd's unsigned side
-    }
-  }
-  const int elem = a.kv_type == KV_F32 ? 4 : 2;
-  const uint8_t* kprep = static_cast<const uint8_t*>(a.kprep);
-  const uint8_t* vprep = static_cast<const uint8_t*>(a.vprep);
-  at::parallel_for(0, Hkv * nseg, 1, [&](int64_t begin, int64_t end) {
-    thread_local Scratch sc;
-    sc.reserve(D, rows);
-    for (int64_t item = begin; item < end; item++) {
-      const int64_t h = item / nseg, s = item % nseg;
-      const int64_t seg0 = s * kSegment, seg1 = std::min(L, seg0 + kSegment);
-      const int64_t t0 = std::max<int64_t>(0, seg0 - first_pos);
-      if (t0 >= T) continue;
-      float* seg_part = pp + (h * nseg + s) * rows * stride;
-      for (int64_t g = 0; g < G; g++) {
-        for (int64_t t = t0; t < T; t++) {
-          float* p = seg_part + (g * T + t) * stride;
-          std::fill(p, p + stride, 0.0f);
-          p[D] = -INFINITY;
-        }
-      }
-      const char* kbase = static_cast<const char*>(a.k) + h * a.k_sh * elem;
-      const char* vbase = static_cast<const char*>(a.v) + h * a.v_sh * elem;
-      for (int64_t b0 = seg0; b0 < seg1; b0 += kBlock) {
-        const int64_t b1 = std::min(b0 + kBlock, seg1), nb = b1 - b0;
-        const int64_t pf = b0 + 2 * kBlock;  // see attention_bf16.cpp: rows fetched ahead, prepared blocks not
-        if (pf + kBlock > a.prepared && pf < L)
-          prefetch_kv_rows(kbase, vbase, pf, std::min(kBlock, L - pf), a.k_sp * elem, a.v_sp * elem, D * elem);
-        const uint8_t *kb = sc.kp, *vb = sc.vp;
-        if (nb == kBlock && b1 <= a.prepared) {  // a block the caller prepared (prepare_kv_int8)
-          kb = kprep + (h * a.prep_sh + b0 / kBlock) * bbytes;
-          vb = vprep + (h * a.prep_sh + b0 / kBlock) * bbytes;
-        } else {
-          prepare_block<D>(kbase + b0 * a.k_sp * elem, vbase + b0 * a.v_sp * elem, a.kv_type, a.k_sp, a.v_sp, nb,
-                           invc + h * D, sc.kp, sc.vp);
-        }
-        const float* vs = reinterpret_cast<const float*>(vb + kBlock * D);
-        const int64_t tb = std::max(t0, b0 - first_pos);
-        int64_t n_active = 0;
-        for (int64_t t = tb; t < T; t++) {  // rows (t, g), g = 0 .. G - 1, share nk
-          const int64_t nk = std::min(b1, first_pos + t + 1) - b0;
-          for (int64_t g0 = 0; g0 < G; g0 += kScoreRows) {
-            const int nr = int(std::min<int64_t>(kScoreRows, G - g0));
-            const uint8_t* qrows[kScoreRows];
-            float qsc[kScoreRows];
-            for (int r = 0; r < nr; r++) {
-              const int64_t row = h * rows + (g0 + r) * T + t;
-              qrows[r] = qcp + row * D;
-              qsc[r] = qsp[row];
-            }
-            __m512 sv[kScoreRows][2];
-            switch (nr) {
-              case 1: scores<1, D>(kb, qrows, qsc, nk, sv); break;
-              case 2: scores<2, D>(kb, qrows, qsc, nk, sv); break;
-              case 3: scores<3, D>(kb, qrows, qsc, nk, sv); break;
-              case 4: scores<4, D>(kb, qrows, qsc, nk, sv); break;
-              case 5: scores<5, D>(kb, qrows, qsc, nk, sv); break;
-              case 6: scores<6, D>(kb, qrows, qsc, nk, sv); break;
-              case 7: scores<7, D>(kb, qrows, qsc, nk, sv); break;
-              default: scores<kScoreRows, D>(kb, qrows, qsc, nk, sv); break;
-            }
-            float* parts[kScoreRows];
-            for (int r = 0; r < nr; r++) {
-              parts[r] = seg_part + ((g0 + r) * T + t) * stride;
-              sc.out[n_active + r] = parts[r];
-              sc.nk[n_active + r] = nk;
-            }
-            // the weights' bound reads the value scales of keys the rows see, no others: a full block's
-            // stored largest, else the largest of the first nk (the same bits where both exist)
-            float vmax = vs[kBlock], inv_vmax = vs[kBlock + 1];
-            if (nk < kBlock) {
-              vmax = std::max(0.0f, V::hmax(V::keep_first(_mm512_loadu_ps(vs), int(nk), 0.0f)));
-              if (nk > 16) vmax = std::max(vmax, V::hmax(V::keep_first(_mm512_loadu_ps(vs + 16), int(nk - 16), 0.0f)));
-              inv_vmax = vmax > 0.0f ? 1.0f / vmax : 0.0f;
-            }
-            for (int r0 = 0; r0 < nr; r0 += kSoftmaxRows) {
-              const int m = std::min(kSoftmaxRows, nr - r0);
-              uint32_t* e = sc.e.data() + (n_active + r0) * 8;
-              float* corr = sc.corr.data() + n_active + r0;
-              float* wsc = sc.wsc.data() + n_active + r0;
-              switch (m) {
-                case 1: softmax_rows<1, D>(sv + r0, parts + r0, nk, vs, vmax, inv_vmax, e, wsc, corr); break;
-                case 2: softmax_rows<2, D>(sv + r0, parts + r0, nk, vs, vmax, inv_vmax, e, wsc, corr); break;
-                case 3: softmax_rows<3, D>(sv + r0, parts + r0, nk, vs, vmax, inv_vmax, e, wsc, corr); break;
-                default: softmax_rows<kSoftmaxRows, D>(sv + r0, parts + r0, nk, vs, vmax, inv_vmax, e, wsc, corr); break;
-              }
-            }
-            n_active += nr;
-          }
-        }
-        const __m512i* vq = reinterpret_cast<const __m512i*>(vb);
-        int64_t i = 0;
-        while (i < n_active) {
-          const int64_t n = value_tile_rows(sc.nk.data(), i, n_active, kValueRows);
-          const uint32_t* e[kValueRows];
-          for (int64_t r = 0; r < n; r++) e[r] = sc.e.data() + (i + r) * 8;
-          float* const* o = sc.out.data() + i;
-          const float* c = sc.corr.data() + i;
-          const float* w = sc.wsc.data() + i;
-          const int64_t quads = (sc.nk[i] + 3) / 4;
-          switch (n) {
-            case 1: update_values<1, NC>(o, c, w, e, quads, vq); break;
-            case 2: update_values<2, NC>(o, c, w, e, quads, vq); break;
-            case 3: update_values<(kValueRows >= 3 ? 3 : 1), NC>(o, c, w, e, quads, vq); break;
-            default: update_values<kValueRows, NC>(o, c, w, e, quads, vq); break;
-          }
-          i += n;
-        }
-      }
-    }
-  });
-  // Merge each query's segments in segment order (their denominators: 16 lanes each).
-  merge_segments<D>(
-      a, pp, nseg, rows, stride, [](const float* p) { return V::hsum(_mm512_loadu_ps(p + D + 1)); },
-      [](int i) { return i; });
-}
-
 }  // namespace
 
-void prepare_kv_int8(const Int8PrepareArgs& a) {
-  TORCH_CHECK(a.D == 64 || a.D == 128, "int8 attention: head_dim must be 64 or 128, not ", a.D);
-  const int elem = a.kv_type == KV_F32 ? 4 : 2;
-  const int64_t nblk = a.block_end - a.block_begin, bbytes = int8_block_bytes(a.D);
-  at::parallel_for(0, a.Hkv * nblk, 16, [&](int64_t begin, int64_t end) {
-    alignas(64) float inv_c[128];
-    int64_t inv_h = -1;
-    for (int64_t item = begin; item < end; item++) {
-      const int64_t h = item / nblk, b = a.block_begin + item % nblk;
-      if (h != inv_h) {
-        for (int64_t d = 0; d < a.D; d++) inv_c[d] = 1.0f / a.key_smooth[h * a.D + d];
-        inv_h = h;
-      }
-      const char* kblk = static_cast<const char*>(a.k) + (h * a.k_sh + b * kBlock * a.k_sp) * elem;
-      const char* vblk = static_cast<const char*>(a.v) + (h * a.v_sh + b * kBlock * a.v_sp) * elem;
-      uint8_t* kp = static_cast<uint8_t*>(a.kprep) + (h * a.prep_sh + b) * bbytes;
-      uint8_t* vp = static_cast<uint8_t*>(a.vprep) + (h * a.prep_sh + b) * bbytes;
-      if (a.D == 64)
-        prepare_block<64>(kblk, vblk, a.kv_type, a.k_sp, a.v_sp, kBlock, inv_c, kp, vp);
-      else
-        prepare_block<128>(kblk, vblk, a.kv_type, a.k_sp, a.v_sp, kBlock, inv_c, kp, vp);
-    }
-  });
-}
+const char* attention_int8_path() { return "avx512-vnni"; }
+void prepare_kv_int8(const Int8PrepareArgs& a) { int8att::prepare<Vnni>(a); }
+void attention_int8(const AttentionArgs& a, const float* key_smooth) { int8att::attention<Vnni>(a, key_smooth); }
 
-void attention_int8(const AttentionArgs& a, const float* key_smooth) {
-  TORCH_CHECK(a.D == 64 || a.D == 128, "int8 attention: head_dim must be 64 or 128, not ", a.D);
-  for_query_slices(a, [key_smooth](const AttentionArgs& part) {
-    if (part.D == 64)
-      attention_queries<64>(part, key_smooth);
-    else
-      attention_queries<128>(part, key_smooth);
-  });
-}
+#elif defined(TF_INT8_ATTENTION_AVX2)
+
+// attention_int8_avx2.cpp
+const char* attention_int8_path() { return "avx2"; }
+void prepare_kv_int8(const Int8PrepareArgs& a) { prepare_kv_int8_avx2(a); }
+void attention_int8(const AttentionArgs& a, const float* key_smooth) { attention_int8_avx2(a, key_smooth); }
 
 #else
 
 const char* attention_int8_path() { return ""; }
 
 void prepare_kv_int8(const Int8PrepareArgs&) {
-  TORCH_CHECK(false, "int8 attention needs AVX512-VNNI, which this build of the kernels does not have");
+  TORCH_CHECK(false, "int8 attention needs AVX2 or AVX512-VNNI, which this build of the kernels does not have");
 }
 
 void attention_int8(const AttentionArgs&, const float*) {
-  TORCH_CHECK(false, "int8 attention needs AVX512-VNNI, which this build of the kernels does not have");
+  TORCH_CHECK(false, "int8 attention needs AVX2 or AVX512-VNNI, which this build of the kernels does not have");
 }
 
 #endif

@@ -1,7 +1,10 @@
-// Attention with int8 products (AVX512-VNNI `vpdpbusd`: 64 byte products per instruction, twice
-// what `vdpbf16ps` does): the blocked online softmax of attention.h (absolute segments of 256 and
-// blocks of 32 keys, segments merged in order, threads over (KV head, segment) items), for CPUs whose
-// dot-product units are the bound of a window's attention (Zen 4, Ice Lake, Sapphire Rapids).
+// Attention with int8 products: the blocked online softmax of attention.h (absolute segments of 256
+// and blocks of 32 keys, segments merged in order, threads over (KV head, segment) items), for CPUs
+// whose vector units are the bound of a window's attention. Two kernels compute it, bit for bit the
+// same (attention_int8_walk.h): AVX512-VNNI `vpdpbusd`, 64 byte products per instruction, twice what
+// `vdpbf16ps` does (Zen 4, Ice Lake, Sapphire Rapids); and AVX2 `vpmaddubsw`, 32 per instruction,
+// for every other x86-64 CPU of the last decade (Zen 2 and 3, Intel's desktop and laptop cores),
+// whose fp32 attention converts every key and value and pays one multiply-add per product.
 //
 // What it computes (tests/test_native_int8_attention.py follows these words):
 // - Keys are smoothed and quantized per key. c [Hkv, D] (> 0, per KV head and dimension, the same
@@ -23,6 +26,11 @@
 // All rounding is to nearest even. A key or row of zeros, or with a NaN or an infinity, gets zero codes
 // and scale; a block more than ~87 nats under a row's running max gets no weight from it.
 //
+// On AVX2, `vpmaddubsw` multiplies unsigned by signed bytes and adds pairs into int16 with
+// saturation, so the same integers come another way: a score sums |q_d| * (k_d with q_d's sign), pairs
+// at most 2 * 127 * 127; a value product sums |w - 128| * (v with w - 128's sign), pairs at most
+// 2 * 128 * 127, plus 128 times the block's sum of value codes. No pair saturates.
+//
 // Row-invariance: every quantization step is a function of one key or of one row alone, and the
 // integer sums are exact whatever their order, so a query's bits depend on its position and the keys
 // at or before it alone, as in attention.h: not on the window it shares, nor on the thread count.
@@ -30,10 +38,17 @@
 #pragma once
 
 #include "attention.h"
+#include "simd.h"
+
+#if defined(TF_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define TF_INT8_ATTENTION_VNNI 1
+#elif defined(TF_AVX512) || defined(TF_AVX2)
+#define TF_INT8_ATTENTION_AVX2 1
+#endif
 
 namespace tf {
 
-// "avx512-vnni" when this build has the int8 attention, "" when it does not (then it throws).
+// "avx512-vnni" or "avx2": the kernel this build has; "" when it has none (then it throws).
 const char* attention_int8_path();
 
 // Bytes of one prepared block of kBlock keys (keys and values alike): codes (32 * D bytes), then 32
@@ -59,5 +74,10 @@ void prepare_kv_int8(const Int8PrepareArgs& a);
 // The arguments of `attention` (kprep / vprep / prepared as prepare_kv_int8 made them) and c;
 // a.D must be 64 or 128.
 void attention_int8(const AttentionArgs& a, const float* key_smooth);
+
+#if defined(TF_INT8_ATTENTION_AVX2)
+void prepare_kv_int8_avx2(const Int8PrepareArgs& a);  // attention_int8_avx2.cpp
+void attention_int8_avx2(const AttentionArgs& a, const float* key_smooth);
+#endif
 
 }  // namespace tf

@@ -1,6 +1,7 @@
-// The last step of the blocked attention kernels with AVX-512 products (attention_bf16.cpp,
-// attention_int8.cpp): each query's segment partials merged in segment order, as attention.cpp
-// does, so that a query's result depends on its position and the keys alone.
+// The last step of the blocked attention kernels with dot-product units (attention_bf16.cpp,
+// attention_int8*.cpp): each query's segment partials merged in segment order, as attention.cpp
+// does, so that a query's result depends on its position and the keys alone. Lane-wise operations
+// only, so a 16-lane and an 8-lane build give the same bits.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -10,8 +11,6 @@
 
 #include "attention.h"
 #include "simd.h"
-
-#if defined(TF_AVX512)
 
 namespace tf {
 
@@ -42,12 +41,11 @@ void merge_segments(const AttentionArgs& a, const float* pp, int64_t nseg, int64
         const float* p = pp + ((h * nseg + s) * rows + r) * stride;
         const float w = exp1(p[D] - M);
         total = total + w * den(p);
-        const __m512 wv = _mm512_set1_ps(w);
-        for (int d = 0; d < D; d += 16)
-          _mm512_store_ps(acc + d, _mm512_fmadd_ps(wv, _mm512_loadu_ps(p + d), _mm512_load_ps(acc + d)));
+        const V::reg wv = V::set1(w);
+        for (int d = 0; d < D; d += V::W) V::store(acc + d, V::fma(wv, V::load(p + d), V::load(acc + d)));
       }
-      const __m512 dv = _mm512_set1_ps(total);
-      for (int d = 0; d < D; d += 16) _mm512_store_ps(acc + d, _mm512_div_ps(_mm512_load_ps(acc + d), dv));
+      const V::reg dv = V::set1(total);
+      for (int d = 0; d < D; d += V::W) V::store(acc + d, V::div(V::load(acc + d), dv));
       float* out = a.out + (t * Hq + hq) * D;
       for (int i = 0; i < D; i++) out[dim(i)] = acc[i];
     }
@@ -55,5 +53,3 @@ void merge_segments(const AttentionArgs& a, const float* pp, int64_t nseg, int64
 }
 
 }  // namespace tf
-
-#endif

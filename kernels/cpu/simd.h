@@ -72,6 +72,33 @@ constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.3334519073e-3f, kP3 = 4.1665795894e-2f,
                 kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
 
+#if defined(TF_AVX512) || defined(TF_AVX2)
+// exp of 8 lanes, the algorithm of V::exp below (the AVX2 build's V::exp, and the 8-lane kernels of
+// an AVX-512 build: attention_int8_avx2.cpp). Bit for bit the AVX-512 V::exp: scalef and the two
+// power-of-two products below round once, the same way.
+inline __m256 exp8(__m256 x) {
+  const auto set1 = [](float v) { return _mm256_set1_ps(v); };
+  x = _mm256_min_ps(_mm256_max_ps(x, set1(kExpLo)), set1(kExpHi));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, set1(kLn2Hi), x);
+  r = _mm256_fnmadd_ps(n, set1(kLn2Lo), r);
+  __m256 p = set1(kP0);
+  p = _mm256_fmadd_ps(p, r, set1(kP1));
+  p = _mm256_fmadd_ps(p, r, set1(kP2));
+  p = _mm256_fmadd_ps(p, r, set1(kP3));
+  p = _mm256_fmadd_ps(p, r, set1(kP4));
+  p = _mm256_fmadd_ps(p, r, set1(kP5));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, set1(1.0f)));
+  // 2^n: n is integral in [-127, 128]; build the exponent in two halves so 128 does not overflow
+  __m256i ni = _mm256_cvtps_epi32(n);
+  __m256i half = _mm256_srai_epi32(ni, 1);
+  __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
+  __m256 s2 = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+#endif
+
 #if defined(TF_AVX512)
 
 struct V {
@@ -189,26 +216,7 @@ struct V {
     q = _mm_max_ss(q, _mm_movehdup_ps(q));
     return _mm_cvtss_f32(q);
   }
-  static inline reg exp(reg x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, set1(kExpLo)), set1(kExpHi));
-    reg n = _mm256_round_ps(mul(x, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    reg r = _mm256_fnmadd_ps(n, set1(kLn2Hi), x);
-    r = _mm256_fnmadd_ps(n, set1(kLn2Lo), r);
-    reg p = set1(kP0);
-    p = fma(p, r, set1(kP1));
-    p = fma(p, r, set1(kP2));
-    p = fma(p, r, set1(kP3));
-    p = fma(p, r, set1(kP4));
-    p = fma(p, r, set1(kP5));
-    p = fma(mul(p, r), r, add(r, set1(1.0f)));
-    // 2^n: n is integral in [-127, 128]; build the exponent in two halves so 128 does not overflow
-    __m256i ni = _mm256_cvtps_epi32(n);
-    __m256i half = _mm256_srai_epi32(ni, 1);
-    reg s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half, _mm256_set1_epi32(127)), 23));
-    reg s2 = _mm256_castsi256_ps(
-        _mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, half), _mm256_set1_epi32(127)), 23));
-    return mul(mul(p, s1), s2);
-  }
+  static inline reg exp(reg x) { return exp8(x); }
 };
 
 #else  // portable scalar path
