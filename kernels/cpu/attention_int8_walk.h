@@ -179,7 +179,8 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
   const uint8_t* kprep = static_cast<const uint8_t*>(a.kprep);
   const uint8_t* vprep = static_cast<const uint8_t*>(a.vprep);
   at::parallel_for(0, Hkv * nseg, 1, [&](int64_t begin, int64_t end) {
-    thread_local Scratch<K> sc;
+    thread_local Scratch<K> tls;
+    Scratch<K>& sc = tls;  // (the address once: each thread_local access is a call in a shared library)
     sc.reserve(D, rows);
     for (int64_t item = begin; item < end; item++) {
       const int64_t h = item / nseg, s = item % nseg;
@@ -239,7 +240,8 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
         K::template block_values<D>(vb, sc.aux);
         int64_t i = 0;
         while (i < n_active) {
-          const int64_t n = value_tile_rows(sc.nk.data(), i, n_active, K::template value_rows<D>());
+          constexpr int kTile = K::template value_rows<D>();  // (1: no run of equal nk to scan)
+          const int64_t n = kTile == 1 ? 1 : value_tile_rows(sc.nk.data(), i, n_active, kTile);
           K::template values<D>(sc.out.data() + i, sc.corr.data() + i, sc.wsc.data() + i,
                                 sc.e.data() + i * K::kWeightBytes, int(n), sc.nk[i], vb, sc.aux);
           i += n;
