@@ -76,8 +76,10 @@ def attend(q, k, v, length, scale, c, keys=None):
 def quantize(x: torch.Tensor):
     """The header's per-row quantization (fp32, as the kernel computes it): codes, scale."""
     a = x.abs().amax(-1, keepdim=True)
-    codes = torch.where(a > 0, torch.round(x * (torch.tensor(127.0) / a)), torch.zeros_like(x))
-    return codes, a / 127.0
+    inv = torch.tensor(127.0) / a
+    used = (a > 0) & torch.isfinite(inv)  # a row so small that 127 / a overflows counts as zeros
+    codes = torch.where(used, torch.round(x * inv), torch.zeros_like(x))
+    return codes, torch.where(used, a / 127.0, torch.zeros_like(a))
 
 
 F32 = torch.float32
@@ -129,8 +131,9 @@ def reference_int8_attention(q, k, v, length, scale, c):
                     vmax = vsb.max()
                     inv_vmax = (1.0 / vmax).to(F32) if vmax > 0 else torch.tensor(0.0, dtype=F32)
                     inv = (torch.tensor(255.0, dtype=F32) * torch.exp((m - bm).double()).to(F32)) * inv_vmax
-                    codes = torch.round((e * vsb) * inv)
-                    wsc = float(torch.exp((bm - m).double()).to(F32) * vmax / 255)
+                    far = not (bm - m >= -87.3365447504) or not torch.isfinite(inv)  # no weight from the block
+                    codes = torch.zeros_like(e) if far else torch.round((e * vsb) * inv)
+                    wsc = 0.0 if far else float(torch.exp((bm - m).double()).to(F32) * vmax / 255)
                     parts.append((float(m), wsc * (codes.double() @ vc[kvh, b0 : b0 + len(sb)].double()),
                                   e.double().sum()))
             top = max(mb for mb, _, _ in parts)
@@ -392,7 +395,28 @@ def attention_path_cases() -> dict:
     q[1] *= 300.0
     q[2, 3], q[3, 4, 7] = 0, float("nan")
     cases["rare branches"] = (q, k, v, smoothing(2, 64, 9), 300)
+    k, v = kv(2, 300, 64, torch.float32, seed=10)
+    k[0, 50] *= 1e-38  # rows so small that 127 / their largest overflows: zeros, not codes of -128
+    v[1, 60] *= 1e-38
+    cases["tiny rows"] = (torch.randn(5, 14, 64, generator=torch.Generator().manual_seed(10)), k, v,
+                          smoothing(2, 64, 10), 300)
+    cases["a block ~82 nats under the max"] = gap_case()
     return cases
+
+
+def gap_case():
+    """One query along dimension 0; block 0 holds a key whose score is 87.5, block 1 keys ~82 nats
+    lower, block 2 keys farther still. Block 1's bound pb * vmax (~1e-38) is so small that 255 over
+    it overflows: it gets no weight, as a block past ~87 nats does. Block 0's values are zero in
+    dimension 5, so that output is exactly zero unless block 1 leaks into it."""
+    g = torch.Generator().manual_seed(11)
+    k = torch.randn(1, 103, 64, generator=g) * 0.01
+    k[0, 0, 0], k[0, 32:64, 0], k[0, 64:96, 0] = 700.0, 44.0, -100.0
+    v = torch.randn(1, 103, 64, generator=g)
+    v[0, :32, 5] = 0.0
+    q = torch.zeros(1, 2, 64)
+    q[:, :, 0] = 1.0
+    return q, k.half(), v.half(), torch.ones(1, 64), 96
 
 
 def attention_outputs(cases: dict) -> dict:
@@ -418,13 +442,14 @@ def attention_paths(tmp_path_factory) -> dict:
 def test_the_avx2_kernel_gives_the_vnni_kernels_bits(attention_paths):
     """Same inputs, same bits: prepared blocks, windows and queries alone (1 and 2 threads)."""
     vnni, avx2 = attention_paths["avx512-vnni"], attention_paths["avx2"]
-    assert vnni.keys() == avx2.keys() and len(vnni) == 73
+    assert vnni.keys() == avx2.keys() and len(vnni) == 75
     for case in vnni:
         for a, b, what in zip(vnni[case], avx2[case], ("key blocks", "value blocks", "window", "queries alone"),
                               strict=True):
             assert torch.equal(a, b), (case, what)
         assert torch.equal(avx2[case][2], avx2[case][3]), case  # and the AVX2 windows are its single queries
     assert not torch.isnan(vnni["rare branches"][2]).any()
+    assert (vnni["a block ~82 nats under the max"][2][..., 5] == 0).all()
 
 
 @pytest.fixture(scope="module", params=list(FAST_MODELS))

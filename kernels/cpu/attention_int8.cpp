@@ -8,6 +8,8 @@
 // with the same routine: the same bits either way.
 #include "attention_int8.h"
 
+#include <cfloat>
+
 #include <c10/util/Exception.h>
 
 #include "attention_int8_walk.h"
@@ -33,11 +35,12 @@ inline float quantize_row(const float* xs, int8_t* codes) {
     bad |= _mm512_fpclass_ps_mask(x[c], 0x99);  // QNaN | +inf | -inf | SNaN
   }
   const float a = _mm512_reduce_max_ps(amax);
-  if (bad || !(a > 0.0f)) {
+  const float inv_a = 127.0f / a;  // (a row so small that this overflows counts as zeros)
+  if (bad || !(a > 0.0f) || !(inv_a <= FLT_MAX)) {
     std::memset(codes, 0, D);
     return 0.0f;
   }
-  const __m512 inv = _mm512_set1_ps(127.0f / a);
+  const __m512 inv = _mm512_set1_ps(inv_a);
   for (int c = 0; c < D / 16; c++)  // nearest even (the default rounding); |x * inv| <= 127 rounds within range
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16 * c), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(x[c], inv))));
   return a / 127.0f;
@@ -145,7 +148,11 @@ inline void softmax_rows(__m512 (*sv)[2], float* const* p, int64_t nk, const flo
     _mm512_storeu_ps(p[r] + D + 1, _mm512_fmadd_ps(_mm512_loadu_ps(p[r] + D + 1), _mm512_set1_ps(st[r]), _mm512_add_ps(e0, e1)));
     p[r][D] = m_new[r];
     // codes: nearest even of w * inv, in 0 .. 255 (w <= pb * vmax)
-    const __m512 inv = _mm512_set1_ps(far[r] ? 0.0f : 255.0f * st[10 + r] * inv_vmax);
+    // a bound so small that 255 / bound overflows (~80 nats under the running max with small values)
+    // counts as far too
+    const float inv_bound = 255.0f * st[10 + r] * inv_vmax;
+    far[r] = far[r] || !(inv_bound <= FLT_MAX);
+    const __m512 inv = _mm512_set1_ps(far[r] ? 0.0f : inv_bound);
     uint32_t* er = e + r * 8;
     _mm_storeu_si128(reinterpret_cast<__m128i*>(er),
                      _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_mul_ps(e0, vs0), inv))));

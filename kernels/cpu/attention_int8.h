@@ -23,8 +23,10 @@
 //   row's largest score in the block), vmax the largest value scale among the keys the row sees in
 //   the block. The block adds (pb * vmax / 255) * (the exact integer sum of weight codes times
 //   value codes) to the running values.
-// All rounding is to nearest even. A key or row of zeros, or with a NaN or an infinity, gets zero codes
-// and scale; a block more than ~87 nats under a row's running max gets no weight from it.
+// All rounding is to nearest even. A key or row of zeros, with a NaN or an infinity, or so small that
+// 127 / a overflows (a under ~4e-37), gets zero codes and scale (so no code is -128); a block more
+// than ~87 nats under a row's running max, or whose bound pb * vmax is so small that 255 / (pb * vmax)
+// overflows, gets no weight from it.
 //
 // On AVX2, `vpmaddubsw` multiplies unsigned by signed bytes and adds pairs into int16 with
 // saturation, so the same integers come another way: a score sums |q_d| * (k_d with q_d's sign), pairs

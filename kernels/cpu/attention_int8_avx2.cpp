@@ -9,6 +9,8 @@
 // integer one, and a prepared block is half the bytes of the fp16 cache it replaces.
 #include "attention_int8.h"
 
+#include <cfloat>
+
 #if defined(TF_INT8_ATTENTION_AVX2)
 
 #include "attention_int8_walk.h"
@@ -53,11 +55,12 @@ inline float quantize_row(const float* xs, int8_t* codes) {
     bad |= _mm256_movemask_ps(_mm256_cmp_ps(ax, inf, _CMP_NLT_UQ));  // NaN (unordered) or infinite
   }
   const float a = hmax8(amax);
-  if (bad || !(a > 0.0f)) {
+  const float inv_a = 127.0f / a;  // (a row so small that this overflows counts as zeros)
+  if (bad || !(a > 0.0f) || !(inv_a <= FLT_MAX)) {
     std::memset(codes, 0, D);
     return 0.0f;
   }
-  const __m256 inv = _mm256_set1_ps(127.0f / a);
+  const __m256 inv = _mm256_set1_ps(inv_a);
   for (int c = 0; c < D / 8; c++)  // nearest even (the default rounding), within -127 .. 127
     store8_i8(codes + 8 * c, _mm256_cvtps_epi32(_mm256_mul_ps(x[c], inv)));
   return a / 127.0f;
@@ -154,7 +157,11 @@ inline void softmax_rows(__m256 (*sv)[4], float* const* p, int64_t nk, const flo
     _mm256_storeu_ps(den + 8, _mm256_fmadd_ps(_mm256_loadu_ps(den + 8), cr, _mm256_add_ps(w[1], w[3])));
     p[r][D] = m_new[r];
     // codes: nearest even of w * inv, in 0 .. 255 (w <= pb * vmax), stored less 128
-    const __m256 inv = _mm256_set1_ps(far[r] ? 0.0f : 255.0f * st[10 + r] * inv_vmax);
+    // a bound so small that 255 / bound overflows (~80 nats under the running max with small values)
+    // counts as far too
+    const float inv_bound = 255.0f * st[10 + r] * inv_vmax;
+    far[r] = far[r] || !(inv_bound <= FLT_MAX);
+    const __m256 inv = _mm256_set1_ps(far[r] ? 0.0f : inv_bound);
     uint8_t* er = e + r * 64;
     for (int g = 0; g < 4; g++) {
       const __m256i code = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(w[g], _mm256_loadu_ps(vs + 8 * g)), inv));
@@ -223,7 +230,7 @@ struct Avx2 {
       __m256i s = _mm256_setzero_si256();  // pairs of keys: at most 8 x 254 in magnitude
       for (int p = 0; p < kBlock / 4; p++)
         s = _mm256_add_epi16(s, _mm256_maddubs_epi16(ones8, _mm256_load_si256(reinterpret_cast<const __m256i*>(vb + p * 4 * D + 32 * c))));
-      _mm256_store_si256(reinterpret_cast<__m256i*>(aux + 8 * c), _mm256_slli_epi32(_mm256_madd_epi16(s, ones16), 7));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(aux + 8 * c), _mm256_slli_epi32(_mm256_madd_epi16(s, ones16), 7));
     }
   }
   // o = o * c + w * (the exact integer sum of weight codes times value codes) for n rows, one at a
@@ -252,7 +259,7 @@ struct Avx2 {
         }
         for (int ch = 0; ch < kChannels; ch++) {
           const int d = 8 * (c0 + ch);
-          const __m256i total = _mm256_add_epi32(acc[ch], _mm256_load_si256(reinterpret_cast<const __m256i*>(aux + d)));
+          const __m256i total = _mm256_add_epi32(acc[ch], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aux + d)));
           _mm256_storeu_ps(o[r] + d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), wr, _mm256_mul_ps(_mm256_loadu_ps(o[r] + d), cr)));
         }
       }

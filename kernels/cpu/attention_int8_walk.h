@@ -119,7 +119,7 @@ struct RowsStep {
 
 template <class K>
 struct Scratch {
-  std::vector<uint8_t> e;
+  std::vector<uint32_t> e;  // the rows' weight codes (uint32_t storage: the VNNI kernel reads them so)
   std::vector<uint8_t> blk;  // a block prepared here: keys then values, 64-byte aligned inside
   std::vector<float> corr, wsc;
   std::vector<int64_t> nk;
@@ -135,7 +135,7 @@ struct Scratch {
       vp = kp + bytes;
     }
     if (int64_t(corr.size()) < rows) {
-      e.assign(rows * K::kWeightBytes, 0);
+      e.assign(rows * K::kWeightBytes / 4, 0u);
       corr.assign(rows, 0.0f);
       wsc.assign(rows, 0.0f);
       nk.assign(rows, 0);
@@ -143,6 +143,11 @@ struct Scratch {
     }
   }
 };
+
+template <class K>
+inline uint8_t* weights(Scratch<K>& sc) {
+  return reinterpret_cast<uint8_t*>(sc.e.data());
+}
 
 template <class K, int D>
 void attention_queries(const AttentionArgs& a, const float* key_smooth) {
@@ -231,7 +236,7 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
               sc.out[n_active + r] = parts[r];
               sc.nk[n_active + r] = nk;
             }
-            const RowsStep step{parts, qrows, qsc, sc.e.data() + n_active * K::kWeightBytes, sc.wsc.data() + n_active,
+            const RowsStep step{parts, qrows, qsc, weights(sc) + n_active * K::kWeightBytes, sc.wsc.data() + n_active,
                                 sc.corr.data() + n_active};
             K::template rows<D>(kb, vs, vmax, inv_vmax, nk, nr, step);
             n_active += nr;
@@ -243,7 +248,7 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
           constexpr int kTile = K::template value_rows<D>();  // (1: no run of equal nk to scan)
           const int64_t n = kTile == 1 ? 1 : value_tile_rows(sc.nk.data(), i, n_active, kTile);
           K::template values<D>(sc.out.data() + i, sc.corr.data() + i, sc.wsc.data() + i,
-                                sc.e.data() + i * K::kWeightBytes, int(n), sc.nk[i], vb, sc.aux);
+                                weights(sc) + i * K::kWeightBytes, int(n), sc.nk[i], vb, sc.aux);
           i += n;
         }
       }
