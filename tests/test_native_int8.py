@@ -313,7 +313,8 @@ PATH_SCRIPT = """
 import importlib, sys, torch
 from triforce_chat.kernels import native
 path, module, function, cases, out = sys.argv[1:6]
-assert native.status().int8 == path, (native.status().isa, native.status().int8)
+st = native.status()
+assert st.int8 == path and st.int8_attention == path, (st.isa, st.int8, st.int8_attention)
 torch.set_num_threads(2)  # the other side runs at 1 thread: the comparison crosses thread counts too
 torch.save(getattr(importlib.import_module(module), function)(torch.load(cases)), out)
 """
