@@ -19,21 +19,6 @@ namespace tf {
 
 namespace {
 
-inline float hmax8(__m256 a) {
-  __m128 q = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  q = _mm_max_ps(q, _mm_movehl_ps(q, q));
-  q = _mm_max_ss(q, _mm_movehdup_ps(q));
-  return _mm_cvtss_f32(q);
-}
-
-// lanes >= n (of 8) replaced by x
-inline __m256 keep_first8(__m256 a, int64_t n, float x) {
-  if (n >= 8) return a;
-  const __m256 keep = _mm256_castsi256_ps(
-      _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(n, 0))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-  return _mm256_blendv_ps(_mm256_set1_ps(x), a, keep);
-}
-
 // 8 int32 in -128 .. 127 as 8 bytes, in order.
 inline void store8_i8(int8_t* dst, __m256i x) {
   const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));

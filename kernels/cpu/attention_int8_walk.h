@@ -127,6 +127,7 @@ struct Scratch {
   uint8_t* kp = nullptr;
   uint8_t* vp = nullptr;
   alignas(64) int32_t aux[4 * 128];  // K::block_values' output
+  uint8_t* codes() { return reinterpret_cast<uint8_t*>(e.data()); }  // row r's at r * K::kWeightBytes
   void reserve(int D, int64_t rows) {
     const int64_t bytes = int8_block_bytes(D);
     if (int64_t(blk.size()) < 2 * bytes + 64) {
@@ -143,11 +144,6 @@ struct Scratch {
     }
   }
 };
-
-template <class K>
-inline uint8_t* weights(Scratch<K>& sc) {
-  return reinterpret_cast<uint8_t*>(sc.e.data());
-}
 
 template <class K, int D>
 void attention_queries(const AttentionArgs& a, const float* key_smooth) {
@@ -236,7 +232,7 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
               sc.out[n_active + r] = parts[r];
               sc.nk[n_active + r] = nk;
             }
-            const RowsStep step{parts, qrows, qsc, weights(sc) + n_active * K::kWeightBytes, sc.wsc.data() + n_active,
+            const RowsStep step{parts, qrows, qsc, sc.codes() + n_active * K::kWeightBytes, sc.wsc.data() + n_active,
                                 sc.corr.data() + n_active};
             K::template rows<D>(kb, vs, vmax, inv_vmax, nk, nr, step);
             n_active += nr;
@@ -248,7 +244,7 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
           constexpr int kTile = K::template value_rows<D>();  // (1: no run of equal nk to scan)
           const int64_t n = kTile == 1 ? 1 : value_tile_rows(sc.nk.data(), i, n_active, kTile);
           K::template values<D>(sc.out.data() + i, sc.corr.data() + i, sc.wsc.data() + i,
-                                weights(sc) + i * K::kWeightBytes, int(n), sc.nk[i], vb, sc.aux);
+                                sc.codes() + i * K::kWeightBytes, int(n), sc.nk[i], vb, sc.aux);
           i += n;
         }
       }

@@ -73,8 +73,25 @@ constexpr float kP0 = 1.9875691500e-4f, kP1 = 1.3981999507e-3f, kP2 = 8.33345190
                 kP4 = 1.6666665459e-1f, kP5 = 5.0000001201e-1f;
 
 #if defined(TF_AVX512) || defined(TF_AVX2)
-// exp of 8 lanes, the algorithm of V::exp below (the AVX2 build's V::exp, and the 8-lane kernels of
-// an AVX-512 build: attention_int8_avx2.cpp). Bit for bit the AVX-512 V::exp: scalef and the two
+// 8-lane helpers: the AVX2 build's V, and the 8-lane kernels of an AVX-512 build
+// (attention_int8_avx2.cpp), use the same ones.
+
+inline float hmax8(__m256 a) {
+  __m128 q = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  q = _mm_max_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_max_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+
+// lanes >= n (of 8) replaced by x
+inline __m256 keep_first8(__m256 a, int64_t n, float x) {
+  if (n >= 8) return a;
+  const __m256 keep = _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n < 0 ? 0 : n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  return _mm256_blendv_ps(_mm256_set1_ps(x), a, keep);
+}
+
+// exp of 8 lanes, the algorithm of V::exp below. Bit for bit the AVX-512 V::exp: scalef and the two
 // power-of-two products below round once, the same way.
 inline __m256 exp8(__m256 x) {
   const auto set1 = [](float v) { return _mm256_set1_ps(v); };
@@ -205,17 +222,8 @@ struct V {
       w[i] = _mm256_add_ps(_mm256_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44), _mm256_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
     return _mm256_add_ps(_mm256_permute2f128_ps(w[0], w[1], 0x20), _mm256_permute2f128_ps(w[0], w[1], 0x31));
   }
-  static inline reg keep_first(reg a, int n, float x) {
-    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256 keep = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx));
-    return _mm256_blendv_ps(set1(x), a, keep);
-  }
-  static inline float hmax(reg a) {
-    __m128 q = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    q = _mm_max_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_max_ss(q, _mm_movehdup_ps(q));
-    return _mm_cvtss_f32(q);
-  }
+  static inline reg keep_first(reg a, int n, float x) { return keep_first8(a, n, x); }
+  static inline float hmax(reg a) { return hmax8(a); }
   static inline reg exp(reg x) { return exp8(x); }
 };
 
