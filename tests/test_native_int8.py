@@ -189,7 +189,7 @@ def test_bad_arguments_raise():
 
 # -- packed tiles -----------------------------------------------------------------------------------------
 
-PACKED = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")  # what the VNNI path packs (linear_int8.h)
+PACKED = ("Q4_0", "Q5_0", "Q8_0", "Q4_K", "Q6_K")  # what both paths pack (linear_int8_tiles.h)
 
 
 def packed(w: torch.Tensor, name: str, k: int) -> tuple[torch.Tensor, int]:
@@ -201,12 +201,12 @@ def packed(w: torch.Tensor, name: str, k: int) -> tuple[torch.Tensor, int]:
 def test_which_weights_are_packed_follows_the_path_and_the_row_count():
     for name in QUANTS:
         tid = BY_NAME[name].id
-        want = 1000 + tid if native.status().int8 == "avx512-vnni" and name in PACKED else -1
+        want = 1000 + tid if name in PACKED else -1
         assert ops().int8_packed_type(tid, 896) == want, name
         assert ops().int8_packed_type(tid, 203) == -1, name  # a tail tile stays in the file's order
 
 
-@pytest.mark.skipif(native.status().int8 != "avx512-vnni", reason="only the VNNI path packs weights")
+@needs_int8
 @pytest.mark.parametrize("name", PACKED)
 def test_packed_tiles_give_the_file_orders_bits(name, threads):
     """Packing moves bytes only: every row count (the 8-, 4-, 2- and 1-row passes), blocks as
@@ -233,7 +233,7 @@ def test_packed_tiles_give_the_file_orders_bits(name, threads):
                        ops().linear_int8(x, [w5, w8, w6], ids, None))
 
 
-@pytest.mark.skipif(native.status().int8 != "avx512-vnni", reason="only the VNNI path packs weights")
+@needs_int8
 def test_packed_weights_are_refused_where_the_file_order_is_read():
     w = quantized("Q5_0", 32, 512)
     p, pt = packed(w, "Q5_0", 512)
@@ -322,13 +322,22 @@ torch.save(getattr(importlib.import_module(module), function)(torch.load(cases))
 
 def int8_outputs(cases: dict) -> dict:
     """For each case (x, parts, types, bias): the rounded activations, the window of all rows in
-    one call, and each row computed alone."""
+    one call, each row computed alone, and the parts packed where the path packs them (their bytes,
+    then the window and the single rows over them)."""
     out = {}
     for name, (x, parts, types, bias) in cases.items():
         q, d = ops().quantize_int8(x)
-        window = ops().linear_int8(x, parts, types, bias)
-        singles = torch.cat([ops().linear_int8(x[i : i + 1], parts, types, bias) for i in range(x.shape[0])])
-        out[name] = (q, d, window, singles)
+
+        def window_and_singles(parts, types):
+            window = ops().linear_int8(x, parts, types, bias)
+            singles = torch.cat([ops().linear_int8(x[i : i + 1], parts, types, bias) for i in range(x.shape[0])])
+            return window, singles
+
+        k = x.shape[1]
+        packed_types = [ops().int8_packed_type(t, p.shape[0]) for p, t in zip(parts, types, strict=True)]
+        packed = [ops().pack_int8(p, t, k) if pt > 0 else p for p, t, pt in zip(parts, types, packed_types, strict=True)]
+        out[name] = (q, d, *window_and_singles(parts, types), [p for p, pt in zip(packed, packed_types) if pt > 0],
+                     *window_and_singles(packed, [pt if pt > 0 else t for t, pt in zip(types, packed_types)]))
     return out
 
 
@@ -349,6 +358,8 @@ def path_cases() -> dict:
         cases[f"{name} random bytes"] = (xr, [raw_blocks(name, 37, 512, seed=50 + i)], [tid], None)
         for byte in END_BYTES:
             cases[f"{name} codes {byte:#04x}"] = (xr[:8], [raw_blocks(name, 16, 512, 60 + i, byte)], [tid], None)
+        bias208 = torch.randn(208, generator=torch.Generator().manual_seed(90 + i)) if i % 2 else None
+        cases[f"{name} packable"] = (x[:9], [quantized(name, 208, 768, seed=80 + i)], [tid], bias208)
     parts = [raw_blocks(n, 24 + 5 * j, 512, seed=70 + j) for j, n in enumerate(QUANTS)]
     bias = torch.randn(sum(len(p) for p in parts), generator=g)
     cases["mixed parts"] = (torch.randn(11, 512, generator=g), parts, [BY_NAME[n].id for n in QUANTS], bias)
@@ -397,12 +408,20 @@ def test_the_avx2_path_gives_the_vnni_paths_bits(int8_paths, name):
     vnni, avx2 = int8_paths["avx512-vnni"], int8_paths["avx2"]
     names = [case for case in vnni if case.split(" ")[0] == name or case == name]
     assert names
+    packed_somewhere = False
     for case in names:
-        (q, d, window, singles), (q2, d2, window2, singles2) = vnni[case], avx2[case]
+        (q, d, window, singles, packed, *over_packed), (q2, d2, window2, singles2, packed2, *over_packed2) = (
+            vnni[case], avx2[case])
         assert torch.equal(q, q2) and torch.equal(d, d2), case
         assert torch.equal(window, window2), case
         assert torch.equal(singles, singles2), case
         assert torch.equal(window2, singles2), case  # and each path's windows are its single rows
+        # both paths pack the same parts into the same bytes, and packing changes no output bit
+        assert len(packed) == len(packed2) and all(torch.equal(a, b) for a, b in zip(packed, packed2)), case
+        for outputs in (over_packed, over_packed2):
+            assert torch.equal(outputs[0], window) and torch.equal(outputs[1], singles), case
+        packed_somewhere |= bool(packed)
+    assert packed_somewhere == (name in PACKED)
 
 
 # -- the whole forward ------------------------------------------------------------------------------------
@@ -435,8 +454,7 @@ def test_int8_windows_are_bitwise_equal_to_single_steps(int8_model, threads):
     for lin in int8_model.linears():  # where the path packs, the steps and windows below run on packed tiles
         want = [ops().int8_packed_type(t, p.shape[0]) for p, t in zip(lin.parts, lin.types, strict=True)]
         assert lin.int8_types == [w if w > 0 else t for w, t in zip(want, lin.types, strict=True)]
-    # every weight type of these two models packs on the VNNI path
-    assert int8_model.packed_weights == (native.status().int8 == "avx512-vnni")
+    assert int8_model.packed_weights  # every weight type of these two models packs, on both paths
     assert_windows_equal_steps(int8_model, random_ids(600, int8_model.args.vocab_size, seed=5), starts=(250, 257))
 
 

@@ -39,9 +39,12 @@ namespace {
 using int8::kBlock;
 using int8::kLanes;
 using int8::Prefetch;
-
-// The 4x4 transposes of the decode put weight row 4m + L in lane 4L + m (its own inverse).
-constexpr int perm(int i) { return 4 * (i % 4) + i / 4; }
+using int8::perm;
+using int8::PackedLayout;
+using int8::kQ4kQs;
+using int8::kQ6kQh;
+using int8::kQ6kSc;
+using int8::kQ6kD;
 
 struct alignas(64) Line {
   uint8_t b[64];
@@ -491,28 +494,11 @@ void all_rows(Rows rows, int64_t T, int nr, const float* bias, float* y, int64_t
   }
 }
 
-// -- packed tiles (linear_int8.h) ------------------------------------------------------------------
-// A tile of 16 rows and nb blocks of 32 inputs, in three sections, read_block's output:
-//   codes:  nb x (Q8_0: 8, Q5_0 and Q4_0: 4) vectors of 64 bytes;
-//   masks:  Q5_0 only, nb x 8 x 64 bits;
-//   scales: nb x 16 f16 (2 bytes), lane order.
-template <int TYPE>
-struct PackedLayout {
-  static constexpr int kCodes = TYPE == Q8_0 ? 8 : 4;  // vectors per block
-  static constexpr int kMaskBytes = TYPE == Q5_0 ? 64 : 0;
-  static_assert(64 * kCodes + kMaskBytes + 32 == 16 * int(TYPE == Q8_0   ? sizeof(block_q8_0)
-                                                         : TYPE == Q5_0 ? sizeof(block_q5_0)
-                                                                        : sizeof(block_q4_0)),
-                "a packed tile holds the file's bytes");
-  static int64_t masks_at(int64_t nb) { return nb * 64 * kCodes; }
-  static int64_t scales_at(int64_t nb) { return nb * (64 * kCodes + kMaskBytes); }
-};
-
 // One file-order tile (16 rows at `base`, row stride `stride`) packed into `out`.
 template <int TYPE>
 void pack_tile(const uint8_t* base, int64_t stride, int64_t nb, uint8_t* out) {
   using L = PackedLayout<TYPE>;
-  uint64_t* masks = reinterpret_cast<uint64_t*>(out + L::masks_at(nb));
+  uint8_t* planes = out + L::masks_at(nb);
   uint16_t* scales = reinterpret_cast<uint16_t*>(out + L::scales_at(nb));
   for (int64_t b = 0; b < nb; b++) {
     __m512i codes[8];
@@ -520,17 +506,14 @@ void pack_tile(const uint8_t* base, int64_t stride, int64_t nb, uint8_t* out) {
     const __m512i head = read_block<TYPE>(base + b * block_bytes(TYPE), stride, codes, m);
     __m512i* dst = reinterpret_cast<__m512i*>(out) + b * L::kCodes;
     for (int j = 0; j < L::kCodes; j++) _mm512_storeu_si512(dst + j, codes[j]);
-    if constexpr (TYPE == Q5_0) std::memcpy(masks + 8 * b, m, sizeof(m));
+    if constexpr (TYPE == Q5_0) {  // the 8 masks as bit planes: bit L of byte i is bit i of mask L
+      __m512i f = _mm512_setzero_si512();
+      for (int L = 0; L < 8; L++) f = _mm512_or_si512(f, _mm512_maskz_mov_epi8(m[L], _mm512_set1_epi8(char(1 << L))));
+      _mm512_storeu_si512(planes + 64 * b, f);
+    }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(scales + 16 * b), _mm512_cvtepi32_epi16(head));
   }
 }
-
-// K-quant tiles: per super-block of 256 inputs, 16 x its block bytes, in this order:
-//   Q4_K: the qs vectors (jj = 0..3: the 8 transposed vectors of qs bytes 32 jj ..), then the 4
-//         transposed head vectors (d, dmin, scales).
-//   Q6_K: per half h, the 16 ql vectors; per half, the 8 qh vectors; the 4 scale vectors; the 16
-//         f16 d in lane order.
-constexpr int64_t kQ4kQs = 2048, kQ6kQh = 2048, kQ6kSc = 3072, kQ6kD = 3328;
 
 template <int TYPE>
 void pack_tile_k(const uint8_t* base, int64_t stride, int64_t nsb, uint8_t* out) {
@@ -609,7 +592,7 @@ template <int TYPE, int R>
 void rows_over_packed(const uint8_t* tile, const Acts& a, const int64_t* ts, __m512* out, Prefetch& pf) {
   using L = PackedLayout<TYPE>;
   const __m512i* codes = reinterpret_cast<const __m512i*>(tile);
-  const uint64_t* masks = reinterpret_cast<const uint64_t*>(tile + L::masks_at(a.nc));
+  const uint8_t* planes = tile + L::masks_at(a.nc);
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + L::scales_at(a.nc));
   __m512 acc[R];
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
@@ -617,7 +600,12 @@ void rows_over_packed(const uint8_t* tile, const Acts& a, const int64_t* ts, __m
     pf.part();
     __m512i cv[8], v[8];
     for (int j = 0; j < L::kCodes; j++) cv[j] = _mm512_loadu_si512(codes + c * L::kCodes + j);
-    block_lines<TYPE>(cv, masks + 8 * c, v);
+    uint64_t masks[8];
+    if constexpr (TYPE == Q5_0) {
+      const __m512i f = _mm512_loadu_si512(planes + 64 * c);
+      for (int L = 0; L < 8; L++) masks[L] = _mm512_test_epi8_mask(f, _mm512_set1_epi8(char(1 << L)));
+    }
+    block_lines<TYPE>(cv, masks, v);
     const __m512 sa = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 16 * c)));
     for (int r = 0; r < R; r++) acc[r] = row_block<false, false>(v, sa, sa, sa, a, ts[r], c, acc[r]);
   }
@@ -637,10 +625,6 @@ void packed_rows(const uint8_t* tile, const Acts& a, int64_t T, const float* bia
   }, T, kLanes, bias, y, ldy);
 }
 
-constexpr bool packs(int type) {
-  return type == Q8_0 || type == Q5_0 || type == Q4_0 || type == Q4_K || type == Q6_K;
-}
-
 }  // namespace
 
 void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_t* q, float* d) {
@@ -651,24 +635,16 @@ void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_
   std::memcpy(d, a.d.data(), T * a.nc * sizeof(float));
 }
 
-int int8_packed_type(int type, int64_t n) { return packs(type) && n % kLanes == 0 ? kPacked + type : -1; }
+int int8_packed_type(int type, int64_t n) { return int8::packed_type(type, n); }
 
 void pack_int8(const WeightSpec& w, int64_t K, uint8_t* out) {
-  TORCH_CHECK(packs(w.type) && w.n % kLanes == 0, "pack_int8: type ", w.type, " with ", w.n, " rows is not packed");
-  const int be = block_elems(w.type);
-  TORCH_CHECK(K % be == 0 && w.row_bytes == K / be * block_bytes(w.type), "pack_int8: rows of the wrong width");
-  const int64_t tile_bytes = kLanes * w.row_bytes;
-  at::parallel_for(0, w.n / kLanes, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; t++) {
-      const uint8_t* src = w.data + t * tile_bytes;
-      uint8_t* dst = out + t * tile_bytes;
-      switch (w.type) {
-        case Q8_0: pack_tile<Q8_0>(src, w.row_bytes, K / 32, dst); break;
-        case Q5_0: pack_tile<Q5_0>(src, w.row_bytes, K / 32, dst); break;
-        case Q4_0: pack_tile<Q4_0>(src, w.row_bytes, K / 32, dst); break;
-        case Q4_K: pack_tile_k<Q4_K>(src, w.row_bytes, K / 256, dst); break;
-        default: pack_tile_k<Q6_K>(src, w.row_bytes, K / 256, dst); break;
-      }
+  int8::pack_tiles(w, K, out, [&](const uint8_t* src, int64_t stride, uint8_t* dst) {
+    switch (w.type) {
+      case Q8_0: return pack_tile<Q8_0>(src, stride, K / 32, dst);
+      case Q5_0: return pack_tile<Q5_0>(src, stride, K / 32, dst);
+      case Q4_0: return pack_tile<Q4_0>(src, stride, K / 32, dst);
+      case Q4_K: return pack_tile_k<Q4_K>(src, stride, K / 256, dst);
+      default: return pack_tile_k<Q6_K>(src, stride, K / 256, dst);
     }
   });
 }

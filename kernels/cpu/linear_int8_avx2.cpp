@@ -16,12 +16,14 @@
 // So the integer dot products are exact, the integers `vpdpbusd` gives, and the float part of each
 // block is the header's fixed sequence, the VNNI path's, lane by lane: the outputs are the same bits.
 //
-// Layout: as in linear_int8.cpp, a thread decodes a tile of 16 weight rows over the whole of K into a
-// strip of 64-byte lines (lane p: 4 consecutive codes of weight row perm(p)), with the same scales and
-// mins. Here a line is two 256-bit halves of 8 lanes; rows run over the strip 4 at a time (8
-// accumulators of the 16 registers), each broadcast of 4 activations serving both halves. Per row
-// and block of 16 x 32 weights: 16 `vpmaddubsw`, 2 to 16 `vpmaddwd` (Q8_0: 16 of each, and the signs),
-// where the VNNI path pays 8 `vpdpbusd`.
+// Layout: as in linear_int8.cpp, a thread decodes a tile of 16 weight rows into a strip of 64-byte
+// lines (lane p: 4 consecutive codes of weight row perm(p)), with the same scales and mins, in
+// chunks of K that stay in L1. Here a line is two 256-bit halves of 8 lanes; rows run over the
+// strip 4 at a time (8 accumulators of the 16 registers), each broadcast of 4 activations serving
+// both halves. Per row and block of 16 x 32 weights: 16 `vpmaddubsw` and 2 to 16 `vpmaddwd` (Q8_0:
+// 16 of each, and the signs), where the VNNI path pays 8 `vpdpbusd`. A single row over a packed
+// Q8_0 / Q5_0 / Q4_0 tile (a decode step) skips the strip: each block's lines are made in registers
+// and used at once.
 #include "linear_int8.h"
 #include "linear_int8_tiles.h"
 
@@ -40,20 +42,13 @@ namespace tf {
 
 const char* int8_path() { return "avx2"; }
 
-// This path reads the files' row order (its decode is not what bounds it yet).
-int int8_packed_type(int, int64_t) { return -1; }
-
-void pack_int8(const WeightSpec&, int64_t, uint8_t*) { TORCH_CHECK(false, "the AVX2 int8 path packs no weights"); }
-
 namespace {
 
 using int8::kBlock;
 using int8::kLanes;
 using int8::Prefetch;
+using int8::perm;
 constexpr int kHalf = 8;    // lanes per 256-bit half of a line
-
-// The 4x4 transposes of the decode put weight row 4m + L in lane 4L + m (its own inverse).
-constexpr int perm(int i) { return 4 * (i % 4) + i / 4; }
 
 struct alignas(64) Line {
   uint8_t b[64];
@@ -227,10 +222,12 @@ void decode_tile(const uint8_t* base, int64_t stride, int nr, int64_t K, View s,
 // The wide decoders below take a full tile of 16 rows at once, half by half (the rows of lanes
 // 8 half .. 8 half + 7: rows 4m + L for L = 2 half, 2 half + 1), with the codes, scales and mins
 // the per-row decode gives (the VNNI path's wide decoders, operation for operation). The offsets of
-// kCodes cancel the types' own: the stored byte is the code as the block holds it.
+// kCodes cancel the types' own: the stored byte is the code as the block holds it. They read the
+// tile through a reader: `FileTile` transposes the file's rows as it goes, `PackedTile` reads the
+// packed layout of linear_int8_tiles.h, where those transposes were done at load.
 
 // Bytes [0, 16) at p + row * stride for the 8 rows of one half, transposed: out[j], lane 4l + m
-// holds dword j of row 4m + 2 half + l.
+// holds dword j of row 4m + 2 half + l (half `half` of the packed layout's transposed vector j).
 inline void load_transposed(const uint8_t* p, int64_t stride, int half, __m256i out[4]) {
   __m256i r[4];
   for (int m = 0; m < 4; m++) {
@@ -262,65 +259,150 @@ inline __m256i load_dwords(const uint8_t* p, int64_t stride, int half) {
   return _mm256_inserti128_si256(_mm256_castsi128_si256(x[0]), x[1], 1);
 }
 
-// The f16 at p + row * stride for the 8 rows of one half, as floats (F16C: exact).
-inline __m256 load_f16(const uint8_t* p, int64_t stride, int half) {
+// The 2 bytes at p + row * stride for the 8 rows of one half, in lane order (f16 as they are).
+inline __m128i load_u16(const uint8_t* p, int64_t stride, int half) {
   uint16_t v[8];
   for (int i = 0; i < 8; i++) std::memcpy(&v[i], p + half_row(half, i) * stride, 2);
   __m128i h = _mm_cvtsi32_si128(v[0]);
   h = _mm_insert_epi16(h, v[1], 1), h = _mm_insert_epi16(h, v[2], 2), h = _mm_insert_epi16(h, v[3], 3);
   h = _mm_insert_epi16(h, v[4], 4), h = _mm_insert_epi16(h, v[5], 5), h = _mm_insert_epi16(h, v[6], 6);
-  return _mm256_cvtph_ps(_mm_insert_epi16(h, v[7], 7));
+  return _mm_insert_epi16(h, v[7], 7);
+}
+
+// The f16 in the low 16 bits of each dword, as 8 floats (F16C: exact).
+inline __m256 f16_low(__m256i v) {
+  const __m256i lows = _mm256_shuffle_epi8(v, _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                                               0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1));
+  return _mm256_cvtph_ps(_mm256_castsi256_si128(_mm256_permute4x64_epi64(lows, 0x08)));
 }
 
 inline __m256i low_nibbles(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
 inline __m256i high_nibbles(__m256i v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
 
-// Q8_0 and Q5_0 (most of the default model's bytes) and Q4_0 (of many other GGUF files).
+// Q5_0's fifth bits from the file: byte q of each lane of line 4h + j (h = 0: low nibbles, elements
+// 4j .. 4j + 3; 1: high, 16 + 4j ..) is bit 16h + 4j + q of the row's qh, i.e. bit 4(j & 1) + q of
+// qh's byte 2h + j / 2. 0xFF where set.
+inline __m256i fifth_bits(__m256i qh, int j, int h) {
+  const char src = char(2 * h + j / 2);
+  const __m256i bytes = _mm256_shuffle_epi8(
+      qh, _mm256_setr_epi8(src, src, src, src, src + 4, src + 4, src + 4, src + 4, src + 8, src + 8, src + 8, src + 8,
+                           src + 12, src + 12, src + 12, src + 12, src, src, src, src, src + 4, src + 4, src + 4,
+                           src + 4, src + 8, src + 8, src + 8, src + 8, src + 12, src + 12, src + 12, src + 12));
+  const __m256i bit = _mm256_set1_epi32(int32_t(uint32_t(0x08040201u) << (4 * (j & 1))));
+  return _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
+}
+
+// A full tile as the file has it: 16 rows, `stride` bytes apart.
 template <int TYPE>
-void decode_tile_wide(const uint8_t* base, int64_t stride, int64_t K, View s, Prefetch& pf) {
+struct FileTile {
+  const uint8_t* base;
+  int64_t stride;
+  const uint8_t* block(int64_t b) const { return base + b * block_bytes(TYPE); }
+
+  // Q8_0 / Q5_0 / Q4_0, block b, one half: the scales; the codes (Q8_0: the 8 line halves, codes
+  // as they are; Q5_0 / Q4_0: the 4 qs vectors); Q5_0's fifth bits of line 4h + j.
+  __m256 scales(int64_t b, int half) const { return _mm256_cvtph_ps(load_u16(block(b), stride, half)); }
+  void codes(int64_t b, int half, __m256i* t) const {
+    if constexpr (TYPE == Q8_0) {
+      for (int h = 0; h < 2; h++) load_transposed(block(b) + 2 + 16 * h, stride, half, t + 4 * h);
+    } else {
+      load_transposed(block(b) + (TYPE == Q5_0 ? 6 : 2), stride, half, t);
+    }
+  }
+  struct Fifth {  // line 4h + j's fifth bits: 0xFF where set (see fifth_bits)
+    __m256i qh;
+    __m256i operator()(int j, int h) const { return fifth_bits(qh, j, h); }
+    __m256i sixteens(int j, int h) const { return _mm256_and_si256((*this)(j, h), _mm256_set1_epi8(0x10)); }
+  };
+  Fifth fifth(int64_t b, int half) const { return Fifth{load_dwords(block(b) + 2, stride, half)}; }
+
+  // K-quants, super-block b, one half: 16 bytes at `from` of the block, transposed; the f16 at `from`.
+  void transposed(int64_t b, int from, int half, __m256i out[4]) const {
+    load_transposed(block(b) + from, stride, half, out);
+  }
+  __m256 f16(int64_t b, int from, int half) const { return _mm256_cvtph_ps(load_u16(block(b) + from, stride, half)); }
+};
+
+// A full tile in the packed layout (linear_int8_tiles.h); nb: its blocks (Q8_0 / Q5_0 / Q4_0).
+template <int TYPE>
+struct PackedTile {
+  const uint8_t* tile;
+  int64_t nb;
+  using L = int8::PackedLayout<TYPE>;
+  const __m256i* vectors(int64_t b) const { return reinterpret_cast<const __m256i*>(tile + b * 64 * L::kCodes); }
+
+  __m256 scales(int64_t b, int half) const {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tile + L::scales_at(nb) + 32 * b + 16 * half)));
+  }
+  void codes(int64_t b, int half, __m256i* t) const {
+    for (int j = 0; j < L::kCodes; j++) t[j] = _mm256_loadu_si256(vectors(b) + 2 * j + half);
+    if constexpr (TYPE == Q8_0)  // stored + 128
+      for (int j = 0; j < 8; j++) t[j] = _mm256_xor_si256(t[j], _mm256_set1_epi8(char(0x80)));
+  }
+  struct Fifth {  // this half of the block's bit planes
+    __m256i planes;
+    // 0x10 where line 4h + j has its fifth bit: plane L moved to bit 4 (within each byte: the
+    // 16-bit shifts move no wanted bit across bytes), the rest masked off
+    __m256i sixteens(int j, int h) const {
+      const int L = 4 * h + j;
+      const __m256i at4 = L < 4 ? _mm256_slli_epi16(planes, 4 - L) : L > 4 ? _mm256_srli_epi16(planes, L - 4) : planes;
+      return _mm256_and_si256(at4, _mm256_set1_epi8(0x10));
+    }
+  };
+  Fifth fifth(int64_t b, int half) const {
+    return Fifth{_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tile + L::masks_at(nb) + 64 * b + 32 * half))};
+  }
+
+  const uint8_t* super_block(int64_t b) const { return tile + b * kLanes * block_bytes(TYPE); }
+  void transposed(int64_t b, int from, int half, __m256i out[4]) const {
+    const int64_t at = TYPE == Q4_K ? (from == 0 ? int8::kQ4kQs : 16 * (from - 16)) : 16 * from;
+    const uint8_t* p = super_block(b) + at + 32 * half;
+    for (int j = 0; j < 4; j++) out[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * j));
+  }
+  __m256 f16(int64_t b, int from, int half) const {
+    if constexpr (TYPE == Q6_K)  // d, the block's last f16, in lane order
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(super_block(b) + int8::kQ6kD + 16 * half)));
+    // Q4_K: d (from 0) and dmin (from 2), the two halves of the head's first dword
+    const __m256i head = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(super_block(b) + int8::kQ4kQs + 32 * half));
+    return f16_low(from == 0 ? head : _mm256_srli_epi32(head, 16));
+  }
+};
+
+// Q8_0 and Q5_0 (most of the default model's bytes) and Q4_0 (of many other GGUF files).
+// Q8_0 and Q5_0 (most of the default model's bytes) and Q4_0 (of many other GGUF files): the 8
+// line halves of block b (line 4h + j: bytes 16h + 4j .. of the codes; Q5_0 / Q4_0: h = 0 the low
+// nibbles of qs vector j, h = 1 the high ones).
+template <int TYPE, class Tile>
+__attribute__((always_inline)) inline void half_lines(const Tile& tile, int64_t b, int half, __m256i v[8]) {
   static_assert(TYPE == Q8_0 || TYPE == Q5_0 || TYPE == Q4_0, "wide decode");
-  const int64_t nb = K / 32;
-  const int bb = block_bytes(TYPE);
-  for (int64_t b = 0; b < nb; b++) {
+  __m256i t[8];
+  tile.codes(b, half, t);
+  if constexpr (TYPE == Q8_0) {  // the codes as they are
+    for (int j = 0; j < 8; j++) v[j] = t[j];
+  } else if constexpr (TYPE == Q4_0) {  // u = the nibble (the code + 8, as kCodes stores it)
+    for (int j = 0; j < 4; j++) v[j] = low_nibbles(t[j]), v[4 + j] = high_nibbles(t[j]);
+  } else {  // u = nibble | 16 * fifth bit (the code + 16, as kCodes stores it)
+    const auto fifth = tile.fifth(b, half);
+    for (int j = 0; j < 4; j++) {
+      v[j] = _mm256_or_si256(low_nibbles(t[j]), fifth.sixteens(j, 0));
+      v[4 + j] = _mm256_or_si256(high_nibbles(t[j]), fifth.sixteens(j, 1));
+    }
+  }
+}
+
+// Blocks [b0, b1) of the tile into the strip (block b at b - b0).
+template <int TYPE, class Tile>
+void decode_tile_wide(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch& pf) {
+  for (int64_t b = b0; b < b1; b++) {
     pf.part();
-    const uint8_t* blk = base + b * bb;
+    const int64_t at = b - b0;
     for (int half = 0; half < 2; half++) {
-      const __m256 d = load_f16(blk, stride, half);
-      _mm256_storeu_ps(&s.sc[2 * b * kLanes + half * kHalf], d);
-      _mm256_storeu_ps(&s.sc[(2 * b + 1) * kLanes + half * kHalf], d);
-      __m256i t[4];
-      if constexpr (TYPE == Q8_0) {
-        for (int h = 0; h < 2; h++) {  // bytes 16h .. 16h + 15 of the codes: group h
-          load_transposed(blk + 2 + 16 * h, stride, half, t);
-          for (int j = 0; j < 4; j++) _mm256_store_si256(s.half_line(8 * b + 4 * h + j, half), t[j]);
-        }
-      } else if constexpr (TYPE == Q4_0) {  // u = the nibble (the code + 8, as kCodes stores it)
-        load_transposed(blk + 2, stride, half, t);
-        for (int j = 0; j < 4; j++) {
-          _mm256_store_si256(s.half_line(8 * b + j, half), low_nibbles(t[j]));
-          _mm256_store_si256(s.half_line(8 * b + 4 + j, half), high_nibbles(t[j]));
-        }
-      } else {
-        // u = nibble | 16 * bit e of qh (the code + 16, as kCodes stores it)
-        load_transposed(blk + 6, stride, half, t);
-        const __m256i qh = load_dwords(blk + 2, stride, half);
-        for (int j = 0; j < 4; j++) {
-          for (int h = 0; h < 2; h++) {  // h = 0: low nibbles, elements 4j .. 4j + 3; 1: high, 16 + 4j ..
-            const __m256i nib = h == 0 ? low_nibbles(t[j]) : high_nibbles(t[j]);
-            // byte q of each lane: bit 16h + 4j + q of qh, i.e. bit 4(j & 1) + q of qh's byte 2h + j / 2
-            const char src = char(2 * h + j / 2);
-            const __m256i bytes = _mm256_shuffle_epi8(
-                qh, _mm256_setr_epi8(src, src, src, src, src + 4, src + 4, src + 4, src + 4, src + 8, src + 8,
-                                     src + 8, src + 8, src + 12, src + 12, src + 12, src + 12, src, src, src, src,
-                                     src + 4, src + 4, src + 4, src + 4, src + 8, src + 8, src + 8, src + 8,
-                                     src + 12, src + 12, src + 12, src + 12));
-            const __m256i bit = _mm256_set1_epi32(int32_t(uint32_t(0x08040201u) << (4 * (j & 1))));
-            const __m256i has = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
-            _mm256_store_si256(s.half_line(8 * b + 4 * h + j, half),
-                               _mm256_or_si256(nib, _mm256_and_si256(has, _mm256_set1_epi8(0x10))));
-          }
-        }
-      }
+      const __m256 d = tile.scales(b, half);
+      _mm256_storeu_ps(&s.sc[2 * at * kLanes + half * kHalf], d);
+      _mm256_storeu_ps(&s.sc[(2 * at + 1) * kLanes + half * kHalf], d);
+      __m256i v[8];
+      half_lines<TYPE>(tile, b, half, v);
+      for (int j = 0; j < 8; j++) _mm256_store_si256(s.half_line(8 * at + j, half), v[j]);
     }
   }
 }
@@ -332,16 +414,15 @@ inline __m256i byte_of(__m256i v, int byte) {
 
 // Q4_K: super-blocks of 256, sub-blocks of 32 with 6-bit scales and mins (scale_min_k4); scale =
 // d * sc and min = 0 - dmin * m, as the VNNI path's wide decoder computes them.
-void decode_tile_q4k(const uint8_t* base, int64_t stride, int64_t K, View s, Prefetch& pf) {
-  const int64_t nb = K / 256;
-  const int bb = block_bytes(Q4_K);
+// Super-blocks [b0, b1) of the tile into the strip (super-block b at b - b0).
+template <class Tile>
+void decode_tile_q4k(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch& pf) {
   const __m256i m6 = _mm256_set1_epi32(63), m4 = _mm256_set1_epi32(15);
-  for (int64_t b = 0; b < nb; b++) {
-    const uint8_t* blk = base + b * bb;
+  for (int64_t b = b0; b < b1; b++) {
     for (int half = 0; half < 2; half++) {
       __m256i head[4];  // d and dmin, scales 0-3, 4-7, 8-11
-      load_transposed(blk, stride, half, head);
-      const __m256 d = load_f16(blk, stride, half), dmin = load_f16(blk + 2, stride, half);
+      tile.transposed(b, 0, half, head);
+      const __m256 d = tile.f16(b, 0, half), dmin = tile.f16(b, 2, half);
       for (int j = 0; j < 8; j++) {  // sub-block j = chunk 8b + j
         __m256i sc, mn;
         if (j < 4) {
@@ -352,7 +433,7 @@ void decode_tile_q4k(const uint8_t* base, int64_t stride, int64_t K, View s, Pre
           sc = _mm256_or_si256(_mm256_and_si256(hi, m4), _mm256_slli_epi32(_mm256_srli_epi32(byte_of(head[1], j - 4), 6), 4));
           mn = _mm256_or_si256(_mm256_srli_epi32(hi, 4), _mm256_slli_epi32(_mm256_srli_epi32(byte_of(head[2], j - 4), 6), 4));
         }
-        const int64_t c = 8 * b + j;
+        const int64_t c = 8 * (b - b0) + j;
         const __m256 scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
         _mm256_storeu_ps(&s.sc[2 * c * kLanes + half * kHalf], scale);
         _mm256_storeu_ps(&s.sc[(2 * c + 1) * kLanes + half * kHalf], scale);
@@ -362,11 +443,11 @@ void decode_tile_q4k(const uint8_t* base, int64_t stride, int64_t K, View s, Pre
       for (int jj = 0; jj < 4; jj++) {  // 32 bytes of qs: low nibbles are sub-block 2jj, high 2jj + 1
         if (half == 0) pf.part();
         __m256i t[8];
-        load_transposed(blk + 16 + 32 * jj, stride, half, t);
-        load_transposed(blk + 16 + 32 * jj + 16, stride, half, t + 4);
+        tile.transposed(b, 16 + 32 * jj, half, t);
+        tile.transposed(b, 16 + 32 * jj + 16, half, t + 4);
         for (int j = 0; j < 8; j++) {
-          _mm256_store_si256(s.half_line(8 * (8 * b + 2 * jj) + j, half), low_nibbles(t[j]));
-          _mm256_store_si256(s.half_line(8 * (8 * b + 2 * jj + 1) + j, half), high_nibbles(t[j]));
+          _mm256_store_si256(s.half_line(8 * (8 * (b - b0) + 2 * jj) + j, half), low_nibbles(t[j]));
+          _mm256_store_si256(s.half_line(8 * (8 * (b - b0) + 2 * jj + 1) + j, half), high_nibbles(t[j]));
         }
       }
     }
@@ -375,25 +456,24 @@ void decode_tile_q4k(const uint8_t* base, int64_t stride, int64_t K, View s, Pre
 
 // Q6_K: super-blocks of 256 in two halves of 128; u = 4 bits of ql | 2 bits of qh << 4 (the code
 // + 32, as kCodes stores it); one signed 8-bit scale per group of 16, times d.
-void decode_tile_q6k(const uint8_t* base, int64_t stride, int64_t K, View s, Prefetch& pf) {
-  const int64_t nb = K / 256;
-  const int bb = block_bytes(Q6_K);
+// Super-blocks [b0, b1) of the tile into the strip (super-block b at b - b0).
+template <class Tile>
+void decode_tile_q6k(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch& pf) {
   const __m256i two = _mm256_set1_epi8(0x30);
-  for (int64_t b = 0; b < nb; b++) {
-    const uint8_t* blk = base + b * bb;
+  for (int64_t b = b0; b < b1; b++) {
     for (int half = 0; half < 2; half++) {
-      const __m256 d = load_f16(blk + 208, stride, half);
+      const __m256 d = tile.f16(b, 208, half);
       __m256i sc[4];
-      load_transposed(blk + 192, stride, half, sc);
+      tile.transposed(b, 192, half, sc);
       for (int g = 0; g < 16; g++) {  // group g of the super-block: chunk 8b + g / 2
         const __m256i v = _mm256_srai_epi32(_mm256_slli_epi32(sc[g / 4], 24 - 8 * (g % 4)), 24);
-        _mm256_storeu_ps(&s.sc[(16 * b + g) * kLanes + half * kHalf], _mm256_mul_ps(d, _mm256_cvtepi32_ps(v)));
+        _mm256_storeu_ps(&s.sc[(16 * (b - b0) + g) * kLanes + half * kHalf], _mm256_mul_ps(d, _mm256_cvtepi32_ps(v)));
       }
       for (int h = 0; h < 2; h++) {
         if (half == 0) pf.part();
         __m256i ql[16], qh[8];  // ql bytes 64h + 16i .. (i = 0..3), qh bytes 32h + 16i .. (i = 0, 1)
-        for (int i = 0; i < 4; i++) load_transposed(blk + 64 * h + 16 * i, stride, half, ql + 4 * i);
-        for (int i = 0; i < 2; i++) load_transposed(blk + 128 + 32 * h + 16 * i, stride, half, qh + 4 * i);
+        for (int i = 0; i < 4; i++) tile.transposed(b, 64 * h + 16 * i, half, ql + 4 * i);
+        for (int i = 0; i < 2; i++) tile.transposed(b, 128 + 32 * h + 16 * i, half, qh + 4 * i);
         for (int k = 0; k < 4; k++) {  // chunk of 32: ql bytes 32 (k & 1) + l, nibble k / 2, qh bits 2k
           for (int j = 0; j < 8; j++) {
             const __m256i l = ql[8 * (k & 1) + j];
@@ -403,7 +483,7 @@ void decode_tile_q6k(const uint8_t* base, int64_t stride, int64_t K, View s, Pre
                              : k == 1 ? _mm256_slli_epi16(hv, 2)
                              : k == 2 ? hv
                                       : _mm256_srli_epi16(hv, 2);
-            _mm256_store_si256(s.half_line(8 * (8 * b + 4 * h + k) + j, half),
+            _mm256_store_si256(s.half_line(8 * (8 * (b - b0) + 4 * h + k) + j, half),
                                _mm256_or_si256(nib, _mm256_and_si256(hb, two)));
           }
         }
@@ -412,18 +492,34 @@ void decode_tile_q6k(const uint8_t* base, int64_t stride, int64_t K, View s, Pre
   }
 }
 
-void decode(int type, const uint8_t* base, int64_t stride, int nr, int64_t K, View s, Prefetch pf) {
-  if (nr == kLanes) {
-    switch (type) {
-      case Q8_0: pf.spread(K / 32); return decode_tile_wide<Q8_0>(base, stride, K, s, pf);
-      case Q5_0: pf.spread(K / 32); return decode_tile_wide<Q5_0>(base, stride, K, s, pf);
-      case Q4_0: pf.spread(K / 32); return decode_tile_wide<Q4_0>(base, stride, K, s, pf);
-      case Q4_K: pf.spread(K / 64); return decode_tile_q4k(base, stride, K, s, pf);
-      case Q6_K: pf.spread(K / 128); return decode_tile_q6k(base, stride, K, s, pf);
-      default: break;
-    }
+// Blocks of 32 [c0, c1) of a full tile through `Tile`'s reader (the file's rows or a packed tile),
+// for the types both read (K-quants: c0 and c1 multiples of 8, whole super-blocks).
+template <template <int> class Tile, class... Args>
+void decode_full(int type, int64_t c0, int64_t c1, View s, Prefetch& pf, Args... args) {
+  switch (type) {
+    case Q8_0: return decode_tile_wide<Q8_0>(Tile<Q8_0>{args...}, c0, c1, s, pf);
+    case Q5_0: return decode_tile_wide<Q5_0>(Tile<Q5_0>{args...}, c0, c1, s, pf);
+    case Q4_0: return decode_tile_wide<Q4_0>(Tile<Q4_0>{args...}, c0, c1, s, pf);
+    case Q4_K: return decode_tile_q4k(Tile<Q4_K>{args...}, c0 / 8, c1 / 8, s, pf);
+    default: return decode_tile_q6k(Tile<Q6_K>{args...}, c0 / 8, c1 / 8, s, pf);
   }
-  pf.spread(nr);
+}
+
+// How a tile is decoded: a full tile of a type both readers know in chunks of kChunk blocks (the
+// strip of a chunk, 16 KiB of codes, stays in L1 while the rows run over it, and the next tile's
+// prefetch spreads over the whole tile's work); any other in one pass, row by row.
+constexpr int64_t kChunk = 32;  // blocks of 32 inputs; a multiple of 8 (K-quant super-blocks)
+
+bool chunked(int type, int nr) {
+  const int base = type > kPacked ? type - kPacked : type;
+  return nr == kLanes && int8::packs(base);
+}
+
+// Blocks [c0, c1) of a tile (chunked ones) or all of it (the others) into the strip.
+void decode(int type, const uint8_t* base, int64_t stride, int nr, int64_t K, int64_t c0, int64_t c1, View s,
+            Prefetch& pf) {
+  if (type > kPacked) return decode_full<PackedTile>(type - kPacked, c0, c1, s, pf, base, K / 32);
+  if (chunked(type, nr)) return decode_full<FileTile>(type, c0, c1, s, pf, base, stride);
   switch (type) {
     case Q4_0: return decode_tile<Q4_0>(base, stride, nr, K, s, pf);
     case Q4_1: return decode_tile<Q4_1>(base, stride, nr, K, s, pf);
@@ -443,11 +539,34 @@ inline __m256i bcast4(const int8_t* p) {  // 4 int8 activations in every lane
   return _mm256_set1_epi32(v);
 }
 
+// One line half by 4 activations broadcast: pairs of products summed in int16 (`vpmaddubsw`).
+template <int TYPE>
+__attribute__((always_inline)) inline __m256i pair_sums(__m256i a, __m256i x) {
+  if constexpr (kCodes(TYPE).sign)  // |c| (-128 -> 128, unsigned) by q with c's sign
+    return _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(x, a));
+  else
+    return _mm256_maddubs_epi16(a, x);  // within the bound of kCodes
+}
+
+// The integer dot products of a block's 8 line halves in registers (v) by the row's activations
+// xq, in int32: the sums `dot` below gives for that half (integers: exact in any order).
+template <int TYPE>
+__attribute__((always_inline)) inline __m256i dot_lines(const __m256i v[8], const int8_t* xq) {
+  constexpr int sums = kCodes(TYPE).sums;
+  __m256i sum = _mm256_setzero_si256();
+  for (int j = 0; j < 8; j += sums) {
+    __m256i p = pair_sums<TYPE>(v[j], bcast4(xq + 4 * j));
+    for (int k = j + 1; k < j + sums; k++) p = _mm256_add_epi16(p, pair_sums<TYPE>(v[k], bcast4(xq + 4 * k)));
+    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+  }
+  return sum;
+}
+
 // Integer dot products, lines j0 .. j0 + n - 1 of a block by the row's activations xq[4 j ..], for
 // both halves of the lines (lanes 0-7, 8-15; each broadcast of 4 activations serves both): sum over
 // them of u * q, or c * q for Q8_0, in int32.
 template <int TYPE>
-inline void dot(const __m256i* u, const int8_t* xq, int j0, int n, __m256i sum[2]) {
+__attribute__((always_inline)) inline void dot(const __m256i* u, const int8_t* xq, int j0, int n, __m256i sum[2]) {
   constexpr Codes code = kCodes(TYPE);
   const __m256i ones = _mm256_set1_epi16(1);
   sum[0] = sum[1] = _mm256_setzero_si256();
@@ -455,36 +574,33 @@ inline void dot(const __m256i* u, const int8_t* xq, int j0, int n, __m256i sum[2
     __m256i p[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
     for (int k = j; k < j + code.sums && k < j0 + n; k++) {
       const __m256i x = bcast4(xq + 4 * k);
-      for (int h = 0; h < 2; h++) {
-        const __m256i a = _mm256_load_si256(u + 2 * k + h);
-        if constexpr (code.sign)  // |c| (-128 -> 128, unsigned) by q with c's sign
-          p[h] = _mm256_add_epi16(p[h], _mm256_maddubs_epi16(_mm256_abs_epi8(a), _mm256_sign_epi8(x, a)));
-        else
-          p[h] = _mm256_add_epi16(p[h], _mm256_maddubs_epi16(a, x));  // within the bound of kCodes
-      }
+      for (int h = 0; h < 2; h++) p[h] = _mm256_add_epi16(p[h], pair_sums<TYPE>(_mm256_load_si256(u + 2 * k + h), x));
     }
     for (int h = 0; h < 2; h++) sum[h] = _mm256_add_epi32(sum[h], _mm256_madd_epi16(p[h], ones));
   }
 }
 
-// R input rows over one strip. Per block and row, in this order (the VNNI path's, lane by lane):
-// the integer dot products, minus the offset; acc = float(dot) * (scale * d) + acc (for Q6_K: its
-// two halves, first then second); then, for types with mins, acc = min * (d * sum q) + acc.
+// Input rows t0 .. t0 + R - 1 over the strip's blocks [c0, c1) (block c at c - c0), their
+// accumulators in `acc`. Per block and row, in this order (the VNNI path's, lane by lane): the
+// integer dot products, minus the offset; acc = float(dot) * (scale * d) + acc (for Q6_K: its two
+// halves, first then second); then, for types with mins, acc = min * (d * sum q) + acc.
 template <int R, int TYPE>
-void rows_over_strip(const View& s, const Acts& a, const int64_t* ts, __m256 out[][2]) {
+void rows_over_strip(const View& s, const Acts& a, int64_t t0, int64_t c0, int64_t c1, float* acc_lanes, Prefetch& pf) {
   constexpr Codes code = kCodes(TYPE);
   constexpr bool halves = TYPE == Q6_K;
   constexpr bool mins = TYPE == Q4_1 || TYPE == Q5_1 || TYPE == Q4_K || TYPE == Q5_K;
   __m256 acc[R][2];
-  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int r = 0; r < R; r++)
+    for (int h = 0; h < 2; h++) acc[r][h] = _mm256_loadu_ps(acc_lanes + (t0 + r) * kLanes + h * kHalf);
   const int64_t nc = a.nc, K = a.K;
-  for (int64_t c = 0; c < nc; c++) {
-    const __m256i* u = reinterpret_cast<const __m256i*>(s.codes[8 * c].b);
-    const float* sa = &s.sc[2 * c * kLanes];
-    const float* sb = halves ? &s.sc[(2 * c + 1) * kLanes] : sa;
-    const float* mn = &s.mn[c * kLanes];
+  for (int64_t c = c0; c < c1; c++) {
+    pf.part();
+    const __m256i* u = reinterpret_cast<const __m256i*>(s.codes[8 * (c - c0)].b);
+    const float* sa = &s.sc[2 * (c - c0) * kLanes];
+    const float* sb = halves ? &s.sc[(2 * (c - c0) + 1) * kLanes] : sa;
+    const float* mn = &s.mn[(c - c0) * kLanes];
     for (int r = 0; r < R; r++) {
-      const int64_t t = ts[r], i = t * nc + c;
+      const int64_t t = t0 + r, i = t * nc + c;
       const int8_t* xq = a.q.data() + t * K + c * kBlock;
       const __m256 dv = _mm256_set1_ps(a.d[i]);
       if constexpr (halves) {
@@ -514,45 +630,135 @@ void rows_over_strip(const View& s, const Acts& a, const int64_t* ts, __m256 out
       }
     }
   }
-  for (int r = 0; r < R; r++) out[r][0] = acc[r][0], out[r][1] = acc[r][1];
+  for (int r = 0; r < R; r++)
+    for (int h = 0; h < 2; h++) _mm256_storeu_ps(acc_lanes + (t0 + r) * kLanes + h * kHalf, acc[r][h]);
 }
 
+// Every input row over the strip's blocks [c0, c1), 4 rows at a time (8 accumulators of the 16
+// registers), then 1; acc_lanes [T][16] carries each row's accumulators from chunk to chunk (floats
+// stored and loaded: the sequence of each lane is the one pass's).
 template <int TYPE>
-void all_rows(const View& s, const Acts& a, int64_t T, int nr, const float* bias, float* y, int64_t ldy) {
-  int64_t ts[4];
-  __m256 out[4][2];
-  alignas(64) float lanes[kLanes];
+void all_rows(const View& s, const Acts& a, int64_t T, int64_t c0, int64_t c1, float* acc_lanes, Prefetch& pf) {
+  Prefetch none;
   for (int64_t t = 0; t < T;) {
-    const int R = T - t >= 4 ? 4 : 1;  // 4 rows: 8 accumulators of the 16 registers
-    for (int r = 0; r < R; r++) ts[r] = t + r;
+    const int R = T - t >= 4 ? 4 : 1;
     if (R == 4)
-      rows_over_strip<4, TYPE>(s, a, ts, out);
+      rows_over_strip<4, TYPE>(s, a, t, c0, c1, acc_lanes, t == 0 ? pf : none);
     else
-      rows_over_strip<1, TYPE>(s, a, ts, out);
-    for (int r = 0; r < R; r++) {
-      _mm256_store_ps(lanes, out[r][0]);
-      _mm256_store_ps(lanes + kHalf, out[r][1]);
-      float* dst = y + (t + r) * ldy;
-      for (int i = 0; i < nr; i++) dst[i] = bias ? lanes[perm(i)] + bias[i] : lanes[perm(i)];
-    }
+      rows_over_strip<1, TYPE>(s, a, t, c0, c1, acc_lanes, t == 0 ? pf : none);
     t += R;
   }
 }
 
-void rows(int type, const View& s, const Acts& a, int64_t T, int nr, const float* bias, float* y, int64_t ldy) {
+// One input row (t = 0) over a packed Q8_0 / Q5_0 / Q4_0 tile, each block's line halves made in
+// registers and used at once: a decode step's products, without the strip's stores and loads. The
+// integers and the float sequence per lane are rows_over_strip's.
+template <int TYPE>
+void row_over_packed(const uint8_t* tile, const Acts& a, float* acc_lanes, Prefetch& pf) {
+  const PackedTile<TYPE> pt{tile, a.nc};
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t c = 0; c < a.nc; c++) {
+    pf.part();
+    const int8_t* xq = a.q.data() + c * kBlock;
+    const __m256 dv = _mm256_set1_ps(a.d[c]);
+    const __m256i o = _mm256_set1_epi32(kCodes(TYPE).offset * a.s32[c]);
+    for (int half = 0; half < 2; half++) {
+      __m256i v[8];
+      half_lines<TYPE>(pt, c, half, v);
+      const __m256i dd = dot_lines<TYPE>(v, xq);
+      const __m256 ah = _mm256_mul_ps(pt.scales(c, half), dv);
+      acc[half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dd, o)), ah, acc[half]);
+    }
+  }
+  for (int h = 0; h < 2; h++) _mm256_storeu_ps(acc_lanes + h * kHalf, acc[h]);
+}
+
+// Whether a tile runs through row_over_packed.
+bool one_row_packed(int type, int64_t T) {
+  return T == 1 && (type == kPacked + Q8_0 || type == kPacked + Q5_0 || type == kPacked + Q4_0);
+}
+
+void rows(int type, const View& s, const Acts& a, int64_t T, int64_t c0, int64_t c1, float* acc_lanes, Prefetch& pf) {
   switch (type) {
-    case Q4_0: return all_rows<Q4_0>(s, a, T, nr, bias, y, ldy);
-    case Q4_1: return all_rows<Q4_1>(s, a, T, nr, bias, y, ldy);
-    case Q5_0: return all_rows<Q5_0>(s, a, T, nr, bias, y, ldy);
-    case Q5_1: return all_rows<Q5_1>(s, a, T, nr, bias, y, ldy);
-    case Q8_0: return all_rows<Q8_0>(s, a, T, nr, bias, y, ldy);
-    case Q4_K: return all_rows<Q4_K>(s, a, T, nr, bias, y, ldy);
-    case Q5_K: return all_rows<Q5_K>(s, a, T, nr, bias, y, ldy);
-    default: return all_rows<Q6_K>(s, a, T, nr, bias, y, ldy);
+    case Q4_0: return all_rows<Q4_0>(s, a, T, c0, c1, acc_lanes, pf);
+    case Q4_1: return all_rows<Q4_1>(s, a, T, c0, c1, acc_lanes, pf);
+    case Q5_0: return all_rows<Q5_0>(s, a, T, c0, c1, acc_lanes, pf);
+    case Q5_1: return all_rows<Q5_1>(s, a, T, c0, c1, acc_lanes, pf);
+    case Q8_0: return all_rows<Q8_0>(s, a, T, c0, c1, acc_lanes, pf);
+    case Q4_K: return all_rows<Q4_K>(s, a, T, c0, c1, acc_lanes, pf);
+    case Q5_K: return all_rows<Q5_K>(s, a, T, c0, c1, acc_lanes, pf);
+    default: return all_rows<Q6_K>(s, a, T, c0, c1, acc_lanes, pf);
+  }
+}
+
+// -- packing (the layout of linear_int8_tiles.h, the VNNI path's bytes) ---------------------------------
+
+// 16 bytes at `from` of each row of a block, transposed, into the 4 vectors at dst.
+inline void put_transposed(const uint8_t* blk, int64_t stride, int64_t from, uint8_t* dst) {
+  for (int half = 0; half < 2; half++) {
+    __m256i t[4];
+    load_transposed(blk + from, stride, half, t);
+    for (int j = 0; j < 4; j++) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64 * j + 32 * half), t[j]);
+  }
+}
+
+template <int TYPE>
+void pack_tile(const uint8_t* base, int64_t stride, int64_t K, uint8_t* out) {
+  if constexpr (TYPE == Q4_K || TYPE == Q6_K) {
+    for (int64_t b = 0; b < K / 256; b++) {
+      const uint8_t* blk = base + b * block_bytes(TYPE);
+      uint8_t* dst = out + b * kLanes * block_bytes(TYPE);
+      if constexpr (TYPE == Q4_K) {
+        for (int i = 0; i < 8; i++) put_transposed(blk, stride, 16 + 16 * i, dst + 256 * i);  // the 128 qs bytes
+        put_transposed(blk, stride, 0, dst + int8::kQ4kQs);
+      } else {
+        for (int i = 0; i < 13; i++) put_transposed(blk, stride, 16 * i, dst + 256 * i);  // ql, qh, the scales
+        for (int half = 0; half < 2; half++)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + int8::kQ6kD + 16 * half), load_u16(blk + 208, stride, half));
+      }
+    }
+  } else {
+    using L = int8::PackedLayout<TYPE>;
+    const int64_t nb = K / 32;
+    const FileTile<TYPE> tile{base, stride};
+    for (int64_t b = 0; b < nb; b++) {
+      uint8_t* codes = out + b * 64 * L::kCodes;
+      for (int half = 0; half < 2; half++) {
+        __m256i t[8];
+        tile.codes(b, half, t);
+        for (int j = 0; j < L::kCodes; j++) {
+          const __m256i v = TYPE == Q8_0 ? _mm256_xor_si256(t[j], _mm256_set1_epi8(char(0x80))) : t[j];  // + 128
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes + 64 * j + 32 * half), v);
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(out + L::scales_at(nb) + 32 * b + 16 * half),
+                         load_u16(tile.block(b), stride, half));
+        if constexpr (TYPE == Q5_0) {  // bit planes: bit L of byte i, the fifth bit of line L's byte i
+          const auto fifth = tile.fifth(b, half);
+          __m256i planes = _mm256_setzero_si256();
+          for (int L = 0; L < 8; L++)
+            planes = _mm256_or_si256(planes, _mm256_and_si256(fifth(L % 4, L / 4), _mm256_set1_epi8(char(1 << L))));
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + L::masks_at(nb) + 64 * b + 32 * half), planes);
+        }
+      }
+    }
   }
 }
 
 }  // namespace
+
+int int8_packed_type(int type, int64_t n) { return int8::packed_type(type, n); }
+
+void pack_int8(const WeightSpec& w, int64_t K, uint8_t* out) {
+  int8::pack_tiles(w, K, out, [&](const uint8_t* src, int64_t stride, uint8_t* dst) {
+    switch (w.type) {
+      case Q8_0: return pack_tile<Q8_0>(src, stride, K, dst);
+      case Q5_0: return pack_tile<Q5_0>(src, stride, K, dst);
+      case Q4_0: return pack_tile<Q4_0>(src, stride, K, dst);
+      case Q4_K: return pack_tile<Q4_K>(src, stride, K, dst);
+      default: return pack_tile<Q6_K>(src, stride, K, dst);
+    }
+  });
+}
 
 void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_t* q, float* d) {
   TORCH_CHECK(K % kBlock == 0, "int8 activations need K to be a multiple of ", kBlock);
@@ -571,10 +777,35 @@ void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::v
   int8::for_each_tile(weights, K, T, y, ldy, [&](const WeightSpec& w, const uint8_t* tile, int nr, int64_t col,
                                                  Prefetch& pf) {
     thread_local Strip strip;
+    thread_local std::vector<float> acc;  // [T][16] in lane order
     strip.reserve(K);
+    acc.assign(T * kLanes, 0.0f);
     const View view(strip);
-    decode(w.type, tile, w.row_bytes, nr, K, view, pf);
-    rows(w.type, view, a, T, nr, bias ? bias + col : nullptr, y + col, ldy);
+    const int type = w.type > kPacked ? w.type - kPacked : w.type;
+    const int64_t nc = K / kBlock, step = chunked(w.type, nr) ? kChunk : nc;
+    // the next tile's prefetch: in the first rows' pass over each chunk (between their products), or
+    // in the one-pass decode
+    const bool chunks = chunked(w.type, nr);
+    pf.spread(chunks ? nc : nr);
+    Prefetch none;
+    if (one_row_packed(w.type, T)) {
+      switch (type) {
+        case Q8_0: row_over_packed<Q8_0>(tile, a, acc.data(), pf); break;
+        case Q5_0: row_over_packed<Q5_0>(tile, a, acc.data(), pf); break;
+        default: row_over_packed<Q4_0>(tile, a, acc.data(), pf); break;
+      }
+    } else {
+      for (int64_t c0 = 0; c0 < nc; c0 += step) {
+        const int64_t c1 = std::min(nc, c0 + step);
+        decode(w.type, tile, w.row_bytes, nr, K, c0, c1, view, chunks ? none : pf);
+        rows(type, view, a, T, c0, c1, acc.data(), chunks ? pf : none);
+      }
+    }
+    for (int64_t t = 0; t < T; t++) {
+      float* dst = y + col + t * ldy;
+      const float* lanes = acc.data() + t * kLanes;
+      for (int i = 0; i < nr; i++) dst[i] = bias ? lanes[perm(i)] + bias[col + i] : lanes[perm(i)];
+    }
   });
 }
 
