@@ -320,24 +320,27 @@ torch.save(getattr(importlib.import_module(module), function)(torch.load(cases))
 """
 
 
+def windows_and_singles(x: torch.Tensor, parts: list, types: list, bias) -> tuple[torch.Tensor, torch.Tensor]:
+    """The window of all rows of x in one call, and each row computed alone."""
+    window = ops().linear_int8(x, parts, types, bias)
+    singles = torch.cat([ops().linear_int8(x[i : i + 1], parts, types, bias) for i in range(x.shape[0])])
+    return window, singles
+
+
 def int8_outputs(cases: dict) -> dict:
-    """For each case (x, parts, types, bias): the rounded activations, the window of all rows in
-    one call, each row computed alone, and the parts packed where the path packs them (their bytes,
-    then the window and the single rows over them)."""
+    """For each case (x, parts, types, bias): the rounded activations, the window and the single
+    rows, then the parts this path packs, packed (their bytes), and the window and the single rows
+    over the packed parts."""
     out = {}
     for name, (x, parts, types, bias) in cases.items():
         q, d = ops().quantize_int8(x)
-
-        def window_and_singles(parts, types):
-            window = ops().linear_int8(x, parts, types, bias)
-            singles = torch.cat([ops().linear_int8(x[i : i + 1], parts, types, bias) for i in range(x.shape[0])])
-            return window, singles
-
-        k = x.shape[1]
         packed_types = [ops().int8_packed_type(t, p.shape[0]) for p, t in zip(parts, types, strict=True)]
-        packed = [ops().pack_int8(p, t, k) if pt > 0 else p for p, t, pt in zip(parts, types, packed_types, strict=True)]
-        out[name] = (q, d, *window_and_singles(parts, types), [p for p, pt in zip(packed, packed_types) if pt > 0],
-                     *window_and_singles(packed, [pt if pt > 0 else t for t, pt in zip(types, packed_types)]))
+        packed = [ops().pack_int8(p, t, x.shape[1]) if pt > 0 else p
+                  for p, t, pt in zip(parts, types, packed_types, strict=True)]
+        read_as = [pt if pt > 0 else t for t, pt in zip(types, packed_types, strict=True)]
+        out[name] = (q, d, *windows_and_singles(x, parts, types, bias),
+                     [p for p, pt in zip(packed, packed_types, strict=True) if pt > 0],
+                     *windows_and_singles(x, packed, read_as, bias))
     return out
 
 
@@ -417,7 +420,8 @@ def test_the_avx2_path_gives_the_vnni_paths_bits(int8_paths, name):
         assert torch.equal(singles, singles2), case
         assert torch.equal(window2, singles2), case  # and each path's windows are its single rows
         # both paths pack the same parts into the same bytes, and packing changes no output bit
-        assert len(packed) == len(packed2) and all(torch.equal(a, b) for a, b in zip(packed, packed2)), case
+        assert len(packed) == len(packed2), case
+        assert all(torch.equal(a, b) for a, b in zip(packed, packed2, strict=True)), case
         for outputs in (over_packed, over_packed2):
             assert torch.equal(outputs[0], window) and torch.equal(outputs[1], singles), case
         packed_somewhere |= bool(packed)

@@ -43,10 +43,11 @@ void quantize_rows_int8(const float* x, int64_t T, int64_t ldx, int64_t K, int8_
 
 // Tile-packed weights. A step of decode is bound by how fast the kernel turns GGUF blocks into its
 // lanes' codes: from the file's row order that is a transpose of 16 rows per block. Packing does
-// it once, at load: each tile of 16 rows becomes, per block of 32 inputs, the very vectors the
-// decode would have built (codes in lane order, Q5_0's fifth bits as one mask per vector, the 16
-// f16 scales in lane order), the same bytes per row as the file. The codes and scales, so the
-// outputs' bits, are the file's. Packed type id: kPacked + the ggml type.
+// it once, at load: each tile of 16 rows becomes, per block of 32 inputs, the vectors the decode
+// would have built (codes in lane order, Q5_0's fifth bits as bit planes, the 16 f16 scales in lane
+// order), the same bytes per row as the file. Both paths write and read the same layout
+// (linear_int8_tiles.h). The codes and scales, so the outputs' bits, are the file's. Packed type
+// id: kPacked + the ggml type.
 constexpr int kPacked = 1000;
 
 // kPacked + `type` where this build packs `type` for a weight of `n` rows, else -1 (then the file's
