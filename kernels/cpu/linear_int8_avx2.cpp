@@ -413,32 +413,39 @@ inline __m256i byte_of(__m256i v, int byte) {
 }
 
 // Q4_K: super-blocks of 256, sub-blocks of 32 with 6-bit scales and mins (scale_min_k4); scale =
-// d * sc and min = 0 - dmin * m, as the VNNI path's wide decoder computes them.
+// d * sc and min = 0 - dmin * m, as the VNNI path's wide decoder computes them. `head`: the
+// super-block's first 16 bytes transposed (d and dmin, scales 0-3, 4-7, 8-11), one half.
+__attribute__((always_inline)) inline void q4k_scale_min(const __m256i head[4], __m256 d, __m256 dmin, int j,
+                                                         __m256& scale, __m256& min) {
+  const __m256i m6 = _mm256_set1_epi32(63), m4 = _mm256_set1_epi32(15);
+  __m256i sc, mn;
+  if (j < 4) {
+    sc = _mm256_and_si256(byte_of(head[1], j), m6);
+    mn = _mm256_and_si256(byte_of(head[2], j), m6);
+  } else {
+    const __m256i hi = byte_of(head[3], j - 4);
+    sc = _mm256_or_si256(_mm256_and_si256(hi, m4), _mm256_slli_epi32(_mm256_srli_epi32(byte_of(head[1], j - 4), 6), 4));
+    mn = _mm256_or_si256(_mm256_srli_epi32(hi, 4), _mm256_slli_epi32(_mm256_srli_epi32(byte_of(head[2], j - 4), 6), 4));
+  }
+  scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
+  min = _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn)));
+}
+
 // Super-blocks [b0, b1) of the tile into the strip (super-block b at b - b0).
 template <class Tile>
 void decode_tile_q4k(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch& pf) {
-  const __m256i m6 = _mm256_set1_epi32(63), m4 = _mm256_set1_epi32(15);
   for (int64_t b = b0; b < b1; b++) {
     for (int half = 0; half < 2; half++) {
-      __m256i head[4];  // d and dmin, scales 0-3, 4-7, 8-11
+      __m256i head[4];
       tile.transposed(b, 0, half, head);
       const __m256 d = tile.f16(b, 0, half), dmin = tile.f16(b, 2, half);
       for (int j = 0; j < 8; j++) {  // sub-block j = chunk 8b + j
-        __m256i sc, mn;
-        if (j < 4) {
-          sc = _mm256_and_si256(byte_of(head[1], j), m6);
-          mn = _mm256_and_si256(byte_of(head[2], j), m6);
-        } else {
-          const __m256i hi = byte_of(head[3], j - 4);
-          sc = _mm256_or_si256(_mm256_and_si256(hi, m4), _mm256_slli_epi32(_mm256_srli_epi32(byte_of(head[1], j - 4), 6), 4));
-          mn = _mm256_or_si256(_mm256_srli_epi32(hi, 4), _mm256_slli_epi32(_mm256_srli_epi32(byte_of(head[2], j - 4), 6), 4));
-        }
         const int64_t c = 8 * (b - b0) + j;
-        const __m256 scale = _mm256_mul_ps(d, _mm256_cvtepi32_ps(sc));
+        __m256 scale, min;
+        q4k_scale_min(head, d, dmin, j, scale, min);
         _mm256_storeu_ps(&s.sc[2 * c * kLanes + half * kHalf], scale);
         _mm256_storeu_ps(&s.sc[(2 * c + 1) * kLanes + half * kHalf], scale);
-        _mm256_storeu_ps(&s.mn[c * kLanes + half * kHalf],
-                         _mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(dmin, _mm256_cvtepi32_ps(mn))));
+        _mm256_storeu_ps(&s.mn[c * kLanes + half * kHalf], min);
       }
       for (int jj = 0; jj < 4; jj++) {  // 32 bytes of qs: low nibbles are sub-block 2jj, high 2jj + 1
         if (half == 0) pf.part();
@@ -455,38 +462,41 @@ void decode_tile_q4k(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch&
 }
 
 // Q6_K: super-blocks of 256 in two halves of 128; u = 4 bits of ql | 2 bits of qh << 4 (the code
-// + 32, as kCodes stores it); one signed 8-bit scale per group of 16, times d.
+// + 32, as kCodes stores it); one signed 8-bit scale per group of 16, times d. Group g's scale, from
+// the 16 scale bytes transposed (`sc`, one half):
+__attribute__((always_inline)) inline __m256 q6k_scale(const __m256i sc[4], __m256 d, int g) {
+  const __m256i v = _mm256_srai_epi32(_mm256_slli_epi32(sc[g / 4], 24 - 8 * (g % 4)), 24);
+  return _mm256_mul_ps(d, _mm256_cvtepi32_ps(v));
+}
+
+// Line j of chunk k (of 32) of a 128-half: `l` the ql vector 8 (k & 1) + j, `hv` the qh vector j.
+__attribute__((always_inline)) inline __m256i q6k_line(__m256i l, __m256i hv, int k) {
+  const __m256i nib = k < 2 ? low_nibbles(l) : high_nibbles(l);
+  const __m256i hb = k == 0 ? _mm256_slli_epi16(hv, 4)
+                   : k == 1 ? _mm256_slli_epi16(hv, 2)
+                   : k == 2 ? hv
+                            : _mm256_srli_epi16(hv, 2);
+  return _mm256_or_si256(nib, _mm256_and_si256(hb, _mm256_set1_epi8(0x30)));
+}
+
 // Super-blocks [b0, b1) of the tile into the strip (super-block b at b - b0).
 template <class Tile>
 void decode_tile_q6k(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch& pf) {
-  const __m256i two = _mm256_set1_epi8(0x30);
   for (int64_t b = b0; b < b1; b++) {
     for (int half = 0; half < 2; half++) {
       const __m256 d = tile.f16(b, 208, half);
       __m256i sc[4];
       tile.transposed(b, 192, half, sc);
-      for (int g = 0; g < 16; g++) {  // group g of the super-block: chunk 8b + g / 2
-        const __m256i v = _mm256_srai_epi32(_mm256_slli_epi32(sc[g / 4], 24 - 8 * (g % 4)), 24);
-        _mm256_storeu_ps(&s.sc[(16 * (b - b0) + g) * kLanes + half * kHalf], _mm256_mul_ps(d, _mm256_cvtepi32_ps(v)));
-      }
+      for (int g = 0; g < 16; g++)  // group g of the super-block: chunk 8b + g / 2
+        _mm256_storeu_ps(&s.sc[(16 * (b - b0) + g) * kLanes + half * kHalf], q6k_scale(sc, d, g));
       for (int h = 0; h < 2; h++) {
         if (half == 0) pf.part();
         __m256i ql[16], qh[8];  // ql bytes 64h + 16i .. (i = 0..3), qh bytes 32h + 16i .. (i = 0, 1)
         for (int i = 0; i < 4; i++) tile.transposed(b, 64 * h + 16 * i, half, ql + 4 * i);
         for (int i = 0; i < 2; i++) tile.transposed(b, 128 + 32 * h + 16 * i, half, qh + 4 * i);
-        for (int k = 0; k < 4; k++) {  // chunk of 32: ql bytes 32 (k & 1) + l, nibble k / 2, qh bits 2k
-          for (int j = 0; j < 8; j++) {
-            const __m256i l = ql[8 * (k & 1) + j];
-            const __m256i nib = k < 2 ? low_nibbles(l) : high_nibbles(l);
-            const __m256i hv = qh[j];
-            const __m256i hb = k == 0 ? _mm256_slli_epi16(hv, 4)
-                             : k == 1 ? _mm256_slli_epi16(hv, 2)
-                             : k == 2 ? hv
-                                      : _mm256_srli_epi16(hv, 2);
-            _mm256_store_si256(s.half_line(8 * (8 * (b - b0) + 4 * h + k) + j, half),
-                               _mm256_or_si256(nib, _mm256_and_si256(hb, two)));
-          }
-        }
+        for (int k = 0; k < 4; k++)  // chunk of 32: ql bytes 32 (k & 1) + l, nibble k / 2, qh bits 2k
+          for (int j = 0; j < 8; j++)
+            _mm256_store_si256(s.half_line(8 * (8 * (b - b0) + 4 * h + k) + j, half), q6k_line(ql[8 * (k & 1) + j], qh[j], k));
       }
     }
   }
@@ -550,11 +560,11 @@ __attribute__((always_inline)) inline __m256i pair_sums(__m256i a, __m256i x) {
 
 // The integer dot products of a block's 8 line halves in registers (v) by the row's activations
 // xq, in int32: the sums `dot` below gives for that half (integers: exact in any order).
-template <int TYPE>
+template <int TYPE, int J0 = 0, int N = 8>
 __attribute__((always_inline)) inline __m256i dot_lines(const __m256i v[8], const int8_t* xq) {
   constexpr int sums = kCodes(TYPE).sums;
   __m256i sum = _mm256_setzero_si256();
-  for (int j = 0; j < 8; j += sums) {
+  for (int j = J0; j < J0 + N; j += sums) {
     __m256i p = pair_sums<TYPE>(v[j], bcast4(xq + 4 * j));
     for (int k = j + 1; k < j + sums; k++) p = _mm256_add_epi16(p, pair_sums<TYPE>(v[k], bcast4(xq + 4 * k)));
     sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
@@ -673,10 +683,70 @@ void row_over_packed(const uint8_t* tile, const Acts& a, float* acc_lanes, Prefe
   for (int h = 0; h < 2; h++) _mm256_storeu_ps(acc_lanes + h * kHalf, acc[h]);
 }
 
-// Whether a tile runs through row_over_packed.
-bool one_row_packed(int type, int64_t T) {
-  return T == 1 && (type == kPacked + Q8_0 || type == kPacked + Q5_0 || type == kPacked + Q4_0);
+// The same for a packed Q4_K / Q6_K tile, super-block by super-block and half by half (the halves
+// are separate lanes, so each lane still runs its blocks in order).
+template <int TYPE>
+void row_over_packed_k(const uint8_t* tile, const Acts& a, float* acc_lanes, Prefetch& pf) {
+  const PackedTile<TYPE> pt{tile, a.nc};
+  const int8_t* xq = a.q.data();
+  for (int half = 0; half < 2; half++) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a.K / 256; b++) {
+      if constexpr (TYPE == Q6_K) {
+        const __m256 d = pt.f16(b, 208, half);
+        __m256i sc[4];
+        pt.transposed(b, 192, half, sc);
+        for (int h = 0; h < 2; h++) {
+          for (int k = 0; k < 4; k++) {  // chunk c = 8b + 4h + k
+            const int64_t c = 8 * b + 4 * h + k;
+            if (half == 0) pf.part();  // one part per block (pf.spread(nc)), all in the first half's pass
+            __m256i ql[8], qh[4], v[8];
+            pt.transposed(b, 64 * h + 32 * (k & 1), half, ql);
+            pt.transposed(b, 64 * h + 32 * (k & 1) + 16, half, ql + 4);
+            pt.transposed(b, 128 + 32 * h, half, qh);
+            for (int j = 0; j < 4; j++) v[j] = q6k_line(ql[j], qh[j], k);
+            pt.transposed(b, 128 + 32 * h + 16, half, qh);
+            for (int j = 4; j < 8; j++) v[j] = q6k_line(ql[j], qh[j - 4], k);
+            const __m256i d0 = dot_lines<TYPE, 0, 4>(v, xq + c * kBlock);
+            const __m256i d1 = dot_lines<TYPE, 4, 4>(v, xq + c * kBlock);
+            const __m256 dv = _mm256_set1_ps(a.d[c]);
+            const __m256i o0 = _mm256_set1_epi32(kCodes(TYPE).offset * a.s16[2 * c]);
+            const __m256i o1 = _mm256_set1_epi32(kCodes(TYPE).offset * a.s16[2 * c + 1]);
+            const __m256 ah = _mm256_mul_ps(q6k_scale(sc, d, 2 * (4 * h + k)), dv);
+            const __m256 bh = _mm256_mul_ps(q6k_scale(sc, d, 2 * (4 * h + k) + 1), dv);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d0, o0)), ah, acc);
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d1, o1)), bh, acc);
+          }
+        }
+      } else {
+        __m256i head[4];
+        pt.transposed(b, 0, half, head);
+        const __m256 d = pt.f16(b, 0, half), dmin = pt.f16(b, 2, half);
+        for (int jj = 0; jj < 4; jj++) {
+          __m256i t[8];
+          pt.transposed(b, 16 + 32 * jj, half, t);
+          pt.transposed(b, 16 + 32 * jj + 16, half, t + 4);
+          for (int high = 0; high < 2; high++) {  // sub-block j = 2 jj + high = chunk 8b + j
+            const int j = 2 * jj + high;
+            const int64_t c = 8 * b + j;
+            if (half == 0) pf.part();
+            __m256i v[8];
+            for (int i = 0; i < 8; i++) v[i] = high ? high_nibbles(t[i]) : low_nibbles(t[i]);
+            __m256 scale, min;
+            q4k_scale_min(head, d, dmin, j, scale, min);
+            const __m256i dd = dot_lines<TYPE>(v, xq + c * kBlock);  // offset 0
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_mul_ps(scale, _mm256_set1_ps(a.d[c])), acc);
+            acc = _mm256_fmadd_ps(min, _mm256_set1_ps(a.dsum[c]), acc);
+          }
+        }
+      }
+    }
+    _mm256_storeu_ps(acc_lanes + half * kHalf, acc);
+  }
 }
+
+// Whether a tile runs through row_over_packed(_k).
+bool one_row_packed(int type, int64_t T) { return T == 1 && type > kPacked; }
 
 void rows(int type, const View& s, const Acts& a, int64_t T, int64_t c0, int64_t c1, float* acc_lanes, Prefetch& pf) {
   switch (type) {
@@ -792,7 +862,9 @@ void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::v
       switch (type) {
         case Q8_0: row_over_packed<Q8_0>(tile, a, acc.data(), pf); break;
         case Q5_0: row_over_packed<Q5_0>(tile, a, acc.data(), pf); break;
-        default: row_over_packed<Q4_0>(tile, a, acc.data(), pf); break;
+        case Q4_0: row_over_packed<Q4_0>(tile, a, acc.data(), pf); break;
+        case Q4_K: row_over_packed_k<Q4_K>(tile, a, acc.data(), pf); break;
+        default: row_over_packed_k<Q6_K>(tile, a, acc.data(), pf); break;
       }
     } else {
       for (int64_t c0 = 0; c0 < nc; c0 += step) {
