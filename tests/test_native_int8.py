@@ -347,7 +347,8 @@ def int8_outputs(cases: dict) -> dict:
 def path_cases() -> dict:
     """Every weight type: blocks as `quantize` writes them (twelve full tiles and a tail of 11) under
     45 rows (windows of 8, 4 and 1 rows) of very different scales; random bytes (every code, Q8_0's
-    -128 too); codes at the ends of their ranges under +-127 activations; and parts of mixed types."""
+    -128 too); codes at the ends of their ranges under +-127 activations; 208 rows that pack; rows of
+    4864 inputs (a down projection's: several chunks of the AVX2 strip); and parts of mixed types."""
     cases, g = {}, torch.Generator().manual_seed(0)
     for i, name in enumerate(QUANTS):
         tid = BY_NAME[name].id
@@ -363,6 +364,10 @@ def path_cases() -> dict:
             cases[f"{name} codes {byte:#04x}"] = (xr[:8], [raw_blocks(name, 16, 512, 60 + i, byte)], [tid], None)
         bias208 = torch.randn(208, generator=torch.Generator().manual_seed(90 + i)) if i % 2 else None
         cases[f"{name} packable"] = (x[:9], [quantized(name, 208, 768, seed=80 + i)], [tid], bias208)
+        # a down projection's K: several chunks of the AVX2 strip (32 blocks each) and a partial last one
+        xl = torch.randn(9, 4864, generator=torch.Generator().manual_seed(100 + i))
+        long_parts = [quantized(name, 32, 4864, seed=110 + i), raw_blocks(name, 11, 4864, seed=120 + i)]
+        cases[f"{name} long rows"] = (xl, long_parts, [tid, tid], None)
     parts = [raw_blocks(n, 24 + 5 * j, 512, seed=70 + j) for j, n in enumerate(QUANTS)]
     bias = torch.randn(sum(len(p) for p in parts), generator=g)
     cases["mixed parts"] = (torch.randn(11, 512, generator=g), parts, [BY_NAME[n].id for n in QUANTS], bias)

@@ -508,7 +508,7 @@ void pack_tile(const uint8_t* base, int64_t stride, int64_t nb, uint8_t* out) {
     for (int j = 0; j < L::kCodes; j++) _mm512_storeu_si512(dst + j, codes[j]);
     if constexpr (TYPE == Q5_0) {  // the 8 masks as bit planes: bit L of byte i is bit i of mask L
       __m512i f = _mm512_setzero_si512();
-      for (int L = 0; L < 8; L++) f = _mm512_or_si512(f, _mm512_maskz_mov_epi8(m[L], _mm512_set1_epi8(char(1 << L))));
+      for (int line = 0; line < 8; line++) f = _mm512_or_si512(f, _mm512_maskz_mov_epi8(m[line], _mm512_set1_epi8(char(1 << line))));
       _mm512_storeu_si512(planes + 64 * b, f);
     }
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(scales + 16 * b), _mm512_cvtepi32_epi16(head));
@@ -603,7 +603,7 @@ void rows_over_packed(const uint8_t* tile, const Acts& a, const int64_t* ts, __m
     uint64_t masks[8];
     if constexpr (TYPE == Q5_0) {
       const __m512i f = _mm512_loadu_si512(planes + 64 * c);
-      for (int L = 0; L < 8; L++) masks[L] = _mm512_test_epi8_mask(f, _mm512_set1_epi8(char(1 << L)));
+      for (int line = 0; line < 8; line++) masks[line] = _mm512_test_epi8_mask(f, _mm512_set1_epi8(char(1 << line)));
     }
     block_lines<TYPE>(cv, masks, v);
     const __m512 sa = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 16 * c)));

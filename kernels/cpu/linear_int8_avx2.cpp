@@ -22,8 +22,7 @@
 // strip 4 at a time (8 accumulators of the 16 registers), each broadcast of 4 activations serving
 // both halves. Per row and block of 16 x 32 weights: 16 `vpmaddubsw` and 2 to 16 `vpmaddwd` (Q8_0:
 // 16 of each, and the signs), where the VNNI path pays 8 `vpdpbusd`. A single row over a packed
-// Q8_0 / Q5_0 / Q4_0 tile (a decode step) skips the strip: each block's lines are made in registers
-// and used at once.
+// tile (a decode step) skips the strip: each block's lines are made in registers and used at once.
 #include "linear_int8.h"
 #include "linear_int8_tiles.h"
 
@@ -32,6 +31,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 
+#include <cassert>
 #include <cmath>
 #include <cstring>
 
@@ -344,8 +344,10 @@ struct PackedTile {
     // 0x10 where line 4h + j has its fifth bit: plane L moved to bit 4 (within each byte: the
     // 16-bit shifts move no wanted bit across bytes), the rest masked off
     __m256i sixteens(int j, int h) const {
-      const int L = 4 * h + j;
-      const __m256i at4 = L < 4 ? _mm256_slli_epi16(planes, 4 - L) : L > 4 ? _mm256_srli_epi16(planes, L - 4) : planes;
+      const int line = 4 * h + j;
+      const __m256i at4 = line < 4   ? _mm256_slli_epi16(planes, 4 - line)
+                          : line > 4 ? _mm256_srli_epi16(planes, line - 4)
+                                     : planes;
       return _mm256_and_si256(at4, _mm256_set1_epi8(0x10));
     }
   };
@@ -355,6 +357,8 @@ struct PackedTile {
 
   const uint8_t* super_block(int64_t b) const { return tile + b * kLanes * block_bytes(TYPE); }
   void transposed(int64_t b, int from, int half, __m256i out[4]) const {
+    // the parts the decoders read: Q4_K's head (0) and qs (16 .. 143); Q6_K's ql, qh, scales (0 .. 207)
+    assert(TYPE == Q4_K ? from == 0 || (from >= 16 && from < 144) : from < 208);
     const int64_t at = TYPE == Q4_K ? (from == 0 ? int8::kQ4kQs : 16 * (from - 16)) : 16 * from;
     const uint8_t* p = super_block(b) + at + 32 * half;
     for (int j = 0; j < 4; j++) out[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 64 * j));
@@ -363,12 +367,12 @@ struct PackedTile {
     if constexpr (TYPE == Q6_K)  // d, the block's last f16, in lane order
       return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(super_block(b) + int8::kQ6kD + 16 * half)));
     // Q4_K: d (from 0) and dmin (from 2), the two halves of the head's first dword
+    assert(TYPE == Q6_K ? from == 208 : from == 0 || from == 2);
     const __m256i head = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(super_block(b) + int8::kQ4kQs + 32 * half));
     return f16_low(from == 0 ? head : _mm256_srli_epi32(head, 16));
   }
 };
 
-// Q8_0 and Q5_0 (most of the default model's bytes) and Q4_0 (of many other GGUF files).
 // Q8_0 and Q5_0 (most of the default model's bytes) and Q4_0 (of many other GGUF files): the 8
 // line halves of block b (line 4h + j: bytes 16h + 4j .. of the codes; Q5_0 / Q4_0: h = 0 the low
 // nibbles of qs vector j, h = 1 the high ones).
@@ -392,9 +396,8 @@ __attribute__((always_inline)) inline void half_lines(const Tile& tile, int64_t 
 
 // Blocks [b0, b1) of the tile into the strip (block b at b - b0).
 template <int TYPE, class Tile>
-void decode_tile_wide(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch& pf) {
+void decode_tile_wide(const Tile& tile, int64_t b0, int64_t b1, View s) {
   for (int64_t b = b0; b < b1; b++) {
-    pf.part();
     const int64_t at = b - b0;
     for (int half = 0; half < 2; half++) {
       const __m256 d = tile.scales(b, half);
@@ -433,7 +436,7 @@ __attribute__((always_inline)) inline void q4k_scale_min(const __m256i head[4], 
 
 // Super-blocks [b0, b1) of the tile into the strip (super-block b at b - b0).
 template <class Tile>
-void decode_tile_q4k(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch& pf) {
+void decode_tile_q4k(const Tile& tile, int64_t b0, int64_t b1, View s) {
   for (int64_t b = b0; b < b1; b++) {
     for (int half = 0; half < 2; half++) {
       __m256i head[4];
@@ -448,7 +451,6 @@ void decode_tile_q4k(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch&
         _mm256_storeu_ps(&s.mn[c * kLanes + half * kHalf], min);
       }
       for (int jj = 0; jj < 4; jj++) {  // 32 bytes of qs: low nibbles are sub-block 2jj, high 2jj + 1
-        if (half == 0) pf.part();
         __m256i t[8];
         tile.transposed(b, 16 + 32 * jj, half, t);
         tile.transposed(b, 16 + 32 * jj + 16, half, t + 4);
@@ -481,7 +483,7 @@ __attribute__((always_inline)) inline __m256i q6k_line(__m256i l, __m256i hv, in
 
 // Super-blocks [b0, b1) of the tile into the strip (super-block b at b - b0).
 template <class Tile>
-void decode_tile_q6k(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch& pf) {
+void decode_tile_q6k(const Tile& tile, int64_t b0, int64_t b1, View s) {
   for (int64_t b = b0; b < b1; b++) {
     for (int half = 0; half < 2; half++) {
       const __m256 d = tile.f16(b, 208, half);
@@ -490,7 +492,6 @@ void decode_tile_q6k(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch&
       for (int g = 0; g < 16; g++)  // group g of the super-block: chunk 8b + g / 2
         _mm256_storeu_ps(&s.sc[(16 * (b - b0) + g) * kLanes + half * kHalf], q6k_scale(sc, d, g));
       for (int h = 0; h < 2; h++) {
-        if (half == 0) pf.part();
         __m256i ql[16], qh[8];  // ql bytes 64h + 16i .. (i = 0..3), qh bytes 32h + 16i .. (i = 0, 1)
         for (int i = 0; i < 4; i++) tile.transposed(b, 64 * h + 16 * i, half, ql + 4 * i);
         for (int i = 0; i < 2; i++) tile.transposed(b, 128 + 32 * h + 16 * i, half, qh + 4 * i);
@@ -503,15 +504,16 @@ void decode_tile_q6k(const Tile& tile, int64_t b0, int64_t b1, View s, Prefetch&
 }
 
 // Blocks of 32 [c0, c1) of a full tile through `Tile`'s reader (the file's rows or a packed tile),
-// for the types both read (K-quants: c0 and c1 multiples of 8, whole super-blocks).
+// for the types both read (K-quants: c0 and c1 multiples of 8, whole super-blocks). The next tile's
+// prefetch goes with the rows' pass over each chunk (all_rows), not here.
 template <template <int> class Tile, class... Args>
-void decode_full(int type, int64_t c0, int64_t c1, View s, Prefetch& pf, Args... args) {
+void decode_full(int type, int64_t c0, int64_t c1, View s, Args... args) {
   switch (type) {
-    case Q8_0: return decode_tile_wide<Q8_0>(Tile<Q8_0>{args...}, c0, c1, s, pf);
-    case Q5_0: return decode_tile_wide<Q5_0>(Tile<Q5_0>{args...}, c0, c1, s, pf);
-    case Q4_0: return decode_tile_wide<Q4_0>(Tile<Q4_0>{args...}, c0, c1, s, pf);
-    case Q4_K: return decode_tile_q4k(Tile<Q4_K>{args...}, c0 / 8, c1 / 8, s, pf);
-    default: return decode_tile_q6k(Tile<Q6_K>{args...}, c0 / 8, c1 / 8, s, pf);
+    case Q8_0: return decode_tile_wide<Q8_0>(Tile<Q8_0>{args...}, c0, c1, s);
+    case Q5_0: return decode_tile_wide<Q5_0>(Tile<Q5_0>{args...}, c0, c1, s);
+    case Q4_0: return decode_tile_wide<Q4_0>(Tile<Q4_0>{args...}, c0, c1, s);
+    case Q4_K: return decode_tile_q4k(Tile<Q4_K>{args...}, c0 / 8, c1 / 8, s);
+    default: return decode_tile_q6k(Tile<Q6_K>{args...}, c0 / 8, c1 / 8, s);
   }
 }
 
@@ -525,11 +527,12 @@ bool chunked(int type, int nr) {
   return nr == kLanes && int8::packs(base);
 }
 
-// Blocks [c0, c1) of a tile (chunked ones) or all of it (the others) into the strip.
+// Blocks [c0, c1) of a tile (chunked ones) or all of it (the others, which take the next tile's
+// prefetch in their one pass) into the strip.
 void decode(int type, const uint8_t* base, int64_t stride, int nr, int64_t K, int64_t c0, int64_t c1, View s,
             Prefetch& pf) {
-  if (type > kPacked) return decode_full<PackedTile>(type - kPacked, c0, c1, s, pf, base, K / 32);
-  if (chunked(type, nr)) return decode_full<FileTile>(type, c0, c1, s, pf, base, stride);
+  if (type > kPacked) return decode_full<PackedTile>(type - kPacked, c0, c1, s, base, K / 32);
+  if (chunked(type, nr)) return decode_full<FileTile>(type, c0, c1, s, base, stride);
   switch (type) {
     case Q4_0: return decode_tile<Q4_0>(base, stride, nr, K, s, pf);
     case Q4_1: return decode_tile<Q4_1>(base, stride, nr, K, s, pf);
@@ -563,6 +566,7 @@ __attribute__((always_inline)) inline __m256i pair_sums(__m256i a, __m256i x) {
 template <int TYPE, int J0 = 0, int N = 8>
 __attribute__((always_inline)) inline __m256i dot_lines(const __m256i v[8], const int8_t* xq) {
   constexpr int sums = kCodes(TYPE).sums;
+  static_assert(N % sums == 0 && J0 + N <= 8, "whole int16 groups of the 8 lines");
   __m256i sum = _mm256_setzero_si256();
   for (int j = J0; j < J0 + N; j += sums) {
     __m256i p = pair_sums<TYPE>(v[j], bcast4(xq + 4 * j));
@@ -805,8 +809,8 @@ void pack_tile(const uint8_t* base, int64_t stride, int64_t K, uint8_t* out) {
         if constexpr (TYPE == Q5_0) {  // bit planes: bit L of byte i, the fifth bit of line L's byte i
           const auto fifth = tile.fifth(b, half);
           __m256i planes = _mm256_setzero_si256();
-          for (int L = 0; L < 8; L++)
-            planes = _mm256_or_si256(planes, _mm256_and_si256(fifth(L % 4, L / 4), _mm256_set1_epi8(char(1 << L))));
+          for (int line = 0; line < 8; line++)
+            planes = _mm256_or_si256(planes, _mm256_and_si256(fifth(line % 4, line / 4), _mm256_set1_epi8(char(1 << line))));
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + L::masks_at(nb) + 64 * b + 32 * half), planes);
         }
       }
