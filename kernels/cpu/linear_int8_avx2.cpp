@@ -22,7 +22,8 @@
 // strip 4 at a time (8 accumulators of the 16 registers), each broadcast of 4 activations serving
 // both halves. Per row and block of 16 x 32 weights: 16 `vpmaddubsw` and 2 to 16 `vpmaddwd` (Q8_0:
 // 16 of each, and the signs), where the VNNI path pays 8 `vpdpbusd`. A single row over a packed
-// tile (a decode step) skips the strip: each block's lines are made in registers and used at once.
+// tile (a decode step), or up to 4 over a packed Q8_0 / Q5_0 / Q4_0 one, skips the strip: each
+// block's lines are made in registers and used at once.
 #include "linear_int8.h"
 #include "linear_int8_tiles.h"
 
@@ -664,31 +665,57 @@ void all_rows(const View& s, const Acts& a, int64_t T, int64_t c0, int64_t c1, f
   }
 }
 
-// One input row (t = 0) over a packed Q8_0 / Q5_0 / Q4_0 tile, each block's line halves made in
-// registers and used at once: a decode step's products, without the strip's stores and loads. The
-// integers and the float sequence per lane are rows_over_strip's.
-template <int TYPE>
-void row_over_packed(const uint8_t* tile, const Acts& a, float* acc_lanes, Prefetch& pf) {
+// Input rows t0 .. t0 + R - 1 over a packed Q8_0 / Q5_0 / Q4_0 tile, each block's line halves made
+// in registers and used by the R rows at once: a decode step's or a short window's products without
+// the strip's stores and loads. The integers and the float sequence per lane are rows_over_strip's.
+template <int TYPE, int R>
+void rows_over_packed(const uint8_t* tile, const Acts& a, int64_t t0, float* acc_lanes, Prefetch& pf) {
   const PackedTile<TYPE> pt{tile, a.nc};
-  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t c = 0; c < a.nc; c++) {
+  const int64_t nc = a.nc;
+  __m256 acc[R][2];
+  for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < nc; c++) {
     pf.part();
-    const int8_t* xq = a.q.data() + c * kBlock;
-    const __m256 dv = _mm256_set1_ps(a.d[c]);
-    const __m256i o = _mm256_set1_epi32(kCodes(TYPE).offset * a.s32[c]);
     for (int half = 0; half < 2; half++) {
       __m256i v[8];
       half_lines<TYPE>(pt, c, half, v);
-      const __m256i dd = dot_lines<TYPE>(v, xq);
-      const __m256 ah = _mm256_mul_ps(pt.scales(c, half), dv);
-      acc[half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dd, o)), ah, acc[half]);
+      const __m256 sa = pt.scales(c, half);
+      for (int r = 0; r < R; r++) {
+        const int64_t i = (t0 + r) * nc + c;
+        const __m256i dd = dot_lines<TYPE>(v, a.q.data() + (t0 + r) * a.K + c * kBlock);
+        const __m256i o = _mm256_set1_epi32(kCodes(TYPE).offset * a.s32[i]);
+        acc[r][half] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(dd, o)), _mm256_mul_ps(sa, _mm256_set1_ps(a.d[i])),
+                                       acc[r][half]);
+      }
     }
   }
-  for (int h = 0; h < 2; h++) _mm256_storeu_ps(acc_lanes + h * kHalf, acc[h]);
+  for (int r = 0; r < R; r++)
+    for (int h = 0; h < 2; h++) _mm256_storeu_ps(acc_lanes + (t0 + r) * kLanes + h * kHalf, acc[r][h]);
 }
 
-// The same for a packed Q4_K / Q6_K tile, super-block by super-block and half by half (the halves
-// are separate lanes, so each lane still runs its blocks in order).
+// Every row of a call of up to kPackedRows rows over a packed Q8_0 / Q5_0 / Q4_0 tile. (Longer
+// windows and prefill chunks go through the strip: from 8 rows on, 2 x 4 rows remaking the lines
+// cost as much as decoding them once; with 2 rows the strip cost 1.3x, 4 rows 1.2x.)
+constexpr int kPackedRows = 4;
+template <int TYPE>
+void all_rows_over_packed(const uint8_t* tile, const Acts& a, int64_t T, float* acc_lanes, Prefetch& pf) {
+  Prefetch none;
+  for (int64_t t = 0; t < T;) {
+    const int64_t R = std::min<int64_t>(T - t, kPackedRows);
+    Prefetch& p = t == 0 ? pf : none;
+    switch (R) {
+      case 4: rows_over_packed<TYPE, 4>(tile, a, t, acc_lanes, p); break;
+      case 3: rows_over_packed<TYPE, 3>(tile, a, t, acc_lanes, p); break;
+      case 2: rows_over_packed<TYPE, 2>(tile, a, t, acc_lanes, p); break;
+      default: rows_over_packed<TYPE, 1>(tile, a, t, acc_lanes, p); break;
+    }
+    t += R;
+  }
+}
+
+// One input row (t = 0) over a packed Q4_K / Q6_K tile, super-block by super-block and half by half
+// (the halves are separate lanes, so each lane still runs its blocks in order), each chunk's lines
+// made in registers; the integers and the float sequence per lane are rows_over_strip's.
 template <int TYPE>
 void row_over_packed_k(const uint8_t* tile, const Acts& a, float* acc_lanes, Prefetch& pf) {
   const PackedTile<TYPE> pt{tile, a.nc};
@@ -749,8 +776,12 @@ void row_over_packed_k(const uint8_t* tile, const Acts& a, float* acc_lanes, Pre
   }
 }
 
-// Whether a tile runs through row_over_packed(_k).
-bool one_row_packed(int type, int64_t T) { return T == 1 && type > kPacked; }
+// Whether a tile's rows skip the strip: up to kPackedRows over a packed Q8_0 / Q5_0 / Q4_0 tile
+// (rows_over_packed), one over a packed Q4_K / Q6_K tile (row_over_packed_k).
+bool wide_packed(int type) { return type == kPacked + Q8_0 || type == kPacked + Q5_0 || type == kPacked + Q4_0; }
+bool in_registers(int type, int64_t T) {
+  return type > kPacked && (wide_packed(type) ? T <= kPackedRows : T == 1);
+}
 
 void rows(int type, const View& s, const Acts& a, int64_t T, int64_t c0, int64_t c1, float* acc_lanes, Prefetch& pf) {
   switch (type) {
@@ -862,11 +893,11 @@ void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::v
     const bool chunks = chunked(w.type, nr);
     pf.spread(chunks ? nc : nr);
     Prefetch none;
-    if (one_row_packed(w.type, T)) {
+    if (in_registers(w.type, T)) {
       switch (type) {
-        case Q8_0: row_over_packed<Q8_0>(tile, a, acc.data(), pf); break;
-        case Q5_0: row_over_packed<Q5_0>(tile, a, acc.data(), pf); break;
-        case Q4_0: row_over_packed<Q4_0>(tile, a, acc.data(), pf); break;
+        case Q8_0: all_rows_over_packed<Q8_0>(tile, a, T, acc.data(), pf); break;
+        case Q5_0: all_rows_over_packed<Q5_0>(tile, a, T, acc.data(), pf); break;
+        case Q4_0: all_rows_over_packed<Q4_0>(tile, a, T, acc.data(), pf); break;
         case Q4_K: row_over_packed_k<Q4_K>(tile, a, acc.data(), pf); break;
         default: row_over_packed_k<Q6_K>(tile, a, acc.data(), pf); break;
       }
