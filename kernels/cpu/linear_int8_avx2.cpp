@@ -22,8 +22,8 @@
 // strip 4 at a time (8 accumulators of the 16 registers), each broadcast of 4 activations serving
 // both halves. Per row and block of 16 x 32 weights: 16 `vpmaddubsw` and 2 to 16 `vpmaddwd` (Q8_0:
 // 16 of each, and the signs), where the VNNI path pays 8 `vpdpbusd`. A single row over a packed
-// tile (a decode step), or up to 4 over a packed Q8_0 / Q5_0 / Q4_0 one, skips the strip: each
-// block's lines are made in registers and used at once.
+// tile (a decode step, or a window of up to 4) skips the strip: each block's lines are made in
+// registers and used at once.
 #include "linear_int8.h"
 #include "linear_int8_tiles.h"
 
@@ -693,35 +693,44 @@ void rows_over_packed(const uint8_t* tile, const Acts& a, int64_t t0, float* acc
     for (int h = 0; h < 2; h++) _mm256_storeu_ps(acc_lanes + (t0 + r) * kLanes + h * kHalf, acc[r][h]);
 }
 
-// Every row of a call of up to kPackedRows rows over a packed Q8_0 / Q5_0 / Q4_0 tile. (Longer
+// Every row of a call of up to kPackedRows rows over a packed tile. (Longer
 // windows and prefill chunks go through the strip: from 8 rows on, 2 x 4 rows remaking the lines
 // cost as much as decoding them once; with 2 rows the strip cost 1.3x, 4 rows 1.2x.)
 constexpr int kPackedRows = 4;
 template <int TYPE>
 void all_rows_over_packed(const uint8_t* tile, const Acts& a, int64_t T, float* acc_lanes, Prefetch& pf) {
+  constexpr bool kquant = TYPE == Q4_K || TYPE == Q6_K;
   Prefetch none;
   for (int64_t t = 0; t < T;) {
     const int64_t R = std::min<int64_t>(T - t, kPackedRows);
     Prefetch& p = t == 0 ? pf : none;
+    auto run = [&](auto rows) {
+      if constexpr (kquant)
+        rows_over_packed_k<TYPE, decltype(rows)::value>(tile, a, t, acc_lanes, p);
+      else
+        rows_over_packed<TYPE, decltype(rows)::value>(tile, a, t, acc_lanes, p);
+    };
     switch (R) {
-      case 4: rows_over_packed<TYPE, 4>(tile, a, t, acc_lanes, p); break;
-      case 3: rows_over_packed<TYPE, 3>(tile, a, t, acc_lanes, p); break;
-      case 2: rows_over_packed<TYPE, 2>(tile, a, t, acc_lanes, p); break;
-      default: rows_over_packed<TYPE, 1>(tile, a, t, acc_lanes, p); break;
+      case 4: run(std::integral_constant<int, 4>()); break;
+      case 3: run(std::integral_constant<int, 3>()); break;
+      case 2: run(std::integral_constant<int, 2>()); break;
+      default: run(std::integral_constant<int, 1>()); break;
     }
     t += R;
   }
 }
 
-// One input row (t = 0) over a packed Q4_K / Q6_K tile, super-block by super-block and half by half
-// (the halves are separate lanes, so each lane still runs its blocks in order), each chunk's lines
-// made in registers; the integers and the float sequence per lane are rows_over_strip's.
-template <int TYPE>
-void row_over_packed_k(const uint8_t* tile, const Acts& a, float* acc_lanes, Prefetch& pf) {
+// Input rows t0 .. t0 + R - 1 over a packed Q4_K / Q6_K tile, super-block by super-block and half by
+// half (the halves are separate lanes, so each lane still runs its blocks in order), each chunk's
+// lines made in registers and used by the R rows; the integers and the float sequence per lane are
+// rows_over_strip's.
+template <int TYPE, int R>
+void rows_over_packed_k(const uint8_t* tile, const Acts& a, int64_t t0, float* acc_lanes, Prefetch& pf) {
   const PackedTile<TYPE> pt{tile, a.nc};
-  const int8_t* xq = a.q.data();
+  const int64_t nc = a.nc;
   for (int half = 0; half < 2; half++) {
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t b = 0; b < a.K / 256; b++) {
       if constexpr (TYPE == Q6_K) {
         const __m256 d = pt.f16(b, 208, half);
@@ -738,15 +747,17 @@ void row_over_packed_k(const uint8_t* tile, const Acts& a, float* acc_lanes, Pre
             for (int j = 0; j < 4; j++) v[j] = q6k_line(ql[j], qh[j], k);
             pt.transposed(b, 128 + 32 * h + 16, half, qh);
             for (int j = 4; j < 8; j++) v[j] = q6k_line(ql[j], qh[j - 4], k);
-            const __m256i d0 = dot_lines<TYPE, 0, 4>(v, xq + c * kBlock);
-            const __m256i d1 = dot_lines<TYPE, 4, 4>(v, xq + c * kBlock);
-            const __m256 dv = _mm256_set1_ps(a.d[c]);
-            const __m256i o0 = _mm256_set1_epi32(kCodes(TYPE).offset * a.s16[2 * c]);
-            const __m256i o1 = _mm256_set1_epi32(kCodes(TYPE).offset * a.s16[2 * c + 1]);
-            const __m256 ah = _mm256_mul_ps(q6k_scale(sc, d, 2 * (4 * h + k)), dv);
-            const __m256 bh = _mm256_mul_ps(q6k_scale(sc, d, 2 * (4 * h + k) + 1), dv);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d0, o0)), ah, acc);
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d1, o1)), bh, acc);
+            const __m256 sa = q6k_scale(sc, d, 2 * (4 * h + k)), sb = q6k_scale(sc, d, 2 * (4 * h + k) + 1);
+            for (int r = 0; r < R; r++) {
+              const int64_t t = t0 + r, i = t * nc + c;
+              const int8_t* xq = a.q.data() + t * a.K + c * kBlock;
+              const __m256i d0 = dot_lines<TYPE, 0, 4>(v, xq), d1 = dot_lines<TYPE, 4, 4>(v, xq);
+              const __m256 dv = _mm256_set1_ps(a.d[i]);
+              const __m256i o0 = _mm256_set1_epi32(kCodes(TYPE).offset * a.s16[2 * i]);
+              const __m256i o1 = _mm256_set1_epi32(kCodes(TYPE).offset * a.s16[2 * i + 1]);
+              acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d0, o0)), _mm256_mul_ps(sa, dv), acc[r]);
+              acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(d1, o1)), _mm256_mul_ps(sb, dv), acc[r]);
+            }
           }
         }
       } else {
@@ -762,26 +773,26 @@ void row_over_packed_k(const uint8_t* tile, const Acts& a, float* acc_lanes, Pre
             const int64_t c = 8 * b + j;
             if (half == 0) pf.part();
             __m256i v[8];
-            for (int i = 0; i < 8; i++) v[i] = high ? high_nibbles(t[i]) : low_nibbles(t[i]);
+            for (int n = 0; n < 8; n++) v[n] = high ? high_nibbles(t[n]) : low_nibbles(t[n]);
             __m256 scale, min;
             q4k_scale_min(head, d, dmin, j, scale, min);
-            const __m256i dd = dot_lines<TYPE>(v, xq + c * kBlock);  // offset 0
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_mul_ps(scale, _mm256_set1_ps(a.d[c])), acc);
-            acc = _mm256_fmadd_ps(min, _mm256_set1_ps(a.dsum[c]), acc);
+            for (int r = 0; r < R; r++) {
+              const int64_t i = (t0 + r) * nc + c;
+              const __m256i dd = dot_lines<TYPE>(v, a.q.data() + (t0 + r) * a.K + c * kBlock);  // offset 0
+              acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), _mm256_mul_ps(scale, _mm256_set1_ps(a.d[i])), acc[r]);
+              acc[r] = _mm256_fmadd_ps(min, _mm256_set1_ps(a.dsum[i]), acc[r]);
+            }
           }
         }
       }
     }
-    _mm256_storeu_ps(acc_lanes + half * kHalf, acc);
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(acc_lanes + (t0 + r) * kLanes + half * kHalf, acc[r]);
   }
 }
 
-// Whether a tile's rows skip the strip: up to kPackedRows over a packed Q8_0 / Q5_0 / Q4_0 tile
-// (rows_over_packed), one over a packed Q4_K / Q6_K tile (row_over_packed_k).
-bool wide_packed(int type) { return type == kPacked + Q8_0 || type == kPacked + Q5_0 || type == kPacked + Q4_0; }
-bool in_registers(int type, int64_t T) {
-  return type > kPacked && (wide_packed(type) ? T <= kPackedRows : T == 1);
-}
+// Whether a tile's rows skip the strip: up to kPackedRows over any packed tile (rows_over_packed,
+// rows_over_packed_k).
+bool in_registers(int type, int64_t T) { return type > kPacked && T <= kPackedRows; }
 
 void rows(int type, const View& s, const Acts& a, int64_t T, int64_t c0, int64_t c1, float* acc_lanes, Prefetch& pf) {
   switch (type) {
@@ -898,8 +909,8 @@ void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::v
         case Q8_0: all_rows_over_packed<Q8_0>(tile, a, T, acc.data(), pf); break;
         case Q5_0: all_rows_over_packed<Q5_0>(tile, a, T, acc.data(), pf); break;
         case Q4_0: all_rows_over_packed<Q4_0>(tile, a, T, acc.data(), pf); break;
-        case Q4_K: row_over_packed_k<Q4_K>(tile, a, acc.data(), pf); break;
-        default: row_over_packed_k<Q6_K>(tile, a, acc.data(), pf); break;
+        case Q4_K: all_rows_over_packed<Q4_K>(tile, a, T, acc.data(), pf); break;
+        default: all_rows_over_packed<Q6_K>(tile, a, T, acc.data(), pf); break;
       }
     } else {
       for (int64_t c0 = 0; c0 < nc; c0 += step) {
