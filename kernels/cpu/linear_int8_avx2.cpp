@@ -605,8 +605,9 @@ void rows_over_strip(const View& s, const Acts& a, int64_t t0, int64_t c0, int64
   constexpr bool halves = TYPE == Q6_K;
   constexpr bool mins = TYPE == Q4_1 || TYPE == Q5_1 || TYPE == Q4_K || TYPE == Q5_K;
   __m256 acc[R][2];
-  for (int r = 0; r < R; r++)
-    for (int h = 0; h < 2; h++) acc[r][h] = _mm256_loadu_ps(acc_lanes + (t0 + r) * kLanes + h * kHalf);
+  for (int r = 0; r < R; r++)  // from zero at the first chunk, else where the last one left them
+    for (int h = 0; h < 2; h++)
+      acc[r][h] = c0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_lanes + (t0 + r) * kLanes + h * kHalf);
   const int64_t nc = a.nc, K = a.K;
   for (int64_t c = c0; c < c1; c++) {
     pf.part();
@@ -693,9 +694,9 @@ void rows_over_packed(const uint8_t* tile, const Acts& a, int64_t t0, float* acc
     for (int h = 0; h < 2; h++) _mm256_storeu_ps(acc_lanes + (t0 + r) * kLanes + h * kHalf, acc[r][h]);
 }
 
-// Every row of a call of up to kPackedRows rows over a packed tile. (Longer
-// windows and prefill chunks go through the strip: from 8 rows on, 2 x 4 rows remaking the lines
-// cost as much as decoding them once; with 2 rows the strip cost 1.3x, 4 rows 1.2x.)
+// Every row of a call of up to kPackedRows rows over a packed tile. (Longer windows and prefill
+// chunks go through the strip: past 4 rows, remaking the lines for each group of rows costs about
+// what decoding them once into the strip does; docs/performance.md has the timings.)
 constexpr int kPackedRows = 4;
 template <int TYPE>
 void all_rows_over_packed(const uint8_t* tile, const Acts& a, int64_t T, float* acc_lanes, Prefetch& pf) {
@@ -893,15 +894,15 @@ void linear_int8(const float* x, int64_t T, int64_t ldx, int64_t K, const std::v
   int8::for_each_tile(weights, K, T, y, ldy, [&](const WeightSpec& w, const uint8_t* tile, int nr, int64_t col,
                                                  Prefetch& pf) {
     thread_local Strip strip;
-    thread_local std::vector<float> acc;  // [T][16] in lane order
+    thread_local std::vector<float> acc;  // [T][16] in lane order, every entry written before it is read
     strip.reserve(K);
-    acc.assign(T * kLanes, 0.0f);
+    acc.resize(T * kLanes);
     const View view(strip);
     const int type = w.type > kPacked ? w.type - kPacked : w.type;
-    const int64_t nc = K / kBlock, step = chunked(w.type, nr) ? kChunk : nc;
+    const bool chunks = chunked(w.type, nr);
+    const int64_t nc = K / kBlock, step = chunks ? kChunk : nc;
     // the next tile's prefetch: in the first rows' pass over each chunk (between their products), or
     // in the one-pass decode
-    const bool chunks = chunked(w.type, nr);
     pf.spread(chunks ? nc : nr);
     Prefetch none;
     if (in_registers(w.type, T)) {
