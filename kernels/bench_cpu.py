@@ -17,8 +17,9 @@ bundled SmolLM2), in one run:
               T tokens, per mode, and verify-T / step-1; a prefill chunk of `--prefill-chunk`
               tokens (no head): tokens per second
   attention   every layer's attention over a float16 KV cache of each length (fp32 products, and
-              bf16 ones when int8+bf16 is among the modes): ms, KV bytes read per second, % of the
-              read bandwidth; verify-8 / step-1
+              bf16 or int8 ones over prepared blocks when int8+bf16 or int8+int8 is among the
+              modes): ms, KV bytes read per second (the bytes that kernel reads), % of the read
+              bandwidth; verify-8 / step-1
   step        a decode step's matrix products plus its attention at each length, in the fastest
               mode, against the bandwidth floor: the weights and the KV read once
   retrieval   a middle-level step over a 1K-token view at the longest length / a full step at 1K,
@@ -255,11 +256,17 @@ def main(argv: list[str] | None = None) -> None:
     def attention(q, n, kernel):
         return lambda: [kernel(q, i, n) for i in range(a.n_layers)]
 
+    def kv_bytes_read(kernel: str, n: int) -> int:
+        """The bytes of K and V a step over n keys reads: the fp16 cache, or the prepared blocks (bf16;
+        int8 codes with their per-block scales and sums)."""
+        per_key = (a.head_dim + 8) if kernel == "int8" else 2 * a.head_dim  # int8: int8_block_bytes(D) / 32
+        return 2 * a.n_layers * a.n_kv_heads * n * per_key
+
     step_t, attention_t = {}, {}
     for n in lengths:
-        kv_bytes = 2 * a.n_layers * a.n_kv_heads * n * a.head_dim * 2
         reps = args.reps if n <= 8192 else max(3, args.reps // 2)
         for name, kernel in kernels.items():
+            kv_bytes = kv_bytes_read(name.split(" ")[0], n)
             s1 = _time(attention(q1, n, kernel), reps)
             s8 = _time(attention(q8, n, kernel), reps)
             step_t.setdefault(n, s1)
@@ -270,10 +277,11 @@ def main(argv: list[str] | None = None) -> None:
     if 1 in rows:  # a decode step's two big parts against what reading their bytes once would take
         for n in lengths:
             # the fastest mode: its matrix products and its attention kernel
-            parts = {mode: (mm[1, "int8" if mode.startswith("int8") else "fp32"],
-                            attention_t[n, "bf16" if mode.endswith("bf16") else "fp32"]) for mode in modes}
+            att = {mode: mode.split("+")[1] if "+" in mode else "fp32" for mode in modes}
+            parts = {mode: (mm[1, "int8" if mode.startswith("int8") else "fp32"], attention_t[n, att[mode]])
+                     for mode in modes}
             mode = min(parts, key=lambda k: sum(parts[k]))
-            (step_mm, step_att), kv_bytes = parts[mode], 2 * a.n_layers * a.n_kv_heads * n * a.head_dim * 2
+            (step_mm, step_att), kv_bytes = parts[mode], kv_bytes_read(att[mode], n)
             step, floor = step_mm + step_att, (w_bytes + kv_bytes) / read_bw
             print(f"step at {n:>6} ({mode}): matmul {step_mm * 1e3:.1f} + attention {step_att * 1e3:.1f} = "
                   f"{step * 1e3:.1f} ms;  bandwidth floor (weights + KV once at read bw) {floor * 1e3:.1f} ms;  "

@@ -46,9 +46,9 @@ class NativeStatus:
     isa: str  # "avx512", "avx2", "scalar" when available
     reason: str  # why not, when unavailable (one line)
     build_dir: Path | None = None
-    int8: str = ""  # the int8-activation path built ("avx512-vnni", "avx2"), "" when this build has none
+    int8: str = ""  # the int8-activation path built ("avx512-vnni", "avx2", "avx-vnni"), "" when none
     bf16_attention: str = ""  # the bf16-product attention built ("avx512-bf16"), "" when none
-    int8_attention: str = ""  # the int8-product attention built ("avx512-vnni", "avx2"), "" when none
+    int8_attention: str = ""  # the int8-product attention built (as `int8`), "" when none
 
 
 def _cpu_flags() -> str:
@@ -91,8 +91,11 @@ def _cache_root() -> Path:
 # that can run it): "avx2" is AVX2 only (int8 activations and the int8 attention on the AVX2 paths),
 # "avx512" AVX-512 without VNNI (the AVX2 int8 paths too), "avx512-vnni" the int8 mode and the int8
 # attention on the VNNI paths (an Ice Lake's kernels) and "avx512-vnni-bf16" the bf16 attention too,
-# whatever else the host has. None enables what the name does not say (no -march=native), so each
-# builds its path on a host with more.
+# whatever else the host has. "avx-vnni" is AVX2 with AVX-VNNI (Intel's client cores from Alder
+# Lake: the AVX2 int8 paths with 256-bit `vpdpbusd`); "avx-vnni-evex" builds those paths with the
+# same instruction's AVX512-VNNI encoding, so that an AVX-512 host without AVX-VNNI runs and tests
+# them (the rest of that build is the AVX2 one). None enables what the name does not say (no
+# -march=native), so each builds its path on a host with more.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 ISA_FLAGS = {
@@ -100,6 +103,8 @@ ISA_FLAGS = {
     "avx512-vnni-bf16": [*_AVX512, "-mavx512vnni", "-mavx512bf16"],
     "avx512-vnni": [*_AVX512, "-mavx512vnni"],
     "avx512": _AVX512,
+    "avx-vnni": [*_AVX2, "-mavxvnni"],
+    "avx-vnni-evex": [*_AVX2, "-mavx512vnni", "-mavx512vl", "-DTF_FORCE_AVX2"],
     "avx2": _AVX2,
     "scalar": [],
 }

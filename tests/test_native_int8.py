@@ -82,7 +82,7 @@ def test_without_avx2_the_mode_is_unavailable_and_the_model_stays_fp32(tmp_path)
 
 def test_the_int8_path_is_reported_with_the_build():
     st = native.status()
-    assert st.int8 in ("", "avx2", "avx512-vnni")
+    assert st.int8 in ("", *INT8_PATHS)
     assert st.int8 == ops().int8_path()
     if st.isa == "scalar":
         assert st.int8 == ""  # the mode is built on AVX2 or AVX-512 registers only
@@ -306,8 +306,15 @@ def test_int8_products_are_exact_at_the_ends_of_the_code_ranges(name):
 
 # -- the AVX2 path against the VNNI path, bitwise -------------------------------------------------------------
 
-INT8_PATHS = ("avx512-vnni", "avx2")  # TRIFORCE_NATIVE_ISA of a build with each path
-VNNI_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+# TRIFORCE_NATIVE_ISA of a build with each int8 path (the path's name too), and the CPU flags that
+# run it. "avx-vnni-evex" is the AVX-VNNI path's source with the AVX512-VNNI encoding of `vpdpbusd`.
+_AVX2_FLAGS = ("avx2", "fma", "f16c")
+INT8_PATHS = {
+    "avx2": _AVX2_FLAGS,
+    "avx512-vnni": (*_AVX2_FLAGS, "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+    "avx-vnni": (*_AVX2_FLAGS, "avx_vnni"),
+    "avx-vnni-evex": (*_AVX2_FLAGS, "avx512f", "avx512vl", "avx512_vnni"),
+}
 
 PATH_SCRIPT = """
 import importlib, sys, torch
@@ -385,18 +392,19 @@ def run_path(path: str, cases_file: Path, out_file: Path, function: str = "test_
     return torch.load(out_file)
 
 
-def outputs_of_both_paths(tmp_path_factory, cases: dict, here: str, outputs) -> dict:
-    """{path: outputs(cases)} for the VNNI and the AVX2 path: this process's build computes with its
-    own path (`here`), a subprocess with the other (both in subprocesses under a build with
-    neither). Skips where this CPU cannot run a VNNI build."""
-    missing = [f for f in VNNI_FLAGS if f not in native._cpu_flags().split()]
-    if missing:
-        pytest.skip(f"this CPU cannot run an AVX512-VNNI build (no {', '.join(missing)}): "
-                    "there is no VNNI path here to compare the AVX2 path with")
+def outputs_of_every_path(tmp_path_factory, cases: dict, here: str, outputs) -> dict:
+    """{path: outputs(cases)} for every int8 path this CPU runs: this process's build computes with
+    its own path (`here`), subprocesses with the others. Skips where the CPU runs fewer than two:
+    there is nothing to compare."""
+    flags = native._cpu_flags().split()
+    runnable = [path for path, needs in INT8_PATHS.items() if all(f in flags for f in needs)]
+    if len(runnable) < 2:
+        pytest.skip(f"this CPU runs {len(runnable)} of the int8 paths ({', '.join(runnable) or 'none'}): "
+                    "there is no other path to compare with")
     folder = tmp_path_factory.mktemp("int8-paths")
     torch.save(cases, folder / "cases.pt")
-    results = {here: outputs(cases)} if here in INT8_PATHS else {}
-    for path in INT8_PATHS:
+    results = {here: outputs(cases)} if here in runnable else {}
+    for path in runnable:
         if path not in results:
             results[path] = run_path(path, folder / "cases.pt", folder / f"{path}.pt",
                                      f"{outputs.__module__}.{outputs.__name__}")
@@ -405,21 +413,26 @@ def outputs_of_both_paths(tmp_path_factory, cases: dict, here: str, outputs) -> 
 
 @pytest.fixture(scope="module")
 def int8_paths(tmp_path_factory) -> dict:
-    """{path: outputs of `path_cases`} for the VNNI and the AVX2 path."""
-    return outputs_of_both_paths(tmp_path_factory, path_cases(), native.status().int8, int8_outputs)
+    """{path: outputs of `path_cases`} for every int8 path this CPU runs."""
+    return outputs_of_every_path(tmp_path_factory, path_cases(), native.status().int8, int8_outputs)
 
 
 @pytest.mark.parametrize("name", [*QUANTS, "mixed parts"])
-def test_the_avx2_path_gives_the_vnni_paths_bits(int8_paths, name):
+def test_every_int8_path_gives_the_avx2_paths_bits(int8_paths, name):
     """Same inputs, same bits: the rounded activations, windows and rows computed alone, across the
-    two paths (and across 1 and 2 threads)."""
-    vnni, avx2 = int8_paths["avx512-vnni"], int8_paths["avx2"]
-    names = [case for case in vnni if case.split(" ")[0] == name or case == name]
-    assert names
+    paths (and across 1 and 2 threads)."""
+    for path, outputs in int8_paths.items():
+        if path != "avx2":
+            assert_same_int8_outputs(int8_paths["avx2"], outputs, name)
+
+
+def assert_same_int8_outputs(avx2: dict, other: dict, name: str) -> None:
+    names = [case for case in avx2 if case.split(" ")[0] == name or case == name]
+    assert names and other.keys() == avx2.keys()
     packed_somewhere = False
     for case in names:
         (q, d, window, singles, packed, *over_packed), (q2, d2, window2, singles2, packed2, *over_packed2) = (
-            vnni[case], avx2[case])
+            avx2[case], other[case])
         assert torch.equal(q, q2) and torch.equal(d, d2), case
         assert torch.equal(window, window2), case
         assert torch.equal(singles, singles2), case
@@ -431,6 +444,24 @@ def test_the_avx2_path_gives_the_vnni_paths_bits(int8_paths, name):
             assert torch.equal(outputs[0], window) and torch.equal(outputs[1], singles), case
         packed_somewhere |= bool(packed)
     assert packed_somewhere == (name in PACKED)
+
+
+def test_the_avx_vnni_build_compiles_and_reports_its_paths(tmp_path):
+    """Intel's client cores get the AVX-VNNI paths from -march=native: a compile error there would
+    drop them to the portable path. So the build is made on any x86-64 host whose compiler knows
+    AVX-VNNI, and loaded (which runs no kernel; the kernels run where the CPU has `avx_vnni`, and
+    their source runs here as `avx-vnni-evex`, above)."""
+    if not all(f in native._cpu_flags().split() for f in _AVX2_FLAGS):
+        pytest.skip("not an x86-64 host with AVX2")
+    compiler = os.environ.get("CXX", "c++")
+    probe = subprocess.run([compiler, "-mavxvnni", "-x", "c++", "-E", "-"], input="", capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"{compiler} does not know -mavxvnni")
+    script = "from triforce_chat.kernels import native; st = native.status(); print(st.isa, st.int8, st.int8_attention)"
+    env = {**os.environ, "TRIFORCE_NATIVE_ISA": "avx-vnni"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["avx2", "avx-vnni", "avx-vnni"]
 
 
 # -- the whole forward ------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import torch
 from gguf_models import load as load_gguf
 from gguf_models import random_ids, write_gguf
 from test_native_bf16 import FAST_MODELS, drive, drive_view, load_fast_model
-from test_native_int8 import outputs_of_both_paths
+from test_native_int8 import INT8_PATHS, outputs_of_every_path
 from triforce_chat.decoding.cache import KVCache, PreparedBlocks
 from triforce_chat.kernels import native
 from triforce_chat.kernels.attention import reference_attention
@@ -145,7 +145,7 @@ def reference_int8_attention(q, k, v, length, scale, c):
 
 def test_the_int8_attention_is_reported_with_the_build():
     st = native.status()
-    assert st.int8_attention in ("", "avx512-vnni", "avx2")
+    assert st.int8_attention in ("", *INT8_PATHS)
     assert st.int8_attention == ops().attention_int8_path()
 
 
@@ -435,21 +435,23 @@ def attention_outputs(cases: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def attention_paths(tmp_path_factory) -> dict:
-    return outputs_of_both_paths(tmp_path_factory, attention_path_cases(), native.status().int8_attention,
+    return outputs_of_every_path(tmp_path_factory, attention_path_cases(), native.status().int8_attention,
                                  attention_outputs)
 
 
-def test_the_avx2_kernel_gives_the_vnni_kernels_bits(attention_paths):
+def test_every_int8_attention_kernel_gives_the_avx2_kernels_bits(attention_paths):
     """Same inputs, same bits: prepared blocks, windows and queries alone (1 and 2 threads)."""
-    vnni, avx2 = attention_paths["avx512-vnni"], attention_paths["avx2"]
-    assert vnni.keys() == avx2.keys() and len(vnni) == 75
-    for case in vnni:
-        for a, b, what in zip(vnni[case], avx2[case], ("key blocks", "value blocks", "window", "queries alone"),
-                              strict=True):
-            assert torch.equal(a, b), (case, what)
-        assert torch.equal(avx2[case][2], avx2[case][3]), case  # and the AVX2 windows are its single queries
-    assert not torch.isnan(vnni["rare branches"][2]).any()
-    assert (vnni["a block ~82 nats under the max"][2][..., 5] == 0).all()
+    avx2 = attention_paths["avx2"]
+    assert len(avx2) == 75
+    for path, other in attention_paths.items():
+        assert other.keys() == avx2.keys()
+        for case in avx2:
+            for a, b, what in zip(avx2[case], other[case], ("key blocks", "value blocks", "window", "queries alone"),
+                                  strict=True):
+                assert torch.equal(a, b), (path, case, what)
+            assert torch.equal(other[case][2], other[case][3]), (path, case)  # windows are its single queries
+    assert not torch.isnan(avx2["rare branches"][2]).any()
+    assert (avx2["a block ~82 nats under the max"][2][..., 5] == 0).all()
 
 
 @pytest.fixture(scope="module", params=list(FAST_MODELS))

@@ -259,7 +259,11 @@ void attention_int8(const AttentionArgs& a, const float* key_smooth) { int8att::
 #elif defined(TF_INT8_ATTENTION_AVX2)
 
 // attention_int8_avx2.cpp
+#if defined(TF_DPBUSD256)
+const char* attention_int8_path() { return kDpbusd256Path; }
+#else
 const char* attention_int8_path() { return "avx2"; }
+#endif
 void prepare_kv_int8(const Int8PrepareArgs& a) { prepare_kv_int8_avx2(a); }
 void attention_int8(const AttentionArgs& a, const float* key_smooth) { attention_int8_avx2(a, key_smooth); }
 

@@ -4,7 +4,9 @@
 // same (attention_int8_walk.h): AVX512-VNNI `vpdpbusd`, 64 byte products per instruction, twice what
 // `vdpbf16ps` does (Zen 4, Ice Lake, Sapphire Rapids); and AVX2 `vpmaddubsw`, 32 per instruction,
 // for every other x86-64 CPU of the last decade (Zen 2 and 3, Intel's desktop and laptop cores),
-// whose fp32 attention converts every key and value and pays one multiply-add per product.
+// whose fp32 attention converts every key and value and pays one multiply-add per product. Where
+// the AVX2 build has 256-bit `vpdpbusd` (AVX-VNNI: Intel's client cores from Alder Lake), its
+// kernel computes the VNNI kernel's integers with it, 32 products per instruction.
 //
 // What it computes (tests/test_native_int8_attention.py follows these words):
 // - Keys are smoothed and quantized per key. c [Hkv, D] (> 0, per KV head and dimension, the same
@@ -50,7 +52,8 @@
 
 namespace tf {
 
-// "avx512-vnni" or "avx2": the kernel this build has; "" when it has none (then it throws).
+// "avx512-vnni", "avx2" or "avx-vnni" ("avx-vnni-evex"): the kernel this build has; "" when it has
+// none (then it throws).
 const char* attention_int8_path();
 
 // Bytes of one prepared block of kBlock keys (keys and values alike): codes (32 * D bytes), then 32

@@ -7,6 +7,11 @@
 // Per block of 32 keys and query row: the scores take D/4 x 4 groups of 8 keys x 4 instructions
 // (sign, vpmaddubsw, vpmaddwd, add), the values 8 quads x D/8 x the same 4; every product is an
 // integer one, and a prepared block is half the bytes of the fp16 cache it replaces.
+//
+// Where the build has 256-bit `vpdpbusd` (AVX-VNNI; simd.h's TF_DPBUSD256), the policy `Dpbusd256`
+// computes the same integers as the VNNI kernel does, on 8 lanes: a query's codes + 128 (unsigned) by
+// the keys' codes, less the block's prepared 128 * (sum of a key's codes); weight codes 0 .. 255 by
+// the values' codes. One instruction per 32 products where the `vpmaddubsw` route takes four.
 #include "attention_int8.h"
 
 #include <cfloat>
@@ -76,11 +81,13 @@ inline __m256i dot4(__m256i a, __m256i b) {
 constexpr int kRows = 4;  // rows whose scores share each key load: 4 rows x 2 groups of 8 keys in registers
 
 // Scores of R rows (|codes| then codes, `qrows`; scales `qsc`) against a prepared block's keys, in 4
-// groups of 8 keys (sv[r][g]); keys at or past nk are -inf.
-template <int R, int D>
+// groups of 8 keys (sv[r][g]); keys at or past nk are -inf. DPBUSD: the rows' codes + 128 by the
+// keys' codes, less the block's 128 * (sum of a key's codes), as attention_int8.cpp's `scores`.
+template <int R, int D, bool DPBUSD>
 inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* qsc, int64_t nk, __m256 (*sv)[4]) {
   constexpr int G4 = D / 4;
   const float* ks = reinterpret_cast<const float*>(kb + kBlock * D);
+  const int32_t* kcorr = reinterpret_cast<const int32_t*>(kb + kBlock * D + 128);
   for (int half = 0; half < 2; half++) {
     if (half == 1 && nk <= 16) {
       for (int r = 0; r < R; r++) sv[r][2] = sv[r][3] = _mm256_set1_ps(-INFINITY);
@@ -93,28 +100,46 @@ inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* 
       const __m256i k0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(kh + i * 64));
       const __m256i k1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(kh + i * 64 + 32));
       for (int r = 0; r < R; r++) {
-        int32_t a4, s4;
+        int32_t a4;
         std::memcpy(&a4, qrows[r] + 4 * i, 4);
-        std::memcpy(&s4, qrows[r] + D + 4 * i, 4);
-        const __m256i qa = _mm256_set1_epi32(a4), qs = _mm256_set1_epi32(s4);
-        acc[r][0] = _mm256_add_epi32(acc[r][0], dot4(qa, _mm256_sign_epi8(k0, qs)));
-        acc[r][1] = _mm256_add_epi32(acc[r][1], dot4(qa, _mm256_sign_epi8(k1, qs)));
+        const __m256i qa = _mm256_set1_epi32(a4);
+        if constexpr (DPBUSD) {
+#if defined(TF_DPBUSD256)
+          acc[r][0] = dpbusd256(acc[r][0], qa, k0);
+          acc[r][1] = dpbusd256(acc[r][1], qa, k1);
+#endif
+        } else {
+          int32_t s4;
+          std::memcpy(&s4, qrows[r] + D + 4 * i, 4);
+          const __m256i qs = _mm256_set1_epi32(s4);
+          acc[r][0] = _mm256_add_epi32(acc[r][0], dot4(qa, _mm256_sign_epi8(k0, qs)));
+          acc[r][1] = _mm256_add_epi32(acc[r][1], dot4(qa, _mm256_sign_epi8(k1, qs)));
+        }
       }
     }
     for (int r = 0; r < R; r++) {
       const __m256 qs = _mm256_set1_ps(qsc[r]);
       for (int s = 0; s < 2; s++) {
         const int first = 16 * half + 8 * s;
-        const __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][s]), _mm256_mul_ps(_mm256_loadu_ps(ks + first), qs));
+        __m256i dot = acc[r][s];
+        if constexpr (DPBUSD) dot = _mm256_sub_epi32(dot, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(kcorr + first)));
+        const __m256 x = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(_mm256_loadu_ps(ks + first), qs));
         sv[r][2 * half + s] = keep_first8(x, nk - first, -INFINITY);
       }
     }
   }
 }
 
+// 8 int32 in 0 .. 255 as 8 bytes, in order.
+inline void store8_u8(uint8_t* dst, __m256i x) {
+  const __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(w, w));
+}
+
 // attention_int8.cpp's softmax_rows for R <= kRows rows, on 8 lanes: the same operations per lane. The
-// weight codes go out as w - 128 (e + 32: signed bytes) and |w - 128| (e: the unsigned side).
-template <int R, int D>
+// weight codes go out as w - 128 (e + 32: signed bytes) and |w - 128| (e: the unsigned side), or
+// (UNSIGNED, for `vpdpbusd`) as w, 0 .. 255.
+template <int R, int D, bool UNSIGNED = false>
 inline void softmax_rows(__m256 (*sv)[4], float* const* p, int64_t nk, const float* vs, float vmax, float inv_vmax,
                          uint8_t* e, float* wsc, float* corr) {
   alignas(32) float m_new[kRows], st[16] = {};
@@ -147,14 +172,44 @@ inline void softmax_rows(__m256 (*sv)[4], float* const* p, int64_t nk, const flo
     const float inv_bound = 255.0f * st[10 + r] * inv_vmax;
     far[r] = far[r] || !(inv_bound <= FLT_MAX);
     const __m256 inv = _mm256_set1_ps(far[r] ? 0.0f : inv_bound);
-    uint8_t* er = e + r * 64;
+    uint8_t* er = e + r * (UNSIGNED ? 32 : 64);
     for (int g = 0; g < 4; g++) {
       const __m256i code = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_mul_ps(w[g], _mm256_loadu_ps(vs + 8 * g)), inv));
-      store8_i8(reinterpret_cast<int8_t*>(er + 32 + 8 * g), _mm256_sub_epi32(code, _mm256_set1_epi32(128)));
+      if constexpr (UNSIGNED)
+        store8_u8(er + 8 * g, code);
+      else
+        store8_i8(reinterpret_cast<int8_t*>(er + 32 + 8 * g), _mm256_sub_epi32(code, _mm256_set1_epi32(128)));
     }
-    const __m256i centred = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(er + 32));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(er), _mm256_abs_epi8(centred));  // |-128| is 128 unsigned
+    if constexpr (!UNSIGNED) {
+      const __m256i centred = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(er + 32));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(er), _mm256_abs_epi8(centred));  // |-128| is 128 unsigned
+    }
     wsc[r] = far[r] ? 0.0f : st[5 + r] * vmax / 255.0f;
+  }
+}
+
+// Scores and the softmax step of nr rows, kRows at a time: `vpmaddubsw`'s forms of the query and
+// weight codes, or (DPBUSD) `vpdpbusd`'s.
+template <int D, bool DPBUSD>
+void rows_of(const uint8_t* kb, const float* vs, float vmax, float inv_vmax, int64_t nk, int nr,
+             const int8att::RowsStep& st) {
+  constexpr int kWeightBytes = DPBUSD ? 32 : 64;
+  for (int r0 = 0; r0 < nr; r0 += kRows) {
+    __m256 sv[kRows][4];
+    const uint8_t* const* q = st.qrows + r0;
+    float* const* p = st.parts + r0;
+    uint8_t* e = st.e + r0 * kWeightBytes;
+    auto run = [&](auto rows) {
+      constexpr int R = decltype(rows)::value;
+      scores<R, D, DPBUSD>(kb, q, st.qsc + r0, nk, sv);
+      softmax_rows<R, D, DPBUSD>(sv, p, nk, vs, vmax, inv_vmax, e, st.wsc + r0, st.corr + r0);
+    };
+    switch (std::min(kRows, nr - r0)) {
+      case 1: run(std::integral_constant<int, 1>()); break;
+      case 2: run(std::integral_constant<int, 2>()); break;
+      case 3: run(std::integral_constant<int, 3>()); break;
+      default: run(std::integral_constant<int, kRows>()); break;
+    }
   }
 }
 
@@ -180,31 +235,7 @@ struct Avx2 {
   template <int D>
   static void rows(const uint8_t* kb, const float* vs, float vmax, float inv_vmax, int64_t nk, int nr,
                    const int8att::RowsStep& st) {
-    for (int r0 = 0; r0 < nr; r0 += kRows) {
-      const int m = std::min(kRows, nr - r0);
-      __m256 sv[kRows][4];
-      const uint8_t* const* q = st.qrows + r0;
-      float* const* p = st.parts + r0;
-      uint8_t* e = st.e + r0 * kWeightBytes;
-      switch (m) {
-        case 1:
-          scores<1, D>(kb, q, st.qsc + r0, nk, sv);
-          softmax_rows<1, D>(sv, p, nk, vs, vmax, inv_vmax, e, st.wsc + r0, st.corr + r0);
-          break;
-        case 2:
-          scores<2, D>(kb, q, st.qsc + r0, nk, sv);
-          softmax_rows<2, D>(sv, p, nk, vs, vmax, inv_vmax, e, st.wsc + r0, st.corr + r0);
-          break;
-        case 3:
-          scores<3, D>(kb, q, st.qsc + r0, nk, sv);
-          softmax_rows<3, D>(sv, p, nk, vs, vmax, inv_vmax, e, st.wsc + r0, st.corr + r0);
-          break;
-        default:
-          scores<kRows, D>(kb, q, st.qsc + r0, nk, sv);
-          softmax_rows<kRows, D>(sv, p, nk, vs, vmax, inv_vmax, e, st.wsc + r0, st.corr + r0);
-          break;
-      }
-    }
+    rows_of<D, false>(kb, vs, vmax, inv_vmax, nk, nr, st);
   }
   // aux[d] = 128 * (the sum of the block's 32 value codes of dimension d), in the lanes' order: a
   // row's products are sum (w - 128) v over all 32 keys, and this restores sum w v.
@@ -252,10 +283,62 @@ struct Avx2 {
   }
 };
 
+#if defined(TF_DPBUSD256)
+
+// The kernel's policy where the build has 256-bit `vpdpbusd`: the VNNI kernel's integers on 8 lanes
+// (Avx2's quantization and value rows).
+struct Dpbusd256 : Avx2 {
+  static constexpr int kQueryBytes = 1;    // codes + 128: vpdpbusd's unsigned side
+  static constexpr int kWeightBytes = 32;  // 0 .. 255 per key
+  template <int D>
+  static void query_codes(const int8_t* codes, uint8_t* dst) {
+    for (int d = 0; d < D; d++) dst[d] = uint8_t(codes[d]) ^ 0x80u;
+  }
+  template <int D>
+  static void rows(const uint8_t* kb, const float* vs, float vmax, float inv_vmax, int64_t nk, int nr,
+                   const int8att::RowsStep& st) {
+    rows_of<D, true>(kb, vs, vmax, inv_vmax, nk, nr, st);
+  }
+  template <int D>
+  static void block_values(const uint8_t*, int32_t*) {}
+  // o = o * c + w * (the exact integer sum of weight codes times value codes) for n rows, one at a
+  // time, over the block's quads of keys (keys a row does not see have weight code 0).
+  template <int D>
+  static void values(float* const* o, const float* c, const float* w, const uint8_t* e, int n, int64_t nk,
+                     const uint8_t* vb, const int32_t*) {
+    constexpr int kChannels = 8;  // of 8 dimensions each, per pass
+    const int64_t quads = (nk + 3) / 4;
+    for (int r = 0; r < n; r++) {
+      const uint8_t* er = e + r * kWeightBytes;
+      const __m256 cr = _mm256_set1_ps(c[r]), wr = _mm256_set1_ps(w[r]);
+      for (int c0 = 0; c0 < D / 8; c0 += kChannels) {
+        __m256i acc[kChannels];
+        for (int ch = 0; ch < kChannels; ch++) acc[ch] = _mm256_setzero_si256();
+        for (int64_t p = 0; p < quads; p++) {
+          int32_t e4;
+          std::memcpy(&e4, er + 4 * p, 4);
+          const __m256i eb = _mm256_set1_epi32(e4);
+          const uint8_t* vq = vb + p * 4 * D + 32 * c0;
+          for (int ch = 0; ch < kChannels; ch++)
+            acc[ch] = dpbusd256(acc[ch], eb, _mm256_load_si256(reinterpret_cast<const __m256i*>(vq + 32 * ch)));
+        }
+        for (int ch = 0; ch < kChannels; ch++) {
+          const int d = 8 * (c0 + ch);
+          _mm256_storeu_ps(o[r] + d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[ch]), wr, _mm256_mul_ps(_mm256_loadu_ps(o[r] + d), cr)));
+        }
+      }
+    }
+  }
+};
+using Kernel = Dpbusd256;
+#else
+using Kernel = Avx2;
+#endif
+
 }  // namespace
 
-void prepare_kv_int8_avx2(const Int8PrepareArgs& a) { int8att::prepare<Avx2>(a); }
-void attention_int8_avx2(const AttentionArgs& a, const float* key_smooth) { int8att::attention<Avx2>(a, key_smooth); }
+void prepare_kv_int8_avx2(const Int8PrepareArgs& a) { int8att::prepare<Kernel>(a); }
+void attention_int8_avx2(const AttentionArgs& a, const float* key_smooth) { int8att::attention<Kernel>(a, key_smooth); }
 
 }  // namespace tf
 

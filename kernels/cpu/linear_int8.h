@@ -2,8 +2,9 @@
 // with x rounded to int8 first, per row and per block of 32 inputs, and the weights' integer codes
 // multiplied by those int8 values in int32. Two paths compute it: AVX512-VNNI `vpdpbusd`
 // (linear_int8.cpp) and, in builds with AVX2 but not AVX512-VNNI, `vpmaddubsw` + `vpmaddwd`
-// (linear_int8_avx2.cpp, which bounds every sequence below int16 saturation). Both give the same
-// integer sums and then follow the same float sequence, so their outputs are the same bits.
+// (linear_int8_avx2.cpp, which bounds every sequence below int16 saturation), or 256-bit `vpdpbusd`
+// where the build has AVX-VNNI (simd.h: TF_DPBUSD256). All give the same integer sums and then
+// follow the same float sequence, so their outputs are the same bits.
 //
 // What the mode computes, exactly (the float64 references of the tests follow these words):
 //  1. each row of x, each block of 32 inputs: amax = max |x|, d = amax / 127, q = round-to-even
@@ -35,7 +36,8 @@
 
 namespace tf {
 
-// "avx512-vnni" or "avx2": the path this build has; "" when it has none (then the calls below throw).
+// "avx512-vnni", "avx2" or "avx-vnni" (its EVEX stand-in: "avx-vnni-evex"): the path this build
+// has; "" when it has none (then the calls below throw).
 const char* int8_path();
 
 // The activations as the mode rounds them (step 1): q [T, K] int8, d [T, K / 32]. For tests.

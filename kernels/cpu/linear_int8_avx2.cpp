@@ -16,6 +16,10 @@
 // So the integer dot products are exact, the integers `vpdpbusd` gives, and the float part of each
 // block is the header's fixed sequence, the VNNI path's, lane by lane: the outputs are the same bits.
 //
+// Where the build has `vpdpbusd` on 256 bits (AVX-VNNI: simd.h's TF_DPBUSD256), each line half is
+// one `vpdpbusd` into int32 instead: no int16 step, so no bound, and Q8_0 is stored as c + 128 with
+// the offset taken back as the VNNI path does. The same integers again, so the same bits.
+//
 // Layout: as in linear_int8.cpp, a thread decodes a tile of 16 weight rows into a strip of 64-byte
 // lines (lane p: 4 consecutive codes of weight row perm(p)), with the same scales and mins, in
 // chunks of K that stay in L1. Here a line is two 256-bit halves of 8 lanes; rows run over the
@@ -41,7 +45,11 @@
 
 namespace tf {
 
+#if defined(TF_DPBUSD256)
+const char* int8_path() { return kDpbusd256Path; }
+#else
 const char* int8_path() { return "avx2"; }
+#endif
 
 namespace {
 
@@ -70,14 +78,21 @@ constexpr Codes kCodes(int type) {
     case Q5_0: return {16, 31, 4, false};
     case Q5_1: case Q5_K: return {0, 31, 4, false};
     case Q6_K: return {32, 63, 2, false};
+#if defined(TF_DPBUSD256)
+    default: return {128, 255, 1, false};  // Q8_0 as c + 128, the VNNI path's way (`vpdpbusd` has no int16 step)
+#else
     default: return {0, 128, 1, true};  // Q8_0
+#endif
   }
 }
 
-// The bound of the header comment: no int16 of any sequence can saturate.
+// The bound of the header comment: no int16 of any sequence can saturate. (`vpdpbusd` has no int16
+// step.)
+#if !defined(TF_DPBUSD256)
 constexpr bool fits_int16(int type) { return kCodes(type).sums * 2 * 127 * kCodes(type).max_u <= 32767; }
 static_assert(fits_int16(Q4_0) && fits_int16(Q4_1) && fits_int16(Q4_K) && fits_int16(Q5_0), "int16 bound");
 static_assert(fits_int16(Q5_1) && fits_int16(Q5_K) && fits_int16(Q6_K) && fits_int16(Q8_0), "int16 bound");
+#endif
 
 // Step 1 of the header for one block of 32 inputs (the VNNI path's operations on 8 lanes); returns
 // the sums of q over its two halves.
@@ -382,8 +397,8 @@ __attribute__((always_inline)) inline void half_lines(const Tile& tile, int64_t 
   static_assert(TYPE == Q8_0 || TYPE == Q5_0 || TYPE == Q4_0, "wide decode");
   __m256i t[8];
   tile.codes(b, half, t);
-  if constexpr (TYPE == Q8_0) {  // the codes as they are
-    for (int j = 0; j < 8; j++) v[j] = t[j];
+  if constexpr (TYPE == Q8_0) {  // the codes as they are, or + 128 where kCodes says so
+    for (int j = 0; j < 8; j++) v[j] = kCodes(Q8_0).offset ? _mm256_xor_si256(t[j], _mm256_set1_epi8(char(0x80))) : t[j];
   } else if constexpr (TYPE == Q4_0) {  // u = the nibble (the code + 8, as kCodes stores it)
     for (int j = 0; j < 4; j++) v[j] = low_nibbles(t[j]), v[4 + j] = high_nibbles(t[j]);
   } else {  // u = nibble | 16 * fifth bit (the code + 16, as kCodes stores it)
@@ -562,6 +577,18 @@ __attribute__((always_inline)) inline __m256i pair_sums(__m256i a, __m256i x) {
     return _mm256_maddubs_epi16(a, x);  // within the bound of kCodes
 }
 
+#if defined(TF_DPBUSD256)
+// One line half by 4 activations broadcast, added to acc in int32 (`vpdpbusd`: no int16 step, so no
+// bound to keep; the sums are the same exact integers).
+template <int TYPE>
+__attribute__((always_inline)) inline __m256i add_line(__m256i acc, __m256i a, __m256i x) {
+  if constexpr (kCodes(TYPE).sign)  // |c| (-128 -> 128, unsigned) by q with c's sign
+    return dpbusd256(acc, _mm256_abs_epi8(a), _mm256_sign_epi8(x, a));
+  else
+    return dpbusd256(acc, a, x);
+}
+#endif
+
 // The integer dot products of a block's 8 line halves in registers (v) by the row's activations
 // xq, in int32: the sums `dot` below gives for that half (integers: exact in any order).
 template <int TYPE, int J0 = 0, int N = 8>
@@ -569,11 +596,21 @@ __attribute__((always_inline)) inline __m256i dot_lines(const __m256i v[8], cons
   constexpr int sums = kCodes(TYPE).sums;
   static_assert(N % sums == 0 && J0 + N <= 8, "whole int16 groups of the 8 lines");
   __m256i sum = _mm256_setzero_si256();
+#if defined(TF_DPBUSD256)
+  // two chains (even and odd lines), so that a single row does not wait on each `vpdpbusd` in turn
+  __m256i odd = _mm256_setzero_si256();
+  for (int j = J0; j < J0 + N; j += 2) {
+    sum = add_line<TYPE>(sum, v[j], bcast4(xq + 4 * j));
+    odd = add_line<TYPE>(odd, v[j + 1], bcast4(xq + 4 * j + 4));
+  }
+  sum = _mm256_add_epi32(sum, odd);
+#else
   for (int j = J0; j < J0 + N; j += sums) {
     __m256i p = pair_sums<TYPE>(v[j], bcast4(xq + 4 * j));
     for (int k = j + 1; k < j + sums; k++) p = _mm256_add_epi16(p, pair_sums<TYPE>(v[k], bcast4(xq + 4 * k)));
     sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
   }
+#endif
   return sum;
 }
 
@@ -582,9 +619,15 @@ __attribute__((always_inline)) inline __m256i dot_lines(const __m256i v[8], cons
 // them of u * q, or c * q for Q8_0, in int32.
 template <int TYPE>
 __attribute__((always_inline)) inline void dot(const __m256i* u, const int8_t* xq, int j0, int n, __m256i sum[2]) {
+  sum[0] = sum[1] = _mm256_setzero_si256();
+#if defined(TF_DPBUSD256)
+  for (int k = j0; k < j0 + n; k++) {
+    const __m256i x = bcast4(xq + 4 * k);
+    for (int h = 0; h < 2; h++) sum[h] = add_line<TYPE>(sum[h], _mm256_load_si256(u + 2 * k + h), x);
+  }
+#else
   constexpr Codes code = kCodes(TYPE);
   const __m256i ones = _mm256_set1_epi16(1);
-  sum[0] = sum[1] = _mm256_setzero_si256();
   for (int j = j0; j < j0 + n; j += code.sums) {
     __m256i p[2] = {_mm256_setzero_si256(), _mm256_setzero_si256()};
     for (int k = j; k < j + code.sums && k < j0 + n; k++) {
@@ -593,6 +636,7 @@ __attribute__((always_inline)) inline void dot(const __m256i* u, const int8_t* x
     }
     for (int h = 0; h < 2; h++) sum[h] = _mm256_add_epi32(sum[h], _mm256_madd_epi16(p[h], ones));
   }
+#endif
 }
 
 // Input rows t0 .. t0 + R - 1 over the strip's blocks [c0, c1) (block c at c - c0), their

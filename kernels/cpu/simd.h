@@ -16,12 +16,35 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(TF_FORCE_AVX2)
 #define TF_AVX512 1
 #include <immintrin.h>
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define TF_AVX2 1
 #include <immintrin.h>
+// `vpdpbusd` on 256 bits (unsigned bytes times signed bytes, 4 products per int32 lane, no
+// saturation) for the int8 kernels' AVX2 paths: AVX-VNNI (Intel's client cores from Alder Lake, no
+// AVX-512) encodes it with VEX; AVX512-VNNI with AVX512VL has the same instruction with EVEX, which
+// is what the `avx-vnni-evex` build (TF_FORCE_AVX2: the AVX2 kernels on an AVX-512 host) runs, so that
+// a host without AVX-VNNI tests these paths.
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#define TF_DPBUSD256 1
+namespace tf {
+inline __m256i dpbusd256(__m256i acc, __m256i u8, __m256i s8) {
+#if defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, u8, s8);
+#else
+  return _mm256_dpbusd_epi32(acc, u8, s8);
+#endif
+}
+// The name of the int8 paths of such a build.
+#if defined(__AVXVNNI__)
+constexpr const char* kDpbusd256Path = "avx-vnni";
+#else
+constexpr const char* kDpbusd256Path = "avx-vnni-evex";
+#endif
+}  // namespace tf
+#endif
 #else
 #define TF_SCALAR 1
 #endif
