@@ -36,7 +36,7 @@ SOURCES = ("ops.cpp", "linear.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "
 HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "linear_int8.h", "linear_int8_tiles.h", "attention.h",
            "attention_bf16.h", "attention_int8.h", "attention_int8_walk.h", "attention_merge.h", "rowwise.h")
 CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-Wno-unused-function"]
-KEEP_BUILDS = 12  # builds kept in the cache (the test suite alone builds six ISA variants)
+KEEP_BUILDS = 12  # builds kept in the cache (the test suite alone builds up to eight ISA variants)
 KEEP_DAYS = 30  # ... and none unused for longer
 
 
@@ -94,8 +94,9 @@ def _cache_root() -> Path:
 # whatever else the host has. "avx-vnni" is AVX2 with AVX-VNNI (Intel's client cores from Alder
 # Lake: the AVX2 int8 paths with 256-bit `vpdpbusd`); "avx-vnni-evex" builds those paths with the
 # same instruction's AVX512-VNNI encoding, so that an AVX-512 host without AVX-VNNI runs and tests
-# them (the rest of that build is the AVX2 one). None enables what the name does not say (no
-# -march=native), so each builds its path on a host with more.
+# them (the rest of that build is the AVX2 one; the compiler may give it EVEX forms, which only hosts
+# with AVX-512 run). None enables another path than the name says (no -march=native), so each builds
+# its path on a host with more.
 _AVX2 = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512 = [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
 ISA_FLAGS = {

@@ -443,12 +443,13 @@ def test_every_int8_attention_kernel_gives_the_avx2_kernels_bits(attention_paths
     """Same inputs, same bits: prepared blocks, windows and queries alone (1 and 2 threads)."""
     avx2 = attention_paths["avx2"]
     assert len(avx2) == 75
+    parts = ("key blocks", "value blocks", "window", "queries alone")
     for path, other in attention_paths.items():
         assert other.keys() == avx2.keys()
         for case in avx2:
-            for a, b, what in zip(avx2[case], other[case], ("key blocks", "value blocks", "window", "queries alone"),
-                                  strict=True):
-                assert torch.equal(a, b), (path, case, what)
+            if path != "avx2":
+                for a, b, what in zip(avx2[case], other[case], parts, strict=True):
+                    assert torch.equal(a, b), (path, case, what)
             assert torch.equal(other[case][2], other[case][3]), (path, case)  # windows are its single queries
     assert not torch.isnan(avx2["rare branches"][2]).any()
     assert (avx2["a block ~82 nats under the max"][2][..., 5] == 0).all()

@@ -17,8 +17,9 @@
 // block is the header's fixed sequence, the VNNI path's, lane by lane: the outputs are the same bits.
 //
 // Where the build has `vpdpbusd` on 256 bits (AVX-VNNI: simd.h's TF_DPBUSD256), each line half is
-// one `vpdpbusd` into int32 instead: no int16 step, so no bound, and Q8_0 is stored as c + 128 with
-// the offset taken back as the VNNI path does. The same integers again, so the same bits.
+// one `vpdpbusd` into int32 instead (16 per row and block of 16 x 32 weights, nothing else): no
+// int16 step, so no bound, and Q8_0 is stored as c + 128 with the offset taken back as the VNNI path
+// does. The same integers again, so the same bits.
 //
 // Layout: as in linear_int8.cpp, a thread decodes a tile of 16 weight rows into a strip of 64-byte
 // lines (lane p: 4 consecutive codes of weight row perm(p)), with the same scales and mins, in
@@ -598,6 +599,7 @@ __attribute__((always_inline)) inline __m256i dot_lines(const __m256i v[8], cons
   __m256i sum = _mm256_setzero_si256();
 #if defined(TF_DPBUSD256)
   // two chains (even and odd lines), so that a single row does not wait on each `vpdpbusd` in turn
+  static_assert(N % 2 == 0, "pairs of lines");
   __m256i odd = _mm256_setzero_si256();
   for (int j = J0; j < J0 + N; j += 2) {
     sum = add_line<TYPE>(sum, v[j], bcast4(xq + 4 * j));
