@@ -583,10 +583,8 @@ __attribute__((always_inline)) inline __m256i pair_sums(__m256i a, __m256i x) {
 // bound to keep; the sums are the same exact integers).
 template <int TYPE>
 __attribute__((always_inline)) inline __m256i add_line(__m256i acc, __m256i a, __m256i x) {
-  if constexpr (kCodes(TYPE).sign)  // |c| (-128 -> 128, unsigned) by q with c's sign
-    return dpbusd256(acc, _mm256_abs_epi8(a), _mm256_sign_epi8(x, a));
-  else
-    return dpbusd256(acc, a, x);
+  static_assert(!kCodes(TYPE).sign, "every type's codes are unsigned here (Q8_0 as c + 128)");
+  return dpbusd256(acc, a, x);
 }
 #endif
 
