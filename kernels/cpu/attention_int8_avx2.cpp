@@ -213,6 +213,53 @@ void rows_of(const uint8_t* kb, const float* vs, float vmax, float inv_vmax, int
   }
 }
 
+// o = o * c + w * (the exact integer sum of weight codes times value codes) for n rows, one at a
+// time. `vpmaddubsw`: |w - 128| by the value codes given w - 128's sign, over all 8 quads of keys
+// (keys a row does not see have weight code 0: their w - 128 is undone by aux, 128 * the block's
+// sums of value codes). DPBUSD: the weight codes 0 .. 255 by the value codes, over the quads of keys
+// the rows see.
+template <int D, bool DPBUSD>
+void values_of(float* const* o, const float* c, const float* w, const uint8_t* e, int n, int64_t nk,
+               const uint8_t* vb, const int32_t* aux) {
+  constexpr int kChannels = 8;  // of 8 dimensions each, per pass
+  constexpr int kWeightBytes = DPBUSD ? 32 : 64;
+  const int64_t quads = DPBUSD ? (nk + 3) / 4 : kBlock / 4;
+  for (int r = 0; r < n; r++) {
+    const uint8_t* er = e + r * kWeightBytes;
+    const __m256 cr = _mm256_set1_ps(c[r]), wr = _mm256_set1_ps(w[r]);
+    for (int c0 = 0; c0 < D / 8; c0 += kChannels) {
+      __m256i acc[kChannels];
+      for (int ch = 0; ch < kChannels; ch++) acc[ch] = _mm256_setzero_si256();
+      for (int64_t p = 0; p < quads; p++) {
+        int32_t a4;
+        std::memcpy(&a4, er + 4 * p, 4);
+        const __m256i wa = _mm256_set1_epi32(a4);
+        const uint8_t* vq = vb + p * 4 * D + 32 * c0;
+        if constexpr (DPBUSD) {
+#if defined(TF_DPBUSD256)
+          for (int ch = 0; ch < kChannels; ch++)
+            acc[ch] = dpbusd256(acc[ch], wa, _mm256_load_si256(reinterpret_cast<const __m256i*>(vq + 32 * ch)));
+#endif
+        } else {
+          int32_t s4;
+          std::memcpy(&s4, er + 32 + 4 * p, 4);
+          const __m256i ws = _mm256_set1_epi32(s4);
+          for (int ch = 0; ch < kChannels; ch++) {
+            const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(vq + 32 * ch));
+            acc[ch] = _mm256_add_epi32(acc[ch], dot4(wa, _mm256_sign_epi8(v, ws)));
+          }
+        }
+      }
+      for (int ch = 0; ch < kChannels; ch++) {
+        const int d = 8 * (c0 + ch);
+        __m256i total = acc[ch];
+        if constexpr (!DPBUSD) total = _mm256_add_epi32(total, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aux + d)));
+        _mm256_storeu_ps(o[r] + d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), wr, _mm256_mul_ps(_mm256_loadu_ps(o[r] + d), cr)));
+      }
+    }
+  }
+}
+
 // The kernel's policy for attention_int8_walk.h.
 struct Avx2 {
   static constexpr int kQueryBytes = 2;   // |codes| (the unsigned side), then the codes (their signs)
@@ -249,37 +296,10 @@ struct Avx2 {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(aux + 8 * c), _mm256_slli_epi32(_mm256_madd_epi16(s, ones16), 7));
     }
   }
-  // o = o * c + w * (the exact integer sum of weight codes times value codes) for n rows, one at a
-  // time, over all 8 quads of keys (keys a row does not see have weight code 0: their w - 128 is
-  // undone by aux).
   template <int D>
-  static void values(float* const* o, const float* c, const float* w, const uint8_t* e, int n, int64_t,
+  static void values(float* const* o, const float* c, const float* w, const uint8_t* e, int n, int64_t nk,
                      const uint8_t* vb, const int32_t* aux) {
-    constexpr int kChannels = 8;  // of 8 dimensions each, per pass
-    for (int r = 0; r < n; r++) {
-      const uint8_t* er = e + r * kWeightBytes;
-      const __m256 cr = _mm256_set1_ps(c[r]), wr = _mm256_set1_ps(w[r]);
-      for (int c0 = 0; c0 < D / 8; c0 += kChannels) {
-        __m256i acc[kChannels];
-        for (int ch = 0; ch < kChannels; ch++) acc[ch] = _mm256_setzero_si256();
-        for (int p = 0; p < kBlock / 4; p++) {
-          int32_t a4, s4;
-          std::memcpy(&a4, er + 4 * p, 4);
-          std::memcpy(&s4, er + 32 + 4 * p, 4);
-          const __m256i wa = _mm256_set1_epi32(a4), ws = _mm256_set1_epi32(s4);
-          const uint8_t* vq = vb + p * 4 * D + 32 * c0;
-          for (int ch = 0; ch < kChannels; ch++) {
-            const __m256i v = _mm256_load_si256(reinterpret_cast<const __m256i*>(vq + 32 * ch));
-            acc[ch] = _mm256_add_epi32(acc[ch], dot4(wa, _mm256_sign_epi8(v, ws)));
-          }
-        }
-        for (int ch = 0; ch < kChannels; ch++) {
-          const int d = 8 * (c0 + ch);
-          const __m256i total = _mm256_add_epi32(acc[ch], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(aux + d)));
-          _mm256_storeu_ps(o[r] + d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), wr, _mm256_mul_ps(_mm256_loadu_ps(o[r] + d), cr)));
-        }
-      }
-    }
+    values_of<D, false>(o, c, w, e, n, nk, vb, aux);
   }
 };
 
@@ -301,33 +321,10 @@ struct Dpbusd256 : Avx2 {
   }
   template <int D>
   static void block_values(const uint8_t*, int32_t*) {}
-  // o = o * c + w * (the exact integer sum of weight codes times value codes) for n rows, one at a
-  // time, over the block's quads of keys (keys a row does not see have weight code 0).
   template <int D>
   static void values(float* const* o, const float* c, const float* w, const uint8_t* e, int n, int64_t nk,
-                     const uint8_t* vb, const int32_t*) {
-    constexpr int kChannels = 8;  // of 8 dimensions each, per pass
-    const int64_t quads = (nk + 3) / 4;
-    for (int r = 0; r < n; r++) {
-      const uint8_t* er = e + r * kWeightBytes;
-      const __m256 cr = _mm256_set1_ps(c[r]), wr = _mm256_set1_ps(w[r]);
-      for (int c0 = 0; c0 < D / 8; c0 += kChannels) {
-        __m256i acc[kChannels];
-        for (int ch = 0; ch < kChannels; ch++) acc[ch] = _mm256_setzero_si256();
-        for (int64_t p = 0; p < quads; p++) {
-          int32_t e4;
-          std::memcpy(&e4, er + 4 * p, 4);
-          const __m256i eb = _mm256_set1_epi32(e4);
-          const uint8_t* vq = vb + p * 4 * D + 32 * c0;
-          for (int ch = 0; ch < kChannels; ch++)
-            acc[ch] = dpbusd256(acc[ch], eb, _mm256_load_si256(reinterpret_cast<const __m256i*>(vq + 32 * ch)));
-        }
-        for (int ch = 0; ch < kChannels; ch++) {
-          const int d = 8 * (c0 + ch);
-          _mm256_storeu_ps(o[r] + d, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[ch]), wr, _mm256_mul_ps(_mm256_loadu_ps(o[r] + d), cr)));
-        }
-      }
-    }
+                     const uint8_t* vb, const int32_t* aux) {
+    values_of<D, true>(o, c, w, e, n, nk, vb, aux);
   }
 };
 using Kernel = Dpbusd256;
