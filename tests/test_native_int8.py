@@ -305,7 +305,7 @@ def test_int8_products_are_exact_at_the_ends_of_the_code_ranges(name):
         assert ((y.double() - ref).abs() <= 1e-5 * magnitude + 1e-30).all(), hex(byte)
 
 
-# -- the AVX2 path against the VNNI path, bitwise -------------------------------------------------------------
+# -- every int8 path against the AVX2 path, bitwise -------------------------------------------------------------
 
 # TRIFORCE_NATIVE_ISA of a build with each int8 path (the path's name too), and the CPU flags that
 # run it. "avx-vnni-evex" is the AVX-VNNI path's source with the AVX512-VNNI encoding of `vpdpbusd`.

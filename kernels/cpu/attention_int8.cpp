@@ -202,7 +202,7 @@ struct Vnni {
   }
   template <int D>
   static void query_codes(const int8_t* codes, uint8_t* dst) {
-    for (int d = 0; d < D; d++) dst[d] = uint8_t(codes[d]) ^ 0x80u;
+    int8att::offset_query_codes<D>(codes, dst);
   }
   // 8 rows x 2 halves = 16 chains in flight, sharing each key load
   template <int D>

@@ -312,7 +312,7 @@ struct Dpbusd256 : Avx2 {
   static constexpr int kWeightBytes = 32;  // 0 .. 255 per key
   template <int D>
   static void query_codes(const int8_t* codes, uint8_t* dst) {
-    for (int d = 0; d < D; d++) dst[d] = uint8_t(codes[d]) ^ 0x80u;
+    int8att::offset_query_codes<D>(codes, dst);
   }
   template <int D>
   static void rows(const uint8_t* kb, const float* vs, float vmax, float inv_vmax, int64_t nk, int nr,

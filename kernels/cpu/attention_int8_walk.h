@@ -96,6 +96,13 @@ inline void prepare_block(const void* kblk, const void* vblk, int kv_type, int64
     }
 }
 
+// A query row's codes + 128, `vpdpbusd`'s unsigned side (the kernels that use it take back 128 times
+// each key's sum of codes, prepared with the block).
+template <int D>
+inline void offset_query_codes(const int8_t* codes, uint8_t* dst) {
+  for (int d = 0; d < D; d++) dst[d] = uint8_t(codes[d]) ^ 0x80u;
+}
+
 // The largest value scale among the first nk keys of a block (its stored largest for a full one).
 inline void block_vmax(const float* vs, int64_t nk, float& vmax, float& inv_vmax) {
   vmax = vs[kBlock];
