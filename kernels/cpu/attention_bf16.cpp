@@ -286,7 +286,8 @@ void attention_queries(const AttentionArgs& a) {
         // The block after next is fetched ahead when this call makes it from the cache's rows. Not
         // when it is prepared: those are two sequential streams per KV head, which the hardware
         // prefetcher follows; software prefetches on top made a 1-thread step at 7K-29K 1.6x slower
-        // (fill buffers taken by lines already on their way).
+        // (fill buffers taken by lines already on their way). (Whole blocks at once: the int8 walk
+        // fetches a few lines at a time between its products, and gains; attention_int8_walk.h.)
         const int64_t pf = b0 + 2 * kBlock;
         if (pf + kBlock > a.prepared && pf < L)
           prefetch_kv_rows(kbase, vbase, pf, std::min(kBlock, L - pf), a.k_sp * elem, a.v_sp * elem, D * elem);

@@ -66,7 +66,8 @@ inline __m512 exp_weights(__m512 x) {
 // per half of 16 keys; keys at or past nk are -inf. The integer sums are exact in any order: the R
 // rows and the two halves only share each key vector's load.
 template <int R, int D>
-inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* qsc, int64_t nk, __m512 (*sv)[2]) {
+inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* qsc, int64_t nk, __m512 (*sv)[2],
+                   const int8att::Ahead& ahead) {
   constexpr int G4 = D / 4;
   const bool two = nk > 16;
   const __m512i* kv = reinterpret_cast<const __m512i*>(kb);
@@ -74,6 +75,7 @@ inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* 
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
   if (two) {
     for (int i = 0; i < G4; i++) {
+      ahead.share(i, G4);
       const __m512i k0 = _mm512_load_si512(kv + i), k1 = _mm512_load_si512(kv + G4 + i);
       for (int r = 0; r < R; r++) {
         int32_t q4;
@@ -85,6 +87,7 @@ inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* 
     }
   } else {
     for (int i = 0; i < G4; i++) {
+      ahead.share(i, G4);
       const __m512i k0 = _mm512_load_si512(kv + i);
       for (int r = 0; r < R; r++) {
         int32_t q4;
@@ -166,11 +169,12 @@ inline void softmax_rows(__m512 (*sv)[2], float* const* p, int64_t nk, const flo
 // codes), for RT rows sharing every value load.
 template <int RT, int NC>
 inline void update_values(float* const* o, const float* c, const float* wsc, const uint32_t* const* e, int64_t quads,
-                          const __m512i* vq) {
+                          const __m512i* vq, const int8att::Ahead& ahead) {
   __m512i acc[RT][NC];
   for (int r = 0; r < RT; r++)
     for (int ch = 0; ch < NC; ch++) acc[r][ch] = _mm512_setzero_si512();
   for (int64_t p = 0; p < quads; p++) {
+    ahead.share(p, quads);
     __m512i vv[NC];
     for (int ch = 0; ch < NC; ch++) vv[ch] = _mm512_load_si512(vq + p * NC + ch);
     for (int r = 0; r < RT; r++) {
@@ -210,14 +214,14 @@ struct Vnni {
                    const int8att::RowsStep& st) {
     __m512 sv[kScoreRows][2];
     switch (nr) {
-      case 1: scores<1, D>(kb, st.qrows, st.qsc, nk, sv); break;
-      case 2: scores<2, D>(kb, st.qrows, st.qsc, nk, sv); break;
-      case 3: scores<3, D>(kb, st.qrows, st.qsc, nk, sv); break;
-      case 4: scores<4, D>(kb, st.qrows, st.qsc, nk, sv); break;
-      case 5: scores<5, D>(kb, st.qrows, st.qsc, nk, sv); break;
-      case 6: scores<6, D>(kb, st.qrows, st.qsc, nk, sv); break;
-      case 7: scores<7, D>(kb, st.qrows, st.qsc, nk, sv); break;
-      default: scores<kScoreRows, D>(kb, st.qrows, st.qsc, nk, sv); break;
+      case 1: scores<1, D>(kb, st.qrows, st.qsc, nk, sv, st.kahead); break;
+      case 2: scores<2, D>(kb, st.qrows, st.qsc, nk, sv, st.kahead); break;
+      case 3: scores<3, D>(kb, st.qrows, st.qsc, nk, sv, st.kahead); break;
+      case 4: scores<4, D>(kb, st.qrows, st.qsc, nk, sv, st.kahead); break;
+      case 5: scores<5, D>(kb, st.qrows, st.qsc, nk, sv, st.kahead); break;
+      case 6: scores<6, D>(kb, st.qrows, st.qsc, nk, sv, st.kahead); break;
+      case 7: scores<7, D>(kb, st.qrows, st.qsc, nk, sv, st.kahead); break;
+      default: scores<kScoreRows, D>(kb, st.qrows, st.qsc, nk, sv, st.kahead); break;
     }
     for (int r0 = 0; r0 < nr; r0 += kSoftmaxRows) {
       const int m = std::min(kSoftmaxRows, nr - r0);
@@ -235,17 +239,17 @@ struct Vnni {
   static void block_values(const uint8_t*, int32_t*) {}
   template <int D>
   static void values(float* const* o, const float* c, const float* w, const uint8_t* e, int n, int64_t nk,
-                     const uint8_t* vb, const int32_t*) {
+                     const uint8_t* vb, const int32_t*, const int8att::Ahead& ahead) {
     constexpr int NC = D / 16, RT = value_rows<D>();
     const uint32_t* er[RT];
     for (int r = 0; r < n; r++) er[r] = reinterpret_cast<const uint32_t*>(e + r * kWeightBytes);
     const int64_t quads = (nk + 3) / 4;
     const __m512i* vq = reinterpret_cast<const __m512i*>(vb);
     switch (n) {
-      case 1: update_values<1, NC>(o, c, w, er, quads, vq); break;
-      case 2: update_values<2, NC>(o, c, w, er, quads, vq); break;
-      case 3: update_values<(RT >= 3 ? 3 : 1), NC>(o, c, w, er, quads, vq); break;
-      default: update_values<RT, NC>(o, c, w, er, quads, vq); break;
+      case 1: update_values<1, NC>(o, c, w, er, quads, vq, ahead); break;
+      case 2: update_values<2, NC>(o, c, w, er, quads, vq, ahead); break;
+      case 3: update_values<(RT >= 3 ? 3 : 1), NC>(o, c, w, er, quads, vq, ahead); break;
+      default: update_values<RT, NC>(o, c, w, er, quads, vq, ahead); break;
     }
   }
 };

@@ -84,7 +84,8 @@ constexpr int kRows = 4;  // rows whose scores share each key load: 4 rows x 2 g
 // groups of 8 keys (sv[r][g]); keys at or past nk are -inf. DPBUSD: the rows' codes + 128 by the
 // keys' codes, less the block's 128 * (sum of a key's codes), as attention_int8.cpp's `scores`.
 template <int R, int D, bool DPBUSD>
-inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* qsc, int64_t nk, __m256 (*sv)[4]) {
+inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* qsc, int64_t nk, __m256 (*sv)[4],
+                   const int8att::Ahead& ahead) {
   constexpr int G4 = D / 4;
   const float* ks = reinterpret_cast<const float*>(kb + kBlock * D);
   const int32_t* kcorr = reinterpret_cast<const int32_t*>(kb + kBlock * D + 128);
@@ -97,6 +98,7 @@ inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* 
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     const uint8_t* kh = kb + half * G4 * 64;
     for (int i = 0; i < G4; i++) {
+      ahead.share(half * G4 + i, 2 * G4);
       const __m256i k0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(kh + i * 64));
       const __m256i k1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(kh + i * 64 + 32));
       for (int r = 0; r < R; r++) {
@@ -201,7 +203,7 @@ void rows_of(const uint8_t* kb, const float* vs, float vmax, float inv_vmax, int
     uint8_t* e = st.e + r0 * kWeightBytes;
     auto run = [&](auto rows) {
       constexpr int R = decltype(rows)::value;
-      scores<R, D, DPBUSD>(kb, q, st.qsc + r0, nk, sv);
+      scores<R, D, DPBUSD>(kb, q, st.qsc + r0, nk, sv, r0 == 0 ? st.kahead : int8att::Ahead{});
       softmax_rows<R, D, DPBUSD>(sv, p, nk, vs, vmax, inv_vmax, e, st.wsc + r0, st.corr + r0);
     };
     switch (std::min(kRows, nr - r0)) {
@@ -220,7 +222,7 @@ void rows_of(const uint8_t* kb, const float* vs, float vmax, float inv_vmax, int
 // the rows see.
 template <int D, bool DPBUSD>
 void values_of(float* const* o, const float* c, const float* w, const uint8_t* e, int n, int64_t nk,
-               const uint8_t* vb, const int32_t* aux) {
+               const uint8_t* vb, const int32_t* aux, const int8att::Ahead& ahead) {
   constexpr int kChannels = 8;  // of 8 dimensions each, per pass
   constexpr int kWeightBytes = DPBUSD ? 32 : 64;
   const int64_t quads = DPBUSD ? (nk + 3) / 4 : kBlock / 4;
@@ -231,6 +233,7 @@ void values_of(float* const* o, const float* c, const float* w, const uint8_t* e
       __m256i acc[kChannels];
       for (int ch = 0; ch < kChannels; ch++) acc[ch] = _mm256_setzero_si256();
       for (int64_t p = 0; p < quads; p++) {
+        if (r == 0 && c0 == 0) ahead.share(p, quads);
         int32_t a4;
         std::memcpy(&a4, er + 4 * p, 4);
         const __m256i wa = _mm256_set1_epi32(a4);
@@ -298,8 +301,8 @@ struct Avx2 {
   }
   template <int D>
   static void values(float* const* o, const float* c, const float* w, const uint8_t* e, int n, int64_t nk,
-                     const uint8_t* vb, const int32_t* aux) {
-    values_of<D, false>(o, c, w, e, n, nk, vb, aux);
+                     const uint8_t* vb, const int32_t* aux, const int8att::Ahead& ahead) {
+    values_of<D, false>(o, c, w, e, n, nk, vb, aux, ahead);
   }
 };
 
@@ -323,8 +326,8 @@ struct Dpbusd256 : Avx2 {
   static void block_values(const uint8_t*, int32_t*) {}
   template <int D>
   static void values(float* const* o, const float* c, const float* w, const uint8_t* e, int n, int64_t nk,
-                     const uint8_t* vb, const int32_t* aux) {
-    values_of<D, true>(o, c, w, e, n, nk, vb, aux);
+                     const uint8_t* vb, const int32_t* aux, const int8att::Ahead& ahead) {
+    values_of<D, true>(o, c, w, e, n, nk, vb, aux, ahead);
   }
 };
 using Kernel = Dpbusd256;

@@ -7,9 +7,11 @@
 //   K::kQueryBytes                        bytes per dimension of a query row's codes as K reads them
 //   K::query_codes<D>(codes, dst)         a query row's codes in that form
 //   K::kWeightBytes                       bytes of a row's weight codes for one block
-//   K::rows<D>(...)                       scores and the online-softmax step of up to kScoreRows rows
+//   K::rows<D>(...)                       scores and the online-softmax step of up to kScoreRows rows,
+//                                         fetching st.kahead's lines a share per step of its loop
 //   K::block_values<D>(vb, aux)           what a block's values need before the rows' products
-//   K::values<D>(...)                     the values step of up to K::kValueRows rows of equal nk
+//   K::values<D>(..., ahead)              the values step of up to K::kValueRows rows of equal nk,
+//                                         fetching ahead's lines likewise
 //
 // Both kernels compute the same numbers (attention_int8.h), bit for bit: the integer sums are the
 // same integers, and every floating-point step is the same lane-wise IEEE operation in the same
@@ -113,6 +115,34 @@ inline void block_vmax(const float* vs, int64_t nk, float& vmax, float& inv_vmax
   inv_vmax = vmax > 0.0f ? 1.0f / vmax : 0.0f;
 }
 
+// A prepared block two blocks ahead of the walk (in the same KV head), fetched into L2 a few lines at
+// a time from inside a kernel's loops over the current block. Why: a decode step's few rows per KV
+// head go through a block in well under a microsecond, and the hardware prefetchers do not follow
+// the walk's order (the keys' two halves interleaved, a block's scales read before its codes), so
+// without these a step's attention at long contexts waits on memory for much of its time
+// (docs/performance.md, "The int8 attention reads ahead"). A few lines between the products, not a
+// whole block at once: a burst takes the load queue from the demand loads (see attention_bf16.cpp).
+// An asm statement, not _mm_prefetch: GCC 12 deleted the intrinsic's loop once it was inlined into
+// a kernel (a loop whose only effects are prefetches).
+constexpr int64_t kAheadBlocks = 2;
+
+struct Ahead {
+  const uint8_t* p = nullptr;  // nullptr: nothing to fetch
+  int64_t bytes = 0;
+  // Share i of n: lines i * ceil(lines / n) onwards.
+  inline void share(int64_t i, int64_t n) const {
+#if defined(TF_AVX512) || defined(TF_AVX2)
+    if (!p) return;
+    const int64_t lines = (bytes + 63) / 64, per = (lines + n - 1) / n;
+    const char* c = reinterpret_cast<const char*>(p);
+    for (int64_t l = i * per, end = std::min(lines, l + per); l < end; l++)
+      asm volatile("prefetcht2 %0" : : "m"(c[64 * l]));
+#else
+    (void)i, (void)n;
+#endif
+  }
+};
+
 // The rows of one block step: per row its partial (o[D], m, 16 denominators), its query codes and
 // scale, and what the softmax step leaves for the values step.
 struct RowsStep {
@@ -122,6 +152,7 @@ struct RowsStep {
   uint8_t* e;  // K::kWeightBytes per row
   float* wsc;
   float* corr;
+  Ahead kahead;  // the keys of a block ahead, to fetch during this step (walk: only a block's first)
 };
 
 template <class K>
@@ -211,6 +242,11 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
         if (pf + kBlock > a.prepared && pf < L)
           prefetch_kv_rows(kbase, vbase, pf, std::min(kBlock, L - pf), a.k_sp * elem, a.v_sp * elem, D * elem);
         const uint8_t *kb = sc.kp, *vb = sc.vp;
+        Ahead kahead, vahead;  // (fetched by the block's first rows step and first values step)
+        if (const int64_t ab = b0 + kAheadBlocks * kBlock; ab + kBlock <= a.prepared) {
+          kahead = Ahead{kprep + (h * a.prep_sh + ab / kBlock) * bbytes, bbytes};
+          vahead = Ahead{vprep + (h * a.prep_sh + ab / kBlock) * bbytes, bbytes};
+        }
         if (nb == kBlock && b1 <= a.prepared) {  // a block the caller prepared (prepare_kv_int8)
           kb = kprep + (h * a.prep_sh + b0 / kBlock) * bbytes;
           vb = vprep + (h * a.prep_sh + b0 / kBlock) * bbytes;
@@ -240,7 +276,7 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
               sc.nk[n_active + r] = nk;
             }
             const RowsStep step{parts, qrows, qsc, sc.codes() + n_active * K::kWeightBytes, sc.wsc.data() + n_active,
-                                sc.corr.data() + n_active};
+                                sc.corr.data() + n_active, n_active == 0 ? kahead : Ahead{}};
             K::template rows<D>(kb, vs, vmax, inv_vmax, nk, nr, step);
             n_active += nr;
           }
@@ -251,7 +287,7 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
           constexpr int kTile = K::template value_rows<D>();  // (1: no run of equal nk to scan)
           const int64_t n = kTile == 1 ? 1 : value_tile_rows(sc.nk.data(), i, n_active, kTile);
           K::template values<D>(sc.out.data() + i, sc.corr.data() + i, sc.wsc.data() + i,
-                                sc.codes() + i * K::kWeightBytes, int(n), sc.nk[i], vb, sc.aux);
+                                sc.codes() + i * K::kWeightBytes, int(n), sc.nk[i], vb, sc.aux, i == 0 ? vahead : Ahead{});
           i += n;
         }
       }
