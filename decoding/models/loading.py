@@ -14,8 +14,8 @@ Activations (`activations=` or TRIFORCE_ACTIVATIONS): "auto" (the default) takes
 where this build has it (AVX2 or AVX512-VNNI) and the weights are GGUF blocks, else fp32; "fp32" and
 "int8" ask for one (int8 where it cannot run: fp32 and a notice). Attention products
 (`attention=` or TRIFORCE_ATTENTION): "auto", with the int8 activations, takes int8 products where the
-build has AVX512-VNNI, else bf16 where it has AVX512-BF16, else fp32; "fp32", "bf16" and "int8" ask
-for one.
+build has them (AVX512-VNNI, AVX-VNNI or AVX2), else bf16 where it has AVX512-BF16, else fp32; "fp32",
+"bf16" and "int8" ask for one.
 """
 
 from __future__ import annotations
