@@ -128,17 +128,19 @@ constexpr int64_t kAheadBlocks = 2;
 
 struct Ahead {
   const uint8_t* p = nullptr;  // nullptr: nothing to fetch
-  int64_t bytes = 0;
-  // Share i of n: lines i * ceil(lines / n) onwards.
-  inline void share(int64_t i, int64_t n) const {
+  int64_t lines = 0;           // of 64 bytes
+  // Share i of N, N the steps of the kernel's loop over a block: lines i * ceil(lines / N) onwards
+  // (N a constant, so no division per step).
+  template <int64_t N>
+  inline void share(int64_t i) const {
 #if defined(TF_AVX512) || defined(TF_AVX2)
     if (!p) return;
-    const int64_t lines = (bytes + 63) / 64, per = (lines + n - 1) / n;
+    const int64_t per = (lines + N - 1) / N;
     const char* c = reinterpret_cast<const char*>(p);
     for (int64_t l = i * per, end = std::min(lines, l + per); l < end; l++)
       asm volatile("prefetcht2 %0" : : "m"(c[64 * l]));
 #else
-    (void)i, (void)n;
+    (void)i;
 #endif
   }
 };
@@ -244,8 +246,8 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
         const uint8_t *kb = sc.kp, *vb = sc.vp;
         Ahead kahead, vahead;  // (fetched by the block's first rows step and first values step)
         if (const int64_t ab = b0 + kAheadBlocks * kBlock; ab + kBlock <= a.prepared) {
-          kahead = Ahead{kprep + (h * a.prep_sh + ab / kBlock) * bbytes, bbytes};
-          vahead = Ahead{vprep + (h * a.prep_sh + ab / kBlock) * bbytes, bbytes};
+          kahead = Ahead{kprep + (h * a.prep_sh + ab / kBlock) * bbytes, bbytes / 64};
+          vahead = Ahead{vprep + (h * a.prep_sh + ab / kBlock) * bbytes, bbytes / 64};
         }
         if (nb == kBlock && b1 <= a.prepared) {  // a block the caller prepared (prepare_kv_int8)
           kb = kprep + (h * a.prep_sh + b0 / kBlock) * bbytes;
