@@ -287,9 +287,10 @@ void attention_queries_t(const AttentionArgs& a) {
           }
         }
         // weighted values, in tiles of rows that share nk and each V row
+        ValueTiles tiles(sc.nk.data(), n_active, kValueRows);
         int64_t i = 0;
         while (i < n_active) {
-          const int64_t n = value_tile_rows(sc.nk.data(), i, n_active, kValueRows);
+          const int64_t n = tiles.rows(i);
           const float* e[kValueRows];
           for (int64_t r = 0; r < n; r++) e[r] = sc.e.data() + (i + r) * ld;
           float* const* o = sc.out.data() + i;

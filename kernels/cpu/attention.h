@@ -53,16 +53,28 @@ inline void for_query_slices(const AttentionArgs& a, Run&& run) {
   }
 }
 
-// Rows in the next value tile of a block: from row i of n_active, the rows that share row i's nk
-// (its run), cut into tiles of near-equal size of at most max_rows (a tile of one row has too few
-// independent chains to hide the latency of its multiply-adds). Which rows share a tile never changes
-// a row's arithmetic, only which value loads it shares.
-inline int64_t value_tile_rows(const int64_t* nk, int64_t i, int64_t n_active, int64_t max_rows) {
-  int64_t run = 1;
-  while (i + run < n_active && nk[i + run] == nk[i]) run++;
-  const int64_t tiles = (run + max_rows - 1) / max_rows;
-  return (run + tiles - 1) / tiles;
-}
+// The value tiles of a block: from row i of n_active, the rows that share row i's nk (its run), cut
+// into tiles of near-equal size of at most max_rows (a tile of one row has too few independent
+// chains to hide the latency of its multiply-adds). Which rows share a tile never changes a row's
+// arithmetic, only which value loads it shares. A run is scanned once: a prefill slice's block has
+// one run of hundreds of rows, and rescanning what is left of it at every tile was quadratic.
+class ValueTiles {
+ public:
+  ValueTiles(const int64_t* nk, int64_t n_active, int64_t max_rows) : nk_(nk), n_active_(n_active), max_rows_(max_rows) {}
+  // Rows in the tile that starts at row i (i: 0, then each tile's end).
+  int64_t rows(int64_t i) {
+    if (i >= run_end_) {
+      run_end_ = i + 1;
+      while (run_end_ < n_active_ && nk_[run_end_] == nk_[i]) run_end_++;
+    }
+    const int64_t run = run_end_ - i, tiles = (run + max_rows_ - 1) / max_rows_;
+    return (run + tiles - 1) / tiles;
+  }
+
+ private:
+  const int64_t* nk_;
+  int64_t n_active_, max_rows_, run_end_ = 0;
+};
 
 // Software prefetch of n key rows from `first` on, in K and V (row_bytes each, strides in bytes),
 // into L2. The attention kernels fetch the block after next while one is computed, across segment

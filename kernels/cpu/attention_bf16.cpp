@@ -330,9 +330,10 @@ void attention_queries(const AttentionArgs& a) {
             n_active += nr;
           }
         }
+        ValueTiles tiles(sc.nk.data(), n_active, kValueRows);
         int64_t i = 0;
         while (i < n_active) {
-          const int64_t n = value_tile_rows(sc.nk.data(), i, n_active, kValueRows);
+          const int64_t n = tiles.rows(i);
           const uint32_t* e[kValueRows];
           for (int64_t r = 0; r < n; r++) e[r] = sc.e.data() + (i + r) * 16;
           float* const* o = sc.out.data() + i;

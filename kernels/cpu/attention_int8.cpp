@@ -75,7 +75,7 @@ inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* 
   for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
   if (two) {
     for (int i = 0; i < G4; i++) {
-      ahead.share<G4>(i);
+      ahead.share<D, G4>(i);
       const __m512i k0 = _mm512_load_si512(kv + i), k1 = _mm512_load_si512(kv + G4 + i);
       for (int r = 0; r < R; r++) {
         int32_t q4;
@@ -87,7 +87,7 @@ inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* 
     }
   } else {
     for (int i = 0; i < G4; i++) {
-      ahead.share<G4>(i);
+      ahead.share<D, G4>(i);
       const __m512i k0 = _mm512_load_si512(kv + i);
       for (int r = 0; r < R; r++) {
         int32_t q4;
@@ -174,7 +174,7 @@ inline void update_values(float* const* o, const float* c, const float* wsc, con
   for (int r = 0; r < RT; r++)
     for (int ch = 0; ch < NC; ch++) acc[r][ch] = _mm512_setzero_si512();
   for (int64_t p = 0; p < quads; p++) {
-    ahead.share<kBlock / 4>(p);  // (a row seeing fewer keys fetches fewer lines)
+    ahead.share<NC * 16, kBlock / 4>(p);  // (a row seeing fewer keys fetches fewer lines)
     __m512i vv[NC];
     for (int ch = 0; ch < NC; ch++) vv[ch] = _mm512_load_si512(vq + p * NC + ch);
     for (int r = 0; r < RT; r++) {

@@ -98,7 +98,7 @@ inline void scores(const uint8_t* kb, const uint8_t* const* qrows, const float* 
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     const uint8_t* kh = kb + half * G4 * 64;
     for (int i = 0; i < G4; i++) {
-      ahead.share<2 * G4>(half * G4 + i);
+      ahead.share<D, 2 * G4>(half * G4 + i);
       const __m256i k0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(kh + i * 64));
       const __m256i k1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(kh + i * 64 + 32));
       for (int r = 0; r < R; r++) {
@@ -233,7 +233,7 @@ void values_of(float* const* o, const float* c, const float* w, const uint8_t* e
       __m256i acc[kChannels];
       for (int ch = 0; ch < kChannels; ch++) acc[ch] = _mm256_setzero_si256();
       for (int64_t p = 0; p < quads; p++) {
-        if (r == 0 && c0 == 0) ahead.share<kBlock / 4>(p);
+        if (r == 0 && c0 == 0) ahead.share<D, kBlock / 4>(p);
         int32_t a4;
         std::memcpy(&a4, er + 4 * p, 4);
         const __m256i wa = _mm256_set1_epi32(a4);

@@ -127,18 +127,18 @@ inline void block_vmax(const float* vs, int64_t nk, float& vmax, float& inv_vmax
 constexpr int64_t kAheadBlocks = 2;
 
 struct Ahead {
-  const uint8_t* p = nullptr;  // nullptr: nothing to fetch
-  int64_t lines = 0;           // of 64 bytes
-  // Share i of N, N the steps of the kernel's loop over a block: lines i * ceil(lines / N) onwards
-  // (N a constant, so no division per step).
-  template <int64_t N>
+  const uint8_t* p = nullptr;  // a prepared block (D dimensions); nullptr: nothing to fetch
+  // Share i of N, N the steps of the kernel's loop over a block: lines i * ceil(lines / N) onwards,
+  // the last line again past the end. Constants, so that the statements unroll: a loop of
+  // prefetches inside the products' loop made GCC copy every accumulator twice per step there.
+  template <int D, int64_t N>
   inline void share(int64_t i) const {
 #if defined(TF_AVX512) || defined(TF_AVX2)
+    constexpr int64_t lines = int8_block_bytes(D) / 64, per = (lines + N - 1) / N;
     if (!p) return;
-    const int64_t per = (lines + N - 1) / N;
     const char* c = reinterpret_cast<const char*>(p);
-    for (int64_t l = i * per, end = std::min(lines, l + per); l < end; l++)
-      asm volatile("prefetcht2 %0" : : "m"(c[64 * l]));
+    for (int64_t k = 0; k < per; k++)
+      asm volatile("prefetcht2 %0" : : "m"(c[64 * std::min(i * per + k, lines - 1)]));
 #else
     (void)i;
 #endif
@@ -246,8 +246,8 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
         const uint8_t *kb = sc.kp, *vb = sc.vp;
         Ahead kahead, vahead;  // (fetched by the block's first rows step and first values step)
         if (const int64_t ab = b0 + kAheadBlocks * kBlock; ab + kBlock <= a.prepared) {
-          kahead = Ahead{kprep + (h * a.prep_sh + ab / kBlock) * bbytes, bbytes / 64};
-          vahead = Ahead{vprep + (h * a.prep_sh + ab / kBlock) * bbytes, bbytes / 64};
+          kahead = Ahead{kprep + (h * a.prep_sh + ab / kBlock) * bbytes};
+          vahead = Ahead{vprep + (h * a.prep_sh + ab / kBlock) * bbytes};
         }
         if (nb == kBlock && b1 <= a.prepared) {  // a block the caller prepared (prepare_kv_int8)
           kb = kprep + (h * a.prep_sh + b0 / kBlock) * bbytes;
@@ -284,10 +284,11 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
           }
         }
         K::template block_values<D>(vb, sc.aux);
+        constexpr int kTile = K::template value_rows<D>();  // (1: no run of equal nk to scan)
+        ValueTiles tiles(sc.nk.data(), n_active, kTile);
         int64_t i = 0;
         while (i < n_active) {
-          constexpr int kTile = K::template value_rows<D>();  // (1: no run of equal nk to scan)
-          const int64_t n = kTile == 1 ? 1 : value_tile_rows(sc.nk.data(), i, n_active, kTile);
+          const int64_t n = kTile == 1 ? 1 : tiles.rows(i);
           K::template values<D>(sc.out.data() + i, sc.corr.data() + i, sc.wsc.data() + i,
                                 sc.codes() + i * K::kWeightBytes, int(n), sc.nk[i], vb, sc.aux, i == 0 ? vahead : Ahead{});
           i += n;
