@@ -128,9 +128,8 @@ constexpr int64_t kAheadBlocks = 2;
 
 struct Ahead {
   const uint8_t* p = nullptr;  // a prepared block (D dimensions); nullptr: nothing to fetch
-  // Share i of N, N the steps of the kernel's loop over a block: lines i * ceil(lines / N) onwards,
-  // the last line again past the end. Constants, so that the statements unroll: a loop of
-  // prefetches inside the products' loop made GCC copy every accumulator twice per step there.
+  // Share i of N, N the steps of the kernel's loop over a block: lines i * ceil(lines / N) onwards.
+  // Constants, so that the statements unroll with the kernel's loop.
   template <int D, int64_t N>
   inline void share(int64_t i) const {
 #if defined(TF_AVX512) || defined(TF_AVX2)
@@ -138,7 +137,7 @@ struct Ahead {
     if (!p) return;
     const char* c = reinterpret_cast<const char*>(p);
     for (int64_t k = 0; k < per; k++)
-      asm volatile("prefetcht2 %0" : : "m"(c[64 * std::min(i * per + k, lines - 1)]));
+      if (i * per + k < lines) asm volatile("prefetcht2 %0" : : "m"(c[64 * (i * per + k)]));
 #else
     (void)i;
 #endif
