@@ -283,11 +283,10 @@ void attention_queries(const AttentionArgs& a, const float* key_smooth) {
           }
         }
         K::template block_values<D>(vb, sc.aux);
-        constexpr int kTile = K::template value_rows<D>();  // (1: no run of equal nk to scan)
-        ValueTiles tiles(sc.nk.data(), n_active, kTile);
+        ValueTiles tiles(sc.nk.data(), n_active, K::template value_rows<D>());
         int64_t i = 0;
         while (i < n_active) {
-          const int64_t n = kTile == 1 ? 1 : tiles.rows(i);
+          const int64_t n = tiles.rows(i);
           K::template values<D>(sc.out.data() + i, sc.corr.data() + i, sc.wsc.data() + i,
                                 sc.codes() + i * K::kWeightBytes, int(n), sc.nk[i], vb, sc.aux, i == 0 ? vahead : Ahead{});
           i += n;
