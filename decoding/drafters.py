@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from triforce_chat.decoding.model import Transformer
     from triforce_chat.decoding.models.loading import LoadedModel
 
+Progress = Callable[[int, int], None]  # (done, total)
+Cancel = Callable[[], bool]
+
 
 class DrafterError(ValueError):
     """A drafter cannot be built or used as asked; the message is one line meant for the user."""
@@ -76,7 +79,11 @@ class Drafter(Protocol):
         """The lookup's drafts, else the model's."""
         ...
 
-    def catch_up(self) -> None: ...
+    def catch_up(self, progress: Progress | None = None, should_cancel: Cancel | None = None) -> bool:
+        """Run a draft model over the tokens it recorded but did not run yet, with progress
+        (tokens run, tokens to run) and a cancel check between pieces; False when a cancel stopped
+        it (the rest runs at the next proposal). Nothing to do for a lookup."""
+        ...
 
     def figures(self) -> dict[str, int]: ...
 
@@ -215,8 +222,9 @@ class NGramDrafter:
                 return n
         return 0
 
-    def catch_up(self) -> None:
+    def catch_up(self, progress: Progress | None = None, should_cancel: Cancel | None = None) -> bool:
         """Nothing to run: the index is current after every extend."""
+        return True
 
     def figures(self) -> dict[str, int]:
         return {"ngram_index_entries": sum(len(h) for h in self._head.values())}
@@ -244,14 +252,16 @@ class ModelDrafter:
     them (it lags only after a truncate: the missing tokens are run at the next extend or propose,
     together with whatever comes next), and the logits after the last context token.
 
-    Exactness: keys/values depend only on the token prefix (see streaming.py), so any sequence of
-    extend/truncate gives the same state as a fresh drafter fed the final context. Truncating by up
-    to `slack` tokens (more, until the next compaction) is O(1). A deeper rollback past evicted keys
-    has to re-prefill: rebuild="exact" re-runs the last n_layers * (window - 1) tokens, exactly the
-    reach of a window through the layers (for a 30-layer draft with a 1024 window that is ~30K
-    tokens, tens of seconds on a CPU); rebuild="window" re-runs only the last window + slack tokens, whose
-    deeper layers then saw a shorter past: drafts differ slightly from a fresh drafter's, which
-    costs nothing in correctness since every draft is verified.
+    Exactness: keys/values depend only on the token prefix (see streaming.py), so with
+    rebuild="exact" any sequence of extend/truncate gives the same state as a fresh drafter fed the
+    final context. Truncating by up to `slack` tokens (more, until the next compaction) is O(1). A
+    deeper rollback past evicted keys has to re-prefill: rebuild="exact" re-runs the last
+    n_layers * (window - 1) tokens, exactly the reach of a window through the layers (for a 30-layer
+    draft with a 1024 window that is ~30K tokens, tens of seconds on a CPU); rebuild="window"
+    re-runs only the last window + slack tokens, whose deeper layers then saw a shorter past, and
+    catches up on a lag longer than that the same way (`_skip_ahead`: a document's prefill).
+    Drafts then differ slightly from a fresh drafter's, which costs nothing in correctness since
+    every draft is verified.
     """
 
     def __init__(
@@ -316,21 +326,50 @@ class ModelDrafter:
         else:
             self._logits = None
 
-    def catch_up(self) -> None:
-        """Run the model over the tokens recorded but not run yet."""
-        self.next_logits()
+    def catch_up(self, progress: Progress | None = None, should_cancel: Cancel | None = None) -> bool:
+        """Run the model over the tokens recorded but not run yet (see Drafter.catch_up)."""
+        return self._sync(progress, should_cancel)
 
-    def _sync(self) -> None:
-        """Run the model over the context tokens the cache does not hold yet (chunked prefill)."""
+    def _sync(self, progress: Progress | None = None, should_cancel: Cancel | None = None) -> bool:
+        """Run the model over the context tokens the cache does not hold yet (chunked prefill), from
+        where `_skip_ahead` says. False when should_cancel stopped it between chunks."""
         start, end = self.cache.length, len(self._tokens)
         if start == end:
-            return
+            return True
+        start = self._skip_ahead(start, end)
         dev = self.model.device
         for lo in range(start, end, self.chunk):
+            if should_cancel is not None and should_cancel():
+                return False
             hi = min(lo + self.chunk, end)
             ids = torch.tensor(self._tokens[lo:hi].tolist(), dtype=torch.long, device=dev)  # [T]
             out = self.model(ids, self.cache, logits="last" if hi == end else "none")
+            if progress is not None:
+                progress(hi - start, end - start)
         self._logits = out[0]  # [V]
+        return True
+
+    def _skip_ahead(self, start: int, end: int) -> int:
+        """Where a catch-up from `start` to `end` begins. With rebuild="window", a lag longer than the
+        window and slack runs only its last window + slack tokens (after the sinks, if not yet run),
+        as a deep rollback does: the last token's window then holds exactly the keys it would
+        have, and only what deeper layers would have carried from further back is missing. Why: a
+        draft model reading a 29K-token book whole took 91 s of a 1.5B target's 369 s prefill (Zen
+        4, 2 threads), and again at every reopening (the document cache does not keep its cache),
+        to draft a few tokens per answer; the window is a few seconds. Drafts may differ, which
+        costs nothing in correctness (every draft is verified)."""
+        cache = self.cache
+        if self.rebuild != "window" or end - start <= cache.keep:
+            return start
+        if start < cache.sink:  # the sinks first: every later query reads them
+            ids = torch.tensor(self._tokens[start : cache.sink].tolist(), dtype=torch.long, device=self.model.device)
+            self.model(ids, cache, logits="none")
+            start = cache.sink
+        skip_to = end - cache.keep
+        if skip_to <= start:
+            return start
+        cache.restart(skip_to, approximate=True)
+        return skip_to
 
     def truncate(self, length: int) -> None:
         L = len(self._tokens)
@@ -460,8 +499,8 @@ class LookupFirstDrafter:
         self.lookup.truncate(length)
         self.model.truncate(length)
 
-    def catch_up(self) -> None:
-        self.model.catch_up()
+    def catch_up(self, progress: Progress | None = None, should_cancel: Cancel | None = None) -> bool:
+        return self.model.catch_up(progress, should_cancel)
 
     def propose_lookup(self, k: int) -> tuple[list[int], Tensor | None]:
         """The lookup's drafts when the context's last min_match tokens occurred before, else none."""
@@ -496,12 +535,16 @@ def draft_model_of(drafter: object) -> ModelDrafter | None:
 
 def sync_context(
     drafter: Drafter, context: list[int], step: int | None = None,
-    progress: Callable[[int, int], None] | None = None, should_cancel: Callable[[], bool] | None = None,
+    progress: Progress | None = None, should_cancel: Cancel | None = None,
 ) -> bool:
-    """Make the drafter hold `context`, keeping the common prefix with what it holds. step: feed the
-    new tokens in pieces of that many and run each (a draft model's prefill, with progress and cancel
-    between pieces). Returns False when a cancel stopped it early, the drafter then holding a prefix
-    of `context`."""
+    """Make the drafter hold `context`, keeping the common prefix with what it holds. step: bring a
+    draft model up to date now, with progress over the tokens it runs and a cancel check between
+    its pieces (a prefill, not the first answer's first round); the context goes to the drafter in
+    pieces of that many tokens first, so that a draft model that records without running (the
+    LookupFirstDrafter's) sees the whole lag at once and may skip ahead (ModelDrafter._skip_ahead).
+    Returns False when a cancel stopped it early: the drafter then holds a prefix of `context` (a
+    cancel while extending) or all of it with its model behind (while catching up), which the next
+    proposal completes."""
     held = drafter.tokens
     limit = min(len(held), len(context))
     if held[:limit] == array("i", context[:limit]):  # the usual case, compared in C: no loop at 30K tokens
@@ -513,17 +556,18 @@ def sync_context(
     if n < len(held):
         drafter.truncate(n)
     todo = context[n:]
-    size = step or max(1, len(todo))
-    for done in range(0, len(todo), size):
+    if not step:
+        drafter.extend(todo)
+        return True
+    for done in range(0, len(todo), step):
         if should_cancel is not None and should_cancel():
             return False
-        piece = todo[done : done + size]
-        drafter.extend(piece)
-        if step:
-            drafter.catch_up()
-            if progress is not None:
-                progress(done + len(piece), len(todo))
-    return True
+        piece = todo[done : done + step]
+        if isinstance(drafter, ModelDrafter):
+            drafter.extend(piece, run=False)
+        else:
+            drafter.extend(piece)
+    return drafter.catch_up(progress, should_cancel)
 
 
 # -- construction ---------------------------------------------------------------------------------------

@@ -417,9 +417,10 @@ class Session:
     def _prefill_drafter(
         self, ids: list[int], progress: Progress | None, should_cancel: Callable[[], bool] | None
     ) -> None:
-        """Bring the bottom drafter up to `ids` now, in chunks with progress: a draft model reading a
-        29K-token book takes minutes, which belong to the prefill, not to the first answer's first
-        round. A cancel leaves it consistent (it holds a prefix; the rest follows later)."""
+        """Bring the bottom drafter up to `ids` now, in chunks with progress: a draft model reads the
+        documents' last window (drafters.ModelDrafter._skip_ahead: seconds, where reading a whole
+        book took minutes), which belongs to the prefill, not to the first answer's first round. A
+        cancel leaves it consistent (the rest follows at its next proposal)."""
         from triforce_chat.decoding.drafters import sync_context
 
         if not sync_context(self.drafter, ids, self.config.prefill_chunk, progress, should_cancel):

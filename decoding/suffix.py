@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
@@ -212,8 +212,11 @@ class SuffixDrafter:
             hi = 4 * (end + 1)
         return []
 
-    def catch_up(self) -> None:
+    def catch_up(
+        self, progress: Callable[[int, int], None] | None = None, should_cancel: Callable[[], bool] | None = None
+    ) -> bool:
         """Nothing to run: the automaton is current after every extend."""
+        return True
 
     def figures(self) -> dict[str, int]:
         return {"suffix_states": len(self._len)}

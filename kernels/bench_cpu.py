@@ -154,6 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     ops = native.ops()
     lm = _load(args.model)
     m, a = lm.model, lm.model.args
+    # the forward section writes --context tokens, then the longest window or the prefill chunk
+    if (need := args.context + max(max(rows), args.prefill_chunk)) > m.max_len:
+        ap.error(f"--context {args.context} plus the longest of --rows and --prefill-chunk is {need} positions; "
+                 f"{lm.model_id} covers {m.max_len}")
     if args.modes:
         modes = args.modes.split(",")
     else:
@@ -197,11 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     from triforce_chat.decoding.cache import KVCache
 
     ctx, chunk = args.context, args.prefill_chunk
-    ids = torch.randint(0, a.vocab_size, (ctx + max(rows) + chunk,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, a.vocab_size, (need,), generator=torch.Generator().manual_seed(1))
     fw, pre = {}, {}
     for mode in modes:
         _set_mode(m, mode)
-        cache = KVCache.for_model(m, max_len=ctx + max(rows) + chunk + 1)
+        cache = KVCache.for_model(m, max_len=need)
         m(ids[:ctx], cache, logits="none")
         for t in rows:
             def window(t=t, cache=cache):

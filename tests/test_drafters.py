@@ -421,16 +421,56 @@ def test_sync_context_keeps_the_common_prefix_and_prefills_in_pieces_with_progre
     tokens = random_tokens(45, seed=21)
     seen: list[tuple[int, int]] = []
     sync_context(both, tokens, step=20, progress=lambda d, t: seen.append((d, t)))
-    assert seen == [(20, 45), (40, 45), (45, 45)]
+    assert seen == [(8, 45), (16, 45), (24, 45), (32, 45), (40, 45), (45, 45)]  # the model's pieces
     assert list(both.tokens) == tokens and both.length == 45
-    assert both.model.cache.length == 45  # run piece by piece: nothing left for the first round
+    assert both.model.cache.length == 45  # run now: nothing left for the first round
     other = tokens[:30] + random_tokens(5, seed=22)
     sync_context(both, other)
     assert list(both.tokens) == other and both.length == 35
     ref = drafter(tiny, chunk=8)
     ref.extend(other)
     same_state(both.model, ref)
-    # a cancel between pieces leaves the drafter holding a prefix of the context
+    # a cancel while extending leaves the drafter holding a prefix of the context
     stop = iter([False, True])
     assert not sync_context(both, tokens, step=10, should_cancel=lambda: next(stop))
     assert list(both.tokens) == tokens[:40] and both.length == 40
+    # a cancel while the model catches up leaves it all recorded, the model behind until it drafts
+    stop = iter([False, True])
+    assert not sync_context(both, tokens, step=10, should_cancel=lambda: next(stop))
+    assert list(both.tokens) == tokens and both.model.cache.length < 45
+    ref = drafter(tiny, chunk=8)
+    ref.extend(tokens)
+    same_state(both.model, ref)
+
+
+def test_a_window_rebuild_drafter_catches_up_on_a_long_lag_from_its_last_window(tiny):
+    """rebuild="window": a lag longer than window + slack runs only the sinks and the last window +
+    slack tokens (a book costs the draft model a window's prefill, not the book's), progress
+    counting those; the lookup still has every token, and a short lag runs whole."""
+    window, slack, sink = 16, 6, 4
+    both = LookupFirstDrafter(NGramDrafter(), drafter(tiny, chunk=8, rebuild="window"))
+    tokens = random_tokens(100, seed=31)
+    seen: list[tuple[int, int]] = []
+    assert sync_context(both, tokens, step=20, progress=lambda d, t: seen.append((d, t)))
+    keep = window + slack
+    assert seen == [(8, keep), (16, keep), (keep, keep)]
+    cache = both.model.cache
+    assert cache.length == 100 and cache.base == cache.exact_from == 100 - keep
+    assert list(both.tokens) == tokens and both.lookup.length == 100
+    assert both.model.figures()["drafter_sink_tokens"] == sink
+    # the window's first layer is what a drafter that ran every token holds there (a key of layer
+    # 0 depends on its token and position alone); deeper layers saw a shorter past
+    full = drafter(tiny, chunk=8)
+    full.extend(tokens)
+    slots = lambda c, pos: [c._slot(p) for p in pos]  # noqa: E731
+    pos = range(100 - window, 100)
+    torch.testing.assert_close(cache.k[0, :, slots(cache, pos)], full.cache.k[0, :, slots(full.cache, pos)])
+    torch.testing.assert_close(cache.k[0, :, :sink], full.cache.k[0, :, :sink])
+    assert not torch.allclose(cache.k[-1, :, slots(cache, pos)], full.cache.k[-1, :, slots(full.cache, pos)])
+    # a lag within window + slack runs whole, as with rebuild="exact"
+    more = random_tokens(keep, seed=32)
+    seen.clear()
+    sync_context(both, tokens + more, step=20, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (keep, keep) and cache.length == 100 + keep and cache.exact_from == 100 - keep
+
+

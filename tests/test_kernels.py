@@ -291,3 +291,9 @@ def test_bench_cpu_skips_the_prefill_at_chunk_zero_and_refuses_bad_counts(capsys
             bench_cpu.main(bad)
         assert exc.value.code == 2
         assert "must be positive" in capsys.readouterr().err
+    if native.available():  # a context the model cannot hold with its windows: refused before it is filled
+        with pytest.raises(SystemExit) as exc:
+            bench_cpu.main(["--model", "smollm2-135m", "--context", "8192", "--rows", "1,8"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--context 8192 plus the longest of --rows and --prefill-chunk is 8704 positions" in err

@@ -123,15 +123,16 @@ def test_truncate_keeps_head_and_tail(tiny_model):
     assert len(s.last_prompt_ids) + 8 <= s.max_context
 
 
-def test_a_draft_model_reads_the_documents_during_the_prefill_not_the_first_answer(tiny_model):
+@pytest.mark.parametrize("rebuild", ["exact", "window"])
+def test_a_draft_model_reads_the_documents_during_the_prefill_not_the_first_answer(tiny_model, rebuild):
     """At level 2 the bottom drafter is brought up to the documents by prefill() (with progress,
     cancellable), so the first round of the first answer does not stall on it; the answer is
-    still level 0's."""
+    still level 0's. With rebuild="window" (what --draft builds) it reads the last window only."""
     from triforce_chat.decoding.drafters import LookupFirstDrafter, ModelDrafter, NGramDrafter
     from triforce_chat.decoding.session import PrefillCancelled
 
     def both() -> LookupFirstDrafter:
-        return LookupFirstDrafter(NGramDrafter(), ModelDrafter(tiny_model.model, window=64, slack=16))
+        return LookupFirstDrafter(NGramDrafter(), ModelDrafter(tiny_model.model, window=64, slack=16, rebuild=rebuild))
 
     plain = Session(tiny_model, DecodeConfig(level=0, max_new_tokens=16))
     plain.add_document("doc.txt", DOC)
@@ -142,10 +143,11 @@ def test_a_draft_model_reads_the_documents_during_the_prefill_not_the_first_answ
     s.add_document("doc.txt", DOC)
     with pytest.raises(PrefillCancelled):  # cancelled inside the drafter's part (after the cache's)
         s.prefill(should_cancel=lambda: s.drafter.length > 0)
-    held = s.drafter.length
+    held, ran = s.drafter.length, s.drafter.model.cache.length
     seen = []
     n, _ = s.prefill(progress=lambda done, total: seen.append((done, total)))
     ids = s._documents_only_ids()
     assert s.drafter.model.cache.length == len(ids) == s.drafter.length > held
-    assert seen[-1] == (len(ids) - held, len(ids) - held)  # the drafter's part, resumed where it stopped
+    lag = len(ids) - ran if rebuild == "exact" else 64 + 16
+    assert len(ids) - ran > 64 + 16 and seen[-1] == (lag, lag)  # the drafter's part, resumed where it stopped
     assert answer(s, "Summarise.") == want

@@ -12,9 +12,8 @@ What is not stored, because it is rebuilt exactly and cheaply:
   prefill, so they are recomputed from the restored keys exactly as after a prefill (an average of
   8 keys per chunk and layer: a small fraction of a restore);
 - the lookup drafter's index and the draft model's StreamingLLM cache: both are built from the
-  token ids at the first level-2 answer, after a restore exactly as after a prefill. (The draft
-  model therefore still runs over the document once, on its first answer; storing its cache would
-  need its own fingerprint and is left for later.)
+  token ids, after a restore exactly as after a prefill. (The draft model runs over the documents'
+  last window + slack tokens only, a few seconds: `ModelDrafter._skip_ahead`.)
 - `KVCache.last_query` when there is no tail: the restore then stops at least one token short of
   the end, so the last prefill step sets it as it would have.
 
