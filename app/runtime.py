@@ -33,9 +33,15 @@ def _stderr(message: str) -> None:
 
 
 # -- documents --------------------------------------------------------------------------------------------
+SNIFF_BYTES = 8192  # a NUL in a document's first bytes: a binary file
+MAX_DOCUMENT_BYTES = 64 * 1024 * 1024  # ~500 times what a 32K-token context holds; --truncate keeps head and tail
+
+
 def read_document(path: Path, warn: Log = _stderr) -> tuple[str, str]:
     """(name, text) of a text file, or a DocumentError naming what is wrong with it. Any path a shell
-    hands over works: a pipe (`--doc <(cmd)`) is read once, as a file is."""
+    hands over works: a pipe (`--doc <(cmd)`) is read once, as a file is; a device or a pipe that
+    never ends (/dev/zero, `yes |`) stops at its first bytes (binary) or at MAX_DOCUMENT_BYTES, so
+    reading never fills the memory."""
     from triforce_chat.decoding.session import DocumentError
 
     if not path.exists():
@@ -43,11 +49,17 @@ def read_document(path: Path, warn: Log = _stderr) -> tuple[str, str]:
     if path.is_dir():
         raise DocumentError(f"{path}: is a directory, not a text file")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = f.read(SNIFF_BYTES)
+            if b"\x00" in data:
+                raise DocumentError(f"{path}: looks like a binary file, not text")
+            data += f.read(MAX_DOCUMENT_BYTES + 1 - len(data))
     except OSError as exc:
         raise DocumentError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if b"\x00" in data[:8192]:
-        raise DocumentError(f"{path}: looks like a binary file, not text")
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise DocumentError(
+            f"{path}: over {MAX_DOCUMENT_BYTES >> 20} MiB, far more than a model's context holds; cut it first"
+        )
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

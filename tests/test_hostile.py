@@ -68,6 +68,40 @@ def test_nul_bytes_and_invalid_utf8_get_a_warning_and_the_rest_is_kept(tmp_path)
         read_document(binary)
 
 
+def test_a_device_or_an_endless_pipe_is_refused_without_filling_the_memory(tmp_path, monkeypatch):
+    """`--doc /dev/zero` once read until the kernel killed the process; now its first bytes say
+    binary, and text past MAX_DOCUMENT_BYTES (an endless `yes |`) stops the read there."""
+    import threading
+
+    from triforce_chat.app import runtime
+    from triforce_chat.decoding.session import DocumentError
+
+    with pytest.raises(DocumentError, match="/dev/zero: looks like a binary file"):
+        runtime.read_document(Path("/dev/zero"))
+    monkeypatch.setattr(runtime, "MAX_DOCUMENT_BYTES", 2 << 20)
+    fifo = tmp_path / "endless"
+    os.mkfifo(fifo)
+    stop = threading.Event()
+
+    def endless() -> None:  # a writer that never ends on its own
+        try:
+            with open(fifo, "wb") as f:
+                while not stop.is_set():
+                    f.write(b"all work and no play\n" * 100)
+        except BrokenPipeError:  # the reader gave up: what a shell's `yes` sees too
+            pass
+
+    writer = threading.Thread(target=endless, daemon=True)
+    writer.start()
+    with pytest.raises(DocumentError, match="endless: over 2 MiB, far more than a model's context holds"):
+        runtime.read_document(fifo)
+    stop.set()
+    writer.join(5)
+    exact = tmp_path / "exact.txt"
+    exact.write_bytes(b"x" * (2 << 20))  # the limit itself is read
+    assert len(runtime.read_document(exact)[1]) == 2 << 20
+
+
 def test_right_to_left_emoji_and_combining_marks_reach_the_model_unchanged(tiny_model):
     s = Session(tiny_model, DecodeConfig(level=2, max_new_tokens=4, budget="64"))
     s.add_document(RTL_EMOJI + ".txt", (RTL_EMOJI + ESCAPES + "\n") * 20)

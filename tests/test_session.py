@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pydoc_data.topics
+import re
 
 import pytest
 
@@ -121,6 +122,34 @@ def test_truncate_keeps_head_and_tail(tiny_model):
     assert text.startswith("BEGINNING.") and text.rstrip().endswith("THE END.")
     assert "tokens omitted" in text
     assert len(s.last_prompt_ids) + 8 <= s.max_context
+
+
+def test_truncate_cuts_a_huge_document_by_characters_before_tokenizing_it(tiny_model, monkeypatch):
+    """A document of megabytes is cut to its first and last PRECUT_CHARS_PER_TOKEN * context
+    characters before anything tokenizes it (50 MB took 6 minutes and 9 GB of memory); the exact cut
+    then keeps head and tail as for any long document, and its marker counts the omitted tokens, the
+    pre-cut ones estimated."""
+    from triforce_chat.decoding.session import PRECUT_CHARS_PER_TOKEN
+
+    s = Session(tiny_model, DecodeConfig(level=0, max_new_tokens=8, truncate=True))
+    span = s.max_context * PRECUT_CHARS_PER_TOKEN
+    huge = "BEGINNING. " + DOC * (3 * span // len(DOC)) + " THE END."
+    total = s.count_tokens(huge)
+    seen: list[int] = []
+    count, encode = s.count_tokens, s._encode
+    monkeypatch.setattr(s, "count_tokens", lambda text: seen.append(len(text)) or count(text))
+    monkeypatch.setattr(s, "_encode", lambda text: seen.append(len(text)) or encode(text))
+    doc = s.add_document("huge.txt", huge)
+    assert doc.original == huge and len(doc.text) < 2 * span + 100
+    assert len(answer(s, "How does it end?")) == 8
+    assert seen and max(seen) < 2 * span + 100  # nothing tokenized the whole text
+    text = s.turns[0].documents[0].text
+    assert text.startswith("BEGINNING.") and text.rstrip().endswith("THE END.")
+    assert "characters omitted" not in text  # the pre-cut's marker went with the middle
+    omitted = int(re.search(r"\[\.\.\. about (\d+) tokens omitted \.\.\.\]", text).group(1))
+    kept = s.count_tokens(text)
+    assert abs(omitted - (total - kept)) < 0.05 * total
+    assert doc.pieces[-1].origin + doc.pieces[-1].end - doc.pieces[-1].start == len(huge)  # the tail is the file's
 
 
 @pytest.mark.parametrize("rebuild", ["exact", "window"])
