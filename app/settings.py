@@ -284,6 +284,9 @@ def _cache_table(table: Any, where: Callable[[str], str]) -> dict[str, Any]:
     return out
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_settings(
     path: Path | None = None, base: Settings | None = None, warn: Callable[[str], None] | None = None
 ) -> Settings:
@@ -305,8 +308,12 @@ def load_settings(
         warn(f"{message} ({fallback})")
 
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        with path.open("rb") as f:  # at most a little more than a config file can need: /dev/zero never ends
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ValueError(f"over {MAX_CONFIG_BYTES >> 20} MiB, not a config file")
+        text = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
         report(f"{path}: cannot read the config file ({exc})", "using the defaults")
         return base
     try:

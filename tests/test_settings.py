@@ -56,6 +56,18 @@ def test_syntax_error_names_the_line(tmp_path):
         load_settings(path)
 
 
+def test_a_config_path_that_never_ends_is_refused_not_read_to_the_end(tmp_path):
+    """`--config /dev/zero` read until memory ran out (a MemoryError traceback, or the OOM killer)."""
+    with pytest.raises(SettingsError, match="/dev/zero: cannot read the config file .over 1 MiB"):
+        load_settings(Path("/dev/zero"))
+    warnings: list[str] = []
+    assert load_settings(Path("/dev/zero"), warn=warnings.append) == Settings()
+    assert len(warnings) == 1 and "using the defaults" in warnings[0]
+    big = write(tmp_path, "# " + "x" * (1 << 20) + "\nlevel = 1\n")  # a comment of a MiB: still refused
+    with pytest.raises(SettingsError, match="over 1 MiB"):
+        load_settings(big)
+
+
 @pytest.mark.parametrize(
     ("text", "line", "words"),
     [
