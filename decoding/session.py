@@ -14,6 +14,7 @@ rest, saving chunks as the prefill passes their ends; without one it behaves exa
 from __future__ import annotations
 
 import functools
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +52,14 @@ _SENTINEL = "\u2063QUESTION\u2063"
 # each end, far more than real text's 3-5 characters per token, before the exact cut at token
 # boundaries: tokenizing 50 MB with its offsets took 6 minutes and 9 GB of memory.
 PRECUT_CHARS_PER_TOKEN = 32
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """`text` with lone surrogates as U+FFFD. Bytes that are not UTF-8 reach Python from argv, stdin
+    and file names as surrogate escapes, and the tokenizer refuses those with a TypeError: a file
+    named caf\\xe9.txt, or `printf '\\xff' | triforce-chat ask -`, ended in a traceback."""
+    return _SURROGATES.sub("\ufffd", text)
 Progress = Callable[[int, int], None]
 OnRestore = Callable[[SyncReport], None]
 
@@ -186,6 +195,7 @@ class Session:
         return len(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def add_document(self, name: str, text: str) -> Document:
+        name, text = valid_text(name), valid_text(text)
         if not text.strip():
             raise DocumentError(f"{name}: the document is empty")
         at_least = len(text) // self._longest_token
@@ -519,6 +529,7 @@ class Session:
         cfg = self.config
         cfg.validate()
         self._stop.clear()
+        question = valid_text(question)
         if not question.strip():
             raise ValueError("the question is empty")
         if cfg.truncate:

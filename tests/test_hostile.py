@@ -124,6 +124,45 @@ def test_a_5mb_single_line_is_refused_with_one_line(monkeypatch, capsys, tiny_mo
     assert "--truncate" in line
 
 
+def test_bytes_that_are_not_utf8_in_a_file_name_or_a_question_reach_the_model_as_u_fffd(
+    monkeypatch, capsys, tiny_model, tiny_model_dir, tmp_path
+):
+    """Python hands such bytes over as surrogate escapes, which the tokenizer refuses (a TypeError
+    traceback, for a file named caf\\xe9.txt or `printf '\\xff' | ask -`)."""
+    import io
+
+    from test_cli import run_cli
+
+    path = tmp_path / os.fsdecode(b"caf\xe9.txt")
+    path.write_text("The lighthouse keeper is Amelia Stroud.\n" * 5)
+    question = os.fsdecode(b"Who keeps \xff the lighthouse?")
+    monkeypatch.setattr("sys.stdin", io.StringIO(question))
+    code, out, err = run_cli(monkeypatch, capsys, "ask", "--model", str(tiny_model_dir), "--dtype", "float32",
+                             "-n", "3", "--json", "-d", str(path), "-")
+    assert code == 0, err
+    assert len(json.loads(out)["token_ids"]) == 3
+    s = Session(tiny_model, DecodeConfig(level=0, max_new_tokens=2))
+    doc = s.add_document(path.name, path.read_text())
+    assert doc.name == "caf\ufffd.txt"
+    assert len([t for ev in s.generate(question) for t in ev.tokens]) == 2
+    assert s.turns[-1].question == "Who keeps \ufffd the lighthouse?"
+
+
+def test_an_endless_question_on_stdin_is_refused_with_one_line(monkeypatch, capsys, tiny_model_dir, tmp_path):
+    import io
+
+    from test_cli import run_cli
+    from triforce_chat.app.cli import main as cli_main
+
+    monkeypatch.setattr(cli_main, "MAX_STDIN_QUESTION", 1000)
+    monkeypatch.setattr("sys.stdin", io.StringIO("why " * 1000))
+    doc = tmp_path / "notes.txt"
+    doc.write_text("The boat is green.\n")
+    code, out, err = run_cli(monkeypatch, capsys, "ask", "--model", str(tiny_model_dir), "-d", str(doc), "-")
+    assert code == 2 and out == ""
+    assert err.strip() == "error: the question on standard input is over 1,000 characters; long text belongs in a --doc"
+
+
 def test_escape_sequences_in_names_never_reach_stderr_raw(monkeypatch, capsys, tiny_model_dir, tmp_path):
     from test_cli import run_cli
 

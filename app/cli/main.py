@@ -38,6 +38,9 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+MAX_STDIN_QUESTION = 1 << 20  # characters: far more than a context holds
+
+
 def fail(message: str) -> None:
     raise CliError(message)
 
@@ -240,8 +243,11 @@ def ask(
     from triforce_chat.app.safe_text import json_text
 
     settings = resolve_settings(config, warn=lambda m: say(f"warning: {m}"), **given_settings(locals()))
-    if question == "-":
-        question = sys.stdin.read()
+    if question == "-":  # read up to a bound: `ask - < /dev/zero` read until the memory ran out
+        question = sys.stdin.read(MAX_STDIN_QUESTION + 1)
+        if len(question) > MAX_STDIN_QUESTION:
+            fail(f"the question on standard input is over {MAX_STDIN_QUESTION:,} characters; "
+                 "long text belongs in a --doc")
     if not question.strip():
         fail("the question is empty")
     docs = read_documents_or_fail(doc)
