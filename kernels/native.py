@@ -24,6 +24,7 @@ import os
 import platform
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,23 @@ ISA_FLAGS = {
 }
 
 
+def _build_dir(key: str) -> Path:
+    """The build's folder in the cache, else (a read-only, full or missing cache folder) in the temp
+    folder: the kernels are most of the speed, and a cache that cannot be written must not cost
+    them (it did: PyTorch's kernels, windows verified token by token)."""
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    roots = [_cache_root(), Path(tempfile.gettempdir()) / f"triforce-chat-{user}"]
+    for root in roots:
+        folder = root / "ext" / key
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            error = exc
+            continue
+        return folder
+    raise error
+
+
 def _build(native_arch: bool) -> NativeStatus:
     from torch.utils import cpp_extension
 
@@ -119,8 +137,7 @@ def _build(native_arch: bool) -> NativeStatus:
         raise ValueError(f"TRIFORCE_NATIVE_ISA must be one of {', '.join(ISA_FLAGS)}, not {isa!r}")
     flags = CFLAGS + (ISA_FLAGS[isa] if native_arch else [])
     key = _build_key(flags)
-    build_dir = _cache_root() / "ext" / key
-    build_dir.mkdir(parents=True, exist_ok=True)
+    build_dir = _build_dir(key)
     cpp_extension.load(
         name=f"triforce_cpu_{key}",
         sources=[str(SOURCE_DIR / s) for s in SOURCES],

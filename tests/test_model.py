@@ -286,3 +286,15 @@ def test_without_madvise_the_pages_are_kept(tmp_path, monkeypatch):
     w.sum()
     monkeypatch.delattr(mmap, "MADV_DONTNEED")
     assert release_pages(w) == 0 and resident_pages(w) > 100
+
+
+def test_a_gguf_tokenizer_that_cannot_be_cached_is_used_uncached_with_a_notice(tmp_path, monkeypatch, smollm2_path):
+    from triforce_chat.decoding.models import loading
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setattr(loading, "cache_root", lambda: blocker / "cache")
+    said: list[str] = []
+    tokenizer = loading.gguf_tokenizer(smollm2_path, log=said.append)
+    assert tokenizer("The boat is green.").input_ids
+    assert any("could not be cached" in m and "prepared again at every start" in m for m in said)

@@ -160,3 +160,19 @@ def test_bad_arguments_raise_instead_of_reading_past_buffers():
     k = torch.zeros(2, 10, 64, dtype=torch.float16)
     with pytest.raises(RuntimeError, match="out of range"):
         ops().attention(torch.randn(1, 4, 64), k, k, 11, 0.1)
+
+
+def test_a_cache_folder_that_cannot_be_written_builds_in_the_temp_folder(tmp_path, monkeypatch):
+    """A read-only, full or missing cache folder cost the native kernels entirely (PyTorch's
+    kernels instead, windows verified token by token); the build now goes to the temp folder."""
+    import tempfile
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TRIFORCE_CHAT_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    folder = native._build_dir("0123abcd")
+    assert folder.is_dir() and folder.name == "0123abcd" and (tmp_path / "tmp") in folder.parents
+    monkeypatch.setenv("TRIFORCE_CHAT_CACHE", str(tmp_path / "cache"))  # the usual case: the cache itself
+    assert native._build_dir("0123abcd") == tmp_path / "cache" / "ext" / "0123abcd"
+

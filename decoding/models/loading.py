@@ -401,10 +401,15 @@ def gguf_tokenizer(path: Path, log: Log):
     except Exception as exc:
         raise ModelLoadError(f"{path.name}: cannot read its tokenizer ({type(exc).__name__}: {exc})") from None
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    except OSError as exc:  # a full disk, a read-only or missing cache folder: use it uncached
+        shutil.rmtree(tmp, ignore_errors=True)
+        log(f"notice: the tokenizer could not be cached in {folder.parent} ({exc.strerror or exc}); "
+            "it is prepared again at every start")
     return tokenizer
 
 
