@@ -205,6 +205,13 @@ class Session:
                 f"{self.max_context} (use --truncate to keep head and tail)"
             )
         span = self.max_context * PRECUT_CHARS_PER_TOKEN
+        if not self.config.truncate and len(text) > span:  # a head that does not fit says enough
+            head = self.count_tokens(text[:span]) - 1  # (the whole text may merge the head's last word on)
+            if head >= self.max_context:
+                raise DocumentError(
+                    f"{name}: {len(text):,} characters, at least {head:,} tokens: over the model's context of "
+                    f"{self.max_context} (use --truncate to keep head and tail)"
+                )
         if self.config.truncate and len(text) > 2 * span:
             doc = Document(name, text, 0)
             doc.precut_chars = len(text) - 2 * span
