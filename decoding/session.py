@@ -60,6 +60,8 @@ def valid_text(text: str) -> str:
     and file names as surrogate escapes, and the tokenizer refuses those with a TypeError: a file
     named caf\\xe9.txt, or `printf '\\xff' | triforce-chat ask -`, ended in a traceback."""
     return _SURROGATES.sub("\ufffd", text)
+
+
 Progress = Callable[[int, int], None]
 OnRestore = Callable[[SyncReport], None]
 
@@ -198,18 +200,14 @@ class Session:
         name, text = valid_text(name), valid_text(text)
         if not text.strip():
             raise DocumentError(f"{name}: the document is empty")
-        at_least = len(text) // self._longest_token
-        if at_least >= self.max_context and not self.config.truncate:  # no need to tokenize megabytes to know
-            raise DocumentError(
-                f"{name}: {len(text):,} characters, at least {at_least:,} tokens: over the model's context of "
-                f"{self.max_context} (use --truncate to keep head and tail)"
-            )
         span = self.max_context * PRECUT_CHARS_PER_TOKEN
-        if not self.config.truncate and len(text) > span:  # a head that does not fit says enough
-            head = self.count_tokens(text[:span]) - 1  # (the whole text may merge the head's last word on)
-            if head >= self.max_context:
+        if not self.config.truncate:  # no need to tokenize megabytes to know that they do not fit
+            at_least = len(text) // self._longest_token
+            if at_least < self.max_context and len(text) > span:  # a head that does not fit says enough
+                at_least = self.count_tokens(text[:span]) - 1  # (the whole text may merge the head's last word on)
+            if at_least >= self.max_context:
                 raise DocumentError(
-                    f"{name}: {len(text):,} characters, at least {head:,} tokens: over the model's context of "
+                    f"{name}: {len(text):,} characters, at least {at_least:,} tokens: over the model's context of "
                     f"{self.max_context} (use --truncate to keep head and tail)"
                 )
         if self.config.truncate and len(text) > 2 * span:
