@@ -11,6 +11,7 @@ holds a default for every option plus a `[keymap]` table mapping binding ids to 
     repetition-penalty = 1.1
     stop-on-repetition = false
     tree = false           # no tree windows (two ways of a branching match verified at once)
+    restrict-draft-heads = false  # drafters' logits over the whole vocabulary (decoding/draft_head.py)
 
     [keymap]
     cycle-level = "ctrl+t"
@@ -96,6 +97,7 @@ class Settings:
     truncate: bool = DecodeConfig.truncate
     adaptive: bool = DecodeConfig.adaptive
     tree: bool = DecodeConfig.tree
+    restrict_draft_heads: bool = DecodeConfig.restrict_draft_heads
     stop_on_repetition: bool = DecodeConfig.stop_on_repetition
     loop_repeats: int = DecodeConfig.loop_repeats
     loop_min_tokens: int = DecodeConfig.loop_min_tokens
@@ -230,6 +232,7 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "truncate": (bool,),
     "adaptive": (bool,),
     "tree": (bool,),
+    "restrict_draft_heads": (bool,),
     "stop_on_repetition": (bool,),
     "loop_repeats": (int,),
     "loop_min_tokens": (int,),

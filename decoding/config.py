@@ -62,6 +62,9 @@ class DecodeConfig:
     max_new_tokens: int = 512
     adaptive: bool = True
     tree: bool = True  # the route may verify a branching match's two ways in one window (decoding/tree.py)
+    # the middle level's and a draft model's logits over the context's tokens and the most common ones,
+    # not the whole vocabulary (decoding/draft_head.py); False: their full heads, as before 5 December 2026
+    restrict_draft_heads: bool = True
     truncate: bool = False
     prefill_chunk: int = 512
     stop_on_repetition: bool = True  # stop an answer that ends in a loop (see decoding/loops.py)

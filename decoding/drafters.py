@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from triforce_chat.decoding.config import LOOKUPS, drafter_label
+from triforce_chat.decoding.draft_head import DraftHead
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.streaming import StreamingCache
 from triforce_chat.decoding.suffix import SuffixDrafter
@@ -262,12 +263,16 @@ class ModelDrafter:
     catches up on a lag longer than that the same way (`_skip_ahead`: a document's prefill).
     Drafts then differ slightly from a fresh drafter's, which costs nothing in correctness since
     every draft is verified.
+
+    restrict_head: the model's logits over the context's tokens and the vocabulary's most common ones
+    only (decoding/draft_head.py; a 0.5B's head is about 30% of its step), a valid draft distribution
+    like any other.
     """
 
     def __init__(
         self, model: Transformer, *, name: str = "draft", sink: int = 4, window: int = 1024, slack: int = 64,
         chunk: int = 256, target_vocab: int | None = None, max_context: int | None = None,
-        headroom: int | None = None, rebuild: str = "exact",
+        headroom: int | None = None, rebuild: str = "exact", restrict_head: bool = True,
     ):
         if rebuild not in ("exact", "window"):
             raise ValueError(f"rebuild must be 'exact' or 'window', not {rebuild!r}")
@@ -285,6 +290,7 @@ class ModelDrafter:
         self.cache = StreamingCache.for_model(model, sink=sink, window=window, slack=slack, headroom=headroom)
         self._tokens = array("i")  # [L]
         self._logits: Tensor | None = None  # [V_draft] fp32 after the last context token, if current
+        self.head = DraftHead(model.output) if restrict_head else None  # covers the context as it grows
 
     drafts_with_model = True
     last_match = 0
@@ -321,6 +327,8 @@ class ModelDrafter:
         if min(new) < 0 or max(new) >= self.vocab:
             raise DrafterError(f"token id outside the draft model {self.name}'s vocabulary of {self.vocab}")
         self._tokens.extend(new)
+        if self.head is not None:
+            self.head.cover(new)
         if run:
             self._sync()
         else:
@@ -343,7 +351,7 @@ class ModelDrafter:
                 return False
             hi = min(lo + self.chunk, end)
             ids = torch.tensor(self._tokens[lo:hi].tolist(), dtype=torch.long, device=dev)  # [T]
-            out = self.model(ids, self.cache, logits="last" if hi == end else "none")
+            out = self.model(ids, self.cache, logits="last" if hi == end else "none", head=self.head)
             if progress is not None:
                 progress(hi - start, end - start)
         self._logits = out[0]  # [V]
@@ -436,7 +444,7 @@ class ModelDrafter:
                 rows.append(probs)
             drafts.append(tok)
             if i + 1 < k:
-                logits = self.model(torch.tensor([tok], device=dev), self.cache, logits="last")[0]
+                logits = self.model(torch.tensor([tok], device=dev), self.cache, logits="last", head=self.head)[0]
         self.cache.truncate(L)
         return drafts, (torch.stack(rows) if rows else None)
 
@@ -596,13 +604,14 @@ def check_shared_vocab(draft_id: str, draft_tokenizer, target_tokenizer, draft_v
 def make_drafter(
     spec: str, target: LoadedModel, *, sink: int = 4, window: int = 1024, slack: int = 256, chunk: int = 256,
     n_min: int = 1, n_max: int = 4, device: str | None = None, extend_context: bool = True,
-    rebuild: str = "window", log=None,
+    rebuild: str = "window", log=None, restrict_head: bool = True,
 ) -> Drafter:
     """"suffix" -> SuffixDrafter, "ngram" -> NGramDrafter; anything else is a model spec for
     load_model (same dtype as the target), drafting behind the suffix lookup (LookupFirstDrafter).
     extend_context: stretch a draft model with fewer positions than the target's context with YaRN
     (draft quality only) instead of refusing it. slack 256 keeps regenerating a short reply an O(1)
-    rollback; rebuild="window" bounds the cost of deeper ones (see ModelDrafter)."""
+    rollback; rebuild="window" bounds the cost of deeper ones (see ModelDrafter); restrict_head: the
+    draft model's logits over part of the vocabulary (see ModelDrafter)."""
     vocab = max(target.model.args.vocab_size, len(target.tokenizer))
     if spec in LOOKUPS:
         return SuffixDrafter(vocab_size=vocab) if spec == "suffix" else NGramDrafter(n_max, n_min, vocab)
@@ -617,7 +626,7 @@ def make_drafter(
     check_shared_vocab(loaded.model_id, loaded.tokenizer, target.tokenizer, loaded.model.args.vocab_size)
     model = ModelDrafter(
         loaded.model, name=loaded.model_id, sink=sink, window=window, slack=slack, chunk=chunk,
-        target_vocab=target.model.args.vocab_size, max_context=context, rebuild=rebuild,
+        target_vocab=target.model.args.vocab_size, max_context=context, rebuild=rebuild, restrict_head=restrict_head,
     )
     return LookupFirstDrafter(SuffixDrafter(vocab_size=vocab), model)
 

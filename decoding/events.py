@@ -70,6 +70,8 @@ class CacheFigures:
     retrieval_recent_tokens: int = 0
     retrieval_rebuilds: int = 0
     retrieval_buffer_bytes: int = 0  # the view's own copy: selected chunks + recent window + scratch
+    mid_head_tokens: int = 0  # the middle level's head: tokens it covers (decoding/draft_head.py; 0: the full head)
+    vocab_size: int = 0
     model: str = ""  # the target: its name, how its weights are held, their bytes, the KV dtype
     weights: str = ""
     weight_bytes: int = 0

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,9 @@ from torch import Tensor, nn
 from triforce_chat.kernels import native
 from triforce_chat.kernels.backends import attention_products
 from triforce_chat.kernels.quant import DENSE_IDS, TORCH_DTYPE_IDS, TYPES, reference_dequantize
+
+if TYPE_CHECKING:
+    from triforce_chat.decoding.draft_head import DraftHead
 
 # Forwards of up to this many tokens (decode steps and verification windows) use the exact
 # kernels; longer ones (prefill chunks) the fastest. The speculative engine never verifies more.
@@ -598,11 +601,13 @@ class Transformer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, tokens: Tensor, kv: KVStore, logits: str = "all") -> Tensor:
-        """tokens [T] -> logits [T, V] fp32 (`logits="last"`: [1, V]; `"none"`: no head, for prefill)."""
+    def forward(self, tokens: Tensor, kv: KVStore, logits: str = "all", head: DraftHead | None = None) -> Tensor:
+        """tokens [T] -> logits [T, V] fp32 (`logits="last"`: [1, V]; `"none"`: no head, for prefill).
+        `head`: a drafter's head over part of the vocabulary instead of the model's own
+        (decoding/draft_head.py; -inf for the tokens it leaves out)."""
         T = tokens.shape[0]
         if self.sequential_windows and 1 < T <= MAX_WINDOW and getattr(kv, "exact_windows", False):
-            rows = [self.forward(tokens[i : i + 1], kv, "all" if logits != "none" else "none") for i in range(T)]
+            rows = [self.forward(tokens[i : i + 1], kv, "all" if logits != "none" else "none", head) for i in range(T)]
             if logits == "none":
                 return rows[-1]
             return rows[-1] if logits == "last" else torch.cat(rows)
@@ -619,6 +624,8 @@ class Transformer(nn.Module):
             return x[:0, :0]
         if logits == "last":
             x = x[-1:]
+        if head is not None:
+            return head.logits(self.norm(x))
         return self.output(self.norm(x)).float()
 
     # -- weights from a transformers-layout state dict ----------------------------------------------

@@ -4,8 +4,9 @@ Invariant between rounds: `context` holds every token of the conversation so far
 holds all of them but the last (`context[-1]` is the pending token, fed in the next forward).
 
 A round at level 0 feeds the pending token to the full target and samples one token.
-A round at level 1 lets the middle level (the same weights reading the RetrievalView) draft a
-window of γ tokens one at a time; the full target verifies [pending, d1..dγ] in one forward.
+A round at level 1 lets the middle level (the same weights reading the RetrievalView, with logits
+over the context's tokens and the most common ones: decoding/draft_head.py) draft a window of γ
+tokens one at a time; the full target verifies [pending, d1..dγ] in one forward.
 At level 2 the middle level does not draft alone: the bottom drafter proposes up to γ_low tokens,
 the middle level verifies them in one forward (keeping an accepted prefix plus its own correction
 or bonus token), and repeats until the window is full; the full target then verifies as at level 1.
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from triforce_chat.decoding.cache import MAX_WINDOW, KVCache
+from triforce_chat.decoding.draft_head import DraftHead
 from triforce_chat.decoding.drafters import Drafter, sync_context
 from triforce_chat.decoding.events import LowRound, RoundEvent
 from triforce_chat.decoding.loops import LoopDetector, LoopRule
@@ -93,10 +95,12 @@ class SpeculativeDecoder:
         view: RetrievalView | None = None,
         drafter: Drafter | None = None,
         costs: CostModel | None = None,
+        mid_head: DraftHead | None = None,
     ):
         self.model, self.cache, self.sampler, self.eos_ids, self.config = model, cache, sampler, eos_ids, config
         self.view, self.drafter = view, drafter
         self.costs = costs if costs is not None else CostModel()
+        self.mid_head = mid_head  # the middle level's head over part of the vocabulary (None: the model's)
         self._weight_bytes = getattr(model, "weight_bytes", 0) if model is not None else 0
         self._rounds_since_rebuild = 0
         self.level0_step_s = 0.0
@@ -160,6 +164,8 @@ class SpeculativeDecoder:
             # drafter's (extended with drafts, and truncated back to the context), so the drafter holds a
             # prefix of the context and each round only appends the tokens kept since
             sync_context(self.drafter, context)
+        if level >= 1 and self.mid_head is not None:
+            self.mid_head.cover(context)  # the documents' and the conversation's tokens can be drafted
         calibrated = level >= 1 and self.config.adaptive and self.costs.windows.needs_calibration(len(context))
         if calibrated:
             self.calibrate(context)
@@ -300,7 +306,8 @@ class SpeculativeDecoder:
 
     def _mid_draft_alone(self, cur: int) -> tuple[int, torch.Tensor]:
         """One middle-level token after `cur`; the sampler's history holds everything up to `cur`."""
-        logits = self.model(torch.tensor([cur], device=self.model.device), self.view, logits="last")
+        logits = self.model(torch.tensor([cur], device=self.model.device), self.view, logits="last",
+                            head=self.mid_head)
         q = self.sampler.probs(logits[0])
         return self.sampler.sample(q), q
 
@@ -335,7 +342,7 @@ class SpeculativeDecoder:
             else:
                 scratch0 = view.scratch_len
                 window = torch.tensor([cur, *props], device=self.model.device)
-                qm = self.sampler.probs(self.model(window, view, logits="all"), props)  # [k+1, V]
+                qm = self.sampler.probs(self.model(window, view, logits="all", head=self.mid_head), props)  # [k+1, V]
                 if q_low is not None:
                     q_low = q_low[: len(props)]
                 a, nxt = verify_drafts(self.sampler, props, q_low, qm)
@@ -441,7 +448,10 @@ class SpeculativeDecoder:
         if length <= budget:
             return None
         kv = cache.bytes_per_token
-        read = self._weight_bytes + min(length, budget + view.recent_window) * kv
+        weights = self._weight_bytes
+        if self.mid_head is not None and weights:  # its head's rows instead of the model's
+            weights = max(0, weights - self.mid_head.source.nbytes) + self.mid_head.nbytes
+        read = weights + min(length, budget + view.recent_window) * kv
         rebuild = self.costs.windows.rebuild.value if view.needs_rebuild else 0.0
         if view.needs_rebuild and not self.costs.windows.rebuild.n:
             rebuild = self.costs.step.value  # not measured yet: about a step (scores and a gather)

@@ -309,3 +309,21 @@ def test_freed_memory_is_kept_for_the_next_step_where_the_c_library_is_glibc():
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is glibc
     assert keep_freed_memory() is glibc  # once per process; again is the same answer
+
+
+def test_a_session_s_estimate_counts_the_drafters_heads_at_levels_1_and_2(tiny_model):
+    """The middle level's head over part of the vocabulary (decoding/draft_head.py) holds its rows
+    twice (as shipped, and packed in the int8 mode); level 0 has none."""
+    from triforce_chat.decoding.memory.footprint import session_estimate
+
+    for level in (0, 1):
+        s = Session(tiny_model, DecodeConfig(level=level, max_new_tokens=4, budget="64"))
+        s.add_document("doc.txt", DOC)
+        list(s.generate("Who keeps the light?"))
+        est = session_estimate(s, 4096)
+        if level == 0:
+            assert "draft_heads" not in est.parts
+        else:
+            rows = s.mid_head.size
+            row_bytes = tiny_model.model.output.nbytes // tiny_model.model.args.vocab_size
+            assert est.parts["draft_heads"] >= 2 * rows * row_bytes > 0

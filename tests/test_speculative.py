@@ -20,6 +20,7 @@ import torch
 import triforce_chat.decoding.speculative as spec
 from conftest import save_bigram_model, save_random_model
 from triforce_chat.decoding.cache import KVCache
+from triforce_chat.decoding.draft_head import DraftHead
 from triforce_chat.decoding.drafters import LookupFirstDrafter, ModelDrafter, NGramDrafter, SuffixDrafter
 from triforce_chat.decoding.loops import LoopRule
 from triforce_chat.decoding.models.loading import load_weights_only
@@ -45,20 +46,22 @@ class Engine:
 
     def run(self, level: int, n: int, sampler: Sampler, drafter: str = "ngram", gamma_mid: int = 4,
             gamma_low: int = 3, adaptive: bool = False, eos: set[int] = frozenset(), loop: LoopRule | None = None,
-            costs=None) -> tuple[list[int], SpeculativeDecoder]:
+            costs=None, mid_head=None) -> tuple[list[int], SpeculativeDecoder]:
         self.cache.truncate(len(self.prompt) - 1)
         self.view.stale = True
         dec = SpeculativeDecoder(self.model, self.cache, sampler, set(eos),
                                  SpecConfig(level=level, gamma_mid=gamma_mid, gamma_low=gamma_low, adaptive=adaptive,
                                             loop=loop),
                                  view=self.view, drafter=self.drafters[drafter] if level == 2 else None,
-                                 costs=costs)
+                                 costs=costs, mid_head=mid_head)
         context = list(self.prompt)
         events = list(dec.generate(context, n))
         dec.routes = [ev.route for ev in events if ev.tokens]
         dec.kept = [list(ev.tokens) for ev in events if ev.tokens]  # the tokens each round kept
         dec.tree_branches = [ev.tree_branch for ev in events if ev.route == "tree"]  # the branch each tree kept
         dec.stop_reason = events[-1].stop_reason
+        dec.mid_drafts = [t for ev in events for t in ev.mid_proposed]  # what the middle level drafted
+        dec.mid_accepted = sum(ev.mid_accepted for ev in events)
         return context[len(self.prompt) :], dec
 
 
@@ -118,6 +121,22 @@ def test_greedy_levels_are_token_identical_with_a_quantized_qwen2_pair(qwen2_ggu
                                      (2, "both", True)]:
         got, _ = engine.run(level, 60, Sampler(0.0), drafter, 5, 3, adaptive)
         assert got == want, f"level {level} ({drafter}, adaptive={adaptive}) differs from level 0"
+
+
+def test_greedy_levels_are_token_identical_with_a_mid_head_over_part_of_the_vocabulary(small_models):
+    """The middle level's head covers the prompt's tokens (ids 0..15 of 64): it drafts only those,
+    the target answers with others too, and every level's answer is level 0's."""
+    target, draft = small_models
+    engine = Engine(target, repetitive_prompt(4, 240, 16), budget=32, chunk=4, draft_model=draft)
+    want, _ = engine.run(0, 60, Sampler(0.0))
+    assert set(want) - set(range(16)), "the answer should need tokens the head lacks"
+    for level, drafter in [(1, "ngram"), (2, "suffix"), (2, "both")]:
+        head = DraftHead(target.output, common=0)
+        got, dec = engine.run(level, 60, Sampler(0.0), drafter, 4, 3, mid_head=head)
+        assert got == want, f"level {level} ({drafter}) differs from level 0"
+        assert head.member.nonzero().squeeze(1).tolist() == list(range(16))
+        assert dec.mid_drafts and set(dec.mid_drafts) <= set(range(16))
+        assert dec.mid_accepted > 0  # the restricted middle level still drafted what the target kept
 
 
 class CyclingRoutes(CostModel):
@@ -312,7 +331,7 @@ def exact_pair_distribution(model, prompt, sampler) -> dict[tuple[int, int], flo
 
 
 def chi2_statistic(engine, level, drafter, temperature, top_p, exact, adaptive=False, make_sampler=None,
-                   draws: int = DRAWS, costs=None) -> float:
+                   draws: int = DRAWS, costs=None, mid_head=None) -> float:
     """Chi-square of the first two tokens over `draws` seeds against `exact`, divided by its 0.1%
     critical value. make_sampler(seed) replaces Sampler(temperature, top_p, seed=seed); `costs`: a
     route chooser kept across the draws (as a session keeps one)."""
@@ -321,7 +340,7 @@ def chi2_statistic(engine, level, drafter, temperature, top_p, exact, adaptive=F
     trees = 0
     for seed in range(draws):
         got, dec = engine.run(level, 2, make_sampler(seed), drafter, gamma_mid=3, gamma_low=2, adaptive=adaptive,
-                              costs=costs)
+                              costs=costs, mid_head=mid_head)
         counts[tuple(got)] += 1
         trees += "tree" in dec.routes
     if isinstance(costs, TreeWhereBranched):
@@ -556,6 +575,19 @@ def test_processed_chi_square_rejects_planted_biases(processed_setup):
     no_top_k = chi2_statistic(engine, 2, "model", None, None, exact["whole"],
                               make_sampler=processed_sampler("whole", TopKOnFirstRowOnly), draws=PDRAWS)
     assert no_top_k > 1.0
+
+
+@pytest.mark.parametrize("level,drafter", [(1, "ngram"), (2, "model")])
+def test_sampling_with_a_mid_head_over_part_of_the_vocabulary_is_distributed_as_the_target(processed_setup, level,
+                                                                                            drafter):
+    """The middle level's distribution restricted to the prompt's ids 0 and 1 (of 8), with top-k and
+    the penalty: the target's other tokens come from the residual, at their exact probability."""
+    engine, exact = processed_setup
+    head = DraftHead(engine.model.output, common=0)
+    stat = chi2_statistic(engine, level, drafter, None, None, exact["whole"], make_sampler=processed_sampler("whole"),
+                          draws=PDRAWS, mid_head=head)
+    assert head.size == 2
+    assert stat < 1.0
 
 
 def test_reference_pair_distribution_sums_to_one_and_feels_the_penalty(processed_setup):

@@ -279,6 +279,16 @@ def test_cache_panel_names_both_bottoms_of_a_lookup_first_drafter():
     assert "Drafter ngram: index 5,873 entries" in render_cache(ngram).plain
 
 
+def test_cache_panel_shows_the_middle_level_s_head_only_where_it_is_restricted():
+    import dataclasses
+
+    from triforce_chat.app.ui.widgets import render_cache
+
+    assert "head" not in render_cache(FIGURES).plain
+    text = render_cache(dataclasses.replace(FIGURES, mid_head_tokens=17_408, vocab_size=49_152)).plain
+    assert " head 17,408 of 49,152 tokens" in text.split("\n")
+
+
 def test_cache_panel_shows_the_prepared_blocks_only_where_the_cache_keeps_them():
     import dataclasses
 

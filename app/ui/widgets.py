@@ -566,6 +566,8 @@ def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
     )
     if fig.retrieval_buffer_bytes:
         lines.append(Content(f" view buffer {mb(fig.retrieval_buffer_bytes)}"))
+    if fig.mid_head_tokens:
+        lines.append(Content(f" head {fig.mid_head_tokens:,} of {fig.vocab_size:,} tokens"))
     lookup = (f"{fig.suffix_states:,} states" if fig.suffix_states
               else f"index {fig.ngram_index_entries:,} entries" if fig.drafter == "ngram" or fig.ngram_index_entries
               else "")

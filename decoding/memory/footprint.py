@@ -226,7 +226,7 @@ class MemoryEstimate:
     def describe(self) -> str:
         names = {"weights": "weights", "loading": "loading", "runtime": "tokenizer and libraries",
                  "kv_cache": "KV cache", "retrieval_view": "retrieval view", "draft": "draft model",
-                 "scratch": "scratch"}
+                 "scratch": "scratch", "draft_heads": "drafters' heads"}
         shown = [f"{names.get(k, k)} {fmt_bytes(v)}" for k, v in self.parts.items() if v >= MIB]
         return ", ".join(shown)
 
@@ -369,4 +369,9 @@ def session_estimate(session: Any, context: int | None = None) -> MemoryEstimate
         blocks_bytes_per_token=getattr(cache, "blocks_bytes_per_token", 0),
     )
     est.parts["kv_cache"] = cache.allocated_bytes  # allocated once, for the whole context
+    if level and cfg.restrict_draft_heads:  # the middle level's head, and a draft model's
+        from triforce_chat.decoding.draft_head import copy_bytes
+
+        heads = [model.output] + ([drafter.model.output] if drafter is not None and level == 2 else [])
+        est.parts["draft_heads"] = sum(copy_bytes(h, context) for h in heads if hasattr(h, "nbytes"))
     return est

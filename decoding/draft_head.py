@@ -1,0 +1,154 @@
+"""The middle level's output head: logits over the tokens an answer about these documents uses, not
+over the whole vocabulary.
+
+Why: the output head is the largest matrix of a small model. Qwen2.5's 0.5B has 136M of its 494M
+weights there (151,936 rows), about 30% of a step's matrix time on a CPU, and the middle level (the
+target's own weights reading a retrieved view of its cache) pays that on every token it drafts,
+while an answer about a document draws on a small part of the vocabulary. FR-Spec (Zhao et al.,
+"FR-Spec: Accelerating Large-Vocabulary Language Models via Frequency-Ranked Speculative
+Sampling", arXiv 2502.14856) gives a drafter a head over the most frequent tokens only. Here the
+rows are:
+
+- every token of the context (the documents, the questions, the answers so far), added as it grows;
+- the first `common` ids of the vocabulary: a byte-pair vocabulary numbers its tokens in the order
+  it merged them, the most frequent pieces of its training text first;
+- the end-of-answer tokens.
+
+Lossless for any choice of rows: the middle level's distribution becomes the view model's restricted
+to them (its logits elsewhere are -inf before the same processors), a valid distribution q that its
+drafts are drawn from and verified with (min(1, p/q) and the residual max(p - q, 0) hold for every
+q; greedy verification compares with the target's argmax). A token outside the rows is never
+drafted; the target still produces it. The target's own head is never restricted.
+
+The kept rows are the same bytes as the full head's, multiplied by the same kernel: a kept token's
+logit is bit for bit the full head's (tests/test_draft_head.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from triforce_chat.decoding.model import Linear
+
+# The first ids kept whatever the context (see the module docstring): with the context's own tokens
+# they cover nearly every token the default model answers with (measured in docs/performance.md,
+# "The drafters' head over the context's tokens").
+COMMON_TOKENS = 16384
+ROWS_MULTIPLE = 16  # the int8 kernels pack tiles of 16 rows (kernels/cpu/linear_int8_tiles.h)
+
+
+def copy_bytes(head: Linear, context: int) -> int:
+    """The most a DraftHead of `head` holds over a context of `context` tokens: its rows (the common
+    ones and at most one per context token) as shipped, and their packed copy (the memory guard)."""
+    rows = min(head.out_features, COMMON_TOKENS + context + 2 * ROWS_MULTIPLE)
+    return 2 * head.nbytes * rows // max(1, head.out_features)
+
+
+class DraftHead:
+    """Copies of `head`'s rows for a set of token ids that only grows (`cover`).
+
+    Two copies: the rows the head had when first used, and the rows added since (a question's and an
+    answer's new tokens: tens of rows, copied again in well under a millisecond when the set grows).
+    When those pass FOLD_ROWS they are folded into the first copy, which takes ~20 ms (a new
+    document does that, next to its prefill)."""
+
+    FOLD_ROWS = 2048
+
+    def __init__(self, head: Linear, common: int = COMMON_TOKENS, always: Iterable[int] = ()):
+        if common < 0:
+            raise ValueError(f"common tokens must be >= 0, not {common}")
+        self.source = head
+        self.vocab_size = head.out_features
+        self.member = torch.zeros(self.vocab_size, dtype=torch.bool)
+        self.member[: min(common, self.vocab_size)] = True
+        always = [t for t in always if 0 <= t < self.vocab_size]
+        if always:
+            self.member[torch.tensor(always)] = True
+        self.ids = torch.empty(0, dtype=torch.long)  # the copies' rows in order: the logits' columns
+        self._base: Linear | None = None
+        self._base_ids = torch.empty(0, dtype=torch.long)
+        self._extra: Linear | None = None
+        self._int8 = head.int8
+
+    @property
+    def size(self) -> int:
+        """Tokens the head covers."""
+        return int(self.member.sum())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a forward reads for the head: its rows' share of the full head's."""
+        return self.source.nbytes * self.size // max(1, self.vocab_size)
+
+    def cover(self, tokens: Sequence[int] | Tensor) -> bool:
+        """Add `tokens` (ids of the vocabulary; others are ignored); True when the set grew."""
+        t = torch.as_tensor(tokens, dtype=torch.long).reshape(-1)
+        t = t[(t >= 0) & (t < self.vocab_size)]
+        if not t.numel():
+            return False
+        new = t[~self.member[t]]
+        if not new.numel():
+            return False
+        self.member[new.unique()] = True
+        return True
+
+    def logits(self, x: Tensor) -> Tensor:
+        """x [T, dim] (normed) -> logits [T, V] fp32: the covered ids' as the full head computes them,
+        -inf for every other id."""
+        self._refresh()
+        out = torch.full((x.shape[0], self.vocab_size), -torch.inf, dtype=torch.float32, device=x.device)
+        out.index_copy_(1, self._base_ids.to(x.device), self._base(x).float())  # [T, S] into [T, V]
+        if self._extra is not None:
+            out.index_copy_(1, self.ids[self._base_ids.numel() :].to(x.device), self._extra(x).float())
+        return out
+
+    def prepare(self) -> None:
+        """Copy the rows the set gained now rather than at the next `logits` call (a session does it
+        while bringing a prompt in)."""
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Copy the rows the set gained since the last call (all of them after a change of the head's
+        int8 mode, or past FOLD_ROWS)."""
+        if self._int8 != self.source.int8:
+            self._base, self._int8 = None, self.source.int8
+        if self._base is None or int(self.member.sum()) - self._base_ids.numel() > self.FOLD_ROWS:
+            self._base_ids = self._pad(self.member.nonzero().squeeze(1))
+            self._base, self._extra = self._copy(self._base_ids), None
+            self.ids = self._base_ids
+            return
+        if int(self.member.sum()) == self.ids.numel():
+            return
+        held = torch.zeros_like(self.member)
+        held[self._base_ids] = True
+        extra = self._pad((self.member & ~held).nonzero().squeeze(1))
+        self._extra = self._copy(extra)
+        self.ids = torch.cat([self._base_ids, extra])
+
+    def _pad(self, ids: Tensor) -> Tensor:
+        """In the int8 mode, `ids` and the next ids outside the set, up to a multiple of ROWS_MULTIPLE
+        (whole tiles; the padding joins the set); `ids` as they are otherwise."""
+        short = -ids.numel() % ROWS_MULTIPLE if self.source.int8 else 0
+        if short:
+            pad = (~self.member).nonzero().squeeze(1)[:short]
+            self.member[pad] = True
+            ids = torch.cat([ids, pad]).sort().values
+        return ids
+
+    def _copy(self, ids: Tensor) -> Linear:
+        """A Linear of the head's rows `ids`, in that order, in the head's int8 mode."""
+        head = self.source
+        linear = Linear(head.in_features, int(ids.numel()), bias=head.has_bias)
+        parts, offset = [], 0
+        for p, t in zip(head.parts, head.types, strict=True):
+            local = ids[(ids >= offset) & (ids < offset + p.shape[0])] - offset
+            offset += p.shape[0]
+            if local.numel():
+                parts.append((p[local.to(p.device)], t))
+        bias = None if head.bias is None else head.bias[ids.to(head.bias.device)]
+        linear.set_parts(parts, bias)
+        linear.set_int8(head.int8)  # (packs a copy where the build packs the type)
+        return linear
