@@ -18,14 +18,14 @@ chat produces: drafters only change how fast it comes.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor
 
 from triforce_chat.decoding.config import LOOKUPS, drafter_label
-from triforce_chat.decoding.draft_head import DraftHead
+from triforce_chat.decoding.draft_head import COMMON_TOKENS, DraftHead
 from triforce_chat.decoding.sampling import Sampler
 from triforce_chat.decoding.streaming import StreamingCache
 from triforce_chat.decoding.suffix import SuffixDrafter
@@ -264,15 +264,16 @@ class ModelDrafter:
     Drafts then differ slightly from a fresh drafter's, which costs nothing in correctness since
     every draft is verified.
 
-    restrict_head: the model's logits over the context's tokens and the vocabulary's most common ones
-    only (decoding/draft_head.py; a 0.5B's head is about 30% of its step), a valid draft distribution
-    like any other.
+    restrict_head: the model's logits over the context's tokens, the vocabulary's most common ones
+    and `eos_ids` only (decoding/draft_head.py; a 0.5B's head is about 30% of its step), a valid draft
+    distribution like any other.
     """
 
     def __init__(
         self, model: Transformer, *, name: str = "draft", sink: int = 4, window: int = 1024, slack: int = 64,
         chunk: int = 256, target_vocab: int | None = None, max_context: int | None = None,
         headroom: int | None = None, rebuild: str = "exact", restrict_head: bool = True,
+        eos_ids: Iterable[int] = (), head_common: int = COMMON_TOKENS,
     ):
         if rebuild not in ("exact", "window"):
             raise ValueError(f"rebuild must be 'exact' or 'window', not {rebuild!r}")
@@ -290,7 +291,8 @@ class ModelDrafter:
         self.cache = StreamingCache.for_model(model, sink=sink, window=window, slack=slack, headroom=headroom)
         self._tokens = array("i")  # [L]
         self._logits: Tensor | None = None  # [V_draft] fp32 after the last context token, if current
-        self.head = DraftHead(model.output) if restrict_head else None  # covers the context as it grows
+        # (head_common: the vocabulary's first ids the head keeps; the tests take fewer than their vocabulary)
+        self.head = DraftHead(model.output, head_common, eos_ids) if restrict_head else None  # grows with the context
 
     drafts_with_model = True
     last_match = 0
@@ -627,6 +629,7 @@ def make_drafter(
     model = ModelDrafter(
         loaded.model, name=loaded.model_id, sink=sink, window=window, slack=slack, chunk=chunk,
         target_vocab=target.model.args.vocab_size, max_context=context, rebuild=rebuild, restrict_head=restrict_head,
+        eos_ids=target.eos_ids,
     )
     return LookupFirstDrafter(SuffixDrafter(vocab_size=vocab), model)
 

@@ -62,6 +62,7 @@ class Engine:
         dec.stop_reason = events[-1].stop_reason
         dec.mid_drafts = [t for ev in events for t in ev.mid_proposed]  # what the middle level drafted
         dec.mid_accepted = sum(ev.mid_accepted for ev in events)
+        dec.low_drafts = [t for ev in events for lr in ev.low_rounds for t in lr.proposed]  # the bottom's
         return context[len(self.prompt) :], dec
 
 
@@ -137,6 +138,26 @@ def test_greedy_levels_are_token_identical_with_a_mid_head_over_part_of_the_voca
         assert head.member.nonzero().squeeze(1).tolist() == list(range(16))
         assert dec.mid_drafts and set(dec.mid_drafts) <= set(range(16))
         assert dec.mid_accepted > 0  # the restricted middle level still drafted what the target kept
+
+
+def test_a_draft_model_with_a_head_over_part_of_the_vocabulary_drafts_only_those_tokens(small_models):
+    """The draft model's head keeps the context's tokens (the prompt's ids 0..15 of 64 at first, then
+    the tokens it is extended with as they come) and the end-of-answer id: greedy and sampled, it
+    proposes nothing else (its q rows have no other support), and the answers are the target's."""
+    target, draft = small_models
+    prompt = repetitive_prompt(4, 240, 16)
+    drafter = ModelDrafter(draft, sink=2, window=8, head_common=0, eos_ids=[40])
+    drafter.extend(prompt)
+    assert drafter.head.member.nonzero().squeeze(1).tolist() == [*range(16), 40]
+    drafts, q = drafter.propose(4, Sampler(1.0, seed=3))
+    assert q is not None and bool((q[:, ~drafter.head.member] == 0).all()) and set(drafts) <= {*range(16), 40}
+    engine = Engine(target, prompt, budget=32, chunk=4)
+    engine.drafters["model"] = ModelDrafter(draft, sink=2, window=8, head_common=0, eos_ids=[40])
+    want, _ = engine.run(0, 60, Sampler(0.0), eos={40})
+    got, dec = engine.run(2, 60, Sampler(0.0), "model", 4, 3, eos={40})
+    assert got == want and set(want) - set(range(16))  # the target answers with others too
+    covered = set(engine.drafters["model"].head.member.nonzero().squeeze(1).tolist())  # (grown in the answer)
+    assert dec.low_drafts and set(dec.low_drafts) <= covered
 
 
 class CyclingRoutes(CostModel):
