@@ -118,3 +118,18 @@ def load(path: Path, **kwargs):
 
 def random_ids(n: int, vocab: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def resident_pages(t: torch.Tensor) -> int:
+    """How many of the whole pages under `t` this process has mapped in (/proc/self/pagemap's
+    present bit; mincore would count the page cache, which the release leaves alone)."""
+    import mmap
+    import struct
+
+    page = mmap.PAGESIZE
+    first = -(-t.data_ptr() // page)
+    n = (t.data_ptr() + t.numel() * t.element_size()) // page - first
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(8 * first)
+        entries = struct.unpack(f"<{n}Q", f.read(8 * n))
+    return sum(e >> 63 & 1 for e in entries)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gguf_models import load, write_gguf
+from gguf_models import load, resident_pages, write_gguf
 from triforce_chat.decoding.draft_head import ROWS_MULTIPLE, DraftHead
 
 VOCAB = 300
@@ -79,3 +79,22 @@ def test_cover_counts_only_new_ids_of_the_vocabulary(qwen2_model):
     assert head.nbytes == qwen2_model.output.nbytes * 6 // VOCAB
     with pytest.raises(ValueError, match="common tokens"):
         DraftHead(qwen2_model.output, common=-1)
+
+
+def test_copying_rows_of_a_packed_head_leaves_none_of_the_file_s_pages_mapped(tmp_path):
+    """In the int8 mode the full head multiplies a packed copy and the mapped file's pages under it were
+    released (Linear.set_int8); gathering the draft head's rows faults them in again (with the
+    kernel's readahead, ~120 MB for Qwen's head), so the copy releases them too."""
+    vocab = 640  # whole tiles of 16 rows: packed
+    model = load(write_gguf(tmp_path / "m.gguf", "qwen2", vocab=vocab, qtype="Q5_0", seed=4, qtypes={"output": "Q8_0"}))
+    if "int8" not in modes(model):
+        pytest.skip(f"this machine cannot run the int8 mode: {model.int8_available()}")
+    model.set_activations("int8")
+    part = model.output.parts[0]
+    assert model.output.int8_types[0] > 1000 and resident_pages(part) == 0
+    head = DraftHead(model.output, common=0)
+    head.cover(range(0, vocab, 3))
+    head.prepare()
+    assert resident_pages(part) == 0
+    assert_is_the_full_head_restricted(model, head)
+

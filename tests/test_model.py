@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import save_random_model
 from gguf_models import load as load_gguf
-from gguf_models import random_ids, write_gguf
+from gguf_models import random_ids, resident_pages, write_gguf
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.model import MAX_WINDOW, ModelArgs, UnsupportedArchitecture
 from triforce_chat.decoding.models.loading import load_weights_only
@@ -243,21 +243,6 @@ def test_without_the_native_extension_every_level_is_still_exact(tiny_model_dir)
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "TRIFORCE_NO_NATIVE" in run.stdout
-
-
-def resident_pages(t: torch.Tensor) -> int:
-    """How many of the whole pages under `t` this process has mapped in (/proc/self/pagemap's
-    present bit; mincore would count the page cache, which the release leaves alone)."""
-    import mmap
-    import struct
-
-    page = mmap.PAGESIZE
-    first = -(-t.data_ptr() // page)
-    n = (t.data_ptr() + t.numel() * t.element_size()) // page - first
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek(8 * first)
-        entries = struct.unpack(f"<{n}Q", f.read(8 * n))
-    return sum(e >> 63 & 1 for e in entries)
 
 
 def test_released_file_pages_leave_memory_and_read_back_the_same(tmp_path):
