@@ -315,11 +315,16 @@ class CostModel:
         self.answer.record(self.lookup[key].value, accepted, proposed)
         self.lookup[key].update(accepted, proposed)
 
-    def model_drafts_pay(self, k: int) -> bool:
-        """Whether up to k draft-model tokens, paid now, verified directly, beat a plain step."""
+    def model_draft_length(self, k: int) -> int:
+        """How many draft-model tokens (at most k) to pay for now, to be verified directly: the length
+        with the best expected rate, 0 where none beats a plain step. Not always k: each draft costs a
+        forward of the draft model whether the window keeps it or not, and with middling acceptance
+        the best window is shorter (drafting γ_low every time, the 1.5B target with the 0.5B model
+        lost to level 0 on several of bench-qa's short answers: docs/performance.md)."""
         if not self.step.n or not self.model_per_token.n:
-            return True  # not measured yet
-        return self.best_direct(k, self.model.value, self.model_per_token.value)[1] > self.step_rate()
+            return k  # not measured yet
+        best, rate = self.best_direct(k, self.model.value, self.model_per_token.value)
+        return best if rate > self.step_rate() else 0
 
     # -- the choice ----------------------------------------------------------------------------------------
     def choose(self, gamma_max: int, props: list[int], source: str, match: int, remaining: float,

@@ -412,7 +412,8 @@ class SpeculativeDecoder:
     def _bottom_proposal(self, k: int, remaining: float) -> tuple[list[int], torch.Tensor | None, str]:
         """The bottom drafter's proposal for this round and who made it: "lookup" (free, may be long),
         "model" or "none". A draft model pays a forward per token, so it drafts only when the cost
-        model expects its drafts to pay (or to probe), and no more than γ_low tokens."""
+        model expects its drafts to pay (or to probe), and no more than γ_low tokens: as many as the
+        best directly verified window takes."""
         d = self.drafter
         props, q = d.propose_lookup(k)
         if props:
@@ -420,9 +421,11 @@ class SpeculativeDecoder:
         if not d.drafts_with_model:
             return [], None, "none"
         k, c = min(k, self.config.gamma_low), self.costs
-        if not self.config.adaptive or c.model_drafts_pay(k):
+        paying = c.model_draft_length(k) if self.config.adaptive else k
+        if paying:
+            k = paying
             c.model_used()
-        elif not c.probe_model_due(remaining):
+        elif not c.probe_model_due(remaining):  # (a probe drafts all k: it measures the acceptance)
             return [], None, "none"
         t0 = time.perf_counter()
         props, q = d.propose_model(k, self.sampler)

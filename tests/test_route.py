@@ -170,16 +170,16 @@ def test_a_draft_model_drafts_only_where_its_drafts_pay_and_probes_otherwise():
     from triforce_chat.decoding.speculative import SpecConfig, SpeculativeDecoder
 
     costs = CostModel(windows(0.3))
-    assert costs.model_drafts_pay(4)  # its cost is not measured yet: try it
+    assert costs.model_draft_length(4) == 4  # its cost is not measured yet: try it
     costs.model_per_token.update(0.04)  # each model draft costs 0.8 of a step
     for _ in range(20):
         costs.model.update(4, 4)
-    assert not costs.model_drafts_pay(4)  # 0.8 step per draft is more than even good drafts save
+    assert costs.model_draft_length(4) == 0  # 0.8 step per draft is more than even good drafts save
     cheap = CostModel(windows(0.3))
     cheap.model_per_token.update(0.002)
     for _ in range(20):
         cheap.model.update(4, 4)
-    assert cheap.model_drafts_pay(4)
+    assert cheap.model_draft_length(4) == 4
 
     class Bottom:
         drafts_with_model = True
@@ -210,6 +210,46 @@ def test_a_draft_model_drafts_only_where_its_drafts_pay_and_probes_otherwise():
         costs.choose(0, props, source, bottom.last_match, 100, None)
     assert sources.count("lookup") == 24  # every lookup hit is used, at full length
     assert 1 <= len(bottom.model_calls) <= 6 and set(bottom.model_calls) == {4}  # probes only, backing off
+
+
+def test_a_draft_model_drafts_as_many_tokens_as_the_best_window_takes():
+    """Each draft costs a forward of the draft model (here 0.3 of a step) whether the window keeps it or
+    not: with middling acceptance fewer drafts pay best, and the decoder asks for that many."""
+    from types import SimpleNamespace
+
+    from triforce_chat.decoding.speculative import SpecConfig, SpeculativeDecoder
+
+    def model_costs(accepted: int) -> CostModel:
+        costs = CostModel(windows(0.15))
+        costs.model_per_token.update(0.3 * STEP)
+        for _ in range(40):
+            costs.model.update(accepted, 4)  # accepted of 4, round after round
+        return costs
+
+    good, middling = model_costs(4), model_costs(1)
+    assert good.model_draft_length(4) == 4
+    k = middling.model_draft_length(4)
+    assert 1 <= k < 4  # still beats a step, with fewer drafts
+    rates = {n: middling.direct_rate(n, middling.model.value, 0.3 * STEP) for n in range(1, 5)}
+    assert max(rates, key=rates.get) == k and rates[k] > middling.step_rate()
+
+    class Bottom:
+        drafts_with_model = True
+        last_match = 0
+        asked: list[int] = []
+
+        def propose_lookup(self, k):
+            return [], None
+
+        def propose_model(self, k, sampler):
+            self.asked.append(k)
+            return [5] * k, None
+
+    bottom = Bottom()
+    dec = SpeculativeDecoder(None, None, None, set(), SpecConfig(level=2, gamma_low=4),
+                             view=SimpleNamespace(), drafter=bottom, costs=middling)
+    props, _, source = dec._bottom_proposal(10, remaining=100)
+    assert source == "model" and bottom.asked == [k] and props == [5] * k
 
 
 def test_a_chat_that_grows_from_a_few_tokens_is_not_recalibrated_at_every_doubling():
