@@ -106,7 +106,7 @@ class DraftHead:
     def logits(self, x: Tensor) -> Tensor:
         """x [T, dim] (normed) -> logits [T, V] fp32: the covered ids' as the full head computes them,
         -inf for every other id."""
-        self._refresh()
+        self.prepare()
         if self._on_device is None or self._on_device[0] != x.device:
             ids = self.ids.to(x.device)
             self._on_device = (x.device, ids[: self._base_rows], ids[self._base_rows :])
@@ -118,13 +118,9 @@ class DraftHead:
         return out
 
     def prepare(self) -> None:
-        """Copy the rows the set gained now rather than at the next `logits` call (a session does it
-        while bringing a prompt in)."""
-        self._refresh()
-
-    def _refresh(self) -> None:
         """Copy the rows the set gained since the last call (all of them after a change of the head's
-        int8 mode, or past FOLD_ROWS)."""
+        int8 mode, or past FOLD_ROWS). `logits` does it first; a session calls it while bringing a
+        prompt in, so that an answer does not pay it."""
         if self._int8 != self.source.int8:
             self._base, self._int8 = None, self.source.int8
         if self._count == self.ids.numel() and self._base is not None:

@@ -78,6 +78,11 @@ class RetrievalView:
             return max(self.chunk_size * 2, int(self.budget_fraction * context))
         return self.budget_tokens
 
+    def selects(self, context: int) -> bool:
+        """Whether a context of this many tokens is more than the budget: else the view holds all of
+        it, and the "middle level" would be the target itself (it is skipped)."""
+        return context > self.budget_for(context)
+
     @property
     def recent_window(self) -> int:
         """Tokens at the end of the context always kept (read from the full cache as they are)."""

@@ -450,7 +450,7 @@ class Session:
         middle level), the middle level's head covering `ids` and copied now, as part of bringing the
         prompt in: ~20 ms the first time, well under 1 ms for the tokens a question adds."""
         cfg = self.config
-        if cfg.level and cfg.restrict_draft_heads and len(ids) > self.view.budget_for(len(ids)):
+        if cfg.level and cfg.restrict_draft_heads and self.view.selects(len(ids)):
             self.mid_head.cover(ids)
             self.mid_head.prepare()
 
@@ -660,7 +660,7 @@ class Session:
             drafter=self._drafter_spec,
             process_rss_bytes=process_rss_bytes(),
         )
-        if self.config.restrict_draft_heads and "mid_head" in self.__dict__ and v.budget_for(c.length) < c.length:
+        if self.config.restrict_draft_heads and "mid_head" in self.__dict__ and v.selects(c.length):
             fig.mid_head_tokens, fig.vocab_size = self.mid_head.size, self.mid_head.vocab_size  # (a middle level ran)
         self._memory_figures(fig)
         if self._drafter is not None:

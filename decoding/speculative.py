@@ -447,9 +447,9 @@ class SpeculativeDecoder:
         nothing (a context within the budget: the "middle level" would be the target itself)."""
         view, cache = self.view, self.cache
         length = cache.length
-        budget = view.budget_for(length)
-        if length <= budget:
+        if not view.selects(length):
             return None
+        budget = view.budget_for(length)
         kv = cache.bytes_per_token
         weights = self._weight_bytes
         if self.mid_head is not None and weights:  # its head's rows instead of the model's
