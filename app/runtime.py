@@ -9,10 +9,14 @@ error notice in the chat UI.
 
 from __future__ import annotations
 
+import os
+import select
+import stat
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 if TYPE_CHECKING:
     from triforce_chat.app.settings import Settings
@@ -35,13 +39,66 @@ def _stderr(message: str) -> None:
 # -- documents --------------------------------------------------------------------------------------------
 SNIFF_BYTES = 8192  # a NUL in a document's first bytes: a binary file
 MAX_DOCUMENT_BYTES = 64 * 1024 * 1024  # ~500 times what a 32K-token context holds; --truncate keeps head and tail
+FIFO_WAIT_S = 30.0  # how long a named pipe may go without anything writing to it
+FIFO_NOTICE_S = 1.0  # when the wait is said out loud
+
+
+class DocumentText(NamedTuple):
+    """A document the command line has read already, for the chat to load: a pipe (`--doc <(cmd)`)
+    gives its text once, so the chat must not read the path again."""
+
+    path: Path
+    text: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def _open_for_reading(path: Path, warn: Log) -> tuple[BinaryIO, bytes]:
+    """The file open for reading, and whatever of it arrived while waiting for a named pipe's writer.
+
+    Opening a named pipe blocks until something opens it for writing, which may be never (`mkfifo
+    p; triforce-chat --doc p`). So a pipe is opened without blocking and watched: data or a closed
+    writer ends the wait, and so does a writer that is there but slow (a read says "try again" rather
+    than end of file: `--doc <(slow_command)` waits as long as the command takes, as `cat` would).
+    Only a pipe that nothing opens for FIFO_WAIT_S is refused."""
+    from triforce_chat.decoding.session import DocumentError
+
+    if not stat.S_ISFIFO(path.stat().st_mode):
+        return path.open("rb"), b""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        start, said, first = time.monotonic(), False, b""
+        while True:
+            ready = bool(poller.poll(100))  # data, or a writer that came and went
+            try:
+                first = os.read(fd, SNIFF_BYTES)
+            except BlockingIOError:  # a writer is there, with nothing written yet
+                break
+            if first or ready:  # (ready with nothing to read: the writer closed it empty)
+                break
+            waited = time.monotonic() - start  # end of file: nothing has opened the pipe for writing yet
+            if waited > FIFO_WAIT_S:
+                raise DocumentError(f"{path}: a named pipe that nothing writes to (waited {FIFO_WAIT_S:.0f} s)")
+            if waited > FIFO_NOTICE_S and not said:
+                warn(f"waiting for something to write to {path} (up to {FIFO_WAIT_S:.0f} s)")
+                said = True
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb"), first
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_document(path: Path, warn: Log = _stderr) -> tuple[str, str]:
     """(name, text) of a text file, or a DocumentError naming what is wrong with it. Any path a shell
-    hands over works: a pipe (`--doc <(cmd)`) is read once, as a file is; a device or a pipe that
-    never ends (/dev/zero, `yes |`) stops at its first bytes (binary) or at MAX_DOCUMENT_BYTES, so
-    reading never fills the memory."""
+    hands over works: a pipe (`--doc <(cmd)`) is read once, as a file is; a named pipe that nothing
+    writes to is refused after a wait (FIFO_WAIT_S); a device or a pipe that never ends (/dev/zero,
+    `yes |`) stops at its first bytes (binary) or at MAX_DOCUMENT_BYTES, so reading never fills the
+    memory."""
     from triforce_chat.decoding.session import DocumentError
 
     if not path.exists():
@@ -49,8 +106,9 @@ def read_document(path: Path, warn: Log = _stderr) -> tuple[str, str]:
     if path.is_dir():
         raise DocumentError(f"{path}: is a directory, not a text file")
     try:
-        with path.open("rb") as f:
-            data = f.read(SNIFF_BYTES)
+        f, data = _open_for_reading(path, warn)
+        with f:
+            data += f.read(SNIFF_BYTES - len(data)) if len(data) < SNIFF_BYTES else b""
             if b"\x00" in data:
                 raise DocumentError(f"{path}: looks like a binary file, not text")
             data += f.read(MAX_DOCUMENT_BYTES + 1 - len(data))

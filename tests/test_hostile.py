@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,110 @@ def test_a_device_or_an_endless_pipe_is_refused_without_filling_the_memory(tmp_p
     exact = tmp_path / "exact.txt"
     exact.write_bytes(b"x" * (2 << 20))  # the limit itself is read
     assert len(runtime.read_document(exact)[1]) == 2 << 20
+
+
+def test_a_named_pipe_that_nothing_writes_to_is_refused_after_a_wait_said_out_loud(tmp_path, monkeypatch):
+    """`mkfifo p; triforce-chat --doc p` once blocked forever at open. Now the wait is said and ends."""
+    import time
+
+    from triforce_chat.app import runtime
+    from triforce_chat.decoding.session import DocumentError
+
+    monkeypatch.setattr(runtime, "FIFO_WAIT_S", 0.6)
+    monkeypatch.setattr(runtime, "FIFO_NOTICE_S", 0.1)
+    fifo = tmp_path / "nobody"
+    os.mkfifo(fifo)
+    said: list[str] = []
+    start = time.monotonic()
+    with pytest.raises(DocumentError, match="nobody: a named pipe that nothing writes to"):
+        runtime.read_document(fifo, warn=said.append)
+    assert time.monotonic() - start < 10
+    assert len(said) == 1 and "waiting for something to write to" in said[0]
+
+
+@pytest.mark.parametrize("case", ["writer comes late", "writer there, first bytes late", "writer closes empty"])
+def test_a_named_pipe_is_read_whenever_its_writer_comes_and_however_slow_it_is(tmp_path, monkeypatch, case):
+    """A writer that opens the pipe after a while is waited for; one that is there but slow to write
+    (`--doc <(slow_command)`) is waited for as long as it takes, past FIFO_WAIT_S: only a pipe that
+    nothing opens is refused."""
+    import threading
+    import time
+
+    from triforce_chat.app import runtime
+    from triforce_chat.decoding.session import DocumentError
+
+    monkeypatch.setattr(runtime, "FIFO_WAIT_S", 0.5 if case == "writer there, first bytes late" else 20.0)
+    fifo = tmp_path / "slow"
+    os.mkfifo(fifo)
+    body = b"The ferry leaves at noon.\n" * 400
+
+    def writer() -> None:
+        if case == "writer comes late":
+            time.sleep(0.4)
+        with open(fifo, "wb") as f:
+            if case == "writer there, first bytes late":
+                time.sleep(1.2)  # longer than the wait for a writer: it is there, so it is waited for
+            if case != "writer closes empty":
+                f.write(body[:100])
+                f.flush()
+                time.sleep(0.1)
+                f.write(body[100:])
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    if case == "writer closes empty":
+        with pytest.raises(DocumentError, match="slow: the document is empty"):
+            runtime.read_document(fifo)
+    else:
+        assert runtime.read_document(fifo) == ("slow", body.decode())
+    thread.join(5)
+
+
+def test_the_chat_gets_the_text_the_command_line_read_so_a_pipe_is_read_once(monkeypatch, capsys, tmp_path):
+    """`triforce-chat --doc <(cmd)`: the command line reads the pipe to check it; the chat once read
+    the path again, found it drained, and said "the document is empty"."""
+    import sys
+
+    from triforce_chat.app.cli import main as cli
+    from triforce_chat.app.runtime import DocumentText
+    from triforce_chat.app.ui import app as ui_app
+
+    got: list = []
+    monkeypatch.setattr(ui_app, "run_tui", lambda settings, docs, resume, notices: got.extend(docs) or 0)
+    r, w = os.pipe()
+    os.write(w, b"The secret word is banana.\n")
+    os.close(w)
+    try:
+        monkeypatch.setattr(sys, "argv", ["triforce-chat", "--doc", f"/dev/fd/{r}"])
+        monkeypatch.setenv("TRIFORCE_CHAT_CONFIG", "/nonexistent/config.toml")
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as exc:
+            code = exc.code or 0
+    finally:
+        os.close(r)
+    assert code == 0, capsys.readouterr().err
+    assert got == [DocumentText(Path(f"/dev/fd/{r}"), "The secret word is banana.\n")]
+
+
+async def test_a_document_read_by_the_command_line_loads_from_its_text(tiny_model, tmp_path, monkeypatch):
+    from triforce_chat.app.runtime import DocumentText
+    from triforce_chat.app.settings import Settings
+    from triforce_chat.app.ui.app import TriforceApp
+
+    monkeypatch.setenv("TRIFORCE_CHAT_DATA", str(tmp_path / "data"))
+    gone = tmp_path / "drained-pipe"  # nothing at the path: the text must come from the DocumentText
+    text = "The lighthouse keeper is Amelia Stroud.\n" * 10
+    app = TriforceApp(Settings(max_new_tokens=4, budget="256", history=False), [DocumentText(gone, text)],
+                      model=tiny_model)
+    async with app.run_test(size=(120, 40)) as pilot:
+        deadline = time.monotonic() + 60
+        while not (app.session is not None and not app.busy and app.session.documents):
+            assert time.monotonic() < deadline, "the document never loaded"
+            await pilot.pause(0.05)
+        assert [(d.name, d.original) for d in app.session.documents] == [("drained-pipe", text)]
+        assert not [n for n in app._notifications if n.severity == "error"]
 
 
 def test_right_to_left_emoji_and_combining_marks_reach_the_model_unchanged(tiny_model):

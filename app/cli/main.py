@@ -195,10 +195,13 @@ def chat(
         return
     notices: list[str] = []
     settings = resolve_settings(config, warn=notices.append, **given_settings(locals()))
-    read_documents_or_fail(doc)  # a bad path fails here, before the UI starts
+    from triforce_chat.app.runtime import DocumentText
+
+    texts = read_documents_or_fail(doc)  # a bad path fails here, before the UI starts; read once (a pipe)
     from triforce_chat.app.ui.app import run_tui
 
-    raise typer.Exit(run_tui(settings, list(doc or []), resume, notices=notices))
+    docs = [DocumentText(path, text) for path, (_, text) in zip(doc or [], texts, strict=True)]
+    raise typer.Exit(run_tui(settings, docs, resume, notices=notices))
 
 
 @app.command()

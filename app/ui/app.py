@@ -23,6 +23,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Static
 
+from triforce_chat.app.runtime import DocumentText
 from triforce_chat.app.safe_text import one_line
 from triforce_chat.app.settings import Settings
 from triforce_chat.app.ui import workers
@@ -101,7 +102,7 @@ class TriforceApp(App[int]):
     def __init__(
         self,
         settings: Settings | None = None,
-        docs: Iterable[Path] = (),
+        docs: Iterable[Path | DocumentText] = (),
         resume: str | None = None,
         model: Any = None,
         history: History | None = None,
@@ -111,7 +112,7 @@ class TriforceApp(App[int]):
         super().__init__()
         self.startup_notices = list(notices)  # e.g. config file problems found by the CLI
         self.settings = settings or Settings()
-        self.initial_docs = [Path(d) for d in docs]
+        self.initial_docs = [d if isinstance(d, DocumentText) else Path(d) for d in docs]
         self.resume = resume
         self.preloaded_model = model
         self.store = store  # a DocumentStore; None: the settings' ([cache], --no-doc-cache)
@@ -236,7 +237,7 @@ class TriforceApp(App[int]):
         workers.load_session(self.settings, self._post, model=self.preloaded_model, store=self.store)
 
     @work(thread=True, exclusive=True, group="session")
-    def prefill_worker(self, job: Job, paths: list[Path], restore: Any = None) -> None:
+    def prefill_worker(self, job: Job, paths: list[Path | DocumentText], restore: Any = None) -> None:
         """Read and add documents (or restore a saved conversation), then prefill with progress."""
         workers.prefill_documents(self.session, paths, job, self._post, restore=restore, history=self.history)
 
@@ -413,7 +414,7 @@ class TriforceApp(App[int]):
         self._start_prefill([], restore=conv)
 
     # -- actions ----------------------------------------------------------------------------------------
-    def _start_prefill(self, paths: list[Path], restore: Any = None) -> None:
+    def _start_prefill(self, paths: list[Path | DocumentText], restore: Any = None) -> None:
         self.job = Job("prefill")
         self._show_load("Loading " + (", ".join(p.name for p in paths) or "conversation"), 0, None, None)
         self.prefill_worker(self.job, paths, restore)
@@ -715,8 +716,10 @@ class TriforceApp(App[int]):
         yield SystemCommand("Keys", "All key bindings", self.action_help)
 
 
-def run_tui(settings: Settings, docs: list[Path], resume: str | None = None, notices: Sequence[str] = ()) -> int:
-    """Entry point for `triforce-chat` (the CLI validated the options already)."""
+def run_tui(
+    settings: Settings, docs: list[Path | DocumentText], resume: str | None = None, notices: Sequence[str] = ()
+) -> int:
+    """Entry point for `triforce-chat` (the CLI validated the options and read the documents already)."""
     app = TriforceApp(settings, docs, resume, notices=notices)
     result = app.run()
     return int(result or 0)

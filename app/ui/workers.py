@@ -32,6 +32,7 @@ from triforce_chat.app.ui.messages import (
 from triforce_chat.decoding.events import RoundEvent
 
 if TYPE_CHECKING:
+    from triforce_chat.app.runtime import DocumentText
     from triforce_chat.app.ui.history import History
     from triforce_chat.app.ui.widgets import AnswerMessage
     from triforce_chat.decoding.session import Session
@@ -103,11 +104,13 @@ def load_session(settings: Settings, post: Post, model: Any = None, store: Any =
 
 # -- documents ----------------------------------------------------------------------------------------------
 def prefill_documents(
-    session: Session, paths: list[Path], job: Job, post: Post, restore: Any = None, history: History | None = None,
+    session: Session, paths: list[Path | DocumentText], job: Job, post: Post, restore: Any = None,
+    history: History | None = None,
 ) -> None:
     """Read and add documents (or restore a saved conversation), then prefill with progress; posts
-    LoadDone with the outcome. A document that cannot be read is a notice; the others still load."""
-    from triforce_chat.app.runtime import read_document
+    LoadDone with the outcome. A document that cannot be read is a notice; the others still load.
+    Documents the command line read already come with their text (a pipe cannot be read twice)."""
+    from triforce_chat.app.runtime import DocumentText, read_document
     from triforce_chat.decoding.memory.guard import MemoryShortage
     from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled
     from triforce_chat.decoding.store.doccache import describe, resuming_line
@@ -116,12 +119,14 @@ def prefill_documents(
     try:
         if restore is not None:
             restore_conversation(session, restore, history, post)
-        for path in paths:
-            try:
-                _, text = read_document(path, warn=lambda m: post(Notice(m, "warning")))
-            except DocumentError as exc:
-                post(Notice(str(exc), "error"))
-                continue
+        for item in paths:
+            path, text = item if isinstance(item, DocumentText) else (item, None)
+            if text is None:
+                try:
+                    _, text = read_document(path, warn=lambda m: post(Notice(m, "warning")))
+                except DocumentError as exc:
+                    post(Notice(str(exc), "error"))
+                    continue
             post(LoadProgress(f"Tokenizing {path.name}", 0, None, None))
             try:
                 doc = session.add_document(path.name, text)
