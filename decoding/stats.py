@@ -13,7 +13,9 @@ Definitions (one place, so every view of a number agrees):
 - trees: rounds that verified two ways of a branching lookup match in one window, and how many of
   them kept the second way; the second way's drafts count in acceptance["low"] where it was tried
   (the first way's first token was rejected).
-- speedup_vs_level0: (level-0 step time measured in this answer's context) x tokens / decode time.
+- speedup_vs_level0: (level-0 step time measured in this answer's context) x tokens / decode time;
+  None for a level-0 answer, which is the reference (its ratio would only show the noise of one
+  answer against a few timed steps: x0.65 for a short answer on a busy machine).
 - timings_s["sources"]: the part of decode_s spent reading the attention for the answer's sources
   (between rounds, decoding/sources.py); sources_rank_s: the time after the last token that turned
   those readings into passages.
@@ -138,7 +140,7 @@ class Stats:
 
     @property
     def speedup_vs_level0(self) -> float | None:
-        if not self.level0_step_s or not self.decode_s:
+        if not self.level or not self.level0_step_s or not self.decode_s:
             return None
         return self.level0_step_s * self.new_tokens / self.decode_s
 

@@ -84,7 +84,8 @@ def test_chat_in_tmux_with_smollm2(tmp_path, default_model_dir):
             time.sleep(0.5)
         record = answers(data)[0]
         stats = record["stats"]
-        screen = wait_pane(name, lambda p: f"{stats['new_tokens']} tokens · " in p, 20)
+        # the panels' last lines sit under the notices' toasts until these time out (Textual's 5 s)
+        screen = wait_pane(name, lambda p: f"{stats['new_tokens']} tokens · " in p and "Drafter suffix" in p, 30)
         words = [w for w in record["text"].split() if len(w) > 3][:3]
         assert words and all(w in screen for w in words), screen  # the streamed answer is on screen
         # the question went through the input as typed (it may have scrolled out of view by now)

@@ -259,6 +259,26 @@ def test_a_tree_round_shows_both_ways_and_the_panel_counts_trees():
     assert stats.low_proposed == 7 and stats.low_accepted == 4
 
 
+def test_a_level_0_answer_is_not_compared_with_level_0():
+    """A level-0 answer is the reference: the panel showed "x0.65 vs level 0" for one (a short answer
+    against the step timed before it). A speculative answer keeps its ratio."""
+    from triforce_chat.app.ui.widgets import Pending, render_stats
+    from triforce_chat.decoding.stats import Stats
+
+    ev = RoundEvent(index=0, tokens=[4], origins=["target"], text="", route="step", final_kind="step", wall_s=0.03)
+    plain = Stats(level=0, level0_step_s=0.02)
+    plain.add(ev)
+    assert plain.speedup_vs_level0 is None and plain.to_dict()["speedup_vs_level0"] is None
+    panel = render_stats(plain.to_dict(), Pending(0, "suffix", "4096", 6, 4)).plain
+    assert "(level 0)" in panel and "vs level 0" not in panel
+    spec = Stats(level=2, level0_step_s=0.02)
+    spec.add(RoundEvent(index=0, tokens=[4, 5, 6], origins=["low", "low", "target"], text="", route="direct",
+                        final_kind="bonus", low_rounds=[LowRound([4, 5], 2, 6)], wall_s=0.03))
+    assert spec.speedup_vs_level0 == pytest.approx(2.0)  # 3 tokens in the time of 1.5 steps
+    panel = render_stats(spec.to_dict(), Pending(2, "suffix", "4096", 6, 4)).plain
+    assert "×2.00 vs level 0" in panel
+
+
 def test_cache_panel_names_both_bottoms_of_a_lookup_first_drafter():
     """suffix+model: the panel shows the lookup's index, the model's window and who drafted."""
     import dataclasses
