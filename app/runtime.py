@@ -53,7 +53,7 @@ class DocumentText(NamedTuple):
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return document_name(self.path)
 
 
 def _open_for_reading(path: Path, warn: Log) -> tuple[BinaryIO, bytes]:
@@ -133,7 +133,19 @@ def read_document(path: Path, warn: Log = _stderr) -> tuple[str, str]:
         warn(f"warning: {path} contains {nuls} NUL byte{'s' if nuls > 1 else ''}; replaced with U+FFFD")
     if not text.strip():
         raise DocumentError(f"{path}: the document is empty")
-    return path.name, text
+    return document_name(path), text
+
+
+def document_name(path: Path) -> str:
+    """The name a document goes by (in the prompt, the panels and the sources): the file's name, but
+    "pipe 63" for a shell's `<(cmd)` (/dev/fd/63: "63" told neither the user nor the model what it
+    was) and "stdin" for standard input."""
+    fd_dirs = {Path("/dev/fd"), Path("/proc/self/fd")}
+    if str(path) == "/dev/stdin" or (path.name == "0" and path.parent in fd_dirs):
+        return "stdin"
+    if path.parent in fd_dirs or (path.parent.name == "fd" and path.parent.parent.parent == Path("/proc")):
+        return f"pipe {path.name}"
+    return path.name
 
 
 # -- the machine ------------------------------------------------------------------------------------------

@@ -186,6 +186,18 @@ def test_the_chat_gets_the_text_the_command_line_read_so_a_pipe_is_read_once(mon
         os.close(r)
     assert code == 0, capsys.readouterr().err
     assert got == [DocumentText(Path(f"/dev/fd/{r}"), "The secret word is banana.\n")]
+    assert got[0].name == f"pipe {r}"  # what the panels, the prompt and the sources call it
+
+
+def test_a_pipe_or_standard_input_is_named_for_what_it_is():
+    from triforce_chat.app.runtime import document_name
+
+    assert document_name(Path("/dev/fd/63")) == "pipe 63"
+    assert document_name(Path("/proc/self/fd/12")) == "pipe 12"
+    assert document_name(Path("/proc/4242/fd/11")) == "pipe 11"
+    assert document_name(Path("/dev/stdin")) == "stdin" == document_name(Path("/dev/fd/0"))
+    assert document_name(Path("/home/me/fd/63")) == "63"  # a folder that happens to be called fd
+    assert document_name(Path("book.txt")) == "book.txt"
 
 
 async def test_a_document_read_by_the_command_line_loads_from_its_text(tiny_model, tmp_path, monkeypatch):

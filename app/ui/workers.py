@@ -110,7 +110,7 @@ def prefill_documents(
     """Read and add documents (or restore a saved conversation), then prefill with progress; posts
     LoadDone with the outcome. A document that cannot be read is a notice; the others still load.
     Documents the command line read already come with their text (a pipe cannot be read twice)."""
-    from triforce_chat.app.runtime import DocumentText, read_document
+    from triforce_chat.app.runtime import DocumentText, document_name, read_document
     from triforce_chat.decoding.memory.guard import MemoryShortage
     from triforce_chat.decoding.session import ContextOverflow, DocumentError, PrefillCancelled
     from triforce_chat.decoding.store.doccache import describe, resuming_line
@@ -121,15 +121,16 @@ def prefill_documents(
             restore_conversation(session, restore, history, post)
         for item in paths:
             path, text = item if isinstance(item, DocumentText) else (item, None)
+            name = document_name(path)
             if text is None:
                 try:
-                    _, text = read_document(path, warn=lambda m: post(Notice(m, "warning")))
+                    name, text = read_document(path, warn=lambda m: post(Notice(m, "warning")))
                 except DocumentError as exc:
                     post(Notice(str(exc), "error"))
                     continue
-            post(LoadProgress(f"Tokenizing {path.name}", 0, None, None))
+            post(LoadProgress(f"Tokenizing {name}", 0, None, None))
             try:
-                doc = session.add_document(path.name, text)
+                doc = session.add_document(name, text)
             except DocumentError as exc:
                 post(Notice(str(exc), "error"))
                 continue
