@@ -18,6 +18,7 @@ falls back to PyTorch operations with windows verified token by token (exact, sl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -138,21 +139,48 @@ def _build(native_arch: bool) -> NativeStatus:
     flags = CFLAGS + (ISA_FLAGS[isa] if native_arch else [])
     key = _build_key(flags)
     build_dir = _build_dir(key)
-    cpp_extension.load(
-        name=f"triforce_cpu_{key}",
-        sources=[str(SOURCE_DIR / s) for s in SOURCES],
-        extra_cflags=flags,
-        extra_ldflags=_openmp_link_flags(),
-        extra_include_paths=[str(SOURCE_DIR)],
-        build_directory=str(build_dir),
-        is_python_module=False,
-        verbose=os.environ.get("TRIFORCE_NATIVE_VERBOSE") == "1",
-    )
+    with _project_ninja_first():
+        cpp_extension.load(
+            name=f"triforce_cpu_{key}",
+            sources=[str(SOURCE_DIR / s) for s in SOURCES],
+            extra_cflags=flags,
+            extra_ldflags=_openmp_link_flags(),
+            extra_include_paths=[str(SOURCE_DIR)],
+            build_directory=str(build_dir),
+            is_python_module=False,
+            verbose=os.environ.get("TRIFORCE_NATIVE_VERBOSE") == "1",
+        )
     t = torch.ops.triforce
     built = NativeStatus(True, t.isa(), "", build_dir, t.int8_path(), t.attention_bf16_path(),
                         t.attention_int8_path())
     prune_builds(build_dir)
     return built
+
+
+@contextlib.contextmanager
+def _project_ninja_first():
+    """PATH with the project's own `ninja` (the `ninja` package, pinned in the lock) first, for the
+    build: cpp_extension runs whichever `ninja` PATH finds. Why: started without its environment
+    activated (`.venv/bin/triforce-chat`, as the Makefile does), the app found no ninja on a machine
+    without a system one and ran without its kernels; and where the system has a ninja of another
+    version, the two alternated by how the app was started, each reading the other's build log as
+    changed commands: every switch rebuilt the whole extension (14 s on 2 cores)."""
+    try:
+        import ninja
+
+        bin_dir = str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):  # no package: whatever PATH has
+        yield
+        return
+    old = os.environ.get("PATH")
+    os.environ["PATH"] = bin_dir + os.pathsep + (old or os.defpath)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
 
 
 def prune_builds(used: Path, keep: int = KEEP_BUILDS, days: float = KEEP_DAYS) -> list[Path]:

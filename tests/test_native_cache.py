@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
+
 from triforce_chat.kernels.native import prune_builds
 
 
@@ -31,3 +33,29 @@ def test_a_build_in_use_is_never_removed_and_a_missing_cache_is_no_error(tmp_pat
     os.utime(ext / "old", (0, 0))
     assert prune_builds(ext / "old", keep=1, days=1) == [] and (ext / "old").is_dir()
     assert prune_builds(tmp_path / "nowhere" / "x") == []
+
+
+def test_the_build_runs_the_project_s_ninja_whatever_path_the_app_was_started_with(tmp_path, monkeypatch):
+    """Started as `.venv/bin/triforce-chat` (no activated environment), the build found no ninja on a
+    machine without a system one and the app ran without its kernels; with a system ninja of another
+    version, the two alternated and each rebuilt everything. The build sees the `ninja` package's
+    first, and PATH is given back as it was."""
+    import shutil
+    from pathlib import Path
+
+    import ninja
+    from torch.utils import cpp_extension
+
+    from triforce_chat.kernels import native
+
+    if not native.available():  # _build reads the loaded library's fields after "building"
+        pytest.skip(f"the native kernels are not built here: {native.status().reason}")
+    no_ninja = tmp_path / "bin"
+    no_ninja.mkdir()
+    monkeypatch.setenv("PATH", str(no_ninja))
+    monkeypatch.setenv("TRIFORCE_CHAT_CACHE", str(tmp_path / "cache"))
+    found = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: found.append(shutil.which("ninja")))
+    assert native._build(True).available
+    assert found and found[0] is not None and Path(found[0]).parent == Path(ninja.BIN_DIR)
+    assert os.environ["PATH"] == str(no_ninja)
