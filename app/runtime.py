@@ -110,8 +110,8 @@ def read_document(path: Path, warn: Log = _stderr) -> tuple[str, str]:
         f, data = _open_for_reading(path, warn)
         with f:
             data += f.read(SNIFF_BYTES - len(data)) if len(data) < SNIFF_BYTES else b""
-            if b"\x00" in data:
-                raise DocumentError(f"{path}: looks like a binary file, not text")
+            if kind := _not_text(data):
+                raise DocumentError(f"{path}: {kind}")
             data += f.read(MAX_DOCUMENT_BYTES + 1 - len(data))
     except OSError as exc:
         raise DocumentError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -134,6 +134,20 @@ def read_document(path: Path, warn: Log = _stderr) -> tuple[str, str]:
     if not text.strip():
         raise DocumentError(f"{path}: the document is empty")
     return document_name(path), text
+
+
+def _not_text(head: bytes) -> str:
+    """Why a file whose first bytes are `head` is not a text document ('' when it may be one), with the
+    way to its text for the formats people mean to ask about (a PDF need not have a NUL early on, and
+    would be read as text: its markup)."""
+    if head.startswith(b"%PDF-"):
+        return "is a PDF, not text; give its text instead, e.g. --doc <(pdftotext FILE -)"
+    if head.startswith(b"PK\x03\x04"):
+        return ("is a zip archive (.docx, .epub, .odt ...), not text; give its text instead, "
+                "e.g. --doc <(pandoc FILE -t plain)")
+    if b"\x00" in head:
+        return "looks like a binary file, not text"
+    return ""
 
 
 def document_name(path: Path) -> str:

@@ -67,6 +67,15 @@ def test_nul_bytes_and_invalid_utf8_get_a_warning_and_the_rest_is_kept(tmp_path)
     binary.write_bytes(b"\x00\x01" * 100)
     with pytest.raises(DocumentError, match="looks like a binary file"):
         read_document(binary)
+    # a PDF or a zipped document (no NUL needed early on) is named, with the way to its text
+    pdf = tmp_path / "paper.pdf"
+    pdf.write_bytes(b"%PDF-1.7\n%text-like header\n1 0 obj << /Type /Catalog >> endobj\n" * 50)
+    with pytest.raises(DocumentError, match=r"paper.pdf: is a PDF, not text; .*pdftotext"):
+        read_document(pdf)
+    book = tmp_path / "book.epub"
+    book.write_bytes(b"PK\x03\x04mimetypeapplication/epub+zip" + b"x" * 100)
+    with pytest.raises(DocumentError, match=r"book.epub: is a zip archive .*pandoc"):
+        read_document(book)
 
 
 def test_a_device_or_an_endless_pipe_is_refused_without_filling_the_memory(tmp_path, monkeypatch):
