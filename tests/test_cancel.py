@@ -196,8 +196,8 @@ async def test_escape_in_the_app_at_random_points(tiny_model, tmp_path, monkeypa
 # -- ask: ctrl-c --------------------------------------------------------------------------------------
 def run_ask_in_process(monkeypatch, capsys, tiny_model, doc_path, *extra: str, sigint_at: int | None = None):
     """`main()` for ask, with the tiny model, raising SIGINT at the n-th forward call."""
+    from cli_run import run_main
     from triforce_chat.app import runtime
-    from triforce_chat.app.cli import main as cli
 
     monkeypatch.setattr(runtime, "open_model", lambda *a, **k: tiny_model)
     forward = type(tiny_model.model).forward
@@ -210,14 +210,8 @@ def run_ask_in_process(monkeypatch, capsys, tiny_model, doc_path, *extra: str, s
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(type(tiny_model.model), "forward", forward_with_sigint)
-    monkeypatch.setattr(sys, "argv", ["triforce-chat", "ask", "-d", str(doc_path), "-n", "30", "--level", "2",
-                                      "--budget", "64", "--dtype", "float32", *extra, QUESTION])
-    monkeypatch.setenv("TRIFORCE_CHAT_CONFIG", "/nonexistent/config.toml")
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code or 0
+    code = run_main(monkeypatch, "ask", "-d", str(doc_path), "-n", "30", "--level", "2", "--budget", "64",
+                    "--dtype", "float32", *extra, QUESTION)
     monkeypatch.setattr(type(tiny_model.model), "forward", forward)
     out, err = capsys.readouterr()
     return code, out, err

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from triforce_chat.app.cli.main import main
+from cli_run import run_main
 
 
 def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["triforce-chat", *args])
-    monkeypatch.setenv("TRIFORCE_CHAT_CONFIG", "/nonexistent/config.toml")
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
+    code = run_main(monkeypatch, *args)
     out, err = capsys.readouterr()
     return code, out, err
 

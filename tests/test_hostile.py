@@ -172,9 +172,7 @@ def test_a_named_pipe_is_read_whenever_its_writer_comes_and_however_slow_it_is(t
 def test_the_chat_gets_the_text_the_command_line_read_so_a_pipe_is_read_once(monkeypatch, capsys, tmp_path):
     """`triforce-chat --doc <(cmd)`: the command line reads the pipe to check it; the chat once read
     the path again, found it drained, and said "the document is empty"."""
-    import sys
-
-    from triforce_chat.app.cli import main as cli
+    from cli_run import run_main
     from triforce_chat.app.runtime import DocumentText
     from triforce_chat.app.ui import app as ui_app
 
@@ -184,13 +182,7 @@ def test_the_chat_gets_the_text_the_command_line_read_so_a_pipe_is_read_once(mon
     os.write(w, b"The secret word is banana.\n")
     os.close(w)
     try:
-        monkeypatch.setattr(sys, "argv", ["triforce-chat", "--doc", f"/dev/fd/{r}"])
-        monkeypatch.setenv("TRIFORCE_CHAT_CONFIG", "/nonexistent/config.toml")
-        code = 0
-        try:
-            cli.main()
-        except SystemExit as exc:
-            code = exc.code or 0
+        code = run_main(monkeypatch, "--doc", f"/dev/fd/{r}")
     finally:
         os.close(r)
     assert code == 0, capsys.readouterr().err
