@@ -209,8 +209,19 @@ def open_model(settings: Settings, log: Log | None = None) -> LoadedModel:
                         log=log, kv_dtype=settings.torch_kv_dtype())
     except (MemoryShortage, ModelLoadError) as exc:
         raise StartupError(str(exc)) from None
+    cores = usable_cores()
+    if settings.threads is not None and settings.threads > cores and device == "cpu":
+        lm.notices.append(f"{settings.threads} threads on {cores} cores: more threads than cores slow every step "
+                          "down (they wait on each other); leave --threads out to use every core")
     settle_heap()
     return lm
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or `taskset`'s share, not the machine's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def settle_heap() -> None:

@@ -43,3 +43,18 @@ def test_opening_a_model_settles_the_heap(monkeypatch, tiny_model_dir):
     monkeypatch.setattr(runtime, "settle_heap", lambda: calls.append(gc.get_count()))
     lm = runtime.open_model(Settings(model=str(tiny_model_dir), context=256, threads=1))
     assert lm.model is not None and len(calls) == 1
+
+
+def test_more_threads_than_cores_is_said_once(tiny_model_dir):
+    """`--threads 999` on a 2-core machine ran, slower than 2 threads, without a word."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        cores = runtime.usable_cores()
+        many = runtime.open_model(Settings(model=str(tiny_model_dir), context=256, threads=cores + 1))
+        assert [n for n in many.notices if f"{cores + 1} threads on {cores} cores" in n]
+        fitting = runtime.open_model(Settings(model=str(tiny_model_dir), context=256, threads=1))
+        assert not [n for n in fitting.notices if "threads on" in n]
+    finally:
+        torch.set_num_threads(before)
