@@ -56,14 +56,15 @@ class DocumentText(NamedTuple):
         return document_name(self.path)
 
 
-def _open_for_reading(path: Path, warn: Log) -> tuple[BinaryIO, bytes]:
+def _open_for_reading(path: Path, warn: Log, should_cancel: Callable[[], bool] | None) -> tuple[BinaryIO, bytes]:
     """The file open for reading, and whatever of it arrived while waiting for a named pipe's writer.
 
     Opening a named pipe blocks until something opens it for writing, which may be never (`mkfifo
     p; triforce-chat --doc p`). So a pipe is opened without blocking and watched: data or a closed
     writer ends the wait, and so does a writer that is there but slow (a read says "try again" rather
     than end of file: `--doc <(slow_command)` waits as long as the command takes, as `cat` would).
-    Only a pipe that nothing opens for FIFO_WAIT_S is refused."""
+    Only a pipe that nothing opens for FIFO_WAIT_S is refused, or sooner when `should_cancel` says so
+    (the chat's esc)."""
     from triforce_chat.decoding.session import DocumentError
 
     if not stat.S_ISFIFO(path.stat().st_mode):
@@ -82,6 +83,8 @@ def _open_for_reading(path: Path, warn: Log) -> tuple[BinaryIO, bytes]:
             if first or ready:  # (ready with nothing to read: the writer closed it empty)
                 break
             waited = time.monotonic() - start  # end of file: nothing has opened the pipe for writing yet
+            if should_cancel is not None and should_cancel():
+                raise DocumentError(f"{path}: stopped waiting for something to write to it")
             if waited > FIFO_WAIT_S:
                 raise DocumentError(f"{path}: a named pipe that nothing writes to (waited {FIFO_WAIT_S:.0f} s)")
             if waited > FIFO_NOTICE_S and not said:
@@ -94,12 +97,14 @@ def _open_for_reading(path: Path, warn: Log) -> tuple[BinaryIO, bytes]:
         raise
 
 
-def read_document(path: Path, warn: Log = _stderr) -> tuple[str, str]:
+def read_document(
+    path: Path, warn: Log = _stderr, should_cancel: Callable[[], bool] | None = None
+) -> tuple[str, str]:
     """(name, text) of a text file, or a DocumentError naming what is wrong with it. Any path a shell
     hands over works: a pipe (`--doc <(cmd)`) is read once, as a file is; a named pipe that nothing
-    writes to is refused after a wait (FIFO_WAIT_S); a device or a pipe that never ends (/dev/zero,
-    `yes |`) stops at its first bytes (binary) or at MAX_DOCUMENT_BYTES, so reading never fills the
-    memory."""
+    writes to is refused after a wait (FIFO_WAIT_S, or when `should_cancel` says so); a device or a
+    pipe that never ends (/dev/zero, `yes |`) stops at its first bytes (binary) or at
+    MAX_DOCUMENT_BYTES, so reading never fills the memory."""
     from triforce_chat.decoding.session import DocumentError
 
     if not path.exists():
@@ -107,7 +112,7 @@ def read_document(path: Path, warn: Log = _stderr) -> tuple[str, str]:
     if path.is_dir():
         raise DocumentError(f"{path}: is a directory, not a text file")
     try:
-        f, data = _open_for_reading(path, warn)
+        f, data = _open_for_reading(path, warn, should_cancel)
         with f:
             data += f.read(SNIFF_BYTES - len(data)) if len(data) < SNIFF_BYTES else b""
             if kind := _not_text(data):

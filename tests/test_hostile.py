@@ -129,6 +129,12 @@ def test_a_named_pipe_that_nothing_writes_to_is_refused_after_a_wait_said_out_lo
         runtime.read_document(fifo, warn=said.append)
     assert time.monotonic() - start < 10
     assert len(said) == 1 and "waiting for something to write to" in said[0]
+    # the chat's esc ends the wait at once, whatever FIFO_WAIT_S says
+    monkeypatch.setattr(runtime, "FIFO_WAIT_S", 600.0)
+    start = time.monotonic()
+    with pytest.raises(DocumentError, match="nobody: stopped waiting for something to write to it"):
+        runtime.read_document(fifo, warn=said.append, should_cancel=lambda: time.monotonic() - start > 0.3)
+    assert time.monotonic() - start < 5
 
 
 @pytest.mark.parametrize("case", ["writer comes late", "writer there, first bytes late", "writer closes empty"])

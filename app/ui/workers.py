@@ -124,7 +124,8 @@ def prefill_documents(
             name = document_name(path)
             if text is None:
                 try:
-                    name, text = read_document(path, warn=lambda m: post(Notice(m, "warning")))
+                    name, text = read_document(path, warn=lambda m: post(Notice(m, "warning")),
+                                               should_cancel=job.cancel.is_set)
                 except DocumentError as exc:
                     post(Notice(str(exc), "error"))
                     continue
