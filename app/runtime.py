@@ -67,8 +67,8 @@ def _open_for_reading(path: Path, warn: Log, should_cancel: Callable[[], bool] |
     (the chat's esc)."""
     from triforce_chat.decoding.session import DocumentError
 
-    if not stat.S_ISFIFO(path.stat().st_mode):
-        return path.open("rb"), b""
+    if not stat.S_ISFIFO(path.stat().st_mode) or not hasattr(select, "poll") or not hasattr(os, "O_NONBLOCK"):
+        return path.open("rb"), b""  # (Windows has neither: its pipes are opened as files)
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         poller = select.poll()
@@ -159,12 +159,11 @@ def document_name(path: Path) -> str:
     """The name a document goes by (in the prompt, the panels and the sources): the file's name, but
     "pipe 63" for a shell's `<(cmd)` (/dev/fd/63: "63" told neither the user nor the model what it
     was) and "stdin" for standard input."""
-    fd_dirs = {Path("/dev/fd"), Path("/proc/self/fd")}
-    if str(path) == "/dev/stdin" or (path.name == "0" and path.parent in fd_dirs):
+    in_fd_dir = path.parent in (Path("/dev/fd"), Path("/proc/self/fd")) or (
+        path.parent.name == "fd" and path.parent.parent.parent == Path("/proc"))
+    if str(path) == "/dev/stdin" or (in_fd_dir and path.name == "0"):
         return "stdin"
-    if path.parent in fd_dirs or (path.parent.name == "fd" and path.parent.parent.parent == Path("/proc")):
-        return f"pipe {path.name}"
-    return path.name
+    return f"pipe {path.name}" if in_fd_dir else path.name
 
 
 # -- the machine ------------------------------------------------------------------------------------------
@@ -207,6 +206,7 @@ def open_model(settings: Settings, log: Log | None = None) -> LoadedModel:
 
     apply_threads(settings)
     device = resolve_device(settings)
+    release_frozen()  # a model an earlier call froze and its caller dropped: freed before the memory check
     try:
         check_before_load(settings.model, dtype=settings.torch_dtype(), device=device, context=settings.context,
                           config=settings.decode_config(), kv_dtype=settings.torch_kv_dtype())
@@ -223,10 +223,20 @@ def open_model(settings: Settings, log: Log | None = None) -> LoadedModel:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (a container's or `taskset`'s share, not the machine's)."""
+    """The cores this process may run on (its CPU affinity: `taskset`, a container's cpuset; a CPU
+    quota such as `docker --cpus` is not seen)."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0)) or 1
     return os.cpu_count() or 1
+
+
+def release_frozen() -> None:
+    """Give what `settle_heap` froze back to the collector, and collect: a model that an earlier
+    `open_model` froze and its caller has dropped (bench-qa's models, one after another) is freed
+    here, before the next one's memory check and load, not after them."""
+    if gc.get_freeze_count():
+        gc.unfreeze()
+        gc.collect()
 
 
 def settle_heap() -> None:

@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,7 +159,7 @@ def _build(native_arch: bool) -> NativeStatus:
 
 
 @contextlib.contextmanager
-def _project_ninja_first():
+def _project_ninja_first() -> Iterator[None]:
     """PATH with the project's own `ninja` (the `ninja` package, pinned in the lock) first, for the
     build: cpp_extension runs whichever `ninja` PATH finds. Why: started without its environment
     activated (`.venv/bin/triforce-chat`, as the Makefile does), the app found no ninja on a machine
@@ -169,7 +170,9 @@ def _project_ninja_first():
         import ninja
 
         bin_dir = str(ninja.BIN_DIR)
-    except (ImportError, AttributeError):  # no package: whatever PATH has
+    except (ImportError, AttributeError):
+        bin_dir = ""
+    if not bin_dir or shutil.which("ninja", path=bin_dir) is None:  # no package, or no binary in it: PATH as is
         yield
         return
     old = os.environ.get("PATH")

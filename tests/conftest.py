@@ -38,6 +38,17 @@ def _document_cache_in_a_temporary_folder(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TRIFORCE_KV_CACHE_DIR", str(tmp_path_factory.mktemp("kv-cache")))
 
 
+@pytest.fixture(autouse=True)
+def _heap_not_settled(monkeypatch):
+    """`open_model` freezes what is alive (app/runtime.py, settle_heap): in the test process that would
+    be every fixture so far, for good, after a full collection per in-process `ask`. Tests of it call
+    the functions themselves (tests/test_runtime.py)."""
+    from triforce_chat.app import runtime
+
+    monkeypatch.setattr(runtime, "settle_heap", lambda: None)
+    monkeypatch.setattr(runtime, "release_frozen", lambda: None)
+
+
 @pytest.fixture(params=[1, 2, 4], ids=lambda n: f"{n}-threads")
 def threads(request):
     """Run the test at 1, 2 and 4 torch threads (`ask` and the app use every core, and the

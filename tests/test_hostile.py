@@ -114,8 +114,6 @@ def test_a_device_or_an_endless_pipe_is_refused_without_filling_the_memory(tmp_p
 
 def test_a_named_pipe_that_nothing_writes_to_is_refused_after_a_wait_said_out_loud(tmp_path, monkeypatch):
     """`mkfifo p; triforce-chat --doc p` once blocked forever at open. Now the wait is said and ends."""
-    import time
-
     from triforce_chat.app import runtime
     from triforce_chat.decoding.session import DocumentError
 
@@ -143,12 +141,11 @@ def test_a_named_pipe_is_read_whenever_its_writer_comes_and_however_slow_it_is(t
     (`--doc <(slow_command)`) is waited for as long as it takes, past FIFO_WAIT_S: only a pipe that
     nothing opens is refused."""
     import threading
-    import time
 
     from triforce_chat.app import runtime
     from triforce_chat.decoding.session import DocumentError
 
-    monkeypatch.setattr(runtime, "FIFO_WAIT_S", 0.5 if case == "writer there, first bytes late" else 20.0)
+    monkeypatch.setattr(runtime, "FIFO_WAIT_S", 2.0 if case == "writer there, first bytes late" else 20.0)
     fifo = tmp_path / "slow"
     os.mkfifo(fifo)
     body = b"The ferry leaves at noon.\n" * 400
@@ -158,7 +155,7 @@ def test_a_named_pipe_is_read_whenever_its_writer_comes_and_however_slow_it_is(t
             time.sleep(0.4)
         with open(fifo, "wb") as f:
             if case == "writer there, first bytes late":
-                time.sleep(1.2)  # longer than the wait for a writer: it is there, so it is waited for
+                time.sleep(3.0)  # longer than the wait for a writer: it is there, so it is waited for
             if case != "writer closes empty":
                 f.write(body[:100])
                 f.flush()
@@ -196,6 +193,20 @@ def test_the_chat_gets_the_text_the_command_line_read_so_a_pipe_is_read_once(mon
     assert got[0].name == f"pipe {r}"  # what the panels, the prompt and the sources call it
 
 
+def test_the_chat_shows_the_warnings_of_reading_its_documents(monkeypatch, tmp_path):
+    """The chat reads its --doc files on the command line now: their warnings (bad UTF-8 here) must
+    still reach the chat's notices, since the screen covers whatever went to stderr."""
+    from cli_run import run_main
+    from triforce_chat.app.ui import app as ui_app
+
+    shown: list[str] = []
+    monkeypatch.setattr(ui_app, "run_tui", lambda settings, docs, resume, notices: shown.extend(notices) or 0)
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\xe9 au lait, cr\xe8me br\xfbl\xe9e\n".encode("latin-1") * 20)
+    assert run_main(monkeypatch, "--doc", str(latin)) == 0
+    assert [n for n in shown if "latin.txt is not valid UTF-8" in n]
+
+
 def test_a_pipe_or_standard_input_is_named_for_what_it_is():
     from triforce_chat.app.runtime import document_name
 
@@ -203,6 +214,7 @@ def test_a_pipe_or_standard_input_is_named_for_what_it_is():
     assert document_name(Path("/proc/self/fd/12")) == "pipe 12"
     assert document_name(Path("/proc/4242/fd/11")) == "pipe 11"
     assert document_name(Path("/dev/stdin")) == "stdin" == document_name(Path("/dev/fd/0"))
+    assert document_name(Path("/proc/4242/fd/0")) == "stdin"
     assert document_name(Path("/home/me/fd/63")) == "63"  # a folder that happens to be called fd
     assert document_name(Path("book.txt")) == "book.txt"
 

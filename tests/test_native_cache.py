@@ -59,3 +59,17 @@ def test_the_build_runs_the_project_s_ninja_whatever_path_the_app_was_started_wi
     assert native._build(True).available
     assert found and found[0] is not None and Path(found[0]).parent == Path(ninja.BIN_DIR)
     assert os.environ["PATH"] == str(no_ninja)
+
+
+def test_a_ninja_package_without_its_binary_leaves_path_alone(monkeypatch):
+    """`ninja.BIN_DIR` is "" when the package cannot find its binary (some --target installs); an
+    empty PATH entry would mean the current folder, searched first for ninja and the compiler."""
+    import ninja
+
+    from triforce_chat.kernels import native
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.setattr(ninja, "BIN_DIR", "", raising=False)
+    with native._project_ninja_first():
+        assert os.environ["PATH"] == "/usr/bin:/bin"
+    assert os.environ["PATH"] == "/usr/bin:/bin"

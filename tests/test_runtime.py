@@ -6,6 +6,7 @@ import gc
 import weakref
 
 from triforce_chat.app import runtime
+from triforce_chat.app.runtime import release_frozen, settle_heap  # the real ones (conftest stubs them)
 from triforce_chat.app.settings import Settings
 
 
@@ -21,13 +22,13 @@ def test_settle_heap_freezes_what_is_alive_and_collects_frozen_cycles_at_the_nex
         node = Node()
         node.me = node  # a cycle: only the cyclic collector frees it
         ref = weakref.ref(node)
-        runtime.settle_heap()
+        settle_heap()
         assert gc.get_freeze_count() > 0
         del node
         gc.collect()
         assert ref() is not None  # frozen: a full pass does not look at it
-        runtime.settle_heap()
-        assert ref() is None
+        release_frozen()  # what the next open_model does first
+        assert ref() is None and gc.get_freeze_count() == 0
         fresh = Node()
         fresh.me = fresh
         fresh_ref = weakref.ref(fresh)
@@ -38,11 +39,19 @@ def test_settle_heap_freezes_what_is_alive_and_collects_frozen_cycles_at_the_nex
         gc.unfreeze()
 
 
-def test_opening_a_model_settles_the_heap(monkeypatch, tiny_model_dir):
+def test_opening_a_model_frees_what_an_earlier_one_froze_first_and_settles_the_heap_last(monkeypatch,
+                                                                                         tiny_model_dir):
+    """The order matters: bench-qa drops a model and opens the next; freed after the next one's load,
+    the dropped one would sit next to it through its memory check (two models' peak)."""
+    from triforce_chat.decoding.memory import guard
+
     calls = []
-    monkeypatch.setattr(runtime, "settle_heap", lambda: calls.append(gc.get_count()))
-    lm = runtime.open_model(Settings(model=str(tiny_model_dir), context=256, threads=1))
-    assert lm.model is not None and len(calls) == 1
+    check = guard.check_before_load
+    monkeypatch.setattr(runtime, "release_frozen", lambda: calls.append("release"))
+    monkeypatch.setattr(guard, "check_before_load", lambda *a, **k: calls.append("check") or check(*a, **k))
+    monkeypatch.setattr(runtime, "settle_heap", lambda: calls.append("settle"))
+    lm = runtime.open_model(Settings(model=str(tiny_model_dir), context=256, threads=1, device="cpu"))
+    assert lm.model is not None and calls == ["release", "check", "settle"]
 
 
 def test_more_threads_than_cores_is_said_once(tiny_model_dir):
@@ -52,9 +61,10 @@ def test_more_threads_than_cores_is_said_once(tiny_model_dir):
     before = torch.get_num_threads()
     try:
         cores = runtime.usable_cores()
-        many = runtime.open_model(Settings(model=str(tiny_model_dir), context=256, threads=cores + 1))
+        many = runtime.open_model(Settings(model=str(tiny_model_dir), context=256, threads=cores + 1, device="cpu"))
         assert [n for n in many.notices if f"{cores + 1} threads on {cores} cores" in n]
-        fitting = runtime.open_model(Settings(model=str(tiny_model_dir), context=256, threads=1))
+        fitting = runtime.open_model(Settings(model=str(tiny_model_dir), context=256, threads=1, device="cpu"))
         assert not [n for n in fitting.notices if "threads on" in n]
     finally:
         torch.set_num_threads(before)
+        gc.unfreeze()

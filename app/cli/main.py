@@ -86,12 +86,14 @@ def startup_or_fail(error: BaseException) -> None:
     fail(str(error))
 
 
-def read_documents_or_fail(paths: list[Path] | None) -> list[tuple[str, str]]:
+def read_documents_or_fail(paths: list[Path] | None, warn=None) -> list[tuple[str, str]]:
+    """Each document's (name, text), or one line and exit 2; warnings (bad UTF-8, NUL bytes, a pipe's
+    wait) go to `warn`, stderr by default."""
     from triforce_chat.app.runtime import read_document
     from triforce_chat.decoding.session import DocumentError
 
     try:
-        return [read_document(p, warn=say) for p in paths or []]
+        return [read_document(p, warn=warn or say) for p in paths or []]
     except DocumentError as exc:
         fail(str(exc))
 
@@ -197,7 +199,11 @@ def chat(
     settings = resolve_settings(config, warn=notices.append, **given_settings(locals()))
     from triforce_chat.app.runtime import DocumentText
 
-    texts = read_documents_or_fail(doc)  # a bad path fails here, before the UI starts; read once (a pipe)
+    def warn(message: str) -> None:  # said now (a pipe's wait) and again in the chat, over which stderr is hidden
+        say(message)
+        notices.append(message)
+
+    texts = read_documents_or_fail(doc, warn)  # a bad path fails here, before the UI starts; read once (a pipe)
     from triforce_chat.app.ui.app import run_tui
 
     docs = [DocumentText(path, text) for path, (_, text) in zip(doc or [], texts, strict=True)]

@@ -23,7 +23,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Static
 
-from triforce_chat.app.runtime import DocumentText
+from triforce_chat.app.runtime import DocumentText, document_name
 from triforce_chat.app.safe_text import one_line
 from triforce_chat.app.settings import Settings
 from triforce_chat.app.ui import workers
@@ -416,7 +416,8 @@ class TriforceApp(App[int]):
     # -- actions ----------------------------------------------------------------------------------------
     def _start_prefill(self, paths: list[Path | DocumentText], restore: Any = None) -> None:
         self.job = Job("prefill")
-        self._show_load("Loading " + (", ".join(p.name for p in paths) or "conversation"), 0, None, None)
+        names = [p.name if isinstance(p, DocumentText) else document_name(p) for p in paths]
+        self._show_load("Loading " + (", ".join(names) or "conversation"), 0, None, None)
         self.prefill_worker(self.job, paths, restore)
 
     def _decode_one(self, tok: int) -> str:

@@ -508,7 +508,8 @@ def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float
     now = f"{rate_now:6.1f}" if rate_now is not None else "   -  "
     lines.append(Content.assemble(("Tokens/s ", "bold"), f"now {now}  avg {s.get('tokens_per_s', 0):6.1f}"))
     speed = s.get("speedup_vs_level0")
-    versus = f"×{speed:.2f} vs level 0" if speed else ("(level 0)" if s.get("level") == 0 else "- vs level 0")
+    # (a level-0 answer saved before its ratio was dropped may still carry one)
+    versus = "(level 0)" if s.get("level") == 0 else (f"×{speed:.2f} vs level 0" if speed else "- vs level 0")
     lines.append(Content(f"ms/token {s.get('ms_per_token', 0):7.1f}  {versus}"))
     counts = s.get("origin_counts") or {}
     lines.append(
