@@ -56,45 +56,73 @@ class DocumentText(NamedTuple):
         return document_name(self.path)
 
 
-def _open_for_reading(path: Path, warn: Log, should_cancel: Callable[[], bool] | None) -> tuple[BinaryIO, bytes]:
-    """The file open for reading, and whatever of it arrived while waiting for a named pipe's writer.
+class _PipeReader:
+    """A pipe (named, or a shell's `<(cmd)`), read without ever blocking, so that every wait on it can
+    be said, bounded or called off.
 
     Opening a named pipe blocks until something opens it for writing, which may be never (`mkfifo
-    p; triforce-chat --doc p`). So a pipe is opened without blocking and watched: data or a closed
-    writer ends the wait, and so does a writer that is there but slow (a read says "try again" rather
-    than end of file: `--doc <(slow_command)` waits as long as the command takes, as `cat` would).
-    Only a pipe that nothing opens for FIFO_WAIT_S is refused, or sooner when `should_cancel` says so
-    (the chat's esc)."""
-    from triforce_chat.decoding.session import DocumentError
+    p; triforce-chat --doc p`), and reading one blocks while its writer is silent. So it is opened
+    without blocking and watched: a read that says "try again" means a writer is there (then the
+    wait lasts as long as it writes, as `cat`'s would: `--doc <(slow_command)`), and end of file
+    before any writer means none has come yet: refused after FIFO_WAIT_S. `should_cancel` (the
+    chat's esc) ends either wait at once."""
 
-    if not stat.S_ISFIFO(path.stat().st_mode) or not hasattr(select, "poll") or not hasattr(os, "O_NONBLOCK"):
-        return path.open("rb"), b""  # (Windows has neither: its pipes are opened as files)
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        start, said, first = time.monotonic(), False, b""
-        while True:
-            ready = bool(poller.poll(100))  # data, or a writer that came and went
+    def __init__(self, path: Path, warn: Log, should_cancel: Callable[[], bool] | None) -> None:
+        self.path, self.warn, self.should_cancel = path, warn, should_cancel
+        self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self.poller = select.poll()
+        self.poller.register(self.fd, select.POLLIN)
+        self.writer_seen = self.ended = self.said = False
+        self.start = time.monotonic()
+
+    def __enter__(self) -> _PipeReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
+
+    def read(self, n: int) -> bytes:
+        """Up to n bytes, fewer only at the end."""
+        from triforce_chat.decoding.session import DocumentError
+
+        chunks, got = [], 0
+        while got < n and not self.ended:
+            if self.should_cancel is not None and self.should_cancel():
+                what = "reading it" if self.writer_seen else "waiting for something to write to it"
+                raise DocumentError(f"{self.path}: stopped {what}")
+            ready = bool(self.poller.poll(100))  # data, or a writer that came and went
             try:
-                first = os.read(fd, SNIFF_BYTES)
-            except BlockingIOError:  # a writer is there, with nothing written yet
-                break
-            if first or ready:  # (ready with nothing to read: the writer closed it empty)
-                break
-            waited = time.monotonic() - start  # end of file: nothing has opened the pipe for writing yet
-            if should_cancel is not None and should_cancel():
-                raise DocumentError(f"{path}: stopped waiting for something to write to it")
-            if waited > FIFO_WAIT_S:
-                raise DocumentError(f"{path}: a named pipe that nothing writes to (waited {FIFO_WAIT_S:.0f} s)")
-            if waited > FIFO_NOTICE_S and not said:
-                warn(f"waiting for something to write to {path} (up to {FIFO_WAIT_S:.0f} s)")
-                said = True
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb"), first
-    except BaseException:
-        os.close(fd)
-        raise
+                chunk = os.read(self.fd, min(n - got, 1 << 20))
+            except BlockingIOError:  # a writer is there, with nothing (more) written yet
+                self.writer_seen = True
+                continue
+            if chunk:
+                self.writer_seen = True
+                chunks.append(chunk)
+                got += len(chunk)
+            elif ready or self.writer_seen:  # end of file: the writer closed it
+                self.ended = True
+            else:  # end of file with no writer yet: nothing has opened the pipe for writing
+                self._no_writer_yet()
+        return b"".join(chunks)
+
+    def _no_writer_yet(self) -> None:
+        from triforce_chat.decoding.session import DocumentError
+
+        waited = time.monotonic() - self.start
+        if waited > FIFO_WAIT_S:
+            raise DocumentError(f"{self.path}: a named pipe that nothing writes to (waited {FIFO_WAIT_S:.0f} s)")
+        if waited > FIFO_NOTICE_S and not self.said:
+            self.warn(f"waiting for something to write to {self.path} (up to {FIFO_WAIT_S:.0f} s)")
+            self.said = True
+
+
+def _open_for_reading(path: Path, warn: Log, should_cancel: Callable[[], bool] | None) -> BinaryIO | _PipeReader:
+    """The document open for reading: a pipe through _PipeReader (where the OS has non-blocking
+    pipes and poll: not Windows, whose pipes are read as files), anything else as a file."""
+    if stat.S_ISFIFO(path.stat().st_mode) and hasattr(select, "poll") and hasattr(os, "O_NONBLOCK"):
+        return _PipeReader(path, warn, should_cancel)
+    return path.open("rb")
 
 
 def read_document(
@@ -112,9 +140,8 @@ def read_document(
     if path.is_dir():
         raise DocumentError(f"{path}: is a directory, not a text file")
     try:
-        f, data = _open_for_reading(path, warn, should_cancel)
-        with f:
-            data += f.read(SNIFF_BYTES - len(data)) if len(data) < SNIFF_BYTES else b""
+        with _open_for_reading(path, warn, should_cancel) as f:
+            data = f.read(SNIFF_BYTES)
             if kind := _not_text(data):
                 raise DocumentError(f"{path}: {kind}")
             data += f.read(MAX_DOCUMENT_BYTES + 1 - len(data))

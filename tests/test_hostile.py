@@ -135,6 +135,36 @@ def test_a_named_pipe_that_nothing_writes_to_is_refused_after_a_wait_said_out_lo
     assert time.monotonic() - start < 5
 
 
+def test_esc_stops_reading_a_pipe_whose_writer_is_there_but_silent(tmp_path):
+    """A writer that opened the pipe and writes nothing (`sleep 999 > p`) once blocked the chat's
+    loading worker for good: esc only set a flag that the blocked read never looked at."""
+    import threading
+
+    from triforce_chat.app import runtime
+    from triforce_chat.decoding.session import DocumentError
+
+    fifo = tmp_path / "silent"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def silent_writer() -> None:
+        with open(fifo, "wb") as f:
+            f.write(b"a first line, then nothing\n")
+            f.flush()
+            done.wait(20)
+
+    thread = threading.Thread(target=silent_writer, daemon=True)
+    thread.start()
+    start = time.monotonic()
+    try:
+        with pytest.raises(DocumentError, match="silent: stopped reading it"):
+            runtime.read_document(fifo, should_cancel=lambda: time.monotonic() - start > 1.0)
+        assert time.monotonic() - start < 10
+    finally:
+        done.set()
+        thread.join(5)
+
+
 @pytest.mark.parametrize("case", ["writer comes late", "writer there, first bytes late", "writer closes empty"])
 def test_a_named_pipe_is_read_whenever_its_writer_comes_and_however_slow_it_is(tmp_path, monkeypatch, case):
     """A writer that opens the pipe after a while is waited for; one that is there but slow to write
