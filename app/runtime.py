@@ -274,9 +274,8 @@ def settle_heap() -> None:
     the GIL held on a Zen 4 core, and it comes whenever enough young objects have survived: a decode
     that meets one stalls that long (9 full passes in a run of six 128-token answers of
     app/bench/tui.py). Frozen objects are still freed by reference counting; a cycle among them (a
-    model dropped for the next one, as bench-qa does) is collected at the next call, which unfreezes
-    first."""
-    gc.unfreeze()
+    model dropped for the next one, as bench-qa does) waits for `release_frozen`, which the next
+    `open_model` calls first. What is garbage already is collected first, not frozen."""
     gc.collect()
     gc.freeze()
 
