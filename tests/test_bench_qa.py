@@ -88,14 +88,29 @@ def sets() -> list[DocSet]:
     return qa_set()
 
 
+FIRST_FOUR = ["python-simple-statements.txt", "python-compound-statements.txt", "python-literals.txt",
+              "operations-report.md"]
+HELD_OUT_NAMES = ["the-tide-ledger.md", "bread-maker-manual.md", "tenancy-agreement.md"]
+
+
 def test_the_set_has_the_promised_shape(sets):
-    assert [d.name for d in sets] == ["python-simple-statements.txt", "python-compound-statements.txt",
-                                      "python-literals.txt", "operations-report.md"]
+    assert [d.name for d in sets] == FIRST_FOUR + HELD_OUT_NAMES
     questions = [it.question for d in sets for it in d.items]
-    assert 24 <= len(questions) <= 40
+    assert len(questions) == 74
     assert len(set(questions)) == len(questions)
     assert all(len(d.items) >= 5 and d.items for d in sets)
     assert qa_set() == sets  # the same set every time (a fixed seed, the running Python's docs)
+
+
+def test_document_groups_split_the_set_without_overlap(sets):
+    first, held = qa_set("first-four"), qa_set("held-out")
+    assert [d.name for d in first] == FIRST_FOUR and sum(len(d.items) for d in first) == 38
+    assert [d.name for d in held] == HELD_OUT_NAMES
+    assert first + held == sets
+    for d in held:  # read from the installed package, as written
+        assert d.source == f"app/bench/texts/{d.name}" and "invented" in d.text.split("\n\n", 2)[1]
+    with pytest.raises(ValueError, match="documents must be one of all, first-four, held-out"):
+        qa_set("pydoc")
 
 
 def test_every_accepted_answer_is_in_its_document_and_not_in_its_question(sets):
@@ -119,7 +134,7 @@ def test_documents_fit_the_token_bounds(sets, default_model_dir):
 
 def test_report_questions_come_from_the_facts_the_generator_drew(sets):
     report = build_report(REPORT_TOKENS, REPORT_SEED)
-    doc = sets[-1]
+    doc = sets[FIRST_FOUR.index("operations-report.md")]
     assert doc.text == report.text and len(report.sites) >= 6
     sections = re.split(r"\n(?=## Section )", report.text)[1:]
     assert len(sections) == len(report.sites)
@@ -240,7 +255,8 @@ def test_right_answers_are_counted(monkeypatch, tiny_model):
     m = bench_qa.run_model(tiny_model, _cfg(), QASpec(models=["tiny"], threads=[1], levels=[0], max_new_tokens=4),
                            [NOTES])
     assert [a["right"] for a in m["answers"]] == [True, False]
-    assert m["accuracy"] == {"right": 1, "total": 2, "share": 0.5}
+    assert m["accuracy"] == {"right": 1, "total": 2, "share": 0.5,
+                             "by_document": {"notes.txt": {"right": 1, "total": 2}}}
 
 
 def test_answers_that_differ_between_thread_counts_are_reported_not_failed(monkeypatch, tiny_model):
@@ -270,7 +286,7 @@ def test_bench_qa_end_to_end_with_a_skipped_model(monkeypatch, capsys, tmp_path,
     monkeypatch.setenv("TRIFORCE_MODELS_DIR", str(tmp_path / "no-models"))
     code, out, err = run_cli(monkeypatch, capsys, "bench-qa", "--models", f"qwen2.5-coder-1.5b,{tiny_model_dir}",
                              "--threads", "1", "--levels", "0,2", "--limit", "2", "--max-new-tokens", "8",
-                             "--context", "8192", "--json")
+                             "--context", "8192", "--documents", "held-out", "--json")
     assert code == 0, err
     assert "skipped qwen2.5-coder-1.5b: model qwen2.5-coder-1.5b is not installed: run " \
            "'triforce-chat models pull qwen2.5-coder-1.5b'" in err
@@ -278,24 +294,31 @@ def test_bench_qa_end_to_end_with_a_skipped_model(monkeypatch, capsys, tmp_path,
     assert result["identical"] and not result["mismatches"]
     assert [s["model"] for s in result["skipped"]] == ["qwen2.5-coder-1.5b"]
     assert result["settings"]["levels"] == [0, 2] and result["settings"]["limit"] == 2
-    assert result["qa_set"]["questions"] == 8 and len(result["qa_set"]["documents"]) == 4
+    assert result["settings"]["documents"] == "held-out"
+    assert result["qa_set"]["questions"] == 6 and [d["name"] for d in result["qa_set"]["documents"]] == HELD_OUT_NAMES
     assert set(result["machine"]["simd"]) >= {"avx2", "avx512f"} and result["machine"]["python"]
     [m] = result["models"]
-    assert m["path"] == str(tiny_model_dir) and m["accuracy"]["total"] == 8
+    assert m["path"] == str(tiny_model_dir) and m["accuracy"]["total"] == 6
+    by_doc = m["accuracy"]["by_document"]
+    assert list(by_doc) == HELD_OUT_NAMES and all(c["total"] == 2 for c in by_doc.values())
+    assert sum(c["right"] for c in by_doc.values()) == m["accuracy"]["right"]
     assert {a["document"] for a in m["answers"]} == {d["name"] for d in result["qa_set"]["documents"]}
     for a in m["answers"]:
         assert {"question", "accepted", "answer", "right", "token_ids", "stop_reason"} <= a.keys()
         assert 1 <= len(a["token_ids"]) <= 8
-    assert len(m["runs"]) == 16 and all(r["identical"] for r in m["runs"])
+    assert len(m["runs"]) == 12 and all(r["identical"] for r in m["runs"])
     assert [(r["threads"], r["level"]) for r in m["speed"]] == [(1, 0), (1, 2)]
     assert [p["threads"] for p in m["prefill"]] == [1] and m["prefill"][0]["tokens"] > 8000
 
 
 def test_bench_qa_table(monkeypatch, capsys, tiny_model_dir):
     code, out, err = run_cli(monkeypatch, capsys, "bench-qa", "--models", str(tiny_model_dir), "--threads", "1,2",
-                             "--levels", "2", "--limit", "1", "--max-new-tokens", "4", "--context", "8192")
+                             "--levels", "2", "--limit", "1", "--max-new-tokens", "4", "--context", "8192",
+                             "--documents", "first-four")
     assert code == 0, err
     assert out.startswith("CPU: ")
+    assert "right per document: python-simple-statements.txt 0/1, python-compound-statements.txt 0/1, " \
+           "python-literals.txt 0/1, operations-report.md 0/1" in out
     for text in ("4 questions over 4 documents", "L0 1thr", "L2 2thr", "prefill tok/s", "0/4", "✓"):
         assert text in out, text
     for threads in (1, 2):
@@ -323,7 +346,7 @@ def test_a_level_that_disagrees_is_reported_and_fails(monkeypatch, capsys, tiny_
         return r
 
     monkeypatch.setattr(bench_qa, "ask_in_new_chat", corrupted)
-    monkeypatch.setattr(bench_qa, "qa_set", lambda: [NOTES])
+    monkeypatch.setattr(bench_qa, "qa_set", lambda documents: [NOTES])
     code, out, err = run_cli(monkeypatch, capsys, "bench-qa", "--models", str(tiny_model_dir), "--threads", "1",
                              "--max-new-tokens", "6", "--json")
     assert code == 1
@@ -339,6 +362,7 @@ def test_a_level_that_disagrees_is_reported_and_fails(monkeypatch, capsys, tiny_
         (["--threads", "0"], "threads must be >= 1, not 0"),
         (["--threads", "one"], "threads must be a comma-separated list of whole numbers"),
         (["--limit", "0"], "limit must be >= 1, not 0"),
+        (["--documents", "pydoc"], "documents must be one of all, first-four, held-out, not 'pydoc'"),
         (["--models", "no-such-model"], "model not found: no-such-model"),
         (["--models", "qwen2.5-coder-0.5b"], "no model to run: model qwen2.5-coder-0.5b is not installed"),
     ],

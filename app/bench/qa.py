@@ -56,7 +56,7 @@ from triforce_chat.app.bench.common import (
 )
 from triforce_chat.app.bench.levels import warm_up
 from triforce_chat.app.bench.qa_score import is_right
-from triforce_chat.app.bench.qa_set import ASK_SUFFIX, DocSet, QAItem, qa_set
+from triforce_chat.app.bench.qa_set import ASK_SUFFIX, DOCUMENT_GROUPS, DocSet, QAItem, qa_set
 from triforce_chat.decoding.config import MODEL_DEFAULT_KEYS
 
 DEFAULT_MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
@@ -72,8 +72,11 @@ class QASpec:
     limit: int | None = None  # the first N questions of each document
     repeat: int = 1  # times each question is asked per level
     sample: bool = False  # with each model's own sampling settings (see the module docstring)
+    documents: str = "all"  # which of the set's documents (qa_set.DOCUMENT_GROUPS)
 
     def __post_init__(self) -> None:
+        if self.documents not in DOCUMENT_GROUPS:
+            raise BenchError(f"documents must be one of {', '.join(DOCUMENT_GROUPS)}, not {self.documents!r}")
         for level in self.levels:
             if level not in (0, 1, 2):
                 raise BenchError(f"levels must be among 0, 1, 2, not {level}")
@@ -247,13 +250,16 @@ def summarize_model(lm, spec: QASpec, sets: list[DocSet], runs: list[dict[str, A
         if t != first and r["token_ids"] != ref[first, name, i]["token_ids"] and not spec.sample
     ]
     right = sum(a["right"] for a in answers)
+    by_document = {d.name: {"right": sum(a["right"] for a in answers if a["document"] == d.name),
+                            "total": sum(a["document"] == d.name for a in answers)} for d in sets}
     return {
         "model": lm.model_id,
         "path": str(lm.path),
         "weights": lm.model.weights_label,
         "positions": lm.model.max_len,
         "load_s": round(lm.load_s, 2),
-        "accuracy": {"right": right, "total": len(answers), "share": ratio(right, len(answers))},
+        "accuracy": {"right": right, "total": len(answers), "share": ratio(right, len(answers)),
+                     "by_document": by_document},
         "speed": speed_rows(runs, spec),
         "question_ratios": question_ratios(runs, spec),
         "prefill": prefill,
@@ -366,10 +372,13 @@ def render_table(result: dict[str, Any]):
 
 
 def question_lines(result: dict[str, Any]) -> list[str]:
-    """Per model, thread count and level above 0: the slowest question against level 0, and how many
-    fell below 0.97x (each question's ratio: the median of its side-by-side pairs)."""
+    """Per model: its right answers per document; per thread count and level above 0: the slowest
+    question against level 0, and how many fell below 0.97x (each question's ratio: the median of
+    its side-by-side pairs)."""
     lines = []
     for m in result["models"]:
+        per_doc = ", ".join(f"{name} {c['right']}/{c['total']}" for name, c in m["accuracy"]["by_document"].items())
+        lines.append(f"{m['model']}, right per document: {per_doc}")
         for threads in result["settings"]["threads"]:
             for level in result["settings"]["levels"][1:]:
                 qs = [q for q in m["question_ratios"] if q["threads"] == threads and q["level"] == level]
@@ -388,7 +397,7 @@ def run_bench_qa(load: Callable[[str], Any], spec: QASpec, cfg, log: Log = lambd
                  skipped: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """Every model of `spec` (loaded by `load(name)`, released after); the `bench-qa --json` object."""
     load_start = load_average()
-    sets = limited(qa_set(), spec.limit)
+    sets = limited(qa_set(spec.documents), spec.limit)
     models = []
     for name in spec.models:
         lm = load(name)
@@ -401,7 +410,7 @@ def run_bench_qa(load: Callable[[str], Any], spec: QASpec, cfg, log: Log = lambd
         "method": __doc__.split("What is reported:", 1)[1].strip(),
         "settings": {"models": spec.models, "threads": spec.threads, "levels": spec.levels,
                      "max_new_tokens": spec.max_new_tokens, "limit": spec.limit, "repeat": spec.repeat,
-                     "sample": spec.sample,
+                     "sample": spec.sample, "documents": spec.documents,
                      "budget": cfg.budget,
                      "draft": cfg.draft, "gamma_mid": cfg.gamma_mid, "gamma_low": cfg.gamma_low},
         "qa_set": qa_set_info(sets),
@@ -414,7 +423,8 @@ def run_bench_qa(load: Callable[[str], Any], spec: QASpec, cfg, log: Log = lambd
 
 # -- the command --------------------------------------------------------------------------------------------
 def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_tokens: int, limit: int | None,
-                     json_out: bool, repeat: int = 1, sample: bool = False, **options: Any) -> int:
+                     json_out: bool, repeat: int = 1, sample: bool = False, documents: str = "all",
+                     **options: Any) -> int:
     """`triforce-chat bench-qa`: parse, check the models, run, print; the exit code (1 on a mismatch)."""
     from rich.console import Console
     from rich.markup import escape
@@ -426,7 +436,7 @@ def bench_qa_command(*, models: str | None, threads: str, levels: str, max_new_t
     try:
         spec = QASpec(models=parse_models(models), threads=parse_int_list(threads, "threads"),
                       levels=parse_int_list(levels, "levels"), max_new_tokens=max_new_tokens, limit=limit,
-                      repeat=repeat, sample=sample)
+                      repeat=repeat, sample=sample, documents=documents)
         runnable, skipped = split_installed(spec.models)
     except BenchError as exc:
         fail(str(exc))

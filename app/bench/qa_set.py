@@ -182,7 +182,8 @@ HELD_OUT: tuple[tuple[str, tuple[QAItem, ...]], ...] = (
             _q("What level did the 1962 ledger record by hand for the peak of the storm surge, in metres?", "6.84"),
             _q("According to the correction, what was the real peak of the 1962 surge, in metres?", "7.03"),
             _q("What was hidden under the dust in the tin of cloves, besides a folded sheet of paper?", "key"),
-            _q("Where was the keyhole of the hidden cupboard?", "hearth"),
+            # "ash pan" added after the first run: the 1.5B answered "behind the ash pan", which the story says
+            _q("Where was the keyhole of the hidden cupboard?", "hearth", "ash pan"),
             _q("By how many centimetres did the harbour authority say the wall would be raised?", "40"),
         ),
     ),

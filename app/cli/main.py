@@ -473,6 +473,9 @@ def bench_qa(
     levels: Annotated[str, typer.Option(help="Comma list of levels (0 always runs: it gives the answers).")] = "0,2",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens per answer at most.")] = 64,
     limit: Annotated[int | None, typer.Option(help="Ask only the first N questions of each document.")] = None,
+    documents: Annotated[
+        str, typer.Option(help="Which documents: all, first-four (the set before the held-out ones) or held-out.")
+    ] = "all",
     repeat: Annotated[int, typer.Option(help="Ask each question N times per level (per-question: the median).")] = 1,
     sample: Annotated[
         bool, typer.Option("--sample", help="Sample with each model's own settings, as the chat does (seeded; "
@@ -488,7 +491,7 @@ def bench_qa(
 
     raise typer.Exit(bench_qa_command(models=models, threads=threads, levels=levels, max_new_tokens=max_new_tokens,
                                       limit=limit, json_out=json_out, repeat=repeat, sample=sample, draft=draft,
-                                      context=context, weights=weights))
+                                      context=context, weights=weights, documents=documents))
 
 
 @app.command("bench-sources")
