@@ -101,7 +101,7 @@ def leftovers(folder: Path) -> list[str]:
 def test_catalogue_entries_are_consistent():
     names = [n.lower() for e in catalog.ENTRIES for n in (e.name, *e.aliases)]
     assert len(names) == len(set(names))
-    assert catalog.find(catalog.DEFAULT_MODEL_NAME).name == "qwen2.5-coder-0.5b"
+    assert catalog.find(catalog.DEFAULT_MODEL_NAME).name == "qwen2.5-coder-1.5b"
     for e in catalog.ENTRIES:
         assert sum(p.size for p in e.pieces) == e.size, e.name
         assert all(len(h) == 64 and int(h, 16) >= 0 for h in (e.sha256, *(p.wheel_sha256 for p in e.pieces)))

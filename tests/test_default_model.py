@@ -1,8 +1,8 @@
 """End to end on real models: levels 1 and 2 give level 0's greedy answer.
 
-SmolLM2 ships with the project (CI always has it). The default model, Qwen2.5-Coder-0.5B, is pulled
-by `make test`; Qwen2.5-Coder-1.5B (the true three-level chain with the 0.5B drafting) only when a
-developer pulled it: those tests say so when the file is not there."""
+SmolLM2 ships with the project (CI always has it). The default model, Qwen2.5-Coder-1.5B, and
+Qwen2.5-Coder-0.5B (its draft model in the true three-level chain) are pulled by `make test`; run
+otherwise, these tests say so when a file is not there."""
 
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ DocOpt = Annotated[
 ]
 ModelOpt = Annotated[
     str | None,
-    typer.Option(help="A catalogue name (default qwen2.5-coder-0.5b; see 'models'), a .gguf file or a model folder."),
+    typer.Option(help="A catalogue name (default qwen2.5-coder-1.5b; see 'models'), a .gguf file or a model folder."),
 ]
 LevelOpt = Annotated[
     int | None, typer.Option(help="Speculation level: 0 plain, 1 retrieval draft, 2 + bottom drafter.")

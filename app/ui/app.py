@@ -55,6 +55,7 @@ from triforce_chat.app.ui.widgets import (
 from triforce_chat.app.ui.workers import Job
 from triforce_chat.decoding.config import parse_budget
 from triforce_chat.decoding.events import CacheFigures
+from triforce_chat.decoding.models.catalog import DEFAULT_MODEL_NAME
 from triforce_chat.themes.palette import ORIGIN_DEFAULTS, STYLESHEET, THEMES
 
 PANEL_INTERVAL_S = 1.0  # the most often the side panels are redrawn while answering
@@ -167,7 +168,7 @@ class TriforceApp(App[int]):
             self.notify(problem, severity="warning", timeout=12)
         self.query_one("#loadbar").display = False
         self.sub_title = "loading model …"
-        self._show_load("Loading model " + (self.settings.model or "qwen2.5-coder-0.5b"), 0, None, None)
+        self._show_load("Loading model " + (self.settings.model or DEFAULT_MODEL_NAME), 0, None, None)
         self.job = Job("model")
         self.load_model()
 
