@@ -420,10 +420,10 @@ def test_cli_lists_the_models(monkeypatch, capsys, fake):
     code, out, err = run_cli(monkeypatch, capsys, "models")
     assert code == 0, err
     rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
-    assert set(rows) == {"smollm2-135m", "qwen2.5-coder-0.5b *", "qwen2.5-coder-1.5b", "tiny-test"}
+    assert set(rows) == {"smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b *", "tiny-test"}
     assert "bundled" in rows["smollm2-135m"] and "8,192" in rows["smollm2-135m"]
-    assert "1.1 GB" in rows["qwen2.5-coder-1.5b"] and "32,768" in rows["qwen2.5-coder-1.5b"]
-    assert "Apache-2.0" in rows["qwen2.5-coder-0.5b *"] and "* the default" in out
+    assert "1.1 GB" in rows["qwen2.5-coder-1.5b *"] and "32,768" in rows["qwen2.5-coder-1.5b *"]
+    assert "Apache-2.0" in rows["qwen2.5-coder-0.5b"] and "* the default" in out
     assert "│ no " in rows["tiny-test"]
 
 
