@@ -16,6 +16,7 @@ from test_cli import run_cli
 from triforce_chat.app.bench import common
 from triforce_chat.app.bench import llama as bl
 from triforce_chat.app.bench.levels import BenchError
+from triforce_chat.app.settings import Settings
 from triforce_chat.decoding.cache import KVCache
 from triforce_chat.decoding.session import DecodeConfig
 
@@ -123,7 +124,7 @@ def test_load_ours_on_a_gguf_our_engine_cannot_read_is_one_line(tmp_path):
     fake = tmp_path / "other.gguf"
     fake.write_bytes(b"GGUF" + bytes(20))  # a truncated file: no loader may accept it
     with pytest.raises(BenchError, match="our engine cannot load other.gguf") as info:
-        bl.load_ours(fake, None, 2048, None, log=lambda m: None)
+        bl.load_ours(Settings(), fake, 2048, log=lambda m: None)
     assert "\n" not in str(info.value)
 
 

@@ -177,15 +177,17 @@ def gguf_positions(path: Path) -> int:
     return value
 
 
-def load_ours(gguf_path: Path, weights, positions: int, kv_dtype, log: Log) -> tuple[Any, str]:
+def load_ours(settings, gguf_path: Path, positions: int, log: Log) -> tuple[Any, str]:
     """Our engine on the benchmark's GGUF file: (LoadedModel, a line saying what it computes with).
-    `weights` None computes the file's quantized blocks as shipped (what llama.cpp does too); a float
-    dtype dequantizes them at load. The one place where the benchmark loads our side."""
-    from triforce_chat.decoding.models.loading import ModelLoadError, load_model
+    Weights `auto` compute the file's quantized blocks as shipped (what llama.cpp does too); a float
+    dtype dequantizes them at load. The one place where the benchmark loads our side, through the
+    app's own `open_model`, so that the model it times is the one the chat runs: the memory check
+    first, and the heap settled after the load (runtime.settle_heap)."""
+    from triforce_chat.app import runtime
 
     try:
-        lm = load_model(str(gguf_path), dtype=weights, context=positions, log=log, kv_dtype=kv_dtype)
-    except ModelLoadError as exc:
+        lm = runtime.open_model(dataclasses.replace(settings, model=str(gguf_path), context=positions), log=log)
+    except runtime.StartupError as exc:
         raise BenchError(f"our engine cannot load {gguf_path.name} ({exc})") from None
     label = getattr(lm.model, "weights_label", None) or str(lm.model.dtype).removeprefix("torch.")
     kv = str(getattr(lm.model, "kv_dtype", "")).removeprefix("torch.")
@@ -600,7 +602,6 @@ def bench_llama_command(
     settings = resolve_settings(None, max_new_tokens=new_tokens, temperature=0.0, top_p=1.0, weights=weights,
                                 **options)
     cfg = settings.decode_config()
-    torch_weights = settings.torch_dtype()
     if doc is not None:
         spec.doc = read_documents_or_fail([doc])[0]
     if kernels and not kernel_figures_available():
@@ -620,7 +621,7 @@ def bench_llama_command(
         out.print(machine_line(machine), highlight=False)
         if positions > native:
             log(f"positions: {native} in the file, extended to {positions} with YaRN on both sides for this run")
-        lm, ours_weights = load_ours(gguf_path, torch_weights, positions, settings.torch_kv_dtype(), log)
+        lm, ours_weights = load_ours(settings, gguf_path, positions, log)
         for notice in lm.notices:  # e.g. no native kernels, or a failed self-check: figures to read with care
             err.print(f"notice: {notice}", highlight=False)
         result = run_side_by_side(
