@@ -17,6 +17,7 @@ import typer
 
 from triforce_chat.app.cli.cache import cache_app
 from triforce_chat.app.cli.models import models_app
+from triforce_chat.decoding.models.catalog import DEFAULT_MODEL_NAME
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a command stopped with ctrl-c
@@ -104,7 +105,9 @@ DocOpt = Annotated[
 ]
 ModelOpt = Annotated[
     str | None,
-    typer.Option(help="A catalogue name (default qwen2.5-coder-1.5b; see 'models'), a .gguf file or a model folder."),
+    typer.Option(
+        help=f"A catalogue name (default {DEFAULT_MODEL_NAME}; see 'models'), a .gguf file or a model folder."
+    ),
 ]
 LevelOpt = Annotated[
     int | None, typer.Option(help="Speculation level: 0 plain, 1 retrieval draft, 2 + bottom drafter.")
