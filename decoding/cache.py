@@ -12,6 +12,9 @@ reads (`PreparedBlocks`): made once per block, not on every step that reads it.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 from torch import Tensor
 
@@ -19,6 +22,20 @@ from triforce_chat.decoding.model import MAX_WINDOW  # noqa: F401  (re-exported 
 from triforce_chat.kernels.backends import INT8_BLOCK_EXTRA, BlockView, attend_tokens, prepare_blocks
 
 BLOCK = 32  # keys per block of the native attention (kernels/cpu/attention.h: kBlock)
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
+    """Zeros that take memory only where they are written: on a CPU, an anonymous mapping, whose pages
+    the OS hands out (zeroed) on first touch.
+
+    Why: a session's cache is allocated for the model's whole context (32,768 positions: 0.9 GB for
+    the 1.5B), and `torch.zeros` writes every page of it, so a chat over a few pages of text held the
+    full-context cache resident from the start. The mapping lives as long as the tensor does."""
+    numel = math.prod(shape)
+    if torch.device(device).type != "cpu" or numel == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = numel * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype, count=numel).view(shape)
 
 
 class PreparedBlocks:
@@ -100,8 +117,8 @@ class KVCache:
         key_smoothing: Tensor | None = None,
     ):
         shape = (n_layers, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k = lazy_zeros(shape, dtype, device)  # resident as the context grows
+        self.v = lazy_zeros(shape, dtype, device)
         self.max_len = max_len
         self.scale = scale
         self.length = 0
@@ -185,7 +202,7 @@ class KVCache:
 
     @property
     def blocks_bytes(self) -> int:
-        """The prepared blocks' resident bytes (they are written as they fill, unlike the cache)."""
+        """The prepared blocks' resident bytes (written as they fill, as the cache's rows are)."""
         return self.length * self.blocks_bytes_per_token
 
     @property

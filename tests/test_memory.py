@@ -327,3 +327,44 @@ def test_a_session_s_estimate_counts_the_drafters_heads_at_levels_1_and_2(tiny_m
             rows = s.mid_head.size
             row_bytes = tiny_model.model.output.nbytes // tiny_model.model.args.vocab_size
             assert est.parts["draft_heads"] >= 2 * rows * row_bytes > 0
+
+
+def test_the_cache_takes_memory_only_where_it_is_written():
+    """The cache is reserved for the model's whole context (the 1.5B's 32K positions: 0.9 GB), and a
+    chat over a few pages used to hold all of it resident from the start; now its pages come as rows
+    are written, and rows never written read as zeros."""
+    import psutil
+
+    from triforce_chat.decoding.cache import KVCache
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    cache = KVCache(2, 2, 64, 262_144, 0.125, dtype=torch.float16)  # 128 MiB each for keys and values
+    assert cache.allocated_bytes == 256 * MIB
+    assert process.memory_info().rss - before < 32 * MIB
+    assert cache.k.dtype == torch.float16 and cache.k.shape == (2, 2, 262_144, 64)
+    assert not cache.k[:, :, -4096:].any() and not cache.v[:, :, :4096].any()
+    rows = torch.ones(65_536, 2, 64, dtype=torch.float16)
+    before = process.memory_info().rss
+    for layer in range(2):
+        cache.write(layer, 0, rows, rows)  # a quarter of every layer: 64 MiB in all
+    grown = process.memory_info().rss - before
+    assert 48 * MIB < grown < 96 * MIB, grown / MIB
+    assert cache.k[1, 1, 65_535].eq(1).all() and not cache.k[1, 1, 65_536].any()
+
+
+def test_a_session_s_check_counts_the_cache_rows_a_prefill_will_write(tiny_model, monkeypatch):
+    """The guard before a prefill counts the cache's rows it will write (and their prepared blocks),
+    not only the parts that are allocated as they grow: the cache itself is now resident as it fills."""
+    from triforce_chat.decoding.memory.guard import check_session
+
+    s = Session(tiny_model, DecodeConfig(level=0, max_new_tokens=4))
+    s.add_document("doc.txt", DOC)
+    list(s.generate("Who keeps the light?"))
+    needs = []
+    monkeypatch.setattr(memory, "fits", lambda need, available: needs.append(need) or True)
+    at = s.cache.length
+    for tokens in (at + 100, at + 1100):
+        check_session(s, tokens, available=Available(1 << 40, "MemAvailable"))
+    per_token = s.cache.bytes_per_token + s.cache.blocks_bytes_per_token
+    assert needs[1] - needs[0] >= 1000 * per_token > 0  # (the other parts grow too: the lookup, the view)

@@ -368,7 +368,7 @@ def session_estimate(session: Any, context: int | None = None) -> MemoryEstimate
         prepared_blocks=getattr(cache, "blocks", None) is not None,
         blocks_bytes_per_token=getattr(cache, "blocks_bytes_per_token", 0),
     )
-    est.parts["kv_cache"] = cache.allocated_bytes  # allocated once, for the whole context
+    est.parts["kv_cache"] = cache.allocated_bytes  # reserved for the whole context, resident as it fills
     if level and cfg.restrict_draft_heads:  # the middle level's head, and a draft model's
         from triforce_chat.decoding.draft_head import copy_bytes
 

@@ -282,8 +282,9 @@ def check_before_load(
 def _held_now(session: Any) -> dict[str, int]:
     """What the parts that grow hold already."""
     cache = session.cache
+    # the cache's pages are resident once written (decoding/cache.py: `lazy_zeros`), as the blocks' are
     held = {"retrieval_view": session.view.buffer_bytes, "scratch": cache.scratch_bytes,
-            "attention_blocks": cache.blocks_bytes}
+            "attention_blocks": cache.blocks_bytes, "kv_cache": cache.used_bytes}
     from triforce_chat.decoding.drafters import draft_model_of
 
     drafter = draft_model_of(getattr(session, "_drafter", None))
@@ -301,6 +302,7 @@ def check_session(session: Any, tokens: int, available: Available | None = None)
     held = _held_now(session)
     grow = {k: max(0, est.parts.get(k, 0) - held.get(k, 0))
             for k in ("retrieval_view", "scratch", "draft", "attention_blocks")}
+    grow["kv_cache"] = max(0, min(tokens, session.cache.max_len) * session.cache.bytes_per_token - held["kv_cache"])
     if not held["scratch"]:  # nothing allocated yet: the fixed allowance is part of the RSS already
         grow["scratch"] = max(0, grow["scratch"] - FIXED_OVERHEAD)
     need = sum(grow.values())
