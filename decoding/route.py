@@ -315,15 +315,26 @@ class CostModel:
         self.answer.record(self.lookup[key].value, accepted, proposed)
         self.lookup[key].update(accepted, proposed)
 
-    def model_draft_length(self, k: int) -> int:
+    def model_cost_per_draft(self, bytes_ratio: float) -> float:
+        """Seconds a draft model's token costs: measured, or a step scaled by the bytes its forward
+        reads against a step's (its weights against the target's), as the middle level's prior."""
+        if self.model_per_token.n:
+            return self.model_per_token.value
+        return self.step.value * bytes_ratio
+
+    def model_draft_length(self, k: int, bytes_ratio: float = 0.0) -> int:
         """How many draft-model tokens (at most k) to pay for now, to be verified directly: the length
-        with the best expected rate, 0 where none beats a plain step. Not always k: each draft costs a
-        forward of the draft model whether the window keeps it or not, and with middling acceptance
-        the best window is shorter (drafting γ_low every time, the 1.5B target with the 0.5B model
-        lost to level 0 on several of bench-qa's short answers: docs/performance.md)."""
-        if not self.step.n or not self.model_per_token.n:
-            return k  # not measured yet
-        best, rate = self.best_direct(k, self.model.value, self.model_per_token.value)
+        with the best expected rate, 0 where none beats a plain step (a probe then measures the model
+        now and then: `probe_model_due`). Not always k: each draft costs a forward of the draft model
+        whether the window keeps it or not, and with middling acceptance the best window is shorter
+        (drafting γ_low every time, the 1.5B target with the 0.5B model lost to level 0 on several of
+        bench-qa's short answers: docs/performance.md). Before the model's cost is measured, its
+        weights say what it costs (`bytes_ratio`: the draft model's weight bytes over the target's);
+        drafting γ_low on trust made a session's first answer, when short, lose a third."""
+        cost = self.model_cost_per_draft(bytes_ratio)
+        if not self.step.n or cost <= 0:
+            return k  # neither measured nor known from the weights
+        best, rate = self.best_direct(k, self.model.value, cost)
         return best if rate > self.step_rate() else 0
 
     # -- the choice ----------------------------------------------------------------------------------------

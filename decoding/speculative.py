@@ -38,7 +38,7 @@ import torch
 
 from triforce_chat.decoding.cache import MAX_WINDOW, KVCache
 from triforce_chat.decoding.draft_head import DraftHead
-from triforce_chat.decoding.drafters import Drafter, sync_context
+from triforce_chat.decoding.drafters import Drafter, draft_model_of, sync_context
 from triforce_chat.decoding.events import LowRound, RoundEvent
 from triforce_chat.decoding.loops import LoopDetector, LoopRule
 from triforce_chat.decoding.model import Transformer
@@ -102,6 +102,10 @@ class SpeculativeDecoder:
         self.costs = costs if costs is not None else CostModel()
         self.mid_head = mid_head  # the middle level's head over part of the vocabulary (None: the model's)
         self._weight_bytes = getattr(model, "weight_bytes", 0) if model is not None else 0
+        # a draft model's weights against the target's: what its forward costs before it is timed
+        drafting = draft_model_of(drafter)
+        draft_bytes = getattr(drafting.model, "weight_bytes", 0) if drafting is not None else 0
+        self._draft_bytes_ratio = draft_bytes / self._weight_bytes if self._weight_bytes else 0.0
         self._rounds_since_rebuild = 0
         self.level0_step_s = 0.0
 
@@ -421,7 +425,7 @@ class SpeculativeDecoder:
         if not d.drafts_with_model:
             return [], None, "none"
         k, c = min(k, self.config.gamma_low), self.costs
-        paying = c.model_draft_length(k) if self.config.adaptive else k
+        paying = c.model_draft_length(k, self._draft_bytes_ratio) if self.config.adaptive else k
         if paying:
             k = paying
             c.model_used()

@@ -170,7 +170,16 @@ def test_a_draft_model_drafts_only_where_its_drafts_pay_and_probes_otherwise():
     from triforce_chat.decoding.speculative import SpecConfig, SpeculativeDecoder
 
     costs = CostModel(windows(0.3))
-    assert costs.model_draft_length(4) == 4  # its cost is not measured yet: try it
+    assert costs.model_draft_length(4) == 4  # neither measured nor known from its weights: try it
+    # not measured, but a model of 0.46 of the target's weight bytes costs about 0.46 of a step per
+    # draft: with the prior's acceptance (a half) no window of its drafts beats a step, so a session's
+    # first answer does not pay for them on trust (a probe measures it later); a model a tenth the
+    # target's size pays where its drafts are good
+    assert costs.model_draft_length(4, bytes_ratio=0.46) == 0
+    small = CostModel(windows(0.02))
+    for _ in range(20):
+        small.model.update(4, 4)
+    assert small.model_draft_length(4, bytes_ratio=0.1) == 4
     costs.model_per_token.update(0.04)  # each model draft costs 0.8 of a step
     for _ in range(20):
         costs.model.update(4, 4)

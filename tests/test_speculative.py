@@ -268,6 +268,19 @@ def test_the_adaptive_route_is_lossless(small_models):
     assert got == want and dec.costs.windows.calibrated_depth == len(engine.prompt) - 1
 
 
+def test_a_draft_model_as_large_as_the_target_is_not_asked_to_draft_before_it_is_timed(small_models):
+    """Before a draft model's forward is timed, its weights say what one costs: a draft model as
+    large as the target (here the target itself) costs a step per draft, which drafts of the prior's
+    acceptance cannot win back, so a short first answer takes plain steps instead of paying for
+    γ_low drafts on trust (a short answer lost a third that way, docs/performance.md); no probe is
+    due in so few rounds. The answer is level 0's."""
+    target, _ = small_models
+    engine = Engine(target, repetitive_prompt(4, 300, 64), budget=32, chunk=4, draft_model=target)
+    want, _ = engine.run(0, 6, Sampler(0.0))
+    got, dec = engine.run(2, 6, Sampler(0.0), "model", gamma_mid=4, gamma_low=3, adaptive=True)
+    assert got == want and dec.costs.step.n and dec.routes == ["step"] * 6 and dec.low_drafts == []
+
+
 def test_one_slow_step_in_the_calibration_does_not_become_the_step(small_models):
     """The step every "x vs level 0" figure divides by is the median of three timed steps: a hiccup of
     a shared machine on one of them (here a planted 0.6 s) is not taken for the machine's step."""
