@@ -317,7 +317,8 @@ class CostModel:
 
     def model_cost_per_draft(self, bytes_ratio: float) -> float:
         """Seconds a draft model's token costs: measured, or a step scaled by the bytes its forward
-        reads against a step's (its weights against the target's), as the middle level's prior."""
+        reads against a step's (its weights and its window of KV against the target's weights and
+        whole cache), as the middle level's prior."""
         if self.model_per_token.n:
             return self.model_per_token.value
         return self.step.value * bytes_ratio
@@ -328,9 +329,9 @@ class CostModel:
         now and then: `probe_model_due`). Not always k: each draft costs a forward of the draft model
         whether the window keeps it or not, and with middling acceptance the best window is shorter
         (drafting γ_low every time, the 1.5B target with the 0.5B model lost to level 0 on several of
-        bench-qa's short answers: docs/performance.md). Before the model's cost is measured, its
-        weights say what it costs (`bytes_ratio`: the draft model's weight bytes over the target's);
-        drafting γ_low on trust made a session's first answer, when short, lose a third."""
+        bench-qa's short answers: docs/performance.md). Before the model's cost is measured, the bytes
+        its forward reads say what it costs (`bytes_ratio`, against a target step's); drafting γ_low
+        on trust made a session's first answer, when short, lose a third."""
         cost = self.model_cost_per_draft(bytes_ratio)
         if not self.step.n or cost <= 0:
             return k  # neither measured nor known from the weights

@@ -102,10 +102,8 @@ class SpeculativeDecoder:
         self.costs = costs if costs is not None else CostModel()
         self.mid_head = mid_head  # the middle level's head over part of the vocabulary (None: the model's)
         self._weight_bytes = getattr(model, "weight_bytes", 0) if model is not None else 0
-        # a draft model's weights against the target's: what its forward costs before it is timed
-        drafting = draft_model_of(drafter)
-        draft_bytes = getattr(drafting.model, "weight_bytes", 0) if drafting is not None else 0
-        self._draft_bytes_ratio = draft_bytes / self._weight_bytes if self._weight_bytes else 0.0
+        self._draft = draft_model_of(drafter)
+        self._draft_weight_bytes = getattr(self._draft.model, "weight_bytes", 0) if self._draft is not None else 0
         self._rounds_since_rebuild = 0
         self.level0_step_s = 0.0
 
@@ -425,7 +423,7 @@ class SpeculativeDecoder:
         if not d.drafts_with_model:
             return [], None, "none"
         k, c = min(k, self.config.gamma_low), self.costs
-        paying = c.model_draft_length(k, self._draft_bytes_ratio) if self.config.adaptive else k
+        paying = c.model_draft_length(k, self._draft_read_ratio()) if self.config.adaptive else k
         if paying:
             k = paying
             c.model_used()
@@ -436,6 +434,17 @@ class SpeculativeDecoder:
         if props:
             c.model_per_token.update((time.perf_counter() - t0) / len(props))
         return list(props), q, "model"
+
+    def _draft_read_ratio(self) -> float:
+        """What a draft model's forward reads against a target step's: its weights and the KV it
+        attends (its StreamingLLM sinks and window), against all the target's weights and its whole
+        cache; what a draft costs before one is timed (the middle level's prior is made the same way).
+        0 without a draft model or the weights' size."""
+        if self._draft is None or not self._draft_weight_bytes or not self._weight_bytes:
+            return 0.0
+        length, own = self.cache.length, self._draft.cache
+        read = self._draft_weight_bytes + min(length, own.sink + own.window) * own.bytes_per_token
+        return read / (self._weight_bytes + length * self.cache.bytes_per_token)
 
     def _choose_route(self, level: int, gamma_max: int, plan: RoundPlan, remaining: float) -> Route:
         """A step, a middle window, a direct window or a tree window: decoding/route.py weighs them."""

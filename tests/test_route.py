@@ -171,8 +171,8 @@ def test_a_draft_model_drafts_only_where_its_drafts_pay_and_probes_otherwise():
 
     costs = CostModel(windows(0.3))
     assert costs.model_draft_length(4) == 4  # neither measured nor known from its weights: try it
-    # not measured, but a model of 0.46 of the target's weight bytes costs about 0.46 of a step per
-    # draft: with the prior's acceptance (a half) no window of its drafts beats a step, so a session's
+    # not measured, but a model whose forward reads 0.46 of a step's bytes costs about 0.46 of a step
+    # per draft: with the prior's acceptance (a half) no window of its drafts beats a step, so a session's
     # first answer does not pay for them on trust (a probe measures it later); a model a tenth the
     # target's size pays where its drafts are good
     assert costs.model_draft_length(4, bytes_ratio=0.46) == 0

@@ -269,8 +269,9 @@ def test_the_adaptive_route_is_lossless(small_models):
 
 
 def test_a_draft_model_as_large_as_the_target_is_not_asked_to_draft_before_it_is_timed(small_models):
-    """Before a draft model's forward is timed, its weights say what one costs: a draft model as
-    large as the target (here the target itself) costs a step per draft, which drafts of the prior's
+    """Before a draft model's forward is timed, the bytes it reads say what one costs: a draft
+    model as large as the target (here the target itself, over a short context) costs about a step
+    per draft, which drafts of the prior's
     acceptance cannot win back, so a short first answer takes plain steps instead of paying for
     γ_low drafts on trust (a short answer lost a third that way, docs/performance.md); no probe is
     due in so few rounds. The answer is level 0's."""
