@@ -334,7 +334,7 @@ class CostModel:
         on trust made a session's first answer, when short, lose a third."""
         cost = self.model_cost_per_draft(bytes_ratio)
         if not self.step.n or cost <= 0:
-            return k  # neither measured nor known from the weights
+            return k  # neither measured nor known from what its forward reads
         best, rate = self.best_direct(k, self.model.value, cost)
         return best if rate > self.step_rate() else 0
 
