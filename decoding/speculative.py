@@ -444,7 +444,12 @@ class SpeculativeDecoder:
             return 0.0
         length, own = self.cache.length, self._draft.cache
         read = self._draft_weight_bytes + min(length, own.sink + own.window) * own.bytes_per_token
-        return read / (self._weight_bytes + length * self.cache.bytes_per_token)
+        return read / self._step_bytes(length)
+
+    def _step_bytes(self, length: int) -> int:
+        """What a target step reads at `length` tokens: all the weights and the whole cache (the
+        drafters' priors are their reads against this)."""
+        return self._weight_bytes + length * self.cache.bytes_per_token
 
     def _choose_route(self, level: int, gamma_max: int, plan: RoundPlan, remaining: float) -> Route:
         """A step, a middle window, a direct window or a tree window: decoding/route.py weighs them."""
@@ -471,7 +476,7 @@ class SpeculativeDecoder:
         rebuild = self.costs.windows.rebuild.value if view.needs_rebuild else 0.0
         if view.needs_rebuild and not self.costs.windows.rebuild.n:
             rebuild = self.costs.step.value  # not measured yet: about a step (scores and a gather)
-        return MidLevel(bytes_ratio=read / (self._weight_bytes + length * kv), rebuild_s=rebuild)
+        return MidLevel(bytes_ratio=read / self._step_bytes(length), rebuild_s=rebuild)
 
     def _maybe_rebuild(self) -> None:
         self._rounds_since_rebuild += 1

@@ -338,8 +338,8 @@ _weights_of: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model ->
 
 def session_estimate(session: Any, context: int | None = None) -> MemoryEstimate:
     """The Session's footprint at `context` tokens (its cache's full length by default): what it
-    holds now (weights, the preallocated cache) plus what grows with the context (view buffer,
-    kernel workspace, lookup index) and a draft model not loaded yet."""
+    holds now (weights) plus what grows with the context (the cache's rows, which are resident as
+    they are written, view buffer, kernel workspace, lookup index) and a draft model not loaded yet."""
     model, cache, cfg = session.model, session.cache, session.config
     context = min(context or cache.max_len, cache.max_len)
     shape = ModelShape.from_args(model.args, cache.max_len)
@@ -368,7 +368,6 @@ def session_estimate(session: Any, context: int | None = None) -> MemoryEstimate
         prepared_blocks=getattr(cache, "blocks", None) is not None,
         blocks_bytes_per_token=getattr(cache, "blocks_bytes_per_token", 0),
     )
-    est.parts["kv_cache"] = cache.allocated_bytes  # reserved for the whole context, resident as it fills
     if level and cfg.restrict_draft_heads:  # the middle level's head, and a draft model's
         from triforce_chat.decoding.draft_head import copy_bytes
 

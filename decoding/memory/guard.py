@@ -301,8 +301,7 @@ def check_session(session: Any, tokens: int, available: Available | None = None)
     est = session_estimate(session, tokens)
     held = _held_now(session)
     grow = {k: max(0, est.parts.get(k, 0) - held.get(k, 0))
-            for k in ("retrieval_view", "scratch", "draft", "attention_blocks")}
-    grow["kv_cache"] = max(0, min(tokens, session.cache.max_len) * session.cache.bytes_per_token - held["kv_cache"])
+            for k in ("kv_cache", "retrieval_view", "scratch", "draft", "attention_blocks")}
     if not held["scratch"]:  # nothing allocated yet: the fixed allowance is part of the RSS already
         grow["scratch"] = max(0, grow["scratch"] - FIXED_OVERHEAD)
     need = sum(grow.values())
