@@ -18,17 +18,22 @@ def test_settle_heap_freezes_what_is_alive_and_collects_frozen_cycles_at_the_nex
     """Frozen objects are out of the full collector passes (the point: a pass over torch, transformers
     and Textual held the GIL for 130-190 ms in the middle of answers); a cycle frozen with them is not
     leaked for good, since the next call (the next model opened) unfreezes and collects first."""
+    def tracked(obj: object) -> bool:  # in a generation the collector's passes walk (not frozen)
+        return any(o is obj for o in gc.get_objects())
+
     try:
         node = Node()
         node.me = node  # a cycle: only the cyclic collector frees it
         ref = weakref.ref(node)
+        kept = Node()  # alive throughout
         settle_heap()
-        assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0 and not tracked(kept)
         del node
         gc.collect()
         assert ref() is not None  # frozen: a full pass does not look at it
         release_frozen()  # what the next open_model does first
-        assert ref() is None and gc.get_freeze_count() == 0
+        # (not get_freeze_count() == 0: CPython 3.12 keeps its own immortal objects in the frozen generation)
+        assert ref() is None and tracked(kept)
         fresh = Node()
         fresh.me = fresh
         fresh_ref = weakref.ref(fresh)
