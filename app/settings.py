@@ -33,16 +33,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 needs the backport
-    import tomli as tomllib
+import tomllib
 
 from triforce_chat.decoding.config import MODEL_DEFAULT_KEYS, DecodeConfig
 from triforce_chat.decoding.store.docstore import DEFAULT_MAX_GB

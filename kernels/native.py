@@ -204,9 +204,15 @@ def prune_builds(used: Path, keep: int = KEEP_BUILDS, days: float = KEEP_DAYS) -
 
 
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    errors = [line for line in text if re.search(r"error", line, re.I)]
-    return (errors or text or [type(exc).__name__])[0][:200]
+    """The line of a failed build that says what is wrong: the compiler's first diagnostic ("error:"),
+    not torch's first line ("Error building extension ...", then the whole compiler command)."""
+    text = [line.strip() for line in str(exc).strip().splitlines()]
+    errors = [line for line in text if re.search(r"\berror:", line, re.I)] or [
+        line for line in text if re.search(r"error", line, re.I)]
+    line = (errors or text or [type(exc).__name__])[0][:200]
+    if "Python.h" in line:  # a distribution's Python without its development package (Debian, Ubuntu, Fedora)
+        line += " (install the Python headers: python3-dev, or python3-devel)"
+    return line
 
 
 @functools.cache

@@ -176,3 +176,20 @@ def test_a_cache_folder_that_cannot_be_written_builds_in_the_temp_folder(tmp_pat
     monkeypatch.setenv("TRIFORCE_CHAT_CACHE", str(tmp_path / "cache"))  # the usual case: the cache itself
     assert native._build_dir("0123abcd") == tmp_path / "cache" / "ext" / "0123abcd"
 
+
+
+def test_a_failed_build_is_told_by_the_compiler_s_diagnostic_with_the_fix_for_missing_python_headers():
+    """torch's message starts with "Error building extension" and the whole compiler command; what the
+    user needs is the compiler's line, and, for the usual cause on Debian, Ubuntu or Fedora (Python
+    without its development package), what to install. (The text's layout is torch 2.13's.)"""
+    cmd = "c++ -MMD -MF ops.o.d -DTORCH_EXTENSION_NAME=triforce_cpu -isystem /usr/include/python3.12 -fPIC -c ops.cpp"
+    log = (f"Error building extension 'triforce_cpu': [1/9] {cmd}\nFAILED: ops.o\n{cmd}\n"
+           "In file included from /venv/torch/include/torch/csrc/Device.h:4,\n"
+           "/venv/torch/include/torch/csrc/python_headers.h:12:10: fatal error: Python.h: No such file or directory\n"
+           "   12 | #include <Python.h>\ncompilation terminated.\nninja: build stopped: subcommand failed.\n")
+    line = native._one_line(RuntimeError(log))
+    assert line.startswith("/venv/torch/include/torch/csrc/python_headers.h:12:10: fatal error: Python.h")
+    assert "python3-dev" in line and "\n" not in line
+    other = native._one_line(RuntimeError(log.replace("Python.h: No such", "immintrin.h: No such")))
+    assert "immintrin.h" in other and "python3-dev" not in other
+    assert native._one_line(OSError("ninja: not found")) == "ninja: not found"
