@@ -53,7 +53,7 @@ PYDOC_ANSWERS: dict[str, tuple[tuple[str, ...], ...]] = {
         ("which Python used before version 3.0",),
         ("yields a complex number with a real part of 0.0",),
         ("ASCII Vertical Tab (VT)",),
-        ("such strings are called *raw strings*",),
+        ('letter "\'r\'" or "\'R\'"; such',),  # the raw strings' line in 3.11-3.13 (3.13 says "constructs")
         ("bytes with a numeric value of 128 or greater",),
         ("Exactly eight hex", '"\\U*xxxxxxxx*"'),
         ('or a "__len__()" method that returns zero',),
