@@ -6,6 +6,12 @@ library, so they hold on any CPU; the SIMD path built here is printed in the hea
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -193,3 +199,32 @@ def test_a_failed_build_is_told_by_the_compiler_s_diagnostic_with_the_fix_for_mi
     other = native._one_line(RuntimeError(log.replace("Python.h: No such", "immintrin.h: No such")))
     assert "immintrin.h" in other and "python3-dev" not in other
     assert native._one_line(OSError("ninja: not found")) == "ninja: not found"
+
+
+def test_a_build_without_x86_simd_includes_no_x86_header_of_its_own():
+    """On ARM (Apple Silicon, Graviton, a Raspberry Pi) the same sources build the portable path.
+    linear_int8_tiles.h included immintrin.h unconditionally, so there the whole extension failed to
+    build and the app ran on PyTorch's operations. The host's compiler preprocesses every source as the
+    portable build does (no -march: x86-64's baseline, without AVX2) and lists what each file
+    includes (-H); none of our files may include immintrin.h then. (torch's own headers may: they
+    guard it by architecture.) Checked by hand with aarch64-linux-gnu-g++ on 6 December 2026."""
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler: the portable path is the PyTorch fallback here")
+    includes = [f"-isystem{p}" for p in include_paths()] + [f"-isystem{sysconfig.get_paths()['include']}"]
+    ours = native.SOURCE_DIR.resolve()
+    for source in sorted(ours.glob("*.cpp")):
+        listing = subprocess.run([compiler, "-E", "-H", "-o", os.devnull, "-std=c++20", "-fopenmp", *includes,
+                                  str(source)], capture_output=True, text=True, cwd=ours, check=True).stderr
+        parents = {0: source.name}  # depth -> the file being read at that depth
+        for line in listing.splitlines():
+            dots, _, path = line.partition(" ")
+            if not dots or set(dots) != {"."}:
+                continue  # the compiler's other notes ("Multiple include guards may be useful for:")
+            depth = len(dots)
+            parents[depth] = path
+            includer = (ours / parents[depth - 1]).resolve()  # relative names are ours (cwd)
+            if Path(path).name == "immintrin.h":
+                assert includer.parent != ours, f"{includer.name} includes immintrin.h building {source.name}"

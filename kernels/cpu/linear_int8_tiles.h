@@ -4,6 +4,12 @@
 // (`work` below).
 #pragma once
 
+#include "linear_int8.h"
+
+// Only a build with one of the two paths has anything here (an ARM or scalar build has no
+// immintrin.h to include).
+#if defined(TF_INT8_VNNI) || defined(TF_INT8_AVX2)
+
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <immintrin.h>
@@ -13,7 +19,6 @@
 #include <vector>
 
 #include "linear.h"
-#include "linear_int8.h"
 #include "quant.h"
 
 namespace tf::int8 {
@@ -142,3 +147,5 @@ void for_each_tile(const std::vector<WeightSpec>& weights, int64_t K, int64_t T,
 }
 
 }  // namespace tf::int8
+
+#endif  // TF_INT8_VNNI || TF_INT8_AVX2
