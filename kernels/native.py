@@ -25,6 +25,7 @@ import os
 import platform
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,7 +39,16 @@ SOURCES = ("ops.cpp", "linear.cpp", "linear_int8.cpp", "linear_int8_avx2.cpp", "
            "attention_int8.cpp", "attention_int8_avx2.cpp", "rowwise.cpp")
 HEADERS = ("simd.h", "quant.h", "blocks.h", "linear.h", "linear_int8.h", "linear_int8_tiles.h", "attention.h",
            "attention_bf16.h", "attention_int8.h", "attention_int8_walk.h", "attention_merge.h", "rowwise.h")
-CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-Wno-unused-function"]
+
+
+def _openmp_cflags(system: str = sys.platform) -> list[str]:
+    """at::parallel_for is OpenMP in torch's wheels. Apple's clang has no -fopenmp driver flag: it
+    takes the front end's, with the omp.h and libomp.dylib that torch's macOS wheel ships (torch's
+    own inductor builds this way there). Not run on a Mac by this project yet."""
+    return ["-Xclang", "-fopenmp"] if system == "darwin" else ["-fopenmp"]
+
+
+CFLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-Wno-unused-function", *_openmp_cflags()]
 KEEP_BUILDS = 12  # builds kept in the cache (the test suite alone builds up to eight ISA variants)
 KEEP_DAYS = 30  # ... and none unused for longer
 
@@ -75,12 +85,14 @@ def _build_key(flags: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _openmp_link_flags() -> list[str]:
-    """Link against torch's own OpenMP runtime: two runtimes in one process would each start a pool."""
-    lib = Path(torch.__file__).parent / "lib"
+def _openmp_link_flags(lib: Path = Path(torch.__file__).parent / "lib", system: str = sys.platform) -> list[str]:
+    """Link against torch's own OpenMP runtime (`lib`: torch's): two runtimes in one process would
+    each start a pool."""
     bundled = sorted(lib.glob("libgomp*.so*"))
     if bundled:
         return [f"-L{lib}", f"-l:{bundled[0].name}", f"-Wl,-rpath,{lib}"]
+    if system == "darwin":
+        return [f"-L{lib}", "-lomp", f"-Wl,-rpath,{lib}"] if (lib / "libomp.dylib").exists() else []
     return ["-fopenmp"]
 
 

@@ -228,3 +228,17 @@ def test_a_build_without_x86_simd_includes_no_x86_header_of_its_own():
             includer = (ours / parents[depth - 1]).resolve()  # relative names are ours (cwd)
             if Path(path).name == "immintrin.h":
                 assert includer.parent != ours, f"{includer.name} includes immintrin.h building {source.name}"
+
+
+def test_openmp_comes_from_torch_s_own_runtime_on_linux_and_on_a_mac(tmp_path):
+    """Linux links the libgomp that torch's wheel bundles; a Mac (Apple's clang: no -fopenmp driver
+    flag) compiles with the front end's flag and links the libomp.dylib of torch's macOS wheel. Only
+    the choice is checked here: no Mac has built the kernels yet (a failed build falls back to
+    PyTorch's operations, as before)."""
+    assert native._openmp_cflags("linux") == ["-fopenmp"]
+    assert native._openmp_cflags("darwin") == ["-Xclang", "-fopenmp"]
+    assert native._openmp_link_flags(tmp_path, "darwin") == []  # no runtime to link: the build says so
+    (tmp_path / "libomp.dylib").touch()
+    assert native._openmp_link_flags(tmp_path, "darwin") == [f"-L{tmp_path}", "-lomp", f"-Wl,-rpath,{tmp_path}"]
+    (tmp_path / "libgomp-a34b3233.so.1").touch()
+    assert native._openmp_link_flags(tmp_path, "linux")[1] == "-l:libgomp-a34b3233.so.1"
