@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 LOCK   := requirements.lock
 
 $(BIN)/python:
-	@$(PYTHON) -c 'import sys; v = sys.version.split()[0]; sys.exit(None if sys.version_info >= (3, 11) else f"triforce-chat needs Python 3.11 or newer, and $(PYTHON) is {v}: name another, as in make chat PYTHON=python3.12")'
+	@$(PYTHON) -c 'import sys; v = sys.version.split()[0]; sys.exit(None if sys.version_info >= (3, 11) else f"triforce-chat needs Python 3.11 or newer, and $(PYTHON) is {v}: name another, as in make chat PYTHON=python3.11 (Ubuntu 22.04: apt install python3.11-venv)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c $(LOCK) pip
 
