@@ -183,7 +183,6 @@ def test_a_cache_folder_that_cannot_be_written_builds_in_the_temp_folder(tmp_pat
     assert native._build_dir("0123abcd") == tmp_path / "cache" / "ext" / "0123abcd"
 
 
-
 def test_a_failed_build_is_told_by_the_compiler_s_diagnostic_with_the_fix_for_missing_python_headers():
     """torch's message starts with "Error building extension" and the whole compiler command; what the
     user needs is the compiler's line, and, for the usual cause on Debian, Ubuntu or Fedora (Python
@@ -216,8 +215,8 @@ def test_a_build_without_x86_simd_includes_no_x86_header_of_its_own():
     includes = [f"-isystem{p}" for p in include_paths()] + [f"-isystem{sysconfig.get_paths()['include']}"]
     ours = native.SOURCE_DIR.resolve()
     for source in sorted(ours.glob("*.cpp")):
-        listing = subprocess.run([compiler, "-E", "-H", "-o", os.devnull, "-std=c++20", "-fopenmp", *includes,
-                                  str(source)], capture_output=True, text=True, cwd=ours, check=True).stderr
+        listing = subprocess.run([compiler, "-E", "-H", "-o", os.devnull, "-std=c++20", *native._openmp_cflags(),
+                                  *includes, str(source)], capture_output=True, text=True, cwd=ours, check=True).stderr
         parents = {0: source.name}  # depth -> the file being read at that depth
         for line in listing.splitlines():
             dots, _, path = line.partition(" ")
