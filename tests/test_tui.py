@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from textual.widgets import Static
 
 from triforce_chat.app.settings import Settings
 from triforce_chat.app.ui.app import TriforceApp
+from triforce_chat.app.ui.compute import compute_thread
 from triforce_chat.app.ui.history import History
 from triforce_chat.app.ui.widgets import AnswerMessage, ChatInput, UserMessage
 
@@ -314,6 +316,71 @@ async def test_viz_export_new_chat_and_resume(tiny_model, history, doc, tmp_path
         assert [t.question for t in conv.turns] == ["What does the keeper log?", "One more?"]
 
 
+async def test_loading_prefill_and_answers_all_run_on_the_one_compute_thread(tiny_model, history, doc, monkeypatch):
+    # torch's OpenMP keeps a pool of threads per thread that runs the model: two such threads on a
+    # machine whose cores the pools fill made decoding 25-35% slower (app/ui/compute.py)
+    from triforce_chat.app.ui import workers
+
+    ran: dict[str, set[int]] = {}
+    for name in ("load_session", "prefill_documents", "answer"):
+        original = getattr(workers, name)
+
+        def recorded(*args, _name=name, _original=original, **kwargs):
+            ran.setdefault(_name, set()).add(threading.get_ident())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(workers, name, recorded)
+    app = make_app(tiny_model, history, [doc], level=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        await ask(pilot, "When does the ferry leave island 3?")
+        await ask(pilot, "Who logs the weather?")
+    assert set(ran) == {"load_session", "prefill_documents", "answer"}
+    assert set().union(*ran.values()) == {compute_thread().ident}
+    assert threading.get_ident() not in ran["answer"]  # the UI's thread never runs the model
+
+
+def slowed_forward(monkeypatch, model, seconds: float) -> None:
+    """Every forward of `model` sleeps first, so that a job lasts long enough to be interrupted.
+    Patched on the class: a patch of the instance would leave it a `forward` of its own after the
+    undo (monkeypatch restores what getattr saw)."""
+    forward = type(model).forward
+
+    def slow_forward(self, *args, **kwargs):
+        time.sleep(seconds)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", slow_forward)
+
+
+async def test_quitting_mid_answer_stops_the_answer_instead_of_waiting_for_it(tiny_model, history, doc, monkeypatch):
+    app = make_app(tiny_model, history, [doc], level=0, max_new_tokens=400)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        slowed_forward(monkeypatch, tiny_model.model, 0.02)  # 400 tokens: 8 s and more
+        app.query_one(ChatInput).insert("Tell me everything.")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: app.answers and len(app.answers[-1].token_ids) >= 3)
+        session = app.session
+        await pilot.press("ctrl+q")
+    compute_thread().run(lambda: None)  # returns once the answer's job has ended
+    assert session.stats.stop_reason == "stopped" and 3 <= session.stats.new_tokens < 400
+
+
+async def test_quitting_during_a_prefill_cancels_it(tiny_model, history, doc, monkeypatch):
+    app = make_app(tiny_model, history, level=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        slowed_forward(monkeypatch, tiny_model.model, 0.5)
+        app.session.config.prefill_chunk = 64
+        app._start_prefill([doc])
+        await wait_for(pilot, lambda: "Prefill book.txt" in text_of(app, "#load-label"))
+        session = app.session
+        await pilot.press("ctrl+q")
+    compute_thread().run(lambda: None)  # returns once the prefill's job has ended
+    assert session.documents == []  # a prefill that ran to its end would have added the document
+
+
 def test_history_survives_a_crash_mid_answer(history):
     writer = history.open_writer("c1")
     writer.meta("m")
@@ -392,8 +459,6 @@ def test_the_decoding_panel_and_the_session_name_a_draft_model_chain_alike(tiny_
 @pytest.fixture
 def held_prefill(monkeypatch):
     """Document prefills wait for `release.set()`: a load that takes as long as the test needs."""
-    import threading
-
     from triforce_chat.decoding.session import Session
 
     release = threading.Event()
@@ -404,7 +469,8 @@ def held_prefill(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(Session, "prefill", held)
-    return release
+    yield release
+    release.set()  # a test that failed before releasing it must not hold the compute thread for the next
 
 
 async def queue_during_prefill(pilot, question: str) -> None:

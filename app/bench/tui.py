@@ -2,8 +2,9 @@
 
 One process, one loaded model, the same document and question, greedy: the headless loop (what
 `ask` runs) and the real app (rendering in the terminal) answer alternately, so the load of a shared
-machine falls on both alike. Prints decode tokens/s of each, the app/ask ratio per pair and the UI
-thread's CPU share. Run it inside a real terminal, e.g.
+machine falls on both alike. Both run the model on the app's compute thread (app/ui/compute.py),
+where the model is opened too: it must run on one thread per process. Prints decode tokens/s of
+each, the app/ask ratio per pair and the UI thread's CPU share. Run it inside a real terminal, e.g.
 
     tmux new -d -x 160 -y 48 'python -m triforce_chat.app.bench.tui --reps 6 --threads 1 > /tmp/ui.txt'
 """
@@ -35,6 +36,7 @@ def main() -> None:
     from triforce_chat.app.runtime import open_model
     from triforce_chat.app.settings import Settings
     from triforce_chat.app.ui.app import TriforceApp
+    from triforce_chat.app.ui.compute import compute_thread
     from triforce_chat.app.ui.history import History
     from triforce_chat.app.ui.widgets import ChatInput
     from triforce_chat.decoding.session import Session
@@ -45,16 +47,26 @@ def main() -> None:
     settings = Settings(level=args.level, max_new_tokens=args.tokens).merged(
         temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, threads=args.threads
     )
-    lm = open_model(settings)
+    compute = compute_thread()
+    lm = compute.run(open_model, settings)
     app = TriforceApp(settings, [doc], model=lm, history=History(Path(tempfile.mkdtemp())))
     rates: dict[str, list[float]] = {"ask": [], "app": []}
     ui_cpu: list[float] = []
 
-    def run_ask(ref: Session) -> list[int]:
+    def ask_once(ref: Session) -> list[int]:
         ref.new_chat()
-        ids = [t for ev in ref.generate(QUESTION) for t in ev.tokens]
+        return [t for ev in ref.generate(QUESTION) for t in ev.tokens]
+
+    def run_ask(ref: Session) -> list[int]:
+        ids = compute.run(ask_once, ref)
         rates["ask"].append(ref.stats.tokens_per_s)
         return ids
+
+    def open_reference() -> Session:
+        ref = Session(lm, settings.decode_config())
+        ref.add_document(doc.name, doc.read_text())
+        ref.prefill()
+        return ref
 
     def ui_clock() -> float:  # CPU time of the UI thread (Textual cannot call a builtin directly)
         return time.thread_time()
@@ -81,9 +93,7 @@ def main() -> None:
         try:
             while app.session is None or app.busy:
                 time.sleep(0.2)
-            ref = Session(lm, settings.decode_config())
-            ref.add_document(doc.name, doc.read_text())
-            ref.prefill()
+            ref = compute.run(open_reference)
             for rep in range(args.reps):  # alternate the order so neither always runs first
                 first, second = (run_app, lambda: run_ask(ref)) if rep % 2 else (lambda: run_ask(ref), run_app)
                 a, b = first(), second()

@@ -1,8 +1,9 @@
 """The Textual chat app: `triforce-chat [--doc PATH]...`.
 
 Threads: model loading, document prefill and answering run in `@work(thread=True)` workers (one at
-a time, group "session") over the UI-free jobs of app/ui/workers.py; they talk to the UI only by
-posting messages (app/ui/messages.py), throttled so the UI never slows decoding. The screens are in
+a time, group "session") over the UI-free jobs of app/ui/workers.py, each handed to the process's one
+compute thread (app/ui/compute.py); they talk to the UI only by posting messages
+(app/ui/messages.py), throttled so the UI never slows decoding. The screens are in
 app/ui/screens.py, the widgets in app/ui/widgets.py. Every Binding has an id, so keys can be remapped from the
 config file's [keymap] table.
 """
@@ -27,6 +28,7 @@ from triforce_chat.app.runtime import DocumentText, document_name
 from triforce_chat.app.safe_text import one_line
 from triforce_chat.app.settings import Settings
 from triforce_chat.app.ui import workers
+from triforce_chat.app.ui.compute import compute_thread
 from triforce_chat.app.ui.history import History, Writer, transcript_markdown
 from triforce_chat.app.ui.keymap import check_keymap
 from triforce_chat.app.ui.messages import (
@@ -233,18 +235,23 @@ class TriforceApp(App[int]):
         self.query_one("#cache", Static).update(render_cache(self.last_figures))
 
     # -- workers (app/ui/workers.py does the work; these only run it in a thread) -------------------
+    # (each hands its job to the process's one compute thread, app/ui/compute.py says why, and waits)
     @work(thread=True, exclusive=True, group="session")
     def load_model(self) -> None:
-        workers.load_session(self.settings, self._post, model=self.preloaded_model, store=self.store)
+        compute_thread().run(
+            workers.load_session, self.settings, self._post, model=self.preloaded_model, store=self.store
+        )
 
     @work(thread=True, exclusive=True, group="session")
     def prefill_worker(self, job: Job, paths: list[Path | DocumentText], restore: Any = None) -> None:
         """Read and add documents (or restore a saved conversation), then prefill with progress."""
-        workers.prefill_documents(self.session, paths, job, self._post, restore=restore, history=self.history)
+        compute_thread().run(
+            workers.prefill_documents, self.session, paths, job, self._post, restore=restore, history=self.history
+        )
 
     @work(thread=True, exclusive=True, group="session")
     def answer_worker(self, job: Job, answer: AnswerMessage, question: str) -> None:
-        workers.answer(self.session, question, job, self._post, answer)
+        compute_thread().run(workers.answer, self.session, question, job, self._post, answer)
 
     # -- worker messages --------------------------------------------------------------------------------
     def on_model_ready(self, message: ModelReady) -> None:
@@ -525,15 +532,25 @@ class TriforceApp(App[int]):
         if self.queued is not None:  # first the queued question, then (esc again) the load itself
             self._unqueue("queued question cancelled")
             return
-        if self.job is None:
-            return
+        if self._stop_job():
+            self.notify("stopping after this round" if self.job.kind == "answer" else "cancelling the load", timeout=2)
+
+    def _stop_job(self) -> bool:
+        """Ask the running answer or prefill to stop at its next step; False when there is none that
+        can (no job, or the model still loading)."""
+        if self.job is None or self.job.kind not in ("answer", "prefill"):
+            return False
         if self.job.kind == "answer":
             self.session.stop()
-            self.job.cancel.set()
-            self.notify("stopping after this round", timeout=2)
-        elif self.job.kind == "prefill":
-            self.job.cancel.set()
-            self.notify("cancelling the load", timeout=2)
+        self.job.cancel.set()
+        return True
+
+    def exit(self, result: int | None = None, return_code: int = 0, message: Any = None) -> None:
+        """Quit (ctrl+q, the palette, anything else): stop the running job first. Textual's own
+        cancel only marks a thread worker, and the process would wait at exit for the answer or
+        prefill to run to its end (15 s for a long answer, minutes for a book's prefill)."""
+        self._stop_job()
+        super().exit(result, return_code, message)
 
     def _set_pending(self, **changes: Any) -> None:
         for k, v in changes.items():

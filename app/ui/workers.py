@@ -1,9 +1,10 @@
 """The chat's three jobs (load the model, read and prefill documents, answer), as plain functions.
 
-The app runs each in a `@work(thread=True)` worker; they talk to it only through `post(message)`
-(app/ui/messages.py). Every exception becomes a message the app shows (a notice, a failed load, an
-answer with an error), never a traceback on the screen. Nothing here touches a widget, so tests call
-these functions directly with a list's `append` as `post`.
+The app runs each from a `@work(thread=True)` worker on its compute thread (app/ui/compute.py); they
+talk to it only through `post(message)` (app/ui/messages.py). Every exception becomes a message the
+app shows (a notice, a failed load, an answer with an error), never a traceback on the screen.
+Nothing here touches a widget, so tests call these functions directly with a list's `append` as
+`post`.
 """
 
 from __future__ import annotations
