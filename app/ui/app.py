@@ -545,12 +545,11 @@ class TriforceApp(App[int]):
         self.job.cancel.set()
         return True
 
-    def exit(self, result: int | None = None, return_code: int = 0, message: Any = None) -> None:
-        """Quit (ctrl+q, the palette, anything else): stop the running job first. Textual's own
+    def on_unmount(self) -> None:
+        """The app is closing (ctrl+q, the palette, an error): stop the running job. Textual's own
         cancel only marks a thread worker, and the process would wait at exit for the answer or
         prefill to run to its end (15 s for a long answer, minutes for a book's prefill)."""
         self._stop_job()
-        super().exit(result, return_code, message)
 
     def _set_pending(self, **changes: Any) -> None:
         for k, v in changes.items():
