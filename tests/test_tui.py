@@ -330,14 +330,23 @@ async def test_loading_prefill_and_answers_all_run_on_the_one_compute_thread(tin
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(workers, name, recorded)
+    forward = type(tiny_model.model).forward
+
+    def recorded_forward(self, *args, **kwargs):
+        ran.setdefault("forward", set()).add(threading.get_ident())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_model.model), "forward", recorded_forward)
     app = make_app(tiny_model, history, [doc], level=2)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
         await ask(pilot, "When does the ferry leave island 3?")
+        await pilot.press("f2", "ctrl+t")  # sources expanded, level 0: what else the UI thread does
         await ask(pilot, "Who logs the weather?")
-    assert set(ran) == {"load_session", "prefill_documents", "answer"}
-    assert set().union(*ran.values()) == {compute_thread().ident}
-    assert threading.get_ident() not in ran["answer"]  # the UI's thread never runs the model
+        await pilot.press("ctrl+n")
+        await ask(pilot, "And the ferry?")
+    assert set(ran) == {"load_session", "prefill_documents", "answer", "forward"}
+    assert set().union(*ran.values()) == {compute_thread().ident}  # the UI's thread never runs the model
 
 
 def slowed_forward(monkeypatch, model, seconds: float) -> None:
