@@ -311,6 +311,7 @@ async def test_viz_export_new_chat_and_resume(tiny_model, history, doc, tmp_path
         assert [t.question for t in s2.turns] == ["What does the keeper log?"]
         assert s2.turns[0].answer == first_answer and app2.answers[0].text == first_answer
         assert s2.cache.length == len(s2.context) - 1 > 100  # document and turn prefilled again
+        assert any(n.startswith("reopened conversation") and n.endswith("(1 turn)") for n in notices(app2))
         await ask(pilot, "One more?")
         conv = history.load(app2.conv_id)
         assert [t.question for t in conv.turns] == ["What does the keeper log?", "One more?"]

@@ -66,6 +66,10 @@ PANEL_INTERVAL_S = 1.0  # the most often the side panels are redrawn while answe
 MODAL_SAFE_ACTIONS = ("quit", "help", "command_palette")  # actions that also work over a modal screen
 
 
+def turns_label(n: int) -> str:
+    return "1 turn" if n == 1 else f"{n} turns"
+
+
 class TriforceApp(App[int]):
     TITLE = "triforce-chat"
     CSS_PATH = STYLESHEET
@@ -418,7 +422,7 @@ class TriforceApp(App[int]):
             answer = AnswerMessage(self._decode_one, text=t.answer, viz=self.viz, sources=t.sources)
             self.answers.append(answer)
             transcript.mount(answer)
-        self.notify(f"reopened conversation {conv.id} ({len(conv.turns)} turns)")
+        self.notify(f"reopened conversation {conv.id} ({turns_label(len(conv.turns))})")
         self._start_prefill([], restore=conv)
 
     # -- actions ----------------------------------------------------------------------------------------
@@ -695,7 +699,7 @@ class TriforceApp(App[int]):
         if self.history is None:
             self.notify("history is turned off", severity="warning")
             return
-        items = [(c.id, f"{c.id}  {len(c.turns)} turns  {c.title}") for c in self.history.list()]
+        items = [(c.id, f"{c.id}  {turns_label(len(c.turns))}  {c.title}") for c in self.history.list()]
         self._history_problems()
 
         def picked(conv_id: str | None) -> None:
