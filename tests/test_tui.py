@@ -319,7 +319,7 @@ async def test_viz_export_new_chat_and_resume(tiny_model, history, doc, tmp_path
 
 async def test_loading_prefill_and_answers_all_run_on_the_one_compute_thread(tiny_model, history, doc, monkeypatch):
     # torch's OpenMP keeps a pool of threads per thread that runs the model: two such threads on a
-    # machine whose cores the pools fill made decoding 25-35% slower (app/ui/compute.py)
+    # machine whose cores the pools fill made decoding 16-22% slower (app/ui/compute.py)
     from triforce_chat.app.ui import workers
 
     ran: dict[str, set[int]] = {}

@@ -6,8 +6,9 @@ worker threads of its own, kept until that thread ends. Textual runs `@work(thre
 asyncio's default executor, whose threads take turns and live on. Once two of them had run the
 model, the process held two pools of `threads` threads each: more threads than CPUs. libgomp then
 stops spinning at its barriers, so every parallel region put its threads to sleep and woke them
-through the kernel (about 5,000 context switches a second on 2 cores), and the chat decoded 25-35%
-slower than `ask` on the same machine (docs/performance.md, "The chat decoded slower than ask").
+through the kernel (about 5,000 context switches a second on 2 cores), and the chat decoded 16-22%
+slower than it does on one thread (2 threads, side by side; docs/performance.md, "The chat decoded
+slower than ask").
 
 So the app's workers hand their job to this thread and wait for it: whichever executor thread
 Textual picks, the model only ever runs here, and the process keeps one pool. The UI thread must
