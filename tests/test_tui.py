@@ -350,6 +350,14 @@ async def test_loading_prefill_and_answers_all_run_on_the_one_compute_thread(tin
     assert set().union(*ran.values()) == {compute_thread().ident}  # the UI's thread never runs the model
 
 
+def wait_for_compute_idle(timeout: float = 60.0) -> None:
+    """Returns once the compute thread has finished the job it runs (a test that hangs would stall
+    the whole suite, so it fails after `timeout` instead)."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (compute_thread().run(lambda: None), done.set()), daemon=True).start()
+    assert done.wait(timeout), "the compute thread is still busy"
+
+
 def slowed_forward(monkeypatch, model, seconds: float) -> None:
     """Every forward of `model` sleeps first, so that a job lasts long enough to be interrupted.
     Patched on the class: a patch of the instance would leave it a `forward` of its own after the
@@ -373,7 +381,7 @@ async def test_quitting_mid_answer_stops_the_answer_instead_of_waiting_for_it(ti
         await wait_for(pilot, lambda: app.answers and len(app.answers[-1].token_ids) >= 3)
         session = app.session
         await pilot.press("ctrl+q")
-    compute_thread().run(lambda: None)  # returns once the answer's job has ended
+    wait_for_compute_idle()  # the answer's job has ended
     assert session.stats.stop_reason == "stopped" and 3 <= session.stats.new_tokens < 400
 
 
@@ -387,7 +395,7 @@ async def test_quitting_during_a_prefill_cancels_it(tiny_model, history, doc, mo
         await wait_for(pilot, lambda: "Prefill book.txt" in text_of(app, "#load-label"))
         session = app.session
         await pilot.press("ctrl+q")
-    compute_thread().run(lambda: None)  # returns once the prefill's job has ended
+    wait_for_compute_idle()  # the prefill's job has ended
     assert session.documents == []  # a prefill that ran to its end would have added the document
 
 
