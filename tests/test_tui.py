@@ -399,6 +399,23 @@ async def test_quitting_during_a_prefill_cancels_it(tiny_model, history, doc, mo
     assert session.documents == []  # a prefill that ran to its end would have added the document
 
 
+async def test_a_model_that_cannot_load_keeps_saying_why(history, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(4096))  # the magic, then version 0
+    app = TriforceApp(Settings(model=str(bad)), [], history=history)
+    async with app.run_test(size=SIZE) as pilot:
+        await wait_for(pilot, lambda: app.job is None and app.sub_title != "loading model …")
+        assert app.session is None and app.sub_title == "no model loaded"
+        cache = text_of(app, "#cache")  # there after the notice has timed out
+        assert "no model loaded" in cache and "bad.gguf" in cache and "version 0" in cache
+        app.query_one(ChatInput).insert("Hello?")
+        await pilot.press("enter")
+        await pilot.pause(0.1)
+        assert any(n.startswith("no model is loaded (cannot load the model") and "version 0" in n
+                   for n in notices(app))
+        assert app.query_one(ChatInput).text == "Hello?"
+
+
 def test_history_survives_a_crash_mid_answer(history):
     writer = history.open_writer("c1")
     writer.meta("m")

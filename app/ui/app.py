@@ -128,6 +128,7 @@ class TriforceApp(App[int]):
         s = self.settings
         self.pending = Pending(s.level, s.draft, s.budget, s.gamma_mid, s.gamma_low)
         self.session: Any = None
+        self.load_error = ""  # why the model did not load, shown until one does
         self.job: Job | None = None
         self.viz = False
         self.sources_expanded = False
@@ -236,7 +237,7 @@ class TriforceApp(App[int]):
             self.query_one("#documents", Static).update(
                 render_documents(docs, self.session.context_tokens, self.session.max_context, self.doc_cache_status)
             )
-        self.query_one("#cache", Static).update(render_cache(self.last_figures))
+        self.query_one("#cache", Static).update(render_cache(self.last_figures, self.load_error))
 
     # -- workers (app/ui/workers.py does the work; these only run it in a thread) -------------------
     # (each hands its job to the process's one compute thread, app/ui/compute.py says why, and waits)
@@ -280,6 +281,9 @@ class TriforceApp(App[int]):
         self.query_one("#loadbar").display = False
         if message.message:
             self.notify(message.message, severity=message.severity, timeout=8 if not message.ok else 4)
+        if not message.ok and self.session is None:  # the model failed: say so after the notice is gone
+            self.load_error = message.message
+            self.sub_title = "no model loaded"
         if self.session is not None:
             self.last_figures = self.session.cache_figures()
         self._refresh_panels()
@@ -459,8 +463,8 @@ class TriforceApp(App[int]):
             self._queue(question)
             return
         if self.session is None:
-            self.notify("no model is loaded (see the error above); your question stays in the input",
-                        severity="error")
+            self.notify(f"no model is loaded ({self.load_error or 'see the Cache panel'}); your question stays "
+                        "in the input", severity="error")
             return
         if self.busy:
             self.notify("still answering; press esc to stop, your question stays in the input", severity="warning")

@@ -528,8 +528,10 @@ def render_stats(stats: dict[str, Any] | None, pending: Pending, rate_now: float
     return Content("\n").join(lines)
 
 
-def render_cache(fig: CacheFigures | None, width: int = 18) -> Content:
+def render_cache(fig: CacheFigures | None, load_error: str = "", width: int = 18) -> Content:
     if fig is None:
+        if load_error:
+            return Content.assemble(("no model loaded", "dim"), "\n", (one_line(load_error, 400), "$error"))
         return Content.styled("no model loaded", "dim")
     lines: list[Content] = []
     limit = fig.context_limit or 1
