@@ -399,6 +399,37 @@ async def test_quitting_during_a_prefill_cancels_it(tiny_model, history, doc, mo
     assert session.documents == []  # a prefill that ran to its end would have added the document
 
 
+async def test_side_panels_leave_a_narrow_terminal_to_the_conversation_and_f5_toggles_them(tiny_model, history):
+    app = make_app(tiny_model, history)
+    async with app.run_test(size=(80, 24)) as pilot:  # the classic terminal
+        await ready(pilot)
+        side, chat = app.query_one("#side"), app.query_one("#chat")
+        assert not side.display and chat.size.width == 80
+        await pilot.press("f5")
+        await pilot.pause()
+        assert side.display and chat.size.width < 40
+        await pilot.press("f5")
+        await pilot.pause()
+        assert not side.display and chat.size.width == 80
+    app = make_app(tiny_model, history)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        side = app.query_one("#side")
+        assert side.display
+        await pilot.press("f5")
+        await pilot.pause()
+        assert not side.display and app.query_one("#chat").size.width == SIZE[0]
+        await pilot.resize_terminal(80, 24)  # hidden by hand, still hidden when it narrows and widens
+        await pilot.pause()
+        assert not side.display
+        await pilot.resize_terminal(*SIZE)
+        await pilot.pause()
+        assert not side.display
+        await pilot.press("f5")
+        await pilot.pause()
+        assert side.display
+
+
 async def test_a_model_that_cannot_load_keeps_saying_why(history, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(4096))  # the magic, then version 0

@@ -98,6 +98,8 @@ class TriforceApp(App[int]):
         Binding("ctrl+n", "new_chat", "New chat", id="new-chat", priority=True),
         Binding("ctrl+s", "export", "Export", id="export", priority=True),
         Binding("f4", "history", "History", id="history"),
+        Binding("f5", "toggle_panels", "Panels", id="toggle-panels", show=False, priority=True,
+                tooltip="Show or hide the side panels (hidden at first below 100 columns)"),
         Binding("ctrl+l", "cycle_theme", "Theme", id="theme", show=False, priority=True),
         Binding("f2", "toggle_sources", "Sources", id="toggle-sources", show=False, priority=True,
                 tooltip="Show or hide the text of the passages each answer drew on"),
@@ -594,6 +596,12 @@ class TriforceApp(App[int]):
         for answer in self.answers:
             answer.set_viz(self.viz)
         self.notify("draft/accept view " + ("on" if self.viz else "off"), timeout=2)
+
+    def action_toggle_panels(self) -> None:
+        """Show or hide the Documents, Decoding and Cache panels, whatever the width made them."""
+        shown = self.query_one("#side").display
+        self.screen.set_class(shown, "-panels-off")
+        self.screen.set_class(not shown, "-panels-on")
 
     def action_toggle_sources(self) -> None:
         """Expand every answer's sources into the passages' text (the lines it quotes marked), or fold them."""

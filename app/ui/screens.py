@@ -154,8 +154,14 @@ class SourceScreen(ModalScreen[None]):
 
 
 # -- the main screen ------------------------------------------------------------------------------------
+PANELS_MIN_WIDTH = 100  # columns: below it the side panels (46 wide) start hidden
+
+
 class ChatScreen(Screen):
     AUTO_FOCUS = "#input"
+    # at 80 columns the panels left the conversation 34: narrow screens get the -narrow class, and
+    # the stylesheet hides the panels there until f5 (app.action_toggle_panels) shows them
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (PANELS_MIN_WIDTH, "-wide")]
 
     def __init__(self, pending: Pending) -> None:
         super().__init__()
@@ -197,6 +203,7 @@ WELCOME = Content.assemble(
             ("ctrl+t", "level"),
             ("ctrl+r", "draft view"),
             ("f2", "sources"),
+            ("f5", "panels"),
             ("f1", "all keys"),
         ]
         for part in ((key, "bold"), f" {what}   ")
