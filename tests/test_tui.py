@@ -393,10 +393,12 @@ async def test_quitting_during_a_prefill_cancels_it(tiny_model, history, doc, mo
         app.session.config.prefill_chunk = 64
         app._start_prefill([doc])
         await wait_for(pilot, lambda: "Prefill book.txt" in text_of(app, "#load-label"))
-        session = app.session
+        session, job = app.session, app.job
         await pilot.press("ctrl+q")
     wait_for_compute_idle()  # the prefill's job has ended
+    assert job.kind == "prefill" and job.cancel.is_set()
     assert session.documents == []  # a prefill that ran to its end would have added the document
+    assert session.cache.length < session.last_sync.target  # stopped partway
 
 
 async def test_side_panels_leave_a_narrow_terminal_to_the_conversation_and_f5_toggles_them(tiny_model, history):

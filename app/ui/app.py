@@ -556,9 +556,10 @@ class TriforceApp(App[int]):
         return True
 
     def on_unmount(self) -> None:
-        """The app is closing (ctrl+q, the palette, an error): stop the running job. Textual's own
-        cancel only marks a thread worker, and the process would wait at exit for the answer or
-        prefill to run to its end (15 s for a long answer, minutes for a book's prefill)."""
+        """The app is closing (ctrl+q, the palette, an error): stop the running answer or prefill at
+        its next step. Textual's own cancel only marks a thread worker, and the process would wait
+        at exit for the job to run to its end (15 s for a long answer, minutes for a book's
+        prefill). A model still loading is waited for (seconds; it cannot be stopped midway)."""
         self._stop_job()
 
     def _set_pending(self, **changes: Any) -> None:
