@@ -44,6 +44,24 @@ def test_ask_json_fields_are_present_and_consistent(monkeypatch, capsys, tiny_mo
     assert stats["cache"]["drafter"] == "suffix" and stats["cache"]["suffix_states"] > len(data["prompt_token_ids"])
 
 
+def test_ask_json_still_says_on_stderr_that_more_threads_than_cores_slow_it_down(
+    monkeypatch, capsys, tiny_model_dir, doc
+):
+    import torch
+
+    from triforce_chat.app.runtime import usable_cores
+
+    threads, before = usable_cores() + 1, torch.get_num_threads()
+    try:
+        code, out, err = run_cli(monkeypatch, capsys, "ask", "--doc", str(doc), "--model", str(tiny_model_dir),
+                                 "-n", "2", "--threads", str(threads), "--json", "Who?")
+    finally:
+        torch.set_num_threads(before)  # the tests after this one keep the process's thread count
+    assert code == 0, err
+    assert json.loads(out)["stats"]["new_tokens"] == 2  # stdout is the JSON alone
+    assert f"notice: {threads} threads on {threads - 1} cores" in err
+
+
 def test_ask_streams_text_and_levels_agree(monkeypatch, capsys, tiny_model_dir, doc):
     outs = []
     for level in ("0", "1", "2"):

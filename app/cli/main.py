@@ -269,9 +269,8 @@ def ask(
         session = runtime.open_session(settings, log=(lambda m: None) if json_out else None)
     except runtime.StartupError as exc:
         fail(str(exc))
-    if not json_out:
-        for notice in session.lm.notices:
-            say(f"notice: {notice}")
+    for notice in session.lm.notices:  # on stderr with --json too: stdout holds only the JSON
+        say(f"notice: {notice}")
     interrupted = threading.Event()
     with first_sigint_stops(interrupted.set):
         result = run_ask(session, docs, question, stream=None if json_out else sys.stdout,
