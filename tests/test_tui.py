@@ -432,6 +432,19 @@ async def test_side_panels_leave_a_narrow_terminal_to_the_conversation_and_f5_to
         assert side.display
 
 
+async def test_the_draft_view_shows_a_special_token_as_a_marker_not_its_markup(tiny_model, history):
+    app = make_app(tiny_model, history)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        tokenizer = app.session.tokenizer
+        eos = tokenizer.eos_token_id
+        raw = tokenizer.decode([eos])
+        assert raw.startswith("<") and raw.endswith(">")  # what the view showed before
+        assert app._decode_one(eos) == "⟨" + raw.strip("<|>") + "⟩"
+        word = tokenizer.encode("lighthouse", add_special_tokens=False)[0]
+        assert app._decode_one(word) == tokenizer.decode([word])  # ordinary tokens as they are
+
+
 async def test_a_model_that_cannot_load_keeps_saying_why(history, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + bytes(4096))  # the magic, then version 0

@@ -130,6 +130,8 @@ class TriforceApp(App[int]):
         s = self.settings
         self.pending = Pending(s.level, s.draft, s.budget, s.gamma_mid, s.gamma_low)
         self.session: Any = None
+        self._special_ids_of: Any = None  # the tokenizer whose special ids _special_ids_cached holds
+        self._special_ids_cached: frozenset[int] = frozenset()
         self.load_error = ""  # why the model did not load, shown until one does
         self.job: Job | None = None
         self.viz = False
@@ -439,7 +441,19 @@ class TriforceApp(App[int]):
         self.prefill_worker(self.job, paths, restore)
 
     def _decode_one(self, tok: int) -> str:
-        return self.session.tokenizer.decode([tok]) if self.session else str(tok)
+        """A token's text for the draft view; a special token (the end of an answer) as a marker,
+        ⟨im_end⟩, not as its raw markup <|im_end|>."""
+        if self.session is None:
+            return str(tok)
+        tokenizer = self.session.tokenizer
+        if tok in self._special_ids(tokenizer):
+            return "⟨" + tokenizer.convert_ids_to_tokens(tok).strip("<|>") + "⟩"
+        return tokenizer.decode([tok])
+
+    def _special_ids(self, tokenizer: Any) -> frozenset[int]:
+        if self._special_ids_of is not tokenizer:  # (all_special_ids is rebuilt on every access)
+            self._special_ids_of, self._special_ids_cached = tokenizer, frozenset(tokenizer.all_special_ids)
+        return self._special_ids_cached
 
     def _apply_pending(self) -> str | None:
         """Hand the UI's settings to the session before an answer; returns an error line or None."""
