@@ -59,6 +59,21 @@ def notices(app) -> list[str]:
     return [n.message for n in app._notifications]
 
 
+def before_each_forward(monkeypatch, model, hook):
+    """Every forward of `model` calls `hook()` first (a sleep, so that a job lasts long enough to be
+    stopped; a record of its thread); returns the original forward. Patched on the class: a patch
+    of the instance would leave it a `forward` of its own after the undo (monkeypatch restores what
+    getattr saw), and later class-level patches would miss it."""
+    forward = type(model).forward
+
+    def hooked(self, *args, **kwargs):
+        hook()
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", hooked)
+    return forward
+
+
 async def ready(pilot) -> None:
     app = pilot.app
     await wait_for(pilot, lambda: app.session is not None and not app.busy)
@@ -150,15 +165,7 @@ async def test_escape_stops_generation_and_keeps_the_conversation(tiny_model, hi
     app = make_app(tiny_model, history, [doc], level=0, max_new_tokens=400)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        # patched on the class: a patch of the instance would leave it a `forward` of its own after the
-        # undo (monkeypatch restores what getattr saw), and later class-level patches would miss it
-        forward = type(tiny_model.model).forward
-
-        def slow_forward(self, *args, **kwargs):  # make 400 tokens take long enough to be stopped
-            time.sleep(0.02)
-            return forward(self, *args, **kwargs)
-
-        monkeypatch.setattr(type(tiny_model.model), "forward", slow_forward)
+        before_each_forward(monkeypatch, tiny_model.model, lambda: time.sleep(0.02))  # 400 tokens: 8 s and more
         app.query_one(ChatInput).insert("Tell me everything.")
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.answers and len(app.answers[-1].token_ids) >= 3)
@@ -177,16 +184,10 @@ async def test_escape_stops_generation_and_keeps_the_conversation(tiny_model, hi
 
 
 async def test_escape_cancels_a_slow_prefill(tiny_model, history, doc, monkeypatch):
-    forward = type(tiny_model.model).forward
-
-    def slow_forward(self, *args, **kwargs):
-        time.sleep(0.5)
-        return forward(self, *args, **kwargs)
-
     app = make_app(tiny_model, history, level=1)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        monkeypatch.setattr(type(tiny_model.model), "forward", slow_forward)
+        forward = before_each_forward(monkeypatch, tiny_model.model, lambda: time.sleep(0.5))
         app.session.config.prefill_chunk = 64
         app._start_prefill([doc])
         await wait_for(pilot, lambda: "Prefill book.txt" in text_of(app, "#load-label"))
@@ -331,13 +332,8 @@ async def test_loading_prefill_and_answers_all_run_on_the_one_compute_thread(tin
             return _original(*args, **kwargs)
 
         monkeypatch.setattr(workers, name, recorded)
-    forward = type(tiny_model.model).forward
-
-    def recorded_forward(self, *args, **kwargs):
-        ran.setdefault("forward", set()).add(threading.get_ident())
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(tiny_model.model), "forward", recorded_forward)
+    before_each_forward(monkeypatch, tiny_model.model,
+                        lambda: ran.setdefault("forward", set()).add(threading.get_ident()))
     app = make_app(tiny_model, history, [doc], level=2)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
@@ -358,24 +354,11 @@ def wait_for_compute_idle(timeout: float = 60.0) -> None:
     assert done.wait(timeout), "the compute thread is still busy"
 
 
-def slowed_forward(monkeypatch, model, seconds: float) -> None:
-    """Every forward of `model` sleeps first, so that a job lasts long enough to be interrupted.
-    Patched on the class: a patch of the instance would leave it a `forward` of its own after the
-    undo (monkeypatch restores what getattr saw)."""
-    forward = type(model).forward
-
-    def slow_forward(self, *args, **kwargs):
-        time.sleep(seconds)
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(type(model), "forward", slow_forward)
-
-
 async def test_quitting_mid_answer_stops_the_answer_instead_of_waiting_for_it(tiny_model, history, doc, monkeypatch):
     app = make_app(tiny_model, history, [doc], level=0, max_new_tokens=400)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        slowed_forward(monkeypatch, tiny_model.model, 0.02)  # 400 tokens: 8 s and more
+        before_each_forward(monkeypatch, tiny_model.model, lambda: time.sleep(0.02))  # 400 tokens: 8 s and more
         app.query_one(ChatInput).insert("Tell me everything.")
         await pilot.press("enter")
         await wait_for(pilot, lambda: app.answers and len(app.answers[-1].token_ids) >= 3)
@@ -389,7 +372,7 @@ async def test_quitting_during_a_prefill_cancels_it(tiny_model, history, doc, mo
     app = make_app(tiny_model, history, level=1)
     async with app.run_test(size=SIZE) as pilot:
         await ready(pilot)
-        slowed_forward(monkeypatch, tiny_model.model, 0.5)
+        before_each_forward(monkeypatch, tiny_model.model, lambda: time.sleep(0.5))
         app.session.config.prefill_chunk = 64
         app._start_prefill([doc])
         await wait_for(pilot, lambda: "Prefill book.txt" in text_of(app, "#load-label"))

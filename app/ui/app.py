@@ -41,7 +41,14 @@ from triforce_chat.app.ui.messages import (
     ModelReady,
     Notice,
 )
-from triforce_chat.app.ui.screens import ChatScreen, DocumentScreen, HelpScreen, HistoryScreen, SourceScreen
+from triforce_chat.app.ui.screens import (
+    PANELS_MIN_WIDTH,
+    ChatScreen,
+    DocumentScreen,
+    HelpScreen,
+    HistoryScreen,
+    SourceScreen,
+)
 from triforce_chat.app.ui.widgets import (
     AnswerMessage,
     ChatInput,
@@ -99,7 +106,7 @@ class TriforceApp(App[int]):
         Binding("ctrl+s", "export", "Export", id="export", priority=True),
         Binding("f4", "history", "History", id="history"),
         Binding("f5", "toggle_panels", "Panels", id="toggle-panels", show=False, priority=True,
-                tooltip="Show or hide the side panels (hidden at first below 100 columns)"),
+                tooltip=f"Show or hide the side panels (hidden at first below {PANELS_MIN_WIDTH} columns)"),
         Binding("ctrl+l", "cycle_theme", "Theme", id="theme", show=False, priority=True),
         Binding("f2", "toggle_sources", "Sources", id="toggle-sources", show=False, priority=True,
                 tooltip="Show or hide the text of the passages each answer drew on"),
@@ -130,8 +137,7 @@ class TriforceApp(App[int]):
         s = self.settings
         self.pending = Pending(s.level, s.draft, s.budget, s.gamma_mid, s.gamma_low)
         self.session: Any = None
-        self._special_ids_of: Any = None  # the tokenizer whose special ids _special_ids_cached holds
-        self._special_ids_cached: frozenset[int] = frozenset()
+        self.special_ids: frozenset[int] = frozenset()  # the tokenizer's, for the draft view (_decode_one)
         self.load_error = ""  # why the model did not load, shown until one does
         self.job: Job | None = None
         self.viz = False
@@ -266,6 +272,7 @@ class TriforceApp(App[int]):
     def on_model_ready(self, message: ModelReady) -> None:
         self.session = message.session
         lm = self.session.lm
+        self.special_ids = frozenset(self.session.tokenizer.all_special_ids)
         self.sub_title = one_line(f"{lm.model_id} · context {self.session.max_context:,}", 120)
         self.last_figures = self.session.cache_figures()
         self.job = None
@@ -446,14 +453,9 @@ class TriforceApp(App[int]):
         if self.session is None:
             return str(tok)
         tokenizer = self.session.tokenizer
-        if tok in self._special_ids(tokenizer):
+        if tok in self.special_ids:
             return "⟨" + tokenizer.convert_ids_to_tokens(tok).strip("<|>") + "⟩"
         return tokenizer.decode([tok])
-
-    def _special_ids(self, tokenizer: Any) -> frozenset[int]:
-        if self._special_ids_of is not tokenizer:  # (all_special_ids is rebuilt on every access)
-            self._special_ids_of, self._special_ids_cached = tokenizer, frozenset(tokenizer.all_special_ids)
-        return self._special_ids_cached
 
     def _apply_pending(self) -> str | None:
         """Hand the UI's settings to the session before an answer; returns an error line or None."""
