@@ -161,14 +161,21 @@ async def test_ctrl_t_changes_the_level_shown_and_used(tiny_model, history, doc)
         assert "target" in body.splitlines()[1]
 
 
+async def start_a_slow_answer(pilot, monkeypatch, model) -> None:
+    """Once the model is ready, ask for up to 400 tokens at 20 ms more a forward (8 s and more), and
+    wait for the first 3: an answer underway, long enough to be stopped."""
+    app = pilot.app
+    await ready(pilot)
+    before_each_forward(monkeypatch, model, lambda: time.sleep(0.02))
+    app.query_one(ChatInput).insert("Tell me everything.")
+    await pilot.press("enter")
+    await wait_for(pilot, lambda: app.answers and len(app.answers[-1].token_ids) >= 3)
+
+
 async def test_escape_stops_generation_and_keeps_the_conversation(tiny_model, history, doc, monkeypatch):
     app = make_app(tiny_model, history, [doc], level=0, max_new_tokens=400)
     async with app.run_test(size=SIZE) as pilot:
-        await ready(pilot)
-        before_each_forward(monkeypatch, tiny_model.model, lambda: time.sleep(0.02))  # 400 tokens: 8 s and more
-        app.query_one(ChatInput).insert("Tell me everything.")
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: app.answers and len(app.answers[-1].token_ids) >= 3)
+        await start_a_slow_answer(pilot, monkeypatch, tiny_model.model)
         await pilot.press("escape")
         await wait_for(pilot, lambda: app.job is None and app.answers[-1].finished)
         session = app.session
@@ -357,11 +364,7 @@ def wait_for_compute_idle(timeout: float = 60.0) -> None:
 async def test_quitting_mid_answer_stops_the_answer_instead_of_waiting_for_it(tiny_model, history, doc, monkeypatch):
     app = make_app(tiny_model, history, [doc], level=0, max_new_tokens=400)
     async with app.run_test(size=SIZE) as pilot:
-        await ready(pilot)
-        before_each_forward(monkeypatch, tiny_model.model, lambda: time.sleep(0.02))  # 400 tokens: 8 s and more
-        app.query_one(ChatInput).insert("Tell me everything.")
-        await pilot.press("enter")
-        await wait_for(pilot, lambda: app.answers and len(app.answers[-1].token_ids) >= 3)
+        await start_a_slow_answer(pilot, monkeypatch, tiny_model.model)
         session = app.session
         await pilot.press("ctrl+q")
     wait_for_compute_idle()  # the answer's job has ended
